@@ -1,0 +1,101 @@
+//! Command-line interface: one subcommand per file in `commands/`, each with
+//! its arguments and an `exec` that returns the process exit code.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code for a job that ran and failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for bad input: an invalid job file, a missing file, bad flags.
+pub const EXIT_USAGE: u8 = 2;
+
+/// warden: secure-by-default parameter-server training on your own machines.
+#[derive(Debug, Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "Secure-by-default parameter-server training on your own machines.",
+    long_about = "Secure-by-default parameter-server training on your own machines.\n\n\
+        Describe a job in one TOML file, then launch it. Every connection is mutual TLS 1.3 \
+        with certificates from a fresh per-job CA; the optimizer is data, never code.",
+    after_help = "Examples:\n  \
+        warden validate configs/local.toml\n  \
+        warden plan configs/local.toml\n  \
+        warden launch configs/local.toml --local\n\n\
+        Job file reference: docs/job-file.md"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a job file and report the first problem with its line and column.
+    #[command(after_help = "Example:\n  warden validate configs/local.toml\n\n\
+        Exit status: 0 when valid; 2 with `error: FILE:LINE:COL: ...` on stderr otherwise.")]
+    Validate {
+        /// The job file.
+        job: PathBuf,
+    },
+    /// Show what a launch would do (processes, addresses, ports, identities, firewall) without touching anything.
+    #[command(
+        after_help = "Examples:\n  warden plan configs/local.toml\n  warden plan configs/local.toml --json > plan.json\n\n\
+        The job id shown is an example: every launch draws a fresh one."
+    )]
+    Plan {
+        /// The job file.
+        job: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Plan for `--local` (every process on this machine at 127.0.0.1).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Run a job: certificates, processes, training, model, summary.
+    #[command(after_help = "Example:\n  warden launch configs/local.toml --local --run-dir runs/try1\n\n\
+        The run directory gets summary.json, metrics.csv, logs/ (one file per process) and \
+        model/model.safetensors. Exit status: 0 when training finished; 1 when the job failed \
+        (summary.json says why); 2 for an invalid job file or bad flags.")]
+    Launch {
+        /// The job file.
+        job: PathBuf,
+        /// Run every process on this machine (the hosts' addresses become 127.0.0.1).
+        #[arg(long)]
+        local: bool,
+        /// Where to write results (default: runs/NAME-YYYYMMDD-HHMMSS). Must be empty or absent.
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+        /// No progress bar (plain lines only).
+        #[arg(long)]
+        no_progress: bool,
+    },
+}
+
+/// Parses arguments and runs the command; returns the exit code.
+pub fn main() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
+    match cli.command {
+        Command::Validate { job } => crate::commands::validate::exec(&job),
+        Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
+        Command::Launch { job, local, run_dir, no_progress } => {
+            crate::commands::launch::exec(&job, local, run_dir, !no_progress)
+        }
+    }
+}

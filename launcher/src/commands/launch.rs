@@ -1,0 +1,82 @@
+//! `warden launch JOB --local [--run-dir DIR]`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
+use crate::transport::{LocalTransport, Transport, find_agent};
+
+/// Launches the job and reports how it ended.
+pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool) -> u8 {
+    if !local {
+        eprintln!(
+            "error: launching over SSH is not available yet; run the job on this machine with `warden launch {} --local`",
+            job.display()
+        );
+        return EXIT_USAGE;
+    }
+    let (spec, text, plan) = match prepare(job, local) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let agent = match find_agent() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let opts = LaunchOptions { run_dir, progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) };
+    let result = runtime.block_on(launch(
+        job,
+        spec,
+        text,
+        plan,
+        move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
+        opts,
+    ));
+    match result {
+        Ok(outcome) => {
+            let s = &outcome.summary;
+            let dir = outcome.run_dir.display();
+            if s.status == "succeeded" {
+                eprintln!(
+                    "succeeded: {} epochs, {} steps, train loss {:.4}, test accuracy {:.4}, in {:.1}s",
+                    s.epochs,
+                    s.steps,
+                    s.train_loss.unwrap_or(f64::NAN),
+                    s.test_accuracy.unwrap_or(f64::NAN),
+                    s.elapsed_s
+                );
+                if let Some(m) = &s.model {
+                    eprintln!("  model:   {}", m.display());
+                }
+                eprintln!("  results: {dir}/summary.json, {dir}/metrics.csv, logs in {dir}/logs/");
+                EXIT_OK
+            } else {
+                eprintln!("failed: {}", s.failure.as_deref().unwrap_or("unknown cause"));
+                eprintln!("  details: {dir}/summary.json, logs in {dir}/logs/");
+                EXIT_FAILED
+            }
+        }
+        Err(e @ (LaunchError::Spec(_) | LaunchError::Input(_))) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}

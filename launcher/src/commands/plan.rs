@@ -1,0 +1,59 @@
+//! `warden plan JOB [--json] [--local]`: what a launch would do; touches nothing.
+
+use std::path::Path;
+
+use warden_agent::identity::JobId;
+use warden_agent::plan::Plan;
+use warden_agent::spec::JobSpec;
+
+use crate::cli::{EXIT_OK, EXIT_USAGE};
+
+/// Prints the plan.
+pub fn exec(job: &Path, json: bool, local: bool) -> u8 {
+    let spec = match JobSpec::load(job) {
+        Ok((spec, _)) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let plan = Plan::new(&spec, &JobId::generate(), local);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan).expect("plans serialize"));
+        return EXIT_OK;
+    }
+    print!("{}", render(&spec, &plan));
+    EXIT_OK
+}
+
+/// The human-readable plan.
+pub fn render(spec: &JobSpec, plan: &Plan) -> String {
+    let mut s = format!(
+        "job `{}` (example id {}; each launch draws a fresh one){}\n",
+        spec.name,
+        plan.job_id,
+        if plan.local { ", local: every process on this machine" } else { "" }
+    );
+    s += &format!(
+        "model: {:?} with {} parameters, sharded over {} server(s); optimizer {:?}, {} epoch(s) of batch {} ({:?})\n\n",
+        spec.model.kind,
+        plan.num_params,
+        plan.count(warden_agent::identity::Role::Server),
+        spec.optimizer,
+        spec.training.epochs,
+        spec.training.batch_size,
+        spec.training.mode
+    );
+    s += &format!("{:<14} {:<16} {:<22} {}\n", "HOST", "PROCESS", "LISTENS", "CERTIFICATE IDENTITY");
+    for p in &plan.processes {
+        let listens = p.socket().map_or_else(|| "-".to_string(), |a| a.to_string());
+        s += &format!("{:<14} {:<16} {:<22} {}\n", p.host, format!("{}[{}]", p.role, p.rank), listens, p.identity);
+    }
+    for h in &plan.hosts {
+        s += &format!("\nfirewall on {} ({}):\n", h.name, h.address);
+        for line in h.firewall.lines() {
+            s += &format!("  {line}\n");
+        }
+    }
+    s
+}

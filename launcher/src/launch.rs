@@ -1,0 +1,444 @@
+//! `warden launch`: PKI, start, enrol, watch, fetch, tear down.
+//!
+//! One task per agent reads its events (answering its CSR), one copies its
+//! stderr into its log, one waits for its exit. Everything they learn flows
+//! into a single loop here, which decides when the job succeeded or failed
+//! and stops every process either way: nothing is left running.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use warden_agent::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
+use warden_agent::identity::{Identity, JobId, Role};
+use warden_agent::pki::JobCa;
+use warden_agent::plan::{Plan, PlannedProcess};
+use warden_agent::spec::{JobSpec, SpecError};
+
+use crate::rundir::{EpochRow, RunDir, Summary};
+use crate::transport::Transport;
+
+/// A launch failure before the job ran.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// The job file is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Something the user must fix before launching (missing data, run directory in use).
+    #[error("{0}")]
+    Input(String),
+    /// Local set-up failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Options of `warden launch`.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Run directory (default: `runs/NAME-TIMESTAMP`).
+    pub run_dir: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// How the job ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// What was written to `summary.json`.
+    pub summary: Summary,
+}
+
+enum Report {
+    Event(usize, Event),
+    Exited(usize, Option<i32>),
+    Broken(usize, String),
+}
+
+/// An agent's stdin; `None` once closed (which tells the agent to stop).
+type ControlWriter = Arc<Mutex<Option<std::pin::Pin<Box<dyn AsyncWrite + Send>>>>>;
+
+struct Proc {
+    planned: PlannedProcess,
+    stdin: ControlWriter,
+    kill: Option<oneshot::Sender<()>>,
+    exit: Option<Option<i32>>,
+}
+
+/// Loads, checks and plans a job for launching.
+pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), LaunchError> {
+    let (spec, text) = JobSpec::load(job)?;
+    if local {
+        for (key, path) in [
+            ("train_images", &spec.data.train_images),
+            ("train_labels", &spec.data.train_labels),
+            ("test_images", &spec.data.test_images),
+            ("test_labels", &spec.data.test_labels),
+        ] {
+            if !path.is_file() {
+                return Err(LaunchError::Input(format!(
+                    "{}: [data] {key}: {} does not exist; fix the path (relative paths start at the job file's directory)",
+                    job.display(),
+                    path.display()
+                )));
+            }
+        }
+    }
+    let plan = Plan::new(&spec, &JobId::generate(), local);
+    Ok((spec, text, plan))
+}
+
+/// Launches a job with `transport` and watches it to the end.
+pub async fn launch(
+    job: &Path,
+    spec: JobSpec,
+    text: String,
+    plan: Plan,
+    transport_for: impl FnOnce(&RunDir) -> Arc<dyn Transport>,
+    opts: LaunchOptions,
+) -> Result<Outcome, LaunchError> {
+    let started = Instant::now();
+    let seed = spec.seed.unwrap_or_else(warden_agent::secure_random::u64);
+    let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
+    run.write_start(&spec, &text, &plan, seed).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    let transport = transport_for(&run);
+    let ca = Arc::new(
+        JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
+            .map_err(|e| LaunchError::Setup(e.to_string()))?,
+    );
+    eprintln!(
+        "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
+        spec.name,
+        plan.job_id,
+        plan.processes.len(),
+        plan.hosts.len(),
+        if plan.local { ", all local" } else { "" },
+        run.path().display()
+    );
+
+    let base_dir = std::path::absolute(job.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))?;
+    let (tx, mut rx) = mpsc::channel::<Report>(4096);
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut failure: Option<String> = None;
+    for (i, p) in plan.processes.iter().enumerate() {
+        let bundle = Bundle {
+            job_id: plan.job_id.clone(),
+            job_toml: text.clone(),
+            job_file: job.display().to_string(),
+            base_dir: base_dir.clone(),
+            seed,
+            local: plan.local,
+            role: p.role,
+            rank: p.rank,
+            workdir: transport.workdir(p),
+        };
+        match start_one(i, p, bundle, transport.as_ref(), &ca, &run, tx.clone()).await {
+            Ok(proc_) => procs.push(proc_),
+            Err(e) => {
+                failure = Some(format!("{}: {e}", p.label()));
+                break;
+            }
+        }
+    }
+    drop(tx);
+
+    let progress = Progress::new(opts.progress);
+    let workers = plan.count(Role::Worker) as usize;
+    let mut epochs: BTreeMap<u32, (Vec<f64>, Option<f64>, u64)> = BTreeMap::new();
+    let mut rows: Vec<EpochRow> = Vec::new();
+    let mut model_at: Option<(usize, PathBuf)> = None;
+    let mut model_fetched = false;
+    let deadline = tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600));
+    tokio::pin!(deadline);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    if failure.is_some() {
+        stop_all(&mut procs).await;
+    }
+
+    while procs.iter().any(|p| p.exit.is_none()) {
+        let report = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => break },
+            _ = &mut ctrl_c => {
+                failure.get_or_insert_with(|| "interrupted (Ctrl-C)".to_string());
+                stop_all(&mut procs).await;
+                continue;
+            }
+            _ = &mut deadline => {
+                failure.get_or_insert_with(|| format!("the job ran longer than max_hours = {}", spec.max_hours));
+                stop_all(&mut procs).await;
+                continue;
+            }
+        };
+        match report {
+            Report::Event(i, ev) => match ev {
+                Event::Progress { epoch, step, steps } => progress.step(epoch, spec.training.epochs, step, steps),
+                Event::Epoch { epoch, train_loss, steps } => {
+                    let e = epochs.entry(epoch).or_default();
+                    e.0.push(train_loss);
+                    e.2 = steps;
+                }
+                Event::Eval { epoch, test_accuracy } => epochs.entry(epoch).or_default().1 = Some(test_accuracy),
+                Event::Model { path } => model_at = Some((i, path)),
+                Event::Failed { message } => {
+                    let label = procs[i].planned.label();
+                    failure.get_or_insert_with(|| format!("{label}: {message}"));
+                    stop_all(&mut procs).await;
+                }
+                Event::Done | Event::Started | Event::Listening { .. } | Event::Csr { .. } => {}
+            },
+            Report::Exited(i, code) => {
+                procs[i].exit = Some(code);
+                if code != Some(0) && failure.is_none() {
+                    let label = procs[i].planned.label();
+                    failure = Some(match code {
+                        Some(c) => format!("{label} exited with status {c}; see its log in {}", run.logs().display()),
+                        None => format!("{label} was killed by a signal"),
+                    });
+                    stop_all(&mut procs).await;
+                }
+            }
+            Report::Broken(i, why) => {
+                let label = procs[i].planned.label();
+                failure.get_or_insert_with(|| format!("{label}: {why}"));
+                stop_all(&mut procs).await;
+            }
+        }
+        // Complete epochs become metrics rows, in order.
+        while let Some((&epoch, (losses, acc, steps))) = epochs.first_key_value() {
+            if losses.len() < workers || acc.is_none() {
+                break;
+            }
+            let row = EpochRow {
+                epoch,
+                train_loss: losses.iter().sum::<f64>() / losses.len() as f64,
+                test_accuracy: acc.unwrap_or_default(),
+                steps: *steps,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            progress.println(&format!(
+                "  epoch {}/{}: train loss {:.4}, test accuracy {:.4} ({:.1}s)",
+                row.epoch, spec.training.epochs, row.train_loss, row.test_accuracy, row.elapsed_s
+            ));
+            run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
+            rows.push(row);
+            epochs.pop_first();
+        }
+        if let Some((i, path)) = model_at.take() {
+            match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir()).await {
+                Ok(()) => model_fetched = true,
+                Err(e) => {
+                    failure.get_or_insert_with(|| {
+                        format!("cannot fetch the model from {}: {e}", procs[i].planned.label())
+                    });
+                    stop_all(&mut procs).await;
+                }
+            }
+        }
+    }
+    progress.finish();
+    for p in &procs {
+        if let Err(e) = transport.cleanup(&p.planned).await {
+            tracing::warn!("cleanup on {}: {e}", p.planned.label());
+        }
+    }
+    transport.finish().await;
+
+    let done_epochs = rows.len() as u32;
+    if failure.is_none() && (done_epochs < spec.training.epochs || !model_fetched) {
+        failure = Some(format!(
+            "the job ended after {done_epochs} of {} epochs{}",
+            spec.training.epochs,
+            if model_fetched { "" } else { " without a model" }
+        ));
+    }
+    let last = rows.last();
+    let summary = Summary {
+        status: if failure.is_none() { "succeeded" } else { "failed" }.to_string(),
+        job: spec.name.clone(),
+        job_id: plan.job_id.to_string(),
+        seed,
+        epochs: done_epochs,
+        steps: rows.iter().map(|r| r.steps).sum(),
+        train_loss: last.map(|r| r.train_loss),
+        test_accuracy: last.map(|r| r.test_accuracy),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        failure,
+        model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        processes: procs
+            .iter()
+            .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
+            .collect(),
+    };
+    run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    Ok(Outcome { run_dir: run.path().to_path_buf(), summary })
+}
+
+/// Starts one agent, sends its bundle, and spawns the tasks that serve it.
+async fn start_one(
+    i: usize,
+    p: &PlannedProcess,
+    bundle: Bundle,
+    transport: &dyn Transport,
+    ca: &Arc<JobCa>,
+    run: &RunDir,
+    tx: mpsc::Sender<Report>,
+) -> Result<Proc, String> {
+    let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
+    let log = Arc::new(Mutex::new(
+        tokio::fs::File::create(run.logs().join(format!("{}-{}-{}.log", p.host, p.role, p.rank)))
+            .await
+            .map_err(|e| format!("cannot create its log: {e}"))?,
+    ));
+    let stdin: ControlWriter = Arc::new(Mutex::new(Some(spawned.stdin)));
+    send_control(&stdin, &Control::Bundle(Box::new(bundle)))
+        .await
+        .map_err(|e| format!("cannot send the bundle: {e}"))?;
+
+    // stderr -> log file.
+    {
+        let log = log.clone();
+        let mut lines = BufReader::new(spawned.stderr).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut f = log.lock().await;
+                let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+            }
+        });
+    }
+    // stdout -> events; the CSR is answered here.
+    {
+        let stdin = stdin.clone();
+        let ca = ca.clone();
+        let who = Identity { job: ca.job().clone(), role: p.role, rank: p.rank };
+        let address = p.address;
+        let tx = tx.clone();
+        let mut reader = BufReader::new(spawned.stdout);
+        tokio::spawn(async move {
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = match (&mut reader).take(MAX_CONTROL_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Report::Broken(i, format!("reading its events: {e}"))).await;
+                        return;
+                    }
+                };
+                if n == 0 {
+                    return;
+                }
+                let _ = log.lock().await.write_all(&[b"[event] ", &line[..]].concat()).await;
+                let ev: Event = match serde_json::from_slice(&line) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        let _ = tx.send(Report::Broken(i, format!("sent an unreadable event: {e}"))).await;
+                        return;
+                    }
+                };
+                if let Event::Csr { pem } = &ev {
+                    let answer = match ca.sign_csr(pem, &who, Some(address)) {
+                        Ok(cert_pem) => Control::Certificate { cert_pem, ca_pem: ca.cert_pem().to_string() },
+                        Err(e) => {
+                            let _ = tx.send(Report::Broken(i, format!("enrolment failed: {e}"))).await;
+                            return;
+                        }
+                    };
+                    if let Err(e) = send_control(&stdin, &answer).await {
+                        let _ = tx.send(Report::Broken(i, format!("cannot send its certificate: {e}"))).await;
+                        return;
+                    }
+                }
+                if tx.send(Report::Event(i, ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    // exit status; a kill request ends it early.
+    let (kill_tx, kill_rx) = oneshot::channel::<()>();
+    {
+        let mut handle = spawned.handle;
+        tokio::spawn(async move {
+            let code = tokio::select! {
+                r = handle.wait() => r,
+                _ = kill_rx => {
+                    let _ = handle.kill();
+                    handle.wait().await
+                }
+            };
+            let _ = tx.send(Report::Exited(i, code.unwrap_or(None))).await;
+        });
+    }
+    Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), exit: None })
+}
+
+async fn send_control(stdin: &ControlWriter, msg: &Control) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut guard = stdin.lock().await;
+    let w = guard.as_mut().ok_or_else(|| std::io::Error::other("control channel already closed"))?;
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+/// Asks every agent to stop, closes their control channels and, after a
+/// grace period, kills whatever is still running.
+async fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send_control(&p.stdin, &Control::Stop)).await;
+        p.stdin.lock().await.take();
+    }
+    let kills: Vec<_> = procs.iter_mut().filter_map(|p| p.kill.take()).collect();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for k in kills {
+            let _ = k.send(());
+        }
+    });
+}
+
+/// The terminal display: a progress bar when interactive, plain lines always.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool) -> Progress {
+        let bar = enabled.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("  {spinner} epoch {msg} [{bar:30}] {pos}/{len} steps")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b
+        });
+        Progress { bar }
+    }
+    fn step(&self, epoch: u32, epochs: u32, step: u64, steps: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(steps);
+            b.set_position(step);
+            b.set_message(format!("{epoch}/{epochs}"));
+        }
+    }
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The `warden` launcher: job file -> plan -> certificates -> processes ->
+//! training -> model and summary.
+//!
+//! # Layout
+//! - [`cli`] parses arguments; [`commands`] has one module per subcommand.
+//! - [`launch`] orchestrates a job over a [`transport::Transport`].
+//! - [`rundir`] writes what a run leaves behind.
+//!
+//! The job spec, plan and identities come from the agent's library
+//! (`warden_agent`), never re-implemented here.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod commands;
+pub mod launch;
+pub mod rundir;
+pub mod transport;

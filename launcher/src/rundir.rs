@@ -1,0 +1,162 @@
+//! The run directory: everything a job leaves behind for its user.
+//!
+//! ```text
+//! DIR/run.json        job id, name, seed, start time
+//! DIR/job.toml        the job file as launched
+//! DIR/plan.json       the resolved plan
+//! DIR/metrics.csv     one row per epoch
+//! DIR/logs/           one log per process (stderr, plus its events)
+//! DIR/model/          model.safetensors
+//! DIR/summary.json    how it ended
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use warden_agent::plan::Plan;
+use warden_agent::spec::JobSpec;
+
+/// One row of `metrics.csv`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRow {
+    /// Epoch from 1.
+    pub epoch: u32,
+    /// Mean training loss over workers.
+    pub train_loss: f64,
+    /// Test accuracy after the epoch.
+    pub test_accuracy: f64,
+    /// Steps in the epoch.
+    pub steps: u64,
+    /// Seconds since launch.
+    pub elapsed_s: f64,
+}
+
+/// A process's exit, for the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessExit {
+    /// `host/role[rank]`.
+    pub process: String,
+    /// Exit code (none if killed).
+    pub exit_code: Option<i32>,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// "succeeded" or "failed".
+    pub status: String,
+    /// Job name.
+    pub job: String,
+    /// Job id.
+    pub job_id: String,
+    /// Training seed in force.
+    pub seed: u64,
+    /// Epochs completed.
+    pub epochs: u32,
+    /// Steps (updates) completed.
+    pub steps: u64,
+    /// Last epoch's mean training loss.
+    pub train_loss: Option<f64>,
+    /// Last epoch's test accuracy.
+    pub test_accuracy: Option<f64>,
+    /// Wall time.
+    pub elapsed_s: f64,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// Where the model is.
+    pub model: Option<PathBuf>,
+    /// Every process and how it exited.
+    pub processes: Vec<ProcessExit>,
+}
+
+/// A run directory being written.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `path`, or `runs/NAME-YYYYMMDD-HHMMSS`. Refuses a non-empty
+    /// directory, so no earlier run is ever overwritten.
+    pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, String> {
+        let path = path.unwrap_or_else(|| {
+            let t = time::OffsetDateTime::now_utc();
+            PathBuf::from("runs").join(format!(
+                "{name}-{:04}{:02}{:02}-{:02}{:02}{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            ))
+        });
+        if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(format!(
+                "run directory {} already holds a run; choose another with --run-dir or remove it",
+                path.display()
+            ));
+        }
+        for sub in ["logs", "model"] {
+            std::fs::create_dir_all(path.join(sub))
+                .map_err(|e| format!("cannot create {}: {e}", path.join(sub).display()))?;
+        }
+        Ok(RunDir { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `DIR/logs`.
+    pub fn logs(&self) -> PathBuf {
+        self.path.join("logs")
+    }
+
+    /// `DIR/model`.
+    pub fn model_dir(&self) -> PathBuf {
+        self.path.join("model")
+    }
+
+    /// Where local agents keep their job directories.
+    pub fn nodes_dir(&self) -> PathBuf {
+        self.path.join("nodes")
+    }
+
+    /// Records what is being launched.
+    pub fn write_start(&self, spec: &JobSpec, text: &str, plan: &Plan, seed: u64) -> std::io::Result<()> {
+        std::fs::write(self.path.join("job.toml"), text)?;
+        write_json(&self.path.join("plan.json"), plan)?;
+        let run = serde_json::json!({
+            "job": spec.name,
+            "job_id": plan.job_id,
+            "seed": seed,
+            "seed_source": if spec.seed.is_some() { "job file" } else { "drawn from the OS CSPRNG" },
+            "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "warden_version": env!("CARGO_PKG_VERSION"),
+        });
+        write_json(&self.path.join("run.json"), &run)?;
+        std::fs::write(self.path.join("metrics.csv"), "epoch,train_loss,test_accuracy,steps,elapsed_s\n")
+    }
+
+    /// Appends one epoch to `metrics.csv`.
+    pub fn append_metrics(&self, r: &EpochRow) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.path.join("metrics.csv"))?;
+        writeln!(f, "{},{:.6},{:.6},{},{:.3}", r.epoch, r.train_loss, r.test_accuracy, r.steps, r.elapsed_s)
+    }
+
+    /// Writes `summary.json` atomically.
+    pub fn write_summary(&self, s: &Summary) -> std::io::Result<()> {
+        write_json(&self.path.join("summary.json"), s)
+    }
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}

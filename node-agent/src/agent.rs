@@ -1,0 +1,111 @@
+//! The agent process: read the bundle, enrol, run one role, report.
+//!
+//! Order matters. Everything that needs privileges or must happen before
+//! any thread exists (issue 5's privilege drop) happens in [`prepare`],
+//! single-threaded. Only then is the async runtime built, by hand.
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use crate::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
+use crate::identity::{Identity, Role};
+use crate::pki::NodeKey;
+use crate::plan::Plan;
+use crate::roles::{self, EventSink, RoleCtx, RoleError};
+use crate::spec::JobSpec;
+use crate::tls::TlsIdentity;
+
+/// Reads one control line of at most [`MAX_CONTROL_LINE`] bytes; `None` at EOF.
+pub fn read_control<R: BufRead>(input: &mut R) -> Result<Option<Control>, String> {
+    let mut line = Vec::new();
+    let n = std::io::Read::take(&mut *input, MAX_CONTROL_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the control channel: {e}"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_CONTROL_LINE {
+        return Err(format!("control line longer than {MAX_CONTROL_LINE} bytes"));
+    }
+    serde_json::from_slice(&line).map(Some).map_err(|e| format!("bad control message: {e}"))
+}
+
+/// Writes events as JSON lines on stdout.
+pub fn stdout_sink() -> EventSink {
+    Arc::new(|e: Event| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", e.to_line());
+        let _ = out.flush();
+    })
+}
+
+/// What [`prepare`] hands to the runtime.
+pub struct Prepared {
+    ctx: RoleCtx,
+    listener: Option<std::net::TcpListener>,
+    worker_data: Option<roles::worker::WorkerData>,
+}
+
+/// Single-threaded set-up: bundle, spec, plan, key, CSR, certificate,
+/// listening socket, data.
+pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, String> {
+    let bundle: Bundle = match read_control(input)? {
+        Some(Control::Bundle(b)) => *b,
+        Some(_) => return Err("the first control message must be the bundle".into()),
+        None => return Err("the launcher closed the control channel before sending the bundle".into()),
+    };
+    let spec = JobSpec::parse(&bundle.job_file, &bundle.job_toml, &bundle.base_dir).map_err(|e| e.to_string())?;
+    let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
+    let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
+    let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();
+
+    let key = NodeKey::generate().map_err(|e| e.to_string())?;
+    events(Event::Csr { pem: key.csr_pem(&me).map_err(|e| e.to_string())? });
+    let (cert_pem, ca_pem) = match read_control(input)? {
+        Some(Control::Certificate { cert_pem, ca_pem }) => (cert_pem, ca_pem),
+        Some(Control::Stop) | None => return Err("stopped by the launcher during enrolment".into()),
+        Some(_) => return Err("expected a certificate from the launcher".into()),
+    };
+    let tls = TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())?;
+
+    std::fs::create_dir_all(&bundle.workdir)
+        .map_err(|e| format!("cannot create the job directory {}: {e}", bundle.workdir.display()))?;
+
+    // Bind before anything slow, so a taken port fails the job at once.
+    let listener = match planned.socket() {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    format!(
+                        "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
+                        addr.port(),
+                        planned.host
+                    )
+                } else {
+                    format!("cannot listen on {addr}: {e}")
+                }
+            })?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            events(Event::Listening { addr: addr.to_string() });
+            Some(l)
+        }
+        None => None,
+    };
+    let ctx = RoleCtx { spec, plan, seed: bundle.seed, tls, events, workdir: bundle.workdir };
+    let worker_data = match me.role {
+        Role::Worker => Some(roles::worker::load_data(&ctx).map_err(|e| e.0)?),
+        _ => None,
+    };
+    Ok(Prepared { ctx, listener, worker_data })
+}
+
+/// Runs the prepared role to the end.
+pub async fn run(p: Prepared) -> Result<(), RoleError> {
+    let listener =
+        p.listener.map(tokio::net::TcpListener::from_std).transpose().map_err(|e| RoleError(e.to_string()))?;
+    match p.ctx.me().role {
+        Role::Scheduler => roles::scheduler::run(p.ctx, listener.expect("the scheduler listens")).await,
+        Role::Server => roles::server::run(p.ctx, listener.expect("servers listen")).await,
+        Role::Worker => roles::worker::run(p.ctx, p.worker_data.expect("loaded in prepare")).await,
+    }
+}

@@ -1,0 +1,346 @@
+//! Authenticated connections: mutual TLS, framing with limits, deadlines and
+//! per-message authorization.
+//!
+//! [`accept`] and [`connect`] are the only ways to get a [`Conn`]; both end
+//! with a TLS 1.3 session whose peer identity came from a certificate of
+//! this job. On every [`Conn::recv`] the frame length is checked against the
+//! job's maximum before a byte of body is allocated, and the message is
+//! checked against the roles allowed to send it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::identity::{Identity, Role};
+use crate::tls::{self, TlsIdentity};
+use crate::wire::{DecodeError, HEADER_LEN, Message};
+
+/// A connection-level error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The TLS handshake failed (bad or missing certificate, wrong role, TLS 1.2, not TLS at all).
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        /// Remote address.
+        peer: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer announced a frame above the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+        /// Limit.
+        max: u32,
+    },
+    /// The frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The peer's role may not send this message.
+    #[error("a {role} may not send `{message}`")]
+    Unauthorized {
+        /// Sender's role.
+        role: Role,
+        /// Message name.
+        message: &'static str,
+    },
+    /// A deadline passed.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// The peer closed the connection.
+    #[error("connection closed by {0}")]
+    Closed(String),
+    /// The peer sent an error message.
+    #[error("{peer} refused: {message}")]
+    Refused {
+        /// Who.
+        peer: String,
+        /// Their message.
+        message: String,
+    },
+    /// Something we could not set up locally.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Largest frame body accepted.
+    pub max_frame: u32,
+    /// Time from TCP accept to the end of the first message.
+    pub first_message: Duration,
+}
+
+/// An authenticated, framed connection.
+#[derive(Debug)]
+pub struct Conn<S> {
+    stream: S,
+    peer: Identity,
+    max_frame: u32,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+/// Reads one frame body into `buf`, refusing lengths above `max` before
+/// allocating. `Ok(false)` is a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec<u8>) -> Result<bool, ConnError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(false)
+            } else {
+                Err(ConnError::Decode(DecodeError("truncated frame header".into())))
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(header);
+    if len > max {
+        return Err(ConnError::FrameTooLarge { len: len.into(), max });
+    }
+    buf.clear();
+    buf.resize(len as usize, 0);
+    r.read_exact(buf).await?;
+    Ok(true)
+}
+
+/// Decodes a frame body and checks that `from` may send it.
+pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
+    let msg = Message::decode(body)?;
+    if !msg.senders().contains(&from) {
+        return Err(ConnError::Unauthorized { role: from, message: msg.name() });
+    }
+    Ok(msg)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
+        Conn { stream, peer, max_frame, rbuf: Vec::new(), wbuf: Vec::new() }
+    }
+
+    /// The authenticated peer.
+    pub fn peer(&self) -> &Identity {
+        &self.peer
+    }
+
+    /// Receives one authorized message. A peer's `Error` becomes [`ConnError::Refused`].
+    pub async fn recv(&mut self) -> Result<Message, ConnError> {
+        if !read_frame(&mut self.stream, self.max_frame, &mut self.rbuf).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        match decode_from(&self.rbuf, self.peer.role)? {
+            Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
+            m => Ok(m),
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        self.wbuf.clear();
+        msg.encode_frame(&mut self.wbuf);
+        self.stream.write_all(&self.wbuf).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Tells the peer why we are closing, best effort, then closes.
+    pub async fn refuse(mut self, why: &str) {
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = self.send(&Message::Error { message: why.to_string() }).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Tells the peer what it did wrong when that is a protocol violation
+    /// (not when the connection is already gone), then closes.
+    pub async fn refuse_for(self, e: &ConnError) {
+        match e {
+            ConnError::Unauthorized { .. }
+            | ConnError::Decode(_)
+            | ConnError::FrameTooLarge { .. }
+            | ConnError::Timeout(_) => self.refuse(&e.to_string()).await,
+            _ => {}
+        }
+    }
+
+    /// Splits into independently usable halves (for roles that read and
+    /// write from different tasks).
+    pub fn into_split(self) -> (RecvHalf<tokio::io::ReadHalf<S>>, SendHalf<tokio::io::WriteHalf<S>>) {
+        let (r, w) = tokio::io::split(self.stream);
+        (
+            RecvHalf { r, peer: self.peer.clone(), max_frame: self.max_frame, buf: self.rbuf },
+            SendHalf { w, buf: self.wbuf },
+        )
+    }
+}
+
+/// Reading half of a split [`Conn`].
+#[derive(Debug)]
+pub struct RecvHalf<R> {
+    r: R,
+    peer: Identity,
+    max_frame: u32,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> RecvHalf<R> {
+    /// As [`Conn::recv`].
+    pub async fn recv(&mut self) -> Result<Message, ConnError> {
+        if !read_frame(&mut self.r, self.max_frame, &mut self.buf).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        match decode_from(&self.buf, self.peer.role)? {
+            Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
+            m => Ok(m),
+        }
+    }
+    /// The authenticated peer.
+    pub fn peer(&self) -> &Identity {
+        &self.peer
+    }
+}
+
+/// Writing half of a split [`Conn`].
+#[derive(Debug)]
+pub struct SendHalf<W> {
+    w: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> SendHalf<W> {
+    /// As [`Conn::send`].
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        self.buf.clear();
+        msg.encode_frame(&mut self.buf);
+        self.w.write_all(&self.buf).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+}
+
+/// A server-side TLS connection.
+pub type ServerConn = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A client-side TLS connection.
+pub type ClientConn = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A listening endpoint that admits only given roles of this job.
+#[derive(Clone)]
+pub struct Acceptor {
+    tls: TlsAcceptor,
+    limits: ConnLimits,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// An acceptor for `me` admitting peers whose role is in `accept`.
+    pub fn new(me: &TlsIdentity, accept: &[Role], limits: ConnLimits) -> Result<Acceptor, ConnError> {
+        let config = tls::server_config(me, accept).map_err(|e| ConnError::Setup(e.to_string()))?;
+        Ok(Acceptor { tls: TlsAcceptor::from(config), limits })
+    }
+
+    /// Completes the handshake, says welcome and reads the first message,
+    /// all within the first-message deadline.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<(ServerConn, Message), ConnError> {
+        let deadline = Instant::now() + self.limits.first_message;
+        let peer_addr = tcp.peer_addr()?;
+        let _ = tcp.set_nodelay(true);
+        let stream = timeout_at(deadline, self.tls.accept(tcp))
+            .await
+            .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
+            .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
+        let peer = tls::peer_identity(stream.get_ref().1).map_err(ConnError::Setup)?;
+        let mut conn = Conn::new(stream, peer, self.limits.max_frame);
+        conn.send(&Message::Welcome).await?;
+        match timeout_at(deadline, conn.recv()).await {
+            Ok(Ok(first)) => Ok((conn, first)),
+            Ok(Err(e)) => {
+                conn.refuse_for(&e).await;
+                Err(e)
+            }
+            Err(_) => {
+                let e = ConnError::Timeout("waiting for the first message");
+                conn.refuse_for(&e).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Binds a listener, turning "address in use" into an error that says what to do.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ConnError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            ConnError::Setup(format!(
+                "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
+                addr.port(),
+                addr.ip()
+            ))
+        } else {
+            ConnError::Setup(format!("cannot listen on {addr}: {e}"))
+        }
+    })
+}
+
+/// Connects to `expect` at `addr`, retrying refused connections until
+/// `patience` runs out (peers start in any order), then waits for its welcome.
+pub async fn connect(
+    me: &TlsIdentity,
+    expect: Identity,
+    addr: SocketAddr,
+    max_frame: u32,
+    patience: Duration,
+) -> Result<ClientConn, ConnError> {
+    let config = tls::client_config(me, expect.clone()).map_err(|e| ConnError::Setup(e.to_string()))?;
+    let connector = TlsConnector::from(config);
+    let deadline = Instant::now() + patience;
+    let mut backoff = Duration::from_millis(20);
+    let tcp = loop {
+        match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => break tcp,
+            Ok(Err(e)) if Instant::now() + backoff < deadline => {
+                tracing::debug!("connect to {expect} at {addr}: {e}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(ConnError::Setup(format!("cannot reach {expect} at {addr}: {e}"))),
+            Err(_) => return Err(ConnError::Timeout("connecting")),
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = timeout_at(
+        deadline.max(Instant::now() + Duration::from_secs(10)),
+        connector.connect(tls::server_name(addr.ip()), tcp),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
+    .map_err(|source| ConnError::Handshake { peer: addr, source })?;
+    let mut conn = Conn::new(stream, expect, max_frame);
+    // TLS 1.3 lets a refused client believe its first write succeeded; the
+    // welcome proves the server accepted our certificate.
+    match timeout(Duration::from_secs(30), conn.recv()).await {
+        Ok(Ok(Message::Welcome)) => Ok(conn),
+        Ok(Ok(other)) => Err(ConnError::Setup(format!("expected a welcome, got `{}`", other.name()))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ConnError::Timeout("waiting for the welcome")),
+    }
+}

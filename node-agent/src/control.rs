@@ -1,0 +1,120 @@
+//! The control channel between the launcher and an agent process.
+//!
+//! It runs over the agent's stdin and stdout, whatever carries them: a local
+//! pipe or an SSH session. Both directions are JSON lines. The launcher
+//! writes a [`Control::Bundle`], reads the agent's [`Event::Csr`], answers
+//! with [`Control::Certificate`], then reads events until the agent exits.
+//! When the agent's stdin closes (the launcher died or stopped the job), the
+//! agent stops.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{JobId, Role};
+
+/// Longest control line accepted (the bundle carries the job file).
+pub const MAX_CONTROL_LINE: usize = 1 << 20;
+
+/// Launcher to agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Everything the agent needs to know about the job and itself.
+    Bundle(Box<Bundle>),
+    /// The agent's signed certificate and the job CA.
+    Certificate {
+        /// PEM certificate for the agent's key.
+        cert_pem: String,
+        /// PEM job CA.
+        ca_pem: String,
+    },
+    /// Stop now.
+    Stop,
+}
+
+/// What an agent receives before anything else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// Job id (also in every certificate).
+    pub job_id: JobId,
+    /// The job file, as the user wrote it; the agent validates it again.
+    pub job_toml: String,
+    /// The job file's name, for error messages.
+    pub job_file: String,
+    /// Directory that relative data paths are resolved against.
+    pub base_dir: PathBuf,
+    /// The training seed in force (from the file, or drawn by the launcher).
+    pub seed: u64,
+    /// Whether every host is mapped onto this machine.
+    pub local: bool,
+    /// Which process this agent is.
+    pub role: Role,
+    /// Its rank within the role.
+    pub rank: u32,
+    /// Where it may write (model output, scratch).
+    pub workdir: PathBuf,
+}
+
+/// Agent to launcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent's certificate signing request.
+    Csr {
+        /// PEM CSR.
+        pem: String,
+    },
+    /// The agent listens here.
+    Listening {
+        /// Address.
+        addr: String,
+    },
+    /// The role is set up and training is under way.
+    Started,
+    /// A worker's progress within an epoch.
+    Progress {
+        /// Epoch from 1.
+        epoch: u32,
+        /// Steps done in the epoch.
+        step: u64,
+        /// Steps per epoch.
+        steps: u64,
+    },
+    /// A worker finished an epoch.
+    Epoch {
+        /// Epoch from 1.
+        epoch: u32,
+        /// Mean training loss over the epoch.
+        train_loss: f64,
+        /// Steps in the epoch.
+        steps: u64,
+    },
+    /// Worker 0's evaluation after an epoch.
+    Eval {
+        /// Epoch from 1.
+        epoch: u32,
+        /// Accuracy on the test set.
+        test_accuracy: f64,
+    },
+    /// The trained model is at this path on the agent's host.
+    Model {
+        /// Path of the model directory.
+        path: PathBuf,
+    },
+    /// The role finished cleanly.
+    Done,
+    /// The role failed.
+    Failed {
+        /// Why, in words for the user.
+        message: String,
+    },
+}
+
+impl Event {
+    /// As one JSON line (no trailing newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("events always serialize")
+    }
+}

@@ -1,0 +1,32 @@
+//! warden's node agent library: everything a job's processes share.
+//!
+//! # Layout
+//! - [`spec`]: the job file, parsed then validated into a [`spec::JobSpec`].
+//! - [`plan`]: processes, ranks, ports, shards and firewall rules of a job.
+//! - [`identity`], [`pki`], [`tls`]: who a process is, the per-job CA and
+//!   node keys, mutual TLS 1.3 with role authorization in the handshake.
+//! - [`wire`], [`conn`]: the framed protocol, its messages and who may send
+//!   each, and authenticated connections with limits and deadlines.
+//! - [`control`], [`agent`]: the launcher-agent channel over stdin/stdout and
+//!   the agent process's set-up.
+//! - [`roles`]: scheduler, server and worker.
+//! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
+//! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod artifact;
+pub mod conn;
+pub mod control;
+pub mod data;
+pub mod identity;
+pub mod model;
+pub mod optimizer;
+pub mod pki;
+pub mod plan;
+pub mod roles;
+pub mod secure_random;
+pub mod spec;
+pub mod tls;
+pub mod train_rng;
+pub mod wire;

@@ -1,0 +1,93 @@
+//! `warden-agent`: one process of a warden job. Started by the launcher
+//! (locally or over SSH) with the job bundle on stdin; see
+//! `warden_agent::control` for the protocol.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use clap::Parser;
+use warden_agent::agent;
+use warden_agent::control::{Control, Event};
+
+#[derive(Parser)]
+#[command(
+    name = "warden-agent",
+    version,
+    about = "Runs one process (scheduler, server or worker) of a warden job.",
+    long_about = "Runs one process (scheduler, server or worker) of a warden job.\n\n\
+        You do not normally run this yourself: `warden launch` starts one agent per process, \
+        locally or over SSH, and speaks to it over stdin/stdout (JSON lines). The agent reads \
+        its bundle, sends a certificate signing request for a key it generated, receives its \
+        certificate, and runs its role over mutual TLS. It stops when its stdin closes.",
+    after_help = "Example (what the launcher does):\n  warden-agent run < bundle.jsonl"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Read the bundle from stdin and run the role it names.
+    Run,
+}
+
+fn main() -> ExitCode {
+    let Cli { cmd: Cmd::Run } = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let events = agent::stdout_sink();
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let prepared = match agent::prepare(&mut stdin, events.clone()) {
+        Ok(p) => p,
+        Err(message) => {
+            tracing::error!("{message}");
+            events(Event::Failed { message });
+            return ExitCode::FAILURE;
+        }
+    };
+    // Threads only from here on (see agent::prepare).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            events(Event::Failed { message: format!("cannot start the runtime: {e}") });
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<String>();
+    // The control channel stays open for the whole job: EOF or `stop` means
+    // the launcher is gone or wants us gone.
+    std::thread::spawn(move || {
+        let why = loop {
+            match agent::read_control(&mut stdin) {
+                Ok(None) => break "the launcher closed the control channel".to_string(),
+                Ok(Some(Control::Stop)) => break "stopped by the launcher".to_string(),
+                Ok(Some(_)) => continue,
+                Err(e) => break e,
+            }
+        };
+        let _ = stop_tx.send(why);
+        // Ignore further input; the process exits when the role returns.
+        for _ in stdin.lines() {}
+    });
+    let result = runtime.block_on(async move {
+        tokio::select! {
+            r = agent::run(prepared) => r.map_err(|e| e.0),
+            why = stop_rx => Err(why.unwrap_or_else(|_| "control channel failed".into())),
+        }
+    });
+    match result {
+        Ok(()) => {
+            events(Event::Done);
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            tracing::error!("{message}");
+            events(Event::Failed { message });
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The plan: hosts x role counts -> processes with ranks, addresses, ports,
+//! certificate identities, parameter shards and per-host firewall rules.
+//!
+//! It is a pure function of the validated spec, the job id and the mode, so
+//! the launcher and every agent compute the same plan independently.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+
+use serde::Serialize;
+
+use crate::identity::{Identity, JobId, Role};
+use crate::spec::JobSpec;
+
+/// One process of the job.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedProcess {
+    /// Host name (from the job file).
+    pub host: String,
+    /// Index of the host in the job file.
+    pub host_index: usize,
+    /// Role.
+    pub role: Role,
+    /// Rank within the role.
+    pub rank: u32,
+    /// Address peers reach it at.
+    pub address: IpAddr,
+    /// Listening port (scheduler and servers).
+    pub port: Option<u16>,
+    /// Its certificate's URI SAN.
+    pub identity: String,
+}
+
+impl PlannedProcess {
+    /// Listening socket address, for roles that listen.
+    pub fn socket(&self) -> Option<SocketAddr> {
+        self.port.map(|p| SocketAddr::new(self.address, p))
+    }
+
+    /// A short label such as `node1/worker[0]`.
+    pub fn label(&self) -> String {
+        format!("{}/{}[{}]", self.host, self.role, self.rank)
+    }
+}
+
+/// What one host gets.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPlan {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: IpAddr,
+    /// Ports the job listens on there.
+    pub ports: Vec<u16>,
+    /// Addresses allowed to reach those ports.
+    pub peers: Vec<IpAddr>,
+    /// The nftables ruleset installed for the job on that host.
+    pub firewall: String,
+}
+
+/// The resolved job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Job id.
+    pub job_id: JobId,
+    /// Every host mapped onto this machine?
+    pub local: bool,
+    /// Every process, in host order, then scheduler, servers, workers.
+    pub processes: Vec<PlannedProcess>,
+    /// Per-host view.
+    pub hosts: Vec<HostPlan>,
+    /// Parameters of the model.
+    pub num_params: usize,
+}
+
+/// The name of a job's nftables table.
+pub fn firewall_table(job: &JobId) -> String {
+    format!("warden_{}", &job.as_str()[..12])
+}
+
+impl Plan {
+    /// Plans `spec` for job `job_id`. With `local`, every host runs on this
+    /// machine at 127.0.0.1 and ports are allocated across all hosts.
+    pub fn new(spec: &JobSpec, job_id: &JobId, local: bool) -> Plan {
+        let cl = &spec.cluster;
+        let mut processes = Vec::new();
+        let mut ranks = [0u32; 3];
+        let mut global_next = cl.port_start;
+        let mut used = BTreeSet::new();
+        if let Some(p) = cl.scheduler_port {
+            used.insert(p);
+        }
+        for (hi, h) in cl.hosts.iter().enumerate() {
+            let address = if local { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { h.address };
+            let mut next = if local { global_next } else { cl.port_start };
+            let mut take_port = |pinned: Option<u16>| -> u16 {
+                if let Some(p) = pinned {
+                    return p;
+                }
+                while used.contains(&next) {
+                    next += 1;
+                }
+                let p = next;
+                next += 1;
+                p
+            };
+            for (role, count) in [(Role::Scheduler, h.scheduler), (Role::Server, h.servers), (Role::Worker, h.workers)]
+            {
+                for _ in 0..count {
+                    let idx = role as usize;
+                    let rank = ranks[idx];
+                    ranks[idx] += 1;
+                    let port = match role {
+                        Role::Scheduler => Some(take_port(cl.scheduler_port)),
+                        Role::Server => Some(take_port(None)),
+                        Role::Worker => None,
+                    };
+                    let identity = Identity { job: job_id.clone(), role, rank }.uri();
+                    processes.push(PlannedProcess {
+                        host: h.name.clone(),
+                        host_index: hi,
+                        role,
+                        rank,
+                        address,
+                        port,
+                        identity,
+                    });
+                }
+            }
+            if local {
+                global_next = next;
+            }
+        }
+        let all_addresses: BTreeSet<IpAddr> = processes.iter().map(|p| p.address).collect();
+        let hosts = cl
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(hi, h)| {
+                let ports: Vec<u16> = processes.iter().filter(|p| p.host_index == hi).filter_map(|p| p.port).collect();
+                let address = if local { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { h.address };
+                let peers: Vec<IpAddr> = all_addresses.iter().copied().collect();
+                let firewall = firewall_rules(job_id, &ports, &peers);
+                HostPlan { name: h.name.clone(), address, ports, peers, firewall }
+            })
+            .collect();
+        Plan { job_id: job_id.clone(), local, processes, hosts, num_params: crate::model::num_params(&spec.model) }
+    }
+
+    /// The process with this role and rank.
+    pub fn get(&self, role: Role, rank: u32) -> Option<&PlannedProcess> {
+        self.processes.iter().find(|p| p.role == role && p.rank == rank)
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &PlannedProcess {
+        self.get(Role::Scheduler, 0).expect("validated specs have exactly one scheduler")
+    }
+
+    /// Processes of one role in rank order.
+    pub fn of_role(&self, role: Role) -> Vec<&PlannedProcess> {
+        let mut v: Vec<_> = self.processes.iter().filter(|p| p.role == role).collect();
+        v.sort_by_key(|p| p.rank);
+        v
+    }
+
+    /// Number of processes of a role.
+    pub fn count(&self, role: Role) -> u32 {
+        self.processes.iter().filter(|p| p.role == role).count() as u32
+    }
+
+    /// The flat parameter range server `rank` holds.
+    pub fn shard(&self, rank: u32) -> Range<usize> {
+        let s = self.count(Role::Server) as usize;
+        let r = rank as usize;
+        let n = self.num_params;
+        (n * r / s)..(n * (r + 1) / s)
+    }
+
+    /// The identity of a planned process.
+    pub fn identity(&self, role: Role, rank: u32) -> Identity {
+        Identity { job: self.job_id.clone(), role, rank }
+    }
+}
+
+/// An nftables ruleset admitting only the job's peers to the job's ports.
+fn firewall_rules(job: &JobId, ports: &[u16], peers: &[IpAddr]) -> String {
+    let table = firewall_table(job);
+    if ports.is_empty() {
+        return format!("# no listening ports on this host; table {table} is not needed\n");
+    }
+    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let v4: Vec<String> = peers.iter().filter(|a| a.is_ipv4()).map(IpAddr::to_string).collect();
+    let v6: Vec<String> = peers.iter().filter(|a| a.is_ipv6()).map(IpAddr::to_string).collect();
+    let mut s =
+        format!("table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n");
+    if !v4.is_empty() {
+        s += &format!("    tcp dport {{ {ports} }} ip saddr {{ {} }} accept\n", v4.join(", "));
+    }
+    if !v6.is_empty() {
+        s += &format!("    tcp dport {{ {ports} }} ip6 saddr {{ {} }} accept\n", v6.join(", "));
+    }
+    s += &format!("    tcp dport {{ {ports} }} drop\n  }}\n}}\n");
+    s
+}

@@ -1,0 +1,122 @@
+//! The three roles of a job. Each takes a [`RoleCtx`] and runs to the end of
+//! the job, returning an error that says, in words for the user, what failed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conn::ConnLimits;
+use crate::control::Event;
+use crate::identity::{Identity, Role};
+use crate::plan::Plan;
+use crate::spec::JobSpec;
+use crate::tls::TlsIdentity;
+
+pub mod scheduler;
+pub mod server;
+pub mod worker;
+
+/// Where a role reports events (stdout JSON lines in the agent; a channel in tests).
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// A role failure, in words for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RoleError(pub String);
+
+impl From<crate::conn::ConnError> for RoleError {
+    fn from(e: crate::conn::ConnError) -> Self {
+        RoleError(e.to_string())
+    }
+}
+
+/// Everything a role needs.
+#[derive(Clone)]
+pub struct RoleCtx {
+    /// The validated job.
+    pub spec: JobSpec,
+    /// The plan (same on every process).
+    pub plan: Plan,
+    /// The training seed in force.
+    pub seed: u64,
+    /// This process's credentials.
+    pub tls: TlsIdentity,
+    /// Where to report.
+    pub events: EventSink,
+    /// Where this process may write.
+    pub workdir: PathBuf,
+}
+
+impl std::fmt::Debug for RoleCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoleCtx").field("me", &self.tls.me).finish_non_exhaustive()
+    }
+}
+
+impl RoleCtx {
+    /// Who this process is.
+    pub fn me(&self) -> &Identity {
+        &self.tls.me
+    }
+
+    /// Connection limits from the job file.
+    pub fn limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_frame: self.spec.limits.max_frame_bytes,
+            first_message: Duration::from_millis(self.spec.limits.first_message_timeout_ms),
+        }
+    }
+
+    /// How long to keep trying to reach a peer.
+    pub fn patience(&self) -> Duration {
+        Duration::from_secs(self.spec.limits.connect_timeout_s)
+    }
+
+    /// Reports an event.
+    pub fn emit(&self, e: Event) {
+        (self.events)(e)
+    }
+
+    /// Connects to the scheduler and registers.
+    pub async fn join_scheduler(&self) -> Result<crate::conn::ClientConn, RoleError> {
+        let sched = self.plan.scheduler();
+        let addr = sched.socket().expect("the scheduler listens");
+        let mut conn = crate::conn::connect(
+            &self.tls,
+            self.plan.identity(Role::Scheduler, 0),
+            addr,
+            self.spec.limits.max_frame_bytes,
+            self.patience(),
+        )
+        .await
+        .map_err(|e| RoleError(format!("cannot join the scheduler at {addr}: {e}")))?;
+        conn.send(&crate::wire::Message::Register).await?;
+        Ok(conn)
+    }
+}
+
+/// Logs a refused or failed connection at a bounded rate, so a flood of
+/// garbage cannot flood the logs.
+#[derive(Debug, Default)]
+pub struct RateLimitedLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    /// Logs `msg` unless one was logged in the last second; counts the rest.
+    pub fn warn(&self, msg: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match st.0 {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => st.1 += 1,
+            _ => {
+                if st.1 > 0 {
+                    tracing::warn!("{msg} (and {} similar in the last second)", st.1);
+                } else {
+                    tracing::warn!("{msg}");
+                }
+                *st = (Some(now), 0);
+            }
+        }
+    }
+}

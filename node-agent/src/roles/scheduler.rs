@@ -1,0 +1,177 @@
+//! The scheduler: rendezvous, barriers and the end of the job.
+//!
+//! It admits only this job's servers and workers (checked in the TLS
+//! handshake), waits until every planned process has registered, sends the
+//! servers the optimizer and everyone the start, releases barriers when all
+//! workers reach them, and shuts everyone down when every worker finished.
+//! If any process is lost before that, it aborts the job and says who.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::{RateLimitedLog, RoleCtx, RoleError};
+use crate::conn::{Acceptor, SendHalf};
+use crate::identity::{Identity, Role};
+use crate::wire::Message;
+
+type Writer = SendHalf<tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+
+enum Input {
+    Joined(Identity, Writer),
+    Msg(Identity, Message),
+    Lost(Identity, String),
+}
+
+/// Runs the scheduler on an already bound listener until the job ends.
+pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
+    let acceptor = Acceptor::new(&ctx.tls, &[Role::Server, Role::Worker], ctx.limits())?;
+    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let log = Arc::new(RateLimitedLog::default());
+    let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, log));
+
+    let servers = ctx.plan.count(Role::Server);
+    let workers = ctx.plan.count(Role::Worker);
+    let expected: BTreeSet<(Role, u32)> =
+        (0..servers).map(|r| (Role::Server, r)).chain((0..workers).map(|r| (Role::Worker, r))).collect();
+    let mut writers: BTreeMap<(Role, u32), Writer> = BTreeMap::new();
+
+    // Rendezvous.
+    let deadline = tokio::time::Instant::now() + ctx.patience() + Duration::from_secs(30);
+    while writers.len() < expected.len() {
+        let input = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return Err(RoleError("the scheduler's listener stopped".into())),
+            Err(_) => {
+                let missing: Vec<String> = expected
+                    .iter()
+                    .filter(|k| !writers.contains_key(k))
+                    .map(|(role, rank)| format!("{role}[{rank}]"))
+                    .collect();
+                abort(&mut writers, "rendezvous timed out").await;
+                return Err(RoleError(format!("rendezvous timed out; never joined: {}", missing.join(", "))));
+            }
+        };
+        match input {
+            Input::Joined(id, mut w) => {
+                let key = (id.role, id.rank);
+                if !expected.contains(&key) {
+                    let _ = w.send(&Message::Error { message: format!("{id} is not part of this job's plan") }).await;
+                } else if let std::collections::btree_map::Entry::Vacant(slot) = writers.entry(key) {
+                    tracing::info!("{id} joined");
+                    slot.insert(w);
+                } else {
+                    let _ = w.send(&Message::Error { message: format!("{id} is already registered") }).await;
+                }
+            }
+            Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
+            Input::Lost(id, why) if writers.contains_key(&(id.role, id.rank)) => {
+                abort(&mut writers, &format!("{id} was lost during rendezvous: {why}")).await;
+                return Err(RoleError(format!("{id} was lost during rendezvous: {why}")));
+            }
+            Input::Lost(..) => {}
+        }
+    }
+
+    // Start: optimizer (data, validated) to the servers, then go.
+    let opt = Message::SetOptimizer(ctx.spec.optimizer);
+    for ((role, _), w) in writers.iter_mut() {
+        if *role == Role::Server {
+            w.send(&opt).await?;
+        }
+    }
+    for w in writers.values_mut() {
+        w.send(&Message::Start).await?;
+    }
+    ctx.emit(crate::control::Event::Started);
+
+    let mut barriers: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+    let mut finished = BTreeSet::new();
+    while finished.len() < workers as usize {
+        let Some(input) = rx.recv().await else {
+            return Err(RoleError("the scheduler's listener stopped".into()));
+        };
+        match input {
+            Input::Msg(id, Message::Barrier { id: b }) => {
+                let at = barriers.entry(b).or_default();
+                at.insert(id.rank);
+                if at.len() == workers as usize {
+                    barriers.remove(&b);
+                    for ((role, _), w) in writers.iter_mut() {
+                        if *role == Role::Worker {
+                            w.send(&Message::BarrierDone { id: b }).await?;
+                        }
+                    }
+                }
+            }
+            Input::Msg(id, Message::Finished) => {
+                finished.insert(id.rank);
+            }
+            Input::Msg(id, m) => tracing::warn!("ignoring unexpected `{}` from {id}", m.name()),
+            Input::Joined(id, mut w) => {
+                let _ = w.send(&Message::Error { message: format!("{id}: the job has already started") }).await;
+            }
+            Input::Lost(id, why) => {
+                if id.role == Role::Worker && finished.contains(&id.rank) {
+                    continue;
+                }
+                let reason = format!("{id} was lost: {why}");
+                abort(&mut writers, &reason).await;
+                accept_task.abort();
+                return Err(RoleError(reason));
+            }
+        }
+    }
+    for w in writers.values_mut() {
+        let _ = w.send(&Message::Shutdown).await;
+    }
+    accept_task.abort();
+    Ok(())
+}
+
+async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
+    for w in writers.values_mut() {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), w.send(&Message::Abort { reason: reason.to_string() })).await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Input>, log: Arc<RateLimitedLog>) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let (conn, first) = match acceptor.accept(tcp).await {
+                Ok(x) => x,
+                Err(e) => return log.warn(&format!("refused a connection from {from}: {e}")),
+            };
+            let id = conn.peer().clone();
+            if first != Message::Register {
+                log.warn(&format!("refused {id} from {from}: first message was `{}`, not `register`", first.name()));
+                return conn.refuse("the first message must be `register`").await;
+            }
+            let (mut r, w) = conn.into_split();
+            if tx.send(Input::Joined(id.clone(), w)).await.is_err() {
+                return;
+            }
+            loop {
+                match r.recv().await {
+                    Ok(m) => {
+                        if tx.send(Input::Msg(id.clone(), m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Input::Lost(id.clone(), e.to_string())).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}

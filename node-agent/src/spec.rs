@@ -1,0 +1,698 @@
+//! The job file: plain serde types for the TOML, then a validated [`JobSpec`].
+//!
+//! Parsing happens in two stages (as cargo does for manifests): [`raw`] mirrors
+//! the file one to one, with source spans on every value a later check may
+//! need to point at; [`JobSpec::parse`] converts it, checking every bound and
+//! every cross-field rule. Every error is a [`SpecError`] that names the line
+//! and column and says how to fix the file.
+//!
+//! The launcher and every agent run this same code: agents receive the job
+//! file's text in their bundle and validate it again, so no half-checked
+//! structure ever crosses a process boundary.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::identity::Role;
+use crate::optimizer::{OptimizerKind, OptimizerSpec};
+
+/// A job-file error with its location and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// The job file as the user named it.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, when there is something specific to say.
+    pub help: Option<String>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)?;
+        if let Some(help) = &self.help {
+            write!(f, "\n  help: {help}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Raw serde mirror of the job file. Unknown keys are errors everywhere.
+pub mod raw {
+    #![allow(missing_docs)]
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct JobFile {
+        pub job: Spanned<Job>,
+        pub cluster: Spanned<Cluster>,
+        pub model: Spanned<Model>,
+        pub data: Spanned<Data>,
+        pub optimizer: Spanned<Optimizer>,
+        pub training: Spanned<Training>,
+        #[serde(default)]
+        pub limits: Option<Spanned<Limits>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Job {
+        pub name: Spanned<String>,
+        pub seed: Option<Spanned<i64>>,
+        pub max_hours: Option<Spanned<i64>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cluster {
+        pub user: Spanned<String>,
+        pub ports: Spanned<Vec<Spanned<i64>>>,
+        pub scheduler_port: Option<Spanned<i64>>,
+        pub hosts: Spanned<Vec<Spanned<Host>>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Host {
+        pub name: Option<Spanned<String>>,
+        pub address: Spanned<String>,
+        #[serde(default)]
+        pub scheduler: Option<Spanned<i64>>,
+        #[serde(default)]
+        pub servers: Option<Spanned<i64>>,
+        #[serde(default)]
+        pub workers: Option<Spanned<i64>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Model {
+        pub kind: Spanned<String>,
+        pub inputs: Spanned<i64>,
+        pub classes: Spanned<i64>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Data {
+        pub format: Spanned<String>,
+        pub train_images: Spanned<String>,
+        pub train_labels: Spanned<String>,
+        pub test_images: Spanned<String>,
+        pub test_labels: Spanned<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Optimizer {
+        pub kind: Spanned<String>,
+        pub lr: Spanned<f64>,
+        pub momentum: Option<Spanned<f64>>,
+        pub nesterov: Option<Spanned<bool>>,
+        pub weight_decay: Option<Spanned<f64>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Training {
+        pub epochs: Spanned<i64>,
+        pub batch_size: Spanned<i64>,
+        pub mode: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        pub max_frame_mib: Option<Spanned<i64>>,
+        pub first_message_timeout_ms: Option<Spanned<i64>>,
+        pub connect_timeout_s: Option<Spanned<i64>>,
+    }
+}
+
+/// A validated job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSpec {
+    /// Human name of the job (`[job] name`).
+    pub name: String,
+    /// Training seed from the file, if it names one.
+    pub seed: Option<u64>,
+    /// Upper bound on the job's lifetime; certificates expire after it.
+    pub max_hours: u32,
+    /// Hosts and role counts.
+    pub cluster: ClusterSpec,
+    /// The model to train.
+    pub model: ModelSpec,
+    /// Where the data is.
+    pub data: DataSpec,
+    /// The optimizer the servers apply: data, never code.
+    pub optimizer: OptimizerSpec,
+    /// The training loop.
+    pub training: TrainingSpec,
+    /// Protocol limits.
+    pub limits: LimitsSpec,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSpec {
+    /// Unprivileged user that training runs as.
+    pub user: String,
+    /// First port of the job's range.
+    pub port_start: u16,
+    /// Last port of the job's range (inclusive).
+    pub port_end: u16,
+    /// Scheduler port, if pinned.
+    pub scheduler_port: Option<u16>,
+    /// The hosts, in file order.
+    pub hosts: Vec<HostSpec>,
+}
+
+/// One `[[cluster.hosts]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSpec {
+    /// Name used in logs and plans.
+    pub name: String,
+    /// Address peers reach it at.
+    pub address: IpAddr,
+    /// 0 or 1.
+    pub scheduler: u32,
+    /// Server processes on this host.
+    pub servers: u32,
+    /// Worker processes on this host.
+    pub workers: u32,
+}
+
+impl ClusterSpec {
+    /// Total processes of a role.
+    pub fn count(&self, role: Role) -> u32 {
+        self.hosts
+            .iter()
+            .map(|h| match role {
+                Role::Scheduler => h.scheduler,
+                Role::Server => h.servers,
+                Role::Worker => h.workers,
+            })
+            .sum()
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSpec {
+    /// Which model.
+    pub kind: ModelKind,
+    /// Input features.
+    pub inputs: usize,
+    /// Output classes.
+    pub classes: usize,
+}
+
+/// Models warden can train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Multinomial logistic regression.
+    Softmax,
+}
+
+/// `[data]`, with paths resolved against the job file's directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataSpec {
+    /// File format.
+    pub format: DataFormat,
+    /// Training images.
+    pub train_images: PathBuf,
+    /// Training labels.
+    pub train_labels: PathBuf,
+    /// Test images.
+    pub test_images: PathBuf,
+    /// Test labels.
+    pub test_labels: PathBuf,
+}
+
+/// Data formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// MNIST's IDX, raw or gzip.
+    Idx,
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingSpec {
+    /// Passes over the data.
+    pub epochs: u32,
+    /// Samples per worker step.
+    pub batch_size: usize,
+    /// Sync or async updates.
+    pub mode: SyncMode,
+}
+
+/// How servers combine pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Every step waits for every worker's gradient (MXNet `dist_sync`).
+    Sync,
+    /// Each push is applied on arrival (MXNet `dist_async`).
+    Async,
+}
+
+/// `[limits]`: protocol bounds that protect every process.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsSpec {
+    /// Largest frame a peer may send, checked before any allocation.
+    pub max_frame_bytes: u32,
+    /// Time a new connection has to finish TLS and send its first message.
+    pub first_message_timeout_ms: u64,
+    /// How long a process keeps retrying to reach a peer at startup.
+    pub connect_timeout_s: u64,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec { max_frame_bytes: 64 << 20, first_message_timeout_ms: 10_000, connect_timeout_s: 60 }
+    }
+}
+
+/// Location helper: turns byte spans into [`SpecError`]s.
+struct Src<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Src<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>, help: impl Into<String>) -> SpecError {
+        let (line, col) = line_col(self.text, span.start);
+        let help = help.into();
+        SpecError {
+            file: self.file.to_string(),
+            line,
+            col,
+            message: message.into(),
+            help: (!help.is_empty()).then_some(help),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// Adds a "did you mean" to serde's unknown-field and unknown-variant errors.
+fn hint_for(message: &str) -> String {
+    for prefix in ["unknown field `", "unknown variant `"] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let Some(end) = rest.find('`') else { break };
+            let wrong = &rest[..end];
+            let expected: Vec<&str> = rest[end + 1..].split('`').skip(1).step_by(2).collect();
+            let best = expected
+                .iter()
+                .map(|c| (strsim::jaro_winkler(wrong, c), *c))
+                .filter(|(score, _)| *score > 0.7)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            return match best {
+                Some((_, c)) => format!("did you mean `{c}`?"),
+                None if expected.is_empty() => "remove this key".to_string(),
+                None => format!("valid keys here: {}", expected.join(", ")),
+            };
+        }
+    }
+    if message.starts_with("missing field `") {
+        return "add it; configs/local.toml shows every section with its keys".to_string();
+    }
+    if message.starts_with("invalid type") {
+        return "check the value's type: numbers are unquoted, text is in quotes".to_string();
+    }
+    String::new()
+}
+
+impl JobSpec {
+    /// Parses and validates a job file. `file` is the name errors show;
+    /// relative data paths are resolved against `base_dir`.
+    pub fn parse(file: &str, text: &str, base_dir: &Path) -> Result<JobSpec, SpecError> {
+        let src = Src { file, text };
+        let raw: raw::JobFile = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim_end().to_string();
+            src.err(span, message.clone(), hint_for(&message))
+        })?;
+        convert(&src, raw, base_dir)
+    }
+
+    /// Reads and parses a job file from disk.
+    pub fn load(path: &Path) -> Result<(JobSpec, String), SpecError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            file: file.clone(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the job file: {e}"),
+            help: Some("check the path; `warden validate --help` shows an example".into()),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        JobSpec::parse(&file, &text, &base).map(|s| (s, text))
+    }
+}
+
+fn int_in<T: TryFrom<i64>>(
+    src: &Src<'_>,
+    v: &toml::Spanned<i64>,
+    what: &str,
+    lo: i64,
+    hi: i64,
+    help: &str,
+) -> Result<T, SpecError> {
+    let x = *v.get_ref();
+    if x < lo || x > hi {
+        return Err(src.err(v.span(), format!("{what} must be between {lo} and {hi}, not {x}"), help));
+    }
+    T::try_from(x).map_err(|_| src.err(v.span(), format!("{what} is out of range"), help))
+}
+
+fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec, SpecError> {
+    // [job]
+    let job = raw.job.get_ref();
+    let name = job.name.get_ref().trim().to_string();
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(src.err(
+            job.name.span(),
+            "job name must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
+            "for example: name = \"fashion-mnist\"",
+        ));
+    }
+    let seed = match &job.seed {
+        Some(s) if *s.get_ref() < 0 => {
+            return Err(src.err(
+                s.span(),
+                "seed must not be negative",
+                "use any number from 0 up, or leave `seed` out to draw one at random",
+            ));
+        }
+        Some(s) => Some(*s.get_ref() as u64),
+        None => None,
+    };
+    let max_hours = match &job.max_hours {
+        Some(h) => int_in(src, h, "max_hours", 1, 24 * 30, "certificates live this long; 24 suits most jobs")?,
+        None => 24,
+    };
+
+    // [cluster]
+    let cl = raw.cluster.get_ref();
+    let user = cl.user.get_ref().trim().to_string();
+    if user.is_empty() || user == "root" || user.contains(char::is_whitespace) {
+        return Err(src.err(
+            cl.user.span(),
+            if user == "root" {
+                "training must not run as root".to_string()
+            } else {
+                "user must be a user name".to_string()
+            },
+            "name an unprivileged account, for example user = \"warden\" (playbooks/node-prep.yml creates it)",
+        ));
+    }
+    let ports = cl.ports.get_ref();
+    if ports.len() != 2 {
+        return Err(src.err(
+            cl.ports.span(),
+            "ports must be a range of two numbers [first, last]",
+            "for example: ports = [29500, 29599]",
+        ));
+    }
+    let port_help = "ports are 1024 to 65535; for example: ports = [29500, 29599]";
+    let port_start: u16 = int_in(src, &ports[0], "the first port", 1024, 65535, port_help)?;
+    let port_end: u16 = int_in(src, &ports[1], "the last port", 1024, 65535, port_help)?;
+    if port_end < port_start {
+        return Err(src.err(
+            cl.ports.span(),
+            format!("port range is empty: {port_start} is after {port_end}"),
+            "write the lower port first",
+        ));
+    }
+    let scheduler_port = match &cl.scheduler_port {
+        Some(p) => {
+            let port: u16 = int_in(src, p, "scheduler_port", 1024, 65535, port_help)?;
+            if port < port_start || port > port_end {
+                return Err(src.err(
+                    p.span(),
+                    format!("scheduler_port {port} is outside the job's ports {port_start}-{port_end}"),
+                    "pick a port inside `ports`, or leave scheduler_port out",
+                ));
+            }
+            Some(port)
+        }
+        None => None,
+    };
+    let mut hosts = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    if cl.hosts.get_ref().is_empty() {
+        return Err(src.err(cl.hosts.span(), "the cluster has no hosts", "add a [[cluster.hosts]] table"));
+    }
+    for h in cl.hosts.get_ref() {
+        let hr = h.get_ref();
+        let address: IpAddr = hr.address.get_ref().parse().map_err(|_| {
+            src.err(
+                hr.address.span(),
+                format!("`{}` is not an IP address", hr.address.get_ref()),
+                "give the address peers reach this host at, for example address = \"10.0.0.5\"",
+            )
+        })?;
+        let name = hr.name.as_ref().map_or_else(|| address.to_string(), |n| n.get_ref().clone());
+        let count = |v: &Option<toml::Spanned<i64>>, what: &str, hi: i64| -> Result<u32, SpecError> {
+            match v {
+                Some(v) => int_in(src, v, what, 0, hi, "role counts are whole numbers; 0 leaves the role out"),
+                None => Ok(0),
+            }
+        };
+        let scheduler = count(&hr.scheduler, "scheduler", 1)?;
+        let servers = count(&hr.servers, "servers", 256)?;
+        let workers = count(&hr.workers, "workers", 1024)?;
+        if !names.insert(name.clone()) {
+            let span = hr.name.as_ref().map_or(hr.address.span(), |n| n.span());
+            return Err(src.err(
+                span,
+                format!("host `{name}` is listed twice"),
+                "list each host once; give it more servers or workers instead",
+            ));
+        }
+        if !addresses.insert(address) {
+            return Err(src.err(
+                hr.address.span(),
+                format!("address {address} is used by two hosts"),
+                "list each host once; give it more servers or workers instead",
+            ));
+        }
+        if scheduler + servers + workers == 0 {
+            return Err(src.err(
+                h.span(),
+                format!("host `{name}` runs nothing"),
+                "give it a scheduler, servers or workers, or remove it",
+            ));
+        }
+        hosts.push(HostSpec { name, address, scheduler, servers, workers });
+    }
+    let cluster = ClusterSpec { user, port_start, port_end, scheduler_port, hosts };
+    let schedulers = cluster.count(Role::Scheduler);
+    if schedulers != 1 {
+        return Err(src.err(
+            cl.hosts.span(),
+            format!("the cluster needs exactly one scheduler, but has {schedulers}"),
+            "set scheduler = 1 on exactly one host",
+        ));
+    }
+    if cluster.count(Role::Server) == 0 {
+        return Err(src.err(cl.hosts.span(), "the cluster has no server", "set servers = 1 (or more) on a host"));
+    }
+    if cluster.count(Role::Worker) == 0 {
+        return Err(src.err(cl.hosts.span(), "the cluster has no worker", "set workers = 1 (or more) on a host"));
+    }
+    let range = u32::from(port_end - port_start) + 1;
+    for (h, hr) in cluster.hosts.iter().zip(cl.hosts.get_ref()) {
+        let listeners = h.scheduler + h.servers;
+        if listeners > range {
+            return Err(src.err(
+                hr.span(),
+                format!(
+                    "host `{}` needs {listeners} ports (1 per scheduler and server) but the range {port_start}-{port_end} has {range}",
+                    h.name
+                ),
+                "widen [cluster] ports",
+            ));
+        }
+    }
+
+    // [model]
+    let m = raw.model.get_ref();
+    let kind = match m.kind.get_ref().as_str() {
+        "softmax" => ModelKind::Softmax,
+        other => {
+            return Err(src.err(m.kind.span(), format!("unknown model kind `{other}`"), "supported: \"softmax\""));
+        }
+    };
+    let inputs = int_in(src, &m.inputs, "inputs", 1, 1 << 24, "the number of input features, 784 for 28x28 images")?;
+    let classes = int_in(src, &m.classes, "classes", 2, 1 << 16, "the number of classes, 10 for Fashion-MNIST")?;
+    let model = ModelSpec { kind, inputs, classes };
+
+    // [data]
+    let d = raw.data.get_ref();
+    let format = match d.format.get_ref().as_str() {
+        "idx" => DataFormat::Idx,
+        other => return Err(src.err(d.format.span(), format!("unknown data format `{other}`"), "supported: \"idx\"")),
+    };
+    let path = |p: &toml::Spanned<String>| -> Result<PathBuf, SpecError> {
+        if p.get_ref().trim().is_empty() {
+            return Err(src.err(p.span(), "path is empty", "name a file, relative to the job file or absolute"));
+        }
+        Ok(base_dir.join(p.get_ref()))
+    };
+    let data = DataSpec {
+        format,
+        train_images: path(&d.train_images)?,
+        train_labels: path(&d.train_labels)?,
+        test_images: path(&d.test_images)?,
+        test_labels: path(&d.test_labels)?,
+    };
+
+    // [optimizer]
+    let o = raw.optimizer.get_ref();
+    let kind = match o.kind.get_ref().as_str() {
+        "sgd" => OptimizerKind::Sgd,
+        "momentum" => {
+            let momentum = o.momentum.as_ref().map_or(0.9, |m| *m.get_ref());
+            OptimizerKind::Momentum {
+                momentum: momentum as f32,
+                nesterov: o.nesterov.as_ref().is_some_and(|n| *n.get_ref()),
+            }
+        }
+        other => {
+            return Err(src.err(
+                o.kind.span(),
+                format!("unknown optimizer kind `{other}`"),
+                "supported: \"sgd\", \"momentum\"",
+            ));
+        }
+    };
+    if let (OptimizerKind::Sgd, Some(m)) = (&kind, &o.momentum) {
+        return Err(src.err(
+            m.span(),
+            "`momentum` needs kind = \"momentum\"",
+            "set kind = \"momentum\", or remove `momentum`",
+        ));
+    }
+    let optimizer = OptimizerSpec {
+        kind,
+        lr: *o.lr.get_ref() as f32,
+        weight_decay: o.weight_decay.as_ref().map_or(0.0, |w| *w.get_ref() as f32),
+    };
+    if let Err(e) = optimizer.validate() {
+        let span = match e.field {
+            "lr" => o.lr.span(),
+            "momentum" => o.momentum.as_ref().map_or(o.kind.span(), |m| m.span()),
+            "weight_decay" => o.weight_decay.as_ref().map_or(o.kind.span(), |m| m.span()),
+            _ => raw.optimizer.span(),
+        };
+        return Err(src.err(span, e.to_string(), e.help()));
+    }
+
+    // [training]
+    let t = raw.training.get_ref();
+    let epochs = int_in(src, &t.epochs, "epochs", 1, 100_000, "how many passes over the data, for example epochs = 5")?;
+    let batch_size = int_in(
+        src,
+        &t.batch_size,
+        "batch_size",
+        1,
+        1 << 20,
+        "samples per step on each worker, for example batch_size = 64",
+    )?;
+    let mode = match t.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("sync") => SyncMode::Sync,
+        Some("async") => SyncMode::Async,
+        Some(other) => {
+            let span = t.mode.as_ref().map(|m| m.span()).unwrap_or_default();
+            return Err(src.err(span, format!("unknown training mode `{other}`"), "use \"sync\" or \"async\""));
+        }
+    };
+    let training = TrainingSpec { epochs, batch_size, mode };
+
+    // [limits]
+    let mut limits = LimitsSpec::default();
+    if let Some(l) = &raw.limits {
+        let l = l.get_ref();
+        if let Some(v) = &l.max_frame_mib {
+            let mib: u32 =
+                int_in(src, v, "max_frame_mib", 1, 1024, "the largest message in MiB; 64 suits most models")?;
+            limits.max_frame_bytes = mib << 20;
+        }
+        if let Some(v) = &l.first_message_timeout_ms {
+            limits.first_message_timeout_ms =
+                int_in(src, v, "first_message_timeout_ms", 50, 600_000, "10000 suits most networks")?;
+        }
+        if let Some(v) = &l.connect_timeout_s {
+            limits.connect_timeout_s = int_in(src, v, "connect_timeout_s", 1, 3600, "60 suits most clusters")?;
+        }
+    }
+    let spec = JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits };
+
+    // The largest message is a push or pull of one server's shard.
+    let shard = crate::model::num_params(&spec.model).div_ceil(spec.cluster.count(Role::Server) as usize);
+    let needed = shard * 4 + 64;
+    if needed > spec.limits.max_frame_bytes as usize {
+        let span = raw
+            .limits
+            .as_ref()
+            .and_then(|l| l.get_ref().max_frame_mib.as_ref().map(|v| v.span()))
+            .unwrap_or(raw.model.span());
+        return Err(src.err(
+            span,
+            format!(
+                "a server's shard of this model needs frames of {needed} bytes, above max_frame_mib ({} bytes)",
+                spec.limits.max_frame_bytes
+            ),
+            "raise [limits] max_frame_mib, or add servers",
+        ));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc\n", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+    }
+
+    #[test]
+    fn hint_suggests_closest_key() {
+        assert_eq!(hint_for("unknown field `lr8`, expected one of `kind`, `lr`, `momentum`"), "did you mean `lr`?");
+        assert_eq!(hint_for("unknown field `zzz`, expected `kind`"), "valid keys here: kind");
+    }
+}

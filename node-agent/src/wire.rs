@@ -1,0 +1,359 @@
+//! The wire protocol: messages, their encoding, and who may send each.
+//!
+//! A frame is a 4-byte little-endian body length followed by the body; the
+//! body is a one-byte tag and the message's fields, little-endian. Decoding
+//! is strict: unknown tags, short or trailing bytes, oversized strings and
+//! invalid optimizer values are errors. There is deliberately no message
+//! that carries code or a serialized object: the optimizer travels as a
+//! [`OptimizerSpec`] and is validated on arrival.
+
+use crate::identity::Role;
+use crate::optimizer::{OptimizerKind, OptimizerSpec};
+
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 4;
+/// Longest text field (reasons, error messages) accepted.
+pub const MAX_TEXT: usize = 4096;
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Sent by a listener right after the handshake: "your certificate was accepted".
+    Welcome,
+    /// A server or worker announces itself to the scheduler.
+    Register,
+    /// The optimizer the servers apply (scheduler only).
+    SetOptimizer(OptimizerSpec),
+    /// Training may begin (scheduler only).
+    Start,
+    /// A worker reached barrier `id`.
+    Barrier {
+        /// Barrier number.
+        id: u64,
+    },
+    /// Every worker reached barrier `id` (scheduler only).
+    BarrierDone {
+        /// Barrier number.
+        id: u64,
+    },
+    /// A worker finished training.
+    Finished,
+    /// The job is over; exit cleanly (scheduler only).
+    Shutdown,
+    /// The job failed; exit with an error (scheduler only).
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// A worker's gradient for this server's shard.
+    Push {
+        /// The parameter version the gradient was computed at.
+        step: u64,
+        /// Gradient values.
+        data: Vec<f32>,
+    },
+    /// A worker asks for the shard once its version reaches `min_version`.
+    Pull {
+        /// Lowest acceptable version.
+        min_version: u64,
+    },
+    /// The shard's parameters (server only).
+    Params {
+        /// Version: number of updates applied.
+        version: u64,
+        /// Values.
+        data: Vec<f32>,
+    },
+    /// The sender refuses what it received, and closes.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// A decoding failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct DecodeError(pub String);
+
+const ALL: &[Role] = &[Role::Scheduler, Role::Server, Role::Worker];
+
+impl Message {
+    /// The message's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Welcome => "welcome",
+            Message::Register => "register",
+            Message::SetOptimizer(_) => "set_optimizer",
+            Message::Start => "start",
+            Message::Barrier { .. } => "barrier",
+            Message::BarrierDone { .. } => "barrier_done",
+            Message::Finished => "finished",
+            Message::Shutdown => "shutdown",
+            Message::Abort { .. } => "abort",
+            Message::Push { .. } => "push",
+            Message::Pull { .. } => "pull",
+            Message::Params { .. } => "params",
+            Message::Error { .. } => "error",
+        }
+    }
+
+    /// The roles allowed to send this message. Receivers check it against
+    /// the role in the sender's certificate before acting on anything.
+    pub fn senders(&self) -> &'static [Role] {
+        match self {
+            Message::Welcome => &[Role::Scheduler, Role::Server],
+            Message::Register => &[Role::Server, Role::Worker],
+            Message::SetOptimizer(_)
+            | Message::Start
+            | Message::BarrierDone { .. }
+            | Message::Shutdown
+            | Message::Abort { .. } => &[Role::Scheduler],
+            Message::Barrier { .. } | Message::Finished | Message::Push { .. } | Message::Pull { .. } => {
+                &[Role::Worker]
+            }
+            Message::Params { .. } => &[Role::Server],
+            Message::Error { .. } => ALL,
+        }
+    }
+
+    fn tag(&self) -> u8 {
+        match self {
+            Message::Welcome => 1,
+            Message::Register => 2,
+            Message::SetOptimizer(_) => 3,
+            Message::Start => 4,
+            Message::Barrier { .. } => 5,
+            Message::BarrierDone { .. } => 6,
+            Message::Finished => 7,
+            Message::Shutdown => 8,
+            Message::Abort { .. } => 9,
+            Message::Push { .. } => 16,
+            Message::Pull { .. } => 17,
+            Message::Params { .. } => 18,
+            Message::Error { .. } => 31,
+        }
+    }
+
+    /// Appends the whole frame (length prefix and body) to `out`.
+    pub fn encode_frame(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        out.push(self.tag());
+        match self {
+            Message::Welcome | Message::Register | Message::Start | Message::Finished | Message::Shutdown => {}
+            Message::SetOptimizer(spec) => encode_optimizer(spec, out),
+            Message::Barrier { id } | Message::BarrierDone { id } => out.extend_from_slice(&id.to_le_bytes()),
+            Message::Abort { reason: text } | Message::Error { message: text } => put_text(text, out),
+            Message::Push { step: v, data } | Message::Params { version: v, data } => {
+                out.extend_from_slice(&v.to_le_bytes());
+                put_f32s(data, out);
+            }
+            Message::Pull { min_version } => out.extend_from_slice(&min_version.to_le_bytes()),
+        }
+        let body = (out.len() - start - HEADER_LEN) as u32;
+        out[start..start + HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+    }
+
+    /// Decodes one frame body (without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader { buf: body, pos: 0 };
+        let msg = match r.u8()? {
+            1 => Message::Welcome,
+            2 => Message::Register,
+            3 => Message::SetOptimizer(decode_optimizer(&mut r)?),
+            4 => Message::Start,
+            5 => Message::Barrier { id: r.u64()? },
+            6 => Message::BarrierDone { id: r.u64()? },
+            7 => Message::Finished,
+            8 => Message::Shutdown,
+            9 => Message::Abort { reason: r.text()? },
+            16 => Message::Push { step: r.u64()?, data: r.f32s()? },
+            17 => Message::Pull { min_version: r.u64()? },
+            18 => Message::Params { version: r.u64()?, data: r.f32s()? },
+            31 => Message::Error { message: r.text()? },
+            tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_text(text: &str, out: &mut Vec<u8>) {
+    // Truncate on a char boundary rather than send something the peer refuses.
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u32).to_le_bytes());
+    out.extend_from_slice(&text.as_bytes()[..end]);
+}
+
+fn put_f32s(data: &[f32], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.reserve(data.len() * 4);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+const OPT_SGD: u8 = 0;
+const OPT_MOMENTUM: u8 = 1;
+
+fn encode_optimizer(spec: &OptimizerSpec, out: &mut Vec<u8>) {
+    match spec.kind {
+        OptimizerKind::Sgd => out.push(OPT_SGD),
+        OptimizerKind::Momentum { .. } => out.push(OPT_MOMENTUM),
+    }
+    out.extend_from_slice(&spec.lr.to_le_bytes());
+    out.extend_from_slice(&spec.weight_decay.to_le_bytes());
+    if let OptimizerKind::Momentum { momentum, nesterov } = spec.kind {
+        out.extend_from_slice(&momentum.to_le_bytes());
+        out.push(u8::from(nesterov));
+    }
+}
+
+fn decode_optimizer(r: &mut Reader<'_>) -> Result<OptimizerSpec, DecodeError> {
+    let kind = r.u8()?;
+    let lr = r.f32()?;
+    let weight_decay = r.f32()?;
+    let kind = match kind {
+        OPT_SGD => OptimizerKind::Sgd,
+        OPT_MOMENTUM => {
+            let momentum = r.f32()?;
+            let nesterov = match r.u8()? {
+                0 => false,
+                1 => true,
+                b => return Err(DecodeError(format!("nesterov flag {b} is not 0 or 1"))),
+            };
+            OptimizerKind::Momentum { momentum, nesterov }
+        }
+        k => return Err(DecodeError(format!("unknown optimizer kind {k}"))),
+    };
+    let spec = OptimizerSpec { kind, lr, weight_decay };
+    spec.validate().map_err(|e| DecodeError(e.to_string()))?;
+    Ok(spec)
+}
+
+/// Bounds-checked little-endian reader over one frame body.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| DecodeError(format!("truncated: needed {n} more bytes at offset {}", self.pos)))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn f32(&mut self) -> Result<f32, DecodeError> {
+        Ok(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn text(&mut self) -> Result<String, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MAX_TEXT {
+            return Err(DecodeError(format!("text of {n} bytes exceeds {MAX_TEXT}")));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError("text is not UTF-8".into()))
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>, DecodeError> {
+        let n = self.u32()? as usize;
+        // The count is checked against the bytes actually present before
+        // anything is allocated.
+        let bytes = self.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(DecodeError(format!("{} trailing bytes", self.buf.len() - self.pos)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Message) {
+        let mut out = Vec::new();
+        m.encode_frame(&mut out);
+        let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, out.len() - 4);
+        assert_eq!(Message::decode(&out[4..]).unwrap(), m);
+        // Every strict prefix of the body fails to decode, and so does any extension.
+        for cut in 0..out.len() - 4 {
+            assert!(Message::decode(&out[4..4 + cut]).is_err(), "{m:?} cut at {cut}");
+        }
+        let mut longer = out[4..].to_vec();
+        longer.push(0);
+        assert!(Message::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Momentum { momentum: 0.9, nesterov: true },
+            lr: 0.1,
+            weight_decay: 1e-4,
+        };
+        for m in [
+            Message::Welcome,
+            Message::Register,
+            Message::SetOptimizer(spec),
+            Message::SetOptimizer(OptimizerSpec { kind: OptimizerKind::Sgd, ..spec }),
+            Message::Start,
+            Message::Barrier { id: 7 },
+            Message::BarrierDone { id: 7 },
+            Message::Finished,
+            Message::Shutdown,
+            Message::Abort { reason: "worker 1 died".into() },
+            Message::Push { step: 3, data: vec![1.0, -2.5] },
+            Message::Pull { min_version: 4 },
+            Message::Params { version: 4, data: vec![0.5; 3] },
+            Message::Error { message: "no".into() },
+        ] {
+            round_trip(m);
+        }
+    }
+
+    #[test]
+    fn optimizer_of_unknown_kind_or_out_of_range_is_rejected() {
+        let mut out = Vec::new();
+        Message::SetOptimizer(OptimizerSpec { kind: OptimizerKind::Sgd, lr: 0.1, weight_decay: 0.0 })
+            .encode_frame(&mut out);
+        let mut unknown = out[4..].to_vec();
+        unknown[1] = 9;
+        assert_eq!(Message::decode(&unknown).unwrap_err().0, "unknown optimizer kind 9");
+        let mut huge_lr = out[4..].to_vec();
+        huge_lr[2..6].copy_from_slice(&1e9f32.to_le_bytes());
+        assert!(Message::decode(&huge_lr).unwrap_err().0.contains("lr"));
+        let mut nan = out[4..].to_vec();
+        nan[2..6].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(Message::decode(&nan).is_err());
+    }
+
+    #[test]
+    fn vector_count_beyond_the_frame_is_rejected_without_allocating() {
+        let mut body = vec![16u8];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Message::decode(&body).unwrap_err().0.contains("truncated"));
+    }
+}
