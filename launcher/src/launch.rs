@@ -314,6 +314,7 @@ async fn start_one(
         });
     }
     // stdout -> events; the CSR is answered here.
+    let (events_done_tx, events_done_rx) = oneshot::channel::<()>();
     {
         let stdin = stdin.clone();
         let ca = ca.clone();
@@ -322,6 +323,8 @@ async fn start_one(
         let tx = tx.clone();
         let mut reader = BufReader::new(spawned.stdout);
         tokio::spawn(async move {
+            // Dropped on every return: tells the exit task that all events are in.
+            let _events_done = events_done_tx;
             let mut line = Vec::new();
             loop {
                 line.clear();
@@ -374,6 +377,9 @@ async fn start_one(
                     handle.wait().await
                 }
             };
+            // Report the exit only after the process's last event (its
+            // reason for failing, usually), so the cause is never lost.
+            let _ = tokio::time::timeout(Duration::from_secs(2), events_done_rx).await;
             let _ = tx.send(Report::Exited(i, code.unwrap_or(None))).await;
         });
     }

@@ -1,1 +1,271 @@
-//! Test helpers.
+//! Helpers for warden's integration tests.
+//!
+//! - [`bin`]: the built `warden` / `warden-agent` binaries.
+//! - [`TestPki`]: a job CA and certificates for any identity, valid or not.
+//! - [`RoleCluster`]: a real scheduler and server role running in this
+//!   process on loopback, started with one call, for attacking the server's
+//!   port exactly as a peer on the network would.
+//! - [`agent_pids_tagged`]: processes that carry a test's tag, for checking
+//!   that nothing was left running.
+#![allow(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use warden_agent::control::Event;
+use warden_agent::identity::{Identity, JobId, Role};
+use warden_agent::pki::{JobCa, NodeKey};
+use warden_agent::plan::Plan;
+use warden_agent::roles::RoleCtx;
+use warden_agent::spec::JobSpec;
+use warden_agent::tls::TlsIdentity;
+use warden_agent::wire::Message;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// Path of a workspace binary built next to this test executable
+/// (`cargo build --bins`, which `scripts/test-all` runs first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test-all does)",
+        path.display()
+    );
+    path
+}
+
+/// A fresh job CA plus helpers to issue certificates.
+pub struct TestPki {
+    pub job: JobId,
+    pub ca: JobCa,
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let job = JobId::generate();
+        let ca = JobCa::new(&job, Duration::from_secs(3600)).expect("CA");
+        TestPki { job, ca }
+    }
+
+    pub fn id(&self, role: Role, rank: u32) -> Identity {
+        Identity { job: self.job.clone(), role, rank }
+    }
+
+    /// Credentials for `role[rank]` with an IP SAN of 127.0.0.1.
+    pub fn issue(&self, role: Role, rank: u32) -> TlsIdentity {
+        let me = self.id(role, rank);
+        let key = NodeKey::generate().unwrap();
+        let cert = self.ca.sign_csr(&key.csr_pem(&me).unwrap(), &me, Some("127.0.0.1".parse().unwrap())).unwrap();
+        TlsIdentity::new(me, &cert, key.pkcs8_der(), self.ca.cert_pem()).unwrap()
+    }
+
+    /// (cert PEM, key PKCS#8 DER) valid only in the past.
+    pub fn issue_expired(&self, role: Role, rank: u32) -> (String, Vec<u8>) {
+        let me = self.id(role, rank);
+        let key = NodeKey::generate().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let cert = self
+            .ca
+            .sign_csr_valid(
+                &key.csr_pem(&me).unwrap(),
+                &me,
+                Some("127.0.0.1".parse().unwrap()),
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+            .unwrap();
+        (cert, key.pkcs8_der())
+    }
+}
+
+/// A small job file for role-level tests on `ports`.
+pub fn tiny_job(ports: (u16, u16), extra: &str) -> String {
+    format!(
+        r#"
+[job]
+name = "role-test"
+seed = 1
+
+[cluster]
+user = "warden"
+ports = [{}, {}]
+
+[[cluster.hosts]]
+address = "127.0.0.1"
+scheduler = 1
+servers = 1
+workers = 1
+
+[model]
+kind = "softmax"
+inputs = 4
+classes = 2
+
+[data]
+format = "idx"
+train_images = "x"
+train_labels = "x"
+test_images = "x"
+test_labels = "x"
+
+[optimizer]
+kind = "sgd"
+lr = 0.5
+
+[training]
+epochs = 1
+batch_size = 1
+
+[limits]
+first_message_timeout_ms = 500
+{extra}
+"#,
+        ports.0, ports.1
+    )
+}
+
+/// Two consecutive free loopback ports, already bound.
+pub fn bind_two() -> (std::net::TcpListener, std::net::TcpListener) {
+    for _ in 0..200 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if !(1024..65000).contains(&base) {
+            continue;
+        }
+        let (Ok(a), Ok(b)) =
+            (std::net::TcpListener::bind(("127.0.0.1", base)), std::net::TcpListener::bind(("127.0.0.1", base + 1)))
+        else {
+            continue;
+        };
+        return (a, b);
+    }
+    panic!("no two consecutive free ports on loopback");
+}
+
+/// A real scheduler and server role of a one-server, one-worker job, running
+/// in this process. After [`RoleCluster::start`] the job has started (a
+/// legitimate worker registered), so the server is serving its port.
+pub struct RoleCluster {
+    pub pki: TestPki,
+    pub spec: JobSpec,
+    pub plan: Plan,
+    pub server_addr: SocketAddr,
+    pub events: Arc<Mutex<Vec<Event>>>,
+    /// The legitimate worker's scheduler connection (kept open).
+    pub worker_sched: warden_agent::conn::ClientConn,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RoleCluster {
+    pub async fn start(extra_toml: &str) -> RoleCluster {
+        let (l_sched, l_server) = bind_two();
+        let ports = (l_sched.local_addr().unwrap().port(), l_server.local_addr().unwrap().port());
+        let text = tiny_job(ports, extra_toml);
+        let spec = JobSpec::parse("role-test.toml", &text, Path::new(".")).expect("valid test job");
+        let pki = TestPki::new();
+        let plan = Plan::new(&spec, &pki.job, true);
+        assert_eq!(plan.scheduler().port, Some(ports.0));
+        assert_eq!(plan.get(Role::Server, 0).unwrap().port, Some(ports.1));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = {
+            let events = events.clone();
+            Arc::new(move |e: Event| events.lock().unwrap().push(e)) as warden_agent::roles::EventSink
+        };
+        let ctx = |role, rank| RoleCtx {
+            spec: spec.clone(),
+            plan: plan.clone(),
+            seed: 1,
+            tls: pki.issue(role, rank),
+            events: sink.clone(),
+            workdir: std::env::temp_dir(),
+        };
+        let mut tasks = Vec::new();
+        for (l, c, is_sched) in [(l_sched, ctx(Role::Scheduler, 0), true), (l_server, ctx(Role::Server, 0), false)] {
+            l.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            tasks.push(tokio::spawn(async move {
+                let r = if is_sched {
+                    warden_agent::roles::scheduler::run(c, l).await
+                } else {
+                    warden_agent::roles::server::run(c, l).await
+                };
+                if let Err(e) = r {
+                    eprintln!("role ended: {e}");
+                }
+            }));
+        }
+        let worker = pki.issue(Role::Worker, 0);
+        let mut worker_sched = warden_agent::conn::connect(
+            &worker,
+            pki.id(Role::Scheduler, 0),
+            plan.scheduler().socket().unwrap(),
+            1 << 20,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the legitimate worker joins");
+        worker_sched.send(&Message::Register).await.unwrap();
+        assert_eq!(worker_sched.recv().await.unwrap(), Message::Start);
+        let server_addr = plan.get(Role::Server, 0).unwrap().socket().unwrap();
+        RoleCluster { pki, spec, plan, server_addr, events, worker_sched, tasks }
+    }
+
+    /// Connects to the server as a legitimate worker.
+    pub async fn worker_conn(&self) -> warden_agent::conn::ClientConn {
+        warden_agent::conn::connect(
+            &self.pki.issue(Role::Worker, 0),
+            self.pki.id(Role::Server, 0),
+            self.server_addr,
+            1 << 20,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("a legitimate worker connects")
+    }
+}
+
+impl Drop for RoleCluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// PIDs of live processes whose environment holds `WARDEN_TEST_TAG=tag`.
+pub fn agent_pids_tagged(tag: &str) -> Vec<u32> {
+    let needle = format!("WARDEN_TEST_TAG={tag}");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        // Zombies have an empty environ; they are gone in every sense that matters here.
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A fresh random tag for [`agent_pids_tagged`].
+pub fn fresh_tag() -> String {
+    JobId::generate().to_string()
+}

@@ -1,0 +1,220 @@
+//! `warden launch --local` end to end: the shipped job trains to a useful
+//! accuracy and leaves a complete run directory; failures of every kind end
+//! with a clear message and no process left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use warden_tests::{agent_pids_tagged, bin, fresh_tag, repo_root};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warden-{name}-{}-{}", std::process::id(), fresh_tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// configs/local.toml rewritten into `dir` with absolute data paths, other
+/// ports and any replacements given.
+fn job_in(dir: &Path, ports: (u16, u16), replace: &[(&str, &str)]) -> PathBuf {
+    let data = repo_root().join("data");
+    let mut text = std::fs::read_to_string(repo_root().join("configs/local.toml"))
+        .unwrap()
+        .replace("../data", data.to_str().unwrap())
+        .replace("ports = [29500, 29599]", &format!("ports = [{}, {}]", ports.0, ports.1));
+    for (from, to) in replace {
+        assert!(text.contains(from), "{from}");
+        text = text.replacen(from, to, 1);
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn launch(tag: &str, args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(bin("warden")).arg("launch").args(args).env("WARDEN_TEST_TAG", tag).output().unwrap()
+}
+
+fn wait_gone(tag: &str) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        if agent_pids_tagged(tag).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("processes left behind: {:?}", agent_pids_tagged(tag));
+}
+
+fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
+    let tag = fresh_tag();
+    let run = scratch("run").join("run");
+    let out = launch(
+        &tag,
+        &[
+            repo_root().join("configs/local.toml").as_os_str(),
+            "--local".as_ref(),
+            "--run-dir".as_ref(),
+            run.as_os_str(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("epoch 5/5") && stderr.contains("succeeded:"), "{stderr}");
+
+    let s = summary(&run);
+    assert_eq!(s["status"], "succeeded");
+    assert_eq!(s["epochs"], 5);
+    assert_eq!(s["seed"], 42);
+    assert!(s["steps"].as_u64().unwrap() >= 300, "{s}");
+    let acc = s["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.7, "test accuracy {acc} is not clearly above chance (0.1)");
+    assert!(s["train_loss"].as_f64().unwrap() < 1.0);
+    assert!(s["elapsed_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(s["processes"].as_array().unwrap().len(), 5);
+    assert!(s["processes"].as_array().unwrap().iter().all(|p| p["exit_code"] == 0));
+
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 6, "{metrics}");
+    assert!(metrics.starts_with("epoch,train_loss,test_accuracy,steps,elapsed_s\n"));
+
+    let logs: Vec<_> = std::fs::read_dir(run.join("logs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(logs.len(), 5, "{logs:?}");
+
+    // The model is safetensors with the softmax layout and no code.
+    let model = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&model[8..8 + n]).unwrap();
+    assert_eq!(header["weight"]["shape"], serde_json::json!([784, 10]));
+    assert_eq!(header["bias"]["dtype"], "F32");
+    assert_eq!(model.len(), 8 + n + (784 * 10 + 10) * 4);
+
+    // Secrets and scratch are gone; the run says which job it was.
+    assert!(!run.join("nodes").exists());
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["job_id"], s["job_id"]);
+    wait_gone(&tag);
+}
+
+#[test]
+fn a_port_in_use_fails_the_job_cleanly() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = scratch("port");
+    let job = job_in(&dir, (port, port + 20), &[]);
+    let tag = fresh_tag();
+    let run = dir.join("run");
+    let out = launch(&tag, &[job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("port {port} on localhost is already in use")), "{stderr}");
+    let s = summary(&run);
+    assert_eq!(s["status"], "failed");
+    assert!(s["failure"].as_str().unwrap().starts_with("localhost/scheduler[0]: port"), "{s}");
+    wait_gone(&tag);
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_starts() {
+    let dir = scratch("bad");
+    let tag = fresh_tag();
+
+    let missing = job_in(&dir, (29700, 29720), &[("train-images-idx3-ubyte.gz", "nope.gz")]);
+    let out =
+        launch(&tag, &[missing.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), dir.join("r1").as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("[data] train_images") && stderr.contains("nope.gz does not exist"), "{stderr}");
+    assert!(!dir.join("r1").exists(), "nothing is created for a job that cannot start");
+
+    let ok = job_in(&dir, (29700, 29720), &[]);
+    let out = launch(&tag, &[ok.as_os_str()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--local"));
+
+    let used = dir.join("used");
+    std::fs::create_dir_all(&used).unwrap();
+    std::fs::write(used.join("keep.txt"), "an earlier run").unwrap();
+    let out = launch(&tag, &[ok.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), used.as_os_str()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    assert_eq!(std::fs::read_to_string(used.join("keep.txt")).unwrap(), "an earlier run");
+
+    let tiny = job_in(&dir, (29700, 29720), &[("batch_size = 64", "batch_size = 100000")]);
+    let out = launch(&tag, &[tiny.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), dir.join("r2").as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("fewer than batch_size = 100000; lower batch_size or use fewer workers"), "{stderr}");
+    wait_gone(&tag);
+}
+
+/// Starts a long job in the background and waits until training runs.
+fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (std::process::Child, PathBuf) {
+    let job = job_in(dir, ports, &[("epochs = 5", "epochs = 100000")]);
+    let run = dir.join("run");
+    let child = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", tag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default();
+        if metrics.lines().count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "the long job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, run)
+}
+
+fn agent_pids(tag: &str) -> Vec<u32> {
+    agent_pids_tagged(tag)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "warden-agent"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_worker_fails_the_job_and_nothing_is_left_running() {
+    let tag = fresh_tag();
+    let dir = scratch("kill-agent");
+    let (child, run) = start_long_job(&tag, &dir, (29740, 29760));
+    let agents = agent_pids(&tag);
+    assert_eq!(agents.len(), 5, "{agents:?}");
+    // Kill one agent by its PID (not by name).
+    let victim = *agents.last().unwrap();
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let s = summary(&run);
+    assert_eq!(s["status"], "failed");
+    assert!(s["failure"].as_str().is_some_and(|f| !f.is_empty()), "{s}");
+    wait_gone(&tag);
+}
+
+#[test]
+fn agents_stop_when_the_launcher_dies() {
+    let tag = fresh_tag();
+    let dir = scratch("kill-launcher");
+    let (mut child, _run) = start_long_job(&tag, &dir, (29780, 29799));
+    assert_eq!(agent_pids(&tag).len(), 5);
+    // SIGKILL: the launcher gets no chance to clean up; the agents see their
+    // control channel close and stop by themselves.
+    assert!(Command::new("kill").args(["-9", &child.id().to_string()]).status().unwrap().success());
+    let _ = child.wait();
+    wait_gone(&tag);
+}

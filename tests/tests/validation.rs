@@ -1,0 +1,337 @@
+//! The job-file validator: a table of broken job files, each checked for its
+//! exact message, its line and column, and its help; plus the CLI contract of
+//! `warden validate` (exit 2 and `error: FILE:LINE:COL: ...`).
+
+use std::path::Path;
+use std::process::Command;
+
+use warden_agent::spec::JobSpec;
+use warden_tests::{bin, repo_root};
+
+const BASE: &str = r#"[job]
+name = "t"
+seed = 1
+
+[cluster]
+user = "warden"
+ports = [29500, 29599]
+
+[[cluster.hosts]]
+name = "a"
+address = "10.0.0.1"
+scheduler = 1
+servers = 1
+workers = 1
+
+[[cluster.hosts]]
+name = "b"
+address = "10.0.0.2"
+workers = 1
+
+[model]
+kind = "softmax"
+inputs = 784
+classes = 10
+
+[data]
+format = "idx"
+train_images = "tr-i"
+train_labels = "tr-l"
+test_images = "te-i"
+test_labels = "te-l"
+
+[optimizer]
+kind = "sgd"
+lr = 0.1
+
+[training]
+epochs = 1
+batch_size = 32
+"#;
+
+/// One broken file: replace `from` with `to` in BASE (must occur once), and
+/// expect an error at the `^` in `at` (or its start), at `at`'s first
+/// occurrence in the result.
+struct Case {
+    name: &'static str,
+    from: &'static str,
+    to: &'static str,
+    at: &'static str,
+    message: &'static str,
+    help: Option<&'static str>,
+}
+
+fn location(text: &str, at: &str) -> (usize, usize) {
+    let caret = at.find('^').unwrap_or(0);
+    let needle = at.replacen('^', "", 1);
+    let off = text.find(&needle).unwrap_or_else(|| panic!("`{needle}` not in the broken file")) + caret;
+    let before = &text[..off];
+    (before.matches('\n').count() + 1, off - before.rfind('\n').map_or(0, |i| i + 1) + 1)
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "syntax error",
+        from: "seed = 1",
+        to: "seed = = 1",
+        at: "= 1",
+        message: "extra `=`, expected nothing",
+        help: None,
+    },
+    Case {
+        name: "unknown key with a close match",
+        from: "lr = 0.1",
+        to: "lr8 = 0.1",
+        at: "lr8",
+        message: "unknown field `lr8`, expected one of `kind`, `lr`, `momentum`, `nesterov`, `weight_decay`",
+        help: Some("did you mean `lr`?"),
+    },
+    Case {
+        name: "misspelt section",
+        from: "[training]",
+        to: "[trainig]",
+        at: "trainig",
+        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`",
+        help: Some("did you mean `training`?"),
+    },
+    Case {
+        name: "wrong type",
+        from: "epochs = 1",
+        to: "epochs = \"one\"",
+        at: "\"one\"",
+        message: "invalid type: string \"one\", expected i64",
+        help: Some("check the value's type: numbers are unquoted, text is in quotes"),
+    },
+    Case {
+        name: "missing section",
+        from: "[model]\nkind = \"softmax\"\ninputs = 784\nclasses = 10\n",
+        to: "",
+        at: "[job]",
+        message: "missing field `model`",
+        help: Some("add it; configs/local.toml shows every section with its keys"),
+    },
+    Case {
+        name: "two schedulers",
+        from: "address = \"10.0.0.2\"\n",
+        to: "address = \"10.0.0.2\"\nscheduler = 1\n",
+        at: "^[[cluster.hosts]]",
+        message: "the cluster needs exactly one scheduler, but has 2",
+        help: Some("set scheduler = 1 on exactly one host"),
+    },
+    Case {
+        name: "no server",
+        from: "servers = 1\n",
+        to: "servers = 0\n",
+        at: "^[[cluster.hosts]]",
+        message: "the cluster has no server",
+        help: Some("set servers = 1 (or more) on a host"),
+    },
+    Case {
+        name: "no worker",
+        from: "workers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
+        to: "workers = 0\n",
+        at: "^[[cluster.hosts]]",
+        message: "the cluster has no worker",
+        help: Some("set workers = 1 (or more) on a host"),
+    },
+    Case {
+        name: "duplicate host name",
+        from: "name = \"b\"",
+        to: "name = \"a\"",
+        at: "\"a\"\naddress = \"10.0.0.2\"",
+        message: "host `a` is listed twice",
+        help: Some("list each host once; give it more servers or workers instead"),
+    },
+    Case {
+        name: "duplicate address",
+        from: "address = \"10.0.0.2\"",
+        to: "address = \"10.0.0.1\"",
+        at: "\"10.0.0.1\"\nworkers",
+        message: "address 10.0.0.1 is used by two hosts",
+        help: Some("list each host once; give it more servers or workers instead"),
+    },
+    Case {
+        name: "address is not an IP",
+        from: "address = \"10.0.0.2\"",
+        to: "address = \"node-b\"",
+        at: "\"node-b\"",
+        message: "`node-b` is not an IP address",
+        help: Some("give the address peers reach this host at, for example address = \"10.0.0.5\""),
+    },
+    Case {
+        name: "port below 1024",
+        from: "ports = [29500, 29599]",
+        to: "ports = [80, 29599]",
+        at: "80",
+        message: "the first port must be between 1024 and 65535, not 80",
+        help: Some("ports are 1024 to 65535; for example: ports = [29500, 29599]"),
+    },
+    Case {
+        name: "empty port range",
+        from: "ports = [29500, 29599]",
+        to: "ports = [29599, 29500]",
+        at: "[29599",
+        message: "port range is empty: 29599 is after 29500",
+        help: Some("write the lower port first"),
+    },
+    Case {
+        name: "scheduler port outside the range",
+        from: "ports = [29500, 29599]",
+        to: "ports = [29500, 29599]\nscheduler_port = 30000",
+        at: "30000",
+        message: "scheduler_port 30000 is outside the job's ports 29500-29599",
+        help: Some("pick a port inside `ports`, or leave scheduler_port out"),
+    },
+    Case {
+        name: "port range too small for the host",
+        from: "ports = [29500, 29599]",
+        to: "ports = [29500, 29500]",
+        at: "^[[cluster.hosts]]",
+        message: "host `a` needs 2 ports (1 per scheduler and server) but the range 29500-29500 has 1",
+        help: Some("widen [cluster] ports"),
+    },
+    Case {
+        name: "learning rate out of range",
+        from: "lr = 0.1",
+        to: "lr = 50.0",
+        at: "50.0",
+        message: "optimizer lr = 50 is out of range (0, 10]",
+        help: Some("a learning rate above 0 and at most 10; 0.1 is a common start for SGD"),
+    },
+    Case {
+        name: "momentum out of range",
+        from: "kind = \"sgd\"",
+        to: "kind = \"momentum\"\nmomentum = 1.5",
+        at: "1.5",
+        message: "optimizer momentum = 1.5 is out of range [0, 1)",
+        help: Some("momentum from 0 up to (not including) 1; 0.9 is common"),
+    },
+    Case {
+        name: "momentum without the momentum optimizer",
+        from: "lr = 0.1",
+        to: "lr = 0.1\nmomentum = 0.9",
+        at: "0.9",
+        message: "`momentum` needs kind = \"momentum\"",
+        help: Some("set kind = \"momentum\", or remove `momentum`"),
+    },
+    Case {
+        name: "unknown optimizer kind",
+        from: "kind = \"sgd\"",
+        to: "kind = \"pickle\"",
+        at: "\"pickle\"",
+        message: "unknown optimizer kind `pickle`",
+        help: Some("supported: \"sgd\", \"momentum\""),
+    },
+    Case {
+        name: "training as root",
+        from: "user = \"warden\"",
+        to: "user = \"root\"",
+        at: "\"root\"",
+        message: "training must not run as root",
+        help: Some("name an unprivileged account, for example user = \"warden\" (playbooks/node-prep.yml creates it)"),
+    },
+    Case {
+        name: "zero batch size",
+        from: "batch_size = 32",
+        to: "batch_size = 0",
+        at: "batch_size = ^0",
+        message: "batch_size must be between 1 and 1048576, not 0",
+        help: Some("samples per step on each worker, for example batch_size = 64"),
+    },
+    Case {
+        name: "unknown sync mode",
+        from: "batch_size = 32",
+        to: "batch_size = 32\nmode = \"eventually\"",
+        at: "\"eventually\"",
+        message: "unknown training mode `eventually`",
+        help: Some("use \"sync\" or \"async\""),
+    },
+];
+
+#[test]
+fn base_file_is_valid() {
+    JobSpec::parse("base.toml", BASE, Path::new(".")).expect("the base job file is valid");
+}
+
+#[test]
+fn every_broken_file_gets_its_exact_message_and_location() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for c in CASES {
+        assert_eq!(BASE.matches(c.from).count(), 1, "{}: `from` must occur once", c.name);
+        let text = BASE.replacen(c.from, c.to, 1);
+        let (line, col) = location(&text, c.at);
+        match JobSpec::parse("job.toml", &text, Path::new(".")) {
+            Ok(_) => failures.push(format!("{}: accepted", c.name)),
+            Err(e) => {
+                let got = (e.line, e.col, e.message.as_str(), e.help.as_deref());
+                let want = (line, col, c.message, c.help);
+                if got != want {
+                    failures.push(format!("{}:\n   got {got:?}\n  want {want:?}", c.name));
+                }
+                assert_eq!(e.file, "job.toml");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 15, "the table must hold at least 15 cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_model_that_cannot_fit_in_a_frame_is_refused() {
+    // 784 x 100000 parameters on one server need ~300 MiB frames.
+    let text = BASE.replacen("classes = 10", "classes = 65536", 1).replacen(
+        "batch_size = 32",
+        "batch_size = 32\n\n[limits]\nmax_frame_mib = 1",
+        1,
+    );
+    let e = JobSpec::parse("job.toml", &text, Path::new(".")).unwrap_err();
+    assert!(e.message.starts_with("a server's shard of this model needs frames of"), "{e}");
+    assert_eq!(e.help.as_deref(), Some("raise [limits] max_frame_mib, or add servers"));
+    assert_eq!((e.line, e.col), location(&text, "max_frame_mib = ^1"));
+}
+
+#[test]
+fn validate_cli_exit_codes_and_format() {
+    let ok = Command::new(bin("warden")).arg("validate").arg(repo_root().join("configs/local.toml")).output().unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let dir = std::env::temp_dir().join(format!("warden-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, BASE.replacen("lr = 0.1", "lr8 = 0.1", 1)).unwrap();
+    let out = Command::new(bin("warden")).arg("validate").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (line, col) = location(&BASE.replacen("lr = 0.1", "lr8 = 0.1", 1), "lr8");
+    assert!(
+        stderr.starts_with(&format!("error: {}:{line}:{col}: unknown field `lr8`", bad.display())),
+        "stderr: {stderr}"
+    );
+    assert!(stderr.contains("help: did you mean `lr`?"), "stderr: {stderr}");
+
+    let missing = Command::new(bin("warden")).arg("validate").arg(dir.join("nope.toml")).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the job file"));
+
+    // Not TOML at all, and binary garbage: still a located error, no panic.
+    std::fs::write(&bad, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let garbage = Command::new(bin("warden")).arg("validate").arg(&bad).output().unwrap();
+    assert_eq!(garbage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&garbage.stderr).starts_with("error: "));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            JobSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
