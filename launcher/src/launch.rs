@@ -55,6 +55,17 @@ pub struct Outcome {
     pub summary: Summary,
 }
 
+/// What the workers reported about one epoch so far.
+#[derive(Debug, Default)]
+struct EpochParts {
+    losses: Vec<f64>,
+    eval: Option<(f64, f64)>,
+    steps: u64,
+    samples_per_s: f64,
+    bytes_pushed: u64,
+    bytes_pulled: u64,
+}
+
 enum Report {
     Event(usize, Event),
     Exited(usize, Option<i32>),
@@ -75,12 +86,9 @@ struct Proc {
 pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), LaunchError> {
     let (spec, text) = JobSpec::load(job)?;
     if local {
-        for (key, path) in [
-            ("train_images", &spec.data.train_images),
-            ("train_labels", &spec.data.train_labels),
-            ("test_images", &spec.data.test_images),
-            ("test_labels", &spec.data.test_labels),
-        ] {
+        let mut files = spec.data.train.files("train");
+        files.extend(spec.data.test.iter().flat_map(|t| t.files("test")));
+        for (key, path) in &files {
             if !path.is_file() {
                 return Err(LaunchError::Input(format!(
                     "{}: [data] {key}: {} does not exist; fix the path (relative paths start at the job file's directory)",
@@ -151,7 +159,7 @@ pub async fn launch(
 
     let progress = Progress::new(opts.progress);
     let workers = plan.count(Role::Worker) as usize;
-    let mut epochs: BTreeMap<u32, (Vec<f64>, Option<f64>, u64)> = BTreeMap::new();
+    let mut epochs: BTreeMap<u32, EpochParts> = BTreeMap::new();
     let mut rows: Vec<EpochRow> = Vec::new();
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
@@ -180,12 +188,17 @@ pub async fn launch(
         match report {
             Report::Event(i, ev) => match ev {
                 Event::Progress { epoch, step, steps } => progress.step(epoch, spec.training.epochs, step, steps),
-                Event::Epoch { epoch, train_loss, steps } => {
+                Event::Epoch { epoch, train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled } => {
                     let e = epochs.entry(epoch).or_default();
-                    e.0.push(train_loss);
-                    e.2 = steps;
+                    e.losses.push(train_loss);
+                    e.steps = steps;
+                    e.samples_per_s += samples_per_s;
+                    e.bytes_pushed += bytes_pushed;
+                    e.bytes_pulled += bytes_pulled;
                 }
-                Event::Eval { epoch, test_accuracy } => epochs.entry(epoch).or_default().1 = Some(test_accuracy),
+                Event::Eval { epoch, test_loss, test_accuracy } => {
+                    epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
+                }
                 Event::Model { path } => model_at = Some((i, path)),
                 Event::Failed { message } => {
                     let label = procs[i].planned.label();
@@ -212,20 +225,31 @@ pub async fn launch(
             }
         }
         // Complete epochs become metrics rows, in order.
-        while let Some((&epoch, (losses, acc, steps))) = epochs.first_key_value() {
-            if losses.len() < workers || acc.is_none() {
+        while let Some((&epoch, parts)) = epochs.first_key_value() {
+            let Some((test_loss, test_accuracy)) = parts.eval else { break };
+            if parts.losses.len() < workers {
                 break;
             }
             let row = EpochRow {
                 epoch,
-                train_loss: losses.iter().sum::<f64>() / losses.len() as f64,
-                test_accuracy: acc.unwrap_or_default(),
-                steps: *steps,
+                train_loss: parts.losses.iter().sum::<f64>() / parts.losses.len() as f64,
+                test_loss,
+                test_accuracy,
+                steps: parts.steps,
+                samples_per_s: parts.samples_per_s,
+                bytes_pushed: parts.bytes_pushed,
+                bytes_pulled: parts.bytes_pulled,
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
             progress.println(&format!(
-                "  epoch {}/{}: train loss {:.4}, test accuracy {:.4} ({:.1}s)",
-                row.epoch, spec.training.epochs, row.train_loss, row.test_accuracy, row.elapsed_s
+                "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
+                row.epoch,
+                spec.training.epochs,
+                row.train_loss,
+                row.test_loss,
+                row.test_accuracy,
+                row.samples_per_s,
+                row.elapsed_s
             ));
             run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
             rows.push(row);
@@ -268,7 +292,11 @@ pub async fn launch(
         epochs: done_epochs,
         steps: rows.iter().map(|r| r.steps).sum(),
         train_loss: last.map(|r| r.train_loss),
+        test_loss: last.map(|r| r.test_loss),
         test_accuracy: last.map(|r| r.test_accuracy),
+        samples_per_s: last.map(|r| r.samples_per_s),
+        bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
+        bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
         elapsed_s: started.elapsed().as_secs_f64(),
         failure,
         model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),

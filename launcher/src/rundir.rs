@@ -24,10 +24,18 @@ pub struct EpochRow {
     pub epoch: u32,
     /// Mean training loss over workers.
     pub train_loss: f64,
+    /// Mean test loss after the epoch.
+    pub test_loss: f64,
     /// Test accuracy after the epoch.
     pub test_accuracy: f64,
     /// Steps in the epoch.
     pub steps: u64,
+    /// Training samples per second, all workers together.
+    pub samples_per_s: f64,
+    /// Bytes all workers pushed to servers in the epoch.
+    pub bytes_pushed: u64,
+    /// Bytes all workers pulled from servers in the epoch.
+    pub bytes_pulled: u64,
     /// Seconds since launch.
     pub elapsed_s: f64,
 }
@@ -58,8 +66,16 @@ pub struct Summary {
     pub steps: u64,
     /// Last epoch's mean training loss.
     pub train_loss: Option<f64>,
+    /// Last epoch's mean test loss.
+    pub test_loss: Option<f64>,
     /// Last epoch's test accuracy.
     pub test_accuracy: Option<f64>,
+    /// Last epoch's training samples per second, all workers together.
+    pub samples_per_s: Option<f64>,
+    /// Bytes pushed to servers over the whole run.
+    pub bytes_pushed: u64,
+    /// Bytes pulled from servers over the whole run.
+    pub bytes_pulled: u64,
     /// Wall time.
     pub elapsed_s: f64,
     /// Why it failed.
@@ -138,13 +154,28 @@ impl RunDir {
             "warden_version": env!("CARGO_PKG_VERSION"),
         });
         write_json(&self.path.join("run.json"), &run)?;
-        std::fs::write(self.path.join("metrics.csv"), "epoch,train_loss,test_accuracy,steps,elapsed_s\n")
+        std::fs::write(
+            self.path.join("metrics.csv"),
+            "epoch,train_loss,test_loss,test_accuracy,steps,samples_per_s,bytes_pushed,bytes_pulled,elapsed_s\n",
+        )
     }
 
     /// Appends one epoch to `metrics.csv`.
     pub fn append_metrics(&self, r: &EpochRow) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().append(true).open(self.path.join("metrics.csv"))?;
-        writeln!(f, "{},{:.6},{:.6},{},{:.3}", r.epoch, r.train_loss, r.test_accuracy, r.steps, r.elapsed_s)
+        writeln!(
+            f,
+            "{},{:.6},{:.6},{:.6},{},{:.1},{},{},{:.3}",
+            r.epoch,
+            r.train_loss,
+            r.test_loss,
+            r.test_accuracy,
+            r.steps,
+            r.samples_per_s,
+            r.bytes_pushed,
+            r.bytes_pulled,
+            r.elapsed_s
+        )
     }
 
     /// Writes `summary.json` atomically.

@@ -148,13 +148,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Sends one message.
-    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+    /// Sends one message; returns the bytes of the frame.
+    pub async fn send(&mut self, msg: &Message) -> Result<usize, ConnError> {
         self.wbuf.clear();
         msg.encode_frame(&mut self.wbuf);
         self.stream.write_all(&self.wbuf).await?;
         self.stream.flush().await?;
-        Ok(())
+        Ok(self.wbuf.len())
     }
 
     /// Tells the peer why we are closing, best effort, then closes.

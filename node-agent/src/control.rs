@@ -90,11 +90,19 @@ pub enum Event {
         train_loss: f64,
         /// Steps in the epoch.
         steps: u64,
+        /// Training samples per second on this worker.
+        samples_per_s: f64,
+        /// Bytes this worker sent to servers in the epoch.
+        bytes_pushed: u64,
+        /// Bytes this worker received from servers in the epoch.
+        bytes_pulled: u64,
     },
     /// Worker 0's evaluation after an epoch.
     Eval {
         /// Epoch from 1.
         epoch: u32,
+        /// Mean cross-entropy on the test set.
+        test_loss: f64,
         /// Accuracy on the test set.
         test_accuracy: f64,
     },

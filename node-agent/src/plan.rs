@@ -204,3 +204,78 @@ fn firewall_rules(job: &JobId, ports: &[u16], peers: &[IpAddr]) -> String {
     s += &format!("    tcp dport {{ {ports} }} drop\n  }}\n}}\n");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+[job]
+name = "p"
+[cluster]
+user = "warden"
+ports = [29500, 29599]
+[[cluster.hosts]]
+address = "10.0.0.1"
+scheduler = 1
+servers = 2
+workers = 2
+[[cluster.hosts]]
+address = "10.0.0.2"
+servers = 1
+workers = 1
+[model]
+kind = "mlp"
+inputs = 784
+hidden = [1000, 300]
+classes = 10
+[data]
+format = "idx"
+train_images = "a"
+train_labels = "b"
+[optimizer]
+kind = "sgd"
+lr = 0.1
+[training]
+epochs = 1
+batch_size = 1
+"#;
+
+    #[test]
+    fn shards_split_every_tensor_evenly_across_three_servers() {
+        let spec = JobSpec::parse("p.toml", JOB, std::path::Path::new(".")).unwrap();
+        let plan = Plan::new(&spec, &JobId::generate(), false);
+        assert_eq!(plan.count(Role::Server), 3);
+        let total = plan.num_params;
+        let shards: Vec<_> = (0..3).map(|r| plan.shard(r)).collect();
+        // Contiguous, covering, and no server holds more than its share plus
+        // one element (the big 784x1000 tensor is split across servers).
+        assert_eq!(shards[0].start, 0);
+        assert_eq!(shards[2].end, total);
+        for w in shards.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+        for s in &shards {
+            assert!(s.len() * 4 <= total * 4 / 3 + 4, "{s:?} of {total}");
+        }
+        assert!(shards[0].end < 784 * 1000, "the first tensor spans several servers");
+    }
+
+    #[test]
+    fn ports_ranks_and_firewall() {
+        let spec = JobSpec::parse("p.toml", JOB, std::path::Path::new(".")).unwrap();
+        let plan = Plan::new(&spec, &JobId::generate(), false);
+        let a: Vec<_> = plan.processes.iter().filter(|p| p.host_index == 0).filter_map(|p| p.port).collect();
+        let b: Vec<_> = plan.processes.iter().filter(|p| p.host_index == 1).filter_map(|p| p.port).collect();
+        assert_eq!(a, vec![29500, 29501, 29502]);
+        assert_eq!(b, vec![29500]);
+        assert_eq!(plan.get(Role::Server, 2).unwrap().host, "10.0.0.2");
+        assert_eq!(plan.get(Role::Worker, 2).unwrap().host, "10.0.0.2");
+        let fw = &plan.hosts[1].firewall;
+        assert!(fw.contains("tcp dport { 29500 } ip saddr { 10.0.0.1, 10.0.0.2 } accept"), "{fw}");
+        assert!(fw.contains("tcp dport { 29500 } drop"), "{fw}");
+        let local = Plan::new(&spec, &JobId::generate(), true);
+        let ports: Vec<_> = local.processes.iter().filter_map(|p| p.port).collect();
+        assert_eq!(ports, vec![29500, 29501, 29502, 29503]);
+    }
+}

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::identity::Role;
-use crate::optimizer::{OptimizerKind, OptimizerSpec};
+use crate::optimizer::{OptimizerKind, OptimizerSpec, Schedule};
 
 /// A job-file error with its location and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,16 +103,23 @@ pub mod raw {
         pub kind: Spanned<String>,
         pub inputs: Spanned<i64>,
         pub classes: Spanned<i64>,
+        pub hidden: Option<Spanned<Vec<Spanned<i64>>>>,
+        pub dropout: Option<Spanned<f64>>,
     }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Data {
         pub format: Spanned<String>,
-        pub train_images: Spanned<String>,
-        pub train_labels: Spanned<String>,
-        pub test_images: Spanned<String>,
-        pub test_labels: Spanned<String>,
+        pub train_images: Option<Spanned<String>>,
+        pub train_labels: Option<Spanned<String>>,
+        pub test_images: Option<Spanned<String>>,
+        pub test_labels: Option<Spanned<String>>,
+        pub train: Option<Spanned<String>>,
+        pub test: Option<Spanned<String>>,
+        pub test_fraction: Option<Spanned<f64>>,
+        pub header: Option<Spanned<bool>>,
+        pub scale: Option<Spanned<f64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -122,7 +129,17 @@ pub mod raw {
         pub lr: Spanned<f64>,
         pub momentum: Option<Spanned<f64>>,
         pub nesterov: Option<Spanned<bool>>,
+        pub beta1: Option<Spanned<f64>>,
+        pub beta2: Option<Spanned<f64>>,
+        pub eps: Option<Spanned<f64>>,
         pub weight_decay: Option<Spanned<f64>>,
+        pub clip_gradient: Option<Spanned<f64>>,
+        pub schedule: Option<Spanned<String>>,
+        pub warmup_steps: Option<Spanned<i64>>,
+        pub step_every: Option<Spanned<i64>>,
+        pub step_gamma: Option<Spanned<f64>>,
+        pub decay_steps: Option<Spanned<i64>>,
+        pub min_lr: Option<Spanned<f64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -210,7 +227,7 @@ impl ClusterSpec {
 }
 
 /// `[model]`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSpec {
     /// Which model.
     pub kind: ModelKind,
@@ -218,6 +235,17 @@ pub struct ModelSpec {
     pub inputs: usize,
     /// Output classes.
     pub classes: usize,
+    /// Hidden layer widths (empty for softmax regression).
+    pub hidden: Vec<usize>,
+    /// Dropout probability after each hidden layer, in training only.
+    pub dropout: f32,
+}
+
+impl ModelSpec {
+    /// Layer widths from input to output.
+    pub fn widths(&self) -> Vec<usize> {
+        std::iter::once(self.inputs).chain(self.hidden.iter().copied()).chain(std::iter::once(self.classes)).collect()
+    }
 }
 
 /// Models warden can train.
@@ -226,6 +254,8 @@ pub struct ModelSpec {
 pub enum ModelKind {
     /// Multinomial logistic regression.
     Softmax,
+    /// Multilayer perceptron: ReLU hidden layers, softmax output.
+    Mlp,
 }
 
 /// `[data]`, with paths resolved against the job file's directory.
@@ -233,14 +263,43 @@ pub enum ModelKind {
 pub struct DataSpec {
     /// File format.
     pub format: DataFormat,
-    /// Training images.
-    pub train_images: PathBuf,
-    /// Training labels.
-    pub train_labels: PathBuf,
-    /// Test images.
-    pub test_images: PathBuf,
-    /// Test labels.
-    pub test_labels: PathBuf,
+    /// Training data.
+    pub train: DataFiles,
+    /// Test data; without it, `test_fraction` of the training set is held out.
+    pub test: Option<DataFiles>,
+    /// Share of the training set held out when no test files are given.
+    pub test_fraction: f32,
+    /// CSV: the first line is a header.
+    pub header: bool,
+    /// Factor applied to every feature (IDX: 1/255 by default).
+    pub scale: f32,
+}
+
+/// Where one split's data is.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum DataFiles {
+    /// IDX images and labels files.
+    Idx {
+        /// Images.
+        images: PathBuf,
+        /// Labels.
+        labels: PathBuf,
+    },
+    /// One CSV or LIBSVM file.
+    File(PathBuf),
+}
+
+impl DataFiles {
+    /// Every file named, with the job-file key it came from.
+    pub fn files(&self, split: &str) -> Vec<(String, PathBuf)> {
+        match self {
+            DataFiles::Idx { images, labels } => {
+                vec![(format!("{split}_images"), images.clone()), (format!("{split}_labels"), labels.clone())]
+            }
+            DataFiles::File(p) => vec![(split.to_string(), p.clone())],
+        }
+    }
 }
 
 /// Data formats.
@@ -249,6 +308,10 @@ pub struct DataSpec {
 pub enum DataFormat {
     /// MNIST's IDX, raw or gzip.
     Idx,
+    /// Comma-separated: label first, then the features.
+    Csv,
+    /// LIBSVM / SVMlight: `label index:value ...`, indices from 1.
+    Libsvm,
 }
 
 /// `[training]`.
@@ -550,19 +613,83 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
     let m = raw.model.get_ref();
     let kind = match m.kind.get_ref().as_str() {
         "softmax" => ModelKind::Softmax,
+        "mlp" => ModelKind::Mlp,
         other => {
-            return Err(src.err(m.kind.span(), format!("unknown model kind `{other}`"), "supported: \"softmax\""));
+            return Err(src.err(
+                m.kind.span(),
+                format!("unknown model kind `{other}`"),
+                "supported: \"softmax\", \"mlp\"",
+            ));
         }
     };
     let inputs = int_in(src, &m.inputs, "inputs", 1, 1 << 24, "the number of input features, 784 for 28x28 images")?;
-    let classes = int_in(src, &m.classes, "classes", 2, 1 << 16, "the number of classes, 10 for Fashion-MNIST")?;
-    let model = ModelSpec { kind, inputs, classes };
+    let classes = int_in(src, &m.classes, "classes", 2, 256, "the number of classes (2 to 256), 10 for Fashion-MNIST")?;
+    let mut hidden = Vec::new();
+    match (kind, &m.hidden) {
+        (ModelKind::Softmax, Some(h)) => {
+            return Err(src.err(
+                h.span(),
+                "softmax regression has no hidden layers",
+                "use kind = \"mlp\", or remove `hidden`",
+            ));
+        }
+        (ModelKind::Mlp, None) => {
+            return Err(src.err(m.kind.span(), "an mlp needs hidden layers", "add for example hidden = [256]"));
+        }
+        (ModelKind::Mlp, Some(h)) if h.get_ref().is_empty() || h.get_ref().len() > 16 => {
+            return Err(src.err(
+                h.span(),
+                "an mlp has 1 to 16 hidden layers",
+                "for example hidden = [256] or [512, 256]",
+            ));
+        }
+        (_, Some(h)) => {
+            for w in h.get_ref() {
+                hidden.push(int_in(
+                    src,
+                    w,
+                    "a hidden layer width",
+                    1,
+                    1 << 16,
+                    "widths are whole numbers such as 256",
+                )?);
+            }
+        }
+        (ModelKind::Softmax, None) => {}
+    }
+    let dropout = match &m.dropout {
+        Some(d) if kind == ModelKind::Softmax => {
+            return Err(src.err(
+                d.span(),
+                "dropout applies to hidden layers; softmax regression has none",
+                "remove `dropout`",
+            ));
+        }
+        Some(d) if !(0.0..0.95).contains(d.get_ref()) => {
+            return Err(src.err(
+                d.span(),
+                format!("dropout must be in [0, 0.95), not {}", d.get_ref()),
+                "0 turns it off; 0.2 to 0.5 is common",
+            ));
+        }
+        Some(d) => *d.get_ref() as f32,
+        None => 0.0,
+    };
+    let model = ModelSpec { kind, inputs, classes, hidden, dropout };
 
     // [data]
     let d = raw.data.get_ref();
     let format = match d.format.get_ref().as_str() {
         "idx" => DataFormat::Idx,
-        other => return Err(src.err(d.format.span(), format!("unknown data format `{other}`"), "supported: \"idx\"")),
+        "csv" => DataFormat::Csv,
+        "libsvm" => DataFormat::Libsvm,
+        other => {
+            return Err(src.err(
+                d.format.span(),
+                format!("unknown data format `{other}`"),
+                "supported: \"idx\", \"csv\", \"libsvm\"",
+            ));
+        }
     };
     let path = |p: &toml::Spanned<String>| -> Result<PathBuf, SpecError> {
         if p.get_ref().trim().is_empty() {
@@ -570,52 +697,205 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
         Ok(base_dir.join(p.get_ref()))
     };
-    let data = DataSpec {
-        format,
-        train_images: path(&d.train_images)?,
-        train_labels: path(&d.train_labels)?,
-        test_images: path(&d.test_images)?,
-        test_labels: path(&d.test_labels)?,
+    let idx_keys = [&d.train_images, &d.train_labels, &d.test_images, &d.test_labels];
+    let file_keys = [&d.train, &d.test];
+    let (train, test) = if format == DataFormat::Idx {
+        if let Some(k) = file_keys.iter().find_map(|k| k.as_ref()) {
+            return Err(src.err(
+                k.span(),
+                "IDX data is named with train_images/train_labels (and test_images/test_labels)",
+                "use those keys, or set format = \"csv\" or \"libsvm\"",
+            ));
+        }
+        let (Some(ti), Some(tl)) = (&d.train_images, &d.train_labels) else {
+            return Err(src.err(raw.data.span(), "IDX data needs train_images and train_labels", "name both files"));
+        };
+        let train = DataFiles::Idx { images: path(ti)?, labels: path(tl)? };
+        let test = match (&d.test_images, &d.test_labels) {
+            (Some(i), Some(l)) => Some(DataFiles::Idx { images: path(i)?, labels: path(l)? }),
+            (None, None) => None,
+            (Some(k), None) | (None, Some(k)) => {
+                return Err(src.err(
+                    k.span(),
+                    "test_images and test_labels go together",
+                    "name both, or neither to hold out test_fraction of the training set",
+                ));
+            }
+        };
+        (train, test)
+    } else {
+        if let Some(k) = idx_keys.iter().find_map(|k| k.as_ref()) {
+            return Err(src.err(
+                k.span(),
+                "CSV and LIBSVM data are named with `train` (and `test`)",
+                "use train = \"file\", or set format = \"idx\"",
+            ));
+        }
+        let Some(t) = &d.train else {
+            return Err(src.err(raw.data.span(), "the training file is missing", "add train = \"path/to/train.csv\""));
+        };
+        (DataFiles::File(path(t)?), d.test.as_ref().map(path).transpose()?.map(DataFiles::File))
     };
+    let test_fraction = match &d.test_fraction {
+        Some(f) if test.is_some() => {
+            return Err(src.err(
+                f.span(),
+                "test_fraction applies only when no test files are given",
+                "remove test_fraction, or the test files",
+            ));
+        }
+        Some(f) if !(*f.get_ref() > 0.0 && *f.get_ref() < 0.9) => {
+            return Err(src.err(
+                f.span(),
+                format!("test_fraction must be in (0, 0.9), not {}", f.get_ref()),
+                "0.1 holds out a tenth of the training set",
+            ));
+        }
+        Some(f) => *f.get_ref() as f32,
+        None => 0.1,
+    };
+    if let (Some(h), false) = (&d.header, format == DataFormat::Csv) {
+        return Err(src.err(h.span(), "`header` applies to CSV files only", "remove it"));
+    }
+    let scale = match &d.scale {
+        Some(v) if !(v.get_ref().is_finite() && *v.get_ref() != 0.0) => {
+            return Err(src.err(
+                v.span(),
+                "scale must be a finite, non-zero number",
+                "for example scale = 0.00392 (1/255)",
+            ));
+        }
+        Some(v) => *v.get_ref() as f32,
+        None if format == DataFormat::Idx => 1.0 / 255.0,
+        None => 1.0,
+    };
+    let data =
+        DataSpec { format, train, test, test_fraction, header: d.header.as_ref().is_some_and(|h| *h.get_ref()), scale };
 
     // [optimizer]
     let o = raw.optimizer.get_ref();
-    let kind = match o.kind.get_ref().as_str() {
+    let f32_of = |v: &Option<toml::Spanned<f64>>, default: f32| v.as_ref().map_or(default, |x| *x.get_ref() as f32);
+    let kind_name = o.kind.get_ref().as_str();
+    let kind = match kind_name {
         "sgd" => OptimizerKind::Sgd,
-        "momentum" => {
-            let momentum = o.momentum.as_ref().map_or(0.9, |m| *m.get_ref());
-            OptimizerKind::Momentum {
-                momentum: momentum as f32,
-                nesterov: o.nesterov.as_ref().is_some_and(|n| *n.get_ref()),
+        "momentum" => OptimizerKind::Momentum {
+            momentum: f32_of(&o.momentum, 0.9),
+            nesterov: o.nesterov.as_ref().is_some_and(|n| *n.get_ref()),
+        },
+        "adam" | "adamw" => {
+            let (beta1, beta2, eps) = (f32_of(&o.beta1, 0.9), f32_of(&o.beta2, 0.999), f32_of(&o.eps, 1e-8));
+            if kind_name == "adam" {
+                OptimizerKind::Adam { beta1, beta2, eps }
+            } else {
+                OptimizerKind::AdamW { beta1, beta2, eps }
             }
         }
         other => {
             return Err(src.err(
                 o.kind.span(),
                 format!("unknown optimizer kind `{other}`"),
-                "supported: \"sgd\", \"momentum\"",
+                "supported: \"sgd\", \"momentum\", \"adam\", \"adamw\"",
             ));
         }
     };
-    if let (OptimizerKind::Sgd, Some(m)) = (&kind, &o.momentum) {
-        return Err(src.err(
-            m.span(),
-            "`momentum` needs kind = \"momentum\"",
-            "set kind = \"momentum\", or remove `momentum`",
-        ));
+    // Keys that belong to another rule are errors, not silently ignored.
+    let foreign: &[(&str, Option<std::ops::Range<usize>>)] = &[
+        ("momentum", o.momentum.as_ref().map(|v| v.span())),
+        ("nesterov", o.nesterov.as_ref().map(|v| v.span())),
+        ("beta1", o.beta1.as_ref().map(|v| v.span())),
+        ("beta2", o.beta2.as_ref().map(|v| v.span())),
+        ("eps", o.eps.as_ref().map(|v| v.span())),
+    ];
+    for (key, span) in foreign {
+        let owner = if matches!(*key, "momentum" | "nesterov") { "momentum" } else { "adam\" or kind = \"adamw" };
+        let belongs = match kind {
+            OptimizerKind::Momentum { .. } => matches!(*key, "momentum" | "nesterov"),
+            OptimizerKind::Adam { .. } | OptimizerKind::AdamW { .. } => matches!(*key, "beta1" | "beta2" | "eps"),
+            OptimizerKind::Sgd => false,
+        };
+        if let (Some(span), false) = (span, belongs) {
+            return Err(src.err(
+                span.clone(),
+                format!("`{key}` needs kind = \"{owner}\""),
+                format!("set kind = \"{owner}\", or remove `{key}`"),
+            ));
+        }
     }
+    let sched_name = o.schedule.as_ref().map_or("constant", |s| s.get_ref().as_str());
+    let sched_keys = [
+        ("step_every", "step", o.step_every.as_ref().map(|v| v.span())),
+        ("step_gamma", "step", o.step_gamma.as_ref().map(|v| v.span())),
+        ("decay_steps", "cosine", o.decay_steps.as_ref().map(|v| v.span())),
+        ("min_lr", "cosine", o.min_lr.as_ref().map(|v| v.span())),
+    ];
+    for (key, owner, span) in &sched_keys {
+        if let (Some(span), true) = (span, sched_name != *owner) {
+            return Err(src.err(
+                span.clone(),
+                format!("`{key}` needs schedule = \"{owner}\""),
+                format!("set schedule = \"{owner}\", or remove `{key}`"),
+            ));
+        }
+    }
+    let count = |v: &Option<toml::Spanned<i64>>, what: &str| -> Result<Option<u64>, SpecError> {
+        v.as_ref().map(|v| int_in::<u64>(src, v, what, 0, 1_000_000_000, "a number of updates")).transpose()
+    };
+    let schedule = match sched_name {
+        "constant" => Schedule::Constant,
+        "step" => Schedule::Step {
+            every: count(&o.step_every, "step_every")?.ok_or_else(|| {
+                src.err(
+                    o.schedule.as_ref().map(|s| s.span()).unwrap_or_default(),
+                    "schedule = \"step\" needs step_every",
+                    "add for example step_every = 1000 (updates between decays)",
+                )
+            })?,
+            gamma: f32_of(&o.step_gamma, 0.1),
+        },
+        "cosine" => Schedule::Cosine {
+            decay_steps: count(&o.decay_steps, "decay_steps")?.ok_or_else(|| {
+                src.err(
+                    o.schedule.as_ref().map(|s| s.span()).unwrap_or_default(),
+                    "schedule = \"cosine\" needs decay_steps",
+                    "add for example decay_steps = 5000 (updates to decay over)",
+                )
+            })?,
+            min_lr: f32_of(&o.min_lr, 0.0),
+        },
+        other => {
+            let span = o.schedule.as_ref().map(|s| s.span()).unwrap_or_default();
+            return Err(src.err(
+                span,
+                format!("unknown schedule `{other}`"),
+                "supported: \"constant\", \"step\", \"cosine\"",
+            ));
+        }
+    };
     let optimizer = OptimizerSpec {
         kind,
         lr: *o.lr.get_ref() as f32,
-        weight_decay: o.weight_decay.as_ref().map_or(0.0, |w| *w.get_ref() as f32),
+        weight_decay: f32_of(&o.weight_decay, 0.0),
+        clip_gradient: f32_of(&o.clip_gradient, 0.0),
+        schedule,
+        warmup_steps: count(&o.warmup_steps, "warmup_steps")?.unwrap_or(0),
     };
     if let Err(e) = optimizer.validate() {
+        let field_span = |v: &Option<toml::Spanned<f64>>| v.as_ref().map(|x| x.span());
         let span = match e.field {
-            "lr" => o.lr.span(),
-            "momentum" => o.momentum.as_ref().map_or(o.kind.span(), |m| m.span()),
-            "weight_decay" => o.weight_decay.as_ref().map_or(o.kind.span(), |m| m.span()),
-            _ => raw.optimizer.span(),
-        };
+            "lr" => Some(o.lr.span()),
+            "momentum" => field_span(&o.momentum),
+            "weight_decay" => field_span(&o.weight_decay),
+            "clip_gradient" => field_span(&o.clip_gradient),
+            "beta1" => field_span(&o.beta1),
+            "beta2" => field_span(&o.beta2),
+            "eps" => field_span(&o.eps),
+            "step_gamma" => field_span(&o.step_gamma),
+            "min_lr" => field_span(&o.min_lr),
+            "step_every" => o.step_every.as_ref().map(|v| v.span()),
+            "decay_steps" => o.decay_steps.as_ref().map(|v| v.span()),
+            _ => None,
+        }
+        .unwrap_or(o.kind.span());
         return Err(src.err(span, e.to_string(), e.help()));
     }
 

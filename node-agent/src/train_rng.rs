@@ -12,6 +12,15 @@ use rand_pcg::Pcg64Mcg;
 pub enum Stream {
     /// Parameter initialisation.
     Init,
+    /// Holding out a test set from the training data.
+    Split,
+    /// Dropout masks of one worker in one epoch.
+    Dropout {
+        /// Worker rank.
+        rank: u32,
+        /// Epoch number.
+        epoch: u32,
+    },
     /// Per-epoch shuffling on a worker.
     Shuffle {
         /// Worker rank.
@@ -21,12 +30,17 @@ pub enum Stream {
     },
 }
 
+/// The training generator type.
+pub type TrainRng = Pcg64Mcg;
+
 /// A generator for one purpose under one seed.
 #[allow(clippy::disallowed_methods)] // the one place training generators are made
 pub fn rng(seed: u64, stream: Stream) -> Pcg64Mcg {
     let tag: u64 = match stream {
         Stream::Init => 0x1,
         Stream::Shuffle { rank, epoch } => 0x2 | (u64::from(rank) << 8) | (u64::from(epoch) << 32),
+        Stream::Split => 0x3,
+        Stream::Dropout { rank, epoch } => 0x4 | (u64::from(rank) << 8) | (u64::from(epoch) << 32),
     };
     // SplitMix-style mixing so neighbouring seeds and tags give unrelated streams.
     let mut z = seed ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15);

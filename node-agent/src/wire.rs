@@ -8,7 +8,7 @@
 //! [`OptimizerSpec`] and is validated on arrival.
 
 use crate::identity::Role;
-use crate::optimizer::{OptimizerKind, OptimizerSpec};
+use crate::optimizer::{OptimizerKind, OptimizerSpec, Schedule};
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -199,17 +199,48 @@ fn put_f32s(data: &[f32], out: &mut Vec<u8>) {
 
 const OPT_SGD: u8 = 0;
 const OPT_MOMENTUM: u8 = 1;
+const OPT_ADAM: u8 = 2;
+const OPT_ADAMW: u8 = 3;
+const SCHED_CONSTANT: u8 = 0;
+const SCHED_STEP: u8 = 1;
+const SCHED_COSINE: u8 = 2;
 
 fn encode_optimizer(spec: &OptimizerSpec, out: &mut Vec<u8>) {
+    let f = |out: &mut Vec<u8>, v: f32| out.extend_from_slice(&v.to_le_bytes());
     match spec.kind {
         OptimizerKind::Sgd => out.push(OPT_SGD),
         OptimizerKind::Momentum { .. } => out.push(OPT_MOMENTUM),
+        OptimizerKind::Adam { .. } => out.push(OPT_ADAM),
+        OptimizerKind::AdamW { .. } => out.push(OPT_ADAMW),
     }
-    out.extend_from_slice(&spec.lr.to_le_bytes());
-    out.extend_from_slice(&spec.weight_decay.to_le_bytes());
-    if let OptimizerKind::Momentum { momentum, nesterov } = spec.kind {
-        out.extend_from_slice(&momentum.to_le_bytes());
-        out.push(u8::from(nesterov));
+    f(out, spec.lr);
+    f(out, spec.weight_decay);
+    f(out, spec.clip_gradient);
+    out.extend_from_slice(&spec.warmup_steps.to_le_bytes());
+    match spec.kind {
+        OptimizerKind::Sgd => {}
+        OptimizerKind::Momentum { momentum, nesterov } => {
+            f(out, momentum);
+            out.push(u8::from(nesterov));
+        }
+        OptimizerKind::Adam { beta1, beta2, eps } | OptimizerKind::AdamW { beta1, beta2, eps } => {
+            f(out, beta1);
+            f(out, beta2);
+            f(out, eps);
+        }
+    }
+    match spec.schedule {
+        Schedule::Constant => out.push(SCHED_CONSTANT),
+        Schedule::Step { every, gamma } => {
+            out.push(SCHED_STEP);
+            out.extend_from_slice(&every.to_le_bytes());
+            f(out, gamma);
+        }
+        Schedule::Cosine { decay_steps, min_lr } => {
+            out.push(SCHED_COSINE);
+            out.extend_from_slice(&decay_steps.to_le_bytes());
+            f(out, min_lr);
+        }
     }
 }
 
@@ -217,6 +248,8 @@ fn decode_optimizer(r: &mut Reader<'_>) -> Result<OptimizerSpec, DecodeError> {
     let kind = r.u8()?;
     let lr = r.f32()?;
     let weight_decay = r.f32()?;
+    let clip_gradient = r.f32()?;
+    let warmup_steps = r.u64()?;
     let kind = match kind {
         OPT_SGD => OptimizerKind::Sgd,
         OPT_MOMENTUM => {
@@ -228,9 +261,17 @@ fn decode_optimizer(r: &mut Reader<'_>) -> Result<OptimizerSpec, DecodeError> {
             };
             OptimizerKind::Momentum { momentum, nesterov }
         }
+        OPT_ADAM => OptimizerKind::Adam { beta1: r.f32()?, beta2: r.f32()?, eps: r.f32()? },
+        OPT_ADAMW => OptimizerKind::AdamW { beta1: r.f32()?, beta2: r.f32()?, eps: r.f32()? },
         k => return Err(DecodeError(format!("unknown optimizer kind {k}"))),
     };
-    let spec = OptimizerSpec { kind, lr, weight_decay };
+    let schedule = match r.u8()? {
+        SCHED_CONSTANT => Schedule::Constant,
+        SCHED_STEP => Schedule::Step { every: r.u64()?, gamma: r.f32()? },
+        SCHED_COSINE => Schedule::Cosine { decay_steps: r.u64()?, min_lr: r.f32()? },
+        k => return Err(DecodeError(format!("unknown learning-rate schedule {k}"))),
+    };
+    let spec = OptimizerSpec { kind, lr, weight_decay, clip_gradient, schedule, warmup_steps };
     spec.validate().map_err(|e| DecodeError(e.to_string()))?;
     Ok(spec)
 }
@@ -310,14 +351,27 @@ mod tests {
     fn every_message_round_trips() {
         let spec = OptimizerSpec {
             kind: OptimizerKind::Momentum { momentum: 0.9, nesterov: true },
-            lr: 0.1,
             weight_decay: 1e-4,
+            clip_gradient: 5.0,
+            schedule: Schedule::Step { every: 100, gamma: 0.5 },
+            warmup_steps: 10,
+            ..OptimizerSpec::sgd(0.1)
+        };
+        let adamw = OptimizerSpec {
+            kind: OptimizerKind::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-7 },
+            schedule: Schedule::Cosine { decay_steps: 1000, min_lr: 0.001 },
+            ..spec
         };
         for m in [
             Message::Welcome,
             Message::Register,
             Message::SetOptimizer(spec),
             Message::SetOptimizer(OptimizerSpec { kind: OptimizerKind::Sgd, ..spec }),
+            Message::SetOptimizer(adamw),
+            Message::SetOptimizer(OptimizerSpec {
+                kind: OptimizerKind::Adam { beta1: 0.5, beta2: 0.5, eps: 1.0 },
+                ..adamw
+            }),
             Message::Start,
             Message::Barrier { id: 7 },
             Message::BarrierDone { id: 7 },
@@ -336,8 +390,7 @@ mod tests {
     #[test]
     fn optimizer_of_unknown_kind_or_out_of_range_is_rejected() {
         let mut out = Vec::new();
-        Message::SetOptimizer(OptimizerSpec { kind: OptimizerKind::Sgd, lr: 0.1, weight_decay: 0.0 })
-            .encode_frame(&mut out);
+        Message::SetOptimizer(OptimizerSpec::sgd(0.1)).encode_frame(&mut out);
         let mut unknown = out[4..].to_vec();
         unknown[1] = 9;
         assert_eq!(Message::decode(&unknown).unwrap_err().0, "unknown optimizer kind 9");
@@ -347,6 +400,10 @@ mod tests {
         let mut nan = out[4..].to_vec();
         nan[2..6].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(Message::decode(&nan).is_err());
+        let mut schedule = out[4..].to_vec();
+        let last = schedule.len() - 1;
+        schedule[last] = 7;
+        assert_eq!(Message::decode(&schedule).unwrap_err().0, "unknown learning-rate schedule 7");
     }
 
     #[test]

@@ -81,7 +81,17 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
 
     let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 6, "{metrics}");
-    assert!(metrics.starts_with("epoch,train_loss,test_accuracy,steps,elapsed_s\n"));
+    assert!(metrics.starts_with(
+        "epoch,train_loss,test_loss,test_accuracy,steps,samples_per_s,bytes_pushed,bytes_pulled,elapsed_s\n"
+    ));
+    // Each epoch moved real bytes: at least every gradient and parameter once per step.
+    let row: Vec<&str> = metrics.lines().nth(1).unwrap().split(',').collect();
+    let floats = (784 * 10 + 10) as u64;
+    let steps: u64 = row[4].parse().unwrap();
+    assert!(row[6].parse::<u64>().unwrap() >= 2 * steps * floats * 4, "{metrics}");
+    assert!(row[7].parse::<u64>().unwrap() >= 2 * steps * floats * 4, "{metrics}");
+    assert!(row[5].parse::<f64>().unwrap() > 0.0);
+    assert!(s["bytes_pushed"].as_u64().unwrap() > 0 && s["test_loss"].as_f64().unwrap() > 0.0);
 
     let logs: Vec<_> = std::fs::read_dir(run.join("logs")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(logs.len(), 5, "{logs:?}");
@@ -90,8 +100,8 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let model = std::fs::read(run.join("model/model.safetensors")).unwrap();
     let n = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&model[8..8 + n]).unwrap();
-    assert_eq!(header["weight"]["shape"], serde_json::json!([784, 10]));
-    assert_eq!(header["bias"]["dtype"], "F32");
+    assert_eq!(header["fc0.weight"]["shape"], serde_json::json!([784, 10]));
+    assert_eq!(header["fc0.bias"]["dtype"], "F32");
     assert_eq!(model.len(), 8 + n + (784 * 10 + 10) * 4);
 
     // Secrets and scratch are gone; the run says which job it was.

@@ -147,7 +147,7 @@ async fn unauthenticated_and_wrong_peers_are_refused_in_the_handshake() {
 async fn a_worker_may_not_send_what_only_the_scheduler_may() {
     let cluster = RoleCluster::start("").await;
     let mut w = cluster.worker_conn().await;
-    let evil = OptimizerSpec { kind: OptimizerKind::Sgd, lr: 10.0, weight_decay: 0.0 };
+    let evil = OptimizerSpec { kind: OptimizerKind::Sgd, ..OptimizerSpec::sgd(10.0) };
     w.send(&Message::SetOptimizer(evil)).await.unwrap();
     match w.recv().await {
         Err(warden_agent::conn::ConnError::Refused { message, .. }) => {

@@ -83,7 +83,7 @@ const CASES: &[Case] = &[
         from: "lr = 0.1",
         to: "lr8 = 0.1",
         at: "lr8",
-        message: "unknown field `lr8`, expected one of `kind`, `lr`, `momentum`, `nesterov`, `weight_decay`",
+        message: "unknown field `lr8`, expected one of `kind`, `lr`, `momentum`, `nesterov`, `beta1`, `beta2`, `eps`, `weight_decay`, `clip_gradient`, `schedule`, `warmup_steps`, `step_every`, `step_gamma`, `decay_steps`, `min_lr`",
         help: Some("did you mean `lr`?"),
     },
     Case {
@@ -196,7 +196,7 @@ const CASES: &[Case] = &[
         to: "lr = 50.0",
         at: "50.0",
         message: "optimizer lr = 50 is out of range (0, 10]",
-        help: Some("a learning rate above 0 and at most 10; 0.1 is a common start for SGD"),
+        help: Some("a learning rate above 0 and at most 10; 0.1 is a common start for SGD, 0.001 for Adam"),
     },
     Case {
         name: "momentum out of range",
@@ -220,7 +220,7 @@ const CASES: &[Case] = &[
         to: "kind = \"pickle\"",
         at: "\"pickle\"",
         message: "unknown optimizer kind `pickle`",
-        help: Some("supported: \"sgd\", \"momentum\""),
+        help: Some("supported: \"sgd\", \"momentum\", \"adam\", \"adamw\""),
     },
     Case {
         name: "training as root",
@@ -245,6 +245,86 @@ const CASES: &[Case] = &[
         at: "\"eventually\"",
         message: "unknown training mode `eventually`",
         help: Some("use \"sync\" or \"async\""),
+    },
+    Case {
+        name: "adam key on sgd",
+        from: "lr = 0.1",
+        to: "lr = 0.1\nbeta1 = 0.9",
+        at: "beta1 = ^0.9",
+        message: "`beta1` needs kind = \"adam\" or kind = \"adamw\"",
+        help: Some("set kind = \"adam\" or kind = \"adamw\", or remove `beta1`"),
+    },
+    Case {
+        name: "beta out of range",
+        from: "kind = \"sgd\"",
+        to: "kind = \"adamw\"\nbeta2 = 1.0",
+        at: "beta2 = ^1.0",
+        message: "optimizer beta2 = 1 is out of range [0, 1)",
+        help: Some("betas from 0 up to (not including) 1; 0.9 and 0.999 are common"),
+    },
+    Case {
+        name: "cosine schedule without its length",
+        from: "lr = 0.1",
+        to: "lr = 0.1\nschedule = \"cosine\"",
+        at: "schedule = ^\"cosine\"",
+        message: "schedule = \"cosine\" needs decay_steps",
+        help: Some("add for example decay_steps = 5000 (updates to decay over)"),
+    },
+    Case {
+        name: "schedule key without its schedule",
+        from: "lr = 0.1",
+        to: "lr = 0.1\nstep_gamma = 0.5",
+        at: "step_gamma = ^0.5",
+        message: "`step_gamma` needs schedule = \"step\"",
+        help: Some("set schedule = \"step\", or remove `step_gamma`"),
+    },
+    Case {
+        name: "negative gradient clip",
+        from: "lr = 0.1",
+        to: "lr = 0.1\nclip_gradient = -1.0",
+        at: "clip_gradient = ^-1.0",
+        message: "optimizer clip_gradient = -1 is out of range 0 or (0, 1e6]",
+        help: Some("0 turns clipping off; otherwise a bound above 0, such as 5"),
+    },
+    Case {
+        name: "mlp without hidden layers",
+        from: "kind = \"softmax\"",
+        to: "kind = \"mlp\"",
+        at: "kind = ^\"mlp\"",
+        message: "an mlp needs hidden layers",
+        help: Some("add for example hidden = [256]"),
+    },
+    Case {
+        name: "dropout on softmax",
+        from: "classes = 10",
+        to: "classes = 10\ndropout = 0.5",
+        at: "dropout = ^0.5",
+        message: "dropout applies to hidden layers; softmax regression has none",
+        help: Some("remove `dropout`"),
+    },
+    Case {
+        name: "idx test images without labels",
+        from: "test_labels = \"te-l\"\n",
+        to: "",
+        at: "test_images = ^\"te-i\"",
+        message: "test_images and test_labels go together",
+        help: Some("name both, or neither to hold out test_fraction of the training set"),
+    },
+    Case {
+        name: "csv keys for idx-named data",
+        from: "format = \"idx\"",
+        to: "format = \"csv\"",
+        at: "train_images = ^\"tr-i\"",
+        message: "CSV and LIBSVM data are named with `train` (and `test`)",
+        help: Some("use train = \"file\", or set format = \"idx\""),
+    },
+    Case {
+        name: "too many classes for byte labels",
+        from: "classes = 10",
+        to: "classes = 1000",
+        at: "classes = ^1000",
+        message: "classes must be between 2 and 256, not 1000",
+        help: Some("the number of classes (2 to 256), 10 for Fashion-MNIST"),
     },
 ];
 
@@ -280,8 +360,8 @@ fn every_broken_file_gets_its_exact_message_and_location() {
 
 #[test]
 fn a_model_that_cannot_fit_in_a_frame_is_refused() {
-    // 784 x 100000 parameters on one server need ~300 MiB frames.
-    let text = BASE.replacen("classes = 10", "classes = 65536", 1).replacen(
+    // 784 x 256 x ... : an MLP with a 65536-wide hidden layer needs ~200 MiB frames on one server.
+    let text = BASE.replacen("kind = \"softmax\"", "kind = \"mlp\"\nhidden = [65536]", 1).replacen(
         "batch_size = 32",
         "batch_size = 32\n\n[limits]\nmax_frame_mib = 1",
         1,

@@ -1,14 +1,16 @@
 //! A worker: reads its shard of the data, computes gradients, pushes them to
-//! the servers and pulls the updated parameters.
+//! every server and pulls the updated parameters, all servers concurrently.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
 
 use super::{RoleCtx, RoleError};
 use crate::conn::ClientConn;
 use crate::control::Event;
-use crate::data::{Dataset, load_idx};
+use crate::data::Dataset;
 use crate::identity::Role;
 use crate::model::{Batch, Workspace};
 use crate::spec::SyncMode;
@@ -28,31 +30,133 @@ pub struct WorkerData {
 
 /// Loads this worker's training shard (and, for rank 0, the test set).
 pub fn load_data(ctx: &RoleCtx) -> Result<WorkerData, RoleError> {
-    let d = &ctx.spec.data;
-    let m = &ctx.spec.model;
-    let all = load_idx(&d.train_images, &d.train_labels, m.inputs, m.classes).map_err(|e| RoleError(e.to_string()))?;
+    let rank = ctx.me().rank;
+    let (all, test) = crate::data::load(&ctx.spec.data, &ctx.spec.model, ctx.seed, rank == 0)
+        .map_err(|e| RoleError(e.to_string()))?;
     let workers = ctx.plan.count(Role::Worker) as usize;
-    let train = all.shard(ctx.me().rank as usize, workers);
-    let test = if ctx.me().rank == 0 {
-        Some(load_idx(&d.test_images, &d.test_labels, m.inputs, m.classes).map_err(|e| RoleError(e.to_string()))?)
-    } else {
-        None
-    };
-    let min_shard = all.len() / workers;
-    if min_shard < ctx.spec.training.batch_size {
-        return Err(RoleError(format!(
-            "each worker's shard has {min_shard} samples ({} samples / {workers} workers), fewer than batch_size = {}; lower batch_size or use fewer workers",
-            all.len(),
-            ctx.spec.training.batch_size
-        )));
-    }
-    Ok(WorkerData { train, test, steps: min_shard / ctx.spec.training.batch_size })
+    let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError)?;
+    Ok(WorkerData { train: all.shard(rank as usize, workers), test, steps })
 }
 
-struct ServerLink {
-    conn: ClientConn,
-    range: std::ops::Range<usize>,
+/// Steps per epoch for `n` training samples over `workers` workers: every
+/// worker runs the same number, set by the smallest shard.
+pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> Result<usize, String> {
+    let min_shard = n / workers;
+    if min_shard < batch {
+        return Err(format!(
+            "each worker's shard has {min_shard} samples ({n} samples / {workers} workers), fewer than batch_size = {batch}; lower batch_size or use fewer workers"
+        ));
+    }
+    Ok(min_shard / batch)
+}
+
+/// The shard-local sample indices of each step of `epoch` on worker `rank`:
+/// a permutation of the shard from the training seed, cut into batches.
+/// Exposed so tests can replay exactly what a worker trained on.
+pub fn epoch_order(seed: u64, rank: u32, epoch: u32, shard_len: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..shard_len).collect();
+    order.shuffle(&mut rng(seed, Stream::Shuffle { rank, epoch }));
+    order
+}
+
+struct LinkCmd {
+    push: Option<(u64, Vec<f32>)>,
+    min_version: u64,
+}
+
+struct LinkReply {
     version: u64,
+    data: Vec<f32>,
+    push_buf: Option<Vec<f32>>,
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
+/// One server connection, driven by its own task so that every server is
+/// pushed to and pulled from at the same time (and TLS work spreads over the
+/// runtime's threads).
+struct Link {
+    range: Range<usize>,
+    version: u64,
+    tx: mpsc::Sender<LinkCmd>,
+    rx: mpsc::Receiver<Result<LinkReply, String>>,
+    spare: Vec<f32>,
+}
+
+fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
+    let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
+    let (reply_tx, rx) = mpsc::channel(1);
+    let len = range.len();
+    tokio::spawn(async move {
+        while let Some(cmd) = cmd_rx.recv().await {
+            let result = async {
+                let mut bytes_out = 0u64;
+                let mut push_buf = None;
+                if let Some((step, data)) = cmd.push {
+                    let msg = Message::Push { step, data };
+                    bytes_out += conn.send(&msg).await.map_err(|e| e.to_string())? as u64;
+                    if let Message::Push { data, .. } = msg {
+                        push_buf = Some(data);
+                    }
+                }
+                bytes_out +=
+                    conn.send(&Message::Pull { min_version: cmd.min_version }).await.map_err(|e| e.to_string())? as u64;
+                match conn.recv().await.map_err(|e| e.to_string())? {
+                    Message::Params { version, data } if data.len() == len => {
+                        let bytes_in = 4 + 1 + 8 + 4 + 4 * data.len() as u64;
+                        Ok(LinkReply { version, data, push_buf, bytes_out, bytes_in })
+                    }
+                    Message::Params { data, .. } => {
+                        Err(format!("server sent {} values for a shard of {len}", data.len()))
+                    }
+                    m => Err(format!("unexpected `{}` from a server", m.name())),
+                }
+            }
+            .await;
+            let failed = result.is_err();
+            if reply_tx.send(result).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Link { range, version: 0, tx, rx, spare: Vec::new() }
+}
+
+/// Running totals for the metrics.
+#[derive(Debug, Default)]
+struct Traffic {
+    pushed: u64,
+    pulled: u64,
+}
+
+/// Pushes `grad` (if any) and pulls every shard, all servers at once.
+async fn exchange(
+    links: &mut [Link],
+    params: &mut [f32],
+    grad: Option<&[f32]>,
+    mode: SyncMode,
+    t: &mut Traffic,
+) -> Result<(), RoleError> {
+    for link in links.iter_mut() {
+        let push = grad.map(|g| {
+            let mut buf = std::mem::take(&mut link.spare);
+            buf.clear();
+            buf.extend_from_slice(&g[link.range.clone()]);
+            (link.version, buf)
+        });
+        // Sync: wait for this step's aggregate. Async (or the first pull): take what is there.
+        let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
+        link.tx.send(LinkCmd { push, min_version }).await.map_err(|_| RoleError("lost a server link".into()))?;
+    }
+    for link in links.iter_mut() {
+        let reply = link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
+        params[link.range.clone()].copy_from_slice(&reply.data);
+        link.version = reply.version;
+        link.spare = reply.push_buf.unwrap_or_default();
+        t.pushed += reply.bytes_out;
+        t.pulled += reply.bytes_in;
+    }
+    Ok(())
 }
 
 /// Runs worker `ctx.me().rank` with its data until training is done.
@@ -76,41 +180,55 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         )
         .await
         .map_err(|e| RoleError(format!("cannot reach {}: {e}", p.label())))?;
-        links.push(ServerLink { conn, range: ctx.plan.shard(p.rank), version: 0 });
+        links.push(spawn_link(conn, ctx.plan.shard(p.rank)));
     }
-    let mut params = vec![0.0f32; ctx.plan.num_params];
-    pull_all(&mut links, &mut params, ctx.spec.training.mode, true).await?;
-
     let spec = &ctx.spec;
+    let mode = spec.training.mode;
+    let mut params = vec![0.0f32; ctx.plan.num_params];
+    let mut traffic = Traffic::default();
+    exchange(&mut links, &mut params, None, mode, &mut traffic).await?;
+
+    let rank = ctx.me().rank;
     let batch = spec.training.batch_size;
-    let n_total = train.len();
     let f = train.features;
-    let mut order: Vec<usize> = (0..n_total).collect();
     let mut grad = vec![0.0f32; params.len()];
     let mut xb = vec![0.0f32; batch * f];
     let mut yb = vec![0u8; batch];
     let mut ws = Workspace::default();
     let started = Instant::now();
     for epoch in 1..=spec.training.epochs {
-        order.shuffle(&mut rng(ctx.seed, Stream::Shuffle { rank: ctx.me().rank, epoch }));
+        let epoch_start = Instant::now();
+        let before = (traffic.pushed, traffic.pulled);
+        let order = epoch_order(ctx.seed, rank, epoch, train.len());
+        let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch });
         let mut loss_sum = 0.0f64;
         for step in 0..steps {
             for (j, &i) in order[step * batch..(step + 1) * batch].iter().enumerate() {
                 xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
                 yb[j] = train.y[i];
             }
-            let loss = ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad);
-            loss_sum += f64::from(loss);
-            for link in links.iter_mut() {
-                let data = grad[link.range.clone()].to_vec();
-                link.conn.send(&Message::Push { step: link.version, data }).await?;
+            let loss = ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout));
+            if !loss.is_finite() {
+                return Err(RoleError(format!(
+                    "the training loss became {loss} at epoch {epoch}, step {}; lower [optimizer] lr or set clip_gradient",
+                    step + 1
+                )));
             }
-            pull_all(&mut links, &mut params, spec.training.mode, false).await?;
-            if ctx.me().rank == 0 && (step + 1) % 20 == 0 {
+            loss_sum += f64::from(loss);
+            exchange(&mut links, &mut params, Some(&grad), mode, &mut traffic).await?;
+            if rank == 0 && (step + 1) % 20 == 0 {
                 ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
             }
         }
-        ctx.emit(Event::Epoch { epoch, train_loss: loss_sum / steps as f64, steps: steps as u64 });
+        let secs = epoch_start.elapsed().as_secs_f64();
+        ctx.emit(Event::Epoch {
+            epoch,
+            train_loss: loss_sum / steps as f64,
+            steps: steps as u64,
+            samples_per_s: (steps * batch) as f64 / secs.max(1e-9),
+            bytes_pushed: traffic.pushed - before.0,
+            bytes_pulled: traffic.pulled - before.1,
+        });
         sched.send(&Message::Barrier { id: u64::from(epoch) }).await?;
         match sched.recv().await? {
             Message::BarrierDone { id } if id == u64::from(epoch) => {}
@@ -118,16 +236,14 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             m => return Err(RoleError(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
         }
         if let Some(test) = &test {
-            // After the barrier every push of this epoch is applied: pull the result.
-            if spec.training.mode == SyncMode::Async {
-                pull_all(&mut links, &mut params, SyncMode::Async, true).await?;
-            }
-            let acc = accuracy(&ctx, &mut ws, &params, test);
-            ctx.emit(Event::Eval { epoch, test_accuracy: acc });
+            // After the barrier every push of the epoch is in: evaluate the result.
+            exchange(&mut links, &mut params, None, mode, &mut traffic).await?;
+            let (test_loss, test_accuracy) = evaluate(&ctx, &mut ws, &params, test);
+            ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
         }
     }
     tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());
-    if ctx.me().rank == 0 {
+    if rank == 0 {
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &spec.model, &params, ctx.seed)
             .map_err(|e| RoleError(format!("cannot write the model: {e}")))?;
@@ -142,44 +258,17 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     }
 }
 
-/// Asks every server for its shard (at the next version in sync mode) and
-/// copies the answers into `params`.
-async fn pull_all(
-    links: &mut [ServerLink],
-    params: &mut [f32],
-    mode: SyncMode,
-    initial: bool,
-) -> Result<(), RoleError> {
-    for link in links.iter_mut() {
-        let min_version = if initial || mode == SyncMode::Async { 0 } else { link.version + 1 };
-        link.conn.send(&Message::Pull { min_version }).await?;
-    }
-    for link in links.iter_mut() {
-        match link.conn.recv().await? {
-            Message::Params { version, data } if data.len() == link.range.len() => {
-                params[link.range.clone()].copy_from_slice(&data);
-                link.version = version;
-            }
-            Message::Params { data, .. } => {
-                return Err(RoleError(format!(
-                    "server sent {} values for a shard of {}",
-                    data.len(),
-                    link.range.len()
-                )));
-            }
-            m => return Err(RoleError(format!("unexpected `{}` from a server", m.name()))),
-        }
-    }
-    Ok(())
-}
-
-fn accuracy(ctx: &RoleCtx, ws: &mut Workspace, params: &[f32], test: &Dataset) -> f64 {
+/// Mean test loss and accuracy.
+fn evaluate(ctx: &RoleCtx, ws: &mut Workspace, params: &[f32], test: &Dataset) -> (f64, f64) {
     let f = test.features;
-    let mut correct = 0;
+    let (mut loss, mut correct) = (0.0, 0);
     for start in (0..test.len()).step_by(1024) {
         let end = (start + 1024).min(test.len());
-        correct +=
-            ws.correct(&ctx.spec.model, params, &Batch { x: &test.x[start * f..end * f], y: &test.y[start..end] });
+        let (l, c) =
+            ws.evaluate(&ctx.spec.model, params, &Batch { x: &test.x[start * f..end * f], y: &test.y[start..end] });
+        loss += l;
+        correct += c;
     }
-    correct as f64 / test.len().max(1) as f64
+    let n = test.len().max(1) as f64;
+    (loss / n, correct as f64 / n)
 }

@@ -1,0 +1,188 @@
+//! Training is correct, not just running: sync data parallelism is exactly
+//! large-batch SGD, the MLP converges on the shipped data in sync and async
+//! mode, and the run directory records what happened.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use warden_agent::data::Dataset;
+use warden_agent::model::{Batch, Workspace, init, layout};
+use warden_agent::optimizer::{OptimizerSpec, ShardOptimizer};
+use warden_agent::roles::worker::{epoch_order, steps_per_epoch};
+use warden_agent::spec::JobSpec;
+use warden_agent::train_rng::TrainRng;
+use warden_tests::{bin, fresh_tag, repo_root};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warden-{name}-{}-{}", std::process::id(), fresh_tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_idx(dir: &Path, ds: &Dataset, name: &str) -> (PathBuf, PathBuf) {
+    let side = (ds.features as f64).sqrt() as u32;
+    let mut img = vec![0, 0, 8, 3];
+    for d in [ds.len() as u32, side, side] {
+        img.extend_from_slice(&d.to_be_bytes());
+    }
+    img.extend(ds.x.iter().map(|v| (v * 255.0).round() as u8));
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend_from_slice(&(ds.len() as u32).to_be_bytes());
+    lab.extend_from_slice(&ds.y);
+    let (i, l) = (dir.join(format!("{name}-images")), dir.join(format!("{name}-labels")));
+    std::fs::write(&i, img).unwrap();
+    std::fs::write(&l, lab).unwrap();
+    (i, l)
+}
+
+fn read_model(path: &Path, spec: &JobSpec) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, _, range) in layout(&spec.model) {
+        let offs = &header[&name]["data_offsets"];
+        let (a, b) = (offs[0].as_u64().unwrap() as usize, offs[1].as_u64().unwrap() as usize);
+        assert_eq!((b - a) / 4, range.len(), "{name}");
+        out.extend(data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())));
+    }
+    out
+}
+
+fn launch(job: &Path, run: &Path) -> serde_json::Value {
+    let out = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn sync_with_four_workers_equals_one_process_on_four_times_the_batch() {
+    let dir = scratch("equiv");
+    // 320 training samples: 80 per worker, 5 steps of batch 16 per epoch.
+    let shipped = repo_root().join("data/fashion-mnist-small");
+    let full = warden_agent::data::load_idx(
+        &shipped.join("train-images-idx3-ubyte.gz"),
+        &shipped.join("train-labels-idx1-ubyte.gz"),
+        784,
+        10,
+        1.0 / 255.0,
+    )
+    .unwrap();
+    let (ti, tl) = write_idx(&dir, &full.select(&(0..320).collect::<Vec<_>>()), "train");
+    let (ei, el) = write_idx(&dir, &full.select(&(320..420).collect::<Vec<_>>()), "test");
+    let job = dir.join("job.toml");
+    let text = format!(
+        r#"
+[job]
+name = "equivalence"
+seed = 11
+[cluster]
+user = "warden"
+ports = [29800, 29820]
+[[cluster.hosts]]
+name = "localhost"
+address = "127.0.0.1"
+scheduler = 1
+servers = 2
+workers = 4
+[model]
+kind = "mlp"
+inputs = 784
+hidden = [32]
+classes = 10
+[data]
+format = "idx"
+train_images = "{}"
+train_labels = "{}"
+test_images = "{}"
+test_labels = "{}"
+[optimizer]
+kind = "sgd"
+lr = 0.1
+[training]
+epochs = 2
+batch_size = 16
+mode = "sync"
+"#,
+        ti.display(),
+        tl.display(),
+        ei.display(),
+        el.display()
+    );
+    std::fs::write(&job, &text).unwrap();
+    let summary = launch(&job, &dir.join("run"));
+    assert_eq!(summary["steps"], 10);
+
+    // The same computation in one process: every step, the four workers'
+    // batches (as each worker chose them) form one batch of 64.
+    let (spec, _) = JobSpec::load(&job).unwrap();
+    let (train, _) = warden_agent::data::load(&spec.data, &spec.model, 11, false).unwrap();
+    let workers = 4;
+    let b = 16;
+    let steps = steps_per_epoch(train.len(), workers, b).unwrap();
+    let shards: Vec<Dataset> = (0..workers).map(|r| train.shard(r, workers)).collect();
+    let mut params = init(&spec.model, 11);
+    let mut opt = ShardOptimizer::new(OptimizerSpec::sgd(0.1), params.len());
+    let mut ws = Workspace::default();
+    let mut grad = vec![0.0; params.len()];
+    for epoch in 1..=2 {
+        let orders: Vec<Vec<usize>> =
+            shards.iter().enumerate().map(|(r, s)| epoch_order(11, r as u32, epoch, s.len())).collect();
+        for step in 0..steps {
+            let mut x = Vec::new();
+            let mut y = Vec::new();
+            for (shard, order) in shards.iter().zip(&orders) {
+                for &i in &order[step * b..(step + 1) * b] {
+                    x.extend_from_slice(&shard.x[i * 784..(i + 1) * 784]);
+                    y.push(shard.y[i]);
+                }
+            }
+            ws.loss_and_grad::<TrainRng>(&spec.model, &params, &Batch { x: &x, y: &y }, &mut grad, None);
+            opt.apply(&mut params, &grad, 1);
+        }
+    }
+    let trained = read_model(&dir.join("run/model/model.safetensors"), &spec);
+    let diff: f64 = trained.iter().zip(&params).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = params.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+    let moved: f64 =
+        init(&spec.model, 11).iter().zip(&params).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    assert!(moved > 1e-2, "training moved the weights ({moved})");
+    assert!(diff / norm < 1e-5, "relative difference {} (|diff| {diff}, |w| {norm})", diff / norm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn mlp_job(dir: &Path, ports: (u16, u16), mode: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("configs/mlp.toml"))
+        .unwrap()
+        .replace("../data", repo_root().join("data").to_str().unwrap())
+        .replace("ports = [29500, 29599]", &format!("ports = [{}, {}]", ports.0, ports.1))
+        .replace("mode = \"sync\"", &format!("mode = \"{mode}\""));
+    let job = dir.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+#[test]
+fn the_mlp_reaches_84_percent_on_the_shipped_data_in_sync_mode() {
+    let dir = scratch("mlp-sync");
+    let s = launch(&mlp_job(&dir, (29830, 29840), "sync"), &dir.join("run"));
+    let acc = s["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.84, "test accuracy {acc}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn async_training_converges_too() {
+    let dir = scratch("mlp-async");
+    let s = launch(&mlp_job(&dir, (29850, 29860), "async"), &dir.join("run"));
+    let acc = s["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.80, "test accuracy {acc}");
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.csv")).unwrap();
+    let losses: Vec<f64> = metrics.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert!(losses.last().unwrap() < &(losses[0] * 0.8), "training loss fell: {losses:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
