@@ -20,6 +20,50 @@ pub fn add_into(acc: &mut [f32], x: &[f32]) {
     }
 }
 
+/// Wire conversions: `f32` slices to and from little-endian bytes with one
+/// memory copy (bytemuck casts) on little-endian machines, which is every
+/// machine warden targets; a per-element path keeps big-endian correct.
+pub mod bytes {
+    /// Appends `src` as little-endian bytes to `out`.
+    pub fn extend_le(out: &mut Vec<u8>, src: &[f32]) {
+        if cfg!(target_endian = "little") {
+            out.extend_from_slice(bytemuck::cast_slice(src));
+        } else {
+            out.reserve(src.len() * 4);
+            for v in src {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+
+    /// Copies little-endian bytes into `dst`.
+    ///
+    /// # Panics
+    /// If `src.len() != 4 * dst.len()`.
+    pub fn copy_from_le(dst: &mut [f32], src: &[u8]) {
+        assert_eq!(src.len(), dst.len() * 4, "copy_from_le: length mismatch");
+        if cfg!(target_endian = "little") {
+            bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src);
+        } else {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+
+    /// `acc[i] += f32::from_le_bytes(src[4i..4i+4])`: sums a received
+    /// gradient without decoding it into a buffer first.
+    ///
+    /// # Panics
+    /// If `src.len() != 4 * acc.len()`.
+    pub fn add_from_le(acc: &mut [f32], src: &[u8]) {
+        assert_eq!(src.len(), acc.len() * 4, "add_from_le: length mismatch");
+        for (a, c) in acc.iter_mut().zip(src.chunks_exact(4)) {
+            *a += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+}
+
 /// Per-element gradient preprocessing shared by every update rule: the
 /// summed gradient is scaled (1 / workers), clipped to `[-clip, clip]` when
 /// `clip > 0` (MXNet's `clip_gradient`, elementwise so it shards cleanly),
@@ -208,6 +252,19 @@ mod tests {
         momentum_update(&mut p, &mut v, &[1.0], PLAIN, 1.0, 0.5, false);
         assert_eq!(v, vec![1.5]);
         assert_eq!(p, vec![-2.5]);
+    }
+
+    #[test]
+    fn byte_conversions_round_trip_on_odd_lengths_and_offsets() {
+        let v: Vec<f32> = (0..1003).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let mut out = vec![0xAA]; // misalign the payload
+        bytes::extend_le(&mut out, &v);
+        let mut back = vec![0.0; v.len()];
+        bytes::copy_from_le(&mut back, &out[1..]);
+        assert_eq!(back, v);
+        let mut acc = vec![1.0; v.len()];
+        bytes::add_from_le(&mut acc, &out[1..]);
+        assert!(acc.iter().zip(&v).all(|(a, b)| *a == b + 1.0));
     }
 
     #[test]

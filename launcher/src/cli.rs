@@ -76,6 +76,25 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Measure warden on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Parameter-server throughput: W workers push and pull P floats through S servers over mutual TLS.
+    #[command(after_help = "Example:\n  warden bench ps --workers 2 --servers 1 --params 4e6 --iters 50\n\n\
+        Prints: warden ps: W=2 S=1 P=4000000 steps_per_s=.. worker_GBps=..\n\
+        worker_GBps counts the bytes one worker pushed plus pulled per second; steps/s are the slowest worker's. \
+        docs/benchmarks.md has reference figures.")]
+    Ps(crate::commands::bench::PsArgs),
+    /// Worker compute: forward, backward and update of the MLP on one core, no network.
+    #[command(after_help = "Example:\n  warden bench worker --hidden 256 --batch 64\n\n\
+        Prints: warden worker: mlp 784-256-10 batch=64 samples_per_s=.. step_ms=..\n\
+        Run from the repository root to use the shipped data.")]
+    Worker(crate::commands::bench::WorkerArgs),
 }
 
 /// Parses arguments and runs the command; returns the exit code.
@@ -97,5 +116,7 @@ pub fn main() -> u8 {
         Command::Launch { job, local, run_dir, no_progress } => {
             crate::commands::launch::exec(&job, local, run_dir, !no_progress)
         }
+        Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
+        Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),
     }
 }

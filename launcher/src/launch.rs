@@ -44,6 +44,8 @@ pub struct LaunchOptions {
     pub run_dir: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Print a line per epoch.
+    pub epoch_lines: bool,
 }
 
 /// How the job ended.
@@ -53,6 +55,8 @@ pub struct Outcome {
     pub run_dir: PathBuf,
     /// What was written to `summary.json`.
     pub summary: Summary,
+    /// Every completed epoch.
+    pub epochs: Vec<EpochRow>,
 }
 
 /// What the workers reported about one epoch so far.
@@ -62,6 +66,7 @@ struct EpochParts {
     eval: Option<(f64, f64)>,
     steps: u64,
     samples_per_s: f64,
+    slowest: Option<f64>,
     bytes_pushed: u64,
     bytes_pulled: u64,
 }
@@ -85,9 +90,9 @@ struct Proc {
 /// Loads, checks and plans a job for launching.
 pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), LaunchError> {
     let (spec, text) = JobSpec::load(job)?;
-    if local {
-        let mut files = spec.data.train.files("train");
-        files.extend(spec.data.test.iter().flat_map(|t| t.files("test")));
+    if let (true, Some(data)) = (local, &spec.data) {
+        let mut files = data.train.files("train");
+        files.extend(data.test.iter().flat_map(|t| t.files("test")));
         for (key, path) in &files {
             if !path.is_file() {
                 return Err(LaunchError::Input(format!(
@@ -120,15 +125,17 @@ pub async fn launch(
         JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
             .map_err(|e| LaunchError::Setup(e.to_string()))?,
     );
-    eprintln!(
-        "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
-        spec.name,
-        plan.job_id,
-        plan.processes.len(),
-        plan.hosts.len(),
-        if plan.local { ", all local" } else { "" },
-        run.path().display()
-    );
+    if opts.epoch_lines {
+        eprintln!(
+            "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
+            spec.name,
+            plan.job_id,
+            plan.processes.len(),
+            plan.hosts.len(),
+            if plan.local { ", all local" } else { "" },
+            run.path().display()
+        );
+    }
 
     let base_dir = std::path::absolute(job.parent().unwrap_or(Path::new(".")))
         .map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))?;
@@ -193,6 +200,7 @@ pub async fn launch(
                     e.losses.push(train_loss);
                     e.steps = steps;
                     e.samples_per_s += samples_per_s;
+                    e.slowest = Some(e.slowest.map_or(samples_per_s, |v: f64| v.min(samples_per_s)));
                     e.bytes_pushed += bytes_pushed;
                     e.bytes_pulled += bytes_pulled;
                 }
@@ -237,20 +245,23 @@ pub async fn launch(
                 test_accuracy,
                 steps: parts.steps,
                 samples_per_s: parts.samples_per_s,
+                slowest_worker_samples_per_s: parts.slowest.unwrap_or_default(),
                 bytes_pushed: parts.bytes_pushed,
                 bytes_pulled: parts.bytes_pulled,
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
-            progress.println(&format!(
-                "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
-                row.epoch,
-                spec.training.epochs,
-                row.train_loss,
-                row.test_loss,
-                row.test_accuracy,
-                row.samples_per_s,
-                row.elapsed_s
-            ));
+            if opts.epoch_lines {
+                progress.println(&format!(
+                    "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
+                    row.epoch,
+                    spec.training.epochs,
+                    row.train_loss,
+                    row.test_loss,
+                    row.test_accuracy,
+                    row.samples_per_s,
+                    row.elapsed_s
+                ));
+            }
             run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
             rows.push(row);
             epochs.pop_first();
@@ -306,7 +317,7 @@ pub async fn launch(
             .collect(),
     };
     run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
-    Ok(Outcome { run_dir: run.path().to_path_buf(), summary })
+    Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
 }
 
 /// Starts one agent, sends its bundle, and spawns the tasks that serve it.

@@ -32,6 +32,8 @@ pub struct EpochRow {
     pub steps: u64,
     /// Training samples per second, all workers together.
     pub samples_per_s: f64,
+    /// The slowest worker's samples per second.
+    pub slowest_worker_samples_per_s: f64,
     /// Bytes all workers pushed to servers in the epoch.
     pub bytes_pushed: u64,
     /// Bytes all workers pulled from servers in the epoch.

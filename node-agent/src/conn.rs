@@ -148,6 +148,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// Receives one frame whose tag the peer's role may send, without
+    /// decoding its payload (for the hot push/pull path). A peer's `Error`
+    /// becomes [`ConnError::Refused`].
+    pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
+        if !read_frame(&mut self.stream, self.max_frame, &mut self.rbuf).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        let tag = *self.rbuf.first().ok_or_else(|| DecodeError("empty frame".into()))?;
+        let (name, senders) =
+            crate::wire::tag_info(tag).ok_or_else(|| DecodeError(format!("unknown message tag {tag}")))?;
+        if !senders.contains(&self.peer.role) {
+            return Err(ConnError::Unauthorized { role: self.peer.role, message: name });
+        }
+        if name == "error"
+            && let Ok(Message::Error { message }) = Message::decode(&self.rbuf)
+        {
+            return Err(ConnError::Refused { peer: self.peer.to_string(), message });
+        }
+        Ok(&self.rbuf)
+    }
+
+    /// Sends an already encoded frame.
+    pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ConnError> {
+        self.stream.write_all(frame).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
     /// Sends one message; returns the bytes of the frame.
     pub async fn send(&mut self, msg: &Message) -> Result<usize, ConnError> {
         self.wbuf.clear();

@@ -14,11 +14,14 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use warden_kernels::{Strides, sgemm};
 
-use crate::spec::ModelSpec;
+use crate::spec::{ModelKind, ModelSpec};
 use crate::train_rng::{Stream, rng};
 
 /// Number of parameters of a model.
 pub fn num_params(m: &ModelSpec) -> usize {
+    if m.kind == ModelKind::Synthetic {
+        return m.params;
+    }
     m.widths().windows(2).map(|w| w[0] * w[1] + w[1]).sum()
 }
 
@@ -46,6 +49,9 @@ fn layers(m: &ModelSpec) -> Vec<Layer> {
 
 /// Named tensors of the flat vector, for model files: (name, shape, range).
 pub fn layout(m: &ModelSpec) -> Vec<(String, Vec<usize>, Range<usize>)> {
+    if m.kind == ModelKind::Synthetic {
+        return vec![("params".into(), vec![m.params], 0..m.params)];
+    }
     layers(m)
         .into_iter()
         .enumerate()
@@ -64,6 +70,9 @@ pub fn layout(m: &ModelSpec) -> Vec<(String, Vec<usize>, Range<usize>)> {
 pub fn init(m: &ModelSpec, seed: u64) -> Vec<f32> {
     let mut r = rng(seed, Stream::Init);
     let mut p = vec![0.0f32; num_params(m)];
+    if m.kind == ModelKind::Synthetic {
+        return p;
+    }
     let all = layers(m);
     let last = all.len() - 1;
     for (i, l) in all.into_iter().enumerate() {
@@ -253,7 +262,6 @@ impl Workspace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::ModelKind;
 
     fn check_gradient(m: &ModelSpec) {
         let mut p = init(m, 7);
@@ -289,22 +297,44 @@ mod tests {
 
     #[test]
     fn softmax_gradient_matches_finite_differences() {
-        check_gradient(&ModelSpec { kind: ModelKind::Softmax, inputs: 5, classes: 3, hidden: vec![], dropout: 0.0 });
+        check_gradient(&ModelSpec {
+            kind: ModelKind::Softmax,
+            inputs: 5,
+            classes: 3,
+            hidden: vec![],
+            dropout: 0.0,
+            params: 0,
+        });
     }
 
     #[test]
     fn mlp_gradient_matches_finite_differences() {
-        check_gradient(&ModelSpec { kind: ModelKind::Mlp, inputs: 5, classes: 3, hidden: vec![7, 4], dropout: 0.0 });
+        check_gradient(&ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 5,
+            classes: 3,
+            hidden: vec![7, 4],
+            dropout: 0.0,
+            params: 0,
+        });
     }
 
     #[test]
     fn mlp_with_dropout_gradient_matches_finite_differences() {
-        check_gradient(&ModelSpec { kind: ModelKind::Mlp, inputs: 5, classes: 3, hidden: vec![8], dropout: 0.3 });
+        check_gradient(&ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 5,
+            classes: 3,
+            hidden: vec![8],
+            dropout: 0.3,
+            params: 0,
+        });
     }
 
     #[test]
     fn layout_covers_the_vector() {
-        let m = ModelSpec { kind: ModelKind::Mlp, inputs: 784, classes: 10, hidden: vec![256], dropout: 0.0 };
+        let m =
+            ModelSpec { kind: ModelKind::Mlp, inputs: 784, classes: 10, hidden: vec![256], dropout: 0.0, params: 0 };
         let l = layout(&m);
         assert_eq!(l.iter().map(|(_, _, r)| r.len()).sum::<usize>(), num_params(&m));
         assert_eq!(num_params(&m), 784 * 256 + 256 + 256 * 10 + 10);

@@ -60,7 +60,7 @@ pub mod raw {
         pub job: Spanned<Job>,
         pub cluster: Spanned<Cluster>,
         pub model: Spanned<Model>,
-        pub data: Spanned<Data>,
+        pub data: Option<Spanned<Data>>,
         pub optimizer: Spanned<Optimizer>,
         pub training: Spanned<Training>,
         #[serde(default)]
@@ -101,8 +101,9 @@ pub mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Model {
         pub kind: Spanned<String>,
-        pub inputs: Spanned<i64>,
-        pub classes: Spanned<i64>,
+        pub inputs: Option<Spanned<i64>>,
+        pub classes: Option<Spanned<i64>>,
+        pub params: Option<Spanned<i64>>,
         pub hidden: Option<Spanned<Vec<Spanned<i64>>>>,
         pub dropout: Option<Spanned<f64>>,
     }
@@ -148,6 +149,7 @@ pub mod raw {
         pub epochs: Spanned<i64>,
         pub batch_size: Spanned<i64>,
         pub mode: Option<Spanned<String>>,
+        pub steps: Option<Spanned<i64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -172,8 +174,8 @@ pub struct JobSpec {
     pub cluster: ClusterSpec,
     /// The model to train.
     pub model: ModelSpec,
-    /// Where the data is.
-    pub data: DataSpec,
+    /// Where the data is (none for the synthetic benchmark model).
+    pub data: Option<DataSpec>,
     /// The optimizer the servers apply: data, never code.
     pub optimizer: OptimizerSpec,
     /// The training loop.
@@ -239,6 +241,8 @@ pub struct ModelSpec {
     pub hidden: Vec<usize>,
     /// Dropout probability after each hidden layer, in training only.
     pub dropout: f32,
+    /// Parameters of the synthetic model (0 for the others).
+    pub params: usize,
 }
 
 impl ModelSpec {
@@ -256,6 +260,9 @@ pub enum ModelKind {
     Softmax,
     /// Multilayer perceptron: ReLU hidden layers, softmax output.
     Mlp,
+    /// No model and no data: `params` floats pushed and pulled every step,
+    /// for measuring the parameter server (`warden bench ps`).
+    Synthetic,
 }
 
 /// `[data]`, with paths resolved against the job file's directory.
@@ -323,6 +330,8 @@ pub struct TrainingSpec {
     pub batch_size: usize,
     /// Sync or async updates.
     pub mode: SyncMode,
+    /// Steps per epoch of the synthetic model (0 otherwise: set by the data).
+    pub synthetic_steps: usize,
 }
 
 /// How servers combine pushes.
@@ -614,6 +623,7 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
     let kind = match m.kind.get_ref().as_str() {
         "softmax" => ModelKind::Softmax,
         "mlp" => ModelKind::Mlp,
+        "synthetic" => ModelKind::Synthetic,
         other => {
             return Err(src.err(
                 m.kind.span(),
@@ -622,8 +632,32 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             ));
         }
     };
-    let inputs = int_in(src, &m.inputs, "inputs", 1, 1 << 24, "the number of input features, 784 for 28x28 images")?;
-    let classes = int_in(src, &m.classes, "classes", 2, 256, "the number of classes (2 to 256), 10 for Fashion-MNIST")?;
+    let synthetic = kind == ModelKind::Synthetic;
+    let required =
+        |v: &Option<toml::Spanned<i64>>, what: &str, lo: i64, hi: i64, help: &str| -> Result<usize, SpecError> {
+            match v {
+                Some(v) if synthetic => {
+                    Err(src.err(v.span(), format!("the synthetic model has no `{what}`"), "remove it"))
+                }
+                Some(v) => int_in(src, v, what, lo, hi, help),
+                None if synthetic => Ok(0),
+                None => Err(src.err(raw.model.span(), format!("[model] needs `{what}`"), help)),
+            }
+        };
+    let inputs = required(&m.inputs, "inputs", 1, 1 << 24, "the number of input features, 784 for 28x28 images")?;
+    let classes = required(&m.classes, "classes", 2, 256, "the number of classes (2 to 256), 10 for Fashion-MNIST")?;
+    let params = match (&m.params, synthetic) {
+        (Some(p), true) => int_in(src, p, "params", 1, 1 << 30, "floats pushed and pulled per step, such as 4000000")?,
+        (None, true) => {
+            return Err(src.err(
+                m.kind.span(),
+                "the synthetic model needs `params`",
+                "add for example params = 4000000",
+            ));
+        }
+        (Some(p), false) => return Err(src.err(p.span(), "`params` belongs to kind = \"synthetic\"", "remove it")),
+        (None, false) => 0,
+    };
     let mut hidden = Vec::new();
     match (kind, &m.hidden) {
         (ModelKind::Softmax, Some(h)) => {
@@ -655,10 +689,10 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
                 )?);
             }
         }
-        (ModelKind::Softmax, None) => {}
+        (ModelKind::Softmax | ModelKind::Synthetic, None) => {}
     }
     let dropout = match &m.dropout {
-        Some(d) if kind == ModelKind::Softmax => {
+        Some(d) if kind != ModelKind::Mlp => {
             return Err(src.err(
                 d.span(),
                 "dropout applies to hidden layers; softmax regression has none",
@@ -675,103 +709,21 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         Some(d) => *d.get_ref() as f32,
         None => 0.0,
     };
-    let model = ModelSpec { kind, inputs, classes, hidden, dropout };
+    let model = ModelSpec { kind, inputs, classes, hidden, dropout, params };
 
     // [data]
-    let d = raw.data.get_ref();
-    let format = match d.format.get_ref().as_str() {
-        "idx" => DataFormat::Idx,
-        "csv" => DataFormat::Csv,
-        "libsvm" => DataFormat::Libsvm,
-        other => {
+    let data = match (&raw.data, synthetic) {
+        (Some(d), true) => return Err(src.err(d.span(), "the synthetic model reads no data", "remove [data]")),
+        (None, false) => {
             return Err(src.err(
-                d.format.span(),
-                format!("unknown data format `{other}`"),
-                "supported: \"idx\", \"csv\", \"libsvm\"",
+                0..0,
+                "missing field `data`",
+                "add it; configs/local.toml shows every section with its keys",
             ));
         }
+        (None, true) => None,
+        (Some(d), false) => Some(convert_data(src, d, base_dir)?),
     };
-    let path = |p: &toml::Spanned<String>| -> Result<PathBuf, SpecError> {
-        if p.get_ref().trim().is_empty() {
-            return Err(src.err(p.span(), "path is empty", "name a file, relative to the job file or absolute"));
-        }
-        Ok(base_dir.join(p.get_ref()))
-    };
-    let idx_keys = [&d.train_images, &d.train_labels, &d.test_images, &d.test_labels];
-    let file_keys = [&d.train, &d.test];
-    let (train, test) = if format == DataFormat::Idx {
-        if let Some(k) = file_keys.iter().find_map(|k| k.as_ref()) {
-            return Err(src.err(
-                k.span(),
-                "IDX data is named with train_images/train_labels (and test_images/test_labels)",
-                "use those keys, or set format = \"csv\" or \"libsvm\"",
-            ));
-        }
-        let (Some(ti), Some(tl)) = (&d.train_images, &d.train_labels) else {
-            return Err(src.err(raw.data.span(), "IDX data needs train_images and train_labels", "name both files"));
-        };
-        let train = DataFiles::Idx { images: path(ti)?, labels: path(tl)? };
-        let test = match (&d.test_images, &d.test_labels) {
-            (Some(i), Some(l)) => Some(DataFiles::Idx { images: path(i)?, labels: path(l)? }),
-            (None, None) => None,
-            (Some(k), None) | (None, Some(k)) => {
-                return Err(src.err(
-                    k.span(),
-                    "test_images and test_labels go together",
-                    "name both, or neither to hold out test_fraction of the training set",
-                ));
-            }
-        };
-        (train, test)
-    } else {
-        if let Some(k) = idx_keys.iter().find_map(|k| k.as_ref()) {
-            return Err(src.err(
-                k.span(),
-                "CSV and LIBSVM data are named with `train` (and `test`)",
-                "use train = \"file\", or set format = \"idx\"",
-            ));
-        }
-        let Some(t) = &d.train else {
-            return Err(src.err(raw.data.span(), "the training file is missing", "add train = \"path/to/train.csv\""));
-        };
-        (DataFiles::File(path(t)?), d.test.as_ref().map(path).transpose()?.map(DataFiles::File))
-    };
-    let test_fraction = match &d.test_fraction {
-        Some(f) if test.is_some() => {
-            return Err(src.err(
-                f.span(),
-                "test_fraction applies only when no test files are given",
-                "remove test_fraction, or the test files",
-            ));
-        }
-        Some(f) if !(*f.get_ref() > 0.0 && *f.get_ref() < 0.9) => {
-            return Err(src.err(
-                f.span(),
-                format!("test_fraction must be in (0, 0.9), not {}", f.get_ref()),
-                "0.1 holds out a tenth of the training set",
-            ));
-        }
-        Some(f) => *f.get_ref() as f32,
-        None => 0.1,
-    };
-    if let (Some(h), false) = (&d.header, format == DataFormat::Csv) {
-        return Err(src.err(h.span(), "`header` applies to CSV files only", "remove it"));
-    }
-    let scale = match &d.scale {
-        Some(v) if !(v.get_ref().is_finite() && *v.get_ref() != 0.0) => {
-            return Err(src.err(
-                v.span(),
-                "scale must be a finite, non-zero number",
-                "for example scale = 0.00392 (1/255)",
-            ));
-        }
-        Some(v) => *v.get_ref() as f32,
-        None if format == DataFormat::Idx => 1.0 / 255.0,
-        None => 1.0,
-    };
-    let data =
-        DataSpec { format, train, test, test_fraction, header: d.header.as_ref().is_some_and(|h| *h.get_ref()), scale };
-
     // [optimizer]
     let o = raw.optimizer.get_ref();
     let f32_of = |v: &Option<toml::Spanned<f64>>, default: f32| v.as_ref().map_or(default, |x| *x.get_ref() as f32);
@@ -918,7 +870,25 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             return Err(src.err(span, format!("unknown training mode `{other}`"), "use \"sync\" or \"async\""));
         }
     };
-    let training = TrainingSpec { epochs, batch_size, mode };
+    let synthetic_steps = match (&t.steps, synthetic) {
+        (Some(v), true) => int_in(src, v, "steps", 1, 1_000_000, "timed steps per epoch, such as 100")?,
+        (None, true) => {
+            return Err(src.err(
+                raw.training.span(),
+                "the synthetic model needs [training] steps",
+                "add for example steps = 100",
+            ));
+        }
+        (Some(v), false) => {
+            return Err(src.err(
+                v.span(),
+                "`steps` belongs to the synthetic model; real data sets the steps",
+                "remove it",
+            ));
+        }
+        (None, false) => 0,
+    };
+    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps };
 
     // [limits]
     let mut limits = LimitsSpec::default();
@@ -958,6 +928,101 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         ));
     }
     Ok(spec)
+}
+
+fn convert_data(src: &Src<'_>, raw_data: &toml::Spanned<raw::Data>, base_dir: &Path) -> Result<DataSpec, SpecError> {
+    let d = raw_data.get_ref();
+    let format = match d.format.get_ref().as_str() {
+        "idx" => DataFormat::Idx,
+        "csv" => DataFormat::Csv,
+        "libsvm" => DataFormat::Libsvm,
+        other => {
+            return Err(src.err(
+                d.format.span(),
+                format!("unknown data format `{other}`"),
+                "supported: \"idx\", \"csv\", \"libsvm\"",
+            ));
+        }
+    };
+    let path = |p: &toml::Spanned<String>| -> Result<PathBuf, SpecError> {
+        if p.get_ref().trim().is_empty() {
+            return Err(src.err(p.span(), "path is empty", "name a file, relative to the job file or absolute"));
+        }
+        Ok(base_dir.join(p.get_ref()))
+    };
+    let idx_keys = [&d.train_images, &d.train_labels, &d.test_images, &d.test_labels];
+    let file_keys = [&d.train, &d.test];
+    let (train, test) = if format == DataFormat::Idx {
+        if let Some(k) = file_keys.iter().find_map(|k| k.as_ref()) {
+            return Err(src.err(
+                k.span(),
+                "IDX data is named with train_images/train_labels (and test_images/test_labels)",
+                "use those keys, or set format = \"csv\" or \"libsvm\"",
+            ));
+        }
+        let (Some(ti), Some(tl)) = (&d.train_images, &d.train_labels) else {
+            return Err(src.err(raw_data.span(), "IDX data needs train_images and train_labels", "name both files"));
+        };
+        let train = DataFiles::Idx { images: path(ti)?, labels: path(tl)? };
+        let test = match (&d.test_images, &d.test_labels) {
+            (Some(i), Some(l)) => Some(DataFiles::Idx { images: path(i)?, labels: path(l)? }),
+            (None, None) => None,
+            (Some(k), None) | (None, Some(k)) => {
+                return Err(src.err(
+                    k.span(),
+                    "test_images and test_labels go together",
+                    "name both, or neither to hold out test_fraction of the training set",
+                ));
+            }
+        };
+        (train, test)
+    } else {
+        if let Some(k) = idx_keys.iter().find_map(|k| k.as_ref()) {
+            return Err(src.err(
+                k.span(),
+                "CSV and LIBSVM data are named with `train` (and `test`)",
+                "use train = \"file\", or set format = \"idx\"",
+            ));
+        }
+        let Some(t) = &d.train else {
+            return Err(src.err(raw_data.span(), "the training file is missing", "add train = \"path/to/train.csv\""));
+        };
+        (DataFiles::File(path(t)?), d.test.as_ref().map(path).transpose()?.map(DataFiles::File))
+    };
+    let test_fraction = match &d.test_fraction {
+        Some(f) if test.is_some() => {
+            return Err(src.err(
+                f.span(),
+                "test_fraction applies only when no test files are given",
+                "remove test_fraction, or the test files",
+            ));
+        }
+        Some(f) if !(*f.get_ref() > 0.0 && *f.get_ref() < 0.9) => {
+            return Err(src.err(
+                f.span(),
+                format!("test_fraction must be in (0, 0.9), not {}", f.get_ref()),
+                "0.1 holds out a tenth of the training set",
+            ));
+        }
+        Some(f) => *f.get_ref() as f32,
+        None => 0.1,
+    };
+    if let (Some(h), false) = (&d.header, format == DataFormat::Csv) {
+        return Err(src.err(h.span(), "`header` applies to CSV files only", "remove it"));
+    }
+    let scale = match &d.scale {
+        Some(v) if !(v.get_ref().is_finite() && *v.get_ref() != 0.0) => {
+            return Err(src.err(
+                v.span(),
+                "scale must be a finite, non-zero number",
+                "for example scale = 0.00392 (1/255)",
+            ));
+        }
+        Some(v) => *v.get_ref() as f32,
+        None if format == DataFormat::Idx => 1.0 / 255.0,
+        None => 1.0,
+    };
+    Ok(DataSpec { format, train, test, test_fraction, header: d.header.as_ref().is_some_and(|h| *h.get_ref()), scale })
 }
 
 #[cfg(test)]

@@ -78,6 +78,70 @@ pub struct DecodeError(pub String);
 
 const ALL: &[Role] = &[Role::Scheduler, Role::Server, Role::Worker];
 
+/// Tag of [`Message::Push`].
+pub const TAG_PUSH: u8 = 16;
+/// Tag of [`Message::Pull`].
+pub const TAG_PULL: u8 = 17;
+/// Tag of [`Message::Params`].
+pub const TAG_PARAMS: u8 = 18;
+
+/// Name and allowed senders of each tag: the one table authorization reads.
+pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
+    const SCHED: &[Role] = &[Role::Scheduler];
+    const WORKER: &[Role] = &[Role::Worker];
+    Some(match tag {
+        1 => ("welcome", &[Role::Scheduler, Role::Server]),
+        2 => ("register", &[Role::Server, Role::Worker]),
+        3 => ("set_optimizer", SCHED),
+        4 => ("start", SCHED),
+        5 => ("barrier", WORKER),
+        6 => ("barrier_done", SCHED),
+        7 => ("finished", WORKER),
+        8 => ("shutdown", SCHED),
+        9 => ("abort", SCHED),
+        TAG_PUSH => ("push", WORKER),
+        TAG_PULL => ("pull", WORKER),
+        TAG_PARAMS => ("params", &[Role::Server]),
+        31 => ("error", ALL),
+        _ => return None,
+    })
+}
+
+/// Encodes a push frame straight from a gradient slice (no intermediate vector).
+pub fn encode_push(step: u64, data: &[f32], out: &mut Vec<u8>) {
+    encode_vector_frame(TAG_PUSH, step, data, out)
+}
+
+/// Encodes a params frame straight from a parameter slice.
+pub fn encode_params(version: u64, data: &[f32], out: &mut Vec<u8>) {
+    encode_vector_frame(TAG_PARAMS, version, data, out)
+}
+
+fn encode_vector_frame(tag: u8, v: u64, data: &[f32], out: &mut Vec<u8>) {
+    let body = 1 + 8 + 4 + data.len() * 4;
+    out.reserve(HEADER_LEN + body);
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.push(tag);
+    out.extend_from_slice(&v.to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    warden_kernels::bytes::extend_le(out, data);
+}
+
+/// Splits a push or params body into its number and its raw little-endian
+/// values, checking the count against the bytes present; no allocation.
+pub fn vector_view(body: &[u8], want_tag: u8) -> Result<(u64, &[u8]), DecodeError> {
+    let mut r = Reader { buf: body, pos: 0 };
+    let tag = r.u8()?;
+    if tag != want_tag {
+        return Err(DecodeError(format!("expected tag {want_tag}, got {tag}")));
+    }
+    let v = r.u64()?;
+    let n = r.u32()? as usize;
+    let bytes = r.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
+    r.finish()?;
+    Ok((v, bytes))
+}
+
 impl Message {
     /// The message's name, for logs and errors.
     pub fn name(&self) -> &'static str {
@@ -147,7 +211,8 @@ impl Message {
             Message::Abort { reason: text } | Message::Error { message: text } => put_text(text, out),
             Message::Push { step: v, data } | Message::Params { version: v, data } => {
                 out.extend_from_slice(&v.to_le_bytes());
-                put_f32s(data, out);
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                warden_kernels::bytes::extend_le(out, data);
             }
             Message::Pull { min_version } => out.extend_from_slice(&min_version.to_le_bytes()),
         }
@@ -168,9 +233,9 @@ impl Message {
             7 => Message::Finished,
             8 => Message::Shutdown,
             9 => Message::Abort { reason: r.text()? },
-            16 => Message::Push { step: r.u64()?, data: r.f32s()? },
-            17 => Message::Pull { min_version: r.u64()? },
-            18 => Message::Params { version: r.u64()?, data: r.f32s()? },
+            TAG_PUSH => Message::Push { step: r.u64()?, data: r.f32s()? },
+            TAG_PULL => Message::Pull { min_version: r.u64()? },
+            TAG_PARAMS => Message::Params { version: r.u64()?, data: r.f32s()? },
             31 => Message::Error { message: r.text()? },
             tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
         };
@@ -187,14 +252,6 @@ fn put_text(text: &str, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&(end as u32).to_le_bytes());
     out.extend_from_slice(&text.as_bytes()[..end]);
-}
-
-fn put_f32s(data: &[f32], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.reserve(data.len() * 4);
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
 }
 
 const OPT_SGD: u8 = 0;
@@ -317,7 +374,9 @@ impl<'a> Reader<'a> {
         // The count is checked against the bytes actually present before
         // anything is allocated.
         let bytes = self.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        let mut out = vec![0.0f32; n];
+        warden_kernels::bytes::copy_from_le(&mut out, bytes);
+        Ok(out)
     }
     fn finish(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
@@ -404,6 +463,26 @@ mod tests {
         let last = schedule.len() - 1;
         schedule[last] = 7;
         assert_eq!(Message::decode(&schedule).unwrap_err().0, "unknown learning-rate schedule 7");
+    }
+
+    #[test]
+    fn fast_paths_match_the_general_codec() {
+        let data = vec![1.5f32, -2.0, 3.25];
+        let mut a = Vec::new();
+        encode_push(9, &data, &mut a);
+        let mut b = Vec::new();
+        Message::Push { step: 9, data: data.clone() }.encode_frame(&mut b);
+        assert_eq!(a, b);
+        let (step, raw) = vector_view(&a[4..], TAG_PUSH).unwrap();
+        assert_eq!((step, raw.len()), (9, 12));
+        assert!(vector_view(&a[4..], TAG_PARAMS).is_err());
+        assert!(vector_view(&a[4..a.len() - 1], TAG_PUSH).is_err());
+        for t in 0..=255u8 {
+            assert_eq!(
+                tag_info(t).is_some(),
+                Message::decode(&[t]).map(|_| true).unwrap_or_else(|e| !e.0.starts_with("unknown message tag"))
+            );
+        }
     }
 
     #[test]

@@ -228,3 +228,27 @@ fn agents_stop_when_the_launcher_dies() {
     let _ = child.wait();
     wait_gone(&tag);
 }
+
+#[test]
+fn bench_commands_print_their_figures() {
+    let out = Command::new(bin("warden"))
+        .args(["bench", "ps", "--workers", "2", "--servers", "2", "--params", "1e4", "--iters", "3"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("warden ps: W=2 S=2 P=10000 steps_per_s="), "{stdout}");
+    let gbps: f64 = stdout.trim().rsplit("worker_GBps=").next().unwrap().parse().unwrap();
+    assert!(gbps > 0.0);
+
+    let out = Command::new(bin("warden"))
+        .current_dir(repo_root())
+        .args(["bench", "worker", "--hidden", "32", "--steps", "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("warden worker: mlp 784-32-10 batch=64 samples_per_s="), "{stdout}");
+
+    let bad = Command::new(bin("warden")).args(["bench", "ps", "--params", "lots"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -120,7 +120,7 @@ mode = "sync"
     // The same computation in one process: every step, the four workers'
     // batches (as each worker chose them) form one batch of 64.
     let (spec, _) = JobSpec::load(&job).unwrap();
-    let (train, _) = warden_agent::data::load(&spec.data, &spec.model, 11, false).unwrap();
+    let (train, _) = warden_agent::data::load(spec.data.as_ref().unwrap(), &spec.model, 11, false).unwrap();
     let workers = 4;
     let b = 16;
     let steps = steps_per_epoch(train.len(), workers, b).unwrap();

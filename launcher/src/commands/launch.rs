@@ -37,7 +37,11 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool) -
             return EXIT_FAILED;
         }
     };
-    let opts = LaunchOptions { run_dir, progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) };
+    let opts = LaunchOptions {
+        run_dir,
+        progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        epoch_lines: true,
+    };
     let result = runtime.block_on(launch(
         job,
         spec,

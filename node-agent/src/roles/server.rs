@@ -16,7 +16,7 @@ use crate::conn::{Acceptor, ConnError, ServerConn};
 use crate::identity::Role;
 use crate::optimizer::{OptimizerSpec, ShardOptimizer};
 use crate::spec::SyncMode;
-use crate::wire::Message;
+use crate::wire::{Message, TAG_PUSH, vector_view};
 
 /// The shard and its update state.
 ///
@@ -27,6 +27,9 @@ struct Shard {
     version: watch::Sender<u64>,
     workers: usize,
     mode: SyncMode,
+    /// The encoded params frame of the newest version, made by the first
+    /// puller and shared by the rest: encode once, send W times.
+    frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 struct ShardState {
@@ -39,15 +42,17 @@ struct ShardState {
 }
 
 impl Shard {
-    fn push(&self, rank: u32, step: u64, data: &[f32]) -> Result<(), String> {
+    /// Applies a push whose values are raw little-endian bytes.
+    fn push(&self, rank: u32, step: u64, data: &[u8]) -> Result<(), String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if data.len() != st.params.len() {
-            return Err(format!("push of {} values, but this shard holds {}", data.len(), st.params.len()));
+        if data.len() != st.params.len() * 4 {
+            return Err(format!("push of {} values, but this shard holds {}", data.len() / 4, st.params.len()));
         }
         match self.mode {
             SyncMode::Async => {
-                let ShardState { params, opt, .. } = &mut *st;
-                opt.apply(params, data, 1);
+                let ShardState { params, opt, sum, .. } = &mut *st;
+                warden_kernels::bytes::copy_from_le(sum, data);
+                opt.apply(params, sum, 1);
             }
             SyncMode::Sync => {
                 if step != st.version {
@@ -59,7 +64,7 @@ impl Shard {
                     return Err(format!("worker {rank} pushed twice for step {step}"));
                 }
                 *slot = true;
-                warden_kernels::add_into(&mut st.sum, data);
+                warden_kernels::bytes::add_from_le(&mut st.sum, data);
                 st.count += 1;
                 if st.count < self.workers {
                     return Ok(());
@@ -76,9 +81,22 @@ impl Shard {
         Ok(())
     }
 
-    fn snapshot(&self) -> (u64, Vec<f32>) {
+    /// The encoded params frame of the current version.
+    fn params_frame(&self) -> Arc<Vec<u8>> {
+        let mut cache = self.frame.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        (st.version, st.params.clone())
+        if let Some((v, frame)) = cache.as_ref()
+            && *v == st.version
+        {
+            return frame.clone();
+        }
+        // Reuse the old buffer when no connection still holds it.
+        let mut buf = cache.take().and_then(|(_, f)| Arc::try_unwrap(f).ok()).unwrap_or_default();
+        buf.clear();
+        crate::wire::encode_params(st.version, &st.params, &mut buf);
+        let frame = Arc::new(buf);
+        *cache = Some((st.version, frame.clone()));
+        frame
     }
 }
 
@@ -111,6 +129,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         version: watch::Sender::new(0),
         workers,
         mode: ctx.spec.training.mode,
+        frame: Mutex::new(None),
     });
     tracing::info!("serving parameters {range:?} with {spec:?}");
     ctx.emit(crate::control::Event::Started);
@@ -154,12 +173,33 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard
 
 async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Result<(), ConnError> {
     let rank = conn.peer().rank;
-    let mut next = Some(first);
+    // The first message arrived decoded (it came through the deadline check).
+    let mut pending = Some(first);
     loop {
-        let msg = match next.take() {
-            Some(m) => m,
-            None => match conn.recv().await {
-                Ok(m) => m,
+        let outcome = match pending.take() {
+            Some(Message::Push { step, data }) => {
+                let mut raw = Vec::with_capacity(data.len() * 4);
+                warden_kernels::bytes::extend_le(&mut raw, &data);
+                Action::Push(step, raw)
+            }
+            Some(Message::Pull { min_version }) => Action::Pull(min_version),
+            Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
+            None => match conn.recv_raw().await {
+                Ok(body) => match body[0] {
+                    TAG_PUSH => match vector_view(body, TAG_PUSH) {
+                        // Hot path: sum straight from the received bytes.
+                        Ok((step, data)) => match shard.push(rank, step, data) {
+                            Ok(()) => continue,
+                            Err(why) => Action::Refuse(why),
+                        },
+                        Err(e) => Action::Refuse(e.to_string()),
+                    },
+                    _ => match Message::decode(body) {
+                        Ok(Message::Pull { min_version }) => Action::Pull(min_version),
+                        Ok(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
+                        Err(e) => Action::Refuse(e.to_string()),
+                    },
+                },
                 Err(ConnError::Closed(_)) => return Ok(()),
                 Err(e) => {
                     conn.refuse_for(&e).await;
@@ -167,14 +207,14 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
                 }
             },
         };
-        match msg {
-            Message::Push { step, data } => {
-                if let Err(why) = shard.push(rank, step, &data) {
+        match outcome {
+            Action::Push(step, raw) => {
+                if let Err(why) = shard.push(rank, step, &raw) {
                     conn.refuse(&why).await;
                     return Err(ConnError::Setup(why));
                 }
             }
-            Message::Pull { min_version } => {
+            Action::Pull(min_version) => {
                 let mut rx = shard.version.subscribe();
                 let current = *rx.borrow();
                 if min_version > current + 1 {
@@ -184,14 +224,19 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
                 }
                 // The sender lives as long as the shard, so this only ends on success.
                 let _ = rx.wait_for(|v| *v >= min_version).await;
-                let (version, data) = shard.snapshot();
-                conn.send(&Message::Params { version, data }).await?;
+                let frame = shard.params_frame();
+                conn.send_frame(&frame).await?;
             }
-            other => {
-                let why = format!("`{}` is not something a server accepts", other.name());
+            Action::Refuse(why) => {
                 conn.refuse(&why).await;
                 return Err(ConnError::Setup(why));
             }
         }
     }
+}
+
+enum Action {
+    Push(u64, Vec<u8>),
+    Pull(u64),
+    Refuse(String),
 }

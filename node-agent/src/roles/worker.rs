@@ -15,7 +15,7 @@ use crate::identity::Role;
 use crate::model::{Batch, Workspace};
 use crate::spec::SyncMode;
 use crate::train_rng::{Stream, rng};
-use crate::wire::Message;
+use crate::wire::{Message, TAG_PARAMS, vector_view};
 
 /// A worker's data, loaded before training starts.
 #[derive(Debug)]
@@ -31,8 +31,13 @@ pub struct WorkerData {
 /// Loads this worker's training shard (and, for rank 0, the test set).
 pub fn load_data(ctx: &RoleCtx) -> Result<WorkerData, RoleError> {
     let rank = ctx.me().rank;
-    let (all, test) = crate::data::load(&ctx.spec.data, &ctx.spec.model, ctx.seed, rank == 0)
-        .map_err(|e| RoleError(e.to_string()))?;
+    let Some(data) = &ctx.spec.data else {
+        // The synthetic model: no samples, a fixed number of steps.
+        let empty = Dataset { features: 0, x: Vec::new(), y: Vec::new() };
+        return Ok(WorkerData { train: empty, test: None, steps: ctx.spec.training.synthetic_steps });
+    };
+    let (all, test) =
+        crate::data::load(data, &ctx.spec.model, ctx.seed, rank == 0).map_err(|e| RoleError(e.to_string()))?;
     let workers = ctx.plan.count(Role::Worker) as usize;
     let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError)?;
     Ok(WorkerData { train: all.shard(rank as usize, workers), test, steps })
@@ -60,57 +65,47 @@ pub fn epoch_order(seed: u64, rank: u32, epoch: u32, shard_len: usize) -> Vec<us
 }
 
 struct LinkCmd {
-    push: Option<(u64, Vec<f32>)>,
+    /// An encoded push frame (empty for a pull only).
+    push: Vec<u8>,
     min_version: u64,
+    /// Receives the params frame body; handed back in the reply.
+    body: Vec<u8>,
 }
 
 struct LinkReply {
-    version: u64,
-    data: Vec<f32>,
-    push_buf: Option<Vec<f32>>,
+    push: Vec<u8>,
+    body: Vec<u8>,
     bytes_out: u64,
-    bytes_in: u64,
 }
 
 /// One server connection, driven by its own task so that every server is
 /// pushed to and pulled from at the same time (and TLS work spreads over the
-/// runtime's threads).
+/// runtime's threads). Buffers travel with the commands and come back with
+/// the replies, so the steady state allocates nothing.
 struct Link {
     range: Range<usize>,
     version: u64,
     tx: mpsc::Sender<LinkCmd>,
     rx: mpsc::Receiver<Result<LinkReply, String>>,
-    spare: Vec<f32>,
+    push: Vec<u8>,
+    body: Vec<u8>,
 }
 
 fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
     let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
     let (reply_tx, rx) = mpsc::channel(1);
-    let len = range.len();
     tokio::spawn(async move {
-        while let Some(cmd) = cmd_rx.recv().await {
+        while let Some(LinkCmd { push, min_version, mut body }) = cmd_rx.recv().await {
             let result = async {
-                let mut bytes_out = 0u64;
-                let mut push_buf = None;
-                if let Some((step, data)) = cmd.push {
-                    let msg = Message::Push { step, data };
-                    bytes_out += conn.send(&msg).await.map_err(|e| e.to_string())? as u64;
-                    if let Message::Push { data, .. } = msg {
-                        push_buf = Some(data);
-                    }
+                let mut bytes_out = push.len() as u64;
+                if !push.is_empty() {
+                    conn.send_frame(&push).await.map_err(|e| e.to_string())?;
                 }
-                bytes_out +=
-                    conn.send(&Message::Pull { min_version: cmd.min_version }).await.map_err(|e| e.to_string())? as u64;
-                match conn.recv().await.map_err(|e| e.to_string())? {
-                    Message::Params { version, data } if data.len() == len => {
-                        let bytes_in = 4 + 1 + 8 + 4 + 4 * data.len() as u64;
-                        Ok(LinkReply { version, data, push_buf, bytes_out, bytes_in })
-                    }
-                    Message::Params { data, .. } => {
-                        Err(format!("server sent {} values for a shard of {len}", data.len()))
-                    }
-                    m => Err(format!("unexpected `{}` from a server", m.name())),
-                }
+                bytes_out += conn.send(&Message::Pull { min_version }).await.map_err(|e| e.to_string())? as u64;
+                let raw = conn.recv_raw().await.map_err(|e| e.to_string())?;
+                body.clear();
+                body.extend_from_slice(raw);
+                Ok(LinkReply { push, body, bytes_out })
             }
             .await;
             let failed = result.is_err();
@@ -119,7 +114,7 @@ fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
             }
         }
     });
-    Link { range, version: 0, tx, rx, spare: Vec::new() }
+    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new() }
 }
 
 /// Running totals for the metrics.
@@ -138,23 +133,33 @@ async fn exchange(
     t: &mut Traffic,
 ) -> Result<(), RoleError> {
     for link in links.iter_mut() {
-        let push = grad.map(|g| {
-            let mut buf = std::mem::take(&mut link.spare);
-            buf.clear();
-            buf.extend_from_slice(&g[link.range.clone()]);
-            (link.version, buf)
-        });
-        // Sync: wait for this step's aggregate. Async (or the first pull): take what is there.
+        let mut push = std::mem::take(&mut link.push);
+        push.clear();
+        if let Some(g) = grad {
+            crate::wire::encode_push(link.version, &g[link.range.clone()], &mut push);
+        }
+        // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
         let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
-        link.tx.send(LinkCmd { push, min_version }).await.map_err(|_| RoleError("lost a server link".into()))?;
+        let body = std::mem::take(&mut link.body);
+        link.tx.send(LinkCmd { push, min_version, body }).await.map_err(|_| RoleError("lost a server link".into()))?;
     }
     for link in links.iter_mut() {
         let reply = link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
-        params[link.range.clone()].copy_from_slice(&reply.data);
-        link.version = reply.version;
-        link.spare = reply.push_buf.unwrap_or_default();
+        let (version, values) =
+            vector_view(&reply.body, TAG_PARAMS).map_err(|e| RoleError(format!("from a server: {e}")))?;
+        if values.len() != link.range.len() * 4 {
+            return Err(RoleError(format!(
+                "server sent {} values for a shard of {}",
+                values.len() / 4,
+                link.range.len()
+            )));
+        }
+        warden_kernels::bytes::copy_from_le(&mut params[link.range.clone()], values);
+        link.version = version;
         t.pushed += reply.bytes_out;
-        t.pulled += reply.bytes_in;
+        t.pulled += (reply.body.len() + crate::wire::HEADER_LEN) as u64;
+        link.push = reply.push;
+        link.body = reply.body;
     }
     Ok(())
 }
@@ -195,6 +200,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let mut xb = vec![0.0f32; batch * f];
     let mut yb = vec![0u8; batch];
     let mut ws = Workspace::default();
+    let synthetic = spec.model.kind == crate::spec::ModelKind::Synthetic;
     let started = Instant::now();
     for epoch in 1..=spec.training.epochs {
         let epoch_start = Instant::now();
@@ -203,11 +209,17 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch });
         let mut loss_sum = 0.0f64;
         for step in 0..steps {
-            for (j, &i) in order[step * batch..(step + 1) * batch].iter().enumerate() {
-                xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
-                yb[j] = train.y[i];
-            }
-            let loss = ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout));
+            let loss = if synthetic {
+                // A small constant gradient: the parameters drift, nothing else.
+                grad.fill(1e-6);
+                0.0
+            } else {
+                for (j, &i) in order[step * batch..(step + 1) * batch].iter().enumerate() {
+                    xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
+                    yb[j] = train.y[i];
+                }
+                ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout))
+            };
             if !loss.is_finite() {
                 return Err(RoleError(format!(
                     "the training loss became {loss} at epoch {epoch}, step {}; lower [optimizer] lr or set clip_gradient",
@@ -225,7 +237,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             epoch,
             train_loss: loss_sum / steps as f64,
             steps: steps as u64,
-            samples_per_s: (steps * batch) as f64 / secs.max(1e-9),
+            samples_per_s: (steps * if synthetic { 1 } else { batch }) as f64 / secs.max(1e-9),
             bytes_pushed: traffic.pushed - before.0,
             bytes_pulled: traffic.pulled - before.1,
         });
@@ -240,6 +252,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             exchange(&mut links, &mut params, None, mode, &mut traffic).await?;
             let (test_loss, test_accuracy) = evaluate(&ctx, &mut ws, &params, test);
             ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
+        } else if synthetic && rank == 0 {
+            ctx.emit(Event::Eval { epoch, test_loss: 0.0, test_accuracy: 0.0 });
         }
     }
     tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());

@@ -1,0 +1,219 @@
+//! `warden bench ps`: parameter-server throughput, TLS on as always.
+//!
+//! Runs a local job of the synthetic model: every worker pushes a gradient of
+//! P floats to the servers and pulls the result, K untimed warm-up steps
+//! (one epoch) and then K timed ones, and prints one line:
+//! `warden ps: W=.. S=.. P=.. steps_per_s=.. worker_GBps=..` where
+//! `worker_GBps` is the bytes one worker pushed plus pulled per second, and
+//! steps per second are the slowest worker's.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::launch::{LaunchOptions, launch, prepare};
+use crate::transport::{LocalTransport, Transport, find_agent};
+
+/// Arguments of `warden bench ps`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PsArgs {
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Server processes.
+    #[arg(long, default_value_t = 1)]
+    pub servers: u32,
+    /// Floats pushed and pulled per step (scientific notation welcome: 4e6).
+    #[arg(long, default_value = "4e6", value_parser = parse_count)]
+    pub params: u64,
+    /// Timed steps (after as many warm-up steps).
+    #[arg(long, default_value_t = 50)]
+    pub iters: u32,
+    /// `sync` or `async`.
+    #[arg(long, default_value = "sync")]
+    pub mode: String,
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(1.0..=1e9).contains(&v) || v.fract() != 0.0 {
+        return Err(format!("{s} must be a whole number from 1 to 1e9"));
+    }
+    Ok(v as u64)
+}
+
+/// `count` consecutive free loopback ports.
+fn free_ports(count: u16) -> Option<u16> {
+    for _ in 0..100 {
+        let base = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        if base.checked_add(count).is_none_or(|end| end > 65000) || base < 1024 {
+            continue;
+        }
+        if (base..base + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return Some(base);
+        }
+    }
+    None
+}
+
+/// Runs the benchmark and prints its line.
+pub fn exec_ps(a: &PsArgs) -> u8 {
+    if a.workers == 0 || a.servers == 0 || a.iters == 0 {
+        eprintln!("error: --workers, --servers and --iters must be at least 1");
+        return EXIT_USAGE;
+    }
+    let Some(base) = free_ports(a.servers as u16 + 1) else {
+        eprintln!("error: no free port range on 127.0.0.1");
+        return EXIT_FAILED;
+    };
+    let frame_mib = ((a.params * 4).div_ceil(u64::from(a.servers)) >> 20) + 2;
+    let dir = std::env::temp_dir().join(format!("warden-bench-{}-{base}", std::process::id()));
+    let job = dir.join("bench.toml");
+    let text = format!(
+        "[job]\nname = \"bench-ps\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [{base}, {}]\n\n\
+         [[cluster.hosts]]\nname = \"localhost\"\naddress = \"127.0.0.1\"\nscheduler = 1\nservers = {}\nworkers = {}\n\n\
+         [model]\nkind = \"synthetic\"\nparams = {}\n\n[optimizer]\nkind = \"sgd\"\nlr = 0.001\n\n\
+         [training]\nepochs = 2\nbatch_size = 1\nsteps = {}\nmode = \"{}\"\n\n[limits]\nmax_frame_mib = {}\n",
+        base + a.servers as u16,
+        a.servers,
+        a.workers,
+        a.params,
+        a.iters,
+        a.mode,
+        frame_mib.min(1024),
+    );
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&job, text)) {
+        eprintln!("error: {e}");
+        return EXIT_FAILED;
+    }
+    let code = run(&job, dir.join("run"), a);
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
+fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
+    let (spec, text, plan) = match prepare(job, true) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let agent = match find_agent() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        return EXIT_FAILED;
+    };
+    let opts = LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false };
+    let outcome = runtime.block_on(launch(
+        job,
+        spec,
+        text,
+        plan,
+        move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
+        opts,
+    ));
+    let outcome = match outcome {
+        Ok(o) if o.summary.status == "succeeded" => o,
+        Ok(o) => {
+            eprintln!("error: the benchmark job failed: {}", o.summary.failure.unwrap_or_default());
+            return EXIT_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let Some(timed) = outcome.epochs.last() else {
+        eprintln!("error: the benchmark recorded no epoch");
+        return EXIT_FAILED;
+    };
+    let steps_per_s = timed.slowest_worker_samples_per_s;
+    let secs = timed.steps as f64 / steps_per_s.max(1e-9);
+    let per_worker = (timed.bytes_pushed + timed.bytes_pulled) as f64 / f64::from(a.workers);
+    println!(
+        "warden ps: W={} S={} P={} steps_per_s={:.2} worker_GBps={:.3}",
+        a.workers,
+        a.servers,
+        a.params,
+        steps_per_s,
+        per_worker / secs / 1e9
+    );
+    EXIT_OK
+}
+
+/// Arguments of `warden bench worker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Hidden layer widths of the MLP (comma-separated).
+    #[arg(long, default_value = "256", value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    /// Samples per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed steps (after 20 warm-up steps).
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+}
+
+/// Forward, backward and a local SGD step of the MLP on the shipped data,
+/// single-threaded: the compute a worker does per step, without the network.
+pub fn exec_worker(a: &WorkerArgs) -> u8 {
+    use warden_agent::model::{Batch, Workspace, init, num_params};
+    use warden_agent::spec::{ModelKind, ModelSpec};
+    if a.batch == 0 || a.steps == 0 || a.hidden.is_empty() || a.hidden.contains(&0) {
+        eprintln!("error: --batch, --steps and every hidden width must be at least 1");
+        return EXIT_USAGE;
+    }
+    // Shipped data when run from the repository, else synthetic pixels.
+    let shipped = PathBuf::from("data/fashion-mnist-small");
+    let (x, y) = match warden_agent::data::load_idx(
+        &shipped.join("train-images-idx3-ubyte.gz"),
+        &shipped.join("train-labels-idx1-ubyte.gz"),
+        784,
+        10,
+        1.0 / 255.0,
+    ) {
+        Ok(d) => (d.x, d.y),
+        Err(_) => {
+            ((0..8000 * 784).map(|i| (i % 251) as f32 / 251.0).collect(), (0..8000).map(|i| (i % 10) as u8).collect())
+        }
+    };
+    let m =
+        ModelSpec { kind: ModelKind::Mlp, inputs: 784, classes: 10, hidden: a.hidden.clone(), dropout: 0.0, params: 0 };
+    let mut params = init(&m, 1);
+    let mut grad = vec![0.0; num_params(&m)];
+    let mut opt =
+        warden_agent::optimizer::ShardOptimizer::new(warden_agent::optimizer::OptimizerSpec::sgd(0.01), grad.len());
+    let mut ws = Workspace::default();
+    let n = y.len();
+    let b = a.batch.min(n);
+    let mut step = |i: usize| {
+        let start = (i * b) % (n - b + 1);
+        let batch = Batch { x: &x[start * 784..(start + b) * 784], y: &y[start..start + b] };
+        ws.loss_and_grad::<warden_agent::train_rng::TrainRng>(&m, &params, &batch, &mut grad, None);
+        opt.apply(&mut params, &grad, 1);
+    };
+    for i in 0..20 {
+        step(i);
+    }
+    let t = std::time::Instant::now();
+    for i in 0..a.steps {
+        step(i);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let hidden: Vec<String> = a.hidden.iter().map(usize::to_string).collect();
+    println!(
+        "warden worker: mlp 784-{}-10 batch={} samples_per_s={:.0} step_ms={:.3}",
+        hidden.join("-"),
+        b,
+        (a.steps * b) as f64 / secs,
+        secs * 1e3 / a.steps as f64
+    );
+    EXIT_OK
+}
