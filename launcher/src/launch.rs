@@ -265,6 +265,11 @@ pub async fn launch(
             run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
             rows.push(row);
             epochs.pop_first();
+            if spec.data.is_some()
+                && let Err(e) = crate::plot::draw(&run.path().join("plot.png"), &rows)
+            {
+                tracing::warn!("cannot draw plot.png: {e}");
+            }
         }
         if let Some((i, path)) = model_at.take() {
             match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir()).await {

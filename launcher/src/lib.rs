@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`cli`] parses arguments; [`commands`] has one module per subcommand.
 //! - [`launch`] orchestrates a job over a [`transport::Transport`].
-//! - [`rundir`] writes what a run leaves behind.
+//! - [`rundir`] writes what a run leaves behind; [`plot`] draws it.
 //!
 //! The job spec, plan and identities come from the agent's library
 //! (`warden_agent`), never re-implemented here.
@@ -13,5 +13,6 @@
 pub mod cli;
 pub mod commands;
 pub mod launch;
+pub mod plot;
 pub mod rundir;
 pub mod transport;

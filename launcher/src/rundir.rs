@@ -5,6 +5,7 @@
 //! DIR/job.toml        the job file as launched
 //! DIR/plan.json       the resolved plan
 //! DIR/metrics.csv     one row per epoch
+//! DIR/plot.png        loss and accuracy per epoch
 //! DIR/logs/           one log per process (stderr, plus its events)
 //! DIR/model/          model.safetensors
 //! DIR/summary.json    how it ended

@@ -104,6 +104,9 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     assert_eq!(header["fc0.bias"]["dtype"], "F32");
     assert_eq!(model.len(), 8 + n + (784 * 10 + 10) * 4);
 
+    let png = std::fs::read(run.join("plot.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
     // Secrets and scratch are gone; the run says which job it was.
     assert!(!run.join("nodes").exists());
     let plan: serde_json::Value =
