@@ -14,6 +14,8 @@
 //! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
 #![deny(missing_docs)]
 
+pub use warden_kernels as kernels;
+
 pub mod agent;
 pub mod artifact;
 pub mod conn;

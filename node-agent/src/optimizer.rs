@@ -10,7 +10,7 @@
 use std::fmt;
 
 use serde::Serialize;
-use warden_kernels::{AdamParams, GradPrep};
+use warden_kernels::{Grad, GradPrep, Rule, Update};
 
 /// Which update rule, with its rule-specific numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -232,24 +232,25 @@ impl ShardOptimizer {
         self.t
     }
 
-    /// Applies one update: `grad_sum` is the sum of `count` workers' gradients.
-    pub fn apply(&mut self, params: &mut [f32], grad_sum: &[f32], count: usize) {
+    /// Applies one update from `count` workers' gradients (their mean is
+    /// what the rule sees), summing and updating in one fused pass.
+    pub fn apply(&mut self, params: &mut [f32], grads: &[Grad<'_>], count: usize) {
         self.t += 1;
         let s = self.spec;
-        let lr = s.lr_at(self.t);
         let coupled = if matches!(s.kind, OptimizerKind::AdamW { .. }) { 0.0 } else { s.weight_decay };
         let prep = GradPrep { scale: 1.0 / count.max(1) as f32, clip: s.clip_gradient, weight_decay: coupled };
-        match s.kind {
-            OptimizerKind::Sgd => warden_kernels::sgd_update(params, grad_sum, prep, lr),
-            OptimizerKind::Momentum { momentum, nesterov } => {
-                warden_kernels::momentum_update(params, &mut self.slot1, grad_sum, prep, lr, momentum, nesterov)
+        let rule = match s.kind {
+            OptimizerKind::Sgd => Rule::Sgd,
+            OptimizerKind::Momentum { momentum, nesterov } => Rule::Momentum { momentum, nesterov },
+            OptimizerKind::Adam { beta1, beta2, eps } => {
+                Rule::Adam { beta1, beta2, eps, decoupled_decay: 0.0, t: self.t }
             }
-            OptimizerKind::Adam { beta1, beta2, eps } | OptimizerKind::AdamW { beta1, beta2, eps } => {
-                let decoupled_decay = if matches!(s.kind, OptimizerKind::AdamW { .. }) { s.weight_decay } else { 0.0 };
-                let a = AdamParams { lr, beta1, beta2, eps, decoupled_decay, t: self.t };
-                warden_kernels::adam_update(params, &mut self.slot1, &mut self.slot2, grad_sum, prep, a)
+            OptimizerKind::AdamW { beta1, beta2, eps } => {
+                Rule::Adam { beta1, beta2, eps, decoupled_decay: s.weight_decay, t: self.t }
             }
-        }
+        };
+        let u = Update { lr: s.lr_at(self.t), prep, rule };
+        warden_kernels::aggregate_update(params, &mut self.slot1, &mut self.slot2, grads, u);
     }
 }
 
@@ -312,8 +313,8 @@ mod tests {
                 let start = dist(&x);
                 for _ in 0..400 {
                     // Two "workers" report the same gradient: the sum is halved.
-                    let g: Vec<f32> = x.iter().zip(&target).map(|(a, b)| 2.0 * (a - b)).collect();
-                    opt.apply(&mut x, &g, 2);
+                    let g: Vec<f32> = x.iter().zip(&target).map(|(a, b)| a - b).collect();
+                    opt.apply(&mut x, &[Grad::F32(&g), Grad::F32(&g)], 2);
                 }
                 assert!(dist(&x) < 0.05 * start, "{kind:?} {schedule:?} ended at {x:?}");
             }

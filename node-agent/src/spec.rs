@@ -150,6 +150,8 @@ pub mod raw {
         pub batch_size: Spanned<i64>,
         pub mode: Option<Spanned<String>>,
         pub steps: Option<Spanned<i64>>,
+        pub compression: Option<Spanned<String>>,
+        pub compression_threshold: Option<Spanned<f64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -332,6 +334,17 @@ pub struct TrainingSpec {
     pub mode: SyncMode,
     /// Steps per epoch of the synthetic model (0 otherwise: set by the data).
     pub synthetic_steps: usize,
+    /// Wire encoding of pushed gradients.
+    pub compression: Compression,
+}
+
+/// `[training] compression`: how workers encode gradients on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Compression {
+    /// The encoding.
+    pub encoding: crate::wire::Encoding,
+    /// 2-bit only: the magnitude sent.
+    pub threshold: f32,
 }
 
 /// How servers combine pushes.
@@ -888,7 +901,43 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
         (None, false) => 0,
     };
-    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps };
+    let encoding = match t.compression.as_ref().map(|c| c.get_ref().as_str()) {
+        None | Some("none") => crate::wire::Encoding::F32,
+        Some("fp16") => crate::wire::Encoding::F16,
+        Some("bf16") => crate::wire::Encoding::Bf16,
+        Some("2bit") => crate::wire::Encoding::TwoBit,
+        Some(other) => {
+            let span = t.compression.as_ref().map(|c| c.span()).unwrap_or_default();
+            return Err(src.err(
+                span,
+                format!("unknown compression `{other}`"),
+                "use \"none\", \"fp16\", \"bf16\" or \"2bit\"",
+            ));
+        }
+    };
+    let threshold = match (&t.compression_threshold, encoding) {
+        (Some(v), crate::wire::Encoding::TwoBit) => {
+            let x = *v.get_ref();
+            if !(x.is_finite() && x > 0.0 && x <= 1e6) {
+                return Err(src.err(
+                    v.span(),
+                    format!("compression_threshold must be above 0 and at most 1e6, not {x}"),
+                    "0.5 is MXNet's default",
+                ));
+            }
+            x as f32
+        }
+        (Some(v), _) => {
+            return Err(src.err(
+                v.span(),
+                "compression_threshold belongs to compression = \"2bit\"",
+                "set compression = \"2bit\", or remove it",
+            ));
+        }
+        (None, _) => 0.5,
+    };
+    let compression = Compression { encoding, threshold };
+    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression };
 
     // [limits]
     let mut limits = LimitsSpec::default();

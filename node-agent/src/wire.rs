@@ -107,24 +107,80 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
     })
 }
 
-/// Encodes a push frame straight from a gradient slice (no intermediate vector).
-pub fn encode_push(step: u64, data: &[f32], out: &mut Vec<u8>) {
-    encode_vector_frame(TAG_PUSH, step, data, out)
+/// How a push's gradient values are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum Encoding {
+    /// 4 bytes per value.
+    F32 = 0,
+    /// IEEE half precision, 2 bytes per value.
+    F16 = 1,
+    /// bfloat16, 2 bytes per value.
+    Bf16 = 2,
+    /// MXNet's 2-bit scheme with error feedback, 4 values per byte.
+    TwoBit = 3,
+}
+
+/// Encodes a push frame straight from a gradient slice. For 2-bit,
+/// `residual` carries the error feedback between steps.
+pub fn encode_push(step: u64, data: &[f32], enc: Encoding, threshold: f32, residual: &mut [f32], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    out.push(TAG_PUSH);
+    out.extend_from_slice(&step.to_le_bytes());
+    out.push(enc as u8);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    match enc {
+        Encoding::F32 => warden_kernels::convert::extend_f32_le(out, data),
+        Encoding::F16 => warden_kernels::convert::extend_f16_le(out, data),
+        Encoding::Bf16 => warden_kernels::convert::extend_bf16_le(out, data),
+        Encoding::TwoBit => {
+            out.extend_from_slice(&threshold.to_le_bytes());
+            warden_kernels::twobit::encode(data, residual, threshold, out);
+        }
+    }
+    let body = (out.len() - start - HEADER_LEN) as u32;
+    out[start..start + HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+}
+
+/// The step and gradient of a push body, borrowed from it; every length is
+/// checked against the bytes present and nothing is allocated.
+pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeError> {
+    use warden_kernels::Grad;
+    let mut r = Reader { buf: body, pos: 0 };
+    if r.u8()? != TAG_PUSH {
+        return Err(DecodeError("not a push".into()));
+    }
+    let step = r.u64()?;
+    let enc = r.u8()?;
+    let n = r.u32()? as usize;
+    let grad = match enc {
+        0 => Grad::F32Le(r.take(n * 4)?),
+        1 => Grad::F16Le(r.take(n * 2)?),
+        2 => Grad::Bf16Le(r.take(n * 2)?),
+        3 => {
+            let threshold = r.f32()?;
+            if !(threshold.is_finite() && threshold > 0.0) {
+                return Err(DecodeError(format!("2-bit threshold {threshold} is not a positive number")));
+            }
+            Grad::TwoBit { packed: r.take(warden_kernels::twobit::packed_len(n))?, len: n, threshold }
+        }
+        e => return Err(DecodeError(format!("unknown gradient encoding {e}"))),
+    };
+    r.finish()?;
+    Ok((step, grad))
 }
 
 /// Encodes a params frame straight from a parameter slice.
 pub fn encode_params(version: u64, data: &[f32], out: &mut Vec<u8>) {
-    encode_vector_frame(TAG_PARAMS, version, data, out)
-}
-
-fn encode_vector_frame(tag: u8, v: u64, data: &[f32], out: &mut Vec<u8>) {
     let body = 1 + 8 + 4 + data.len() * 4;
     out.reserve(HEADER_LEN + body);
     out.extend_from_slice(&(body as u32).to_le_bytes());
-    out.push(tag);
-    out.extend_from_slice(&v.to_le_bytes());
+    out.push(TAG_PARAMS);
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    warden_kernels::bytes::extend_le(out, data);
+    warden_kernels::convert::extend_f32_le(out, data);
 }
 
 /// Splits a push or params body into its number and its raw little-endian
@@ -209,10 +265,16 @@ impl Message {
             Message::SetOptimizer(spec) => encode_optimizer(spec, out),
             Message::Barrier { id } | Message::BarrierDone { id } => out.extend_from_slice(&id.to_le_bytes()),
             Message::Abort { reason: text } | Message::Error { message: text } => put_text(text, out),
-            Message::Push { step: v, data } | Message::Params { version: v, data } => {
-                out.extend_from_slice(&v.to_le_bytes());
+            Message::Push { step, data } => {
+                out.extend_from_slice(&step.to_le_bytes());
+                out.push(Encoding::F32 as u8);
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                warden_kernels::bytes::extend_le(out, data);
+                warden_kernels::convert::extend_f32_le(out, data);
+            }
+            Message::Params { version, data } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                warden_kernels::convert::extend_f32_le(out, data);
             }
             Message::Pull { min_version } => out.extend_from_slice(&min_version.to_le_bytes()),
         }
@@ -233,7 +295,13 @@ impl Message {
             7 => Message::Finished,
             8 => Message::Shutdown,
             9 => Message::Abort { reason: r.text()? },
-            TAG_PUSH => Message::Push { step: r.u64()?, data: r.f32s()? },
+            TAG_PUSH => {
+                let step = r.u64()?;
+                match r.u8()? {
+                    0 => Message::Push { step, data: r.f32s()? },
+                    e => return Err(DecodeError(format!("push with encoding {e} has no general form; use push_view"))),
+                }
+            }
             TAG_PULL => Message::Pull { min_version: r.u64()? },
             TAG_PARAMS => Message::Params { version: r.u64()?, data: r.f32s()? },
             31 => Message::Error { message: r.text()? },
@@ -375,7 +443,7 @@ impl<'a> Reader<'a> {
         // anything is allocated.
         let bytes = self.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
         let mut out = vec![0.0f32; n];
-        warden_kernels::bytes::copy_from_le(&mut out, bytes);
+        warden_kernels::convert::copy_f32_le(&mut out, bytes);
         Ok(out)
     }
     fn finish(&self) -> Result<(), DecodeError> {
@@ -469,14 +537,35 @@ mod tests {
     fn fast_paths_match_the_general_codec() {
         let data = vec![1.5f32, -2.0, 3.25];
         let mut a = Vec::new();
-        encode_push(9, &data, &mut a);
+        encode_push(9, &data, Encoding::F32, 0.0, &mut [], &mut a);
         let mut b = Vec::new();
         Message::Push { step: 9, data: data.clone() }.encode_frame(&mut b);
         assert_eq!(a, b);
-        let (step, raw) = vector_view(&a[4..], TAG_PUSH).unwrap();
-        assert_eq!((step, raw.len()), (9, 12));
-        assert!(vector_view(&a[4..], TAG_PARAMS).is_err());
-        assert!(vector_view(&a[4..a.len() - 1], TAG_PUSH).is_err());
+        let (step, grad) = push_view(&a[4..]).unwrap();
+        assert_eq!((step, grad.len()), (9, 3));
+        assert!(push_view(&a[4..a.len() - 1]).is_err());
+        let mut p = Vec::new();
+        encode_params(4, &data, &mut p);
+        let mut q = Vec::new();
+        Message::Params { version: 4, data: data.clone() }.encode_frame(&mut q);
+        assert_eq!(p, q);
+        let (v, raw) = vector_view(&p[4..], TAG_PARAMS).unwrap();
+        assert_eq!((v, raw.len()), (4, 12));
+        // Every encoding's frame is exactly as long as it says, and checked.
+        for enc in [Encoding::F16, Encoding::Bf16, Encoding::TwoBit] {
+            let mut residual = vec![0.0; 3];
+            let mut f = Vec::new();
+            encode_push(1, &data, enc, 1.0, &mut residual, &mut f);
+            let (_, g) = push_view(&f[4..]).unwrap();
+            assert_eq!(g.len(), 3);
+            assert!(push_view(&f[4..f.len() - 1]).is_err());
+            let mut longer = f[4..].to_vec();
+            longer.push(0);
+            assert!(push_view(&longer).is_err());
+        }
+        let mut bad = a[4..].to_vec();
+        bad[9] = 7;
+        assert_eq!(push_view(&bad).unwrap_err().0, "unknown gradient encoding 7");
         for t in 0..=255u8 {
             assert_eq!(
                 tag_info(t).is_some(),
@@ -487,9 +576,15 @@ mod tests {
 
     #[test]
     fn vector_count_beyond_the_frame_is_rejected_without_allocating() {
-        let mut body = vec![16u8];
+        let mut body = vec![TAG_PUSH];
         body.extend_from_slice(&0u64.to_le_bytes());
+        body.push(0);
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(Message::decode(&body).unwrap_err().0.contains("truncated"));
+        assert!(push_view(&body).unwrap_err().0.contains("truncated"));
+        let mut params = vec![TAG_PARAMS];
+        params.extend_from_slice(&0u64.to_le_bytes());
+        params.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Message::decode(&params).unwrap_err().0.contains("truncated"));
     }
 }

@@ -142,7 +142,7 @@ mode = "sync"
                 }
             }
             ws.loss_and_grad::<TrainRng>(&spec.model, &params, &Batch { x: &x, y: &y }, &mut grad, None);
-            opt.apply(&mut params, &grad, 1);
+            opt.apply(&mut params, &[warden_agent::kernels::Grad::F32(&grad)], 1);
         }
     }
     let trained = read_model(&dir.join("run/model/model.safetensors"), &spec);
@@ -184,5 +184,42 @@ fn async_training_converges_too() {
     let metrics = std::fs::read_to_string(dir.join("run/metrics.csv")).unwrap();
     let losses: Vec<f64> = metrics.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
     assert!(losses.last().unwrap() < &(losses[0] * 0.8), "training loss fell: {losses:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// configs/local.toml with plain SGD and the given compression.
+fn compressed_job(dir: &Path, ports: (u16, u16), compression: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("configs/local.toml"))
+        .unwrap()
+        .replace("../data", repo_root().join("data").to_str().unwrap())
+        .replace("ports = [29500, 29599]", &format!("ports = [{}, {}]", ports.0, ports.1))
+        .replace("kind = \"momentum\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 0.0001", "kind = \"sgd\"\nlr = 0.3")
+        .replace("mode = \"sync\"", &format!("mode = \"sync\"\n{compression}"));
+    assert!(text.contains("lr = 0.3"));
+    let job = dir.join(format!("job-{}.toml", ports.0));
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+#[test]
+fn compressed_gradients_shrink_the_wire_and_keep_the_accuracy() {
+    let dir = scratch("compression");
+    let plain = launch(&compressed_job(&dir, (29870, 29875), ""), &dir.join("none"));
+    let bf16 = launch(&compressed_job(&dir, (29876, 29880), "compression = \"bf16\""), &dir.join("bf16"));
+    let two = launch(
+        &compressed_job(&dir, (29881, 29885), "compression = \"2bit\"\ncompression_threshold = 0.005"),
+        &dir.join("2bit"),
+    );
+    let acc = |s: &serde_json::Value| s["test_accuracy"].as_f64().unwrap();
+    let pushed = |s: &serde_json::Value| s["bytes_pushed"].as_f64().unwrap();
+    assert!(acc(&two) >= acc(&plain) - 0.02, "2bit {} vs none {}", acc(&two), acc(&plain));
+    assert!(acc(&bf16) >= acc(&plain) - 0.01, "bf16 {} vs none {}", acc(&bf16), acc(&plain));
+    // Pushes shrink by the encoding's ratio (pull requests ride along uncompressed).
+    let r16 = pushed(&bf16) / pushed(&plain);
+    let r2 = pushed(&two) / pushed(&plain);
+    assert!((0.45..0.55).contains(&r16), "bf16 pushes {r16} of f32");
+    assert!(r2 < 0.1, "2bit pushes {r2} of f32");
+    // Pulls stay full precision.
+    assert_eq!(bf16["bytes_pulled"], plain["bytes_pulled"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -197,7 +197,7 @@ pub fn exec_worker(a: &WorkerArgs) -> u8 {
         let start = (i * b) % (n - b + 1);
         let batch = Batch { x: &x[start * 784..(start + b) * 784], y: &y[start..start + b] };
         ws.loss_and_grad::<warden_agent::train_rng::TrainRng>(&m, &params, &batch, &mut grad, None);
-        opt.apply(&mut params, &grad, 1);
+        opt.apply(&mut params, &[warden_agent::kernels::Grad::F32(&grad)], 1);
     };
     for i in 0..20 {
         step(i);

@@ -16,7 +16,7 @@ use crate::conn::{Acceptor, ConnError, ServerConn};
 use crate::identity::Role;
 use crate::optimizer::{OptimizerSpec, ShardOptimizer};
 use crate::spec::SyncMode;
-use crate::wire::{Message, TAG_PUSH, vector_view};
+use crate::wire::{Message, TAG_PUSH, push_view};
 
 /// The shard and its update state.
 ///
@@ -34,7 +34,9 @@ struct Shard {
 
 struct ShardState {
     params: Vec<f32>,
-    sum: Vec<f32>,
+    /// Sync mode: each worker's push body for the current step, until all
+    /// are in; then one fused pass sums them and applies the optimizer.
+    pending: Vec<Vec<u8>>,
     pushed: Vec<bool>,
     count: usize,
     version: u64,
@@ -42,36 +44,41 @@ struct ShardState {
 }
 
 impl Shard {
-    /// Applies a push whose values are raw little-endian bytes.
-    fn push(&self, rank: u32, step: u64, data: &[u8]) -> Result<(), String> {
+    /// Takes a push body (any encoding, see [`crate::wire::push_view`]).
+    fn push(&self, rank: u32, body: &[u8]) -> Result<(), String> {
+        let (step, grad) = push_view(body).map_err(|e| e.to_string())?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if data.len() != st.params.len() * 4 {
-            return Err(format!("push of {} values, but this shard holds {}", data.len() / 4, st.params.len()));
+        if grad.len() != st.params.len() {
+            return Err(format!("push of {} values, but this shard holds {}", grad.len(), st.params.len()));
         }
         match self.mode {
             SyncMode::Async => {
-                let ShardState { params, opt, sum, .. } = &mut *st;
-                warden_kernels::bytes::copy_from_le(sum, data);
-                opt.apply(params, sum, 1);
+                let ShardState { params, opt, .. } = &mut *st;
+                opt.apply(params, &[grad], 1);
             }
             SyncMode::Sync => {
                 if step != st.version {
                     return Err(format!("push for step {step}, but the shard is at step {}", st.version));
                 }
-                let slot =
-                    st.pushed.get_mut(rank as usize).ok_or_else(|| format!("worker rank {rank} is not in the plan"))?;
-                if *slot {
+                let r = rank as usize;
+                if r >= st.pushed.len() {
+                    return Err(format!("worker rank {rank} is not in the plan"));
+                }
+                if st.pushed[r] {
                     return Err(format!("worker {rank} pushed twice for step {step}"));
                 }
-                *slot = true;
-                warden_kernels::bytes::add_from_le(&mut st.sum, data);
+                st.pushed[r] = true;
+                let slot = &mut st.pending[r];
+                slot.clear();
+                slot.extend_from_slice(body);
                 st.count += 1;
                 if st.count < self.workers {
                     return Ok(());
                 }
-                let ShardState { params, sum, opt, .. } = &mut *st;
-                opt.apply(params, sum, self.workers);
-                sum.fill(0.0);
+                let ShardState { params, pending, opt, .. } = &mut *st;
+                // Validated on arrival above; the views cannot fail now.
+                let grads: Vec<_> = pending.iter().filter_map(|b| push_view(b).ok().map(|(_, g)| g)).collect();
+                opt.apply(params, &grads, self.workers);
                 st.pushed.fill(false);
                 st.count = 0;
             }
@@ -120,7 +127,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     let shard = Arc::new(Shard {
         state: Mutex::new(ShardState {
             params,
-            sum: vec![0.0; len],
+            pending: vec![Vec::new(); workers],
             pushed: vec![false; workers],
             count: 0,
             version: 0,
@@ -178,21 +185,18 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
     loop {
         let outcome = match pending.take() {
             Some(Message::Push { step, data }) => {
-                let mut raw = Vec::with_capacity(data.len() * 4);
-                warden_kernels::bytes::extend_le(&mut raw, &data);
-                Action::Push(step, raw)
+                let mut raw = Vec::new();
+                crate::wire::encode_push(step, &data, crate::wire::Encoding::F32, 0.0, &mut [], &mut raw);
+                Action::Push(raw.split_off(crate::wire::HEADER_LEN))
             }
             Some(Message::Pull { min_version }) => Action::Pull(min_version),
             Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
             None => match conn.recv_raw().await {
                 Ok(body) => match body[0] {
-                    TAG_PUSH => match vector_view(body, TAG_PUSH) {
-                        // Hot path: sum straight from the received bytes.
-                        Ok((step, data)) => match shard.push(rank, step, data) {
-                            Ok(()) => continue,
-                            Err(why) => Action::Refuse(why),
-                        },
-                        Err(e) => Action::Refuse(e.to_string()),
+                    // Hot path: straight from the received bytes.
+                    TAG_PUSH => match shard.push(rank, body) {
+                        Ok(()) => continue,
+                        Err(why) => Action::Refuse(why),
                     },
                     _ => match Message::decode(body) {
                         Ok(Message::Pull { min_version }) => Action::Pull(min_version),
@@ -208,8 +212,8 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
             },
         };
         match outcome {
-            Action::Push(step, raw) => {
-                if let Err(why) = shard.push(rank, step, &raw) {
+            Action::Push(body) => {
+                if let Err(why) = shard.push(rank, &body) {
                     conn.refuse(&why).await;
                     return Err(ConnError::Setup(why));
                 }
@@ -236,7 +240,7 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
 }
 
 enum Action {
-    Push(u64, Vec<u8>),
+    Push(Vec<u8>),
     Pull(u64),
     Refuse(String),
 }

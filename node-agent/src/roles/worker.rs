@@ -89,6 +89,8 @@ struct Link {
     rx: mpsc::Receiver<Result<LinkReply, String>>,
     push: Vec<u8>,
     body: Vec<u8>,
+    /// 2-bit error feedback: what was not yet sent.
+    residual: Vec<f32>,
 }
 
 fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
@@ -114,7 +116,7 @@ fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
             }
         }
     });
-    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new() }
+    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new(), residual: Vec::new() }
 }
 
 /// Running totals for the metrics.
@@ -130,13 +132,24 @@ async fn exchange(
     params: &mut [f32],
     grad: Option<&[f32]>,
     mode: SyncMode,
+    compression: crate::spec::Compression,
     t: &mut Traffic,
 ) -> Result<(), RoleError> {
     for link in links.iter_mut() {
         let mut push = std::mem::take(&mut link.push);
         push.clear();
         if let Some(g) = grad {
-            crate::wire::encode_push(link.version, &g[link.range.clone()], &mut push);
+            if link.residual.len() != link.range.len() && compression.encoding == crate::wire::Encoding::TwoBit {
+                link.residual = vec![0.0; link.range.len()];
+            }
+            crate::wire::encode_push(
+                link.version,
+                &g[link.range.clone()],
+                compression.encoding,
+                compression.threshold,
+                &mut link.residual,
+                &mut push,
+            );
         }
         // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
         let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
@@ -154,7 +167,7 @@ async fn exchange(
                 link.range.len()
             )));
         }
-        warden_kernels::bytes::copy_from_le(&mut params[link.range.clone()], values);
+        warden_kernels::convert::copy_f32_le(&mut params[link.range.clone()], values);
         link.version = version;
         t.pushed += reply.bytes_out;
         t.pulled += (reply.body.len() + crate::wire::HEADER_LEN) as u64;
@@ -189,9 +202,10 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     }
     let spec = &ctx.spec;
     let mode = spec.training.mode;
+    let compression = spec.training.compression;
     let mut params = vec![0.0f32; ctx.plan.num_params];
     let mut traffic = Traffic::default();
-    exchange(&mut links, &mut params, None, mode, &mut traffic).await?;
+    exchange(&mut links, &mut params, None, mode, compression, &mut traffic).await?;
 
     let rank = ctx.me().rank;
     let batch = spec.training.batch_size;
@@ -227,7 +241,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
                 )));
             }
             loss_sum += f64::from(loss);
-            exchange(&mut links, &mut params, Some(&grad), mode, &mut traffic).await?;
+            exchange(&mut links, &mut params, Some(&grad), mode, compression, &mut traffic).await?;
             if rank == 0 && (step + 1) % 20 == 0 {
                 ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
             }
@@ -249,7 +263,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         }
         if let Some(test) = &test {
             // After the barrier every push of the epoch is in: evaluate the result.
-            exchange(&mut links, &mut params, None, mode, &mut traffic).await?;
+            exchange(&mut links, &mut params, None, mode, compression, &mut traffic).await?;
             let (test_loss, test_accuracy) = evaluate(&ctx, &mut ws, &params, test);
             ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
         } else if synthetic && rank == 0 {

@@ -1,0 +1,230 @@
+//! The fused aggregate-and-update kernel, and plain sums.
+//!
+//! One pass over memory: for each block of [`BLOCK`] elements the workers'
+//! gradients are decoded and summed into an L1-resident buffer, then scaled,
+//! clipped and applied to the parameters and optimizer state of that block.
+//! Large slices are split over threads on block boundaries.
+
+use crate::grad::{BLOCK, Grad, decode_block};
+use crate::isa::{Isa, multiversion};
+
+/// Per-element gradient preprocessing shared by every update rule: the
+/// summed gradient is scaled (1 / workers), clipped to `[-clip, clip]` when
+/// `clip > 0` (MXNet's `clip_gradient`, elementwise so it shards cleanly),
+/// and L2 weight decay added unless the rule decouples it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradPrep {
+    /// Factor applied to the summed gradient.
+    pub scale: f32,
+    /// Elementwise clip bound; 0 disables.
+    pub clip: f32,
+    /// L2 weight decay coupled into the gradient.
+    pub weight_decay: f32,
+}
+
+/// The update rule and its numbers for one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// `p -= lr * g`.
+    Sgd,
+    /// `v = mu * v + g; p -= lr * (nesterov ? g + mu * v : v)` (state1 = v).
+    Momentum {
+        /// Momentum coefficient.
+        momentum: f32,
+        /// Nesterov look-ahead.
+        nesterov: bool,
+    },
+    /// Adam / AdamW with bias correction (state1 = m, state2 = v).
+    Adam {
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator term.
+        eps: f32,
+        /// Decoupled weight decay (AdamW); 0 for Adam.
+        decoupled_decay: f32,
+        /// Update number from 1, for bias correction.
+        t: u64,
+    },
+}
+
+/// Everything one update needs besides the slices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Update {
+    /// Learning rate in force.
+    pub lr: f32,
+    /// Gradient preprocessing.
+    pub prep: GradPrep,
+    /// The rule.
+    pub rule: Rule,
+}
+
+/// Slots of optimizer state a rule needs (each as long as the parameters).
+pub fn state_slots(rule: &Rule) -> usize {
+    match rule {
+        Rule::Sgd => 0,
+        Rule::Momentum { .. } => 1,
+        Rule::Adam { .. } => 2,
+    }
+}
+
+#[inline(always)]
+fn clip(g: f32, lo: f32, hi: f32) -> f32 {
+    // Comparisons, not min/max, so a NaN gradient stays NaN.
+    if g > hi {
+        hi
+    } else if g < lo {
+        lo
+    } else {
+        g
+    }
+}
+
+#[inline(always)]
+fn update_block(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], g: &[f32], u: &Update) {
+    let GradPrep { scale, clip: c, weight_decay: wd } = u.prep;
+    let (lo, hi) = if c > 0.0 { (-c, c) } else { (f32::NEG_INFINITY, f32::INFINITY) };
+    let lr = u.lr;
+    match u.rule {
+        Rule::Sgd => {
+            for (p, g) in p.iter_mut().zip(g) {
+                let g = clip(*g * scale, lo, hi) + wd * *p;
+                *p -= lr * g;
+            }
+        }
+        Rule::Momentum { momentum, nesterov } => {
+            let s1 = &mut s1[..p.len()];
+            if nesterov {
+                for ((p, v), g) in p.iter_mut().zip(s1.iter_mut()).zip(g) {
+                    let g = clip(*g * scale, lo, hi) + wd * *p;
+                    *v = momentum * *v + g;
+                    *p -= lr * (g + momentum * *v);
+                }
+            } else {
+                for ((p, v), g) in p.iter_mut().zip(s1.iter_mut()).zip(g) {
+                    let g = clip(*g * scale, lo, hi) + wd * *p;
+                    *v = momentum * *v + g;
+                    *p -= lr * *v;
+                }
+            }
+        }
+        Rule::Adam { beta1, beta2, eps, decoupled_decay, t } => {
+            let t = t.clamp(1, i32::MAX as u64) as i32;
+            let step = lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
+            let decay = lr * decoupled_decay;
+            let (s1, s2) = (&mut s1[..p.len()], &mut s2[..p.len()]);
+            for (((p, m), v), g) in p.iter_mut().zip(s1.iter_mut()).zip(s2.iter_mut()).zip(g) {
+                let g = clip(*g * scale, lo, hi) + wd * *p;
+                *m = beta1 * *m + (1.0 - beta1) * g;
+                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                *p -= step * *m / (v.sqrt() + eps) + decay * *p;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn sum_blocks(acc: &mut [f32], grads: &[Grad<'_>], start: usize) {
+    if grads.is_empty() {
+        acc.fill(0.0);
+    }
+    for (k, g) in grads.iter().enumerate() {
+        decode_block(acc, &g.range(start, start + acc.len()), k == 0);
+    }
+}
+
+#[inline(always)]
+fn aggregate_update_body(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update) {
+    let mut acc = [0f32; BLOCK];
+    let n = p.len();
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let a = &mut acc[..len];
+        sum_blocks(a, grads, offset + start);
+        let end = start + len;
+        let (b1, b2): (&mut [f32], &mut [f32]) = (
+            if s1.is_empty() { &mut [] } else { &mut s1[start..end] },
+            if s2.is_empty() { &mut [] } else { &mut s2[start..end] },
+        );
+        update_block(&mut p[start..end], b1, b2, a, u);
+        start = end;
+    }
+}
+
+#[inline(always)]
+fn sum_body(out: &mut [f32], grads: &[Grad<'_>], offset: usize) {
+    let n = out.len();
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        sum_blocks(&mut out[start..start + len], grads, offset + start);
+        start += len;
+    }
+}
+
+multiversion!(fn aggregate_update_isa(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update) => aggregate_update_body);
+multiversion!(fn sum_isa(out: &mut [f32], grads: &[Grad<'_>], offset: usize) => sum_body);
+
+fn check(n: usize, grads: &[Grad<'_>]) {
+    for (k, g) in grads.iter().enumerate() {
+        assert!(g.is_well_formed(), "gradient {k} is malformed");
+        assert_eq!(g.len(), n, "gradient {k} has {} values, expected {n}", g.len());
+    }
+}
+
+/// Sums the gradients, then scales, clips and applies `u` to `params` and
+/// the optimizer state (`state1`, `state2`: empty or as long as `params`,
+/// as [`state_slots`] says), in one pass, with the best instruction set and
+/// the configured threads.
+///
+/// # Panics
+/// If a gradient's length differs from the parameters' or a needed state
+/// slot is missing.
+pub fn aggregate_update(params: &mut [f32], state1: &mut [f32], state2: &mut [f32], grads: &[Grad<'_>], u: Update) {
+    aggregate_update_with(Isa::best(), crate::parallel::threads(), params, state1, state2, grads, u)
+}
+
+/// [`aggregate_update`] on a chosen instruction set and thread count.
+///
+/// # Panics
+/// As [`aggregate_update`], and if `isa` is not supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub fn aggregate_update_with(
+    isa: Isa,
+    threads: usize,
+    params: &mut [f32],
+    state1: &mut [f32],
+    state2: &mut [f32],
+    grads: &[Grad<'_>],
+    u: Update,
+) {
+    let n = params.len();
+    check(n, grads);
+    let slots = state_slots(&u.rule);
+    assert!(slots < 1 || state1.len() == n, "this rule needs state1 as long as the parameters");
+    assert!(slots < 2 || state2.len() == n, "this rule needs state2 as long as the parameters");
+    let (state1, state2) =
+        (if slots >= 1 { state1 } else { &mut [][..] }, if slots >= 2 { state2 } else { &mut [][..] });
+    crate::parallel::split3(threads, params, state1, state2, |p, s1, s2, offset| {
+        aggregate_update_isa(isa, p, s1, s2, grads, offset, &u)
+    });
+}
+
+/// `out = sum of grads` (zeros when there are none).
+///
+/// # Panics
+/// If a gradient's length differs from `out`'s.
+pub fn sum(out: &mut [f32], grads: &[Grad<'_>]) {
+    sum_with(Isa::best(), crate::parallel::threads(), out, grads)
+}
+
+/// [`sum`] on a chosen instruction set and thread count.
+///
+/// # Panics
+/// As [`sum`], and if `isa` is not supported by this CPU.
+pub fn sum_with(isa: Isa, threads: usize, out: &mut [f32], grads: &[Grad<'_>]) {
+    check(out.len(), grads);
+    crate::parallel::split3(threads, out, &mut [], &mut [], |o, _, _, offset| sum_isa(isa, o, grads, offset));
+}

@@ -1,0 +1,356 @@
+//! Every kernel on every instruction-set path this CPU can run, against a
+//! float64 scalar reference. Paths the CPU cannot run are reported on
+//! stderr (and fail the run when `WARDEN_REQUIRE_ISA` names them).
+
+use half::{bf16, f16};
+use warden_kernels::{Grad, GradPrep, Isa, Rule, Update, aggregate_update_with, convert, sum_with, twobit};
+
+/// Lengths from the issue: empty, one, odd, cache-resident, large, and one
+/// larger than the thread split (which starts at 2 x 2^18 elements).
+const LENGTHS: [usize; 6] = [0, 1, 7, 1003, 1 << 20, (1 << 20) + 4099];
+
+fn isas() -> Vec<Isa> {
+    let required: Vec<String> = std::env::var("WARDEN_REQUIRE_ISA")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim().to_lowercase())
+        .collect();
+    let mut run = Vec::new();
+    for isa in Isa::ALL {
+        if isa.supported() {
+            run.push(isa);
+        } else {
+            eprintln!("NOT TESTED on this CPU: {isa:?} (not supported)");
+            assert!(!required.contains(&format!("{isa:?}").to_lowercase()), "{isa:?} is required but unsupported");
+        }
+    }
+    run
+}
+
+/// Deterministic test values with a spread of magnitudes and signs.
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            ((x % 20001) as f32 / 10000.0 - 1.0) * if x.is_multiple_of(7) { 30.0 } else { 1.0 }
+        })
+        .collect()
+}
+
+/// Within `rel` of `want`, measured against `mag` (the size of the terms
+/// that made it, since f32 rounding scales with those, not the result).
+fn close_to(got: f32, want: f64, rel: f64, mag: f64) -> bool {
+    if want.is_nan() {
+        return got.is_nan();
+    }
+    if want.is_infinite() {
+        return f64::from(got) == want;
+    }
+    (f64::from(got) - want).abs() <= rel * want.abs().max(mag).max(1e-3)
+}
+
+fn close(got: f32, want: f64, rel: f64) -> bool {
+    close_to(got, want, rel, 1.0)
+}
+
+/// Encodings of a gradient, decoded back exactly (what the reference sums).
+enum Enc {
+    F32,
+    F32Le,
+    F16,
+    Bf16,
+    TwoBit(f32),
+}
+
+struct Encoded {
+    bytes: Vec<u8>,
+    floats: Vec<f32>,
+    exact: Vec<f64>,
+    enc: Enc,
+}
+
+impl Encoded {
+    fn new(v: &[f32], enc: Enc) -> Encoded {
+        let mut bytes = vec![0xEE]; // one leading byte: the payload is misaligned
+        let exact: Vec<f64> = match enc {
+            Enc::F32 | Enc::F32Le => {
+                convert::extend_f32_le(&mut bytes, v);
+                v.iter().map(|x| f64::from(*x)).collect()
+            }
+            Enc::F16 => {
+                convert::extend_f16_le(&mut bytes, v);
+                v.iter().map(|x| f64::from(f16::from_f32(*x).to_f32())).collect()
+            }
+            Enc::Bf16 => {
+                convert::extend_bf16_le(&mut bytes, v);
+                v.iter().map(|x| f64::from(bf16::from_f32(*x).to_f32())).collect()
+            }
+            Enc::TwoBit(t) => {
+                let mut residual = vec![0.0; v.len()];
+                twobit::encode(v, &mut residual, t, &mut bytes);
+                // With a zero residual: exactly +-t or 0 by the threshold rule.
+                v.iter()
+                    .map(|x| {
+                        if *x >= t {
+                            f64::from(t)
+                        } else if *x <= -t {
+                            -f64::from(t)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Encoded { bytes, floats: v.to_vec(), exact, enc }
+    }
+
+    fn grad(&self) -> Grad<'_> {
+        let b = &self.bytes[1..];
+        match self.enc {
+            Enc::F32 => Grad::F32(&self.floats),
+            Enc::F32Le => Grad::F32Le(b),
+            Enc::F16 => Grad::F16Le(b),
+            Enc::Bf16 => Grad::Bf16Le(b),
+            Enc::TwoBit(threshold) => Grad::TwoBit { packed: b, len: self.floats.len(), threshold },
+        }
+    }
+}
+
+fn encodings(n: usize, k: u32) -> Vec<Encoded> {
+    vec![
+        Encoded::new(&values(n, k), Enc::F32),
+        Encoded::new(&values(n, k + 10), Enc::F32Le),
+        Encoded::new(&values(n, k + 20), Enc::F16),
+        Encoded::new(&values(n, k + 30), Enc::Bf16),
+        Encoded::new(&values(n, k + 40), Enc::TwoBit(0.5)),
+    ]
+}
+
+fn reference_update(p: &mut [f64], s1: &mut [f64], s2: &mut [f64], g: &[f64], u: &Update) {
+    let (scale, c, wd) = (f64::from(u.prep.scale), f64::from(u.prep.clip), f64::from(u.prep.weight_decay));
+    let lr = f64::from(u.lr);
+    for i in 0..p.len() {
+        let mut gi = g[i] * scale;
+        if c > 0.0 {
+            gi = if gi > c {
+                c
+            } else if gi < -c {
+                -c
+            } else {
+                gi
+            };
+        }
+        gi += wd * p[i];
+        match u.rule {
+            Rule::Sgd => p[i] -= lr * gi,
+            Rule::Momentum { momentum, nesterov } => {
+                let mu = f64::from(momentum);
+                s1[i] = mu * s1[i] + gi;
+                p[i] -= lr * if nesterov { gi + mu * s1[i] } else { s1[i] };
+            }
+            Rule::Adam { beta1, beta2, eps, decoupled_decay, t } => {
+                let (b1, b2) = (f64::from(beta1), f64::from(beta2));
+                let step = lr * (1.0 - b2.powi(t as i32)).sqrt() / (1.0 - b1.powi(t as i32));
+                s1[i] = b1 * s1[i] + (1.0 - b1) * gi;
+                s2[i] = b2 * s2[i] + (1.0 - b2) * gi * gi;
+                p[i] -= step * s1[i] / (s2[i].sqrt() + f64::from(eps)) + lr * f64::from(decoupled_decay) * p[i];
+            }
+        }
+    }
+}
+
+fn rules() -> Vec<Rule> {
+    vec![
+        Rule::Sgd,
+        Rule::Momentum { momentum: 0.9, nesterov: false },
+        Rule::Momentum { momentum: 0.9, nesterov: true },
+        Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled_decay: 0.0, t: 3 },
+        Rule::Adam { beta1: 0.9, beta2: 0.99, eps: 1e-6, decoupled_decay: 0.01, t: 1 },
+    ]
+}
+
+#[test]
+fn aggregate_update_matches_the_f64_reference_on_every_path() {
+    for isa in isas() {
+        for &len in &LENGTHS {
+            // f32 slices start one element into their allocation (misaligned
+            // for every vector width); encoded gradients one byte in.
+            let off = usize::from(len > 1);
+            let n = len - off;
+            let all = encodings(n, len as u32);
+            for workers in [1usize, 2, 4] {
+                let chosen: Vec<&Encoded> = all.iter().cycle().skip(workers).take(workers).collect();
+                let grads: Vec<Grad<'_>> = chosen.iter().map(|e| e.grad()).collect();
+                let g64: Vec<f64> = (0..n).map(|i| chosen.iter().map(|e| e.exact[i]).sum()).collect();
+                for rule in rules() {
+                    if len > 100_000 && !matches!(rule, Rule::Adam { t: 3, .. }) {
+                        continue; // large sizes: one rule is enough to exercise the thread split
+                    }
+                    for clip in [0.0, 0.7] {
+                        let u = Update {
+                            lr: 0.05,
+                            prep: GradPrep { scale: 1.0 / workers as f32, clip, weight_decay: 1e-3 },
+                            rule,
+                        };
+                        let p0 = values(len, 99);
+                        let s10: Vec<f32> = values(len, 98).iter().map(|v| v.abs() * 0.1).collect();
+                        let s20: Vec<f32> = values(len, 97).iter().map(|v| v.abs() * 0.01).collect();
+                        let widen = |v: &[f32]| v[off..].iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
+                        let (mut r, mut ra, mut rb) = (widen(&p0), widen(&s10), widen(&s20));
+                        reference_update(&mut r, &mut ra, &mut rb, &g64, &u);
+                        for threads in [1, 2] {
+                            let (mut p, mut s1, mut s2) = (p0.clone(), s10.clone(), s20.clone());
+                            aggregate_update_with(isa, threads, &mut p[off..], &mut s1[off..], &mut s2[off..], &grads, u);
+                            for (i, (got, want)) in p[off..].iter().zip(&r).enumerate() {
+                                // Adam divides by sqrt(v): f32 rounding is relative to the step size.
+                                assert!(
+                                    close_to(*got, *want, 2e-5, 10.0),
+                                    "{isa:?} n={n} workers={workers} {rule:?} clip={clip} threads={threads} at {i}: {got} vs {want}"
+                                );
+                            }
+                            assert_eq!(p[..off], p0[..off], "nothing outside the slice is touched");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sum_matches_the_reference_and_zero_grads_give_zero() {
+    for isa in isas() {
+        for &n in &LENGTHS {
+            let all = encodings(n, 7);
+            let grads: Vec<Grad<'_>> = all.iter().map(|e| e.grad()).collect();
+            for threads in [1, 2] {
+                let mut out = vec![f32::NAN; n];
+                sum_with(isa, threads, &mut out, &grads);
+                for (i, got) in out.iter().enumerate() {
+                    let want: f64 = all.iter().map(|e| e.exact[i]).sum();
+                    let mag: f64 = all.iter().map(|e| e.exact[i].abs()).sum();
+                    assert!(close_to(*got, want, 1e-6, mag), "{isa:?} n={n} at {i}: {got} vs {want}");
+                }
+                sum_with(isa, threads, &mut out, &[]);
+                assert!(out.iter().all(|v| *v == 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_and_infinity_propagate_as_in_the_reference() {
+    for isa in isas() {
+        let g = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0, 1.0];
+        for rule in rules() {
+            for clip in [0.0, 0.5] {
+                let u = Update { lr: 0.1, prep: GradPrep { scale: 1.0, clip, weight_decay: 0.0 }, rule };
+                let mut p = [1.0, 1.0, 1.0, f32::NAN, f32::INFINITY];
+                let (mut s1, mut s2) = (vec![0.0; 5], vec![0.0; 5]);
+                let mut r: Vec<f64> = p.iter().map(|v| f64::from(*v)).collect();
+                let (mut ra, mut rb) = (vec![0.0; 5], vec![0.0; 5]);
+                reference_update(&mut r, &mut ra, &mut rb, &g.map(f64::from), &u);
+                aggregate_update_with(isa, 1, &mut p, &mut s1, &mut s2, &[Grad::F32(&g)], u);
+                for i in 0..5 {
+                    assert!(close(p[i], r[i], 1e-6), "{isa:?} {rule:?} clip={clip} at {i}: {} vs {}", p[i], r[i]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn half_conversions_round_to_nearest_even_at_the_edges() {
+    // f16: 1 + 2^-11 is halfway between 1 and 1 + 2^-10: ties to even (1.0).
+    let cases_f16: [(f32, u16); 8] = [
+        (1.0 + 2f32.powi(-11), 0x3C00),
+        (1.0 + 3.0 * 2f32.powi(-11), 0x3C02),
+        (65504.0, 0x7BFF),
+        (65520.0, 0x7C00),        // rounds up to infinity
+        (2f32.powi(-24), 0x0001), // smallest subnormal
+        (2f32.powi(-25), 0x0000), // halfway to zero: even is zero
+        (-0.0, 0x8000),
+        (f32::INFINITY, 0x7C00),
+    ];
+    let mut out = Vec::new();
+    convert::extend_f16_le(&mut out, &cases_f16.map(|c| c.0));
+    for (i, (v, bits)) in cases_f16.iter().enumerate() {
+        assert_eq!(u16::from_le_bytes([out[2 * i], out[2 * i + 1]]), *bits, "f16 of {v:e}");
+    }
+    let cases_bf16: [(f32, u16); 5] = [
+        (f32::from_bits(0x3F80_8000), 0x3F80), // tie, even stays
+        (f32::from_bits(0x3F81_8000), 0x3F82), // tie, odd rounds up
+        (f32::from_bits(0x3F80_8001), 0x3F81), // above the tie
+        (f32::MAX, 0x7F80),                    // overflows to infinity
+        (-1.0, 0xBF80),
+    ];
+    let mut out = Vec::new();
+    convert::extend_bf16_le(&mut out, &cases_bf16.map(|c| c.0));
+    for (i, (v, bits)) in cases_bf16.iter().enumerate() {
+        assert_eq!(u16::from_le_bytes([out[2 * i], out[2 * i + 1]]), *bits, "bf16 of {v:e}");
+    }
+    // NaN stays NaN both ways.
+    let mut out = Vec::new();
+    convert::extend_f16_le(&mut out, &[f32::NAN]);
+    convert::extend_bf16_le(&mut out, &[f32::NAN]);
+    let mut back = [0.0f32; 2];
+    for isa in isas() {
+        sum_with(isa, 1, &mut back[..1], &[Grad::F16Le(&out[..2])]);
+        sum_with(isa, 1, &mut back[1..], &[Grad::Bf16Le(&out[2..])]);
+        assert!(back[0].is_nan() && back[1].is_nan());
+    }
+}
+
+#[test]
+fn two_bit_with_error_feedback_sums_to_the_uncompressed_total() {
+    for isa in isas() {
+        let n = 1003;
+        let threshold = 0.05;
+        let mut residual = vec![0.0f32; n];
+        let mut received = vec![0.0f32; n];
+        let mut sent_total = vec![0.0f64; n];
+        for step in 0..400u32 {
+            let g: Vec<f32> = values(n, step).iter().map(|v| v * 0.01).collect();
+            for (t, v) in sent_total.iter_mut().zip(&g) {
+                *t += f64::from(*v);
+            }
+            let mut packed = Vec::new();
+            twobit::encode_with(isa, &g, &mut residual, threshold, &mut packed);
+            assert_eq!(packed.len(), twobit::packed_len(n));
+            let mut acc = received.clone();
+            sum_with(isa, 1, &mut acc, &[Grad::F32(&received), Grad::TwoBit { packed: &packed, len: n, threshold }]);
+            received = acc;
+        }
+        // What arrived plus what is still held back is exactly what was
+        // pushed (nothing is lost, only delayed), and only whole multiples of
+        // the threshold ever travel.
+        for i in 0..n {
+            let total = f64::from(received[i]) + f64::from(residual[i]);
+            assert!((total - sent_total[i]).abs() < 1e-3, "{isa:?} at {i}: {total} vs {}", sent_total[i]);
+            let units = f64::from(received[i]) / f64::from(threshold);
+            assert!((units - units.round()).abs() < 1e-3, "only multiples of the threshold arrive: {units}");
+        }
+    }
+}
+
+#[test]
+fn malformed_gradients_are_refused() {
+    let mut p = vec![0.0f32; 4];
+    let bad = std::panic::catch_unwind(move || {
+        aggregate_update_with(
+            Isa::Scalar,
+            1,
+            &mut p,
+            &mut [],
+            &mut [],
+            &[Grad::F32Le(&[0u8; 12])],
+            Update { lr: 0.1, prep: GradPrep { scale: 1.0, clip: 0.0, weight_decay: 0.0 }, rule: Rule::Sgd },
+        )
+    });
+    assert!(bad.is_err(), "a gradient of the wrong length must not be applied");
+}
