@@ -205,7 +205,15 @@ fn aggregate_update_matches_the_f64_reference_on_every_path() {
                         reference_update(&mut r, &mut ra, &mut rb, &g64, &u);
                         for threads in [1, 2] {
                             let (mut p, mut s1, mut s2) = (p0.clone(), s10.clone(), s20.clone());
-                            aggregate_update_with(isa, threads, &mut p[off..], &mut s1[off..], &mut s2[off..], &grads, u);
+                            aggregate_update_with(
+                                isa,
+                                threads,
+                                &mut p[off..],
+                                &mut s1[off..],
+                                &mut s2[off..],
+                                &grads,
+                                u,
+                            );
                             for (i, (got, want)) in p[off..].iter().zip(&r).enumerate() {
                                 // Adam divides by sqrt(v): f32 rounding is relative to the step size.
                                 assert!(

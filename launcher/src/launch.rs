@@ -170,10 +170,12 @@ pub async fn launch(
     let mut rows: Vec<EpochRow> = Vec::new();
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
+    let mut warnings = std::collections::BTreeSet::new();
     let deadline = tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600));
     tokio::pin!(deadline);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let (mut interrupted, mut timed_out) = (false, false);
     if failure.is_some() {
         stop_all(&mut procs).await;
     }
@@ -181,12 +183,15 @@ pub async fn launch(
     while procs.iter().any(|p| p.exit.is_none()) {
         let report = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
-            _ = &mut ctrl_c => {
+            // Guarded: a completed future must not be polled again.
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
                 failure.get_or_insert_with(|| "interrupted (Ctrl-C)".to_string());
                 stop_all(&mut procs).await;
                 continue;
             }
-            _ = &mut deadline => {
+            _ = &mut deadline, if !timed_out => {
+                timed_out = true;
                 failure.get_or_insert_with(|| format!("the job ran longer than max_hours = {}", spec.max_hours));
                 stop_all(&mut procs).await;
                 continue;
@@ -212,6 +217,11 @@ pub async fn launch(
                     let label = procs[i].planned.label();
                     failure.get_or_insert_with(|| format!("{label}: {message}"));
                     stop_all(&mut procs).await;
+                }
+                Event::Warning { message } => {
+                    if warnings.insert(message.clone()) {
+                        progress.println(&format!("warning: {message}"));
+                    }
                 }
                 Event::Done | Event::Started | Event::Listening { .. } | Event::Csr { .. } => {}
             },

@@ -59,6 +59,22 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
     let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();
 
+    // Who training runs as: the job user when we are root, else ourselves.
+    let root = crate::harden::started_as_root();
+    let user = if root {
+        Some(crate::harden::resolve_user(&spec.cluster.user).map_err(|e| e.to_string())?)
+    } else {
+        let message = format!(
+            "warden-agent is not running as root: no firewall for this job on this host and no switch to user `{}`; \
+             training runs as uid {} with no_new_privs and the seccomp filter",
+            spec.cluster.user,
+            nix::unistd::Uid::current()
+        );
+        tracing::warn!("{message}");
+        events(Event::Warning { message });
+        None
+    };
+
     let key = NodeKey::generate().map_err(|e| e.to_string())?;
     events(Event::Csr { pem: key.csr_pem(&me).map_err(|e| e.to_string())? });
     let (cert_pem, ca_pem) = match read_control(input)? {
@@ -68,8 +84,17 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     };
     let tls = TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())?;
 
-    std::fs::create_dir_all(&bundle.workdir)
-        .map_err(|e| format!("cannot create the job directory {}: {e}", bundle.workdir.display()))?;
+    crate::harden::prepare_dir(&bundle.workdir, user).map_err(|e| e.to_string())?;
+
+    // The point of no return: nothing below runs with privileges, and no
+    // thread exists yet, so every thread started later inherits the drop.
+    crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
+    let status = crate::harden::verify(root).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
+        status.uids[0],
+        status.gids[0]
+    );
 
     // Bind before anything slow, so a taken port fails the job at once.
     let listener = match planned.socket() {

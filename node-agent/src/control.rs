@@ -73,6 +73,11 @@ pub enum Event {
     },
     /// The role is set up and training is under way.
     Started,
+    /// Something the user should know, shown once.
+    Warning {
+        /// The warning.
+        message: String,
+    },
     /// A worker's progress within an epoch.
     Progress {
         /// Epoch from 1.

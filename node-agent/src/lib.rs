@@ -8,11 +8,12 @@
 //! - [`wire`], [`conn`]: the framed protocol, its messages and who may send
 //!   each, and authenticated connections with limits and deadlines.
 //! - [`control`], [`agent`]: the launcher-agent channel over stdin/stdout and
-//!   the agent process's set-up.
+//!   the agent process's set-up; [`harden`]: the privilege drop.
 //! - [`roles`]: scheduler, server and worker.
 //! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
 //! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
 #![deny(missing_docs)]
+#![cfg_attr(test, allow(unsafe_code))]
 
 pub use warden_kernels as kernels;
 
@@ -21,6 +22,7 @@ pub mod artifact;
 pub mod conn;
 pub mod control;
 pub mod data;
+pub mod harden;
 pub mod identity;
 pub mod model;
 pub mod optimizer;

@@ -11,8 +11,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use warden_agent::control::Event;
 use warden_agent::identity::{Identity, JobId, Role};
@@ -268,4 +270,71 @@ pub fn agent_pids_tagged(tag: &str) -> Vec<u32> {
 /// A fresh random tag for [`agent_pids_tagged`].
 pub fn fresh_tag() -> String {
     JobId::generate().to_string()
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warden-{name}-{}-{}", std::process::id(), fresh_tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// configs/local.toml rewritten into `dir` with absolute data paths, other
+/// ports and any replacements given.
+pub fn job_in(dir: &Path, ports: (u16, u16), replace: &[(&str, &str)]) -> PathBuf {
+    let data = repo_root().join("data");
+    let mut text = std::fs::read_to_string(repo_root().join("configs/local.toml"))
+        .unwrap()
+        .replace("../data", data.to_str().unwrap())
+        .replace("ports = [29500, 29599]", &format!("ports = [{}, {}]", ports.0, ports.1));
+    for (from, to) in replace {
+        assert!(text.contains(from), "{from}");
+        text = text.replacen(from, to, 1);
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn wait_gone(tag: &str) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        if agent_pids_tagged(tag).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("processes left behind: {:?}", agent_pids_tagged(tag));
+}
+
+/// Starts a long job in the background and waits until training runs.
+pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (std::process::Child, PathBuf) {
+    let job = job_in(dir, ports, &[("epochs = 5", "epochs = 100000")]);
+    let run = dir.join("run");
+    let child = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", tag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default();
+        if metrics.lines().count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "the long job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, run)
+}
+
+pub fn agent_pids(tag: &str) -> Vec<u32> {
+    agent_pids_tagged(tag)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "warden-agent"))
+        })
+        .collect()
 }

@@ -44,6 +44,8 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
         spec.training.batch_size,
         spec.training.mode
     );
+    s +=
+        &format!("training processes run as user `{}` (no capabilities, no_new_privs, seccomp)\n\n", spec.cluster.user);
     s += &format!("{:<14} {:<16} {:<22} {}\n", "HOST", "PROCESS", "LISTENS", "CERTIFICATE IDENTITY");
     for p in &plan.processes {
         let listens = p.socket().map_or_else(|| "-".to_string(), |a| a.to_string());

@@ -1,0 +1,99 @@
+//! The least-privilege agent, checked from outside on live processes.
+//!
+//! These tests need root (CI runs as root). Without it they fail, unless
+//! `WARDEN_ALLOW_UNPRIVILEGED_TESTS=1` says the run knowingly skips them.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use warden_agent::harden::parse_status;
+use warden_tests::{agent_pids, bin, fresh_tag, job_in, scratch, start_long_job, wait_gone};
+
+fn require_root() -> bool {
+    if warden_agent::harden::started_as_root() {
+        return true;
+    }
+    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
+        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): this test needs root");
+        return false;
+    }
+    panic!("this test needs root (CI runs as root); set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
+}
+
+#[test]
+fn every_training_process_runs_with_nothing() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("privilege");
+    let (launcher, run) = start_long_job(&tag, &dir, (29900, 29920));
+    let pids = agent_pids(&tag);
+    assert_eq!(pids.len(), 5, "{pids:?}");
+    for pid in &pids {
+        // Every thread, not just the main one.
+        let tasks: Vec<_> =
+            std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(tasks.len() > 1, "the runtime's threads exist");
+        for task in tasks {
+            let st = parse_status(&std::fs::read_to_string(task.join("status")).unwrap()).unwrap();
+            assert!(!st.uids.contains(&0), "{task:?}: Uid {:?}", st.uids);
+            assert!(!st.gids.contains(&0), "{task:?}: Gid {:?}", st.gids);
+            for (name, mask) in &st.caps {
+                assert_eq!(*mask, 0, "{task:?}: {name} = {mask:x}");
+            }
+            assert_eq!(st.no_new_privs, 1, "{task:?}");
+            assert_eq!(st.seccomp, 2, "{task:?}");
+        }
+        // No key material in argv or the environment.
+        for what in ["cmdline", "environ"] {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            for secret in ["PRIVATE KEY", "BEGIN", "CERTIFICATE"] {
+                assert!(!text.contains(secret), "/proc/{pid}/{what} holds {secret}");
+            }
+        }
+    }
+    // The job directories are private to the job user.
+    for entry in std::fs::read_dir(run.join("nodes")).unwrap() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = entry.unwrap().metadata().unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert_ne!(meta.uid(), 0);
+    }
+    // Ctrl-C: the launcher stops everything and says so.
+    assert!(Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
+    let out = launcher.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert!(summary.contains("interrupted"), "{summary}");
+    wait_gone(&tag);
+}
+
+#[test]
+fn started_without_root_the_job_runs_and_says_so() {
+    if !require_root() {
+        return;
+    }
+    // Run the launcher as `nobody` (65534) in a directory it owns.
+    let dir = scratch("unprivileged");
+    let job = job_in(&dir, (29930, 29940), &[("epochs = 5", "epochs = 1")]);
+    nix_chown(&dir);
+    nix_chown(&job);
+    let run = dir.join("run");
+    let out = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warnings = stderr.matches("warning: warden-agent is not running as root").count();
+    assert_eq!(warnings, 1, "the warning is shown exactly once: {stderr}");
+    assert!(stderr.contains("succeeded:"));
+}
+
+fn nix_chown(path: &std::path::Path) {
+    assert!(Command::new("chown").args(["65534:65534", path.to_str().unwrap()]).status().unwrap().success());
+}
