@@ -79,6 +79,23 @@ pub enum Command {
     /// Measure warden on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The per-job nftables tables on this host (needs root).
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
+}
+
+/// Firewall maintenance.
+#[derive(Debug, Subcommand)]
+pub enum FirewallCommand {
+    /// List the warden tables on this host.
+    #[command(after_help = "Example:\n  sudo warden firewall list")]
+    List,
+    /// Remove a job's table, or every warden table (left by crashed jobs).
+    #[command(after_help = "Examples:\n  sudo warden firewall clean\n  sudo warden firewall clean warden_3f2a9c0d1e4b")]
+    Clean {
+        /// The table (default: all warden tables).
+        table: Option<String>,
+    },
 }
 
 /// Benchmarks.
@@ -118,5 +135,7 @@ pub fn main() -> u8 {
         }
         Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
         Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),
+        Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),
+        Command::Firewall(FirewallCommand::Clean { table }) => crate::commands::firewall::exec_clean(table.as_deref()),
     }
 }

@@ -142,7 +142,20 @@ pub async fn launch(
     let (tx, mut rx) = mpsc::channel::<Report>(4096);
     let mut procs: Vec<Proc> = Vec::new();
     let mut failure: Option<String> = None;
-    for (i, p) in plan.processes.iter().enumerate() {
+    // Firewalls first: no listener opens on an unprotected host.
+    let table = warden_agent::plan::firewall_table(&plan.job_id);
+    let mut protected = Vec::new();
+    for host in plan.hosts.iter().filter(|h| !h.ports.is_empty()) {
+        match transport.setup_host(host, &table).await {
+            Ok(None) => protected.push(host),
+            Ok(Some(warning)) => eprintln!("warning: {warning}"),
+            Err(e) => {
+                failure = Some(format!("{}: cannot install the job's firewall: {e}", host.name));
+                break;
+            }
+        }
+    }
+    for (i, p) in plan.processes.iter().enumerate().filter(|_| failure.is_none()) {
         let bundle = Bundle {
             job_id: plan.job_id.clone(),
             job_toml: text.clone(),
@@ -297,6 +310,14 @@ pub async fn launch(
     for p in &procs {
         if let Err(e) = transport.cleanup(&p.planned).await {
             tracing::warn!("cleanup on {}: {e}", p.planned.label());
+        }
+    }
+    for host in protected {
+        if let Err(e) = transport.teardown_host(host, &table).await {
+            eprintln!(
+                "warning: {}: cannot remove firewall table {table}: {e}; `warden firewall clean` removes it",
+                host.name
+            );
         }
     }
     transport.finish().await;

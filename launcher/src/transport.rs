@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use warden_agent::plan::PlannedProcess;
+use warden_agent::plan::{HostPlan, PlannedProcess};
 
 /// A boxed future, for object-safe async methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -52,6 +52,11 @@ pub trait Transport: Send + Sync {
     ) -> BoxFuture<'a, io::Result<()>>;
     /// Removes `p`'s job directory on its host.
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>>;
+    /// Prepares `host` before any agent starts there: installs the job's
+    /// firewall table. Returns a warning when the host cannot have one.
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>>;
+    /// Removes what [`Transport::setup_host`] installed; called however the job ended.
+    fn teardown_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// Called once after every process is gone and cleaned up.
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -135,6 +140,36 @@ impl Transport for LocalTransport {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             }
+        })
+    }
+
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            if !warden_agent::harden::started_as_root() {
+                return Ok(Some(format!(
+                    "not running as root: no firewall table for this job on {} (run as root to get one)",
+                    host.name
+                )));
+            }
+            let (table, rules) = (table.to_string(), host.firewall.clone());
+            tokio::task::spawn_blocking(move || warden_agent::firewall::install(&table, &rules))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|()| None)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn teardown_host<'a>(&'a self, _host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if !warden_agent::harden::started_as_root() {
+                return Ok(());
+            }
+            let table = table.to_string();
+            tokio::task::spawn_blocking(move || warden_agent::firewall::remove(&table))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
         })
     }
 

@@ -8,7 +8,8 @@
 //! - [`wire`], [`conn`]: the framed protocol, its messages and who may send
 //!   each, and authenticated connections with limits and deadlines.
 //! - [`control`], [`agent`]: the launcher-agent channel over stdin/stdout and
-//!   the agent process's set-up; [`harden`]: the privilege drop.
+//!   the agent process's set-up; [`harden`]: the privilege drop; [`firewall`]:
+//!   the per-job nftables table.
 //! - [`roles`]: scheduler, server and worker.
 //! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
 //! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
@@ -22,6 +23,7 @@ pub mod artifact;
 pub mod conn;
 pub mod control;
 pub mod data;
+pub mod firewall;
 pub mod harden;
 pub mod identity;
 pub mod model;

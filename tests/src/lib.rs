@@ -338,3 +338,11 @@ pub fn agent_pids(tag: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The firewall table name of the job in `run`.
+pub fn job_table(run: &std::path::Path) -> String {
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    let id = plan["job_id"].as_str().unwrap();
+    format!("warden_{}", &id[..12])
+}

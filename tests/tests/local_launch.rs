@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use warden_tests::{agent_pids, bin, fresh_tag, job_in, repo_root, scratch, start_long_job, wait_gone};
+use warden_tests::{agent_pids, bin, fresh_tag, job_in, job_table, repo_root, scratch, start_long_job, wait_gone};
 
 fn launch(tag: &str, args: &[&std::ffi::OsStr]) -> Output {
     Command::new(bin("warden")).arg("launch").args(args).env("WARDEN_TEST_TAG", tag).output().unwrap()
@@ -155,13 +155,19 @@ fn a_killed_worker_fails_the_job_and_nothing_is_left_running() {
 fn agents_stop_when_the_launcher_dies() {
     let tag = fresh_tag();
     let dir = scratch("kill-launcher");
-    let (mut child, _run) = start_long_job(&tag, &dir, (29780, 29799));
+    let (mut child, run) = start_long_job(&tag, &dir, (29780, 29799));
     assert_eq!(agent_pids(&tag).len(), 5);
     // SIGKILL: the launcher gets no chance to clean up; the agents see their
     // control channel close and stop by themselves.
     assert!(Command::new("kill").args(["-9", &child.id().to_string()]).status().unwrap().success());
     let _ = child.wait();
     wait_gone(&tag);
+    // The launcher had no chance to remove its firewall table: do what an
+    // operator does after a crash (`warden firewall clean`), so no test
+    // leaves a table behind.
+    if warden_agent::harden::started_as_root() {
+        warden_agent::firewall::remove(&job_table(&run)).unwrap();
+    }
 }
 
 #[test]

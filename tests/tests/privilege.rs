@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use warden_agent::harden::parse_status;
-use warden_tests::{agent_pids, bin, fresh_tag, job_in, scratch, start_long_job, wait_gone};
+use warden_tests::{agent_pids, bin, fresh_tag, job_in, job_table, scratch, start_long_job, wait_gone};
 
 fn require_root() -> bool {
     if warden_agent::harden::started_as_root() {
@@ -61,13 +61,41 @@ fn every_training_process_runs_with_nothing() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
         assert_ne!(meta.uid(), 0);
     }
-    // Ctrl-C: the launcher stops everything and says so.
+    // The job's firewall table admits only the job's peers to its ports.
+    let table = job_table(&run);
+    let rules = warden_agent::firewall::show(&table).unwrap();
+    assert!(rules.contains("tcp dport { 29900, 29901, 29902 } ip saddr 127.0.0.1 accept"), "{rules}");
+    assert!(rules.contains("tcp dport { 29900, 29901, 29902 } drop"), "{rules}");
+    // Ctrl-C: the launcher stops everything, removes the table and says so.
     assert!(Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(summary.contains("interrupted"), "{summary}");
     wait_gone(&tag);
+    assert!(!warden_agent::firewall::list().unwrap().contains(&table), "{table} left behind");
+}
+
+#[test]
+fn a_crashed_jobs_table_is_listed_and_removed_by_command() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("crash-table");
+    let (mut launcher, run) = start_long_job(&tag, &dir, (29950, 29960));
+    let table = job_table(&run);
+    // SIGKILL: no teardown runs, so the table stays.
+    assert!(Command::new("kill").args(["-9", &launcher.id().to_string()]).status().unwrap().success());
+    let _ = launcher.wait();
+    wait_gone(&tag);
+    let list = Command::new(bin("warden")).args(["firewall", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&format!("inet {table}")));
+    let clean = Command::new(bin("warden")).args(["firewall", "clean", &table]).output().unwrap();
+    assert_eq!(clean.status.code(), Some(0), "{}", String::from_utf8_lossy(&clean.stderr));
+    assert!(!warden_agent::firewall::list().unwrap().contains(&table));
+    let bad = Command::new(bin("warden")).args(["firewall", "clean", "filter"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1), "only warden tables can be removed");
 }
 
 #[test]

@@ -1,0 +1,52 @@
+//! `warden firewall list|clean`: the job tables on this host, and removing
+//! those a crashed job left behind.
+
+use crate::cli::{EXIT_FAILED, EXIT_OK};
+
+/// Prints the warden tables on this host.
+pub fn exec_list() -> u8 {
+    match warden_agent::firewall::list() {
+        Ok(tables) if tables.is_empty() => {
+            println!("no warden firewall tables on this host");
+            EXIT_OK
+        }
+        Ok(tables) => {
+            for t in tables {
+                println!("inet {t}");
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Removes `table`, or every warden table.
+pub fn exec_clean(table: Option<&str>) -> u8 {
+    let tables = match table {
+        Some(t) => vec![t.to_string()],
+        None => match warden_agent::firewall::list() {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_FAILED;
+            }
+        },
+    };
+    let mut code = EXIT_OK;
+    for t in &tables {
+        match warden_agent::firewall::remove(t) {
+            Ok(()) => println!("removed inet {t}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = EXIT_FAILED;
+            }
+        }
+    }
+    if tables.is_empty() {
+        println!("no warden firewall tables on this host");
+    }
+    code
+}
