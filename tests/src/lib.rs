@@ -346,3 +346,6 @@ pub fn job_table(run: &std::path::Path) -> String {
     let id = plan["job_id"].as_str().unwrap();
     format!("warden_{}", &id[..12])
 }
+
+pub mod netns;
+pub mod netns_transport;

@@ -1,0 +1,180 @@
+//! Jobs across hosts: network namespaces on one machine, one per host plus
+//! an outsider. Needs root, `ip` and `nft` (CI has them; scripts/test-all
+//! installs them). Without them these tests fail, unless
+//! `WARDEN_ALLOW_UNPRIVILEGED_TESTS=1` says the run knowingly skips them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warden::launch::{LaunchOptions, launch, prepare};
+use warden::transport::Transport;
+use warden_tests::netns::NetnsCluster;
+use warden_tests::netns_transport::NetnsTransport;
+use warden_tests::{bin, fresh_tag, repo_root, scratch};
+
+fn require_cluster_tools() -> bool {
+    let have = |c: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = ["ip", "nft"].into_iter().filter(|c| !have(c)).collect();
+    let root = warden_agent::harden::started_as_root();
+    if root && missing.is_empty() {
+        return true;
+    }
+    let why = format!("needs root and {missing:?} (root: {root}); scripts/test-all installs them");
+    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
+        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): {why}");
+        return false;
+    }
+    panic!("{why}; set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
+}
+
+fn job_text(epochs: u32) -> String {
+    let data = repo_root().join("data/fashion-mnist-small");
+    format!(
+        r#"
+[job]
+name = "two-hosts"
+seed = 3
+
+[cluster]
+user = "warden"
+ports = [29500, 29510]
+
+[[cluster.hosts]]
+name = "h0"
+address = "10.251.0.10"
+scheduler = 1
+servers = 1
+workers = 1
+
+[[cluster.hosts]]
+name = "h1"
+address = "10.251.0.11"
+servers = 1
+workers = 1
+
+[model]
+kind = "softmax"
+inputs = 784
+classes = 10
+
+[data]
+format = "idx"
+train_images = "{d}/train-images-idx3-ubyte.gz"
+train_labels = "{d}/train-labels-idx1-ubyte.gz"
+test_images = "{d}/t10k-images-idx3-ubyte.gz"
+test_labels = "{d}/t10k-labels-idx1-ubyte.gz"
+
+[optimizer]
+kind = "sgd"
+lr = 0.3
+
+[training]
+epochs = {epochs}
+batch_size = 64
+"#,
+        d = data.display()
+    )
+}
+
+#[test]
+fn the_firewall_admits_peers_and_drops_outsiders_then_goes_away() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let tag = &fresh_tag()[..6];
+    let net = NetnsCluster::new(tag, 2).expect("network namespaces");
+    let dir = scratch("cluster");
+    let job = dir.join("job.toml");
+    std::fs::write(&job, job_text(40)).unwrap();
+    let (spec, text, plan) = prepare(&job, false).unwrap();
+    let transport = Arc::new(NetnsTransport {
+        agent: bin("warden-agent"),
+        nodes_dir: dir.join("nodes"),
+        namespaces: BTreeMap::from([
+            ("h0".to_string(), net.hosts[0].ns.clone()),
+            ("h1".to_string(), net.hosts[1].ns.clone()),
+        ]),
+        tag: fresh_tag(),
+    });
+    let run = dir.join("run");
+    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false };
+    let job2 = job.clone();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(launch(&job2, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
+    });
+    // Wait until training runs (every listener is up).
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < until, "the job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (h0, h1, out) = (&net.hosts[0], &net.hosts[1], &net.outsider);
+    assert!(NetnsCluster::tables(h0).contains("warden_"), "h0 has the job's table");
+    // Peers reach the scheduler (h0:29500) and the servers (h0:29501, h1:29500).
+    assert!(NetnsCluster::can_connect(h1, h0.addr, 29500), "peer h1 -> scheduler");
+    assert!(NetnsCluster::can_connect(h0, h1.addr, 29500), "peer h0 -> server on h1");
+    // The outsider reaches none of them.
+    for (to, port) in [(h0.addr, 29500), (h0.addr, 29501), (h1.addr, 29500)] {
+        assert!(!NetnsCluster::can_connect(out, to, port), "outsider reached {to}:{port}");
+    }
+    let outcome = handle.join().unwrap().unwrap();
+    assert_eq!(outcome.summary.status, "succeeded", "{:?}", outcome.summary.failure);
+    assert!(outcome.summary.test_accuracy.unwrap() > 0.7);
+    for h in [h0, h1] {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} still has a warden table", h.ns);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let tag = &fresh_tag()[..6];
+    let net = NetnsCluster::new(tag, 2).expect("network namespaces");
+    let dir = scratch("cluster-kill");
+    let job = dir.join("job.toml");
+    std::fs::write(&job, job_text(100_000)).unwrap();
+    let (spec, text, plan) = prepare(&job, false).unwrap();
+    let agents_tag = fresh_tag();
+    let transport = Arc::new(NetnsTransport {
+        agent: bin("warden-agent"),
+        nodes_dir: dir.join("nodes"),
+        namespaces: BTreeMap::from([
+            ("h0".to_string(), net.hosts[0].ns.clone()),
+            ("h1".to_string(), net.hosts[1].ns.clone()),
+        ]),
+        tag: agents_tag.clone(),
+    });
+    let run = dir.join("run");
+    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false };
+    let job2 = job.clone();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(launch(&job2, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
+    });
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < until, "the job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agents = warden_tests::agent_pids(&agents_tag);
+    assert_eq!(agents.len(), 5, "{agents:?}");
+    let victim = agents[agents.len() - 1];
+    assert!(std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    let outcome = handle.join().unwrap().unwrap();
+    assert_eq!(outcome.summary.status, "failed");
+    warden_tests::wait_gone(&agents_tag);
+    for h in &net.hosts {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} still has a warden table", h.ns);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
