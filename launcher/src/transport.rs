@@ -181,6 +181,19 @@ impl Transport for LocalTransport {
     }
 }
 
+/// Copies the regular files of directory `from` into `to` (created if
+/// needed), for transports whose hosts share this machine's filesystem.
+pub async fn copy_files(from: &Path, to: &Path) -> io::Result<()> {
+    tokio::fs::create_dir_all(to).await?;
+    let mut entries = tokio::fs::read_dir(from).await?;
+    while let Some(e) = entries.next_entry().await? {
+        if e.file_type().await?.is_file() {
+            tokio::fs::copy(e.path(), to.join(e.file_name())).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Finds `warden-agent`: `$WARDEN_AGENT` if set, else beside this executable.
 pub fn find_agent() -> io::Result<PathBuf> {
     if let Some(p) = std::env::var_os("WARDEN_AGENT") {

@@ -82,67 +82,20 @@ batch_size = 64
     )
 }
 
-#[test]
-fn the_firewall_admits_peers_and_drops_outsiders_then_goes_away() {
-    if !require_cluster_tools() {
-        return;
-    }
-    let tag = &fresh_tag()[..6];
-    let net = NetnsCluster::new(tag, 2).expect("network namespaces");
-    let dir = scratch("cluster");
-    let job = dir.join("job.toml");
-    std::fs::write(&job, job_text(40)).unwrap();
-    let (spec, text, plan) = prepare(&job, false).unwrap();
-    let transport = Arc::new(NetnsTransport {
-        agent: bin("warden-agent"),
-        nodes_dir: dir.join("nodes"),
-        namespaces: BTreeMap::from([
-            ("h0".to_string(), net.hosts[0].ns.clone()),
-            ("h1".to_string(), net.hosts[1].ns.clone()),
-        ]),
-        tag: fresh_tag(),
-    });
-    let run = dir.join("run");
-    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false };
-    let job2 = job.clone();
-    let handle = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(launch(&job2, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
-    });
-    // Wait until training runs (every listener is up).
-    let until = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
-        assert!(Instant::now() < until, "the job never finished an epoch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (h0, h1, out) = (&net.hosts[0], &net.hosts[1], &net.outsider);
-    assert!(NetnsCluster::tables(h0).contains("warden_"), "h0 has the job's table");
-    // Peers reach the scheduler (h0:29500) and the servers (h0:29501, h1:29500).
-    assert!(NetnsCluster::can_connect(h1, h0.addr, 29500), "peer h1 -> scheduler");
-    assert!(NetnsCluster::can_connect(h0, h1.addr, 29500), "peer h0 -> server on h1");
-    // The outsider reaches none of them.
-    for (to, port) in [(h0.addr, 29500), (h0.addr, 29501), (h1.addr, 29500)] {
-        assert!(!NetnsCluster::can_connect(out, to, port), "outsider reached {to}:{port}");
-    }
-    let outcome = handle.join().unwrap().unwrap();
-    assert_eq!(outcome.summary.status, "succeeded", "{:?}", outcome.summary.failure);
-    assert!(outcome.summary.test_accuracy.unwrap() > 0.7);
-    for h in [h0, h1] {
-        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} still has a warden table", h.ns);
-    }
-    std::fs::remove_dir_all(&dir).unwrap();
+/// A running two-host job: its namespaces, directories, agents' tag and the
+/// thread that runs the launcher. Returns once the first epoch is done.
+struct ClusterJob {
+    net: NetnsCluster,
+    dir: std::path::PathBuf,
+    agents_tag: String,
+    launcher: std::thread::JoinHandle<Result<warden::launch::Outcome, warden::launch::LaunchError>>,
 }
 
-#[test]
-fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
-    if !require_cluster_tools() {
-        return;
-    }
-    let tag = &fresh_tag()[..6];
-    let net = NetnsCluster::new(tag, 2).expect("network namespaces");
-    let dir = scratch("cluster-kill");
+fn start_cluster_job(epochs: u32) -> ClusterJob {
+    let net = NetnsCluster::new(&fresh_tag()[..6], 2).expect("network namespaces");
+    let dir = scratch("cluster");
     let job = dir.join("job.toml");
-    std::fs::write(&job, job_text(100_000)).unwrap();
+    std::fs::write(&job, job_text(epochs)).unwrap();
     let (spec, text, plan) = prepare(&job, false).unwrap();
     let agents_tag = fresh_tag();
     let transport = Arc::new(NetnsTransport {
@@ -156,21 +109,53 @@ fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
     });
     let run = dir.join("run");
     let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false };
-    let job2 = job.clone();
-    let handle = std::thread::spawn(move || {
+    let launcher = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(launch(&job2, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
+        rt.block_on(launch(&job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
     });
     let until = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
         assert!(Instant::now() < until, "the job never finished an epoch");
         std::thread::sleep(Duration::from_millis(50));
     }
+    ClusterJob { net, dir, agents_tag, launcher }
+}
+
+#[test]
+fn the_firewall_admits_peers_and_drops_outsiders_then_goes_away() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let ClusterJob { net, dir, launcher, .. } = start_cluster_job(40);
+    let (h0, h1, out) = (&net.hosts[0], &net.hosts[1], &net.outsider);
+    assert!(NetnsCluster::tables(h0).contains("warden_"), "h0 has the job's table");
+    // Peers reach the scheduler (h0:29500) and the servers (h0:29501, h1:29500).
+    assert!(NetnsCluster::can_connect(h1, h0.addr, 29500), "peer h1 -> scheduler");
+    assert!(NetnsCluster::can_connect(h0, h1.addr, 29500), "peer h0 -> server on h1");
+    // The outsider reaches none of them.
+    for (to, port) in [(h0.addr, 29500), (h0.addr, 29501), (h1.addr, 29500)] {
+        assert!(!NetnsCluster::can_connect(out, to, port), "outsider reached {to}:{port}");
+    }
+    let outcome = launcher.join().unwrap().unwrap();
+    assert_eq!(outcome.summary.status, "succeeded", "{:?}", outcome.summary.failure);
+    assert!(outcome.summary.test_accuracy.unwrap() > 0.7);
+    for h in [h0, h1] {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} still has a warden table", h.ns);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let ClusterJob { net, dir, agents_tag, launcher } = start_cluster_job(100_000);
     let agents = warden_tests::agent_pids(&agents_tag);
     assert_eq!(agents.len(), 5, "{agents:?}");
     let victim = agents[agents.len() - 1];
     assert!(std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
-    let outcome = handle.join().unwrap().unwrap();
+    let outcome = launcher.join().unwrap().unwrap();
     assert_eq!(outcome.summary.status, "failed");
     warden_tests::wait_gone(&agents_tag);
     for h in &net.hosts {
