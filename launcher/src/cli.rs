@@ -59,7 +59,8 @@ pub enum Command {
         local: bool,
     },
     /// Run a job: certificates, processes, training, model, summary.
-    #[command(after_help = "Example:\n  warden launch configs/local.toml --local --run-dir runs/try1\n\n\
+    #[command(after_help = "Examples:\n  warden launch configs/local.toml --local --run-dir runs/try1\n  \
+        warden launch configs/two-hosts.toml          # over SSH, hosts from the job file\n\n\
         The run directory gets summary.json, metrics.csv, logs/ (one file per process) and \
         model/model.safetensors. Exit status: 0 when training finished; 1 when the job failed \
         (summary.json says why); 2 for an invalid job file or bad flags.")]
@@ -67,8 +68,12 @@ pub enum Command {
         /// The job file.
         job: PathBuf,
         /// Run every process on this machine (the hosts' addresses become 127.0.0.1).
+        /// Without it, hosts are reached over SSH.
         #[arg(long)]
         local: bool,
+        /// Trust and record host keys seen for the first time (default: refuse unknown hosts).
+        #[arg(long)]
+        accept_new_host_keys: bool,
         /// Where to write results (default: runs/NAME-YYYYMMDD-HHMMSS). Must be empty or absent.
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
@@ -130,8 +135,8 @@ pub fn main() -> u8 {
     match cli.command {
         Command::Validate { job } => crate::commands::validate::exec(&job),
         Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
-        Command::Launch { job, local, run_dir, no_progress } => {
-            crate::commands::launch::exec(&job, local, run_dir, !no_progress)
+        Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys } => {
+            crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys)
         }
         Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
         Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),

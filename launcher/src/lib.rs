@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`cli`] parses arguments; [`commands`] has one module per subcommand.
-//! - [`launch`] orchestrates a job over a [`transport::Transport`].
+//! - [`launch`] orchestrates a job over a [`transport::Transport`]: local
+//!   processes, or [`ssh`] to lab machines.
 //! - [`rundir`] writes what a run leaves behind; [`plot`] draws it.
 //!
 //! The job spec, plan and identities come from the agent's library
@@ -15,4 +16,5 @@ pub mod commands;
 pub mod launch;
 pub mod plot;
 pub mod rundir;
+pub mod ssh;
 pub mod transport;

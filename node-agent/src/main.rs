@@ -30,10 +30,62 @@ struct Cli {
 enum Cmd {
     /// Read the bundle from stdin and run the role it names.
     Run,
+    /// The job's nftables table on this host (the launcher runs these as root).
+    #[command(subcommand)]
+    Firewall(FirewallCmd),
+}
+
+#[derive(clap::Subcommand)]
+enum FirewallCmd {
+    /// Load TABLE from the ruleset on stdin (replacing a leftover of the same name).
+    Install {
+        /// A warden table name (warden_...).
+        table: String,
+    },
+    /// Remove TABLE (no error if absent).
+    Remove {
+        /// A warden table name (warden_...).
+        table: String,
+    },
+    /// List the warden tables.
+    List,
+}
+
+fn firewall(cmd: FirewallCmd) -> ExitCode {
+    use std::io::Read;
+    use warden_agent::firewall;
+    let result = match cmd {
+        FirewallCmd::Install { table } => {
+            let mut rules = String::new();
+            match std::io::stdin().take(1 << 20).read_to_string(&mut rules) {
+                Ok(_) => firewall::install(&table, &rules),
+                Err(e) => {
+                    eprintln!("error: reading the ruleset: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        FirewallCmd::Remove { table } => firewall::remove(&table),
+        FirewallCmd::List => firewall::list().map(|tables| {
+            for t in tables {
+                println!("{t}");
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    let Cli { cmd: Cmd::Run } = Cli::parse();
+    let cli = Cli::parse();
+    if let Cmd::Firewall(cmd) = cli.cmd {
+        return firewall(cmd);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

@@ -79,6 +79,10 @@ pub mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Cluster {
         pub user: Spanned<String>,
+        pub ssh_config: Option<Spanned<String>>,
+        pub remote_dir: Option<Spanned<String>>,
+        #[serde(rename = "become")]
+        pub become_: Option<Spanned<String>>,
         pub ports: Spanned<Vec<Spanned<i64>>>,
         pub scheduler_port: Option<Spanned<i64>>,
         pub hosts: Spanned<Vec<Spanned<Host>>>,
@@ -89,6 +93,7 @@ pub mod raw {
     pub struct Host {
         pub name: Option<Spanned<String>>,
         pub address: Spanned<String>,
+        pub ssh: Option<Spanned<String>>,
         #[serde(default)]
         pub scheduler: Option<Spanned<i64>>,
         #[serde(default)]
@@ -199,6 +204,24 @@ pub struct ClusterSpec {
     pub scheduler_port: Option<u16>,
     /// The hosts, in file order.
     pub hosts: Vec<HostSpec>,
+    /// An ssh_config file to use instead of the user's (`ssh -F`).
+    pub ssh_config: Option<PathBuf>,
+    /// Where the agent binary and job directories live on the hosts.
+    pub remote_dir: PathBuf,
+    /// How remote commands become root.
+    pub become_: Become,
+}
+
+/// `[cluster] become`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Become {
+    /// `sudo -n` when the SSH user is not root.
+    Auto,
+    /// Always `sudo -n`.
+    Sudo,
+    /// Never: the SSH user runs the agent as itself.
+    None,
 }
 
 /// One `[[cluster.hosts]]` entry.
@@ -208,6 +231,8 @@ pub struct HostSpec {
     pub name: String,
     /// Address peers reach it at.
     pub address: IpAddr,
+    /// SSH destination (`user@host`, a `~/.ssh/config` alias, ...); default: the address.
+    pub ssh: String,
     /// 0 or 1.
     pub scheduler: u32,
     /// Server processes on this host.
@@ -599,9 +624,35 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
                 "give it a scheduler, servers or workers, or remove it",
             ));
         }
-        hosts.push(HostSpec { name, address, scheduler, servers, workers });
+        let ssh = hr.ssh.as_ref().map_or_else(|| address.to_string(), |s| s.get_ref().clone());
+        hosts.push(HostSpec { name, address, ssh, scheduler, servers, workers });
     }
-    let cluster = ClusterSpec { user, port_start, port_end, scheduler_port, hosts };
+    let ssh_config = cl.ssh_config.as_ref().map(|p| base_dir.join(p.get_ref()));
+    let remote_dir = match &cl.remote_dir {
+        Some(d) if !Path::new(d.get_ref()).is_absolute() => {
+            return Err(src.err(
+                d.span(),
+                "remote_dir must be an absolute path",
+                "for example remote_dir = \"/var/lib/warden\"",
+            ));
+        }
+        Some(d) => PathBuf::from(d.get_ref()),
+        None => PathBuf::from("/var/lib/warden"),
+    };
+    let become_ = match cl.become_.as_ref().map(|b| b.get_ref().as_str()) {
+        None | Some("auto") => Become::Auto,
+        Some("sudo") => Become::Sudo,
+        Some("none") => Become::None,
+        Some(other) => {
+            let span = cl.become_.as_ref().map(|b| b.span()).unwrap_or_default();
+            return Err(src.err(
+                span,
+                format!("unknown become `{other}`"),
+                "use \"auto\" (sudo -n unless the SSH user is root), \"sudo\" or \"none\"",
+            ));
+        }
+    };
+    let cluster = ClusterSpec { user, port_start, port_end, scheduler_port, hosts, ssh_config, remote_dir, become_ };
     let schedulers = cluster.count(Role::Scheduler);
     if schedulers != 1 {
         return Err(src.err(

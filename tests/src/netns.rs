@@ -91,3 +91,117 @@ impl Drop for NetnsCluster {
         let _ = ip(&["netns", "del", &self.bridge_ns]);
     }
 }
+
+/// Serialises clusters that give the root namespace an address on
+/// 10.251.0.0/24 (the uplink): only one may exist at a time.
+static UPLINK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A [`NetnsCluster`] whose hosts run their own `sshd`, reachable from this
+/// (the root) namespace through an uplink at 10.251.0.1, with a client key
+/// and a known_hosts file made for the test.
+pub struct SshCluster {
+    /// The namespaces (dropped last).
+    pub net: NetnsCluster,
+    /// An ssh_config naming the key and known_hosts (for `[cluster] ssh_config`).
+    pub ssh_config: std::path::PathBuf,
+    sshd: Vec<std::process::Child>,
+    uplink: String,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::fmt::Debug for SshCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshCluster").field("net", &self.net).finish_non_exhaustive()
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl SshCluster {
+    /// `hosts` hosts with sshd, keys under `dir`.
+    pub fn new(tag: &str, hosts: usize, dir: &std::path::Path) -> Result<SshCluster, String> {
+        let guard = UPLINK.lock().unwrap_or_else(|p| p.into_inner());
+        let net = NetnsCluster::new(tag, hosts)?;
+        // Uplink: a veth from this namespace into the bridge.
+        let uplink = format!("wt{tag}up");
+        let port = "pup".to_string();
+        ip(&["link", "add", &uplink, "type", "veth", "peer", "name", &port, "netns", &net.bridge_ns])?;
+        ip(&["-n", &net.bridge_ns, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["addr", "add", "10.251.0.1/24", "dev", &uplink])?;
+        ip(&["link", "set", &uplink, "up"])?;
+        let mut cluster =
+            SshCluster { net, ssh_config: dir.join("ssh_config"), sshd: Vec::new(), uplink, _guard: guard };
+        let d = |name: &str| dir.join(name).display().to_string();
+        run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", &d("id")])?;
+        std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all("/run/sshd").map_err(|e| e.to_string())?;
+        let mut known = String::new();
+        for (i, h) in cluster.net.hosts.iter().enumerate() {
+            let key = d(&format!("hostkey{i}"));
+            run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", &key])?;
+            let public = std::fs::read_to_string(format!("{key}.pub")).map_err(|e| e.to_string())?;
+            let mut parts = public.split_whitespace();
+            known += &format!("{} {} {}\n", h.addr, parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let config = d(&format!("sshd{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "ListenAddress {addr}\nPort 22\nHostKey {key}\nPidFile {pid}\nAuthorizedKeysFile {auth}\n\
+                     PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     UsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n",
+                    addr = h.addr,
+                    pid = d(&format!("sshd{i}.pid")),
+                    auth = d("authorized_keys"),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &h.ns, "/usr/sbin/sshd", "-D", "-e", "-f", &config])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("sshd: {e}"))?;
+            cluster.sshd.push(child);
+        }
+        std::fs::write(dir.join("known_hosts"), known).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &cluster.ssh_config,
+            format!(
+                "Host *\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n",
+                d("id"),
+                d("known_hosts")
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        // Wait until every sshd accepts connections.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for h in &cluster.net.hosts {
+            while std::net::TcpStream::connect_timeout(&(h.addr, 22).into(), std::time::Duration::from_millis(200))
+                .is_err()
+            {
+                if std::time::Instant::now() > until {
+                    return Err(format!("sshd on {} did not come up", h.addr));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        Ok(cluster)
+    }
+}
+
+impl Drop for SshCluster {
+    fn drop(&mut self) {
+        for c in &mut self.sshd {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = ip(&["link", "del", &self.uplink]);
+    }
+}

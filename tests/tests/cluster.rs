@@ -163,3 +163,109 @@ fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn ssh_job(ssh_config: &std::path::Path, remote_dir: &std::path::Path, hosts: &[&str]) -> String {
+    let data = repo_root().join("data/fashion-mnist-small");
+    format!(
+        r#"
+[job]
+name = "over-ssh"
+seed = 5
+
+[cluster]
+user = "warden"
+ports = [29500, 29510]
+ssh_config = "{cfg}"
+remote_dir = "{remote}"
+
+[[cluster.hosts]]
+name = "h0"
+address = "{a0}"
+scheduler = 1
+servers = 1
+
+[[cluster.hosts]]
+name = "h1"
+address = "{a1}"
+servers = 1
+workers = 2
+
+[[cluster.hosts]]
+name = "h2"
+address = "{a2}"
+workers = 2
+
+[model]
+kind = "softmax"
+inputs = 784
+classes = 10
+
+[data]
+format = "idx"
+train_images = "{d}/train-images-idx3-ubyte.gz"
+train_labels = "{d}/train-labels-idx1-ubyte.gz"
+test_images = "{d}/t10k-images-idx3-ubyte.gz"
+test_labels = "{d}/t10k-labels-idx1-ubyte.gz"
+
+[optimizer]
+kind = "sgd"
+lr = 0.3
+
+[training]
+epochs = 3
+batch_size = 32
+"#,
+        cfg = ssh_config.display(),
+        remote = remote_dir.display(),
+        a0 = hosts[0],
+        a1 = hosts[1],
+        a2 = hosts[2],
+        d = data.display()
+    )
+}
+
+#[test]
+fn a_three_host_job_over_real_ssh_matches_the_local_run() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let dir = scratch("ssh");
+    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
+    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let job = dir.join("job.toml");
+    std::fs::write(&job, ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs)).unwrap();
+    let out = std::process::Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), dir.join("run").as_os_str()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let remote: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/summary.json")).unwrap()).unwrap();
+    // The same job on this machine: same seed, ranks and shards, so the same model.
+    let local = std::process::Command::new(bin("warden"))
+        .args([
+            "launch".as_ref(),
+            job.as_os_str(),
+            "--local".as_ref(),
+            "--run-dir".as_ref(),
+            dir.join("local").as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(local.status.code(), Some(0), "{}", String::from_utf8_lossy(&local.stderr));
+    let local: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("local/summary.json")).unwrap()).unwrap();
+    let (a, b) = (remote["test_accuracy"].as_f64().unwrap(), local["test_accuracy"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-9, "over SSH {a}, local {b}");
+    assert!(a > 0.7);
+    // Every host is clean: no agents, no tables, no job directories.
+    for h in &ssh.net.hosts {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
+    }
+    let jobs = dir.join("remote/jobs");
+    assert!(std::fs::read_dir(&jobs).map_or(true, |mut d| d.next().is_none()), "job directories left in {jobs:?}");
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,14 +8,7 @@ use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
 use crate::transport::{LocalTransport, Transport, find_agent};
 
 /// Launches the job and reports how it ended.
-pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool) -> u8 {
-    if !local {
-        eprintln!(
-            "error: launching over SSH is not available yet; run the job on this machine with `warden launch {} --local`",
-            job.display()
-        );
-        return EXIT_USAGE;
-    }
+pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, accept_new_host_keys: bool) -> u8 {
     let (spec, text, plan) = match prepare(job, local) {
         Ok(x) => x,
         Err(e) => {
@@ -42,14 +35,37 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool) -
         progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         epoch_lines: true,
     };
-    let result = runtime.block_on(launch(
-        job,
-        spec,
-        text,
-        plan,
-        move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
-        opts,
-    ));
+    let result = if local {
+        runtime.block_on(launch(
+            job,
+            spec,
+            text,
+            plan,
+            move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
+            opts,
+        ))
+    } else {
+        // Control sockets need short paths (108 bytes at most).
+        let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
+        let connected = runtime.block_on(crate::ssh::SshTransport::connect(
+            &spec,
+            &plan.job_id,
+            &agent,
+            accept_new_host_keys,
+            &control,
+        ));
+        let transport = match connected {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                eprintln!("error: {e}");
+                let _ = std::fs::remove_dir_all(&control);
+                return EXIT_FAILED;
+            }
+        };
+        let r = runtime.block_on(launch(job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts));
+        let _ = std::fs::remove_dir_all(&control);
+        r
+    };
     match result {
         Ok(outcome) => {
             let s = &outcome.summary;

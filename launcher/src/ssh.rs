@@ -1,0 +1,277 @@
+//! The SSH transport: the system OpenSSH client through the `openssh` crate,
+//! one multiplexed master per host (native-mux), so `~/.ssh/config`, agents,
+//! `ProxyJump`, ports and identities work as users set them.
+//!
+//! BatchMode is always on (never a prompt) and host keys are checked
+//! strictly unless `--accept-new-host-keys` says trust-on-first-use. Every
+//! host is connected concurrently with a timeout; a host that fails is named
+//! with the reason. Remote commands become root with `sudo -n` when
+//! `[cluster] become` says so (by default: when the SSH user is not root).
+//!
+//! The agent binary is uploaded to `REMOTE_DIR/bin/warden-agent-SHA` only
+//! when that exact version is not there yet; job directories live under
+//! `REMOTE_DIR/jobs/JOB_ID/`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use warden_agent::identity::JobId;
+use warden_agent::plan::{HostPlan, PlannedProcess};
+use warden_agent::spec::{Become, JobSpec};
+
+use crate::transport::{BoxFuture, ProcessHandle, Spawned, Transport};
+
+/// How long one host may take to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One connected host.
+struct Host {
+    name: String,
+    session: Arc<Session>,
+    /// Prefix for commands that need root ("sudo -n"), if any.
+    sudo: bool,
+    agent: String,
+}
+
+/// Agents on remote hosts over SSH.
+pub struct SshTransport {
+    hosts: BTreeMap<String, Host>,
+    remote_dir: PathBuf,
+    job: JobId,
+}
+
+impl std::fmt::Debug for SshTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshTransport").field("hosts", &self.hosts.keys()).finish_non_exhaustive()
+    }
+}
+
+/// Quotes one word for the remote POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, String> {
+    let full = if host.sudo { format!("sudo -n sh -c {}", sh_quote(cmd)) } else { cmd.to_string() };
+    let mut c = host.session.clone().arc_command("sh");
+    c.arg("-c").arg(&full).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = c.spawn().await.map_err(|e| e.to_string())?;
+    if let (Some(data), Some(mut w)) = (stdin, child.stdin().take()) {
+        w.write_all(data).await.map_err(|e| e.to_string())?;
+        w.shutdown().await.map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+impl SshTransport {
+    /// Connects to every host of the plan concurrently, decides `sudo`, and
+    /// installs the agent binary where its version is missing.
+    pub async fn connect(
+        spec: &JobSpec,
+        job: &JobId,
+        agent: &Path,
+        accept_new_host_keys: bool,
+        control_dir: &Path,
+    ) -> Result<SshTransport, String> {
+        let binary = std::fs::read(agent).map_err(|e| format!("cannot read {}: {e}", agent.display()))?;
+        let sha = Sha256::digest(&binary).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let remote_dir = spec.cluster.remote_dir.clone();
+        let agent_path = remote_dir.join("bin").join(format!("warden-agent-{}", &sha[..16]));
+        let binary = Arc::new(binary);
+        std::fs::create_dir_all(control_dir).map_err(|e| format!("cannot create {}: {e}", control_dir.display()))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for h in &spec.cluster.hosts {
+            let mut b = SessionBuilder::default();
+            b.known_hosts_check(if accept_new_host_keys { KnownHosts::Add } else { KnownHosts::Strict })
+                .connect_timeout(CONNECT_TIMEOUT)
+                .server_alive_interval(Duration::from_secs(5))
+                .control_directory(control_dir);
+            if let Some(cfg) = &spec.cluster.ssh_config {
+                b.config_file(cfg);
+            }
+            let (name, dest, become_) = (h.name.clone(), h.ssh.clone(), spec.cluster.become_);
+            let (agent_path, binary) = (agent_path.clone(), binary.clone());
+            tasks.spawn(async move {
+                let result = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
+                    let session =
+                        b.connect_mux(&dest).await.map_err(|e| format!("cannot connect over SSH to `{dest}`: {e}"))?;
+                    let session = Arc::new(session);
+                    let mut host =
+                        Host { name: name.clone(), session, sudo: false, agent: agent_path.display().to_string() };
+                    let uid = run(&host, "id -u", None).await.map_err(|e| format!("`id -u` failed: {e}"))?;
+                    host.sudo = match become_ {
+                        Become::Sudo => true,
+                        Become::None => false,
+                        Become::Auto => uid.trim() != "0",
+                    };
+                    install_agent(&host, &binary).await?;
+                    Ok::<_, String>(host)
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("timed out after {}s", (CONNECT_TIMEOUT * 2).as_secs())));
+                (name, result)
+            });
+        }
+        let mut hosts = BTreeMap::new();
+        let mut errors = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((name, Ok(host))) => {
+                    hosts.insert(name, host);
+                }
+                Ok((name, Err(e))) => errors.push(format!("{name}: {e}")),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            errors.sort();
+            return Err(errors.join("; "));
+        }
+        Ok(SshTransport { hosts, remote_dir, job: job.clone() })
+    }
+
+    fn host(&self, name: &str) -> io::Result<&Host> {
+        self.hosts.get(name).ok_or_else(|| io::Error::other(format!("no SSH session for host {name}")))
+    }
+}
+
+/// Uploads the agent unless this exact version is already on the host.
+async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
+    let path = sh_quote(&host.agent);
+    if run(host, &format!("test -x {path}"), None).await.is_ok() {
+        return Ok(());
+    }
+    // Per host and launcher: hosts may share a filesystem; `mv` is atomic.
+    let tmp = sh_quote(&format!("{}.{}.{}.tmp", host.agent, host.name, std::process::id()));
+    let dir = sh_quote(&Path::new(&host.agent).parent().map(|p| p.display().to_string()).unwrap_or_default());
+    run(host, &format!("mkdir -p {dir} && cat > {tmp} && chmod 755 {tmp} && mv -f {tmp} {path}"), Some(binary))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("cannot install warden-agent: {e}"))
+}
+
+struct RemoteChild(Option<openssh::Child<Arc<Session>>>);
+
+impl ProcessHandle for RemoteChild {
+    fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {
+        Box::pin(async move {
+            match self.0.take() {
+                Some(child) => Ok(child.wait().await.map_err(io::Error::other)?.code()),
+                None => Ok(None),
+            }
+        })
+    }
+    fn kill(&mut self) -> io::Result<()> {
+        // Closing the channel closes the agent's stdin; it stops itself.
+        self.0.take();
+        Ok(())
+    }
+}
+
+impl Transport for SshTransport {
+    fn spawn_agent<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>> {
+        Box::pin(async move {
+            let host = self.host(&p.host)?;
+            let mut c = if host.sudo {
+                let mut c = host.session.clone().arc_command("sudo");
+                c.arg("-n").arg(&host.agent);
+                c
+            } else {
+                host.session.clone().arc_command(&host.agent)
+            };
+            c.arg("run").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = c.spawn().await.map_err(io::Error::other)?;
+            let stdin = child.stdin().take().ok_or_else(|| io::Error::other("no stdin"))?;
+            let stdout = child.stdout().take().ok_or_else(|| io::Error::other("no stdout"))?;
+            let stderr = child.stderr().take().ok_or_else(|| io::Error::other("no stderr"))?;
+            Ok(Spawned {
+                stdin: Box::pin(stdin),
+                stdout: Box::pin(stdout),
+                stderr: Box::pin(stderr),
+                handle: Box::new(RemoteChild(Some(child))),
+            })
+        })
+    }
+
+    fn workdir(&self, p: &PlannedProcess) -> PathBuf {
+        self.remote_dir.join("jobs").join(self.job.as_str()).join(format!("{}-{}-{}", p.host, p.role, p.rank))
+    }
+
+    fn fetch_dir<'a>(
+        &'a self,
+        p: &'a PlannedProcess,
+        remote: &'a Path,
+        local: &'a Path,
+    ) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            let host = self.host(&p.host)?;
+            tokio::fs::create_dir_all(local).await?;
+            let dir = remote.display().to_string();
+            let names = run(host, &format!("ls -1 {}", sh_quote(&dir)), None).await.map_err(io::Error::other)?;
+            for name in names.lines().filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.')) {
+                let path = format!("{dir}/{name}");
+                let mut c = if host.sudo {
+                    let mut c = host.session.clone().arc_command("sudo");
+                    c.arg("-n").arg("cat");
+                    c
+                } else {
+                    host.session.clone().arc_command("cat")
+                };
+                let out = c.arg(&path).output().await.map_err(io::Error::other)?;
+                if !out.status.success() {
+                    return Err(io::Error::other(format!(
+                        "cat {path}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                tokio::fs::write(local.join(name), out.stdout).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            let host = self.host(&p.host)?;
+            let dir = self.workdir(p).display().to_string();
+            run(host, &format!("rm -rf {}", sh_quote(&dir)), None).await.map(|_| ()).map_err(io::Error::other)
+        })
+    }
+
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            let h = self.host(&host.name).map_err(|e| e.to_string())?;
+            let cmd = format!("{} firewall install {}", sh_quote(&h.agent), sh_quote(table));
+            run(h, &cmd, Some(host.firewall.as_bytes())).await.map(|_| None)
+        })
+    }
+
+    fn teardown_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let h = self.host(&host.name).map_err(|e| e.to_string())?;
+            let cmd = format!("{} firewall remove {}", sh_quote(&h.agent), sh_quote(table));
+            run(h, &cmd, None).await.map(|_| ())
+        })
+    }
+
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for host in self.hosts.values() {
+                let dir = self.remote_dir.join("jobs").join(self.job.as_str()).display().to_string();
+                let _ = run(host, &format!("rmdir {} 2>/dev/null || true", sh_quote(&dir)), None).await;
+            }
+        })
+    }
+}
