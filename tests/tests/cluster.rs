@@ -269,3 +269,64 @@ fn a_three_host_job_over_real_ssh_matches_the_local_run() {
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bad_hosts_fail_fast_with_their_names() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let dir = scratch("ssh-bad");
+    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
+    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
+    let launch_with = |text: String, name: &str| {
+        let job = dir.join(format!("{name}.toml"));
+        std::fs::write(&job, text).unwrap();
+        let started = Instant::now();
+        let out = std::process::Command::new(bin("warden"))
+            .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), dir.join(name).as_os_str()])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
+    };
+    let remote = dir.join("remote");
+
+    // A host that is down (nothing answers at 10.251.0.77).
+    let down = ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], "10.251.0.77"]);
+    let (code, err, took) = launch_with(down, "down");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("h2: cannot connect over SSH to `10.251.0.77`"), "{err}");
+    assert!(took < Duration::from_secs(45), "took {took:?}");
+
+    // A wrong host key: h1's entry in known_hosts is replaced by another key.
+    let known = std::fs::read_to_string(dir.join("known_hosts")).unwrap();
+    let other = std::fs::read_to_string(dir.join("id.pub")).unwrap();
+    let mut parts = other.split_whitespace();
+    let forged: String = known
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("{} ", addrs[1])) {
+                format!("{} {} {}\n", addrs[1], parts.next().unwrap(), parts.next().unwrap())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(dir.join("known_hosts"), forged).unwrap();
+    let (code, err, _) = launch_with(ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], &addrs[2]]), "hostkey");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("h1: cannot connect over SSH"), "{err}");
+    assert!(!err.contains("h0:") && !err.contains("h2:"), "only h1 is named: {err}");
+    std::fs::write(dir.join("known_hosts"), known).unwrap();
+
+    // A job user that does not exist on the hosts.
+    let nouser = ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], &addrs[2]])
+        .replace("user = \"warden\"", "user = \"no-such-user\"");
+    let (code, err, _) = launch_with(nouser, "nouser");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("user `no-such-user` does not exist on this host"), "{err}");
+    for h in &ssh.net.hosts {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
+    }
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
