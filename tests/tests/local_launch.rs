@@ -111,10 +111,17 @@ fn bad_input_is_refused_before_anything_starts() {
     assert!(stderr.contains("[data] train_images") && stderr.contains("nope.gz does not exist"), "{stderr}");
     assert!(!dir.join("r1").exists(), "nothing is created for a job that cannot start");
 
-    let ok = job_in(&dir, (29700, 29720), &[]);
-    let out = launch(&tag, &[ok.as_os_str()]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--local"));
+    // Without --local the hosts are reached over SSH; an unreachable or
+    // unknown host fails before anything starts, naming the host.
+    let ok = job_in(
+        &dir,
+        (29700, 29720),
+        &[("address = \"127.0.0.1\"", "address = \"127.0.0.1\"\nssh = \"ssh://127.0.0.1:9\"")],
+    );
+    let out = launch(&tag, &[ok.as_os_str(), "--run-dir".as_ref(), dir.join("r0").as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("localhost: cannot connect over SSH to `ssh://127.0.0.1:9`"), "{stderr}");
 
     let used = dir.join("used");
     std::fs::create_dir_all(&used).unwrap();
