@@ -242,10 +242,12 @@ pub async fn launch(
                 procs[i].exit = Some(code);
                 if code != Some(0) && failure.is_none() {
                     let label = procs[i].planned.label();
-                    failure = Some(match code {
-                        Some(c) => format!("{label} exited with status {c}; see its log in {}", run.logs().display()),
+                    let log = run.logs().join(log_name(&procs[i].planned));
+                    let what = match code {
+                        Some(c) => format!("{label} exited with status {c}"),
                         None => format!("{label} was killed by a signal"),
-                    });
+                    };
+                    failure = Some(format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
                     stop_all(&mut procs).await;
                 }
             }
@@ -356,6 +358,18 @@ pub async fn launch(
     Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
 }
 
+/// The log file name of a process in `DIR/logs/`.
+pub fn log_name(p: &PlannedProcess) -> String {
+    format!("{}-{}-{}.log", p.host, p.role, p.rank)
+}
+
+/// The last `n` lines of a log, indented, for failure reports.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("[event] {\"event\":\"csr\"")).collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
 /// Starts one agent, sends its bundle, and spawns the tasks that serve it.
 async fn start_one(
     i: usize,
@@ -368,7 +382,7 @@ async fn start_one(
 ) -> Result<Proc, String> {
     let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
     let log = Arc::new(Mutex::new(
-        tokio::fs::File::create(run.logs().join(format!("{}-{}-{}.log", p.host, p.role, p.rank)))
+        tokio::fs::File::create(run.logs().join(log_name(p)))
             .await
             .map_err(|e| format!("cannot create its log: {e}"))?,
     ));

@@ -330,3 +330,59 @@ fn bad_hosts_fail_fast_with_their_names() {
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_over_ssh_leaves_every_host_clean() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let dir = scratch("ssh-int");
+    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
+    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs).replace("epochs = 3", "epochs = 100000"),
+    )
+    .unwrap();
+    let tag = fresh_tag();
+    let run = dir.join("run");
+    let launcher = std::process::Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", &tag)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < until, "the job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
+    let out = launcher.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    // The agents ran through sshd, not as our children: find them by their binary under remote_dir.
+    let remote_bin = dir.join("remote/bin");
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let alive: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(&remote_bin)))
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "agents still running after Ctrl-C: {alive:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for h in &ssh.net.hosts {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
+    }
+    let jobs = dir.join("remote/jobs");
+    assert!(std::fs::read_dir(&jobs).map_or(true, |mut d| d.next().is_none()), "job directories left in {jobs:?}");
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
