@@ -81,6 +81,35 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// How a run stands, from its directory (also after its launcher died).
+    #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500")]
+    Status {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// Print a run's logs, each line prefixed host/role[rank].
+    #[command(
+        after_help = "Examples:\n  warden logs runs/RUN\n  warden logs runs/RUN -f --role worker\n  warden logs runs/RUN --host node2"
+    )]
+    Logs {
+        /// The run directory.
+        dir: PathBuf,
+        /// Keep printing new lines while the job runs.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this host's processes.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this role (scheduler, server, worker).
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Stop a running job; after a launcher crash, remove what it left on the hosts.
+    #[command(after_help = "Example:\n  warden stop runs/RUN")]
+    Stop {
+        /// The run directory.
+        dir: PathBuf,
+    },
     /// Measure warden on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -138,6 +167,11 @@ pub fn main() -> u8 {
         Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys } => {
             crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys)
         }
+        Command::Status { dir } => crate::commands::run_dir::exec_status(&dir),
+        Command::Logs { dir, follow, host, role } => {
+            crate::commands::run_dir::exec_logs(&dir, host.as_deref(), role.as_deref(), follow)
+        }
+        Command::Stop { dir } => crate::commands::run_dir::exec_stop(&dir),
         Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
         Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),
         Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),

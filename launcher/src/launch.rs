@@ -119,7 +119,7 @@ pub async fn launch(
     let started = Instant::now();
     let seed = spec.seed.unwrap_or_else(warden_agent::secure_random::u64);
     let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
-    run.write_start(&spec, &text, &plan, seed).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    run.write_start(&spec, &text, &plan, seed, job).map_err(|e| LaunchError::Setup(e.to_string()))?;
     let transport = transport_for(&run);
     let ca = Arc::new(
         JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))

@@ -145,7 +145,14 @@ impl RunDir {
     }
 
     /// Records what is being launched.
-    pub fn write_start(&self, spec: &JobSpec, text: &str, plan: &Plan, seed: u64) -> std::io::Result<()> {
+    pub fn write_start(
+        &self,
+        spec: &JobSpec,
+        text: &str,
+        plan: &Plan,
+        seed: u64,
+        job_file: &Path,
+    ) -> std::io::Result<()> {
         std::fs::write(self.path.join("job.toml"), text)?;
         write_json(&self.path.join("plan.json"), plan)?;
         let run = serde_json::json!({
@@ -155,6 +162,10 @@ impl RunDir {
             "seed_source": if spec.seed.is_some() { "job file" } else { "drawn from the OS CSPRNG" },
             "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "warden_version": env!("CARGO_PKG_VERSION"),
+            "launcher_pid": std::process::id(),
+            "local": plan.local,
+            "job_file": std::path::absolute(job_file).unwrap_or_else(|_| job_file.to_path_buf()),
+            "firewall_table": warden_agent::plan::firewall_table(&plan.job_id),
         });
         write_json(&self.path.join("run.json"), &run)?;
         std::fs::write(

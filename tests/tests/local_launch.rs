@@ -169,12 +169,42 @@ fn agents_stop_when_the_launcher_dies() {
     assert!(Command::new("kill").args(["-9", &child.id().to_string()]).status().unwrap().success());
     let _ = child.wait();
     wait_gone(&tag);
-    // The launcher had no chance to remove its firewall table: do what an
-    // operator does after a crash (`warden firewall clean`), so no test
-    // leaves a table behind.
+    // The run directory still tells what happened, and `warden stop` cleans
+    // up what the launcher could not (its firewall table).
+    let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("ended without a summary: the launcher died"));
+    let stop = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
+    assert_eq!(stop.status.code(), Some(0), "{}", String::from_utf8_lossy(&stop.stderr));
     if warden_agent::harden::started_as_root() {
-        warden_agent::firewall::remove(&job_table(&run)).unwrap();
+        assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)));
     }
+}
+
+#[test]
+fn status_logs_and_stop_work_from_the_run_directory() {
+    let tag = fresh_tag();
+    let dir = scratch("status");
+    let (launcher, run) = start_long_job(&tag, &dir, (29960, 29979));
+    let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("status: running (launcher pid"), "{text}");
+    let logs = Command::new(bin("warden"))
+        .args(["logs".as_ref(), run.as_os_str(), "--role".as_ref(), "worker".as_ref()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.lines().all(|l| l.starts_with("localhost/worker[")), "{text}");
+    assert!(text.contains("localhost/worker[0]") && text.contains("localhost/worker[1]"), "{text}");
+    let stop = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
+    assert_eq!(stop.status.code(), Some(0), "{}", String::from_utf8_lossy(&stop.stderr));
+    let out = launcher.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("status: failed"));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted"));
+    wait_gone(&tag);
+    let bad = Command::new(bin("warden")).arg("status").arg(&dir).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "not a run directory");
 }
 
 #[test]

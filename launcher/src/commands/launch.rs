@@ -100,3 +100,57 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
         }
     }
 }
+
+/// Removes a job's firewall tables and job directories on every host of
+/// `job` over SSH (after its launcher died).
+pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
+    let (spec, _) = match warden_agent::spec::JobSpec::load(job) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Ok(job_id) = warden_agent::identity::JobId::try_from(job_id.to_string()) else {
+        eprintln!("error: run.json has no valid job id");
+        return EXIT_USAGE;
+    };
+    let plan = warden_agent::plan::Plan::new(&spec, &job_id, false);
+    let agent = match find_agent() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        return EXIT_FAILED;
+    };
+    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
+    let code = runtime.block_on(async {
+        let t = match crate::ssh::SshTransport::connect(&spec, &job_id, &agent, false, &control).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_FAILED;
+            }
+        };
+        let mut code = EXIT_OK;
+        for host in &plan.hosts {
+            match t.teardown_host(host, table).await {
+                Ok(()) => println!("{}: firewall table {table} removed", host.name),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", host.name);
+                    code = EXIT_FAILED;
+                }
+            }
+        }
+        for p in &plan.processes {
+            let _ = t.cleanup(p).await;
+        }
+        t.finish().await;
+        code
+    });
+    let _ = std::fs::remove_dir_all(&control);
+    code
+}

@@ -4,4 +4,5 @@ pub mod bench;
 pub mod firewall;
 pub mod launch;
 pub mod plan;
+pub mod run_dir;
 pub mod validate;
