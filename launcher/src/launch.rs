@@ -46,6 +46,9 @@ pub struct LaunchOptions {
     pub progress: bool,
     /// Print a line per epoch.
     pub epoch_lines: bool,
+    /// When the command started (connecting to hosts comes before
+    /// [`launch`]); timings count from here. Default: when `launch` starts.
+    pub started: Option<Instant>,
 }
 
 /// How the job ended.
@@ -116,7 +119,7 @@ pub async fn launch(
     transport_for: impl FnOnce(&RunDir) -> Arc<dyn Transport>,
     opts: LaunchOptions,
 ) -> Result<Outcome, LaunchError> {
-    let started = Instant::now();
+    let started = opts.started.unwrap_or_else(Instant::now);
     let seed = spec.seed.unwrap_or_else(warden_agent::secure_random::u64);
     let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
     run.write_start(&spec, &text, &plan, seed, job).map_err(|e| LaunchError::Setup(e.to_string()))?;
@@ -145,16 +148,29 @@ pub async fn launch(
     // Firewalls first: no listener opens on an unprotected host.
     let table = warden_agent::plan::firewall_table(&plan.job_id);
     let mut protected = Vec::new();
-    for host in plan.hosts.iter().filter(|h| !h.ports.is_empty()) {
-        match transport.setup_host(host, &table).await {
-            Ok(None) => protected.push(host),
-            Ok(Some(warning)) => eprintln!("warning: {warning}"),
-            Err(e) => {
-                failure = Some(format!("{}: cannot install the job's firewall: {e}", host.name));
-                break;
+    // Every host at once: one slow host must not delay the others.
+    let mut setups = tokio::task::JoinSet::new();
+    for (hi, host) in plan.hosts.iter().enumerate().filter(|(_, h)| !h.ports.is_empty()) {
+        let (t, host, table) = (transport.clone(), host.clone(), table.clone());
+        setups.spawn(async move { (hi, t.setup_host(&host, &table).await) });
+    }
+    let mut setup_errors = Vec::new();
+    while let Some(joined) = setups.join_next().await {
+        match joined {
+            Ok((hi, Ok(None))) => protected.push(&plan.hosts[hi]),
+            Ok((_, Ok(Some(warning)))) => eprintln!("warning: {warning}"),
+            Ok((hi, Err(e))) => {
+                setup_errors.push(format!("{}: cannot install the job's firewall: {e}", plan.hosts[hi].name))
             }
+            Err(e) => setup_errors.push(e.to_string()),
         }
     }
+    if !setup_errors.is_empty() {
+        setup_errors.sort();
+        failure = Some(setup_errors.join("; "));
+    }
+    // Start every agent at once, too; each enrols as soon as its CSR arrives.
+    let mut starts = tokio::task::JoinSet::new();
     for (i, p) in plan.processes.iter().enumerate().filter(|_| failure.is_none()) {
         let bundle = Bundle {
             job_id: plan.job_id.clone(),
@@ -167,14 +183,29 @@ pub async fn launch(
             rank: p.rank,
             workdir: transport.workdir(p),
         };
-        match start_one(i, p, bundle, transport.as_ref(), &ca, &run, tx.clone()).await {
-            Ok(proc_) => procs.push(proc_),
+        let (p, t, ca, logs, tx) = (p.clone(), transport.clone(), ca.clone(), run.logs(), tx.clone());
+        starts.spawn(async move {
+            let r = start_one(i, &p, bundle, t.as_ref(), &ca, &logs, tx).await;
+            (i, p, r)
+        });
+    }
+    let mut started_procs = Vec::new();
+    while let Some(joined) = starts.join_next().await {
+        match joined {
+            Ok((i, _, Ok(proc_))) => started_procs.push((i, proc_)),
+            Ok((_, p, Err(e))) => {
+                failure.get_or_insert_with(|| format!("{}: {e}", p.label()));
+            }
             Err(e) => {
-                failure = Some(format!("{}: {e}", p.label()));
-                break;
+                failure.get_or_insert_with(|| e.to_string());
             }
         }
     }
+    // Reports carry the plan index: keep procs in plan order. A process
+    // that failed to start leaves a gap, so index through a map.
+    started_procs.sort_by_key(|(i, _)| *i);
+    let index: BTreeMap<usize, usize> = started_procs.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
+    procs.extend(started_procs.into_iter().map(|(_, p)| p));
     drop(tx);
 
     let progress = Progress::new(opts.progress);
@@ -184,6 +215,7 @@ pub async fn launch(
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
     let mut warnings = std::collections::BTreeSet::new();
+    let (mut started_count, mut startup_s) = (0usize, None::<f64>);
     let deadline = tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600));
     tokio::pin!(deadline);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -210,6 +242,13 @@ pub async fn launch(
                 continue;
             }
         };
+        // Plan index -> position in `procs`.
+        let report = match report {
+            Report::Event(i, e) => index.get(&i).map(|k| Report::Event(*k, e)),
+            Report::Exited(i, c) => index.get(&i).map(|k| Report::Exited(*k, c)),
+            Report::Broken(i, w) => index.get(&i).map(|k| Report::Broken(*k, w)),
+        };
+        let Some(report) = report else { continue };
         match report {
             Report::Event(i, ev) => match ev {
                 Event::Progress { epoch, step, steps } => progress.step(epoch, spec.training.epochs, step, steps),
@@ -236,7 +275,13 @@ pub async fn launch(
                         progress.println(&format!("warning: {message}"));
                     }
                 }
-                Event::Done | Event::Started | Event::Listening { .. } | Event::Csr { .. } => {}
+                Event::Started => {
+                    started_count += 1;
+                    if started_count == procs.len() && startup_s.is_none() {
+                        startup_s = Some(started.elapsed().as_secs_f64());
+                    }
+                }
+                Event::Done | Event::Listening { .. } | Event::Csr { .. } => {}
             },
             Report::Exited(i, code) => {
                 procs[i].exit = Some(code);
@@ -347,6 +392,7 @@ pub async fn launch(
         bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
         bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
         elapsed_s: started.elapsed().as_secs_f64(),
+        startup_s,
         failure,
         model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
         processes: procs
@@ -377,14 +423,12 @@ async fn start_one(
     bundle: Bundle,
     transport: &dyn Transport,
     ca: &Arc<JobCa>,
-    run: &RunDir,
+    logs: &Path,
     tx: mpsc::Sender<Report>,
 ) -> Result<Proc, String> {
     let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
     let log = Arc::new(Mutex::new(
-        tokio::fs::File::create(run.logs().join(log_name(p)))
-            .await
-            .map_err(|e| format!("cannot create its log: {e}"))?,
+        tokio::fs::File::create(logs.join(log_name(p))).await.map_err(|e| format!("cannot create its log: {e}"))?,
     ));
     let stdin: ControlWriter = Arc::new(Mutex::new(Some(spawned.stdin)));
     send_control(&stdin, &Control::Bundle(Box::new(bundle)))

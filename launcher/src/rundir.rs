@@ -81,6 +81,8 @@ pub struct Summary {
     pub bytes_pulled: u64,
     /// Wall time.
     pub elapsed_s: f64,
+    /// Seconds from launch until every process reported it was running.
+    pub startup_s: Option<f64>,
     /// Why it failed.
     pub failure: Option<String>,
     /// Where the model is.

@@ -166,6 +166,7 @@ impl SshCluster {
                 .args(["netns", "exec", &h.ns, "/usr/sbin/sshd", "-D", "-e", "-f", &config])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
                 .spawn()
                 .map_err(|e| format!("sshd: {e}"))?;
             cluster.sshd.push(child);

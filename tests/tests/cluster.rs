@@ -108,7 +108,7 @@ fn start_cluster_job(epochs: u32) -> ClusterJob {
         tag: agents_tag.clone(),
     });
     let run = dir.join("run");
-    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false };
+    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false, started: None };
     let launcher = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(launch(&job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
@@ -385,4 +385,51 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
     assert!(std::fs::read_dir(&jobs).map_or(true, |mut d| d.next().is_none()), "job directories left in {jobs:?}");
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `cargo test --release -p warden-tests --test cluster launch_time -- --ignored --nocapture`:
+/// seconds from `warden launch` to every process running, over SSH to 2, 4
+/// and 8 namespace hosts, with the agent uploaded (first) and cached (repeat).
+#[test]
+#[ignore = "benchmark; run explicitly (see docs/benchmarks.md)"]
+fn launch_time() {
+    if !require_cluster_tools() {
+        return;
+    }
+    for n in [2usize, 4, 8] {
+        let dir = scratch("launch-bench");
+        let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], n, &dir).expect("sshd in namespaces");
+        let mut text = format!(
+            "[job]\nname = \"launch-bench\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [29500, 29510]\n\
+             ssh_config = \"{}\"\nremote_dir = \"{}\"\n",
+            ssh.ssh_config.display(),
+            dir.join("remote").display()
+        );
+        for (i, h) in ssh.net.hosts.iter().enumerate() {
+            let roles = if i == 0 { "scheduler = 1\nservers = 1\nworkers = 1" } else { "workers = 1" };
+            text += &format!("\n[[cluster.hosts]]\nname = \"h{i}\"\naddress = \"{}\"\n{roles}\n", h.addr);
+        }
+        text += "\n[model]\nkind = \"synthetic\"\nparams = 1000\n\n[optimizer]\nkind = \"sgd\"\nlr = 0.001\n\n\
+                 [training]\nepochs = 1\nbatch_size = 1\nsteps = 1\n";
+        let job = dir.join("job.toml");
+        std::fs::write(&job, text).unwrap();
+        let mut figures = Vec::new();
+        for attempt in ["first", "cached"] {
+            let run = dir.join(format!("run-{attempt}"));
+            let out = std::process::Command::new(bin("warden"))
+                .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+            figures.push(s["startup_s"].as_f64().unwrap());
+            for line in String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("connected over SSH")) {
+                println!("  {attempt}: {line}");
+            }
+        }
+        println!("warden launch: hosts={n} first_s={:.2} cached_s={:.2}", figures[0], figures[1]);
+        drop(ssh);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -109,7 +109,7 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
     let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
         return EXIT_FAILED;
     };
-    let opts = LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false };
+    let opts = LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None };
     let outcome = runtime.block_on(launch(
         job,
         spec,

@@ -9,6 +9,7 @@ use crate::transport::{LocalTransport, Transport, find_agent};
 
 /// Launches the job and reports how it ended.
 pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, accept_new_host_keys: bool) -> u8 {
+    let started = std::time::Instant::now();
     let (spec, text, plan) = match prepare(job, local) {
         Ok(x) => x,
         Err(e) => {
@@ -34,6 +35,7 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
         run_dir,
         progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         epoch_lines: true,
+        started: Some(started),
     };
     let result = if local {
         runtime.block_on(launch(
@@ -55,14 +57,21 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
             &control,
         ));
         let transport = match connected {
-            Ok(t) => Arc::new(t),
+            Ok(t) => {
+                eprintln!(
+                    "warden: {} host(s) connected over SSH, agent in place, in {:.2}s",
+                    spec.cluster.hosts.len(),
+                    started.elapsed().as_secs_f64()
+                );
+                Arc::new(t)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 let _ = std::fs::remove_dir_all(&control);
                 return EXIT_FAILED;
             }
         };
-        let r = runtime.block_on(launch(job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts));
+        let r = runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts));
         let _ = std::fs::remove_dir_all(&control);
         r
     };
