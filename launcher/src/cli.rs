@@ -81,6 +81,17 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Check every host of a job over SSH: OS, nft, job user, free ports, disk, clock.
+    #[command(after_help = "Example:\n  warden doctor configs/two-hosts.toml\n\n\
+        Prints one line per host and check; exit status 1 if any check fails. \
+        `warden launch` runs the same checks before deploying.")]
+    Doctor {
+        /// The job file.
+        job: PathBuf,
+        /// Trust and record host keys seen for the first time.
+        #[arg(long)]
+        accept_new_host_keys: bool,
+    },
     /// How a run stands, from its directory (also after its launcher died).
     #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500")]
     Status {
@@ -166,6 +177,9 @@ pub fn main() -> u8 {
         Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
         Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys } => {
             crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys)
+        }
+        Command::Doctor { job, accept_new_host_keys } => {
+            crate::commands::launch::exec_doctor(&job, accept_new_host_keys)
         }
         Command::Status { dir } => crate::commands::run_dir::exec_status(&dir),
         Command::Logs { dir, follow, host, role } => {

@@ -8,6 +8,10 @@
 //! with the reason. Remote commands become root with `sudo -n` when
 //! `[cluster] become` says so (by default: when the SSH user is not root).
 //!
+//! After connecting, one remote script per host checks what a job needs
+//! (Linux, nft, the job user, free ports, disk, clock within the
+//! certificates' tolerance); `warden doctor` prints the same report.
+//!
 //! The agent binary is uploaded to `REMOTE_DIR/bin/warden-agent-SHA` only
 //! when that exact version is not there yet; job directories live under
 //! `REMOTE_DIR/jobs/JOB_ID/`.
@@ -27,6 +31,72 @@ use warden_agent::spec::{Become, JobSpec};
 
 use crate::transport::{BoxFuture, ProcessHandle, Spawned, Transport};
 
+/// One host's readiness, from [`SshTransport::connect`]'s checks.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    /// Host name.
+    pub host: String,
+    /// (check, passed, detail), in a fixed order.
+    pub checks: Vec<(&'static str, bool, String)>,
+}
+
+impl HostReport {
+    /// The failed checks, as one line.
+    pub fn failures(&self) -> Option<String> {
+        let failed: Vec<String> = self.checks.iter().filter(|c| !c.1).map(|c| format!("{}: {}", c.0, c.2)).collect();
+        (!failed.is_empty()).then(|| failed.join("; "))
+    }
+}
+
+/// The checks, as one remote script printing `key=value` lines, so a host
+/// costs one round trip.
+fn check_script(user: &str, ports: &[u16], dir: &str, addr: &str) -> String {
+    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+    format!(
+        "echo os=$(uname -s) arch=$(uname -m); \
+         echo nft=$(command -v nft >/dev/null 2>&1 && echo yes || echo no); \
+         echo user=$(id -u {user} 2>/dev/null || echo missing); \
+         echo now=$(date +%s); \
+         d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; echo disk_kb=$(df -Pk \"$d\" | awk 'NR==2 {{print $4}}'); \
+         busy=; for p in {ports}; do if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || (exec 3<>/dev/tcp/{addr}/$p) 2>/dev/null; then busy=\"$busy $p\"; fi; done; echo busy=$busy",
+        user = sh_quote(user),
+        dir = sh_quote(dir),
+        addr = addr,
+    )
+}
+
+fn evaluate(host: &str, out: &str, local_now: u64) -> HostReport {
+    let get = |k: &str| out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+    let busy = out.lines().find_map(|l| l.strip_prefix("busy=")).unwrap_or("").trim().to_string();
+    let now: u64 = get("now").parse().unwrap_or(0);
+    let skew = now.abs_diff(local_now);
+    let disk: u64 = get("disk_kb").parse().unwrap_or(0);
+    let tolerance = warden_agent::pki::CLOCK_TOLERANCE.as_secs();
+    HostReport {
+        host: host.to_string(),
+        checks: vec![
+            ("os", get("os") == "Linux", format!("{} {}", get("os"), get("arch"))),
+            (
+                "nft",
+                get("nft") == "yes",
+                if get("nft") == "yes" { "present".into() } else { "missing: install nftables".into() },
+            ),
+            (
+                "job user",
+                get("user") != "missing" && get("user") != "0" && !get("user").is_empty(),
+                match get("user").as_str() {
+                    "missing" | "" => "does not exist: create it (playbooks/node-prep.yml does)".into(),
+                    "0" => "is root: training never runs as root".into(),
+                    uid => format!("uid {uid}"),
+                },
+            ),
+            ("ports", busy.is_empty(), if busy.is_empty() { "free".into() } else { format!("in use:{busy}") }),
+            ("disk", disk >= 100 * 1024, format!("{} MiB free", disk / 1024)),
+            ("clock", skew <= tolerance, format!("{skew}s from this machine (tolerance {tolerance}s)")),
+        ],
+    }
+}
+
 /// How long one host may take to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -42,6 +112,8 @@ struct Host {
 /// Agents on remote hosts over SSH.
 pub struct SshTransport {
     hosts: BTreeMap<String, Host>,
+    /// What the checks found on each host.
+    pub reports: Vec<HostReport>,
     remote_dir: PathBuf,
     job: JobId,
 }
@@ -78,13 +150,19 @@ async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, Str
 impl SshTransport {
     /// Connects to every host of the plan concurrently, decides `sudo`, and
     /// installs the agent binary where its version is missing.
+    /// With `keep_going`, failed checks are only reported (for `warden
+    /// doctor`); otherwise they fail the connection with the host's name.
     pub async fn connect(
         spec: &JobSpec,
         job: &JobId,
         agent: &Path,
         accept_new_host_keys: bool,
         control_dir: &Path,
+        keep_going: bool,
     ) -> Result<SshTransport, String> {
+        let plan = warden_agent::plan::Plan::new(spec, job, false);
+        let plan_ports: BTreeMap<String, Vec<u16>> =
+            plan.hosts.iter().map(|h| (h.name.clone(), h.ports.clone())).collect();
         let binary = std::fs::read(agent).map_err(|e| format!("cannot read {}: {e}", agent.display()))?;
         let sha = Sha256::digest(&binary).iter().map(|b| format!("{b:02x}")).collect::<String>();
         let remote_dir = spec.cluster.remote_dir.clone();
@@ -103,6 +181,10 @@ impl SshTransport {
             }
             let (name, dest, become_) = (h.name.clone(), h.ssh.clone(), spec.cluster.become_);
             let (agent_path, binary) = (agent_path.clone(), binary.clone());
+            let ports: Vec<u16> = plan_ports.get(&h.name).cloned().unwrap_or_default();
+            let script =
+                check_script(&spec.cluster.user, &ports, &remote_dir.display().to_string(), &h.address.to_string());
+            let name2 = h.name.clone();
             tasks.spawn(async move {
                 let result = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
                     let session =
@@ -116,8 +198,14 @@ impl SshTransport {
                         Become::None => false,
                         Become::Auto => uid.trim() != "0",
                     };
-                    install_agent(&host, &binary).await?;
-                    Ok::<_, String>(host)
+                    let out = run(&host, &script, None).await.map_err(|e| format!("host checks failed: {e}"))?;
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    let report = evaluate(&name2, &out, now);
+                    if report.failures().is_none() || keep_going {
+                        install_agent(&host, &binary).await?;
+                    }
+                    Ok::<_, String>((host, report))
                 })
                 .await
                 .unwrap_or_else(|_| Err(format!("timed out after {}s", (CONNECT_TIMEOUT * 2).as_secs())));
@@ -125,10 +213,15 @@ impl SshTransport {
             });
         }
         let mut hosts = BTreeMap::new();
+        let mut reports = Vec::new();
         let mut errors = Vec::new();
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((name, Ok(host))) => {
+                Ok((name, Ok((host, report)))) => {
+                    if let (Some(f), false) = (report.failures(), keep_going) {
+                        errors.push(format!("{name}: {f}"));
+                    }
+                    reports.push(report);
                     hosts.insert(name, host);
                 }
                 Ok((name, Err(e))) => errors.push(format!("{name}: {e}")),
@@ -139,7 +232,8 @@ impl SshTransport {
             errors.sort();
             return Err(errors.join("; "));
         }
-        Ok(SshTransport { hosts, remote_dir, job: job.clone() })
+        reports.sort_by(|a, b| a.host.cmp(&b.host));
+        Ok(SshTransport { hosts, reports, remote_dir, job: job.clone() })
     }
 
     fn host(&self, name: &str) -> io::Result<&Host> {

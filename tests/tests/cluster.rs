@@ -323,7 +323,17 @@ fn bad_hosts_fail_fast_with_their_names() {
         .replace("user = \"warden\"", "user = \"no-such-user\"");
     let (code, err, _) = launch_with(nouser, "nouser");
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("user `no-such-user` does not exist on this host"), "{err}");
+    // Caught by the host checks before anything is deployed, for every host.
+    assert!(err.contains("h0: job user: does not exist: create it (playbooks/node-prep.yml does)"), "{err}");
+    let doctor = std::process::Command::new(bin("warden")).arg("doctor").arg(dir.join("nouser.toml")).output().unwrap();
+    assert_eq!(doctor.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(report.lines().any(|l| l.starts_with("h1") && l.contains("job user") && l.contains("FAIL")), "{report}");
+    assert!(report.lines().any(|l| l.starts_with("h1") && l.contains("nft") && l.contains(" ok ")), "{report}");
+    let healthy = dir.join("healthy.toml");
+    std::fs::write(&healthy, ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], &addrs[2]])).unwrap();
+    let doctor = std::process::Command::new(bin("warden")).arg("doctor").arg(&healthy).output().unwrap();
+    assert_eq!(doctor.status.code(), Some(0), "{}", String::from_utf8_lossy(&doctor.stdout));
     for h in &ssh.net.hosts {
         assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
     }

@@ -55,6 +55,7 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
             &agent,
             accept_new_host_keys,
             &control,
+            false,
         ));
         let transport = match connected {
             Ok(t) => {
@@ -137,7 +138,7 @@ pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
     };
     let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
     let code = runtime.block_on(async {
-        let t = match crate::ssh::SshTransport::connect(&spec, &job_id, &agent, false, &control).await {
+        let t = match crate::ssh::SshTransport::connect(&spec, &job_id, &agent, false, &control, true).await {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -162,4 +163,46 @@ pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
     });
     let _ = std::fs::remove_dir_all(&control);
     code
+}
+
+/// `warden doctor JOB`: connects to every host and reports what a job needs.
+pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> u8 {
+    let (spec, _) = match warden_agent::spec::JobSpec::load(job) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let agent = match find_agent() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        return EXIT_FAILED;
+    };
+    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
+    let id = warden_agent::identity::JobId::generate();
+    let result =
+        runtime.block_on(crate::ssh::SshTransport::connect(&spec, &id, &agent, accept_new_host_keys, &control, true));
+    let _ = std::fs::remove_dir_all(&control);
+    match result {
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+        Ok(t) => {
+            let mut ok = true;
+            for r in &t.reports {
+                for (check, passed, detail) in &r.checks {
+                    println!("{:<12} {:<9} {:<5} {detail}", r.host, check, if *passed { "ok" } else { "FAIL" });
+                    ok &= *passed;
+                }
+            }
+            if ok { EXIT_OK } else { EXIT_FAILED }
+        }
+    }
 }
