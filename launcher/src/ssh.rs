@@ -116,6 +116,16 @@ pub struct SshTransport {
     pub reports: Vec<HostReport>,
     remote_dir: PathBuf,
     job: JobId,
+    control_dir: PathBuf,
+}
+
+impl Drop for SshTransport {
+    fn drop(&mut self) {
+        // Sessions first (their masters exit through the control sockets),
+        // then the directory that held the sockets.
+        self.hosts.clear();
+        let _ = std::fs::remove_dir_all(&self.control_dir);
+    }
 }
 
 impl std::fmt::Debug for SshTransport {
@@ -233,7 +243,7 @@ impl SshTransport {
             return Err(errors.join("; "));
         }
         reports.sort_by(|a, b| a.host.cmp(&b.host));
-        Ok(SshTransport { hosts, reports, remote_dir, job: job.clone() })
+        Ok(SshTransport { hosts, reports, remote_dir, job: job.clone(), control_dir: control_dir.to_path_buf() })
     }
 
     fn host(&self, name: &str) -> io::Result<&Host> {

@@ -17,19 +17,9 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
             return EXIT_USAGE;
         }
     };
-    let agent = match find_agent() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return EXIT_FAILED;
-        }
+    let (agent, runtime) = match agent_and_runtime() {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let opts = LaunchOptions {
         run_dir,
@@ -47,16 +37,7 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
             opts,
         ))
     } else {
-        // Control sockets need short paths (108 bytes at most).
-        let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
-        let connected = runtime.block_on(crate::ssh::SshTransport::connect(
-            &spec,
-            &plan.job_id,
-            &agent,
-            accept_new_host_keys,
-            &control,
-            false,
-        ));
+        let connected = ssh_connect(&runtime, &spec, &plan.job_id, &agent, accept_new_host_keys, false);
         let transport = match connected {
             Ok(t) => {
                 eprintln!(
@@ -68,13 +49,10 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                let _ = std::fs::remove_dir_all(&control);
                 return EXIT_FAILED;
             }
         };
-        let r = runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts));
-        let _ = std::fs::remove_dir_all(&control);
-        r
+        runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts))
     };
     match result {
         Ok(outcome) => {
@@ -114,37 +92,27 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
 /// Removes a job's firewall tables and job directories on every host of
 /// `job` over SSH (after its launcher died).
 pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
-    let (spec, _) = match warden_agent::spec::JobSpec::load(job) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
+    let spec = match load_job(job) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let Ok(job_id) = warden_agent::identity::JobId::try_from(job_id.to_string()) else {
         eprintln!("error: run.json has no valid job id");
         return EXIT_USAGE;
     };
     let plan = warden_agent::plan::Plan::new(&spec, &job_id, false);
-    let agent = match find_agent() {
-        Ok(a) => a,
+    let (agent, runtime) = match agent_and_runtime() {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let t = match ssh_connect(&runtime, &spec, &job_id, &agent, false, true) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
-            return EXIT_USAGE;
+            return EXIT_FAILED;
         }
     };
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
-        return EXIT_FAILED;
-    };
-    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
-    let code = runtime.block_on(async {
-        let t = match crate::ssh::SshTransport::connect(&spec, &job_id, &agent, false, &control, true).await {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_FAILED;
-            }
-        };
+    runtime.block_on(async {
         let mut code = EXIT_OK;
         for host in &plan.hosts {
             match t.teardown_host(host, table).await {
@@ -160,35 +128,21 @@ pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
         }
         t.finish().await;
         code
-    });
-    let _ = std::fs::remove_dir_all(&control);
-    code
+    })
 }
 
 /// `warden doctor JOB`: connects to every host and reports what a job needs.
 pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> u8 {
-    let (spec, _) = match warden_agent::spec::JobSpec::load(job) {
+    let spec = match load_job(job) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let (agent, runtime) = match agent_and_runtime() {
         Ok(x) => x,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
-    let agent = match find_agent() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
-        return EXIT_FAILED;
-    };
-    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
     let id = warden_agent::identity::JobId::generate();
-    let result =
-        runtime.block_on(crate::ssh::SshTransport::connect(&spec, &id, &agent, accept_new_host_keys, &control, true));
-    let _ = std::fs::remove_dir_all(&control);
+    let result = ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true);
     match result {
         Err(e) => {
             eprintln!("error: {e}");
@@ -205,4 +159,52 @@ pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> u8 {
             if ok { EXIT_OK } else { EXIT_FAILED }
         }
     }
+}
+
+/// What every command that starts agents needs: the agent binary and a
+/// runtime. Errors are printed; the exit code is returned.
+fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), u8> {
+    let agent = find_agent().map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        EXIT_FAILED
+    })?;
+    Ok((agent, runtime))
+}
+
+/// A job file, validated; errors are printed and give the exit code.
+fn load_job(job: &Path) -> Result<warden_agent::spec::JobSpec, u8> {
+    warden_agent::spec::JobSpec::load(job).map(|(spec, _)| spec).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+/// Connects over SSH with a throw-away control directory.
+fn ssh_connect(
+    runtime: &tokio::runtime::Runtime,
+    spec: &warden_agent::spec::JobSpec,
+    job_id: &warden_agent::identity::JobId,
+    agent: &Path,
+    accept_new_host_keys: bool,
+    keep_going: bool,
+) -> Result<crate::ssh::SshTransport, String> {
+    // Control sockets need short paths (108 bytes at most). The transport
+    // removes the directory when it is dropped, after its sessions close.
+    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
+    let r = runtime.block_on(crate::ssh::SshTransport::connect(
+        spec,
+        job_id,
+        agent,
+        accept_new_host_keys,
+        &control,
+        keep_going,
+    ));
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&control);
+    }
+    r
 }
