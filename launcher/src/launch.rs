@@ -148,6 +148,7 @@ pub async fn launch(
     // Firewalls first: no listener opens on an unprotected host.
     let table = warden_agent::plan::firewall_table(&plan.job_id);
     let mut protected = Vec::new();
+    let progress = Arc::new(Progress::new(opts.progress, opts.epoch_lines));
     // Every host at once: one slow host must not delay the others.
     let mut setups = tokio::task::JoinSet::new();
     for (hi, host) in plan.hosts.iter().enumerate().filter(|(_, h)| !h.ports.is_empty()) {
@@ -184,8 +185,9 @@ pub async fn launch(
             workdir: transport.workdir(p),
         };
         let (p, t, ca, logs, tx) = (p.clone(), transport.clone(), ca.clone(), run.logs(), tx.clone());
+        let progress = progress.clone();
         starts.spawn(async move {
-            let r = start_one(i, &p, bundle, t.as_ref(), &ca, &logs, tx).await;
+            let r = start_one(i, &p, bundle, t.as_ref(), &ca, &logs, tx, progress).await;
             (i, p, r)
         });
     }
@@ -208,7 +210,6 @@ pub async fn launch(
     procs.extend(started_procs.into_iter().map(|(_, p)| p));
     drop(tx);
 
-    let progress = Progress::new(opts.progress);
     let workers = plan.count(Role::Worker) as usize;
     let mut epochs: BTreeMap<u32, EpochParts> = BTreeMap::new();
     let mut rows: Vec<EpochRow> = Vec::new();
@@ -425,6 +426,7 @@ async fn start_one(
     ca: &Arc<JobCa>,
     logs: &Path,
     tx: mpsc::Sender<Report>,
+    progress: Arc<Progress>,
 ) -> Result<Proc, String> {
     let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
     let log = Arc::new(Mutex::new(
@@ -435,12 +437,14 @@ async fn start_one(
         .await
         .map_err(|e| format!("cannot send the bundle: {e}"))?;
 
-    // stderr -> log file.
+    // stderr -> log file, and the terminal with the process's label.
     {
         let log = log.clone();
+        let label = p.label();
         let mut lines = BufReader::new(spawned.stderr).lines();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
+                progress.log_line(&label, &line);
                 let mut f = log.lock().await;
                 let _ = f.write_all(format!("{line}\n").as_bytes()).await;
             }
@@ -547,10 +551,12 @@ async fn stop_all(procs: &mut [Proc]) {
 /// The terminal display: a progress bar when interactive, plain lines always.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// Stream the processes' log lines to the terminal.
+    stream_logs: bool,
 }
 
 impl Progress {
-    fn new(enabled: bool) -> Progress {
+    fn new(enabled: bool, stream_logs: bool) -> Progress {
         let bar = enabled.then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
@@ -560,7 +566,13 @@ impl Progress {
             );
             b
         });
-        Progress { bar }
+        Progress { bar, stream_logs }
+    }
+    /// One line of a process's log, prefixed with its label.
+    fn log_line(&self, label: &str, line: &str) {
+        if self.stream_logs {
+            self.println(&format!("{label} {line}"));
+        }
     }
     fn step(&self, epoch: u32, epochs: u32, step: u64, steps: u64) {
         if let Some(b) = &self.bar {

@@ -31,6 +31,10 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("epoch 5/5") && stderr.contains("succeeded:"), "{stderr}");
+    // Every process's log streams to the terminal under its label.
+    for label in ["localhost/scheduler[0] ", "localhost/server[1] ", "localhost/worker[1] "] {
+        assert!(stderr.lines().any(|l| l.starts_with(label) && l.contains("running as uid")), "{label}: {stderr}");
+    }
 
     let s = summary(&run);
     assert_eq!(s["status"], "succeeded");
