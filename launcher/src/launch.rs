@@ -171,6 +171,12 @@ pub async fn launch(
         failure = Some(setup_errors.join("; "));
     }
     // Start every agent at once, too; each enrols as soon as its CSR arrives.
+    let start_ctx = Arc::new(StartCtx {
+        transport: transport.clone(),
+        ca: ca.clone(),
+        logs: run.logs(),
+        progress: progress.clone(),
+    });
     let mut starts = tokio::task::JoinSet::new();
     for (i, p) in plan.processes.iter().enumerate().filter(|_| failure.is_none()) {
         let bundle = Bundle {
@@ -184,10 +190,9 @@ pub async fn launch(
             rank: p.rank,
             workdir: transport.workdir(p),
         };
-        let (p, t, ca, logs, tx) = (p.clone(), transport.clone(), ca.clone(), run.logs(), tx.clone());
-        let progress = progress.clone();
+        let (p, tx, ctx) = (p.clone(), tx.clone(), start_ctx.clone());
         starts.spawn(async move {
-            let r = start_one(i, &p, bundle, t.as_ref(), &ca, &logs, tx, progress).await;
+            let r = start_one(i, &p, bundle, &ctx, tx).await;
             (i, p, r)
         });
     }
@@ -418,16 +423,23 @@ fn tail(path: &Path, n: usize) -> String {
 }
 
 /// Starts one agent, sends its bundle, and spawns the tasks that serve it.
+/// What every agent's start shares.
+struct StartCtx {
+    transport: Arc<dyn Transport>,
+    ca: Arc<JobCa>,
+    logs: PathBuf,
+    progress: Arc<Progress>,
+}
+
 async fn start_one(
     i: usize,
     p: &PlannedProcess,
     bundle: Bundle,
-    transport: &dyn Transport,
-    ca: &Arc<JobCa>,
-    logs: &Path,
+    ctx: &StartCtx,
     tx: mpsc::Sender<Report>,
-    progress: Arc<Progress>,
 ) -> Result<Proc, String> {
+    let StartCtx { transport, ca, logs, progress } = ctx;
+    let progress = progress.clone();
     let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
     let log = Arc::new(Mutex::new(
         tokio::fs::File::create(logs.join(log_name(p))).await.map_err(|e| format!("cannot create its log: {e}"))?,
