@@ -141,7 +141,15 @@ async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
 
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Input>, log: Arc<RateLimitedLog>) {
     loop {
-        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                log.warn(&format!("accept failed: {e}"));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let log = log.clone();
