@@ -20,6 +20,11 @@ use warden_agent::plan::{Plan, PlannedProcess};
 use warden_agent::spec::{JobSpec, SpecError};
 
 use crate::rundir::{EpochRow, RunDir, Summary};
+
+/// `eprintln!` that cannot panic (see [`say`]).
+macro_rules! say_fmt {
+    ($($arg:tt)*) => { say(&format!($($arg)*)) };
+}
 use crate::transport::Transport;
 
 /// A launch failure before the job ran.
@@ -129,7 +134,7 @@ pub async fn launch(
             .map_err(|e| LaunchError::Setup(e.to_string()))?,
     );
     if opts.epoch_lines {
-        eprintln!(
+        say_fmt!(
             "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
             spec.name,
             plan.job_id,
@@ -159,7 +164,7 @@ pub async fn launch(
     while let Some(joined) = setups.join_next().await {
         match joined {
             Ok((hi, Ok(None))) => protected.push(&plan.hosts[hi]),
-            Ok((_, Ok(Some(warning)))) => eprintln!("warning: {warning}"),
+            Ok((_, Ok(Some(warning)))) => say_fmt!("warning: {warning}"),
             Ok((hi, Err(e))) => {
                 setup_errors.push(format!("{}: cannot install the job's firewall: {e}", plan.hosts[hi].name))
             }
@@ -367,7 +372,7 @@ pub async fn launch(
     }
     for host in protected {
         if let Err(e) = transport.teardown_host(host, &table).await {
-            eprintln!(
+            say_fmt!(
                 "warning: {}: cannot remove firewall table {table}: {e}; `warden firewall clean` removes it",
                 host.name
             );
@@ -560,6 +565,13 @@ async fn stop_all(procs: &mut [Proc]) {
     });
 }
 
+/// Writes a line to stderr, ignoring failure: a closed terminal or pipe must
+/// never stop the launcher before it has torn the job down.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// The terminal display: a progress bar when interactive, plain lines always.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
@@ -595,8 +607,8 @@ impl Progress {
     }
     fn println(&self, line: &str) {
         match &self.bar {
-            Some(b) => b.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(b) => b.suspend(|| say(line)),
+            None => say(line),
         }
     }
     fn finish(&self) {

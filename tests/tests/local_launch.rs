@@ -234,3 +234,32 @@ fn bench_commands_print_their_figures() {
     let bad = Command::new(bin("warden")).args(["bench", "ps", "--params", "lots"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// Regression: `warden launch ... | head -2` closed the launcher's stderr;
+/// the next progress line killed it before teardown, leaving its agents to
+/// stop on their own and its firewall table behind.
+#[test]
+fn a_closed_terminal_does_not_stop_the_launcher_before_teardown() {
+    use std::io::BufRead;
+    let tag = fresh_tag();
+    let dir = scratch("closed-stderr");
+    let job = job_in(&dir, (29980, 29999), &[]);
+    let run = dir.join("run");
+    let mut child = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", &tag)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut first).unwrap();
+    // The reader (and with it the pipe) is dropped here.
+    assert!(first.starts_with("warden: job"), "{first}");
+    child.wait().unwrap();
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert!(summary.contains("\"status\": \"succeeded\""), "{summary}");
+    wait_gone(&tag);
+    if warden_agent::harden::started_as_root() {
+        assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)));
+    }
+}
