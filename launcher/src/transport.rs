@@ -77,7 +77,8 @@ impl LocalTransport {
     }
 }
 
-struct LocalChild(tokio::process::Child);
+/// A [`ProcessHandle`] for a child process of the launcher.
+pub struct LocalChild(pub tokio::process::Child);
 
 impl ProcessHandle for LocalChild {
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {

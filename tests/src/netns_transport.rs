@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use warden::transport::{BoxFuture, ProcessHandle, Spawned, Transport};
+use warden::transport::{BoxFuture, LocalChild, Spawned, Transport};
 use warden_agent::plan::{HostPlan, PlannedProcess};
 
 /// Hosts (by name in the job file) -> namespace.
@@ -22,17 +22,6 @@ pub struct NetnsTransport {
     pub namespaces: BTreeMap<String, String>,
     /// Set as `WARDEN_TEST_TAG` in every agent's environment, to find them by PID.
     pub tag: String,
-}
-
-struct Child(tokio::process::Child);
-
-impl ProcessHandle for Child {
-    fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {
-        Box::pin(async move { Ok(self.0.wait().await?.code()) })
-    }
-    fn kill(&mut self) -> io::Result<()> {
-        self.0.start_kill()
-    }
 }
 
 impl NetnsTransport {
@@ -78,7 +67,7 @@ impl Transport for NetnsTransport {
                 stdin: Box::pin(child.stdin.take().unwrap()),
                 stdout: Box::pin(child.stdout.take().unwrap()),
                 stderr: Box::pin(child.stderr.take().unwrap()),
-                handle: Box::new(Child(child)),
+                handle: Box::new(LocalChild(child)),
             })
         })
     }

@@ -120,3 +120,20 @@ impl RateLimitedLog {
         }
     }
 }
+
+/// Accepts the next TCP connection; on errors (out of descriptors, memory)
+/// it logs at a bounded rate and backs off instead of spinning.
+pub async fn accept_next(
+    listener: &tokio::net::TcpListener,
+    log: &RateLimitedLog,
+) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                log.warn(&format!("accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

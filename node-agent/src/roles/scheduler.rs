@@ -141,15 +141,7 @@ async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
 
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Input>, log: Arc<RateLimitedLog>) {
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning.
-                log.warn(&format!("accept failed: {e}"));
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, from) = super::accept_next(&listener, &log).await;
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let log = log.clone();

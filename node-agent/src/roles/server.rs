@@ -160,15 +160,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard>) {
     let log = Arc::new(RateLimitedLog::default());
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning.
-                log.warn(&format!("accept failed: {e}"));
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, from) = super::accept_next(&listener, &log).await;
         let acceptor = acceptor.clone();
         let shard = shard.clone();
         let log = log.clone();
