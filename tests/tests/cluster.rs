@@ -443,3 +443,53 @@ fn launch_time() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let dir = scratch("ssh-cut");
+    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
+    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs).replace("epochs = 3", "epochs = 100000"),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let launcher = std::process::Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < until, "the job never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Cut h2 (two workers) off the network.
+    let cut = Instant::now();
+    assert!(
+        std::process::Command::new("ip")
+            .args(["-n", &ssh.net.hosts[2].ns, "link", "set", "eth0", "down"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = launcher.wait_with_output().unwrap();
+    let took = cut.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(90), "the launcher took {took:?} to give up");
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert!(summary.contains("\"status\": \"failed\""), "{summary}");
+    for h in &ssh.net.hosts[..2] {
+        assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
+    }
+    eprintln!("cut link detected and the job torn down in {took:?}");
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
