@@ -29,6 +29,22 @@ pub struct Spawned {
     pub handle: Box<dyn ProcessHandle>,
 }
 
+impl Spawned {
+    /// From a child process of the launcher started with all three streams piped.
+    pub fn from_child(mut child: tokio::process::Child) -> io::Result<Spawned> {
+        let piped = || io::Error::other("agent started without piped stdio");
+        let stdin = child.stdin.take().ok_or_else(piped)?;
+        let stdout = child.stdout.take().ok_or_else(piped)?;
+        let stderr = child.stderr.take().ok_or_else(piped)?;
+        Ok(Spawned {
+            stdin: Box::pin(stdin),
+            stdout: Box::pin(stdout),
+            stderr: Box::pin(stderr),
+            handle: Box::new(LocalChild(child)),
+        })
+    }
+}
+
 /// A running agent process.
 pub trait ProcessHandle: Send {
     /// Waits for exit; the exit code, or `None` when killed by a signal.
@@ -92,7 +108,7 @@ impl ProcessHandle for LocalChild {
 impl Transport for LocalTransport {
     fn spawn_agent<'a>(&'a self, _p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>> {
         Box::pin(async move {
-            let mut child = tokio::process::Command::new(&self.agent)
+            let child = tokio::process::Command::new(&self.agent)
                 .arg("run")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -101,15 +117,7 @@ impl Transport for LocalTransport {
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", self.agent.display())))?;
-            let stdin = child.stdin.take().expect("piped");
-            let stdout = child.stdout.take().expect("piped");
-            let stderr = child.stderr.take().expect("piped");
-            Ok(Spawned {
-                stdin: Box::pin(stdin),
-                stdout: Box::pin(stdout),
-                stderr: Box::pin(stderr),
-                handle: Box::new(LocalChild(child)),
-            })
+            Spawned::from_child(child)
         })
     }
 

@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use warden::transport::{BoxFuture, LocalChild, Spawned, Transport};
+use warden::transport::{BoxFuture, Spawned, Transport};
 use warden_agent::plan::{HostPlan, PlannedProcess};
 
 /// Hosts (by name in the job file) -> namespace.
@@ -53,7 +53,7 @@ impl NetnsTransport {
 impl Transport for NetnsTransport {
     fn spawn_agent<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>> {
         Box::pin(async move {
-            let mut child = tokio::process::Command::new("ip")
+            let child = tokio::process::Command::new("ip")
                 .args(["netns", "exec", self.ns(&p.host)?])
                 .arg(&self.agent)
                 .arg("run")
@@ -63,12 +63,7 @@ impl Transport for NetnsTransport {
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()?;
-            Ok(Spawned {
-                stdin: Box::pin(child.stdin.take().unwrap()),
-                stdout: Box::pin(child.stdout.take().unwrap()),
-                stderr: Box::pin(child.stderr.take().unwrap()),
-                handle: Box::new(LocalChild(child)),
-            })
+            Spawned::from_child(child)
         })
     }
 
@@ -82,16 +77,8 @@ impl Transport for NetnsTransport {
         remote: &'a Path,
         local: &'a Path,
     ) -> BoxFuture<'a, io::Result<()>> {
-        Box::pin(async move {
-            std::fs::create_dir_all(local)?;
-            for e in std::fs::read_dir(remote)? {
-                let e = e?;
-                if e.file_type()?.is_file() {
-                    std::fs::copy(e.path(), local.join(e.file_name()))?;
-                }
-            }
-            Ok(())
-        })
+        // The namespaces share this machine's filesystem.
+        Box::pin(warden::transport::copy_files(remote, local))
     }
 
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {

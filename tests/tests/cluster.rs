@@ -341,12 +341,13 @@ fn bad_hosts_fail_fast_with_their_names() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn ctrl_c_over_ssh_leaves_every_host_clean() {
-    if !require_cluster_tools() {
-        return;
-    }
-    let dir = scratch("ssh-int");
+/// A long job over SSH on three sshd hosts, launched as a child process
+/// (with `WARDEN_TEST_TAG=tag`); returns once its first epoch is done.
+fn start_long_ssh_job(
+    name: &str,
+    tag: &str,
+) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
+    let dir = scratch(name);
     let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
@@ -356,11 +357,10 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
         ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs).replace("epochs = 3", "epochs = 100000"),
     )
     .unwrap();
-    let tag = fresh_tag();
     let run = dir.join("run");
     let launcher = std::process::Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
-        .env("WARDEN_TEST_TAG", &tag)
+        .env("WARDEN_TEST_TAG", tag)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -369,6 +369,15 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
         assert!(Instant::now() < until, "the job never finished an epoch");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (dir, ssh, run, launcher)
+}
+
+#[test]
+fn ctrl_c_over_ssh_leaves_every_host_clean() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let (dir, ssh, _run, launcher) = start_long_ssh_job("ssh-int", &fresh_tag());
     assert!(std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
@@ -449,27 +458,7 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     if !require_cluster_tools() {
         return;
     }
-    let dir = scratch("ssh-cut");
-    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
-    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
-    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs).replace("epochs = 3", "epochs = 100000"),
-    )
-    .unwrap();
-    let run = dir.join("run");
-    let launcher = std::process::Command::new(bin("warden"))
-        .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
-        assert!(Instant::now() < until, "the job never finished an epoch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (dir, ssh, run, launcher) = start_long_ssh_job("ssh-cut", &fresh_tag());
     // Cut h2 (two workers) off the network.
     let cut = Instant::now();
     assert!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::launch::{LaunchOptions, launch, prepare};
-use crate::transport::{LocalTransport, Transport, find_agent};
+use crate::transport::{LocalTransport, Transport};
 
 /// Arguments of `warden bench ps`.
 #[derive(Debug, Clone, clap::Args)]
@@ -99,15 +99,9 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let agent = match find_agent() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
-        return EXIT_FAILED;
+    let (agent, runtime) = match crate::commands::launch::agent_and_runtime() {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let opts = LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None };
     let outcome = runtime.block_on(launch(

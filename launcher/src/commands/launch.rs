@@ -163,7 +163,7 @@ pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> u8 {
 
 /// What every command that starts agents needs: the agent binary and a
 /// runtime. Errors are printed; the exit code is returned.
-fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), u8> {
+pub(crate) fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), u8> {
     let agent = find_agent().map_err(|e| {
         eprintln!("error: {e}");
         EXIT_USAGE
