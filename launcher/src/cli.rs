@@ -80,6 +80,10 @@ pub enum Command {
         /// No progress bar (plain lines only).
         #[arg(long)]
         no_progress: bool,
+        /// Continue an earlier run from its newest checkpoint that is complete and valid on
+        /// every server (needs [checkpoint] with the same key_file). Results go to a new run directory.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
     },
     /// Check every host of a job over SSH: OS, nft, job user, free ports, disk, clock.
     #[command(after_help = "Example:\n  warden doctor configs/two-hosts.toml\n\n\
@@ -127,6 +131,48 @@ pub enum Command {
     /// The per-job nftables tables on this host (needs root).
     #[command(subcommand)]
     Firewall(FirewallCommand),
+    /// Encrypted checkpoints on this host: make a key, list, verify, prune.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+/// Checkpoint maintenance, on the host that holds the checkpoints.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Make a new checkpoint key file (256 bits from the OS CSPRNG, mode 0600).
+    #[command(after_help = "Example:\n  warden checkpoint keygen ~/.config/warden/fashion.key\n\n\
+        Name it in the job file as [checkpoint] key_file to resume across launches. \
+        Keep it apart from the checkpoints: whoever has both can read them.")]
+    Keygen {
+        /// Where to write the key (must not exist).
+        file: PathBuf,
+    },
+    /// List checkpoint steps: complete (with a manifest) or not, shards and sizes. Needs no key.
+    #[command(after_help = "Examples:\n  warden checkpoint list /var/lib/warden/checkpoints\n  \
+        warden checkpoint list /var/lib/warden/checkpoints/3f2a9c0d1e4b5a6978800112233aabbc")]
+    List {
+        /// A checkpoint root ([checkpoint] dir) or one series directory inside it.
+        dir: PathBuf,
+    },
+    /// Decrypt and check every shard file on this host against its manifest.
+    #[command(after_help = "Example:\n  warden checkpoint verify /var/lib/warden/checkpoints --key-file job.key\n\n\
+        Exit status 1 if any complete step fails; incomplete steps are reported, not failed.")]
+    Verify {
+        /// A checkpoint root or one series directory.
+        dir: PathBuf,
+        /// The job's key file.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// Keep the newest N complete steps of each series; delete the rest and stale incomplete ones.
+    #[command(after_help = "Example:\n  warden checkpoint prune /var/lib/warden/checkpoints --keep 1")]
+    Prune {
+        /// A checkpoint root or one series directory.
+        dir: PathBuf,
+        /// Complete steps to keep per series.
+        #[arg(long, value_name = "N")]
+        keep: usize,
+    },
 }
 
 /// Firewall maintenance.
@@ -157,6 +203,12 @@ pub enum BenchCommand {
         Prints: warden worker: mlp 784-256-10 batch=64 samples_per_s=.. step_ms=..\n\
         Run from the repository root to use the shipped data.")]
     Worker(crate::commands::bench::WorkerArgs),
+    /// Encrypted checkpoint write and read throughput against plain files of the same bytes.
+    #[command(after_help = "Example:\n  warden bench checkpoint --mib 512 --dir /var/lib/warden/checkpoints\n\n\
+        Prints: warden checkpoint: MiB=.. write_plain_MBps=.. write_encrypted_MBps=.. write_ratio=.. \
+        read_plain_MBps=.. read_encrypted_MBps=.. read_ratio=..\n\
+        Both sides write 1 MiB at a time and fsync; reads fill float vectors. Use --dir on the disk your checkpoints live on.")]
+    Checkpoint(crate::commands::bench::CheckpointArgs),
 }
 
 /// Parses arguments and runs the command; returns the exit code.
@@ -175,8 +227,8 @@ pub fn main() -> u8 {
     match cli.command {
         Command::Validate { job } => crate::commands::validate::exec(&job),
         Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
-        Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys } => {
-            crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys)
+        Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys, resume } => {
+            crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys, resume)
         }
         Command::Doctor { job, accept_new_host_keys } => {
             crate::commands::launch::exec_doctor(&job, accept_new_host_keys)
@@ -188,7 +240,16 @@ pub fn main() -> u8 {
         Command::Stop { dir } => crate::commands::run_dir::exec_stop(&dir),
         Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
         Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),
+        Command::Bench(BenchCommand::Checkpoint(args)) => crate::commands::bench::exec_checkpoint(&args),
         Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),
         Command::Firewall(FirewallCommand::Clean { table }) => crate::commands::firewall::exec_clean(table.as_deref()),
+        Command::Checkpoint(CheckpointCommand::Keygen { file }) => crate::commands::checkpoint::exec_keygen(&file),
+        Command::Checkpoint(CheckpointCommand::List { dir }) => crate::commands::checkpoint::exec_list(&dir),
+        Command::Checkpoint(CheckpointCommand::Verify { dir, key_file }) => {
+            crate::commands::checkpoint::exec_verify(&dir, &key_file)
+        }
+        Command::Checkpoint(CheckpointCommand::Prune { dir, keep }) => {
+            crate::commands::checkpoint::exec_prune(&dir, keep)
+        }
     }
 }

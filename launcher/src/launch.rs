@@ -54,6 +54,69 @@ pub struct LaunchOptions {
     /// When the command started (connecting to hosts comes before
     /// [`launch`]); timings count from here. Default: when `launch` starts.
     pub started: Option<Instant>,
+    /// Continue the checkpoints of this earlier run directory.
+    pub resume: Option<PathBuf>,
+}
+
+/// The checkpoint side of a launch: key, series, and what is resumed.
+struct CheckpointPlan {
+    secret: Option<warden_agent::checkpoint::CheckpointSecret>,
+    series: Option<JobId>,
+    /// The resumed run's seed, which data order and dropout depend on.
+    seed: Option<u64>,
+}
+
+impl CheckpointPlan {
+    fn new(spec: &JobSpec, job_id: &JobId, resume: Option<&Path>) -> Result<CheckpointPlan, LaunchError> {
+        use warden_agent::checkpoint::CheckpointSecret;
+        let Some(ck) = &spec.checkpoint else {
+            if let Some(dir) = resume {
+                return Err(LaunchError::Input(format!(
+                    "--resume {}: the job file has no [checkpoint] section, so there is nothing to resume from; add the one the earlier run used",
+                    dir.display()
+                )));
+            }
+            return Ok(CheckpointPlan { secret: None, series: None, seed: None });
+        };
+        let secret = match &ck.key_file {
+            Some(path) => CheckpointSecret::load(path).map_err(LaunchError::Input)?,
+            None => CheckpointSecret::generate(),
+        };
+        let Some(dir) = resume else {
+            return Ok(CheckpointPlan { secret: Some(secret), series: Some(job_id.clone()), seed: None });
+        };
+        if ck.key_file.is_none() {
+            return Err(LaunchError::Input(
+                "--resume needs [checkpoint] key_file: without it each launch encrypts its checkpoints with a fresh key that ends with the job. \
+                 Make one with `warden checkpoint keygen FILE`, name it in key_file, and launch again (earlier checkpoints without it cannot be read)"
+                    .into(),
+            ));
+        }
+        let run_json = dir.join("run.json");
+        let text = std::fs::read_to_string(&run_json).map_err(|e| {
+            LaunchError::Input(format!("--resume {}: not a run directory ({}: {e})", dir.display(), run_json.display()))
+        })?;
+        let run: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LaunchError::Input(format!("{}: malformed: {e}", run_json.display())))?;
+        let field = |k: &str| run.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let series = field("checkpoint_series")
+            .or_else(|| field("job_id"))
+            .and_then(|s| JobId::try_from(s).ok())
+            .ok_or_else(|| LaunchError::Input(format!("{}: has no job id", run_json.display())))?;
+        let old_seed = run
+            .get("seed")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| LaunchError::Input(format!("{}: has no seed", run_json.display())))?;
+        if let Some(seed) = spec.seed
+            && seed != old_seed
+        {
+            return Err(LaunchError::Input(format!(
+                "--resume: the job file sets seed = {seed}, but the run being resumed trained with seed {old_seed}; \
+                 the data order depends on it, so use the same seed (or remove it from the job file)"
+            )));
+        }
+        Ok(CheckpointPlan { secret: Some(secret), series: Some(series), seed: Some(old_seed) })
+    }
 }
 
 /// How the job ended.
@@ -125,9 +188,15 @@ pub async fn launch(
     opts: LaunchOptions,
 ) -> Result<Outcome, LaunchError> {
     let started = opts.started.unwrap_or_else(Instant::now);
-    let seed = spec.seed.unwrap_or_else(warden_agent::secure_random::u64);
+    let checkpoints = CheckpointPlan::new(&spec, &plan.job_id, opts.resume.as_deref())?;
+    let seed = checkpoints.seed.or(spec.seed).unwrap_or_else(warden_agent::secure_random::u64);
     let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
-    run.write_start(&spec, &text, &plan, seed, job).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    let resumed_from = opts.resume.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
+    let lineage = crate::rundir::Lineage {
+        checkpoint_series: checkpoints.series.as_ref(),
+        resumed_from: resumed_from.as_deref(),
+    };
+    run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| LaunchError::Setup(e.to_string()))?;
     let transport = transport_for(&run);
     let ca = Arc::new(
         JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
@@ -145,7 +214,9 @@ pub async fn launch(
         );
     }
 
-    let base_dir = std::path::absolute(job.parent().unwrap_or(Path::new(".")))
+    // `job.toml` has the parent "", which is the current directory.
+    let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base_dir = std::path::absolute(parent)
         .map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))?;
     let (tx, mut rx) = mpsc::channel::<Report>(4096);
     let mut procs: Vec<Proc> = Vec::new();
@@ -194,6 +265,10 @@ pub async fn launch(
             role: p.role,
             rank: p.rank,
             workdir: transport.workdir(p),
+            resume: opts.resume.is_some(),
+            checkpoint_series: checkpoints.series.clone(),
+            // The key goes to the servers only: they alone write checkpoints.
+            checkpoint_key: checkpoints.secret.clone().filter(|_| p.role == Role::Server),
         };
         let (p, tx, ctx) = (p.clone(), tx.clone(), start_ctx.clone());
         starts.spawn(async move {
@@ -226,6 +301,8 @@ pub async fn launch(
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
     let mut warnings = std::collections::BTreeSet::new();
+    let mut saved: Vec<crate::rundir::CheckpointRow> = Vec::new();
+    let mut resumed_step: Option<u64> = None;
     let (mut started_count, mut startup_s) = (0usize, None::<f64>);
     let deadline = tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600));
     tokio::pin!(deadline);
@@ -276,6 +353,21 @@ pub async fn launch(
                     epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
                 }
                 Event::Model { path } => model_at = Some((i, path)),
+                Event::Checkpoint { step, bytes } => {
+                    if opts.epoch_lines {
+                        progress.println(&format!(
+                            "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
+                            bytes as f64 / 1e6
+                        ));
+                    }
+                    saved.push(crate::rundir::CheckpointRow { step, bytes });
+                }
+                Event::Resumed { step } => {
+                    if opts.epoch_lines {
+                        progress.println(&format!("  resuming from checkpoint step {step}"));
+                    }
+                    resumed_step = Some(step);
+                }
                 Event::Failed { message } => {
                     let label = procs[i].planned.label();
                     failure.get_or_insert_with(|| format!("{label}: {message}"));
@@ -381,9 +473,12 @@ pub async fn launch(
     transport.finish().await;
 
     let done_epochs = rows.len() as u32;
-    if failure.is_none() && (done_epochs < spec.training.epochs || !model_fetched) {
+    // A resumed run reports only the epochs it ran (none if it resumed at the very end).
+    let last_epoch = rows.last().map_or(0, |r| r.epoch);
+    let all_epochs = last_epoch == spec.training.epochs || (resumed_step.is_some() && rows.is_empty());
+    if failure.is_none() && (!all_epochs || !model_fetched) {
         failure = Some(format!(
-            "the job ended after {done_epochs} of {} epochs{}",
+            "the job ended after epoch {last_epoch} of {}{}",
             spec.training.epochs,
             if model_fetched { "" } else { " without a model" }
         ));
@@ -406,6 +501,8 @@ pub async fn launch(
         startup_s,
         failure,
         model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        resumed_from_step: resumed_step,
+        checkpoints: saved,
         processes: procs
             .iter()
             .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })

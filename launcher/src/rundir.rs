@@ -1,7 +1,7 @@
 //! The run directory: everything a job leaves behind for its user.
 //!
 //! ```text
-//! DIR/run.json        job id, name, seed, start time
+//! DIR/run.json        job id, name, seed, start time, checkpoint series
 //! DIR/job.toml        the job file as launched
 //! DIR/plan.json       the resolved plan
 //! DIR/metrics.csv     one row per epoch
@@ -87,8 +87,30 @@ pub struct Summary {
     pub failure: Option<String>,
     /// Where the model is.
     pub model: Option<PathBuf>,
+    /// The checkpoint step this run continued from (`launch --resume`).
+    pub resumed_from_step: Option<u64>,
+    /// Checkpoints committed during the run (encrypted, on the servers' hosts).
+    pub checkpoints: Vec<CheckpointRow>,
     /// Every process and how it exited.
     pub processes: Vec<ProcessExit>,
+}
+
+/// A committed checkpoint, for the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointRow {
+    /// Global training step.
+    pub step: u64,
+    /// Encrypted bytes over all shards.
+    pub bytes: u64,
+}
+
+/// Where a run's checkpoints come from and go, for `run.json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lineage<'a> {
+    /// The checkpoint series the run writes to.
+    pub checkpoint_series: Option<&'a warden_agent::identity::JobId>,
+    /// The run directory it resumed.
+    pub resumed_from: Option<&'a Path>,
 }
 
 /// A run directory being written.
@@ -154,6 +176,7 @@ impl RunDir {
         plan: &Plan,
         seed: u64,
         job_file: &Path,
+        lineage: Lineage<'_>,
     ) -> std::io::Result<()> {
         std::fs::write(self.path.join("job.toml"), text)?;
         write_json(&self.path.join("plan.json"), plan)?;
@@ -168,6 +191,8 @@ impl RunDir {
             "local": plan.local,
             "job_file": std::path::absolute(job_file).unwrap_or_else(|_| job_file.to_path_buf()),
             "firewall_table": warden_agent::plan::firewall_table(&plan.job_id),
+            "checkpoint_series": lineage.checkpoint_series,
+            "resumed_from": lineage.resumed_from,
         });
         write_json(&self.path.join("run.json"), &run)?;
         std::fs::write(

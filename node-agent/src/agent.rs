@@ -17,7 +17,8 @@ use crate::tls::TlsIdentity;
 
 /// Reads one control line of at most [`MAX_CONTROL_LINE`] bytes; `None` at EOF.
 pub fn read_control<R: BufRead>(input: &mut R) -> Result<Option<Control>, String> {
-    let mut line = Vec::new();
+    // The bundle may carry the checkpoint key: clear the line once parsed.
+    let mut line = zeroize::Zeroizing::new(Vec::new());
     let n = std::io::Read::take(&mut *input, MAX_CONTROL_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
         .map_err(|e| format!("reading the control channel: {e}"))?;
@@ -85,6 +86,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let tls = TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())?;
 
     crate::harden::prepare_dir(&bundle.workdir, user).map_err(|e| e.to_string())?;
+    let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
@@ -116,12 +118,52 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         }
         None => None,
     };
-    let ctx = RoleCtx { spec, plan, seed: bundle.seed, tls, events, workdir: bundle.workdir };
+    if let Some(ck) = &checkpoint {
+        // Fail now, not at the first checkpoint, if the job user cannot write there.
+        let probe = ck.series_dir.join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| format!("checkpoint directory {} is not writable: {e}", ck.series_dir.display()))?;
+    }
+    let ctx = RoleCtx {
+        spec,
+        plan,
+        seed: bundle.seed,
+        tls,
+        events,
+        workdir: bundle.workdir,
+        checkpoint,
+        resume: bundle.resume,
+    };
     let worker_data = match me.role {
         Role::Worker => Some(roles::worker::load_data(&ctx).map_err(|e| e.0)?),
         _ => None,
     };
     Ok(Prepared { ctx, listener, worker_data })
+}
+
+/// A server's checkpoint set-up: the series directory, made while still
+/// privileged and handed to the job user (mode 0700), and the key.
+fn checkpoint_ctx(
+    spec: &JobSpec,
+    bundle: &Bundle,
+    user: Option<crate::harden::JobUser>,
+) -> Result<Option<roles::CheckpointCtx>, String> {
+    let (Some(ck), Role::Server) = (&spec.checkpoint, bundle.role) else {
+        return Ok(None);
+    };
+    let secret = bundle.checkpoint_key.as_ref().ok_or("the launcher sent no checkpoint key to this server")?;
+    let series = bundle.checkpoint_series.clone().unwrap_or_else(|| bundle.job_id.clone());
+    // The root is the user's: made (for the job user) only when missing.
+    if !ck.dir.exists() {
+        crate::harden::prepare_dir(&ck.dir, user)
+            .map_err(|e| format!("checkpoint directory {}: {e}", ck.dir.display()))?;
+    }
+    let series_dir = crate::checkpoint::series_dir(&ck.dir, &series);
+    crate::harden::prepare_dir(&series_dir, user)
+        .map_err(|e| format!("checkpoint directory {}: {e}", series_dir.display()))?;
+    let key = std::sync::Arc::new(crate::checkpoint::CheckpointKey::new(secret));
+    Ok(Some(roles::CheckpointCtx { key, series, series_dir }))
 }
 
 /// Runs the prepared role to the end.

@@ -55,6 +55,17 @@ pub struct Bundle {
     pub rank: u32,
     /// Where it may write (model output, scratch).
     pub workdir: PathBuf,
+    /// The job continues from the newest checkpoint valid on every server.
+    #[serde(default)]
+    pub resume: bool,
+    /// The checkpoint series: the id of the job that started it (this job's
+    /// own id unless it resumes another's checkpoints).
+    #[serde(default)]
+    pub checkpoint_series: Option<JobId>,
+    /// The checkpoint secret (servers only): delivered here, on stdin, and
+    /// held in memory only.
+    #[serde(default)]
+    pub checkpoint_key: Option<crate::checkpoint::CheckpointSecret>,
 }
 
 /// Agent to launcher.
@@ -110,6 +121,18 @@ pub enum Event {
         test_loss: f64,
         /// Accuracy on the test set.
         test_accuracy: f64,
+    },
+    /// Every server wrote its shard of checkpoint `step` and the step is committed.
+    Checkpoint {
+        /// Global training step.
+        step: u64,
+        /// Encrypted bytes over all shards.
+        bytes: u64,
+    },
+    /// The job continues from checkpoint `step`.
+    Resumed {
+        /// Global training step.
+        step: u64,
     },
     /// The trained model is at this path on the agent's host.
     Model {

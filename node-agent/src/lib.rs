@@ -20,6 +20,7 @@ pub use warden_kernels as kernels;
 
 pub mod agent;
 pub mod artifact;
+pub mod checkpoint;
 pub mod conn;
 pub mod control;
 pub mod data;

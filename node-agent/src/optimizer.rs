@@ -232,6 +232,31 @@ impl ShardOptimizer {
         self.t
     }
 
+    /// Optimizer state slots this rule keeps per parameter (0, 1 or 2).
+    pub fn slots(&self) -> usize {
+        self.spec.state_slots()
+    }
+
+    /// The state to checkpoint: updates applied and the slots.
+    pub fn state(&self) -> (u64, Vec<Vec<f32>>) {
+        let slots = [&self.slot1, &self.slot2];
+        (self.t, slots[..self.slots()].iter().map(|s| s.to_vec()).collect())
+    }
+
+    /// Rebuilds the optimizer from checkpointed state.
+    pub fn restore(spec: OptimizerSpec, len: usize, t: u64, mut slots: Vec<Vec<f32>>) -> Result<Self, String> {
+        let want = spec.state_slots();
+        if slots.len() != want || slots.iter().any(|s| s.len() != len) {
+            return Err(format!(
+                "the checkpoint holds {} optimizer state slots of this shard, and this optimizer needs {want}",
+                slots.len()
+            ));
+        }
+        let slot2 = if want >= 2 { slots.pop().unwrap_or_default() } else { Vec::new() };
+        let slot1 = if want >= 1 { slots.pop().unwrap_or_default() } else { Vec::new() };
+        Ok(ShardOptimizer { spec, slot1, slot2, t })
+    }
+
     /// Applies one update from `count` workers' gradients (their mean is
     /// what the rule sees), summing and updating in one fused pass.
     pub fn apply(&mut self, params: &mut [f32], grads: &[Grad<'_>], count: usize) {

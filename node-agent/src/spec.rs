@@ -65,6 +65,8 @@ pub mod raw {
         pub training: Spanned<Training>,
         #[serde(default)]
         pub limits: Option<Spanned<Limits>>,
+        #[serde(default)]
+        pub checkpoint: Option<Spanned<Checkpoint>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -161,6 +163,17 @@ pub mod raw {
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct Checkpoint {
+        pub dir: Option<Spanned<String>>,
+        pub every_steps: Option<Spanned<i64>>,
+        pub every_seconds: Option<Spanned<i64>>,
+        pub keep_last: Option<Spanned<i64>>,
+        pub keep_last_after_job: Option<Spanned<i64>>,
+        pub key_file: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Limits {
         pub max_frame_mib: Option<Spanned<i64>>,
         pub first_message_timeout_ms: Option<Spanned<i64>>,
@@ -189,6 +202,26 @@ pub struct JobSpec {
     pub training: TrainingSpec,
     /// Protocol limits.
     pub limits: LimitsSpec,
+    /// Encrypted checkpoints, if the job takes them.
+    pub checkpoint: Option<CheckpointSpec>,
+}
+
+/// `[checkpoint]`: encrypted checkpoints on the servers' hosts.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointSpec {
+    /// Root directory on each server's host (absolute, or relative to the job file).
+    pub dir: PathBuf,
+    /// Take one every this many training steps.
+    pub every_steps: Option<u64>,
+    /// Take one when this many seconds passed since the last.
+    pub every_seconds: Option<u64>,
+    /// Complete checkpoints kept while the job runs.
+    pub keep_last: usize,
+    /// Complete checkpoints kept once the job ended.
+    pub keep_last_after_job: usize,
+    /// Key file on the launcher's host (mode 0600); without it a fresh key
+    /// per job, which cannot be resumed across launches.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[cluster]`.
@@ -1007,7 +1040,8 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             limits.connect_timeout_s = int_in(src, v, "connect_timeout_s", 1, 3600, "60 suits most clusters")?;
         }
     }
-    let spec = JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits };
+    let checkpoint = raw.checkpoint.as_ref().map(|c| convert_checkpoint(src, c, base_dir)).transpose()?;
+    let spec = JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits, checkpoint };
 
     // The largest message is a push or pull of one server's shard.
     let shard = crate::model::num_params(&spec.model).div_ceil(spec.cluster.count(Role::Server) as usize);
@@ -1028,6 +1062,53 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         ));
     }
     Ok(spec)
+}
+
+fn convert_checkpoint(
+    src: &Src<'_>,
+    raw_ck: &toml::Spanned<raw::Checkpoint>,
+    base_dir: &Path,
+) -> Result<CheckpointSpec, SpecError> {
+    let c = raw_ck.get_ref();
+    let path = |p: &toml::Spanned<String>, help: &str| -> Result<PathBuf, SpecError> {
+        if p.get_ref().trim().is_empty() {
+            return Err(src.err(p.span(), "path is empty", help));
+        }
+        Ok(base_dir.join(p.get_ref()))
+    };
+    let dir = match &c.dir {
+        Some(d) => path(d, "name a directory on the servers' hosts, such as \"/var/lib/warden/checkpoints\"")?,
+        None => {
+            return Err(src.err(
+                raw_ck.span(),
+                "[checkpoint] needs dir: where the servers keep their encrypted checkpoints",
+                "add for example dir = \"/var/lib/warden/checkpoints\"",
+            ));
+        }
+    };
+    let every_steps =
+        c.every_steps.as_ref().map(|v| int_in(src, v, "every_steps", 1, 1_000_000_000, "such as 500")).transpose()?;
+    let every_seconds = c
+        .every_seconds
+        .as_ref()
+        .map(|v| int_in(src, v, "every_seconds", 1, 10_000_000, "such as 600 (ten minutes)"))
+        .transpose()?;
+    if every_steps.is_none() && every_seconds.is_none() {
+        return Err(src.err(
+            raw_ck.span(),
+            "[checkpoint] needs every_steps, every_seconds or both: when to take a checkpoint",
+            "add for example every_steps = 500",
+        ));
+    }
+    let keep_last =
+        c.keep_last.as_ref().map(|v| int_in(src, v, "keep_last", 1, 1000, "such as 3")).transpose()?.unwrap_or(3);
+    let keep_last_after_job = match &c.keep_last_after_job {
+        Some(v) => int_in(src, v, "keep_last_after_job", 0, keep_last as i64, "at most keep_last; 0 deletes them all")?,
+        None => 1.min(keep_last),
+    };
+    let key_file =
+        c.key_file.as_ref().map(|k| path(k, "name the key file, made by `warden checkpoint keygen`")).transpose()?;
+    Ok(CheckpointSpec { dir, every_steps, every_seconds, keep_last, keep_last_after_job, key_file })
 }
 
 fn convert_data(src: &Src<'_>, raw_data: &toml::Spanned<raw::Data>, base_dir: &Path) -> Result<DataSpec, SpecError> {

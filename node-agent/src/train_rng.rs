@@ -14,12 +14,14 @@ pub enum Stream {
     Init,
     /// Holding out a test set from the training data.
     Split,
-    /// Dropout masks of one worker in one epoch.
+    /// Dropout masks of one worker in one step.
     Dropout {
         /// Worker rank.
         rank: u32,
         /// Epoch number.
         epoch: u32,
+        /// Step within the epoch.
+        step: u64,
     },
     /// Per-epoch shuffling on a worker.
     Shuffle {
@@ -40,7 +42,10 @@ pub fn rng(seed: u64, stream: Stream) -> Pcg64Mcg {
         Stream::Init => 0x1,
         Stream::Shuffle { rank, epoch } => 0x2 | (u64::from(rank) << 8) | (u64::from(epoch) << 32),
         Stream::Split => 0x3,
-        Stream::Dropout { rank, epoch } => 0x4 | (u64::from(rank) << 8) | (u64::from(epoch) << 32),
+        Stream::Dropout { rank, epoch, step } => {
+            (0x4 | (u64::from(rank) << 8) | (u64::from(epoch) << 32))
+                ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93).rotate_left(17)
+        }
     };
     // SplitMix-style mixing so neighbouring seeds and tags give unrelated streams.
     let mut z = seed ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15);

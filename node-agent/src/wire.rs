@@ -64,12 +64,63 @@ pub enum Message {
         /// Values.
         data: Vec<f32>,
     },
+    /// Worker 0 asks for a checkpoint of the state after `step` steps (to
+    /// every server, and to the scheduler so it waits for the commit).
+    Checkpoint {
+        /// Global training step.
+        step: u64,
+    },
+    /// A server wrote its shard of checkpoint `step`.
+    CheckpointSaved {
+        /// Step.
+        step: u64,
+        /// The file, for the manifest.
+        record: ShardDigest,
+    },
+    /// A server could not write its shard of checkpoint `step`.
+    CheckpointFailed {
+        /// Step.
+        step: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Every server wrote its shard of `step`: write the manifest (scheduler only).
+    CheckpointCommit {
+        /// Step.
+        step: u64,
+        /// One record per server rank.
+        shards: Vec<ShardDigest>,
+    },
+    /// A server can resume from these steps (newest first), all verified.
+    Resumable {
+        /// Steps.
+        steps: Vec<u64>,
+    },
+    /// Load (servers) or continue from (workers) checkpoint `step` (scheduler only).
+    ResumeFrom {
+        /// Step.
+        step: u64,
+    },
     /// The sender refuses what it received, and closes.
     Error {
         /// Why.
         message: String,
     },
 }
+
+/// A written shard file as the wire carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardDigest {
+    /// Server rank.
+    pub shard: u32,
+    /// File size.
+    pub bytes: u64,
+    /// SHA-256 of the file.
+    pub sha256: [u8; 32],
+}
+
+/// Most shard records or steps one message may carry.
+pub const MAX_LIST: usize = 4096;
 
 /// A decoding failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +140,7 @@ pub const TAG_PARAMS: u8 = 18;
 pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
     const SCHED: &[Role] = &[Role::Scheduler];
     const WORKER: &[Role] = &[Role::Worker];
+    const SERVER: &[Role] = &[Role::Server];
     Some(match tag {
         1 => ("welcome", &[Role::Scheduler, Role::Server]),
         2 => ("register", &[Role::Server, Role::Worker]),
@@ -101,7 +153,13 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
         9 => ("abort", SCHED),
         TAG_PUSH => ("push", WORKER),
         TAG_PULL => ("pull", WORKER),
-        TAG_PARAMS => ("params", &[Role::Server]),
+        TAG_PARAMS => ("params", SERVER),
+        10 => ("checkpoint", WORKER),
+        11 => ("checkpoint_saved", SERVER),
+        12 => ("checkpoint_failed", SERVER),
+        13 => ("checkpoint_commit", SCHED),
+        14 => ("resumable", SERVER),
+        15 => ("resume_from", SCHED),
         31 => ("error", ALL),
         _ => return None,
     })
@@ -201,40 +259,13 @@ pub fn vector_view(body: &[u8], want_tag: u8) -> Result<(u64, &[u8]), DecodeErro
 impl Message {
     /// The message's name, for logs and errors.
     pub fn name(&self) -> &'static str {
-        match self {
-            Message::Welcome => "welcome",
-            Message::Register => "register",
-            Message::SetOptimizer(_) => "set_optimizer",
-            Message::Start => "start",
-            Message::Barrier { .. } => "barrier",
-            Message::BarrierDone { .. } => "barrier_done",
-            Message::Finished => "finished",
-            Message::Shutdown => "shutdown",
-            Message::Abort { .. } => "abort",
-            Message::Push { .. } => "push",
-            Message::Pull { .. } => "pull",
-            Message::Params { .. } => "params",
-            Message::Error { .. } => "error",
-        }
+        tag_info(self.tag()).map_or("unknown", |(name, _)| name)
     }
 
     /// The roles allowed to send this message. Receivers check it against
     /// the role in the sender's certificate before acting on anything.
     pub fn senders(&self) -> &'static [Role] {
-        match self {
-            Message::Welcome => &[Role::Scheduler, Role::Server],
-            Message::Register => &[Role::Server, Role::Worker],
-            Message::SetOptimizer(_)
-            | Message::Start
-            | Message::BarrierDone { .. }
-            | Message::Shutdown
-            | Message::Abort { .. } => &[Role::Scheduler],
-            Message::Barrier { .. } | Message::Finished | Message::Push { .. } | Message::Pull { .. } => {
-                &[Role::Worker]
-            }
-            Message::Params { .. } => &[Role::Server],
-            Message::Error { .. } => ALL,
-        }
+        tag_info(self.tag()).map_or(&[], |(_, who)| who)
     }
 
     fn tag(&self) -> u8 {
@@ -251,6 +282,12 @@ impl Message {
             Message::Push { .. } => 16,
             Message::Pull { .. } => 17,
             Message::Params { .. } => 18,
+            Message::Checkpoint { .. } => 10,
+            Message::CheckpointSaved { .. } => 11,
+            Message::CheckpointFailed { .. } => 12,
+            Message::CheckpointCommit { .. } => 13,
+            Message::Resumable { .. } => 14,
+            Message::ResumeFrom { .. } => 15,
             Message::Error { .. } => 31,
         }
     }
@@ -264,6 +301,24 @@ impl Message {
             Message::Welcome | Message::Register | Message::Start | Message::Finished | Message::Shutdown => {}
             Message::SetOptimizer(spec) => encode_optimizer(spec, out),
             Message::Barrier { id } | Message::BarrierDone { id } => out.extend_from_slice(&id.to_le_bytes()),
+            Message::Checkpoint { step } | Message::ResumeFrom { step } => out.extend_from_slice(&step.to_le_bytes()),
+            Message::CheckpointSaved { step, record } => {
+                out.extend_from_slice(&step.to_le_bytes());
+                put_digest(record, out);
+            }
+            Message::CheckpointFailed { step, reason } => {
+                out.extend_from_slice(&step.to_le_bytes());
+                put_text(reason, out);
+            }
+            Message::CheckpointCommit { step, shards } => {
+                out.extend_from_slice(&step.to_le_bytes());
+                out.extend_from_slice(&(shards.len() as u32).to_le_bytes());
+                shards.iter().for_each(|d| put_digest(d, out));
+            }
+            Message::Resumable { steps } => {
+                out.extend_from_slice(&(steps.len() as u32).to_le_bytes());
+                steps.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
+            }
             Message::Abort { reason: text } | Message::Error { message: text } => put_text(text, out),
             Message::Push { step, data } => {
                 out.extend_from_slice(&step.to_le_bytes());
@@ -304,12 +359,31 @@ impl Message {
             }
             TAG_PULL => Message::Pull { min_version: r.u64()? },
             TAG_PARAMS => Message::Params { version: r.u64()?, data: r.f32s()? },
+            10 => Message::Checkpoint { step: r.u64()? },
+            11 => Message::CheckpointSaved { step: r.u64()?, record: r.digest()? },
+            12 => Message::CheckpointFailed { step: r.u64()?, reason: r.text()? },
+            13 => {
+                let step = r.u64()?;
+                let n = r.count()?;
+                Message::CheckpointCommit { step, shards: (0..n).map(|_| r.digest()).collect::<Result<_, _>>()? }
+            }
+            14 => {
+                let n = r.count()?;
+                Message::Resumable { steps: (0..n).map(|_| r.u64()).collect::<Result<_, _>>()? }
+            }
+            15 => Message::ResumeFrom { step: r.u64()? },
             31 => Message::Error { message: r.text()? },
             tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
         };
         r.finish()?;
         Ok(msg)
     }
+}
+
+fn put_digest(d: &ShardDigest, out: &mut Vec<u8>) {
+    out.extend_from_slice(&d.shard.to_le_bytes());
+    out.extend_from_slice(&d.bytes.to_le_bytes());
+    out.extend_from_slice(&d.sha256);
 }
 
 fn put_text(text: &str, out: &mut Vec<u8>) {
@@ -430,6 +504,22 @@ impl<'a> Reader<'a> {
     fn f32(&mut self) -> Result<f32, DecodeError> {
         Ok(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
+    /// A list length, bounded by [`MAX_LIST`] before anything is allocated.
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MAX_LIST {
+            return Err(DecodeError(format!("a list of {n} entries; at most {MAX_LIST} are accepted")));
+        }
+        Ok(n)
+    }
+
+    fn digest(&mut self) -> Result<ShardDigest, DecodeError> {
+        let shard = self.u32()?;
+        let bytes = self.u64()?;
+        let sha256 = self.take(32)?.try_into().expect("32 bytes");
+        Ok(ShardDigest { shard, bytes, sha256 })
+    }
+
     fn text(&mut self) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
         if n > MAX_TEXT {
@@ -509,9 +599,29 @@ mod tests {
             Message::Pull { min_version: 4 },
             Message::Params { version: 4, data: vec![0.5; 3] },
             Message::Error { message: "no".into() },
+            Message::Checkpoint { step: 300 },
+            Message::CheckpointSaved { step: 300, record: ShardDigest { shard: 1, bytes: 4096, sha256: [7; 32] } },
+            Message::CheckpointFailed { step: 300, reason: "disk full".into() },
+            Message::CheckpointCommit {
+                step: 300,
+                shards: vec![
+                    ShardDigest { shard: 0, bytes: 10, sha256: [1; 32] },
+                    ShardDigest { shard: 1, bytes: 11, sha256: [2; 32] },
+                ],
+            },
+            Message::Resumable { steps: vec![300, 200] },
+            Message::Resumable { steps: vec![] },
+            Message::ResumeFrom { step: 200 },
         ] {
             round_trip(m);
         }
+    }
+
+    #[test]
+    fn lists_are_bounded_before_allocation() {
+        let mut body = vec![14u8];
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Message::decode(&body).unwrap_err().0.contains("at most 4096"));
     }
 
     #[test]

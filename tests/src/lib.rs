@@ -195,6 +195,8 @@ impl RoleCluster {
             tls: pki.issue(role, rank),
             events: sink.clone(),
             workdir: std::env::temp_dir(),
+            checkpoint: None,
+            resume: false,
         };
         let mut tasks = Vec::new();
         for (l, c, is_sched) in [(l_sched, ctx(Role::Scheduler, 0), true), (l_server, ctx(Role::Server, 0), false)] {

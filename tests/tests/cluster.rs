@@ -108,7 +108,8 @@ fn start_cluster_job(epochs: u32) -> ClusterJob {
         tag: agents_tag.clone(),
     });
     let run = dir.join("run");
-    let opts = LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false, started: None };
+    let opts =
+        LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false, started: None, resume: None };
     let launcher = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(launch(&job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))

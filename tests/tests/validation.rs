@@ -91,7 +91,7 @@ const CASES: &[Case] = &[
         from: "[training]",
         to: "[trainig]",
         at: "trainig",
-        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`",
+        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`, `checkpoint`",
         help: Some("did you mean `training`?"),
     },
     Case {
@@ -325,6 +325,30 @@ const CASES: &[Case] = &[
         at: "classes = ^1000",
         message: "classes must be between 2 and 256, not 1000",
         help: Some("the number of classes (2 to 256), 10 for Fashion-MNIST"),
+    },
+    Case {
+        name: "checkpoint without a directory",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\n[checkpoint]\nevery_steps = 100\n",
+        at: "[checkpoint]",
+        message: "[checkpoint] needs dir: where the servers keep their encrypted checkpoints",
+        help: Some("add for example dir = \"/var/lib/warden/checkpoints\""),
+    },
+    Case {
+        name: "checkpoint without a schedule",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\n[checkpoint]\ndir = \"/ck\"\n",
+        at: "[checkpoint]",
+        message: "[checkpoint] needs every_steps, every_seconds or both: when to take a checkpoint",
+        help: Some("add for example every_steps = 500"),
+    },
+    Case {
+        name: "more kept after the job than during it",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\n[checkpoint]\ndir = \"/ck\"\nevery_steps = 10\nkeep_last = 2\nkeep_last_after_job = 3\n",
+        at: "keep_last_after_job = ^3",
+        message: "keep_last_after_job must be between 0 and 2, not 3",
+        help: Some("at most keep_last; 0 deletes them all"),
     },
 ];
 

@@ -103,7 +103,8 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let opts = LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None };
+    let opts =
+        LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None, resume: None };
     let outcome = runtime.block_on(launch(
         job,
         spec,
@@ -210,4 +211,108 @@ pub fn exec_worker(a: &WorkerArgs) -> u8 {
         secs * 1e3 / a.steps as f64
     );
     EXIT_OK
+}
+
+/// Arguments of `warden bench checkpoint`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckpointArgs {
+    /// Size of the shard state in MiB (parameters plus one optimizer slot).
+    #[arg(long, default_value_t = 256)]
+    pub mib: usize,
+    /// Directory to write in (default: a fresh one under the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Rounds; the best of each is kept.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+}
+
+/// Writes and reads the same shard state encrypted (the checkpoint format)
+/// and as plain little-endian floats (1 MiB writes, fsync), in one run, and
+/// prints throughputs and their ratios.
+pub fn exec_checkpoint(a: &CheckpointArgs) -> u8 {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape, ShardState};
+    if a.mib == 0 || a.mib > 64 * 1024 || a.rounds == 0 {
+        eprintln!("error: --mib must be 1 to 65536 and --rounds at least 1");
+        return EXIT_USAGE;
+    }
+    let dir =
+        a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("warden-bench-ckpt-{}", std::process::id())));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("error: cannot create {}: {e}", dir.display());
+        return EXIT_FAILED;
+    }
+    let len = a.mib * (1 << 20) / 8;
+    let params: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let state = ShardState { t: 1, slots: vec![params.clone()], params };
+    let bytes = (len * 8) as f64;
+    let key = CheckpointKey::new(&CheckpointSecret::generate());
+    let at = Placement { job: warden_agent::identity::JobId::generate(), step: 1, shard: 0, shards: 1 };
+    let (enc_path, plain_path) = (dir.join("bench.wck"), dir.join("bench.plain"));
+    let best = |f: &mut dyn FnMut() -> std::io::Result<()>| -> std::io::Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..a.rounds {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(bytes / best / 1e6)
+    };
+    let result = (|| -> std::io::Result<[f64; 4]> {
+        let write_plain = best(&mut || {
+            let mut f = std::fs::File::create(&plain_path)?;
+            let mut buf = Vec::with_capacity(1 << 20);
+            for arr in [&state.params, &state.slots[0]] {
+                for piece in arr.chunks(1 << 18) {
+                    buf.clear();
+                    warden_agent::kernels::convert::extend_f32_le(&mut buf, piece);
+                    f.write_all(&buf)?;
+                }
+            }
+            f.sync_all()
+        })?;
+        let write_enc = best(&mut || {
+            ck::write_shard(&enc_path, &key, &at, &state, ck::DEFAULT_CHUNK).map(|_| ()).map_err(std::io::Error::other)
+        })?;
+        let read_plain = best(&mut || {
+            let mut f = std::fs::File::open(&plain_path)?;
+            let mut out = [vec![0f32; len], vec![0f32; len]];
+            let mut buf = vec![0u8; 1 << 20];
+            for arr in out.iter_mut() {
+                for piece in arr.chunks_mut(1 << 18) {
+                    f.read_exact(&mut buf[..piece.len() * 4])?;
+                    warden_agent::kernels::convert::copy_f32_le(piece, &buf[..piece.len() * 4]);
+                }
+            }
+            Ok(())
+        })?;
+        let read_enc = best(&mut || {
+            let shape = Shape { len: Some(len), slots: Some(1) };
+            ck::read_shard(&enc_path, &key, Some(&at), shape).map(|_| ()).map_err(std::io::Error::other)
+        })?;
+        Ok([write_plain, write_enc, read_plain, read_enc])
+    })();
+    let _ = std::fs::remove_file(&enc_path);
+    let _ = std::fs::remove_file(&plain_path);
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    match result {
+        Ok([wp, we, rp, re]) => {
+            println!(
+                "warden checkpoint: MiB={} write_plain_MBps={wp:.0} write_encrypted_MBps={we:.0} write_ratio={:.2} \
+                 read_plain_MBps={rp:.0} read_encrypted_MBps={re:.0} read_ratio={:.2}",
+                a.mib,
+                we / wp,
+                re / rp
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
 }

@@ -8,7 +8,14 @@ use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
 use crate::transport::{LocalTransport, Transport, find_agent};
 
 /// Launches the job and reports how it ended.
-pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, accept_new_host_keys: bool) -> u8 {
+pub fn exec(
+    job: &Path,
+    local: bool,
+    run_dir: Option<PathBuf>,
+    progress: bool,
+    accept_new_host_keys: bool,
+    resume: Option<PathBuf>,
+) -> u8 {
     let started = std::time::Instant::now();
     let (spec, text, plan) = match prepare(job, local) {
         Ok(x) => x,
@@ -26,6 +33,7 @@ pub fn exec(job: &Path, local: bool, run_dir: Option<PathBuf>, progress: bool, a
         progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         epoch_lines: true,
         started: Some(started),
+        resume,
     };
     let result = if local {
         runtime.block_on(launch(

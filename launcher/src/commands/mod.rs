@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod firewall;
 pub mod launch;
 pub mod plan;

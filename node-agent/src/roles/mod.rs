@@ -45,6 +45,21 @@ pub struct RoleCtx {
     pub events: EventSink,
     /// Where this process may write.
     pub workdir: PathBuf,
+    /// A server's checkpoint key and series (servers of jobs with `[checkpoint]`).
+    pub checkpoint: Option<CheckpointCtx>,
+    /// Whether the job continues from a checkpoint.
+    pub resume: bool,
+}
+
+/// What a server needs to write and read checkpoints.
+#[derive(Clone, Debug)]
+pub struct CheckpointCtx {
+    /// The job's checkpoint key.
+    pub key: Arc<crate::checkpoint::CheckpointKey>,
+    /// The series: the id of the job that started it.
+    pub series: crate::identity::JobId,
+    /// `[checkpoint] dir` joined with the series.
+    pub series_dir: PathBuf,
 }
 
 impl std::fmt::Debug for RoleCtx {

@@ -39,9 +39,10 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         (0..servers).map(|r| (Role::Server, r)).chain((0..workers).map(|r| (Role::Worker, r))).collect();
     let mut writers: BTreeMap<(Role, u32), Writer> = BTreeMap::new();
 
-    // Rendezvous.
+    // Rendezvous (and, when resuming, every server's list of usable steps).
     let deadline = tokio::time::Instant::now() + ctx.patience() + Duration::from_secs(30);
-    while writers.len() < expected.len() {
+    let mut resumable: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    while writers.len() < expected.len() || (ctx.resume && resumable.len() < servers as usize) {
         let input = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(i)) => i,
             Ok(None) => return Err(RoleError("the scheduler's listener stopped".into())),
@@ -67,6 +68,9 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     let _ = w.send(&Message::Error { message: format!("{id} is already registered") }).await;
                 }
             }
+            Input::Msg(id, Message::Resumable { steps }) if ctx.resume && id.role == Role::Server => {
+                resumable.insert(id.rank, steps);
+            }
             Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
             Input::Lost(id, why) if writers.contains_key(&(id.role, id.rank)) => {
                 abort(&mut writers, &format!("{id} was lost during rendezvous: {why}")).await;
@@ -74,6 +78,21 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             }
             Input::Lost(..) => {}
         }
+    }
+
+    if ctx.resume {
+        let step = match choose_resume_step(&resumable) {
+            Ok(step) => step,
+            Err(reason) => {
+                abort(&mut writers, &reason).await;
+                return Err(RoleError(reason));
+            }
+        };
+        tracing::info!("resuming from checkpoint step {step}");
+        for w in writers.values_mut() {
+            w.send(&Message::ResumeFrom { step }).await?;
+        }
+        ctx.emit(crate::control::Event::Resumed { step });
     }
 
     // Start: optimizer (data, validated) to the servers, then go.
@@ -90,7 +109,10 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
 
     let mut barriers: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
     let mut finished = BTreeSet::new();
-    while finished.len() < workers as usize {
+    let mut checkpoints = Checkpoints::default();
+    // Training ends when every worker finished and every checkpoint they
+    // asked for is committed or failed, so no write is cut short.
+    while finished.len() < workers as usize || checkpoints.outstanding() {
         let Some(input) = rx.recv().await else {
             return Err(RoleError("the scheduler's listener stopped".into()));
         };
@@ -109,6 +131,27 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             }
             Input::Msg(id, Message::Finished) => {
                 finished.insert(id.rank);
+            }
+            Input::Msg(id, Message::Checkpoint { step }) if id.rank == 0 => checkpoints.requested(step),
+            Input::Msg(id, Message::CheckpointSaved { step, record }) if id.role == Role::Server => {
+                if record.shard != id.rank {
+                    tracing::warn!("{id} reported a checkpoint for shard {}; ignored", record.shard);
+                } else if let Some(shards) = checkpoints.saved(step, record, servers) {
+                    let bytes = shards.iter().map(|d| d.bytes).sum();
+                    let commit = Message::CheckpointCommit { step, shards };
+                    for ((role, _), w) in writers.iter_mut() {
+                        if *role == Role::Server {
+                            w.send(&commit).await?;
+                        }
+                    }
+                    ctx.emit(crate::control::Event::Checkpoint { step, bytes });
+                }
+            }
+            Input::Msg(id, Message::CheckpointFailed { step, reason }) if id.role == Role::Server => {
+                checkpoints.failed(step);
+                let message = format!("checkpoint at step {step} failed on {id}: {reason}; training goes on");
+                tracing::warn!("{message}");
+                ctx.emit(crate::control::Event::Warning { message });
             }
             Input::Msg(id, m) => tracing::warn!("ignoring unexpected `{}` from {id}", m.name()),
             Input::Joined(id, mut w) => {
@@ -130,6 +173,67 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     }
     accept_task.abort();
     Ok(())
+}
+
+/// The newest step every server can resume from.
+fn choose_resume_step(resumable: &BTreeMap<u32, Vec<u64>>) -> Result<u64, String> {
+    let mut common: Option<BTreeSet<u64>> = None;
+    for steps in resumable.values() {
+        let these: BTreeSet<u64> = steps.iter().copied().collect();
+        common = Some(match common {
+            None => these,
+            Some(c) => c.intersection(&these).copied().collect(),
+        });
+    }
+    common.and_then(|c| c.last().copied()).ok_or_else(|| {
+        let each: Vec<String> = resumable
+            .iter()
+            .map(|(rank, steps)| format!("server[{rank}]: {}", if steps.is_empty() { "none".into() } else { format!("{steps:?}") }))
+            .collect();
+        format!(
+            "no checkpoint step is complete and valid on every server, so there is nothing to resume from ({}); the warnings above say why each was skipped",
+            each.join("; ")
+        )
+    })
+}
+
+/// Checkpoints in flight: asked for by worker 0, reported by the servers.
+#[derive(Debug, Default)]
+struct Checkpoints {
+    pending: BTreeMap<u64, BTreeMap<u32, crate::wire::ShardDigest>>,
+    /// Committed or failed: late messages about them change nothing.
+    settled: BTreeSet<u64>,
+}
+
+impl Checkpoints {
+    fn requested(&mut self, step: u64) {
+        if !self.settled.contains(&step) {
+            self.pending.entry(step).or_default();
+        }
+    }
+
+    /// Records a shard; returns all of them once every server reported.
+    fn saved(&mut self, step: u64, d: crate::wire::ShardDigest, servers: u32) -> Option<Vec<crate::wire::ShardDigest>> {
+        if self.settled.contains(&step) {
+            return None;
+        }
+        let at = self.pending.entry(step).or_default();
+        at.insert(d.shard, d);
+        if at.len() < servers as usize {
+            return None;
+        }
+        self.settled.insert(step);
+        self.pending.remove(&step).map(|m| m.into_values().collect())
+    }
+
+    fn failed(&mut self, step: u64) {
+        self.pending.remove(&step);
+        self.settled.insert(step);
+    }
+
+    fn outstanding(&self) -> bool {
+        !self.pending.is_empty()
+    }
 }
 
 async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {

@@ -9,14 +9,15 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use super::{RateLimitedLog, RoleCtx, RoleError};
+use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
+use crate::checkpoint::{Manifest, Placement, ShardRecord};
 use crate::conn::{Acceptor, ConnError, ServerConn};
 use crate::identity::Role;
 use crate::optimizer::{OptimizerSpec, ShardOptimizer};
 use crate::spec::SyncMode;
-use crate::wire::{Message, TAG_PUSH, push_view};
+use crate::wire::{Message, ShardDigest, TAG_PUSH, push_view};
 
 /// The shard and its update state.
 ///
@@ -88,6 +89,18 @@ impl Shard {
         Ok(())
     }
 
+    /// A copy of the state for checkpoint `step`. In sync mode the shard is
+    /// exactly at that step when worker 0 asks (its next push has not been
+    /// sent), so the copy is the state after `step` updates.
+    fn snapshot(&self, step: u64) -> Result<crate::checkpoint::ShardState, String> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.mode == SyncMode::Sync && st.version != step {
+            return Err(format!("checkpoint of step {step} asked for, but the shard is at step {}", st.version));
+        }
+        let (t, slots) = st.opt.state();
+        Ok(crate::checkpoint::ShardState { t, params: st.params.clone(), slots })
+    }
+
     /// The encoded params frame of the current version.
     fn params_frame(&self) -> Arc<Vec<u8>> {
         let mut cache = self.frame.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,66 +122,248 @@ impl Shard {
 
 /// Runs server `ctx.me().rank` on an already bound listener until the job ends.
 pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
-    let mut sched = ctx.join_scheduler().await?;
+    let (sched_rx, mut sched_tx) = ctx.join_scheduler().await?.into_split();
+    let mut from_sched = forward(sched_rx);
+    let rank = ctx.me().rank;
+    let range = ctx.plan.shard(rank);
+    let len = range.len();
+    let slots = ShardOptimizer::new(ctx.spec.optimizer, 0).slots();
+    let shape = crate::checkpoint::Shape { len: Some(len), slots: Some(slots) };
+    let shards = ctx.plan.count(Role::Server);
+    if ctx.resume {
+        let ck =
+            ctx.checkpoint.clone().ok_or_else(|| RoleError("resuming needs [checkpoint] in the job file".into()))?;
+        let found = tokio::task::spawn_blocking(move || {
+            crate::checkpoint::resumable_steps(&ck.series_dir, &ck.key, &ck.series, rank, shards, shape)
+        })
+        .await
+        .map_err(|e| RoleError(e.to_string()))?
+        .map_err(|e| RoleError(format!("reading the checkpoint directory: {e}")))?;
+        let (steps, warnings) = found;
+        for w in warnings {
+            tracing::warn!("{w}");
+            ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {w}") });
+        }
+        sched_tx.send(&Message::Resumable { steps }).await?;
+    }
     let mut optimizer: Option<OptimizerSpec> = None;
+    let mut restored = None;
     loop {
-        match sched.recv().await? {
+        match next(&mut from_sched).await? {
             Message::SetOptimizer(spec) => optimizer = Some(spec),
+            Message::ResumeFrom { step } => {
+                let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError("resume without [checkpoint]".into()))?;
+                let at = Placement { job: ck.series.clone(), step, shard: rank, shards };
+                let state = tokio::task::spawn_blocking(move || {
+                    crate::checkpoint::load_step(&ck.series_dir, &ck.key, &at, shape)
+                })
+                .await
+                .map_err(|e| RoleError(e.to_string()))?
+                .map_err(|e| RoleError(format!("cannot load checkpoint step {step}: {e}")))?;
+                restored = Some((step, state));
+            }
             Message::Start => break,
             Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
             m => return Err(RoleError(format!("unexpected `{}` from the scheduler before the start", m.name()))),
         }
     }
     let spec = optimizer.ok_or_else(|| RoleError("the scheduler started the job without an optimizer".into()))?;
-    let range = ctx.plan.shard(ctx.me().rank);
-    let params = crate::model::init(&ctx.spec.model, ctx.seed)[range.clone()].to_vec();
+    let (version, params, opt) = match restored {
+        Some((step, st)) => {
+            let opt = ShardOptimizer::restore(spec, len, st.t, st.slots).map_err(RoleError)?;
+            tracing::info!("resumed from checkpoint step {step}");
+            (step, st.params, opt)
+        }
+        None => {
+            (0, crate::model::init(&ctx.spec.model, ctx.seed)[range.clone()].to_vec(), ShardOptimizer::new(spec, len))
+        }
+    };
     let workers = ctx.plan.count(Role::Worker) as usize;
-    let len = params.len();
     let shard = Arc::new(Shard {
         state: Mutex::new(ShardState {
             params,
             pending: vec![Vec::new(); workers],
             pushed: vec![false; workers],
             count: 0,
-            version: 0,
-            opt: ShardOptimizer::new(spec, len),
+            version,
+            opt,
         }),
-        version: watch::Sender::new(0),
+        version: watch::Sender::new(version),
         workers,
         mode: ctx.spec.training.mode,
         frame: Mutex::new(None),
     });
     tracing::info!("serving parameters {range:?} with {spec:?}");
     ctx.emit(crate::control::Event::Started);
+
+    // Checkpoints: connection tasks snapshot the state and queue it (at most
+    // one waiting: a slow disk slows training rather than filling memory);
+    // one writer encrypts and writes them in turn.
+    let (snap_tx, snap_rx) = mpsc::channel::<(u64, crate::checkpoint::ShardState)>(1);
+    let (saved_tx, mut saved_rx) = mpsc::channel::<(u64, Result<ShardRecord, String>)>(4);
+    let writer = ctx.checkpoint.clone().map(|ck| tokio::spawn(write_loop(ck, rank, shards, snap_rx, saved_tx)));
+    let snapshots = writer.as_ref().map(|_| snap_tx);
+
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Worker], ctx.limits())?;
-    let accept = tokio::spawn(accept_loop(listener, acceptor, shard));
+    let accept = tokio::spawn(accept_loop(listener, acceptor, shard, snapshots));
     let result = loop {
-        match sched.recv().await {
-            Ok(Message::Shutdown) => break Ok(()),
-            Ok(Message::Abort { reason }) => break Err(RoleError(format!("the job was aborted: {reason}"))),
-            Ok(Message::SetOptimizer(_)) => {
-                break Err(RoleError("changing the optimizer during training is not supported".into()));
+        tokio::select! {
+            m = next(&mut from_sched) => match m {
+                Ok(Message::Shutdown) => break Ok(()),
+                Ok(Message::Abort { reason }) => break Err(RoleError(format!("the job was aborted: {reason}"))),
+                Ok(Message::CheckpointCommit { step, shards: records }) => {
+                    if let Some(ck) = ctx.checkpoint.clone() {
+                        let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
+                        if let Err(e) = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                        {
+                            tracing::warn!("{e}");
+                            ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {e}") });
+                        }
+                    }
+                }
+                Ok(Message::SetOptimizer(_)) => {
+                    break Err(RoleError("changing the optimizer during training is not supported".into()));
+                }
+                Ok(m) => tracing::warn!("ignoring unexpected `{}` from the scheduler", m.name()),
+                Err(e) => break Err(RoleError(format!("lost the scheduler: {}", e.0))),
+            },
+            Some((step, outcome)) = saved_rx.recv() => {
+                let msg = match outcome {
+                    Ok(r) => Message::CheckpointSaved { step, record: to_digest(&r) },
+                    Err(reason) => Message::CheckpointFailed { step, reason },
+                };
+                if let Err(e) = sched_tx.send(&msg).await {
+                    break Err(RoleError(format!("lost the scheduler: {e}")));
+                }
             }
-            Ok(m) => tracing::warn!("ignoring unexpected `{}` from the scheduler", m.name()),
-            Err(e) => break Err(RoleError(format!("lost the scheduler: {e}"))),
         }
     };
     accept.abort();
+    if let Some(w) = writer {
+        // The scheduler waits for every requested checkpoint to commit
+        // before the shutdown: a write still going on means the job failed,
+        // and its temporary file never counts.
+        w.abort();
+    }
+    if result.is_ok()
+        && let (Some(ck), Some(spec)) = (ctx.checkpoint.clone(), ctx.spec.checkpoint.clone())
+    {
+        let keep = spec.keep_last_after_job;
+        match tokio::task::spawn_blocking(move || crate::checkpoint::prune(&ck.series_dir, keep, None)).await {
+            Ok(Ok(deleted)) if !deleted.is_empty() => {
+                tracing::info!("end of job: deleted checkpoint steps {deleted:?}, kept the newest {keep}")
+            }
+            Ok(Err(e)) => tracing::warn!("end-of-job checkpoint retention failed: {e}"),
+            _ => {}
+        }
+    }
     result
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard>) {
+/// Scheduler messages through a channel, so waiting for one can race other
+/// work in a `select!` without losing a half-read frame.
+fn forward(
+    mut rx: crate::conn::RecvHalf<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+) -> mpsc::Receiver<Result<Message, RoleError>> {
+    let (tx, out) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let m = rx.recv().await.map_err(RoleError::from);
+            let end = m.is_err();
+            if tx.send(m).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    out
+}
+
+async fn next(rx: &mut mpsc::Receiver<Result<Message, RoleError>>) -> Result<Message, RoleError> {
+    rx.recv().await.unwrap_or_else(|| Err(RoleError("the scheduler connection ended".into())))
+}
+
+fn to_digest(r: &ShardRecord) -> ShardDigest {
+    let mut sha256 = [0u8; 32];
+    for (i, b) in sha256.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&r.sha256[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    ShardDigest { shard: r.shard, bytes: r.bytes, sha256 }
+}
+
+/// Writes queued snapshots one after the other.
+async fn write_loop(
+    ck: CheckpointCtx,
+    rank: u32,
+    shards: u32,
+    mut rx: mpsc::Receiver<(u64, crate::checkpoint::ShardState)>,
+    done: mpsc::Sender<(u64, Result<ShardRecord, String>)>,
+) {
+    while let Some((step, state)) = rx.recv().await {
+        let ck = ck.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let dir = crate::checkpoint::step_dir(&ck.series_dir, step);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // A manifest left by an abandoned run of this series no longer describes this step.
+            match std::fs::remove_file(dir.join(crate::checkpoint::MANIFEST)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.to_string()),
+                _ => {}
+            }
+            let at = Placement { job: ck.series.clone(), step, shard: rank, shards };
+            let path = dir.join(crate::checkpoint::shard_file(rank));
+            crate::checkpoint::write_shard(&path, &ck.key, &at, &state, crate::checkpoint::DEFAULT_CHUNK)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the checkpoint writer failed: {e}")));
+        if let Err(e) = &outcome {
+            tracing::warn!("checkpoint step {step}: {e}");
+        }
+        if done.send((step, outcome)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the manifest of a committed step, then applies `keep_last`.
+fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], keep: usize) -> Result<(), String> {
+    let files = records
+        .iter()
+        .map(|d| ShardRecord {
+            shard: d.shard,
+            file: crate::checkpoint::shard_file(d.shard),
+            bytes: d.bytes,
+            sha256: d.sha256.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+        .collect();
+    let m = Manifest { format: 1, job_id: ck.series.clone(), step, shards, key_id: ck.key.id_hex(), files };
+    let dir = crate::checkpoint::step_dir(&ck.series_dir, step);
+    crate::checkpoint::write_manifest(&dir, &ck.key, &m).map_err(|e| format!("checkpoint step {step}: {e}"))?;
+    let deleted = crate::checkpoint::prune(&ck.series_dir, keep, Some(step + 1))
+        .map_err(|e| format!("checkpoint retention in {}: {e}", ck.series_dir.display()))?;
+    if !deleted.is_empty() {
+        tracing::info!("checkpoint step {step} complete; deleted steps {deleted:?} (keep_last = {keep})");
+    }
+    Ok(())
+}
+
+type Snapshots = Option<mpsc::Sender<(u64, crate::checkpoint::ShardState)>>;
+
+async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard>, snapshots: Snapshots) {
     let log = Arc::new(RateLimitedLog::default());
     loop {
         let (tcp, from) = super::accept_next(&listener, &log).await;
         let acceptor = acceptor.clone();
         let shard = shard.clone();
         let log = log.clone();
+        let snapshots = snapshots.clone();
         tokio::spawn(async move {
             match acceptor.accept(tcp).await {
                 Ok((conn, first)) => {
                     let peer = conn.peer().clone();
-                    if let Err(e) = serve_worker(conn, first, &shard).await {
+                    if let Err(e) = serve_worker(conn, first, &shard, snapshots).await {
                         log.warn(&format!("dropped {peer} from {from}: {e}"));
                     }
                 }
@@ -178,7 +373,12 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard
     }
 }
 
-async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Result<(), ConnError> {
+async fn serve_worker(
+    mut conn: ServerConn,
+    first: Message,
+    shard: &Shard,
+    snapshots: Snapshots,
+) -> Result<(), ConnError> {
     let rank = conn.peer().rank;
     // The first message arrived decoded (it came through the deadline check).
     let mut pending = Some(first);
@@ -190,6 +390,7 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
                 Action::Push(raw.split_off(crate::wire::HEADER_LEN))
             }
             Some(Message::Pull { min_version }) => Action::Pull(min_version),
+            Some(Message::Checkpoint { step }) => Action::Checkpoint(step),
             Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
             None => match conn.recv_raw().await {
                 Ok(body) => match body[0] {
@@ -200,6 +401,7 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
                     },
                     _ => match Message::decode(body) {
                         Ok(Message::Pull { min_version }) => Action::Pull(min_version),
+                        Ok(Message::Checkpoint { step }) => Action::Checkpoint(step),
                         Ok(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
                         Err(e) => Action::Refuse(e.to_string()),
                     },
@@ -231,6 +433,21 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
                 let frame = shard.params_frame();
                 conn.send_frame(&frame).await?;
             }
+            Action::Checkpoint(step) => {
+                let why = match (&snapshots, rank) {
+                    (_, r) if r != 0 => Some("only worker 0 may ask for a checkpoint".to_string()),
+                    (None, _) => Some("this job takes no checkpoints ([checkpoint] is not set)".to_string()),
+                    (Some(tx), _) => match shard.snapshot(step) {
+                        // Waits while an earlier checkpoint is still queued.
+                        Ok(state) => tx.send((step, state)).await.err().map(|_| "the checkpoint writer stopped".into()),
+                        Err(why) => Some(why),
+                    },
+                };
+                if let Some(why) = why {
+                    conn.refuse(&why).await;
+                    return Err(ConnError::Setup(why));
+                }
+            }
             Action::Refuse(why) => {
                 conn.refuse(&why).await;
                 return Err(ConnError::Setup(why));
@@ -242,5 +459,6 @@ async fn serve_worker(mut conn: ServerConn, first: Message, shard: &Shard) -> Re
 enum Action {
     Push(Vec<u8>),
     Pull(u64),
+    Checkpoint(u64),
     Refuse(String),
 }

@@ -65,9 +65,12 @@ pub fn epoch_order(seed: u64, rank: u32, epoch: u32, shard_len: usize) -> Vec<us
 }
 
 struct LinkCmd {
+    /// Ask the server for a checkpoint of this step first (worker 0).
+    checkpoint: Option<u64>,
     /// An encoded push frame (empty for a pull only).
     push: Vec<u8>,
-    min_version: u64,
+    /// Pull once the shard reaches this version (`None`: no pull).
+    pull: Option<u64>,
     /// Receives the params frame body; handed back in the reply.
     body: Vec<u8>,
 }
@@ -97,16 +100,21 @@ fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
     let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
     let (reply_tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        while let Some(LinkCmd { push, min_version, mut body }) = cmd_rx.recv().await {
+        while let Some(LinkCmd { checkpoint, push, pull, mut body }) = cmd_rx.recv().await {
             let result = async {
                 let mut bytes_out = push.len() as u64;
+                if let Some(step) = checkpoint {
+                    bytes_out += conn.send(&Message::Checkpoint { step }).await.map_err(|e| e.to_string())? as u64;
+                }
                 if !push.is_empty() {
                     conn.send_frame(&push).await.map_err(|e| e.to_string())?;
                 }
-                bytes_out += conn.send(&Message::Pull { min_version }).await.map_err(|e| e.to_string())? as u64;
-                let raw = conn.recv_raw().await.map_err(|e| e.to_string())?;
-                body.clear();
-                body.extend_from_slice(raw);
+                if let Some(min_version) = pull {
+                    bytes_out += conn.send(&Message::Pull { min_version }).await.map_err(|e| e.to_string())? as u64;
+                    let raw = conn.recv_raw().await.map_err(|e| e.to_string())?;
+                    body.clear();
+                    body.extend_from_slice(raw);
+                }
                 Ok(LinkReply { push, body, bytes_out })
             }
             .await;
@@ -154,7 +162,8 @@ async fn exchange(
         // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
         let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
         let body = std::mem::take(&mut link.body);
-        link.tx.send(LinkCmd { push, min_version, body }).await.map_err(|_| RoleError("lost a server link".into()))?;
+        let cmd = LinkCmd { checkpoint: None, push, pull: Some(min_version), body };
+        link.tx.send(cmd).await.map_err(|_| RoleError("lost a server link".into()))?;
     }
     for link in links.iter_mut() {
         let reply = link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
@@ -177,14 +186,57 @@ async fn exchange(
     Ok(())
 }
 
+/// Worker 0 asks every server (and the scheduler, which then waits for the
+/// commit before ending the job) for a checkpoint of the state after `step`
+/// steps. Sent before this worker's next push, so in sync mode every server
+/// is exactly at `step` when the request arrives.
+async fn request_checkpoint(
+    links: &mut [Link],
+    sched: &mut crate::conn::ClientConn,
+    step: u64,
+) -> Result<(), RoleError> {
+    sched.send(&Message::Checkpoint { step }).await?;
+    for link in links.iter_mut() {
+        // No push, no pull: the link's buffers stay where they are.
+        let cmd = LinkCmd { checkpoint: Some(step), push: Vec::new(), pull: None, body: Vec::new() };
+        link.tx.send(cmd).await.map_err(|_| RoleError("lost a server link".into()))?;
+    }
+    for link in links.iter_mut() {
+        link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
+    }
+    Ok(())
+}
+
+/// When worker 0 asks for checkpoints.
+struct CheckpointClock {
+    every_steps: Option<u64>,
+    every: Option<std::time::Duration>,
+    last: Instant,
+}
+
+impl CheckpointClock {
+    fn due(&mut self, step: u64) -> bool {
+        let by_steps = self.every_steps.is_some_and(|n| step.is_multiple_of(n));
+        let by_time = self.every.is_some_and(|d| self.last.elapsed() >= d);
+        if by_steps || by_time {
+            self.last = Instant::now();
+        }
+        by_steps || by_time
+    }
+}
+
 /// Runs worker `ctx.me().rank` with its data until training is done.
 pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let WorkerData { train, test, steps } = data;
     let mut sched = ctx.join_scheduler().await?;
-    match sched.recv().await? {
-        Message::Start => {}
-        Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
-        m => return Err(RoleError(format!("unexpected `{}` from the scheduler", m.name()))),
+    let mut resumed_at = 0u64;
+    loop {
+        match sched.recv().await? {
+            Message::Start => break,
+            Message::ResumeFrom { step } if ctx.resume => resumed_at = step,
+            Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
+            m => return Err(RoleError(format!("unexpected `{}` from the scheduler", m.name()))),
+        }
     }
     ctx.emit(Event::Started);
     let mut links = Vec::new();
@@ -216,13 +268,23 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let mut ws = Workspace::default();
     let synthetic = spec.model.kind == crate::spec::ModelKind::Synthetic;
     let started = Instant::now();
-    for epoch in 1..=spec.training.epochs {
+    let mut clock = match (&spec.checkpoint, rank) {
+        (Some(c), 0) => Some(CheckpointClock {
+            every_steps: c.every_steps,
+            every: c.every_seconds.map(std::time::Duration::from_secs),
+            last: Instant::now(),
+        }),
+        _ => None,
+    };
+    // Resuming at global step R continues with step R % steps of epoch R / steps + 1.
+    let first_epoch = (resumed_at / steps as u64) as u32 + 1;
+    for epoch in first_epoch..=spec.training.epochs {
         let epoch_start = Instant::now();
         let before = (traffic.pushed, traffic.pulled);
         let order = epoch_order(ctx.seed, rank, epoch, train.len());
-        let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch });
         let mut loss_sum = 0.0f64;
-        for step in 0..steps {
+        let first_step = if epoch == first_epoch { (resumed_at % steps as u64) as usize } else { 0 };
+        for step in first_step..steps {
             let loss = if synthetic {
                 // A small constant gradient: the parameters drift, nothing else.
                 grad.fill(1e-6);
@@ -232,6 +294,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
                     xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
                     yb[j] = train.y[i];
                 }
+                // Dropout masks from a stream per step, so a resumed run draws the same ones.
+                let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch, step: step as u64 });
                 ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout))
             };
             if !loss.is_finite() {
@@ -242,16 +306,23 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             }
             loss_sum += f64::from(loss);
             exchange(&mut links, &mut params, Some(&grad), mode, compression, &mut traffic).await?;
+            let global = u64::from(epoch - 1) * steps as u64 + step as u64 + 1;
+            if let Some(clock) = clock.as_mut()
+                && clock.due(global)
+            {
+                request_checkpoint(&mut links, &mut sched, global).await?;
+            }
             if rank == 0 && (step + 1) % 20 == 0 {
                 ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
             }
         }
         let secs = epoch_start.elapsed().as_secs_f64();
+        let ran = (steps - first_step).max(1);
         ctx.emit(Event::Epoch {
             epoch,
-            train_loss: loss_sum / steps as f64,
-            steps: steps as u64,
-            samples_per_s: (steps * if synthetic { 1 } else { batch }) as f64 / secs.max(1e-9),
+            train_loss: loss_sum / ran as f64,
+            steps: ran as u64,
+            samples_per_s: (ran * if synthetic { 1 } else { batch }) as f64 / secs.max(1e-9),
             bytes_pushed: traffic.pushed - before.0,
             bytes_pulled: traffic.pulled - before.1,
         });
