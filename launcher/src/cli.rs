@@ -131,6 +131,51 @@ pub enum Command {
     /// The per-job nftables tables on this host (needs root).
     #[command(subcommand)]
     Firewall(FirewallCommand),
+    /// Make an ECDSA P-256 key pair for signing models.
+    #[command(after_help = "Examples:\n  warden keygen --out keys/\n  \
+        WARDEN_PASS=... warden keygen --out keys/ --passphrase-env WARDEN_PASS\n\n\
+        Writes DIR/private.pem (PKCS#8, mode 0600; encrypted with PBKDF2-SHA256 and AES-256-CBC when a \
+        passphrase is given) and DIR/public.pem (SubjectPublicKeyInfo). Both work with `model_signing ... key`.")]
+    Keygen {
+        /// Directory for private.pem and public.pem (existing keys are never overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Protect the private key with the passphrase in this environment variable.
+        #[arg(long, value_name = "VAR")]
+        passphrase_env: Option<String>,
+    },
+    /// Sign a model directory (OpenSSF model signing v1.0, key mode).
+    #[command(after_help = "Example:\n  warden sign runs/RUN/model --key keys/private.pem\n\n\
+        Writes MODEL_DIR/model.sig (or --signature PATH): a Sigstore bundle with a DSSE envelope over an in-toto \
+        statement listing every file's SHA-256. `model_signing verify key MODEL_DIR --signature ... --public_key ...` \
+        accepts it.")]
+    Sign {
+        /// The model directory.
+        model: PathBuf,
+        /// The private key (PEM).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Where to write the signature (default: MODEL_DIR/model.sig).
+        #[arg(long, value_name = "PATH")]
+        signature: Option<PathBuf>,
+        /// The key's passphrase is in this environment variable.
+        #[arg(long, value_name = "VAR")]
+        passphrase_env: Option<String>,
+    },
+    /// Verify a model directory against its signature and a trusted public key.
+    #[command(after_help = "Example:\n  warden verify runs/RUN/model --pubkey keys/public.pem\n\n\
+        Strict: exactly one signature and subject, the model-signing v1.0 predicate, the key's hint, no unknown \
+        fields, no symlinks, no file added, missing, renamed or changed. Exit status 1 says which.")]
+    Verify {
+        /// The model directory.
+        model: PathBuf,
+        /// The trusted public key (PEM).
+        #[arg(long, value_name = "PUB")]
+        pubkey: PathBuf,
+        /// The signature (default: MODEL_DIR/model.sig).
+        #[arg(long, value_name = "PATH")]
+        signature: Option<PathBuf>,
+    },
     /// Encrypted checkpoints on this host: make a key, list, verify, prune.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -243,6 +288,15 @@ pub fn main() -> u8 {
         Command::Bench(BenchCommand::Checkpoint(args)) => crate::commands::bench::exec_checkpoint(&args),
         Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),
         Command::Firewall(FirewallCommand::Clean { table }) => crate::commands::firewall::exec_clean(table.as_deref()),
+        Command::Keygen { out, passphrase_env } => {
+            crate::commands::signing::exec_keygen(&out, passphrase_env.as_deref())
+        }
+        Command::Sign { model, key, signature, passphrase_env } => {
+            crate::commands::signing::exec_sign(&model, &key, signature.as_deref(), passphrase_env.as_deref())
+        }
+        Command::Verify { model, pubkey, signature } => {
+            crate::commands::signing::exec_verify(&model, &pubkey, signature.as_deref())
+        }
         Command::Checkpoint(CheckpointCommand::Keygen { file }) => crate::commands::checkpoint::exec_keygen(&file),
         Command::Checkpoint(CheckpointCommand::List { dir }) => crate::commands::checkpoint::exec_list(&dir),
         Command::Checkpoint(CheckpointCommand::Verify { dir, key_file }) => {

@@ -58,6 +58,23 @@ pub struct LaunchOptions {
     pub resume: Option<PathBuf>,
 }
 
+/// Loads `[signing] key` (and its passphrase) before anything starts.
+fn load_signer(sg: &warden_agent::spec::SigningSpec) -> Result<p256::ecdsa::SigningKey, LaunchError> {
+    let pass = match &sg.passphrase_env {
+        Some(var) => match std::env::var(var) {
+            Ok(p) if !p.is_empty() => Some(zeroize::Zeroizing::new(p)),
+            _ => {
+                return Err(LaunchError::Input(format!(
+                    "[signing] passphrase_env names {var}, which is unset or empty; export the key's passphrase in it"
+                )));
+            }
+        },
+        None => None,
+    };
+    warden_agent::signing::load_private_key(&sg.key, pass.as_deref().map(String::as_str))
+        .map_err(|e| LaunchError::Input(format!("[signing] key: {e}")))
+}
+
 /// The checkpoint side of a launch: key, series, and what is resumed.
 struct CheckpointPlan {
     secret: Option<warden_agent::checkpoint::CheckpointSecret>,
@@ -189,6 +206,7 @@ pub async fn launch(
 ) -> Result<Outcome, LaunchError> {
     let started = opts.started.unwrap_or_else(Instant::now);
     let checkpoints = CheckpointPlan::new(&spec, &plan.job_id, opts.resume.as_deref())?;
+    let signer = spec.signing.as_ref().map(load_signer).transpose()?;
     let seed = checkpoints.seed.or(spec.seed).unwrap_or_else(warden_agent::secure_random::u64);
     let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
     let resumed_from = opts.resume.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
@@ -472,6 +490,14 @@ pub async fn launch(
     }
     transport.finish().await;
 
+    // The product: signed where the job says so, before anyone copies it.
+    let mut signature = None;
+    if let (Some(key), true, None) = (&signer, model_fetched, &failure) {
+        match warden_agent::signing::sign_model(&run.model_dir(), key, None) {
+            Ok(path) => signature = Some(path),
+            Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
+        }
+    }
     let done_epochs = rows.len() as u32;
     // A resumed run reports only the epochs it ran (none if it resumed at the very end).
     let last_epoch = rows.last().map_or(0, |r| r.epoch);
@@ -501,6 +527,7 @@ pub async fn launch(
         startup_s,
         failure,
         model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        signature,
         resumed_from_step: resumed_step,
         checkpoints: saved,
         processes: procs

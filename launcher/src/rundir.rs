@@ -87,6 +87,8 @@ pub struct Summary {
     pub failure: Option<String>,
     /// Where the model is.
     pub model: Option<PathBuf>,
+    /// The model's signature (`[signing]`), beside it.
+    pub signature: Option<PathBuf>,
     /// The checkpoint step this run continued from (`launch --resume`).
     pub resumed_from_step: Option<u64>,
     /// Checkpoints committed during the run (encrypted, on the servers' hosts).

@@ -43,3 +43,59 @@ pub fn write_model(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64) -> 
     std::fs::rename(&tmp, dir.join(MODEL_FILE))?;
     std::fs::File::open(dir)?.sync_all()
 }
+
+/// Reads `dir/model.safetensors` into the flat parameter vector of `model`:
+/// every tensor of the layout present, `F32`, of the right shape, and
+/// nothing else.
+pub fn read_model(dir: &Path, model: &ModelSpec) -> Result<Vec<f32>, String> {
+    let path = dir.join(MODEL_FILE);
+    let n = crate::model::num_params(model);
+    let size = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+    if size > (n as u64) * 4 + (1 << 20) {
+        return Err(format!("{}: {size} bytes, too large for this model of {n} parameters", path.display()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let wanted = layout(model);
+    if st.len() != wanted.len() {
+        return Err(format!("{}: {} tensors, this model has {}", path.display(), st.len(), wanted.len()));
+    }
+    let mut out = vec![0.0f32; n];
+    for (name, shape, range) in wanted {
+        let t = st.tensor(&name).map_err(|_| format!("{}: no tensor `{name}`", path.display()))?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
+            return Err(format!(
+                "{}: tensor `{name}` is {:?} {:?}, this model needs F32 {shape:?}",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            ));
+        }
+        crate::kernels::convert::copy_f32_le(&mut out[range], t.data());
+    }
+    Ok(out)
+}
+
+/// Verifies the model directory against any of `trusted_keys`, then reads it.
+pub fn load_verified(dir: &Path, trusted_keys: &[std::path::PathBuf], model: &ModelSpec) -> Result<Vec<f32>, String> {
+    let mut why = Vec::new();
+    let mut verified = false;
+    for key_path in trusted_keys {
+        let key = crate::signing::load_public_key(key_path).map_err(|e| e.to_string())?;
+        match crate::signing::verify_model(dir, &key, None) {
+            Ok(_) => {
+                verified = true;
+                break;
+            }
+            Err(e) => why.push(format!("{}: {e}", key_path.display())),
+        }
+    }
+    if !verified {
+        return Err(format!(
+            "initial weights {} were not loaded: no trusted key verifies them ({})",
+            dir.display(),
+            why.join("; ")
+        ));
+    }
+    read_model(dir, model).map_err(|e| format!("initial weights: {e}"))
+}

@@ -33,6 +33,7 @@ pub mod pki;
 pub mod plan;
 pub mod roles;
 pub mod secure_random;
+pub mod signing;
 pub mod spec;
 pub mod tls;
 pub mod train_rng;

@@ -67,6 +67,8 @@ pub mod raw {
         pub limits: Option<Spanned<Limits>>,
         #[serde(default)]
         pub checkpoint: Option<Spanned<Checkpoint>>,
+        #[serde(default)]
+        pub signing: Option<Spanned<Signing>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -113,6 +115,15 @@ pub mod raw {
         pub params: Option<Spanned<i64>>,
         pub hidden: Option<Spanned<Vec<Spanned<i64>>>>,
         pub dropout: Option<Spanned<f64>>,
+        pub init: Option<Spanned<String>>,
+        pub trusted_keys: Option<Spanned<Vec<Spanned<String>>>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Signing {
+        pub key: Spanned<String>,
+        pub passphrase_env: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -204,6 +215,28 @@ pub struct JobSpec {
     pub limits: LimitsSpec,
     /// Encrypted checkpoints, if the job takes them.
     pub checkpoint: Option<CheckpointSpec>,
+    /// Initial weights from a signed model directory (`[model] init`).
+    pub init: Option<InitSpec>,
+    /// Sign the final model (`[signing]`).
+    pub signing: Option<SigningSpec>,
+}
+
+/// `[model] init` and `trusted_keys`: start from signed weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitSpec {
+    /// The model directory (model.safetensors and model.sig), on the servers' hosts.
+    pub dir: PathBuf,
+    /// Public keys (PEM) whose signature is accepted.
+    pub trusted_keys: Vec<PathBuf>,
+}
+
+/// `[signing]`: how `launch` signs the final model.
+#[derive(Debug, Clone, Serialize)]
+pub struct SigningSpec {
+    /// Private key (PEM) on the launcher's host.
+    pub key: PathBuf,
+    /// Environment variable holding the key's passphrase, if it has one.
+    pub passphrase_env: Option<String>,
 }
 
 /// `[checkpoint]`: encrypted checkpoints on the servers' hosts.
@@ -807,6 +840,23 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         None => 0.0,
     };
     let model = ModelSpec { kind, inputs, classes, hidden, dropout, params };
+    let init = match (&m.init, &m.trusted_keys) {
+        (Some(dir), Some(keys)) if !keys.get_ref().is_empty() => Some(InitSpec {
+            dir: base_dir.join(dir.get_ref()),
+            trusted_keys: keys.get_ref().iter().map(|k| base_dir.join(k.get_ref())).collect(),
+        }),
+        (Some(dir), _) => {
+            return Err(src.err(
+                dir.span(),
+                "initial weights are loaded only after their signature is verified: `init` needs trusted_keys",
+                "add trusted_keys = [\"keys/public.pem\"] (public keys whose signatures you accept)",
+            ));
+        }
+        (None, Some(keys)) => {
+            return Err(src.err(keys.span(), "trusted_keys belongs to `init`", "add init = \"DIR\", or remove it"));
+        }
+        (None, None) => None,
+    };
 
     // [data]
     let data = match (&raw.data, synthetic) {
@@ -1041,7 +1091,15 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
     }
     let checkpoint = raw.checkpoint.as_ref().map(|c| convert_checkpoint(src, c, base_dir)).transpose()?;
-    let spec = JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits, checkpoint };
+    let signing = raw.signing.as_ref().map(|sg| {
+        let sg = sg.get_ref();
+        SigningSpec {
+            key: base_dir.join(sg.key.get_ref()),
+            passphrase_env: sg.passphrase_env.as_ref().map(|v| v.get_ref().clone()),
+        }
+    });
+    let spec =
+        JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits, checkpoint, init, signing };
 
     // The largest message is a push or pull of one server's shard.
     let shard = crate::model::num_params(&spec.model).div_ceil(spec.cluster.count(Role::Server) as usize);

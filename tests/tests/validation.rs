@@ -91,7 +91,7 @@ const CASES: &[Case] = &[
         from: "[training]",
         to: "[trainig]",
         at: "trainig",
-        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`, `checkpoint`",
+        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`, `checkpoint`, `signing`",
         help: Some("did you mean `training`?"),
     },
     Case {
@@ -325,6 +325,14 @@ const CASES: &[Case] = &[
         at: "classes = ^1000",
         message: "classes must be between 2 and 256, not 1000",
         help: Some("the number of classes (2 to 256), 10 for Fashion-MNIST"),
+    },
+    Case {
+        name: "initial weights without trusted keys",
+        from: "classes = 10",
+        to: "classes = 10\ninit = \"models/base\"",
+        at: "init = ^\"models/base\"",
+        message: "initial weights are loaded only after their signature is verified: `init` needs trusted_keys",
+        help: Some("add trusted_keys = [\"keys/public.pem\"] (public keys whose signatures you accept)"),
     },
     Case {
         name: "checkpoint without a directory",

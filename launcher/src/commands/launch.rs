@@ -77,6 +77,9 @@ pub fn exec(
                 );
                 if let Some(m) = &s.model {
                     eprintln!("  model:   {}", m.display());
+                    if let Some(sig) = &s.signature {
+                        eprintln!("  signed:  {} (check with: warden verify {dir}/model --pubkey PUB)", sig.display());
+                    }
                 }
                 eprintln!("  results: {dir}/summary.json, {dir}/metrics.csv, logs in {dir}/logs/");
                 EXIT_OK

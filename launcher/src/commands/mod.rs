@@ -6,4 +6,5 @@ pub mod firewall;
 pub mod launch;
 pub mod plan;
 pub mod run_dir;
+pub mod signing;
 pub mod validate;

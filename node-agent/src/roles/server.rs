@@ -122,6 +122,20 @@ impl Shard {
 
 /// Runs server `ctx.me().rank` on an already bound listener until the job ends.
 pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
+    // Signed initial weights are verified before this server joins the job.
+    let initial = match (&ctx.spec.init, ctx.resume) {
+        (Some(init), false) => {
+            let (init, model) = (init.clone(), ctx.spec.model.clone());
+            let all = tokio::task::spawn_blocking(move || {
+                crate::artifact::load_verified(&init.dir, &init.trusted_keys, &model)
+            })
+            .await
+            .map_err(|e| RoleError(e.to_string()))?
+            .map_err(RoleError)?;
+            Some(all)
+        }
+        _ => None,
+    };
     let (sched_rx, mut sched_tx) = ctx.join_scheduler().await?.into_split();
     let mut from_sched = forward(sched_rx);
     let rank = ctx.me().rank;
@@ -175,7 +189,8 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             (step, st.params, opt)
         }
         None => {
-            (0, crate::model::init(&ctx.spec.model, ctx.seed)[range.clone()].to_vec(), ShardOptimizer::new(spec, len))
+            let all = initial.unwrap_or_else(|| crate::model::init(&ctx.spec.model, ctx.seed));
+            (0, all[range.clone()].to_vec(), ShardOptimizer::new(spec, len))
         }
     };
     let workers = ctx.plan.count(Role::Worker) as usize;
