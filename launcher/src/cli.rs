@@ -176,6 +176,42 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         signature: Option<PathBuf>,
     },
+    /// Serve predictions from a signed model over HTTPS, with API keys, budgets and rate limits.
+    #[command(
+        after_help = "Example:\n  warden serve runs/RUN/model --pubkey keys/public.pem --listen 127.0.0.1:8443 --config serve.toml\n  \
+        curl --cacert cert.pem -H 'Authorization: Bearer KEY' -d '{\"input\": [...784 numbers...]}' https://127.0.0.1:8443/v1/predict\n\n\
+        The signature is verified before the model is loaded. Without --tls-cert/--tls-key a self-signed certificate \
+        is made and its fingerprint printed. docs/serving.md explains every setting."
+    )]
+    Serve {
+        /// The signed model directory (model.safetensors and model.sig).
+        model: PathBuf,
+        /// The public key the model's signature must verify under.
+        #[arg(long, value_name = "PUB")]
+        pubkey: PathBuf,
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// Settings: API keys, output, budgets, limits (see docs/serving.md).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// TLS certificate chain (PEM).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Make an API key for `warden serve`: prints the key once, and the entry for the keys file.
+    #[command(
+        after_help = "Example:\n  warden apikey --id alice >> /dev/null   # shows the key on stderr, the entry on stdout\n\n\
+        Only the SHA-256 of the key goes into the keys file; give the key itself to its user."
+    )]
+    Apikey {
+        /// A name for the key (appears in logs and the state file).
+        #[arg(long)]
+        id: String,
+    },
     /// Encrypted checkpoints on this host: make a key, list, verify, prune.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -288,6 +324,29 @@ pub fn main() -> u8 {
         Command::Bench(BenchCommand::Checkpoint(args)) => crate::commands::bench::exec_checkpoint(&args),
         Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),
         Command::Firewall(FirewallCommand::Clean { table }) => crate::commands::firewall::exec_clean(table.as_deref()),
+        Command::Serve { model, pubkey, listen, config, tls_cert, tls_key } => {
+            let opts = crate::serve::ServeOptions { model, pubkey, listen, config, tls: tls_cert.zip(tls_key) };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILED;
+                }
+            };
+            match runtime.block_on(crate::serve::serve(opts)) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_USAGE
+                }
+            }
+        }
+        Command::Apikey { id } => {
+            let (key, entry) = crate::serve::new_api_key(&id);
+            eprintln!("API key for `{id}` (shown once; give it to its user): {key}");
+            print!("{entry}");
+            EXIT_OK
+        }
         Command::Keygen { out, passphrase_env } => {
             crate::commands::signing::exec_keygen(&out, passphrase_env.as_deref())
         }

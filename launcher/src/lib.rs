@@ -16,5 +16,6 @@ pub mod commands;
 pub mod launch;
 pub mod plot;
 pub mod rundir;
+pub mod serve;
 pub mod ssh;
 pub mod transport;

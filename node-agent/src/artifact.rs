@@ -99,3 +99,32 @@ pub fn load_verified(dir: &Path, trusted_keys: &[std::path::PathBuf], model: &Mo
     }
     read_model(dir, model).map_err(|e| format!("initial weights: {e}"))
 }
+
+/// The model a `model.safetensors` written by warden holds: kind, sizes and
+/// hidden widths from its metadata and tensor shapes (nothing is executed).
+pub fn model_spec_of(dir: &Path) -> Result<ModelSpec, String> {
+    let path = dir.join(MODEL_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    let get = |k: &str| md.get(k).cloned().ok_or_else(|| format!("{}: no `{k}` in its metadata", path.display()));
+    let kind = match get("model")?.as_str() {
+        "softmax" => crate::spec::ModelKind::Softmax,
+        "mlp" => crate::spec::ModelKind::Mlp,
+        other => return Err(format!("{}: model `{other}` cannot serve predictions", path.display())),
+    };
+    let num = |k: &str| get(k)?.parse::<usize>().map_err(|_| format!("{}: `{k}` is not a number", path.display()));
+    let (inputs, classes) = (num("inputs")?, num("classes")?);
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut hidden = Vec::new();
+    for i in 0.. {
+        match st.tensor(&format!("fc{i}.weight")) {
+            Ok(t) if t.shape().len() == 2 => hidden.push(t.shape()[1]),
+            _ => break,
+        }
+    }
+    if hidden.pop() != Some(classes) {
+        return Err(format!("{}: its layers do not end in {classes} classes", path.display()));
+    }
+    Ok(ModelSpec { kind, inputs, classes, hidden, dropout: 0.0, params: 0 })
+}

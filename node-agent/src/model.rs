@@ -164,6 +164,12 @@ impl Workspace {
         }
     }
 
+    /// Class probabilities of `rows` inputs (row-major, `rows x classes`).
+    pub fn predict(&mut self, m: &ModelSpec, params: &[f32], x: &[f32], rows: usize) -> &[f32] {
+        self.forward(m, params, x, rows, None::<&mut crate::train_rng::TrainRng>);
+        &self.acts[self.acts.len() - 1]
+    }
+
     /// Mean cross-entropy of the batch; writes its gradient into `grad`.
     /// Dropout (if the model has it) draws its masks from `dropout_rng`.
     pub fn loss_and_grad<R: Rng>(

@@ -1,0 +1,654 @@
+//! `warden serve`: predictions from a signed model over HTTPS, built so that
+//! copying the model through the API costs far more than it would with full
+//! confidences and no limits (Tramèr et al., USENIX Security 2016).
+//!
+//! - The model is loaded only after its signature verifies.
+//! - Every request needs an API key (only SHA-256 hashes of keys are on
+//!   disk) unless anonymous access is configured.
+//! - Answers are a label plus the top-k probabilities rounded to `precision`
+//!   decimals, or labels only; per key.
+//! - Each key has a token bucket, a daily and a total budget; past any, 429
+//!   with `Retry-After` (except for the total, which never recovers). Counts
+//!   are written to a state file, so a restart does not reset them.
+//! - Bodies and batches are bounded before parsing.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use warden_agent::spec::ModelSpec;
+
+/// What a key may get, and how much.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Labels only, or labels with rounded top-k probabilities.
+    pub labels_only: bool,
+    /// Decimal places of probabilities (9 is full f32 precision: test use only).
+    pub precision: u32,
+    /// Probabilities returned per input.
+    pub top_k: usize,
+    /// Queries per UTC day.
+    pub per_day: u64,
+    /// Queries ever.
+    pub total: u64,
+    /// Sustained queries per second.
+    pub rate: f64,
+    /// Bucket size: queries allowed at once.
+    pub burst: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { labels_only: false, precision: 2, top_k: 3, per_day: 1000, total: 100_000, rate: 5.0, burst: 20.0 }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    output: Option<String>,
+    precision: Option<u32>,
+    top_k: Option<usize>,
+    queries_per_day: Option<u64>,
+    queries_total: Option<u64>,
+    rate_per_s: Option<f64>,
+    burst: Option<u32>,
+}
+
+impl RawPolicy {
+    fn apply(&self, base: &Policy, classes: usize, whose: &str) -> Result<Policy, String> {
+        let mut p = base.clone();
+        if let Some(o) = &self.output {
+            p.labels_only = match o.as_str() {
+                "label" => true,
+                "probabilities" => false,
+                other => return Err(format!("{whose}: output `{other}`; use \"label\" or \"probabilities\"")),
+            };
+        }
+        if let Some(v) = self.precision {
+            if v > 9 {
+                return Err(format!("{whose}: precision {v}; 0 to 9 decimals (9 is full precision, for tests only)"));
+            }
+            p.precision = v;
+        }
+        if let Some(v) = self.top_k {
+            if v == 0 || v > classes {
+                return Err(format!("{whose}: top_k {v}; 1 to {classes} (the model's classes)"));
+            }
+            p.top_k = v;
+        }
+        p.top_k = p.top_k.min(classes);
+        if let Some(v) = self.queries_per_day {
+            p.per_day = v;
+        }
+        if let Some(v) = self.queries_total {
+            p.total = v;
+        }
+        if let Some(v) = self.rate_per_s {
+            if !(v > 0.0 && v <= 1e6) {
+                return Err(format!("{whose}: rate_per_s {v}; above 0 and at most 1e6"));
+            }
+            p.rate = v;
+        }
+        if let Some(v) = self.burst {
+            if v == 0 {
+                return Err(format!("{whose}: burst 0; at least 1"));
+            }
+            p.burst = f64::from(v);
+        }
+        Ok(p)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    defaults: RawPolicy,
+    #[serde(default)]
+    limits: RawLimits,
+    state_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    api_keys: Option<String>,
+    #[serde(default)]
+    anonymous: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    key: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    sha256: String,
+    output: Option<String>,
+    precision: Option<u32>,
+    top_k: Option<usize>,
+    queries_per_day: Option<u64>,
+    queries_total: Option<u64>,
+    rate_per_s: Option<f64>,
+    burst: Option<u32>,
+}
+
+/// The serving configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Key hash -> (key id, policy).
+    keys: HashMap<[u8; 32], (String, Policy)>,
+    /// Policy for requests without a key, when allowed.
+    anonymous: Option<Policy>,
+    max_body: usize,
+    max_batch: usize,
+    state_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `serve.toml` (or the defaults) for a model of `classes` classes.
+    pub fn load(path: Option<&Path>, classes: usize) -> Result<Config, String> {
+        let (raw, base): (RawConfig, PathBuf) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let raw = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+                (raw, p.parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            None => (RawConfig::default(), PathBuf::new()),
+        };
+        let defaults = raw.defaults.apply(&Policy::default(), classes, "[defaults]")?;
+        let mut keys = HashMap::new();
+        if let Some(file) = &raw.auth.api_keys {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let parsed: KeysFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            for k in parsed.key {
+                let digest = unhex32(&k.sha256).ok_or_else(|| {
+                    format!(
+                        "{}: key `{}`: sha256 must be 64 hex digits (`warden apikey` prints it)",
+                        path.display(),
+                        k.id
+                    )
+                })?;
+                let over = RawPolicy {
+                    output: k.output,
+                    precision: k.precision,
+                    top_k: k.top_k,
+                    queries_per_day: k.queries_per_day,
+                    queries_total: k.queries_total,
+                    rate_per_s: k.rate_per_s,
+                    burst: k.burst,
+                };
+                let policy = over.apply(&defaults, classes, &format!("{}: key `{}`", path.display(), k.id))?;
+                if keys.insert(digest, (k.id.clone(), policy)).is_some() {
+                    return Err(format!("{}: the same key hash is listed twice", path.display()));
+                }
+            }
+        }
+        if keys.is_empty() && !raw.auth.anonymous {
+            return Err("no API keys configured and anonymous access is off: nobody could ask. \
+                 List key hashes in [auth] api_keys (make keys with `warden apikey --id NAME`), \
+                 or set [auth] anonymous = true knowingly"
+                .into());
+        }
+        let max_body = raw.limits.max_body_bytes.unwrap_or(1 << 20);
+        let max_batch = raw.limits.max_batch.unwrap_or(64);
+        if max_body < 64 || max_batch == 0 {
+            return Err("[limits] max_body_bytes must be at least 64 and max_batch at least 1".into());
+        }
+        Ok(Config {
+            keys,
+            anonymous: raw.auth.anonymous.then_some(defaults),
+            max_body,
+            max_batch,
+            state_file: raw.state_file.map(|f| base.join(f)),
+        })
+    }
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new API key and the line that admits it.
+pub fn new_api_key(id: &str) -> (String, String) {
+    let bytes: [u8; 24] = warden_agent::secure_random::bytes();
+    let key = format!("wdn_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let hash: String = Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    (key, format!("[[key]]\nid = \"{id}\"\nsha256 = \"{hash}\"\n"))
+}
+
+/// Counts kept per key; the persisted part survives restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Usage {
+    total: u64,
+    day: u64,
+    today: u64,
+    #[serde(skip)]
+    tokens: Option<(f64, Option<Instant>)>,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    predictions: AtomicU64,
+    unauthorized: AtomicU64,
+    limited: AtomicU64,
+    too_large: AtomicU64,
+    bad: AtomicU64,
+    latency_us: AtomicU64,
+}
+
+struct Server {
+    model: ModelSpec,
+    params: Vec<f32>,
+    config: Config,
+    usage: Mutex<HashMap<String, Usage>>,
+    dirty: AtomicBool,
+    metrics: Metrics,
+}
+
+fn today() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400)
+}
+
+fn seconds_to_midnight() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    86_400 - now % 86_400
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(code: StatusCode, body: serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(code: StatusCode, message: impl Into<String>) -> Reply {
+    reply(code, serde_json::json!({ "error": message.into() }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictRequest {
+    input: Option<Vec<f32>>,
+    inputs: Option<Vec<Vec<f32>>>,
+}
+
+impl Server {
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<(String, Policy), Box<Reply>> {
+        let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+        let unauthorized = |why: &str| {
+            self.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+            Box::new(r)
+        };
+        match header.and_then(|h| h.strip_prefix("Bearer ")) {
+            Some(key) => {
+                let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+                self.config.keys.get(&digest).cloned().ok_or_else(|| unauthorized("unknown API key"))
+            }
+            None => match &self.config.anonymous {
+                Some(p) => Ok(("anonymous".into(), p.clone())),
+                None => Err(unauthorized("an API key is required: Authorization: Bearer KEY")),
+            },
+        }
+    }
+
+    /// Charges `n` queries to `id`, or says when to come back.
+    fn charge(&self, id: &str, p: &Policy, n: u64) -> Result<(), Box<Reply>> {
+        let mut all = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let u = all.entry(id.to_string()).or_default();
+        let day = today();
+        if u.day != day {
+            u.day = day;
+            u.today = 0;
+        }
+        let limited = |why: String, retry: Option<u64>| {
+            self.metrics.limited.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, why);
+            if let Some(s) = retry {
+                r.headers_mut().insert(hyper::header::RETRY_AFTER, s.into());
+            }
+            Box::new(r)
+        };
+        if u.total + n > p.total {
+            return Err(limited(
+                format!("the total query budget of this key ({}) is used up; ask the operator for another", p.total),
+                None,
+            ));
+        }
+        if u.today + n > p.per_day {
+            return Err(limited(
+                format!("the daily query budget of this key ({}) is used up until 00:00 UTC", p.per_day),
+                Some(seconds_to_midnight()),
+            ));
+        }
+        let now = Instant::now();
+        let (tokens, at) = u.tokens.unwrap_or((p.burst, Some(now)));
+        let tokens = (tokens + at.map_or(0.0, |t| now.duration_since(t).as_secs_f64()) * p.rate).min(p.burst);
+        if tokens < n as f64 {
+            u.tokens = Some((tokens, Some(now)));
+            let wait = ((n as f64 - tokens) / p.rate).ceil().max(1.0) as u64;
+            return Err(limited(
+                format!("rate limit of {} queries/s (burst {}) exceeded", p.rate, p.burst),
+                Some(wait),
+            ));
+        }
+        u.tokens = Some((tokens - n as f64, Some(now)));
+        u.total += n;
+        u.today += n;
+        self.dirty.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn predict(&self, req: Request<Incoming>) -> Reply {
+        let (id, policy) = match self.authenticate(&req) {
+            Ok(x) => x,
+            Err(r) => return *r,
+        };
+        let too_large = |what: String| {
+            self.metrics.too_large.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::PAYLOAD_TOO_LARGE, what)
+        };
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.config.max_body) {
+            return too_large(format!("bodies are at most {} bytes", self.config.max_body));
+        }
+        let body = match Limited::new(req.into_body(), self.config.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return too_large(format!("bodies are at most {} bytes", self.config.max_body)),
+        };
+        let bad = |why: String| {
+            self.metrics.bad.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::BAD_REQUEST, why)
+        };
+        let parsed: PredictRequest = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => return bad(format!("expected {{\"input\": [...]}} or {{\"inputs\": [[...], ...]}}: {e}")),
+        };
+        let inputs = match (parsed.input, parsed.inputs) {
+            (Some(one), None) => vec![one],
+            (None, Some(many)) if !many.is_empty() => many,
+            _ => return bad("give exactly one of `input` or a non-empty `inputs`".into()),
+        };
+        if inputs.len() > self.config.max_batch {
+            return too_large(format!("a batch of {} inputs; at most {}", inputs.len(), self.config.max_batch));
+        }
+        let f = self.model.inputs;
+        if let Some((i, x)) = inputs.iter().enumerate().find(|(_, x)| x.len() != f || x.iter().any(|v| !v.is_finite()))
+        {
+            return bad(format!("input {i} has {} values; this model takes {f} finite numbers", x.len()));
+        }
+        if let Err(r) = self.charge(&id, &policy, inputs.len() as u64) {
+            return *r;
+        }
+        let flat: Vec<f32> = inputs.concat();
+        let predictions = WORKSPACE.with(|ws| {
+            let mut ws = ws.borrow_mut();
+            let probs = ws.predict(&self.model, &self.params, &flat, inputs.len());
+            probs.chunks_exact(self.model.classes).map(|row| answer(row, &policy)).collect::<Vec<_>>()
+        });
+        self.metrics.predictions.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        reply(StatusCode::OK, serde_json::json!({ "predictions": predictions }))
+    }
+
+    fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "# HELP warden_requests_total HTTP requests received.\n# TYPE warden_requests_total counter\nwarden_requests_total {}\n\
+             # HELP warden_predictions_total Inputs answered.\n# TYPE warden_predictions_total counter\nwarden_predictions_total {}\n\
+             # HELP warden_rejected_total Requests refused, by reason.\n# TYPE warden_rejected_total counter\n\
+             warden_rejected_total{{reason=\"unauthorized\"}} {}\nwarden_rejected_total{{reason=\"limited\"}} {}\n\
+             warden_rejected_total{{reason=\"too_large\"}} {}\nwarden_rejected_total{{reason=\"bad_request\"}} {}\n\
+             # HELP warden_request_seconds_total Time spent answering requests.\n# TYPE warden_request_seconds_total counter\n\
+             warden_request_seconds_total {:.6}\n",
+            g(&m.requests),
+            g(&m.predictions),
+            g(&m.unauthorized),
+            g(&m.limited),
+            g(&m.too_large),
+            g(&m.bad),
+            g(&m.latency_us) as f64 / 1e6
+        )
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+        let started = Instant::now();
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let r = match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/predict") => self.predict(req).await,
+            (&Method::GET, "/healthz") => reply(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics_text())));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            (_, "/v1/predict" | "/healthz" | "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint; try POST /v1/predict"),
+        };
+        self.metrics.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.config.state_file else { return Ok(()) };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let text = {
+            let all = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_vec_pretty(&*all).map_err(std::io::Error::other)?
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::RefCell<warden_agent::model::Workspace> = std::cell::RefCell::default();
+}
+
+/// One input's answer under `p`: the label, and unless labels only, the
+/// top-k classes with probabilities rounded to `p.precision` decimals.
+fn answer(probs: &[f32], p: &Policy) -> serde_json::Value {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    if p.labels_only {
+        return serde_json::json!({ "label": order[0] });
+    }
+    let scale = 10f64.powi(p.precision as i32);
+    let top: Vec<serde_json::Value> = order[..p.top_k]
+        .iter()
+        .map(|&c| serde_json::json!({ "class": c, "probability": (f64::from(probs[c]) * scale).round() / scale }))
+        .collect();
+    serde_json::json!({ "label": order[0], "top": top })
+}
+
+/// Options of `warden serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The signed model directory.
+    pub model: PathBuf,
+    /// Public key its signature must verify under.
+    pub pubkey: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// serve.toml.
+    pub config: Option<PathBuf>,
+    /// TLS certificate and key (PEM); a self-signed pair when absent.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Verifies, loads and serves until SIGINT or SIGTERM.
+pub async fn serve(o: ServeOptions) -> Result<(), String> {
+    let key = warden_agent::signing::load_public_key(&o.pubkey).map_err(|e| e.to_string())?;
+    let verified = warden_agent::signing::verify_model(&o.model, &key, None)
+        .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
+    let model = warden_agent::artifact::model_spec_of(&o.model)?;
+    let params = warden_agent::artifact::read_model(&o.model, &model)?;
+    let config = Config::load(o.config.as_deref(), model.classes)?;
+    let usage = match &config.state_file {
+        Some(p) if p.exists() => {
+            let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            serde_json::from_slice(&text).map_err(|e| format!("{}: not a warden serve state file: {e}", p.display()))?
+        }
+        _ => HashMap::new(),
+    };
+    let tls = tls_config(o.tls.as_ref(), o.listen)?;
+    let server = Arc::new(Server {
+        model,
+        params,
+        config,
+        usage: Mutex::new(usage),
+        dirty: AtomicBool::new(false),
+        metrics: Metrics::default(),
+    });
+    let listener =
+        tokio::net::TcpListener::bind(o.listen).await.map_err(|e| format!("cannot listen on {}: {e}", o.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    eprintln!(
+        "warden serve: {} verified (sha256:{}), {} inputs -> {} classes; https://{addr}/v1/predict",
+        o.model.display(),
+        verified.digest,
+        server.model.inputs,
+        server.model.classes
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let saver = {
+        let s = server.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = s.save() {
+                    tracing::warn!("cannot save the serve state: {e}");
+                }
+            }
+        })
+    };
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    loop {
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, server) = (acceptor.clone(), server.clone());
+        tokio::spawn(async move {
+            // A client that never finishes its handshake is dropped.
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            let service = hyper::service::service_fn(move |req| server.clone().handle(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+    saver.abort();
+    server.dirty.store(true, Ordering::Relaxed);
+    server.save().map_err(|e| format!("cannot save the serve state: {e}"))?;
+    eprintln!("warden serve: stopped; usage saved");
+    Ok(())
+}
+
+fn tls_config(given: Option<&(PathBuf, PathBuf)>, listen: SocketAddr) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (certs, key) = match given {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            (certs, key)
+        }
+        None => {
+            let names = vec!["localhost".to_string(), listen.ip().to_string()];
+            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+            let der = ck.cert.der().clone();
+            let fp: String = Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+            eprintln!("warden serve: self-signed certificate, SHA-256 fingerprint {fp}");
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| e.to_string())?;
+            (vec![der], key)
+        }
+    };
+    let mut cfg =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("TLS certificate and key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_and_cut_as_configured() {
+        let probs = [0.123456f32, 0.654321, 0.2, 0.022223];
+        let p = Policy { precision: 2, top_k: 2, ..Policy::default() };
+        assert_eq!(
+            answer(&probs, &p),
+            serde_json::json!({"label": 1, "top": [{"class": 1, "probability": 0.65}, {"class": 2, "probability": 0.2}]})
+        );
+        let p4 = Policy { precision: 4, top_k: 1, ..Policy::default() };
+        assert_eq!(answer(&probs, &p4)["top"][0]["probability"], 0.6543);
+        assert_eq!(answer(&probs, &Policy { labels_only: true, ..p }), serde_json::json!({"label": 1}));
+    }
+}
