@@ -1,0 +1,289 @@
+//! `warden serve` (issue 9): a signed model behind API keys, rounded or
+//! label-only answers, budgets and rate limits that survive restarts, size
+//! limits; and the equation-solving extraction attack of Tramer et al. run
+//! for real against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, wait_gone};
+
+/// A trained softmax model, signed by `launch` itself; returns (model dir, public key).
+fn trained_signed_model(dir: &Path, ports: (u16, u16)) -> (PathBuf, PathBuf) {
+    let (private, public) = warden_agent::signing::write_key_pair(&dir.join("keys"), None).unwrap();
+    let job = job_in(dir, ports, &[("epochs = 5", "epochs = 2")]);
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text.push_str(&format!("\n[signing]\nkey = \"{}\"\n", private.display()));
+    std::fs::write(&job, text).unwrap();
+    let run = dir.join("run");
+    let tag = fresh_tag();
+    let out = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--no-progress".as_ref()])
+        .args(["--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", &tag)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_gone(&tag);
+    (run.join("model"), public)
+}
+
+/// Writes keys.toml with one key per (id, extra settings); returns the keys.
+fn api_keys(dir: &Path, keys: &[(&str, &str)]) -> Vec<String> {
+    let mut file = String::new();
+    let mut out = Vec::new();
+    for (id, extra) in keys {
+        let o = Command::new(bin("warden")).args(["apikey", "--id", id]).output().unwrap();
+        assert!(o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        out.push(err.trim().rsplit(' ').next().unwrap().to_string());
+        file.push_str(&String::from_utf8_lossy(&o.stdout));
+        file.push_str(extra);
+        file.push('\n');
+    }
+    std::fs::write(dir.join("keys.toml"), file).unwrap();
+    out
+}
+
+struct Served {
+    child: Child,
+    port: u16,
+}
+
+impl Served {
+    fn start(model: &Path, public: &Path, config: &Path, port: u16) -> Served {
+        let mut child = Command::new(bin("warden"))
+            .arg("serve")
+            .arg(model)
+            .arg("--pubkey")
+            .arg(public)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--config")
+            .arg(config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if err.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > until {
+                panic!("warden serve did not come up: {seen}");
+            }
+            seen.push_str(&line);
+            if line.contains("/v1/predict") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Served { child, port }
+    }
+
+    /// POSTs `body`; returns (status, lower-cased headers, body).
+    fn post(&self, key: Option<&str>, body: &str) -> (u16, String, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-i", "-X", "POST", "--data-binary", "@-"]);
+        cmd.args(["-H", "Content-Type: application/json"]);
+        if let Some(k) = key {
+            cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        cmd.arg(format!("https://127.0.0.1:{}/v1/predict", self.port));
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("curl is installed");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(body.as_bytes());
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, head.to_lowercase(), body.to_string())
+    }
+
+    /// Stops with SIGTERM (the state is saved) and waits.
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(self.child.wait().unwrap().success(), "warden serve must stop cleanly on SIGTERM");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn input(v: f32) -> String {
+    format!("{{\"input\": [{}]}}", vec![format!("{v}"); 784].join(","))
+}
+
+/// The model's own probabilities for `x`, to compare answers against.
+fn probabilities(model: &Path, x: &[f32]) -> Vec<f32> {
+    let spec = warden_agent::artifact::model_spec_of(model).unwrap();
+    let params = warden_agent::artifact::read_model(model, &spec).unwrap();
+    let mut ws = warden_agent::model::Workspace::default();
+    ws.predict(&spec, &params, x, 1).to_vec()
+}
+
+#[test]
+fn answers_keys_budgets_limits_and_restarts_behave_as_configured() {
+    let dir = scratch("serve");
+    let (model, public) = trained_signed_model(&dir, (31060, 31065));
+    let keys = api_keys(
+        &dir,
+        &[
+            ("precise", "precision = 4\ntop_k = 2\nqueries_per_day = 1000"),
+            ("labels", "output = \"label\""),
+            ("daily", "queries_per_day = 3"),
+            ("slow", "rate_per_s = 0.2\nburst = 2"),
+        ],
+    );
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "state_file = \"state.json\"\n[auth]\napi_keys = \"keys.toml\"\n[defaults]\nqueries_per_day = 100\nrate_per_s = 1000\nburst = 1000\n[limits]\nmax_body_bytes = 16384\nmax_batch = 4\n",
+    )
+    .unwrap();
+    let s = Served::start(&model, &public, &config, 31066);
+
+    // Precision and top-k exactly as configured for the key.
+    let x = vec![0.3f32; 784];
+    let p = probabilities(&model, &x);
+    let mut order: Vec<usize> = (0..10).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    let (code, _, body) = s.post(Some(&keys[0]), &input(0.3));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let top = v["predictions"][0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 2);
+    assert_eq!(v["predictions"][0]["label"], order[0]);
+    for (t, &c) in top.iter().zip(&order) {
+        assert_eq!(t["class"], c);
+        let want = (f64::from(p[c]) * 1e4).round() / 1e4;
+        assert_eq!(t["probability"].as_f64().unwrap(), want, "{body}");
+    }
+    // Labels only.
+    let (code, _, body) = s.post(Some(&keys[1]), &input(0.3));
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"predictions": [{"label": order[0]}]})
+    );
+
+    // Unknown key, no key.
+    let (code, head, _) = s.post(Some("wdn_not_a_key"), &input(0.3));
+    assert_eq!(code, 401);
+    assert!(head.contains("www-authenticate: bearer"));
+    assert_eq!(s.post(None, &input(0.3)).0, 401);
+
+    // The daily budget: 3 queries, then 429 with Retry-After until midnight UTC.
+    for _ in 0..3 {
+        assert_eq!(s.post(Some(&keys[2]), &input(0.1)).0, 200);
+    }
+    let (code, head, body) = s.post(Some(&keys[2]), &input(0.1));
+    assert_eq!(code, 429, "{body}");
+    let retry: u64 = head.lines().find_map(|l| l.strip_prefix("retry-after: ")).unwrap().trim().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    // The rate limit: a burst of 2, then 429 with a short Retry-After.
+    assert_eq!(s.post(Some(&keys[3]), &input(0.1)).0, 200);
+    assert_eq!(s.post(Some(&keys[3]), &input(0.1)).0, 200);
+    let (code, head, _) = s.post(Some(&keys[3]), &input(0.1));
+    assert_eq!(code, 429);
+    let retry: u64 = head.lines().find_map(|l| l.strip_prefix("retry-after: ")).unwrap().trim().parse().unwrap();
+    assert!((1..=10).contains(&retry), "{head}");
+
+    // Oversized bodies and batches, malformed inputs.
+    let (code, _, _) = s.post(Some(&keys[0]), &format!("{{\"input\": [{}]}}", vec!["0.5"; 10_000].join(",")));
+    assert_eq!(code, 413);
+    let batch = format!("{{\"inputs\": [{}]}}", vec![format!("[{}]", vec!["0"; 784].join(",")); 5].join(","));
+    assert_eq!(s.post(Some(&keys[0]), &batch).0, 413);
+    assert_eq!(s.post(Some(&keys[0]), "{\"input\": [1, 2, 3]}").0, 400);
+    assert_eq!(s.post(Some(&keys[0]), "not json").0, 400);
+
+    // Counts survive a restart: the daily key stays spent.
+    s.stop();
+    let s = Served::start(&model, &public, &config, 31066);
+    assert_eq!(s.post(Some(&keys[2]), &input(0.1)).0, 429);
+    assert_eq!(s.post(Some(&keys[0]), &input(0.1)).0, 200);
+    let metrics = Command::new("curl").args(["-sk", "https://127.0.0.1:31066/metrics"]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("warden_predictions_total 1"), "{metrics}");
+    s.stop();
+
+    // A model whose signature fails is never served.
+    std::fs::write(model.join("extra.txt"), b"x").unwrap();
+    let out = Command::new(bin("warden"))
+        .arg("serve")
+        .arg(&model)
+        .arg("--pubkey")
+        .arg(&public)
+        .args(["--listen", "127.0.0.1:31067"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to serve"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The python of the venv scripts/test-all makes (model-signing, numpy).
+fn python() -> Option<PathBuf> {
+    let tool = std::env::var_os("WARDEN_MODEL_SIGNING")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/model-signing-venv/bin/model_signing"));
+    let py = tool.parent().unwrap().join("python");
+    let has_numpy = Command::new(&py).args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
+    if has_numpy {
+        return Some(py);
+    }
+    if std::env::var_os("WARDEN_SKIP_INTEROP").is_some() {
+        return None;
+    }
+    panic!("{} with numpy is missing: run ./scripts/test-all (WARDEN_SKIP_INTEROP=1 skips this test)", py.display());
+}
+
+#[test]
+fn the_equation_solving_attack_steals_full_precision_but_not_the_defaults() {
+    let Some(py) = python() else { return };
+    let dir = scratch("serve-attack");
+    let (model, public) = trained_signed_model(&dir, (31070, 31075));
+    // Full precision is a test-only setting; the other key has the defaults
+    // (2 decimals, top 3, 1000 queries a day) with a rate limit raised so the
+    // test does not wait: the budget, not the clock, is what stops it.
+    let keys = api_keys(&dir, &[("full", "precision = 9\ntop_k = 10\nqueries_per_day = 100000"), ("default", "")]);
+    let config = dir.join("serve.toml");
+    std::fs::write(&config, "[auth]\napi_keys = \"keys.toml\"\n[defaults]\nrate_per_s = 100000\nburst = 100000\n")
+        .unwrap();
+    let served = Served::start(&model, &public, &config, 31076);
+    let attack = |key: &str, queries: u32| -> serde_json::Value {
+        let out = Command::new(&py)
+            .arg(repo_root().join("scripts/extraction_attack.py"))
+            .args(["--url", "https://127.0.0.1:31076", "--key", key, "--queries", &queries.to_string()])
+            .arg("--model")
+            .arg(&model)
+            .arg("--test-images")
+            .arg(repo_root().join("data/fashion-mnist-small/t10k-images-idx3-ubyte.gz"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let full = attack(&keys[0], 1000);
+    assert!(full["agreement"].as_f64().unwrap() >= 0.99, "full precision must be stealable: {full}");
+    // The defaults: asking for more than the daily budget gets 429 at 1000.
+    let capped = attack(&keys[1], 2000);
+    assert_eq!(capped["answered"], 1000, "{capped}");
+    assert!(capped["stopped"].as_str().unwrap().contains("429"), "{capped}");
+    assert!(capped["agreement"].as_f64().unwrap() < 0.99, "the defaults must not give the model away: {capped}");
+    served.stop();
+}
