@@ -118,12 +118,18 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         }
         None => None,
     };
-    if let Some(ck) = &checkpoint {
-        // Fail now, not at the first checkpoint, if the job user cannot write there.
-        let probe = ck.series_dir.join(format!(".probe-{}", std::process::id()));
-        std::fs::write(&probe, b"")
-            .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|e| format!("checkpoint directory {} is not writable: {e}", ck.series_dir.display()))?;
+    // Fail now, not at the end of training, if the job user cannot write
+    // where it must (a parent directory it cannot enter, say).
+    let dirs = std::iter::once(("job directory", &bundle.workdir))
+        .chain(checkpoint.iter().map(|ck| ("checkpoint directory", &ck.series_dir)));
+    for (what, dir) in dirs {
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe)).map_err(|e| {
+            format!(
+                "{what} {} is not writable by the job user: {e}; every parent directory must be enterable by it (chmod o+x)",
+                dir.display()
+            )
+        })?;
     }
     let ctx = RoleCtx {
         spec,
