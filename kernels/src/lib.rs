@@ -50,6 +50,9 @@ impl Strides {
     }
 }
 
+/// Up to this many rows of A, [`sgemm`] skips packing (see there).
+const SMALL_M: usize = 4;
+
 /// `C (m x n) = A (m x k) * B (k x n)` (or `C += A * B` with `accumulate`),
 /// C row-major and dense; A and B addressed through their strides, so
 /// transposed operands cost nothing. Runs on matrixmultiply's blocked SIMD
@@ -81,6 +84,26 @@ pub fn sgemm(
     }
     assert!((m - 1) * sa.row + (k - 1) * sa.col < a.len(), "sgemm: A is too short for {m}x{k}");
     assert!((k - 1) * sb.row + (n - 1) * sb.col < b.len(), "sgemm: B is too short for {k}x{n}");
+    if m <= SMALL_M && sb.col == 1 {
+        // A few rows against a row-major B (one prediction, say): rows of B
+        // scaled and added straight into C. Blocked SGEMM would first copy
+        // all of B into its packing buffer, which costs more than the
+        // arithmetic at this size.
+        for i in 0..m {
+            let row = &mut c[i * n..(i + 1) * n];
+            if !accumulate {
+                row.fill(0.0);
+            }
+            for l in 0..k {
+                let x = a[i * sa.row + l * sa.col];
+                let b_row = &b[l * sb.row..l * sb.row + n];
+                for (out, w) in row.iter_mut().zip(b_row) {
+                    *out += x * *w;
+                }
+            }
+        }
+        return;
+    }
     let beta = if accumulate { 1.0 } else { 0.0 };
     // SAFETY: every element matrixmultiply reads from A is at i*row + l*col
     // <= (m-1)*row + (k-1)*col < a.len() (asserted above), likewise for B;
@@ -110,6 +133,29 @@ pub fn sgemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sgemm_matches_the_definition_on_both_paths() {
+        let (k, n) = (37, 19);
+        for m in 1..=7 {
+            for a_t in [false, true] {
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.5).collect();
+                let sa = if a_t { Strides::transposed(m) } else { Strides::row_major(k) };
+                for accumulate in [false, true] {
+                    let mut c = vec![1.0f32; m * n];
+                    sgemm(m, k, n, &a, sa, &b, Strides::row_major(n), &mut c, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f32 = (0..k).map(|l| a[i * sa.row + l * sa.col] * b[l * n + j]).sum();
+                            let want = dot + if accumulate { 1.0 } else { 0.0 };
+                            assert!((c[i * n + j] - want).abs() < 1e-3, "m={m} a_t={a_t} acc={accumulate} ({i},{j})");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn sgemm_handles_transposes() {
