@@ -135,6 +135,11 @@ def main():
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--cacert", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--natural",
+        action="store_true",
+        help="send real test images instead of random inputs (what an honest client does), for the detector",
+    )
     a = ap.parse_args()
 
     w_true, b_true = load_model(a.model)
@@ -146,7 +151,12 @@ def main():
     api = Api(a.url, a.key, a.cacert)
     xs, answers, stopped = [], [], None
     while len(xs) < a.queries:
-        batch = rng.random((min(a.batch, a.queries - len(xs)), d))
+        size = min(a.batch, a.queries - len(xs))
+        if a.natural:
+            start = len(xs) % len(test)
+            batch = test[start : start + size]
+        else:
+            batch = rng.random((size, d))
         got, err = api.ask(batch)
         if got is None:
             stopped = err

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -118,7 +118,39 @@ struct RawConfig {
     defaults: RawPolicy,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    detector: RawDetector,
     state_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    #[serde(default)]
+    enabled: bool,
+    window: Option<usize>,
+    min_queries: Option<usize>,
+    cv_below: Option<f64>,
+    action: Option<String>,
+    throttle_rate_per_s: Option<f64>,
+}
+
+/// The extraction detector, after PRADA (Juuti et al., EuroS&P 2019): each
+/// new query's distance to the nearest of the key's recent queries is
+/// recorded, and the key is flagged when those distances are too regular
+/// (coefficient of variation below `cv_below`). Natural inputs lie at very
+/// uneven distances from each other; synthetic ones (random points, small
+/// steps along a boundary) at machine-regular ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    /// Recent queries kept per key to measure distances against.
+    pub window: usize,
+    /// Distances recorded before a key can be flagged.
+    pub min_queries: usize,
+    /// Flag when the distances' standard deviation over mean falls below this.
+    pub cv_below: f64,
+    /// Slow flagged keys down to this many queries per second (`None`: log only).
+    pub throttle: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +199,7 @@ pub struct Config {
     max_body: usize,
     max_batch: usize,
     state_file: Option<PathBuf>,
+    detector: Option<Detector>,
 }
 
 impl Config {
@@ -220,12 +253,39 @@ impl Config {
         if max_body < 64 || max_batch == 0 {
             return Err("[limits] max_body_bytes must be at least 64 and max_batch at least 1".into());
         }
+        let d = &raw.detector;
+        let detector = if d.enabled {
+            let det = Detector {
+                window: d.window.unwrap_or(100),
+                min_queries: d.min_queries.unwrap_or(50),
+                cv_below: d.cv_below.unwrap_or(0.05),
+                throttle: match d.action.as_deref() {
+                    None | Some("log") => None,
+                    Some("throttle") => Some(d.throttle_rate_per_s.unwrap_or(0.1)),
+                    Some(other) => return Err(format!("[detector] action `{other}`; use \"log\" or \"throttle\"")),
+                },
+            };
+            if det.window == 0
+                || det.window > 10_000
+                || det.min_queries < 3
+                || !(0.0..=1.0).contains(&det.cv_below)
+                || det.throttle.is_some_and(|r| r.is_nan() || r <= 0.0)
+            {
+                return Err("[detector]: window 1 to 10000, min_queries at least 3, cv_below in [0, 1], \
+                            throttle_rate_per_s above 0"
+                    .into());
+            }
+            Some(det)
+        } else {
+            None
+        };
         Ok(Config {
             keys,
             anonymous: raw.auth.anonymous.then_some(defaults),
             max_body,
             max_batch,
             state_file: raw.state_file.map(|f| base.join(f)),
+            detector,
         })
     }
 }
@@ -256,8 +316,17 @@ struct Usage {
     total: u64,
     day: u64,
     today: u64,
+    /// Flagged by the extraction detector (stays flagged across restarts).
+    #[serde(default)]
+    flagged: bool,
     #[serde(skip)]
     tokens: Option<(f64, Option<Instant>)>,
+    /// Recent queries, for the detector's distances.
+    #[serde(skip)]
+    recent: std::collections::VecDeque<Vec<f32>>,
+    /// Each query's distance to its nearest recent one.
+    #[serde(skip)]
+    distances: std::collections::VecDeque<f64>,
 }
 
 #[derive(Default)]
@@ -269,6 +338,7 @@ struct Metrics {
     too_large: AtomicU64,
     bad: AtomicU64,
     latency_us: AtomicU64,
+    flagged: AtomicU64,
 }
 
 struct Server {
@@ -359,16 +429,18 @@ impl Server {
                 Some(seconds_to_midnight()),
             ));
         }
+        // A key the detector flagged gets the throttle rate and no burst.
+        let (rate, burst) = match (&self.config.detector, u.flagged) {
+            (Some(Detector { throttle: Some(r), .. }), true) => (*r, 1.0),
+            _ => (p.rate, p.burst),
+        };
         let now = Instant::now();
-        let (tokens, at) = u.tokens.unwrap_or((p.burst, Some(now)));
-        let tokens = (tokens + at.map_or(0.0, |t| now.duration_since(t).as_secs_f64()) * p.rate).min(p.burst);
+        let (tokens, at) = u.tokens.unwrap_or((burst, Some(now)));
+        let tokens = (tokens + at.map_or(0.0, |t| now.duration_since(t).as_secs_f64()) * rate).min(burst);
         if tokens < n as f64 {
             u.tokens = Some((tokens, Some(now)));
-            let wait = ((n as f64 - tokens) / p.rate).ceil().max(1.0) as u64;
-            return Err(limited(
-                format!("rate limit of {} queries/s (burst {}) exceeded", p.rate, p.burst),
-                Some(wait),
-            ));
+            let wait = ((n as f64 - tokens) / rate).ceil().max(1.0) as u64;
+            return Err(limited(format!("rate limit of {rate} queries/s (burst {burst}) exceeded"), Some(wait)));
         }
         u.tokens = Some((tokens - n as f64, Some(now)));
         u.total += n;
@@ -391,13 +463,41 @@ impl Server {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > self.config.max_body) {
+        // Read at most max_body bytes. Past that, the rest is read and thrown
+        // away (up to a bound, for a short while) so that the client, still
+        // sending, gets to read the 413 instead of a reset connection.
+        let mut over = declared.is_some_and(|n| n > self.config.max_body);
+        let mut body = req.into_body();
+        let mut buf = Vec::new();
+        let mut drained = 0usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    if !over && buf.len() + data.len() <= self.config.max_body {
+                        buf.extend_from_slice(&data);
+                    } else {
+                        over = true;
+                        drained += data.len();
+                        if drained > 16 * self.config.max_body {
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some(Err(_))) | Err(_) => {
+                    if !over {
+                        return error(StatusCode::BAD_REQUEST, "the request body was cut off or too slow");
+                    }
+                    break;
+                }
+            }
+        }
+        if over {
             return too_large(format!("bodies are at most {} bytes", self.config.max_body));
         }
-        let body = match Limited::new(req.into_body(), self.config.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return too_large(format!("bodies are at most {} bytes", self.config.max_body)),
-        };
+        let body = buf;
         let bad = |why: String| {
             self.metrics.bad.fetch_add(1, Ordering::Relaxed);
             error(StatusCode::BAD_REQUEST, why)
@@ -429,7 +529,53 @@ impl Server {
             probs.chunks_exact(self.model.classes).map(|row| answer(row, &policy)).collect::<Vec<_>>()
         });
         self.metrics.predictions.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        if let Some(det) = &self.config.detector {
+            self.watch(&id, det, inputs);
+        }
         reply(StatusCode::OK, serde_json::json!({ "predictions": predictions }))
+    }
+
+    /// Feeds the detector; flags the key (once) when the distances between
+    /// its queries are machine-regular.
+    fn watch(&self, id: &str, det: &Detector, inputs: Vec<Vec<f32>>) {
+        let mut all = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let u = all.entry(id.to_string()).or_default();
+        for x in inputs {
+            let nearest = u
+                .recent
+                .iter()
+                .map(|r| r.iter().zip(&x).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>())
+                .fold(f64::INFINITY, f64::min);
+            if nearest.is_finite() {
+                u.distances.push_back(nearest.sqrt());
+                if u.distances.len() > det.window {
+                    u.distances.pop_front();
+                }
+            }
+            u.recent.push_back(x);
+            if u.recent.len() > det.window {
+                u.recent.pop_front();
+            }
+        }
+        if u.flagged || u.distances.len() < det.min_queries {
+            return;
+        }
+        let n = u.distances.len() as f64;
+        let mean = u.distances.iter().sum::<f64>() / n;
+        let sd = (u.distances.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let cv = if mean > 0.0 { sd / mean } else { 0.0 };
+        if cv < det.cv_below {
+            u.flagged = true;
+            self.dirty.store(true, Ordering::Relaxed);
+            self.metrics.flagged.fetch_add(1, Ordering::Relaxed);
+            let what = if det.throttle.is_some() { "throttled" } else { "logged only" };
+            eprintln!(
+                "warden serve: key `{id}` flagged ({what}): the distances between its last {} queries vary by only {:.1}% \
+                 (natural inputs vary far more), the pattern of synthetic extraction queries",
+                u.distances.len(),
+                cv * 100.0
+            );
+        }
     }
 
     fn metrics_text(&self) -> String {
@@ -441,6 +587,8 @@ impl Server {
              # HELP warden_rejected_total Requests refused, by reason.\n# TYPE warden_rejected_total counter\n\
              warden_rejected_total{{reason=\"unauthorized\"}} {}\nwarden_rejected_total{{reason=\"limited\"}} {}\n\
              warden_rejected_total{{reason=\"too_large\"}} {}\nwarden_rejected_total{{reason=\"bad_request\"}} {}\n\
+             # HELP warden_flagged_keys_total Keys the extraction detector flagged.\n# TYPE warden_flagged_keys_total counter\n\
+             warden_flagged_keys_total {}\n\
              # HELP warden_request_seconds_total Time spent answering requests.\n# TYPE warden_request_seconds_total counter\n\
              warden_request_seconds_total {:.6}\n",
             g(&m.requests),
@@ -449,6 +597,7 @@ impl Server {
             g(&m.limited),
             g(&m.too_large),
             g(&m.bad),
+            g(&m.flagged),
             g(&m.latency_us) as f64 / 1e6
         )
     }

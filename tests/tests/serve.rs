@@ -252,6 +252,22 @@ fn python() -> Option<PathBuf> {
     panic!("{} with numpy is missing: run ./scripts/test-all (WARDEN_SKIP_INTEROP=1 skips this test)", py.display());
 }
 
+/// Runs scripts/extraction_attack.py against the server on `port`; its JSON line.
+fn attack(py: &Path, model: &Path, port: u16, key: &str, queries: u32, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(py)
+        .arg(repo_root().join("scripts/extraction_attack.py"))
+        .args(["--url", &format!("https://127.0.0.1:{port}"), "--key", key, "--queries", &queries.to_string()])
+        .args(extra)
+        .arg("--model")
+        .arg(model)
+        .arg("--test-images")
+        .arg(repo_root().join("data/fashion-mnist-small/t10k-images-idx3-ubyte.gz"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_equation_solving_attack_steals_full_precision_but_not_the_defaults() {
     let Some(py) = python() else { return };
@@ -265,25 +281,40 @@ fn the_equation_solving_attack_steals_full_precision_but_not_the_defaults() {
     std::fs::write(&config, "[auth]\napi_keys = \"keys.toml\"\n[defaults]\nrate_per_s = 100000\nburst = 100000\n")
         .unwrap();
     let served = Served::start(&model, &public, &config, 31076);
-    let attack = |key: &str, queries: u32| -> serde_json::Value {
-        let out = Command::new(&py)
-            .arg(repo_root().join("scripts/extraction_attack.py"))
-            .args(["--url", "https://127.0.0.1:31076", "--key", key, "--queries", &queries.to_string()])
-            .arg("--model")
-            .arg(&model)
-            .arg("--test-images")
-            .arg(repo_root().join("data/fashion-mnist-small/t10k-images-idx3-ubyte.gz"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let full = attack(&keys[0], 1000);
+    let full = attack(&py, &model, 31076, &keys[0], 1000, &[]);
     assert!(full["agreement"].as_f64().unwrap() >= 0.99, "full precision must be stealable: {full}");
     // The defaults: asking for more than the daily budget gets 429 at 1000.
-    let capped = attack(&keys[1], 2000);
+    let capped = attack(&py, &model, 31076, &keys[1], 2000, &[]);
     assert_eq!(capped["answered"], 1000, "{capped}");
     assert!(capped["stopped"].as_str().unwrap().contains("429"), "{capped}");
     assert!(capped["agreement"].as_f64().unwrap() < 0.99, "the defaults must not give the model away: {capped}");
     served.stop();
+}
+
+#[test]
+fn the_detector_throttles_a_key_whose_queries_look_synthetic() {
+    let Some(py) = python() else { return };
+    let dir = scratch("serve-detector");
+    let (model, public) = trained_signed_model(&dir, (31080, 31085));
+    let keys = api_keys(&dir, &[("honest", ""), ("thief", "")]);
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "state_file = \"state.json\"\n[auth]\napi_keys = \"keys.toml\"\n[defaults]\nrate_per_s = 100000\nburst = 100000\n\
+         [detector]\nenabled = true\naction = \"throttle\"\nthrottle_rate_per_s = 0.01\n",
+    )
+    .unwrap();
+    let served = Served::start(&model, &public, &config, 31086);
+    // Real images: answered in full, never flagged.
+    let honest = attack(&py, &model, 31086, &keys[0], 400, &["--batch", "20", "--natural"]);
+    assert_eq!(honest["answered"], 400, "{honest}");
+    // Random inputs: flagged after the first window and throttled to a trickle.
+    let thief = attack(&py, &model, 31086, &keys[1], 400, &["--batch", "20"]);
+    let answered = thief["answered"].as_u64().unwrap();
+    assert!((50..400).contains(&answered), "{thief}");
+    assert!(thief["stopped"].as_str().unwrap().contains("429"), "{thief}");
+    served.stop();
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["thief"]["flagged"], true, "{state}");
+    assert_eq!(state["honest"]["flagged"], false, "{state}");
 }
