@@ -159,6 +159,7 @@ struct RawAuth {
     api_keys: Option<String>,
     #[serde(default)]
     anonymous: bool,
+    client_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +201,9 @@ pub struct Config {
     max_batch: usize,
     state_file: Option<PathBuf>,
     detector: Option<Detector>,
+    /// CA whose client certificates are accepted instead of a key, and the
+    /// policy their holders get ([defaults]).
+    client_ca: Option<(PathBuf, Policy)>,
 }
 
 impl Config {
@@ -242,10 +246,10 @@ impl Config {
                 }
             }
         }
-        if keys.is_empty() && !raw.auth.anonymous {
-            return Err("no API keys configured and anonymous access is off: nobody could ask. \
+        if keys.is_empty() && !raw.auth.anonymous && raw.auth.client_ca.is_none() {
+            return Err("no API keys, no client CA and anonymous access is off: nobody could ask. \
                  List key hashes in [auth] api_keys (make keys with `warden apikey --id NAME`), \
-                 or set [auth] anonymous = true knowingly"
+                 name a client_ca, or set [auth] anonymous = true knowingly"
                 .into());
         }
         let max_body = raw.limits.max_body_bytes.unwrap_or(1 << 20);
@@ -281,11 +285,12 @@ impl Config {
         };
         Ok(Config {
             keys,
-            anonymous: raw.auth.anonymous.then_some(defaults),
+            anonymous: raw.auth.anonymous.then(|| defaults.clone()),
             max_body,
             max_batch,
             state_file: raw.state_file.map(|f| base.join(f)),
             detector,
+            client_ca: raw.auth.client_ca.map(|f| (base.join(f), defaults.clone())),
         })
     }
 }
@@ -380,7 +385,7 @@ struct PredictRequest {
 }
 
 impl Server {
-    fn authenticate(&self, req: &Request<Incoming>) -> Result<(String, Policy), Box<Reply>> {
+    fn authenticate(&self, req: &Request<Incoming>, client: Option<&str>) -> Result<(String, Policy), Box<Reply>> {
         let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|h| h.to_str().ok());
         let unauthorized = |why: &str| {
             self.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -393,9 +398,10 @@ impl Server {
                 let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
                 self.config.keys.get(&digest).cloned().ok_or_else(|| unauthorized("unknown API key"))
             }
-            None => match &self.config.anonymous {
-                Some(p) => Ok(("anonymous".into(), p.clone())),
-                None => Err(unauthorized("an API key is required: Authorization: Bearer KEY")),
+            None => match (client, &self.config.client_ca, &self.config.anonymous) {
+                (Some(name), Some((_, p)), _) => Ok((format!("cert:{name}"), p.clone())),
+                (_, _, Some(p)) => Ok(("anonymous".into(), p.clone())),
+                _ => Err(unauthorized("an API key (Authorization: Bearer KEY) or a client certificate is required")),
             },
         }
     }
@@ -449,8 +455,8 @@ impl Server {
         Ok(())
     }
 
-    async fn predict(&self, req: Request<Incoming>) -> Reply {
-        let (id, policy) = match self.authenticate(&req) {
+    async fn predict(&self, req: Request<Incoming>, client: Option<&str>) -> Reply {
+        let (id, policy) = match self.authenticate(&req, client) {
             Ok(x) => x,
             Err(r) => return *r,
         };
@@ -602,11 +608,11 @@ impl Server {
         )
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, client: Option<Arc<str>>) -> Result<Reply, Infallible> {
         let started = Instant::now();
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let r = match (req.method(), req.uri().path()) {
-            (&Method::POST, "/v1/predict") => self.predict(req).await,
+            (&Method::POST, "/v1/predict") => self.predict(req, client.as_deref()).await,
             (&Method::GET, "/healthz") => reply(StatusCode::OK, serde_json::json!({ "status": "ok" })),
             (&Method::GET, "/metrics") => {
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics_text())));
@@ -688,7 +694,7 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
         }
         _ => HashMap::new(),
     };
-    let tls = tls_config(o.tls.as_ref(), o.listen)?;
+    let tls = tls_config(o.tls.as_ref(), o.listen, config.client_ca.as_ref().map(|(p, _)| p.as_path()))?;
     let server = Arc::new(Server {
         model,
         params,
@@ -739,7 +745,14 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
         tokio::spawn(async move {
             // A client that never finishes its handshake is dropped.
             let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
-            let service = hyper::service::service_fn(move |req| server.clone().handle(req));
+            // A verified client certificate names its holder (subject CN).
+            let client: Option<Arc<str>> =
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
+                    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+                    Some(Arc::from(cn))
+                });
+            let service = hyper::service::service_fn(move |req| server.clone().handle(req, client.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -754,7 +767,11 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
     Ok(())
 }
 
-fn tls_config(given: Option<&(PathBuf, PathBuf)>, listen: SocketAddr) -> Result<rustls::ServerConfig, String> {
+fn tls_config(
+    given: Option<&(PathBuf, PathBuf)>,
+    listen: SocketAddr,
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (certs, key) = match given {
@@ -775,11 +792,26 @@ fn tls_config(given: Option<&(PathBuf, PathBuf)>, listen: SocketAddr) -> Result<
             (vec![der], key)
         }
     };
-    let mut cfg =
-        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("TLS certificate and key: {e}"))?;
+    let builder =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            // Certificates from this CA identify their holders; clients
+            // without one may still come with an API key.
+            let bad = |e: &dyn std::fmt::Display| format!("[auth] client_ca {}: {e}", ca.display());
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+                roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| bad(&e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(certs, key).map_err(|e| format!("TLS certificate and key: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }

@@ -318,3 +318,65 @@ fn the_detector_throttles_a_key_whose_queries_look_synthetic() {
     assert_eq!(state["thief"]["flagged"], true, "{state}");
     assert_eq!(state["honest"]["flagged"], false, "{state}");
 }
+
+/// A CA and a client certificate it issued, as PEM files in `dir`; returns (ca, cert, key).
+fn client_pki(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, cn);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let paths = (dir.join(format!("{name}-ca.pem")), dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn client_certificates_from_the_configured_ca_stand_in_for_keys() {
+    let dir = scratch("serve-mtls");
+    let (model, public) = trained_signed_model(&dir, (31090, 31095));
+    let (ca, cert, key) = client_pki(&dir, "lab", "alice-laptop");
+    let (_, other_cert, other_key) = client_pki(&dir, "stranger", "mallory");
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_file = \"state.json\"\n[auth]\nclient_ca = \"{}\"\n[defaults]\noutput = \"label\"\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let s = Served::start(&model, &public, &config, 31096);
+    let post = |creds: Option<(&Path, &Path)>| -> (bool, u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", "--data-binary", &input(0.2)]);
+        if let Some((c, k)) = creds {
+            cmd.arg("--cert").arg(c).arg("--key").arg(k);
+        }
+        let out = cmd.arg("https://127.0.0.1:31096/v1/predict").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (out.status.success(), code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    // The CA's certificate gets in, under [defaults] (labels only here).
+    let (ok, code, body) = post(Some((&cert, &key)));
+    assert!(ok && code == 200, "{code} {body}");
+    assert!(body.contains("\"label\"") && !body.contains("probability"), "{body}");
+    // No certificate and no key: 401. Another CA's certificate: no TLS session at all.
+    assert_eq!(post(None).1, 401);
+    let (ok, code, _) = post(Some((&other_cert, &other_key)));
+    assert!(!ok || code == 0, "a certificate from another CA must be refused in the handshake (got HTTP {code})");
+    s.stop();
+    // Usage is counted under the certificate's name.
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["cert:alice-laptop"]["total"], 1, "{state}");
+}
