@@ -371,3 +371,24 @@ fn evaluate(ctx: &RoleCtx, ws: &mut Workspace, params: &[f32], test: &Dataset) -
     let n = test.len().max(1) as f64;
     (loss / n, correct as f64 / n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn checkpoints_fall_due_by_steps_and_by_time() {
+        let mut by_steps = CheckpointClock { every_steps: Some(20), every: None, last: Instant::now() };
+        let due: Vec<u64> = (1..=100).filter(|s| by_steps.due(*s)).collect();
+        assert_eq!(due, vec![20, 40, 60, 80, 100]);
+
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        let mut by_time = CheckpointClock { every_steps: None, every: Some(Duration::from_secs(60)), last: long_ago };
+        assert!(by_time.due(7), "a minute has passed since the last one");
+        assert!(!by_time.due(8), "the clock restarts at each checkpoint");
+        // Both: whichever comes first.
+        let mut both = CheckpointClock { every_steps: Some(1000), every: Some(Duration::from_secs(60)), last: long_ago };
+        assert!(both.due(3) && !both.due(4) && both.due(1000));
+    }
+}
