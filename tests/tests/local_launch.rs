@@ -263,3 +263,21 @@ fn a_closed_terminal_does_not_stop_the_launcher_before_teardown() {
         assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)));
     }
 }
+
+/// `warden launch job.toml` from the job's own directory (a bare file name,
+/// whose parent is the empty path) works like any other path.
+#[test]
+fn a_bare_job_file_name_launches_from_its_directory() {
+    let tag = fresh_tag();
+    let dir = scratch("bare");
+    job_in(&dir, (31100, 31105), &[("epochs = 5", "epochs = 1")]);
+    let out = Command::new(bin("warden"))
+        .args(["launch", "job.toml", "--local", "--no-progress", "--run-dir", "run"])
+        .current_dir(&dir)
+        .env("WARDEN_TEST_TAG", &tag)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&dir.join("run"))["status"], "succeeded");
+    wait_gone(&tag);
+}
