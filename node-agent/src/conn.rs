@@ -80,6 +80,37 @@ pub struct ConnLimits {
     pub max_frame: u32,
     /// Time from TCP accept to the end of the first message.
     pub first_message: Duration,
+    /// Connections open at once, authenticated or not.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_per_source: usize,
+}
+
+/// Connection slots of one listener: every accepted TCP connection takes one
+/// before anything is read from it and gives it back when it closes, so a
+/// flood costs the listener a bounded number of sockets and tasks.
+#[derive(Debug, Default)]
+struct Slots {
+    by_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A taken connection slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    slots: std::sync::Arc<Slots>,
+    source: std::net::IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// An authenticated, framed connection.
@@ -271,6 +302,7 @@ pub type ClientConn = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
 pub struct Acceptor {
     tls: TlsAcceptor,
     limits: ConnLimits,
+    slots: std::sync::Arc<Slots>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -283,7 +315,23 @@ impl Acceptor {
     /// An acceptor for `me` admitting peers whose role is in `accept`.
     pub fn new(me: &TlsIdentity, accept: &[Role], limits: ConnLimits) -> Result<Acceptor, ConnError> {
         let config = tls::server_config(me, accept).map_err(|e| ConnError::Setup(e.to_string()))?;
-        Ok(Acceptor { tls: TlsAcceptor::from(config), limits })
+        Ok(Acceptor { tls: TlsAcceptor::from(config), limits, slots: Default::default() })
+    }
+
+    /// Takes a slot for a connection from `from`, or says which cap is full;
+    /// the caller closes the connection at once then.
+    pub fn admit(&self, from: SocketAddr) -> Result<Slot, String> {
+        let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().sum();
+        if total >= self.limits.max_connections {
+            return Err(format!("{total} connections open, the limit ([limits] max_connections)"));
+        }
+        let n = map.entry(from.ip()).or_insert(0);
+        if *n >= self.limits.max_per_source {
+            return Err(format!("{n} connections open from {}, the limit per source", from.ip()));
+        }
+        *n += 1;
+        Ok(Slot { slots: self.slots.clone(), source: from.ip() })
     }
 
     /// Completes the handshake, says welcome and reads the first message,

@@ -189,6 +189,8 @@ pub mod raw {
         pub max_frame_mib: Option<Spanned<i64>>,
         pub first_message_timeout_ms: Option<Spanned<i64>>,
         pub connect_timeout_s: Option<Spanned<i64>>,
+        pub max_connections: Option<Spanned<i64>>,
+        pub max_connections_per_source: Option<Spanned<i64>>,
     }
 }
 
@@ -457,11 +459,21 @@ pub struct LimitsSpec {
     pub first_message_timeout_ms: u64,
     /// How long a process keeps retrying to reach a peer at startup.
     pub connect_timeout_s: u64,
+    /// Connections a listener holds open at once (raised to the job's own needs).
+    pub max_connections: usize,
+    /// Connections a listener holds open at once from one address (likewise).
+    pub max_connections_per_source: usize,
 }
 
 impl Default for LimitsSpec {
     fn default() -> Self {
-        LimitsSpec { max_frame_bytes: 64 << 20, first_message_timeout_ms: 10_000, connect_timeout_s: 60 }
+        LimitsSpec {
+            max_frame_bytes: 64 << 20,
+            first_message_timeout_ms: 10_000,
+            connect_timeout_s: 60,
+            max_connections: 512,
+            max_connections_per_source: 32,
+        }
     }
 }
 
@@ -1088,6 +1100,13 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
         if let Some(v) = &l.connect_timeout_s {
             limits.connect_timeout_s = int_in(src, v, "connect_timeout_s", 1, 3600, "60 suits most clusters")?;
+        }
+        if let Some(v) = &l.max_connections {
+            limits.max_connections = int_in(src, v, "max_connections", 1, 65_536, "512 suits most jobs")?;
+        }
+        if let Some(v) = &l.max_connections_per_source {
+            limits.max_connections_per_source =
+                int_in(src, v, "max_connections_per_source", 1, 65_536, "32 suits most jobs")?;
         }
     }
     let checkpoint = raw.checkpoint.as_ref().map(|c| convert_checkpoint(src, c, base_dir)).transpose()?;

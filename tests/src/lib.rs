@@ -308,6 +308,19 @@ pub fn wait_gone(tag: &str) {
     panic!("processes left behind: {:?}", agent_pids_tagged(tag));
 }
 
+/// `warden launch JOB --local --no-progress --run-dir RUN` in the
+/// background, tagged, stderr piped for the caller to read at the end.
+pub fn spawn_launch(tag: &str, job: &Path, run: &Path) -> std::process::Child {
+    Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--no-progress".as_ref()])
+        .args(["--run-dir".as_ref(), run.as_os_str()])
+        .env("WARDEN_TEST_TAG", tag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Starts a long job in the background and waits until training runs.
 pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (std::process::Child, PathBuf) {
     let job = job_in(dir, ports, &[("epochs = 5", "epochs = 100000")]);

@@ -4,7 +4,7 @@
 //! a resumed run ends with the same weights as an uninterrupted one.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use warden_agent::checkpoint::{
@@ -404,14 +404,7 @@ key_file = "{}"
     )
     .unwrap();
     let run = dir.join("run");
-    let mut child = Command::new(bin("warden"))
-        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--no-progress".as_ref()])
-        .args(["--run-dir".as_ref(), run.as_os_str()])
-        .env("WARDEN_TEST_TAG", &tag)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = warden_tests::spawn_launch(&tag, &job, &run);
 
     // Wait for one complete step, then catch a server inside a later write:
     // stop it, confirm its temporary file is still there, kill it.

@@ -76,9 +76,14 @@ impl RoleCtx {
 
     /// Connection limits from the job file.
     pub fn limits(&self) -> ConnLimits {
+        // Every process of the job may sit on one address (as with --local):
+        // the per-source cap never falls below what the plan itself needs.
+        let needed = self.plan.processes.len() + 4;
         ConnLimits {
             max_frame: self.spec.limits.max_frame_bytes,
             first_message: Duration::from_millis(self.spec.limits.first_message_timeout_ms),
+            max_connections: self.spec.limits.max_connections.max(needed),
+            max_per_source: self.spec.limits.max_connections_per_source.max(needed),
         }
     }
 

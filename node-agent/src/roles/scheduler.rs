@@ -246,10 +246,20 @@ async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Input>, log: Arc<RateLimitedLog>) {
     loop {
         let (tcp, from) = super::accept_next(&listener, &log).await;
+        // Closed before a byte is read when a cap is full: a flood costs a
+        // bounded number of sockets and tasks.
+        let slot = match acceptor.admit(from) {
+            Ok(slot) => slot,
+            Err(why) => {
+                log.warn(&format!("closed a connection from {from} at once: {why}"));
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let log = log.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let (conn, first) = match acceptor.accept(tcp).await {
                 Ok(x) => x,
                 Err(e) => return log.warn(&format!("refused a connection from {from}: {e}")),

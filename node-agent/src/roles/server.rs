@@ -370,11 +370,21 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard
     let log = Arc::new(RateLimitedLog::default());
     loop {
         let (tcp, from) = super::accept_next(&listener, &log).await;
+        // Closed before a byte is read when a cap is full: a flood costs a
+        // bounded number of sockets and tasks.
+        let slot = match acceptor.admit(from) {
+            Ok(slot) => slot,
+            Err(why) => {
+                log.warn(&format!("closed a connection from {from} at once: {why}"));
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let shard = shard.clone();
         let log = log.clone();
         let snapshots = snapshots.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match acceptor.accept(tcp).await {
                 Ok((conn, first)) => {
                     let peer = conn.peer().clone();

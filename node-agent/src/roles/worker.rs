@@ -388,7 +388,8 @@ mod tests {
         assert!(by_time.due(7), "a minute has passed since the last one");
         assert!(!by_time.due(8), "the clock restarts at each checkpoint");
         // Both: whichever comes first.
-        let mut both = CheckpointClock { every_steps: Some(1000), every: Some(Duration::from_secs(60)), last: long_ago };
+        let mut both =
+            CheckpointClock { every_steps: Some(1000), every: Some(Duration::from_secs(60)), last: long_ago };
         assert!(both.due(3) && !both.due(4) && both.due(1000));
     }
 }
