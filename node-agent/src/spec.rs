@@ -170,6 +170,7 @@ pub mod raw {
         pub steps: Option<Spanned<i64>>,
         pub compression: Option<Spanned<String>>,
         pub compression_threshold: Option<Spanned<f64>>,
+        pub heartbeat_timeout: Option<Spanned<i64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -429,6 +430,8 @@ pub struct TrainingSpec {
     pub synthetic_steps: usize,
     /// Wire encoding of pushed gradients.
     pub compression: Compression,
+    /// Seconds of silence after which a process (or the scheduler) is declared dead.
+    pub heartbeat_timeout_s: u64,
 }
 
 /// `[training] compression`: how workers encode gradients on the wire.
@@ -1083,7 +1086,18 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         (None, _) => 0.5,
     };
     let compression = Compression { encoding, threshold };
-    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression };
+    let heartbeat_timeout_s = match &t.heartbeat_timeout {
+        Some(v) => int_in(
+            src,
+            v,
+            "heartbeat_timeout",
+            2,
+            3600,
+            "seconds of silence before a process counts as dead; 30 suits most networks",
+        )?,
+        None => 30,
+    };
+    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression, heartbeat_timeout_s };
 
     // [limits]
     let mut limits = LimitsSpec::default();

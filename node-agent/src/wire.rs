@@ -101,6 +101,9 @@ pub enum Message {
         /// Step.
         step: u64,
     },
+    /// "Still here": between the scheduler and every process, every
+    /// quarter of `[training] heartbeat_timeout`.
+    Heartbeat,
     /// The sender refuses what it received, and closes.
     Error {
         /// Why.
@@ -160,6 +163,7 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
         13 => ("checkpoint_commit", SCHED),
         14 => ("resumable", SERVER),
         15 => ("resume_from", SCHED),
+        20 => ("heartbeat", ALL),
         31 => ("error", ALL),
         _ => return None,
     })
@@ -288,6 +292,7 @@ impl Message {
             Message::CheckpointCommit { .. } => 13,
             Message::Resumable { .. } => 14,
             Message::ResumeFrom { .. } => 15,
+            Message::Heartbeat => 20,
             Message::Error { .. } => 31,
         }
     }
@@ -298,7 +303,12 @@ impl Message {
         out.extend_from_slice(&[0; HEADER_LEN]);
         out.push(self.tag());
         match self {
-            Message::Welcome | Message::Register | Message::Start | Message::Finished | Message::Shutdown => {}
+            Message::Welcome
+            | Message::Register
+            | Message::Start
+            | Message::Finished
+            | Message::Shutdown
+            | Message::Heartbeat => {}
             Message::SetOptimizer(spec) => encode_optimizer(spec, out),
             Message::Barrier { id } | Message::BarrierDone { id } => out.extend_from_slice(&id.to_le_bytes()),
             Message::Checkpoint { step } | Message::ResumeFrom { step } => out.extend_from_slice(&step.to_le_bytes()),
@@ -372,6 +382,7 @@ impl Message {
                 Message::Resumable { steps: (0..n).map(|_| r.u64()).collect::<Result<_, _>>()? }
             }
             15 => Message::ResumeFrom { step: r.u64()? },
+            20 => Message::Heartbeat,
             31 => Message::Error { message: r.text()? },
             tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
         };
@@ -612,6 +623,7 @@ mod tests {
             Message::Resumable { steps: vec![300, 200] },
             Message::Resumable { steps: vec![] },
             Message::ResumeFrom { step: 200 },
+            Message::Heartbeat,
         ] {
             round_trip(m);
         }

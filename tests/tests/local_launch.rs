@@ -281,3 +281,36 @@ fn a_bare_job_file_name_launches_from_its_directory() {
     assert_eq!(summary(&dir.join("run"))["status"], "succeeded");
     wait_gone(&tag);
 }
+
+/// A process that stops answering without closing its connections (here:
+/// SIGSTOP) is declared dead after `[training] heartbeat_timeout`, and the
+/// job ends with that reason instead of hanging.
+#[test]
+fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
+    let tag = fresh_tag();
+    let dir = scratch("heartbeat");
+    let job = job_in(
+        &dir,
+        (31140, 31150),
+        &[("epochs = 5", "epochs = 100000"), ("mode = \"sync\"", "mode = \"sync\"\nheartbeat_timeout = 3")],
+    );
+    let run = dir.join("run");
+    let mut child = warden_tests::spawn_launch(&tag, &job, &run);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(std::time::Instant::now() < until, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pids = agent_pids(&tag);
+    assert_eq!(pids.len(), 5);
+    let victim = nix::unistd::Pid::from_raw(pids[pids.len() - 1] as i32);
+    nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    let took = stopped.elapsed();
+    assert_eq!(status.code(), Some(1));
+    let failure = summary(&run)["failure"].as_str().unwrap_or_default().to_string();
+    assert!(failure.contains("declared dead"), "{failure}");
+    assert!(took < std::time::Duration::from_secs(3 + 15), "took {took:?} to notice");
+    wait_gone(&tag);
+}

@@ -92,9 +92,37 @@ impl RoleCtx {
         Duration::from_secs(self.spec.limits.connect_timeout_s)
     }
 
+    /// Silence after which a peer is declared dead.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.spec.training.heartbeat_timeout_s)
+    }
+
+    /// How often to say "still here".
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_timeout() / 4
+    }
+
     /// Reports an event.
     pub fn emit(&self, e: Event) {
         (self.events)(e)
+    }
+
+    /// Connects to the scheduler, registers, and starts the heartbeat.
+    pub async fn scheduler_link(&self) -> Result<SchedLink, RoleError> {
+        let (rx, tx) = self.join_scheduler().await?.into_split();
+        let tx = Arc::new(tokio::sync::Mutex::new(tx));
+        let beat = {
+            let (tx, every) = (tx.clone(), self.heartbeat_interval());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if tx.lock().await.send(&crate::wire::Message::Heartbeat).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        Ok(SchedLink { tx, rx: Some(rx), beat, timeout: self.heartbeat_timeout() })
     }
 
     /// Connects to the scheduler and registers.
@@ -112,6 +140,84 @@ impl RoleCtx {
         .map_err(|e| RoleError(format!("cannot join the scheduler at {addr}: {e}")))?;
         conn.send(&crate::wire::Message::Register).await?;
         Ok(conn)
+    }
+}
+
+type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A server's or worker's connection to the scheduler: a sender shared with
+/// the heartbeat task that says "still here" every quarter of the timeout,
+/// and a receiver that skips the scheduler's heartbeats and declares it dead
+/// after `[training] heartbeat_timeout` of silence.
+pub struct SchedLink {
+    tx: Arc<tokio::sync::Mutex<crate::conn::SendHalf<tokio::io::WriteHalf<ClientTls>>>>,
+    rx: Option<crate::conn::RecvHalf<tokio::io::ReadHalf<ClientTls>>>,
+    beat: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+}
+
+impl Drop for SchedLink {
+    fn drop(&mut self) {
+        self.beat.abort();
+    }
+}
+
+impl SchedLink {
+    /// Sends to the scheduler.
+    pub async fn send(&self, m: &crate::wire::Message) -> Result<(), RoleError> {
+        self.tx.lock().await.send(m).await.map_err(RoleError::from)
+    }
+
+    /// The next message from the scheduler other than a heartbeat.
+    pub async fn recv(&mut self) -> Result<crate::wire::Message, RoleError> {
+        let timeout = self.timeout;
+        let rx = self.rx.as_mut().ok_or_else(|| RoleError("the scheduler's messages go elsewhere".into()))?;
+        loop {
+            let waited = tokio::time::timeout(timeout, rx.recv()).await.map(|r| r.map_err(RoleError::from));
+            if let Some(out) = settle(waited, timeout) {
+                return out;
+            }
+        }
+    }
+
+    /// Hands the receiving side to a task that forwards every message,
+    /// heartbeats included, so waiting for one can race other work.
+    pub fn forward(&mut self) -> tokio::sync::mpsc::Receiver<Result<crate::wire::Message, RoleError>> {
+        let (tx, out) = tokio::sync::mpsc::channel(16);
+        if let Some(mut rx) = self.rx.take() {
+            tokio::spawn(async move {
+                loop {
+                    let m = rx.recv().await.map_err(RoleError::from);
+                    let end = m.is_err();
+                    if tx.send(m).await.is_err() || end {
+                        return;
+                    }
+                }
+            });
+        }
+        out
+    }
+
+    /// The silence after which the scheduler counts as dead.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// What one wait for a scheduler message came to: `None` for a heartbeat
+/// (wait again), else the message, the error, or "declared dead" after
+/// `timeout` of silence.
+pub fn settle(
+    waited: Result<Result<crate::wire::Message, RoleError>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Option<Result<crate::wire::Message, RoleError>> {
+    match waited {
+        Ok(Ok(crate::wire::Message::Heartbeat)) => None,
+        Ok(other) => Some(other),
+        Err(_) => Some(Err(RoleError(format!(
+            "the scheduler sent nothing for {} s ([training] heartbeat_timeout): declared dead",
+            timeout.as_secs()
+        )))),
     }
 }
 

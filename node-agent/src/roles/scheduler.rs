@@ -24,6 +24,43 @@ enum Input {
     Joined(Identity, Writer),
     Msg(Identity, Message),
     Lost(Identity, String),
+    /// Time to send heartbeats and look for silent processes.
+    Tick,
+}
+
+/// Who was last heard from when, for the heartbeat check.
+#[derive(Default)]
+struct Liveness {
+    last: BTreeMap<(Role, u32), std::time::Instant>,
+}
+
+impl Liveness {
+    fn heard(&mut self, id: &Identity) {
+        self.last.insert((id.role, id.rank), std::time::Instant::now());
+    }
+
+    /// The first process silent for longer than `timeout`, if any.
+    fn silent(&self, timeout: Duration, skip: &BTreeSet<u32>) -> Option<String> {
+        self.last
+            .iter()
+            .filter(|((role, rank), _)| !(*role == Role::Worker && skip.contains(rank)))
+            .find(|(_, at)| at.elapsed() > timeout)
+            .map(|((role, rank), at)| {
+                format!(
+                    "{role}[{rank}] sent nothing for {:.0} s ([training] heartbeat_timeout = {} s): declared dead",
+                    at.elapsed().as_secs_f64(),
+                    timeout.as_secs()
+                )
+            })
+    }
+}
+
+/// Tells every process the scheduler is alive; a write that cannot go out
+/// within a second is left to the peer's own silence check.
+async fn beat(writers: &mut BTreeMap<(Role, u32), Writer>) {
+    for w in writers.values_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), w.send(&Message::Heartbeat)).await;
+    }
 }
 
 /// Runs the scheduler on an already bound listener until the job ends.
@@ -31,7 +68,21 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Server, Role::Worker], ctx.limits())?;
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
     let log = Arc::new(RateLimitedLog::default());
+    let ticker = {
+        let (tx, every) = (tx.clone(), ctx.heartbeat_interval());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(Input::Tick).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, log));
+    let _stop_ticker = AbortOnDrop(ticker);
+    let mut alive = Liveness::default();
+    let timeout = ctx.heartbeat_timeout();
 
     let servers = ctx.plan.count(Role::Server);
     let workers = ctx.plan.count(Role::Worker);
@@ -57,8 +108,16 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             }
         };
         match input {
+            Input::Tick => {
+                beat(&mut writers).await;
+                if let Some(why) = alive.silent(timeout, &BTreeSet::new()) {
+                    abort(&mut writers, &why).await;
+                    return Err(RoleError(why));
+                }
+            }
             Input::Joined(id, mut w) => {
                 let key = (id.role, id.rank);
+                alive.heard(&id);
                 if !expected.contains(&key) {
                     let _ = w.send(&Message::Error { message: format!("{id} is not part of this job's plan") }).await;
                 } else if let std::collections::btree_map::Entry::Vacant(slot) = writers.entry(key) {
@@ -69,8 +128,10 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 }
             }
             Input::Msg(id, Message::Resumable { steps }) if ctx.resume && id.role == Role::Server => {
+                alive.heard(&id);
                 resumable.insert(id.rank, steps);
             }
+            Input::Msg(id, Message::Heartbeat) => alive.heard(&id),
             Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
             Input::Lost(id, why) if writers.contains_key(&(id.role, id.rank)) => {
                 abort(&mut writers, &format!("{id} was lost during rendezvous: {why}")).await;
@@ -116,7 +177,19 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         let Some(input) = rx.recv().await else {
             return Err(RoleError("the scheduler's listener stopped".into()));
         };
+        if let Input::Msg(id, _) = &input {
+            alive.heard(id);
+        }
         match input {
+            Input::Tick => {
+                beat(&mut writers).await;
+                if let Some(why) = alive.silent(timeout, &finished) {
+                    abort(&mut writers, &why).await;
+                    accept_task.abort();
+                    return Err(RoleError(why));
+                }
+            }
+            Input::Msg(_, Message::Heartbeat) => {}
             Input::Msg(id, Message::Barrier { id: b }) => {
                 let at = barriers.entry(b).or_default();
                 at.insert(id.rank);
@@ -233,6 +306,15 @@ impl Checkpoints {
 
     fn outstanding(&self) -> bool {
         !self.pending.is_empty()
+    }
+}
+
+/// Aborts a task when dropped, on every way out of a function.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

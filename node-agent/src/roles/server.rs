@@ -7,6 +7,7 @@
 //! shard reaches the version asked for.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -136,8 +137,9 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         }
         _ => None,
     };
-    let (sched_rx, mut sched_tx) = ctx.join_scheduler().await?.into_split();
-    let mut from_sched = forward(sched_rx);
+    let mut sched = ctx.scheduler_link().await?;
+    let mut from_sched = sched.forward();
+    let silence = sched.timeout();
     let rank = ctx.me().rank;
     let range = ctx.plan.shard(rank);
     let len = range.len();
@@ -158,12 +160,12 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             tracing::warn!("{w}");
             ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {w}") });
         }
-        sched_tx.send(&Message::Resumable { steps }).await?;
+        sched.send(&Message::Resumable { steps }).await?;
     }
     let mut optimizer: Option<OptimizerSpec> = None;
     let mut restored = None;
     loop {
-        match next(&mut from_sched).await? {
+        match next(&mut from_sched, silence).await? {
             Message::SetOptimizer(spec) => optimizer = Some(spec),
             Message::ResumeFrom { step } => {
                 let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError("resume without [checkpoint]".into()))?;
@@ -223,7 +225,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     let accept = tokio::spawn(accept_loop(listener, acceptor, shard, snapshots));
     let result = loop {
         tokio::select! {
-            m = next(&mut from_sched) => match m {
+            m = next(&mut from_sched, silence) => match m {
                 Ok(Message::Shutdown) => break Ok(()),
                 Ok(Message::Abort { reason }) => break Err(RoleError(format!("the job was aborted: {reason}"))),
                 Ok(Message::CheckpointCommit { step, shards: records }) => {
@@ -250,7 +252,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     Ok(r) => Message::CheckpointSaved { step, record: to_digest(&r) },
                     Err(reason) => Message::CheckpointFailed { step, reason },
                 };
-                if let Err(e) = sched_tx.send(&msg).await {
+                if let Err(e) = sched.send(&msg).await {
                     break Err(RoleError(format!("lost the scheduler: {e}")));
                 }
             }
@@ -278,26 +280,18 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     result
 }
 
-/// Scheduler messages through a channel, so waiting for one can race other
-/// work in a `select!` without losing a half-read frame.
-fn forward(
-    mut rx: crate::conn::RecvHalf<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
-) -> mpsc::Receiver<Result<Message, RoleError>> {
-    let (tx, out) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let m = rx.recv().await.map_err(RoleError::from);
-            let end = m.is_err();
-            if tx.send(m).await.is_err() || end {
-                return;
-            }
+/// The next scheduler message other than a heartbeat, through the channel
+/// (so waiting can race other work in a `select!`), or an error after
+/// `silence` without any message.
+async fn next(rx: &mut mpsc::Receiver<Result<Message, RoleError>>, silence: Duration) -> Result<Message, RoleError> {
+    loop {
+        let waited = tokio::time::timeout(silence, rx.recv())
+            .await
+            .map(|m| m.unwrap_or_else(|| Err(RoleError("the scheduler connection ended".into()))));
+        if let Some(out) = super::settle(waited, silence) {
+            return out;
         }
-    });
-    out
-}
-
-async fn next(rx: &mut mpsc::Receiver<Result<Message, RoleError>>) -> Result<Message, RoleError> {
-    rx.recv().await.unwrap_or_else(|| Err(RoleError("the scheduler connection ended".into())))
+    }
 }
 
 fn to_digest(r: &ShardRecord) -> ShardDigest {

@@ -190,11 +190,7 @@ async fn exchange(
 /// commit before ending the job) for a checkpoint of the state after `step`
 /// steps. Sent before this worker's next push, so in sync mode every server
 /// is exactly at `step` when the request arrives.
-async fn request_checkpoint(
-    links: &mut [Link],
-    sched: &mut crate::conn::ClientConn,
-    step: u64,
-) -> Result<(), RoleError> {
+async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink, step: u64) -> Result<(), RoleError> {
     sched.send(&Message::Checkpoint { step }).await?;
     for link in links.iter_mut() {
         // No push, no pull: the link's buffers stay where they are.
@@ -228,7 +224,7 @@ impl CheckpointClock {
 /// Runs worker `ctx.me().rank` with its data until training is done.
 pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let WorkerData { train, test, steps } = data;
-    let mut sched = ctx.join_scheduler().await?;
+    let mut sched = ctx.scheduler_link().await?;
     let mut resumed_at = 0u64;
     loop {
         match sched.recv().await? {
@@ -350,10 +346,11 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     }
     sched.send(&Message::Finished).await?;
     match sched.recv().await {
-        Ok(Message::Shutdown) | Err(crate::conn::ConnError::Closed(_)) => Ok(()),
+        Ok(Message::Shutdown) => Ok(()),
+        Err(e) if e.0.contains("closed") => Ok(()),
         Ok(Message::Abort { reason }) => Err(RoleError(format!("the job was aborted: {reason}"))),
         Ok(m) => Err(RoleError(format!("unexpected `{}` from the scheduler at the end", m.name()))),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
