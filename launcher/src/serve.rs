@@ -177,6 +177,9 @@ struct KeysFile {
 }
 
 #[derive(Debug, Deserialize)]
+// The policy fields are repeated from RawPolicy on purpose: serde cannot
+// combine `flatten` with `deny_unknown_fields`, and a misspelt key setting
+// must be an error, not silently ignored.
 #[serde(deny_unknown_fields)]
 struct RawKey {
     id: String,
