@@ -309,16 +309,37 @@ pub fn wait_gone(tag: &str) {
 }
 
 /// `warden launch JOB --local --no-progress --run-dir RUN` in the
-/// background, tagged, stderr piped for the caller to read at the end.
+/// background, tagged; its stderr goes to `RUN.stderr` (a file, so a
+/// chatty launcher never blocks on a full pipe), which [`wait_for`] returns.
 pub fn spawn_launch(tag: &str, job: &Path, run: &Path) -> std::process::Child {
+    let stderr = std::fs::File::create(run.with_extension("stderr")).unwrap();
     Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--no-progress".as_ref()])
         .args(["--run-dir".as_ref(), run.as_os_str()])
         .env("WARDEN_TEST_TAG", tag)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap()
+}
+
+/// Waits at most `secs` for a launcher started by [`spawn_launch`] for
+/// `run`: a broken behaviour fails the test instead of hanging it (the
+/// launcher is killed first). Returns its exit status and stderr.
+pub fn wait_for(mut child: std::process::Child, run: &Path, secs: u64) -> (std::process::ExitStatus, String) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the launcher did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, std::fs::read_to_string(run.with_extension("stderr")).unwrap_or_default())
 }
 
 /// Starts a long job in the background and waits until training runs.

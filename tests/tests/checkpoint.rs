@@ -404,7 +404,7 @@ key_file = "{}"
     )
     .unwrap();
     let run = dir.join("run");
-    let mut child = warden_tests::spawn_launch(&tag, &job, &run);
+    let child = warden_tests::spawn_launch(&tag, &job, &run);
 
     // Wait for one complete step, then catch a server inside a later write:
     // stop it, confirm its temporary file is still there, kill it.
@@ -437,9 +437,7 @@ key_file = "{}"
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = warden_tests::wait_for(child, &run, 120);
     assert_eq!(status.code(), Some(1), "the job must fail when a server dies: {stderr}");
     assert!(stderr.contains("server"), "{stderr}");
     let series = std::fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();

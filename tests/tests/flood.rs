@@ -24,7 +24,7 @@ fn a_flood_of_garbage_connections_does_not_stop_training() {
     let dir = scratch("flood");
     let job = job_in(&dir, (31110, 31120), &[("epochs = 5", "epochs = 150")]);
     let run = dir.join("run");
-    let mut child = warden_tests::spawn_launch(&tag, &job, &run);
+    let child = warden_tests::spawn_launch(&tag, &job, &run);
     let until = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
         assert!(Instant::now() < until, "training never started");
@@ -78,9 +78,7 @@ fn a_flood_of_garbage_connections_does_not_stop_training() {
         assert!(*open <= 32, "port {port} still holds {open} of 300 unauthenticated connections");
     }
 
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = warden_tests::wait_for(child, &run, 120);
     assert!(status.success(), "the job must train to the end under the flood: {stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "succeeded");

@@ -295,7 +295,7 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
         &[("epochs = 5", "epochs = 100000"), ("mode = \"sync\"", "mode = \"sync\"\nheartbeat_timeout = 3")],
     );
     let run = dir.join("run");
-    let mut child = warden_tests::spawn_launch(&tag, &job, &run);
+    let child = warden_tests::spawn_launch(&tag, &job, &run);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
         assert!(std::time::Instant::now() < until, "training never started");
@@ -306,7 +306,8 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
     let victim = nix::unistd::Pid::from_raw(pids[pids.len() - 1] as i32);
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = std::time::Instant::now();
-    let status = child.wait().unwrap();
+    // Without heartbeats the job would hang here: wait_for fails it instead.
+    let (status, _) = warden_tests::wait_for(child, &run, 60);
     let took = stopped.elapsed();
     assert_eq!(status.code(), Some(1));
     let failure = summary(&run)["failure"].as_str().unwrap_or_default().to_string();

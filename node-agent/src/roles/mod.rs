@@ -170,12 +170,21 @@ impl SchedLink {
 
     /// The next message from the scheduler other than a heartbeat.
     pub async fn recv(&mut self) -> Result<crate::wire::Message, RoleError> {
+        self.recv_or_closed().await?.ok_or_else(|| RoleError("the scheduler closed the connection".into()))
+    }
+
+    /// Like [`SchedLink::recv`], but a connection the scheduler closed
+    /// cleanly is `None` rather than an error (at the end of the job).
+    pub async fn recv_or_closed(&mut self) -> Result<Option<crate::wire::Message>, RoleError> {
         let timeout = self.timeout;
         let rx = self.rx.as_mut().ok_or_else(|| RoleError("the scheduler's messages go elsewhere".into()))?;
         loop {
-            let waited = tokio::time::timeout(timeout, rx.recv()).await.map(|r| r.map_err(RoleError::from));
+            let waited = match tokio::time::timeout(timeout, rx.recv()).await {
+                Ok(Err(crate::conn::ConnError::Closed(_))) => return Ok(None),
+                other => other.map(|r| r.map_err(RoleError::from)),
+            };
             if let Some(out) = settle(waited, timeout) {
-                return out;
+                return out.map(Some);
             }
         }
     }

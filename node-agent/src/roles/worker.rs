@@ -345,12 +345,10 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         ctx.emit(Event::Model { path: dir });
     }
     sched.send(&Message::Finished).await?;
-    match sched.recv().await {
-        Ok(Message::Shutdown) => Ok(()),
-        Err(e) if e.0.contains("closed") => Ok(()),
-        Ok(Message::Abort { reason }) => Err(RoleError(format!("the job was aborted: {reason}"))),
-        Ok(m) => Err(RoleError(format!("unexpected `{}` from the scheduler at the end", m.name()))),
-        Err(e) => Err(e),
+    match sched.recv_or_closed().await? {
+        Some(Message::Shutdown) | None => Ok(()),
+        Some(Message::Abort { reason }) => Err(RoleError(format!("the job was aborted: {reason}"))),
+        Some(m) => Err(RoleError(format!("unexpected `{}` from the scheduler at the end", m.name()))),
     }
 }
 
