@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,6 +174,8 @@ struct Proc {
     stdin: ControlWriter,
     kill: Option<oneshot::Sender<()>>,
     exit: Option<Option<i32>>,
+    /// It sent a `failed` event (so its non-zero exit is no news).
+    failed: bool,
 }
 
 /// Loads, checks and plans a job for launching.
@@ -195,7 +198,10 @@ pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), Launc
     Ok((spec, text, plan))
 }
 
-/// Launches a job with `transport` and watches it to the end.
+/// Launches a job with `transport` and watches it to the end. With
+/// `[training] on_failure = "restart"` a process failure stops every
+/// process and starts the job again from the newest committed checkpoint,
+/// up to `max_restarts` times, in the same run directory.
 pub async fn launch(
     job: &Path,
     spec: JobSpec,
@@ -216,10 +222,6 @@ pub async fn launch(
     };
     run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| LaunchError::Setup(e.to_string()))?;
     let transport = transport_for(&run);
-    let ca = Arc::new(
-        JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
-            .map_err(|e| LaunchError::Setup(e.to_string()))?,
-    );
     if opts.epoch_lines {
         say_fmt!(
             "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
@@ -231,18 +233,269 @@ pub async fn launch(
             run.path().display()
         );
     }
-
     // `job.toml` has the parent "", which is the current directory.
     let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base_dir = std::path::absolute(parent)
         .map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))?;
+    let ctx = AttemptCtx {
+        job,
+        spec: &spec,
+        text: &text,
+        plan: &plan,
+        base_dir,
+        seed,
+        checkpoints: &checkpoints,
+        transport: transport.clone(),
+        run: &run,
+        progress: Arc::new(Progress::new(opts.progress, opts.epoch_lines)),
+        epoch_lines: opts.epoch_lines,
+        started,
+    };
+    let mut acc = Accumulated::default();
+    let mut signals = Signals::new(&spec);
+    let max_restarts = spec.training.on_failure.max_restarts();
+    let mut restarts: Vec<crate::rundir::RestartRow> = Vec::new();
+    let end = loop {
+        let number = restarts.len() as u32;
+        // A restart resumes when a checkpoint was committed (in this run or
+        // the one it resumed); before the first, it starts from the beginning.
+        let resume = if number == 0 { opts.resume.is_some() } else { !acc.saved.is_empty() || acc.resumed };
+        let logs = if number == 0 { run.logs() } else { run.logs().join(format!("restart-{number}")) };
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| LaunchError::Setup(format!("cannot create {}: {e}", logs.display())))?;
+        let end = run_attempt(&ctx, &logs, resume, &mut acc, &mut signals).await?;
+        if let Some(last) = restarts.last_mut() {
+            last.resumed_from_step = end.resumed_step;
+            run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+        }
+        match &end.failure {
+            Some(cause) if end.restartable && number < max_restarts => {
+                let from = acc.saved.last().map(|c| c.step).or(acc.resumed_step);
+                ctx.progress.println(&format!(
+                    "warden: restarting ({} of {max_restarts}) after: {cause}\n  {}; logs of the new attempt in {}",
+                    number + 1,
+                    match from {
+                        Some(step) => format!("resuming from the newest valid checkpoint (step {step} or the newest before it that every server holds)"),
+                        None => "no checkpoint was committed yet, so it starts from the beginning".to_string(),
+                    },
+                    run.logs().join(format!("restart-{}", number + 1)).display()
+                ));
+                restarts.push(crate::rundir::RestartRow {
+                    restart: number + 1,
+                    after_s: started.elapsed().as_secs_f64(),
+                    cause: cause.clone(),
+                    processes: end.processes.clone(),
+                    resumed_from_step: None,
+                });
+                run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                continue;
+            }
+            _ => break end,
+        }
+    };
+    ctx.progress.finish();
+    transport.finish().await;
+    let Accumulated { rows, saved, first_resumed_step, .. } = acc;
+    let mut failure = end.failure;
+    if let Some(f) = &mut failure
+        && end.restartable
+        && max_restarts > 0
+    {
+        *f = format!("{f}\n  (after {} restart(s), all that max_restarts = {max_restarts} allows)", restarts.len());
+    }
+
+    // The product: signed where the job says so, before anyone copies it.
+    let mut signature = None;
+    if let (Some(key), true, None) = (&signer, end.model_fetched, &failure) {
+        match warden_agent::signing::sign_model(&run.model_dir(), key, None) {
+            Ok(path) => signature = Some(path),
+            Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
+        }
+    }
+    let done_epochs = rows.len() as u32;
+    // A resumed run reports only the epochs it ran (none if it resumed at the very end).
+    let last_epoch = rows.last().map_or(0, |r| r.epoch);
+    let all_epochs = last_epoch == spec.training.epochs || (end.resumed_step.is_some() && rows.is_empty());
+    if failure.is_none() && (!all_epochs || !end.model_fetched) {
+        failure = Some(format!(
+            "the job ended after epoch {last_epoch} of {}{}",
+            spec.training.epochs,
+            if end.model_fetched { "" } else { " without a model" }
+        ));
+    }
+    let last = rows.last();
+    let summary = Summary {
+        status: if failure.is_none() { "succeeded" } else { "failed" }.to_string(),
+        job: spec.name.clone(),
+        job_id: plan.job_id.to_string(),
+        seed,
+        epochs: done_epochs,
+        steps: rows.iter().map(|r| r.steps).sum(),
+        train_loss: last.map(|r| r.train_loss),
+        test_loss: last.map(|r| r.test_loss),
+        test_accuracy: last.map(|r| r.test_accuracy),
+        samples_per_s: last.map(|r| r.samples_per_s),
+        bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
+        bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        startup_s: end.startup_s,
+        failure,
+        model: end.model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        signature,
+        resumed_from_step: first_resumed_step,
+        checkpoints: saved,
+        restarts,
+        processes: end.processes,
+    };
+    run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
+}
+
+/// What every attempt of a launch shares.
+struct AttemptCtx<'a> {
+    job: &'a Path,
+    spec: &'a JobSpec,
+    text: &'a str,
+    plan: &'a Plan,
+    base_dir: PathBuf,
+    seed: u64,
+    checkpoints: &'a CheckpointPlan,
+    transport: Arc<dyn Transport>,
+    run: &'a RunDir,
+    progress: Arc<Progress>,
+    epoch_lines: bool,
+    started: Instant,
+}
+
+/// What the attempts of a launch add up to.
+#[derive(Default)]
+struct Accumulated {
+    /// Complete epochs, in order (a restart replaces those it runs again).
+    rows: Vec<EpochRow>,
+    /// Checkpoints committed, over every attempt.
+    saved: Vec<crate::rundir::CheckpointRow>,
+    /// Warnings already shown.
+    warnings: std::collections::BTreeSet<String>,
+    /// Some attempt resumed from a checkpoint.
+    resumed: bool,
+    /// The newest step an attempt resumed from.
+    resumed_step: Option<u64>,
+    /// The step the first attempt resumed from (`--resume`).
+    first_resumed_step: Option<u64>,
+}
+
+/// Ctrl-C and the `max_hours` deadline, which span every attempt.
+struct Signals {
+    ctrl_c: Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    interrupted: bool,
+    timed_out: bool,
+}
+
+impl Signals {
+    fn new(spec: &JobSpec) -> Signals {
+        Signals {
+            ctrl_c: Box::pin(tokio::signal::ctrl_c()),
+            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600))),
+            interrupted: false,
+            timed_out: false,
+        }
+    }
+}
+
+/// How one attempt ended.
+struct AttemptEnd {
+    failure: Option<String>,
+    /// A process failed: `on_failure = "restart"` applies. Set-up errors
+    /// (firewall, starting an agent), Ctrl-C and the deadline do not.
+    restartable: bool,
+    model_fetched: bool,
+    startup_s: Option<f64>,
+    /// The checkpoint step this attempt resumed from.
+    resumed_step: Option<u64>,
+    processes: Vec<crate::rundir::ProcessExit>,
+}
+
+/// What ended an attempt, most telling first: when one process dies, its
+/// peers fail too moments later ("connection reset"); the report names the
+/// one that died, not the first to notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Cause {
+    /// The firewall, an agent's start or the model fetch: never restarted.
+    Setup,
+    /// Exited non-zero or killed, without saying why.
+    Crashed,
+    /// Its control channel broke.
+    Broken,
+    /// It reported a failure (incl. the scheduler declaring a peer dead).
+    Reported,
+    /// Ctrl-C or `max_hours`: never restarted; the cause if it came first.
+    Stopped,
+}
+
+/// The failures of one attempt, gathered for a moment after the first.
+#[derive(Default)]
+struct Failures {
+    first_at: Option<Instant>,
+    seen: Vec<(Cause, String)>,
+}
+
+impl Failures {
+    /// How long after the first failure others still count as candidates.
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, cause: Cause, message: String) {
+        let first = *self.first_at.get_or_insert_with(Instant::now);
+        if first.elapsed() <= Self::WINDOW || matches!(cause, Cause::Stopped) {
+            self.seen.push((cause, message));
+        }
+    }
+
+    fn is_some(&self) -> bool {
+        self.first_at.is_some()
+    }
+
+    fn is_none(&self) -> bool {
+        self.first_at.is_none()
+    }
+
+    /// The root cause, and whether `on_failure = "restart"` applies.
+    fn root(self) -> (Option<String>, bool) {
+        let stopped = self.seen.iter().any(|(c, _)| matches!(c, Cause::Stopped | Cause::Setup));
+        if let Some((Cause::Stopped, _)) = self.seen.first() {
+            return (self.seen.into_iter().next().map(|(_, m)| m), false);
+        }
+        // min_by_key keeps the earliest of equal causes.
+        match self.seen.into_iter().enumerate().min_by_key(|(i, (c, _))| (*c, *i)) {
+            Some((_, (_, message))) => (Some(message), !stopped),
+            None => (None, false),
+        }
+    }
+}
+
+/// Runs the job once: firewalls, agents (with a fresh CA), watching, and
+/// teardown. Nothing of this attempt is left running when it returns.
+async fn run_attempt(
+    ctx: &AttemptCtx<'_>,
+    logs: &Path,
+    resume: bool,
+    acc: &mut Accumulated,
+    signals: &mut Signals,
+) -> Result<AttemptEnd, LaunchError> {
+    let AttemptCtx { spec, plan, transport, run, progress, .. } = ctx;
+    let started = ctx.started;
+    // A fresh CA for every attempt: certificates of a failed attempt's
+    // processes are worthless to the next one.
+    let ca = Arc::new(
+        JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
+            .map_err(|e| LaunchError::Setup(e.to_string()))?,
+    );
     let (tx, mut rx) = mpsc::channel::<Report>(4096);
     let mut procs: Vec<Proc> = Vec::new();
-    let mut failure: Option<String> = None;
+    let mut failure = Failures::default();
     // Firewalls first: no listener opens on an unprotected host.
     let table = warden_agent::plan::firewall_table(&plan.job_id);
     let mut protected = Vec::new();
-    let progress = Arc::new(Progress::new(opts.progress, opts.epoch_lines));
     // Every host at once: one slow host must not delay the others.
     let mut setups = tokio::task::JoinSet::new();
     for (hi, host) in plan.hosts.iter().enumerate().filter(|(_, h)| !h.ports.is_empty()) {
@@ -253,7 +506,11 @@ pub async fn launch(
     while let Some(joined) = setups.join_next().await {
         match joined {
             Ok((hi, Ok(None))) => protected.push(&plan.hosts[hi]),
-            Ok((_, Ok(Some(warning)))) => say_fmt!("warning: {warning}"),
+            Ok((_, Ok(Some(warning)))) => {
+                if acc.warnings.insert(warning.clone()) {
+                    say_fmt!("warning: {warning}")
+                }
+            }
             Ok((hi, Err(e))) => {
                 setup_errors.push(format!("{}: cannot install the job's firewall: {e}", plan.hosts[hi].name))
             }
@@ -262,35 +519,35 @@ pub async fn launch(
     }
     if !setup_errors.is_empty() {
         setup_errors.sort();
-        failure = Some(setup_errors.join("; "));
+        failure.add(Cause::Setup, setup_errors.join("; "));
     }
     // Start every agent at once, too; each enrols as soon as its CSR arrives.
     let start_ctx = Arc::new(StartCtx {
         transport: transport.clone(),
         ca: ca.clone(),
-        logs: run.logs(),
+        logs: logs.to_path_buf(),
         progress: progress.clone(),
     });
     let mut starts = tokio::task::JoinSet::new();
     for (i, p) in plan.processes.iter().enumerate().filter(|_| failure.is_none()) {
         let bundle = Bundle {
             job_id: plan.job_id.clone(),
-            job_toml: text.clone(),
-            job_file: job.display().to_string(),
-            base_dir: base_dir.clone(),
-            seed,
+            job_toml: ctx.text.to_string(),
+            job_file: ctx.job.display().to_string(),
+            base_dir: ctx.base_dir.clone(),
+            seed: ctx.seed,
             local: plan.local,
             role: p.role,
             rank: p.rank,
             workdir: transport.workdir(p),
-            resume: opts.resume.is_some(),
-            checkpoint_series: checkpoints.series.clone(),
+            resume,
+            checkpoint_series: ctx.checkpoints.series.clone(),
             // The key goes to the servers only: they alone write checkpoints.
-            checkpoint_key: checkpoints.secret.clone().filter(|_| p.role == Role::Server),
+            checkpoint_key: ctx.checkpoints.secret.clone().filter(|_| p.role == Role::Server),
         };
-        let (p, tx, ctx) = (p.clone(), tx.clone(), start_ctx.clone());
+        let (p, tx, sctx) = (p.clone(), tx.clone(), start_ctx.clone());
         starts.spawn(async move {
-            let r = start_one(i, &p, bundle, &ctx, tx).await;
+            let r = start_one(i, &p, bundle, &sctx, tx).await;
             (i, p, r)
         });
     }
@@ -299,10 +556,10 @@ pub async fn launch(
         match joined {
             Ok((i, _, Ok(proc_))) => started_procs.push((i, proc_)),
             Ok((_, p, Err(e))) => {
-                failure.get_or_insert_with(|| format!("{}: {e}", p.label()));
+                failure.add(Cause::Setup, format!("{}: {e}", p.label()));
             }
             Err(e) => {
-                failure.get_or_insert_with(|| e.to_string());
+                failure.add(Cause::Setup, e.to_string());
             }
         }
     }
@@ -315,18 +572,10 @@ pub async fn launch(
 
     let workers = plan.count(Role::Worker) as usize;
     let mut epochs: BTreeMap<u32, EpochParts> = BTreeMap::new();
-    let mut rows: Vec<EpochRow> = Vec::new();
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
-    let mut warnings = std::collections::BTreeSet::new();
-    let mut saved: Vec<crate::rundir::CheckpointRow> = Vec::new();
     let mut resumed_step: Option<u64> = None;
     let (mut started_count, mut startup_s) = (0usize, None::<f64>);
-    let deadline = tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600));
-    tokio::pin!(deadline);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let (mut interrupted, mut timed_out) = (false, false);
     if failure.is_some() {
         stop_all(&mut procs).await;
     }
@@ -335,15 +584,15 @@ pub async fn launch(
         let report = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
             // Guarded: a completed future must not be polled again.
-            _ = &mut ctrl_c, if !interrupted => {
-                interrupted = true;
-                failure.get_or_insert_with(|| "interrupted (Ctrl-C)".to_string());
+            _ = &mut signals.ctrl_c, if !signals.interrupted => {
+                signals.interrupted = true;
+                failure.add(Cause::Stopped, "interrupted (Ctrl-C)".to_string());
                 stop_all(&mut procs).await;
                 continue;
             }
-            _ = &mut deadline, if !timed_out => {
-                timed_out = true;
-                failure.get_or_insert_with(|| format!("the job ran longer than max_hours = {}", spec.max_hours));
+            _ = &mut signals.deadline, if !signals.timed_out => {
+                signals.timed_out = true;
+                failure.add(Cause::Stopped, format!("the job ran longer than max_hours = {}", spec.max_hours));
                 stop_all(&mut procs).await;
                 continue;
             }
@@ -372,27 +621,30 @@ pub async fn launch(
                 }
                 Event::Model { path } => model_at = Some((i, path)),
                 Event::Checkpoint { step, bytes } => {
-                    if opts.epoch_lines {
+                    if ctx.epoch_lines {
                         progress.println(&format!(
                             "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
                             bytes as f64 / 1e6
                         ));
                     }
-                    saved.push(crate::rundir::CheckpointRow { step, bytes });
+                    acc.saved.push(crate::rundir::CheckpointRow { step, bytes });
                 }
                 Event::Resumed { step } => {
-                    if opts.epoch_lines {
+                    if ctx.epoch_lines {
                         progress.println(&format!("  resuming from checkpoint step {step}"));
                     }
                     resumed_step = Some(step);
+                    acc.resumed = true;
+                    acc.resumed_step = Some(step);
+                    acc.first_resumed_step.get_or_insert(step);
                 }
                 Event::Failed { message } => {
-                    let label = procs[i].planned.label();
-                    failure.get_or_insert_with(|| format!("{label}: {message}"));
+                    procs[i].failed = true;
+                    failure.add(Cause::Reported, format!("{}: {message}", procs[i].planned.label()));
                     stop_all(&mut procs).await;
                 }
                 Event::Warning { message } => {
-                    if warnings.insert(message.clone()) {
+                    if acc.warnings.insert(message.clone()) {
                         progress.println(&format!("warning: {message}"));
                     }
                 }
@@ -406,20 +658,20 @@ pub async fn launch(
             },
             Report::Exited(i, code) => {
                 procs[i].exit = Some(code);
-                if code != Some(0) && failure.is_none() {
+                // A process that said why it failed has been counted already.
+                if code != Some(0) && !procs[i].failed {
                     let label = procs[i].planned.label();
-                    let log = run.logs().join(log_name(&procs[i].planned));
+                    let log = logs.join(log_name(&procs[i].planned));
                     let what = match code {
                         Some(c) => format!("{label} exited with status {c}"),
                         None => format!("{label} was killed by a signal"),
                     };
-                    failure = Some(format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
+                    failure.add(Cause::Crashed, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
                     stop_all(&mut procs).await;
                 }
             }
             Report::Broken(i, why) => {
-                let label = procs[i].planned.label();
-                failure.get_or_insert_with(|| format!("{label}: {why}"));
+                failure.add(Cause::Broken, format!("{}: {why}", procs[i].planned.label()));
                 stop_all(&mut procs).await;
             }
         }
@@ -441,7 +693,7 @@ pub async fn launch(
                 bytes_pulled: parts.bytes_pulled,
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
-            if opts.epoch_lines {
+            if ctx.epoch_lines {
                 progress.println(&format!(
                     "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
                     row.epoch,
@@ -453,11 +705,18 @@ pub async fn launch(
                     row.elapsed_s
                 ));
             }
-            run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
-            rows.push(row);
+            // After a restart, an epoch run again replaces what the failed attempt wrote.
+            if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
+                acc.rows.retain(|r| r.epoch < row.epoch);
+                acc.rows.push(row);
+                run.write_metrics(&acc.rows).map_err(|e| LaunchError::Setup(e.to_string()))?;
+            } else {
+                run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                acc.rows.push(row);
+            }
             epochs.pop_first();
             if spec.data.is_some()
-                && let Err(e) = crate::plot::draw(&run.path().join("plot.png"), &rows)
+                && let Err(e) = crate::plot::draw(&run.path().join("plot.png"), &acc.rows)
             {
                 tracing::warn!("cannot draw plot.png: {e}");
             }
@@ -466,15 +725,12 @@ pub async fn launch(
             match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir()).await {
                 Ok(()) => model_fetched = true,
                 Err(e) => {
-                    failure.get_or_insert_with(|| {
-                        format!("cannot fetch the model from {}: {e}", procs[i].planned.label())
-                    });
+                    failure.add(Cause::Setup, format!("cannot fetch the model from {}: {e}", procs[i].planned.label()));
                     stop_all(&mut procs).await;
                 }
             }
         }
     }
-    progress.finish();
     for p in &procs {
         if let Err(e) = transport.cleanup(&p.planned).await {
             tracing::warn!("cleanup on {}: {e}", p.planned.label());
@@ -488,55 +744,18 @@ pub async fn launch(
             );
         }
     }
-    transport.finish().await;
-
-    // The product: signed where the job says so, before anyone copies it.
-    let mut signature = None;
-    if let (Some(key), true, None) = (&signer, model_fetched, &failure) {
-        match warden_agent::signing::sign_model(&run.model_dir(), key, None) {
-            Ok(path) => signature = Some(path),
-            Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
-        }
-    }
-    let done_epochs = rows.len() as u32;
-    // A resumed run reports only the epochs it ran (none if it resumed at the very end).
-    let last_epoch = rows.last().map_or(0, |r| r.epoch);
-    let all_epochs = last_epoch == spec.training.epochs || (resumed_step.is_some() && rows.is_empty());
-    if failure.is_none() && (!all_epochs || !model_fetched) {
-        failure = Some(format!(
-            "the job ended after epoch {last_epoch} of {}{}",
-            spec.training.epochs,
-            if model_fetched { "" } else { " without a model" }
-        ));
-    }
-    let last = rows.last();
-    let summary = Summary {
-        status: if failure.is_none() { "succeeded" } else { "failed" }.to_string(),
-        job: spec.name.clone(),
-        job_id: plan.job_id.to_string(),
-        seed,
-        epochs: done_epochs,
-        steps: rows.iter().map(|r| r.steps).sum(),
-        train_loss: last.map(|r| r.train_loss),
-        test_loss: last.map(|r| r.test_loss),
-        test_accuracy: last.map(|r| r.test_accuracy),
-        samples_per_s: last.map(|r| r.samples_per_s),
-        bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
-        bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
-        elapsed_s: started.elapsed().as_secs_f64(),
-        startup_s,
+    let (failure, restartable) = failure.root();
+    Ok(AttemptEnd {
         failure,
-        model: model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
-        signature,
-        resumed_from_step: resumed_step,
-        checkpoints: saved,
+        restartable,
+        model_fetched,
+        startup_s,
+        resumed_step,
         processes: procs
             .iter()
             .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
             .collect(),
-    };
-    run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
-    Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
+    })
 }
 
 /// The log file name of a process in `DIR/logs/`.
@@ -661,7 +880,7 @@ async fn start_one(
             let _ = tx.send(Report::Exited(i, code.unwrap_or(None))).await;
         });
     }
-    Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), exit: None })
+    Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), exit: None, failed: false })
 }
 
 async fn send_control(stdin: &ControlWriter, msg: &Control) -> std::io::Result<()> {

@@ -8,6 +8,7 @@
 //! DIR/plot.png        loss and accuracy per epoch
 //! DIR/logs/           one log per process (stderr, plus its events)
 //! DIR/model/          model.safetensors
+//! DIR/restarts.json   each restart and its cause (on_failure = "restart")
 //! DIR/summary.json    how it ended
 //! ```
 
@@ -93,8 +94,25 @@ pub struct Summary {
     pub resumed_from_step: Option<u64>,
     /// Checkpoints committed during the run (encrypted, on the servers' hosts).
     pub checkpoints: Vec<CheckpointRow>,
-    /// Every process and how it exited.
+    /// Restarts after process failures (`[training] on_failure = "restart"`).
+    pub restarts: Vec<RestartRow>,
+    /// Every process of the last attempt and how it exited.
     pub processes: Vec<ProcessExit>,
+}
+
+/// One restart, for `restarts.json` and the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartRow {
+    /// 1 for the first restart; its logs are in `logs/restart-N/`.
+    pub restart: u32,
+    /// Seconds since launch when the failed attempt had ended.
+    pub after_s: f64,
+    /// Why the attempt before it failed.
+    pub cause: String,
+    /// How each process of the failed attempt exited.
+    pub processes: Vec<ProcessExit>,
+    /// The checkpoint step the restart resumed from (none: from the beginning).
+    pub resumed_from_step: Option<u64>,
 }
 
 /// A committed checkpoint, for the summary.
@@ -197,15 +215,16 @@ impl RunDir {
             "resumed_from": lineage.resumed_from,
         });
         write_json(&self.path.join("run.json"), &run)?;
-        std::fs::write(
-            self.path.join("metrics.csv"),
-            "epoch,train_loss,test_loss,test_accuracy,steps,samples_per_s,bytes_pushed,bytes_pulled,elapsed_s\n",
-        )
+        std::fs::write(self.path.join("metrics.csv"), METRICS_HEADER)
     }
 
     /// Appends one epoch to `metrics.csv`.
     pub fn append_metrics(&self, r: &EpochRow) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).open(self.path.join("metrics.csv"))?;
+        self.append_to(&self.path.join("metrics.csv"), r)
+    }
+
+    fn append_to(&self, path: &Path, r: &EpochRow) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
         writeln!(
             f,
             "{},{:.6},{:.6},{:.6},{},{:.1},{},{},{:.3}",
@@ -221,11 +240,30 @@ impl RunDir {
         )
     }
 
+    /// Rewrites `metrics.csv` with `rows` (after a restart ran epochs again).
+    pub fn write_metrics(&self, rows: &[EpochRow]) -> std::io::Result<()> {
+        let path = self.path.join("metrics.csv");
+        let tmp = path.with_extension("csv.tmp");
+        std::fs::write(&tmp, METRICS_HEADER)?;
+        for r in rows {
+            self.append_to(&tmp, r)?;
+        }
+        std::fs::rename(tmp, path)
+    }
+
+    /// Writes `restarts.json` (each restart and its cause) atomically.
+    pub fn write_restarts(&self, rows: &[RestartRow]) -> std::io::Result<()> {
+        write_json(&self.path.join("restarts.json"), &rows)
+    }
+
     /// Writes `summary.json` atomically.
     pub fn write_summary(&self, s: &Summary) -> std::io::Result<()> {
         write_json(&self.path.join("summary.json"), s)
     }
 }
+
+const METRICS_HEADER: &str =
+    "epoch,train_loss,test_loss,test_accuracy,steps,samples_per_s,bytes_pushed,bytes_pulled,elapsed_s\n";
 
 fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");

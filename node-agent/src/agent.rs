@@ -59,6 +59,15 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
     let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();
+    // `ps` and /proc/PID/comm show which process this is (wd-worker-3);
+    // threads started later inherit the name.
+    let comm = match me.role {
+        Role::Scheduler => "wd-scheduler".to_string(),
+        role => format!("wd-{role}-{}", me.rank),
+    };
+    if let Ok(comm) = std::ffi::CString::new(comm) {
+        let _ = nix::sys::prctl::set_name(&comm);
+    }
 
     // Who training runs as: the job user when we are root, else ourselves.
     let root = crate::harden::started_as_root();

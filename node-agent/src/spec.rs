@@ -171,6 +171,8 @@ pub mod raw {
         pub compression: Option<Spanned<String>>,
         pub compression_threshold: Option<Spanned<f64>>,
         pub heartbeat_timeout: Option<Spanned<i64>>,
+        pub on_failure: Option<Spanned<String>>,
+        pub max_restarts: Option<Spanned<i64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -432,6 +434,32 @@ pub struct TrainingSpec {
     pub compression: Compression,
     /// Seconds of silence after which a process (or the scheduler) is declared dead.
     pub heartbeat_timeout_s: u64,
+    /// What the launcher does when a process fails.
+    pub on_failure: OnFailure,
+}
+
+/// `[training] on_failure`: what a process failure does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop the whole job and report who failed and why (the default).
+    Fail,
+    /// Stop every process, then start the job again from the newest valid
+    /// checkpoint, at most `max_restarts` times.
+    Restart {
+        /// Restarts allowed over the whole run.
+        max_restarts: u32,
+    },
+}
+
+impl OnFailure {
+    /// Restarts allowed (0 with `fail`).
+    pub fn max_restarts(self) -> u32 {
+        match self {
+            OnFailure::Fail => 0,
+            OnFailure::Restart { max_restarts } => max_restarts,
+        }
+    }
 }
 
 /// `[training] compression`: how workers encode gradients on the wire.
@@ -1097,7 +1125,37 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         )?,
         None => 30,
     };
-    let training = TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression, heartbeat_timeout_s };
+    let on_failure = match (t.on_failure.as_ref().map(|v| (v.get_ref().as_str(), v.span())), &t.max_restarts) {
+        (None | Some(("fail", _)), None) => OnFailure::Fail,
+        (None | Some(("fail", _)), Some(v)) => {
+            return Err(src.err(
+                v.span(),
+                "max_restarts belongs to on_failure = \"restart\"",
+                "set on_failure = \"restart\", or remove max_restarts",
+            ));
+        }
+        (Some(("restart", span)), max) => {
+            if raw.checkpoint.is_none() {
+                return Err(src.err(
+                    span,
+                    "on_failure = \"restart\" resumes from the newest checkpoint, but the job file has no [checkpoint] section",
+                    "add [checkpoint] with every_steps or every_seconds (see docs/checkpoints.md)",
+                ));
+            }
+            let max_restarts = match max {
+                Some(v) => {
+                    int_in(src, v, "max_restarts", 1, 100, "how many times the job may start again; 3 is typical")?
+                }
+                None => 3,
+            };
+            OnFailure::Restart { max_restarts }
+        }
+        (Some((other, span)), _) => {
+            return Err(src.err(span, format!("unknown on_failure `{other}`"), "use \"fail\" or \"restart\""));
+        }
+    };
+    let training =
+        TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression, heartbeat_timeout_s, on_failure };
 
     // [limits]
     let mut limits = LimitsSpec::default();

@@ -385,3 +385,11 @@ pub fn job_table(run: &std::path::Path) -> String {
 
 pub mod netns;
 pub mod netns_transport;
+
+/// The PID of the live agent of job `tag` that runs `comm` (the name each
+/// agent gives itself: `wd-scheduler`, `wd-server-0`, `wd-worker-1`, ...).
+pub fn agent_pid_named(tag: &str, comm: &str) -> Option<u32> {
+    agent_pids(tag)
+        .into_iter()
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm))
+}

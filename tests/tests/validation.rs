@@ -358,6 +358,38 @@ const CASES: &[Case] = &[
         message: "keep_last_after_job must be between 0 and 2, not 3",
         help: Some("at most keep_last; 0 deletes them all"),
     },
+    Case {
+        name: "restart without checkpoints",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\non_failure = \"restart\"\n",
+        at: "on_failure = ^\"restart\"",
+        message: "on_failure = \"restart\" resumes from the newest checkpoint, but the job file has no [checkpoint] section",
+        help: Some("add [checkpoint] with every_steps or every_seconds (see docs/checkpoints.md)"),
+    },
+    Case {
+        name: "max_restarts without restart",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\nmax_restarts = 2\n",
+        at: "max_restarts = ^2",
+        message: "max_restarts belongs to on_failure = \"restart\"",
+        help: Some("set on_failure = \"restart\", or remove max_restarts"),
+    },
+    Case {
+        name: "unknown on_failure",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\non_failure = \"retry\"\n",
+        at: "on_failure = ^\"retry\"",
+        message: "unknown on_failure `retry`",
+        help: Some("use \"fail\" or \"restart\""),
+    },
+    Case {
+        name: "too many restarts",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\non_failure = \"restart\"\nmax_restarts = 1000\n[checkpoint]\ndir = \"/ck\"\nevery_steps = 10\n",
+        at: "max_restarts = ^1000",
+        message: "max_restarts must be between 1 and 100, not 1000",
+        help: Some("how many times the job may start again; 3 is typical"),
+    },
 ];
 
 #[test]
