@@ -585,7 +585,18 @@ pub fn read_shard(
 ) -> Result<(ShardState, String), CheckpointError> {
     let file = File::open(path).map_err(io_err(path))?;
     let actual = file.metadata().map_err(io_err(path))?.len();
-    let mut r = file;
+    read_shard_from(file, actual, path, key, at, shape)
+}
+
+/// [`read_shard`] from any reader of `actual` bytes; `path` names it in errors.
+pub fn read_shard_from<R: Read + Send>(
+    mut r: R,
+    actual: u64,
+    path: &Path,
+    key: &CheckpointKey,
+    at: Option<&Placement>,
+    shape: Shape,
+) -> Result<(ShardState, String), CheckpointError> {
     let mut hash = digest::Context::new(&digest::SHA256);
     let mut head = [0u8; HEADER_LEN + 8 + HEADER_MAC_LEN];
     if let Err(e) = r.read_exact(&mut head) {
@@ -905,10 +916,17 @@ pub fn read_manifest(step_dir: &Path, key: Option<&CheckpointKey>) -> Result<Man
         }
         Err(e) => return Err(CheckpointError::Io { path, source: e }),
     };
+    parse_manifest(&text, step_dir, key)
+}
+
+/// Checks the text of `step_dir`'s manifest (see [`read_manifest`]).
+pub fn parse_manifest(text: &[u8], step_dir: &Path, key: Option<&CheckpointKey>) -> Result<Manifest, CheckpointError> {
+    let path = step_dir.join(MANIFEST);
+    let bad = |detail: String| CheckpointError::Manifest { path: path.clone(), detail };
     if text.len() > 1 << 20 {
         return Err(bad("larger than 1 MiB; not a manifest".into()));
     }
-    let file: ManifestFile = serde_json::from_slice(&text).map_err(|e| bad(format!("malformed: {e}")))?;
+    let file: ManifestFile = serde_json::from_slice(text).map_err(|e| bad(format!("malformed: {e}")))?;
     let m = file.manifest;
     if m.format != 1 {
         return Err(bad(format!("manifest format {}; this warden reads format 1", m.format)));

@@ -84,6 +84,8 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// Connections open at once from one source address.
     pub max_per_source: usize,
+    /// How long an authenticated peer may stall mid-frame or stop reading.
+    pub stall: Duration,
 }
 
 /// Connection slots of one listener: every accepted TCP connection takes one
@@ -119,6 +121,7 @@ pub struct Conn<S> {
     stream: S,
     peer: Identity,
     max_frame: u32,
+    stall: Duration,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
 }
@@ -126,10 +129,26 @@ pub struct Conn<S> {
 /// Reads one frame body into `buf`, refusing lengths above `max` before
 /// allocating. `Ok(false)` is a clean end of stream between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec<u8>) -> Result<bool, ConnError> {
+    read_frame_within(r, max, buf, None).await
+}
+
+/// [`read_frame`] that waits for the next frame as long as it takes, but
+/// once a frame has begun drops a peer that sends nothing more for `stall`
+/// (a slow-drip sender holds no buffer and no task for long).
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    buf: &mut Vec<u8>,
+    stall: Option<Duration>,
+) -> Result<bool, ConnError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
-        let n = r.read(&mut header[got..]).await?;
+        let read = r.read(&mut header[got..]);
+        let n = match (got, stall) {
+            (0, _) | (_, None) => read.await?,
+            (_, Some(d)) => timeout(d, read).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??,
+        };
         if n == 0 {
             return if got == 0 {
                 Ok(false)
@@ -145,9 +164,41 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec
     }
     buf.clear();
     buf.resize(len as usize, 0);
-    r.read_exact(buf).await?;
+    let Some(stall) = stall else {
+        r.read_exact(buf).await?;
+        return Ok(true);
+    };
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = timeout(stall, r.read(&mut buf[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
+        if n == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        filled += n;
+    }
     Ok(true)
 }
+
+const STALLED_SENDING: &str = "waiting for the rest of a frame (the peer stopped sending mid-frame)";
+const STALLED_READING: &str = "waiting for the peer to read (it stopped reading)";
+
+/// Writes all of `bytes` and flushes, dropping a peer that takes nothing
+/// for `stall` (a peer that stops reading never pins a task or a buffer).
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, mut bytes: &[u8], stall: Duration) -> Result<(), ConnError> {
+    while !bytes.is_empty() {
+        let n = timeout(stall, w.write(bytes)).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
+        if n == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        bytes = &bytes[n..];
+    }
+    timeout(stall, w.flush()).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
+    Ok(())
+}
+
+/// How long a peer may stall mid-frame or stop reading before it is
+/// dropped, unless [`Conn::set_stall`] says otherwise.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
 /// Decodes a frame body and checks that `from` may send it.
 pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
@@ -160,7 +211,7 @@ pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
-        Conn { stream, peer, max_frame, rbuf: Vec::new(), wbuf: Vec::new() }
+        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new() }
     }
 
     /// The authenticated peer.
@@ -170,7 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Receives one authorized message. A peer's `Error` becomes [`ConnError::Refused`].
     pub async fn recv(&mut self) -> Result<Message, ConnError> {
-        if !read_frame(&mut self.stream, self.max_frame, &mut self.rbuf).await? {
+        if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
         match decode_from(&self.rbuf, self.peer.role)? {
@@ -183,7 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// decoding its payload (for the hot push/pull path). A peer's `Error`
     /// becomes [`ConnError::Refused`].
     pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
-        if !read_frame(&mut self.stream, self.max_frame, &mut self.rbuf).await? {
+        if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
         let tag = *self.rbuf.first().ok_or_else(|| DecodeError("empty frame".into()))?;
@@ -202,17 +253,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Sends an already encoded frame.
     pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ConnError> {
-        self.stream.write_all(frame).await?;
-        self.stream.flush().await?;
-        Ok(())
+        write_within(&mut self.stream, frame, self.stall).await
+    }
+
+    /// How long the peer may stall mid-frame or stop reading before it is
+    /// dropped (default [`DEFAULT_STALL`]; roles use the heartbeat timeout).
+    pub fn set_stall(&mut self, stall: Duration) {
+        self.stall = stall;
     }
 
     /// Sends one message; returns the bytes of the frame.
     pub async fn send(&mut self, msg: &Message) -> Result<usize, ConnError> {
         self.wbuf.clear();
         msg.encode_frame(&mut self.wbuf);
-        self.stream.write_all(&self.wbuf).await?;
-        self.stream.flush().await?;
+        write_within(&mut self.stream, &self.wbuf, self.stall).await?;
         Ok(self.wbuf.len())
     }
 
@@ -242,8 +296,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn into_split(self) -> (RecvHalf<tokio::io::ReadHalf<S>>, SendHalf<tokio::io::WriteHalf<S>>) {
         let (r, w) = tokio::io::split(self.stream);
         (
-            RecvHalf { r, peer: self.peer.clone(), max_frame: self.max_frame, buf: self.rbuf },
-            SendHalf { w, buf: self.wbuf },
+            RecvHalf { r, peer: self.peer.clone(), max_frame: self.max_frame, stall: self.stall, buf: self.rbuf },
+            SendHalf { w, stall: self.stall, buf: self.wbuf },
         )
     }
 }
@@ -254,13 +308,14 @@ pub struct RecvHalf<R> {
     r: R,
     peer: Identity,
     max_frame: u32,
+    stall: Duration,
     buf: Vec<u8>,
 }
 
 impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// As [`Conn::recv`].
     pub async fn recv(&mut self) -> Result<Message, ConnError> {
-        if !read_frame(&mut self.r, self.max_frame, &mut self.buf).await? {
+        if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
         match decode_from(&self.buf, self.peer.role)? {
@@ -278,6 +333,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
 #[derive(Debug)]
 pub struct SendHalf<W> {
     w: W,
+    stall: Duration,
     buf: Vec<u8>,
 }
 
@@ -286,9 +342,7 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
     pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
         self.buf.clear();
         msg.encode_frame(&mut self.buf);
-        self.w.write_all(&self.buf).await?;
-        self.w.flush().await?;
-        Ok(())
+        write_within(&mut self.w, &self.buf, self.stall).await
     }
 }
 
@@ -346,6 +400,7 @@ impl Acceptor {
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
         let peer = tls::peer_identity(stream.get_ref().1).map_err(ConnError::Setup)?;
         let mut conn = Conn::new(stream, peer, self.limits.max_frame);
+        conn.set_stall(self.limits.stall);
         conn.send(&Message::Welcome).await?;
         match timeout_at(deadline, conn.recv()).await {
             Ok(Ok(first)) => Ok((conn, first)),

@@ -13,6 +13,7 @@
 //! - [`roles`]: scheduler, server and worker.
 //! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
 //! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
+//! - [`fuzz`]: entry points for fuzzing every parser of untrusted bytes.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(unsafe_code))]
 
@@ -25,6 +26,7 @@ pub mod conn;
 pub mod control;
 pub mod data;
 pub mod firewall;
+pub mod fuzz;
 pub mod harden;
 pub mod identity;
 pub mod model;

@@ -450,7 +450,41 @@ pub fn verify_model(model: &Path, key: &VerifyingKey, signature: Option<&Path>) 
         return Err(malformed(format!("{size} bytes; a signature is at most {MAX_SIGNATURE}")));
     }
     let text = std::fs::read(&sig_path).map_err(io(&sig_path))?;
-    let bundle: Bundle = serde_json::from_slice(&text).map_err(|e| malformed(e.to_string()))?;
+    let (st, signed) = open_bundle(&text, key, &sig_path)?;
+
+    // The ignore list is signed; the signature file itself is never hashed.
+    let ser = &st.predicate.serialization;
+    let mut ignore = ser.ignore_paths.clone();
+    ignore.extend(relative_inside(model, &sig_path));
+    let actual = hash_model(model, &ignore)?;
+    let actual: BTreeMap<String, [u8; 32]> = actual.into_iter().map(|(k, v)| (k.join("/"), v)).collect();
+    let modified: Vec<String> =
+        signed.iter().filter(|(n, d)| actual.get(*n).is_some_and(|a| a[..] != d[..])).map(|(n, _)| n.clone()).collect();
+    let missing: Vec<String> = signed.keys().filter(|n| !actual.contains_key(*n)).cloned().collect();
+    let extra: Vec<String> = actual.keys().filter(|n| !signed.contains_key(*n)).cloned().collect();
+    match (modified.is_empty(), missing.is_empty(), extra.is_empty()) {
+        (false, _, _) => Err(SignError::Modified(modified)),
+        (true, false, false) => Err(SignError::Renamed { missing, extra }),
+        (true, false, true) => Err(SignError::Missing(missing)),
+        (true, true, false) => Err(SignError::Extra(extra)),
+        (true, true, true) => Ok(Verified {
+            files: st.predicate.resources.iter().map(|r| r.name.clone()).collect(),
+            digest: st.subject[0].digest.sha256.clone(),
+        }),
+    }
+}
+
+/// Parses a signature bundle, checks its signature with `key` and the
+/// statement it signs; returns the statement and its files' digests.
+/// `sig_path` names the bundle in errors. Nothing here trusts a byte before
+/// the signature over it is verified.
+fn open_bundle(
+    text: &[u8],
+    key: &VerifyingKey,
+    sig_path: &Path,
+) -> Result<(Statement, BTreeMap<String, Vec<u8>>), SignError> {
+    let malformed = |detail: String| SignError::Malformed { path: sig_path.to_path_buf(), detail };
+    let bundle: Bundle = serde_json::from_slice(text).map_err(|e| malformed(e.to_string()))?;
     if bundle.media_type != BUNDLE_MEDIA_TYPE {
         return Err(malformed(format!("media type `{}`, expected `{BUNDLE_MEDIA_TYPE}`", bundle.media_type)));
     }
@@ -509,25 +543,12 @@ pub fn verify_model(model: &Path, key: &VerifyingKey, signature: Option<&Path>) 
         return Err(SignError::Inconsistent);
     }
 
-    // The ignore list is signed; the signature file itself is never hashed.
-    let mut ignore = ser.ignore_paths.clone();
-    ignore.extend(relative_inside(model, &sig_path));
-    let actual = hash_model(model, &ignore)?;
-    let actual: BTreeMap<String, [u8; 32]> = actual.into_iter().map(|(k, v)| (k.join("/"), v)).collect();
-    let modified: Vec<String> =
-        signed.iter().filter(|(n, d)| actual.get(*n).is_some_and(|a| a[..] != d[..])).map(|(n, _)| n.clone()).collect();
-    let missing: Vec<String> = signed.keys().filter(|n| !actual.contains_key(*n)).cloned().collect();
-    let extra: Vec<String> = actual.keys().filter(|n| !signed.contains_key(*n)).cloned().collect();
-    match (modified.is_empty(), missing.is_empty(), extra.is_empty()) {
-        (false, _, _) => Err(SignError::Modified(modified)),
-        (true, false, false) => Err(SignError::Renamed { missing, extra }),
-        (true, false, true) => Err(SignError::Missing(missing)),
-        (true, true, false) => Err(SignError::Extra(extra)),
-        (true, true, true) => Ok(Verified {
-            files: st.predicate.resources.iter().map(|r| r.name.clone()).collect(),
-            digest: st.subject[0].digest.sha256.clone(),
-        }),
-    }
+    Ok((st, signed))
+}
+
+/// [`open_bundle`] for the fuzzer: the signature file's text against `key`.
+pub fn check_bundle(text: &[u8], key: &VerifyingKey) -> Result<Vec<String>, SignError> {
+    open_bundle(text, key, Path::new("model.sig")).map(|(_, signed)| signed.into_keys().collect())
 }
 
 /// Writes a new key pair into `dir`: `private.pem` (mode 0600, encrypted

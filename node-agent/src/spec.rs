@@ -194,6 +194,7 @@ pub mod raw {
         pub connect_timeout_s: Option<Spanned<i64>>,
         pub max_connections: Option<Spanned<i64>>,
         pub max_connections_per_source: Option<Spanned<i64>>,
+        pub stall_timeout_s: Option<Spanned<i64>>,
     }
 }
 
@@ -494,6 +495,9 @@ pub struct LimitsSpec {
     pub max_connections: usize,
     /// Connections a listener holds open at once from one address (likewise).
     pub max_connections_per_source: usize,
+    /// Seconds an authenticated peer may stall mid-frame or stop reading
+    /// before it is dropped (`None`: the heartbeat timeout).
+    pub stall_timeout_s: Option<u64>,
 }
 
 impl Default for LimitsSpec {
@@ -504,6 +508,7 @@ impl Default for LimitsSpec {
             connect_timeout_s: 60,
             max_connections: 512,
             max_connections_per_source: 32,
+            stall_timeout_s: None,
         }
     }
 }
@@ -1179,6 +1184,16 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         if let Some(v) = &l.max_connections_per_source {
             limits.max_connections_per_source =
                 int_in(src, v, "max_connections_per_source", 1, 65_536, "32 suits most jobs")?;
+        }
+        if let Some(v) = &l.stall_timeout_s {
+            limits.stall_timeout_s = Some(int_in(
+                src,
+                v,
+                "stall_timeout_s",
+                1,
+                3600,
+                "seconds a peer may stop mid-message or stop reading; the heartbeat timeout (default) suits most jobs",
+            )?);
         }
     }
     let checkpoint = raw.checkpoint.as_ref().map(|c| convert_checkpoint(src, c, base_dir)).transpose()?;

@@ -289,3 +289,71 @@ async fn captured_bytes_of_a_push_do_not_contain_the_gradient() {
     assert!(bytes.len() > len * 4, "the relay saw the push");
     assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_slice()), "gradient bytes visible on the wire");
 }
+
+/// A legitimate worker's raw TLS stream with a tiny receive buffer, past
+/// its first message (so the first-message deadline no longer applies).
+async fn raw_worker_small_buffer(cluster: &RoleCluster) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let me = cluster.pki.issue(Role::Worker, 0);
+    let config = warden_agent::tls::client_config(&me, cluster.pki.id(Role::Server, 0)).unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(cluster.server_addr).await.unwrap();
+    let mut tls =
+        TlsConnector::from(config).connect(ServerName::IpAddress(cluster.server_addr.ip().into()), tcp).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
+    assert_eq!(Message::decode(&buf).unwrap(), Message::Welcome);
+    let mut frame = Vec::new();
+    Message::Pull { min_version: 0 }.encode_frame(&mut frame);
+    tls.write_all(&frame).await.unwrap();
+    assert!(warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
+    assert!(matches!(Message::decode(&buf).unwrap(), Message::Params { .. }));
+    tls
+}
+
+/// After authentication, a peer that starts a frame and then drips or stops
+/// is dropped after `stall_timeout_s`, told why, and costs nothing more.
+#[tokio::test]
+async fn a_peer_that_stalls_mid_frame_is_dropped_after_the_stall_timeout() {
+    let cluster = RoleCluster::start("stall_timeout_s = 1").await;
+    let mut tls = raw_worker_small_buffer(&cluster).await;
+    // A header promising 100 bytes, then 10 of them, then nothing.
+    tls.write_all(&100u32.to_le_bytes()).await.unwrap();
+    tls.write_all(&[3; 10]).await.unwrap();
+    tls.flush().await.unwrap();
+    let started = Instant::now();
+    let message = refusal(&mut tls).await;
+    assert_eq!(message, "timed out waiting for the rest of a frame (the peer stopped sending mid-frame)");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(4), "dropped after {waited:?}");
+    assert_serves_with_original_optimizer(&cluster, 0).await;
+}
+
+/// A peer that keeps asking but stops reading the answers fills the
+/// server's socket buffer; the server drops it after `stall_timeout_s`
+/// instead of blocking on it for ever, and keeps serving everyone else.
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_dropped_after_the_stall_timeout() {
+    let cluster = RoleCluster::start("stall_timeout_s = 1").await;
+    let tls = raw_worker_small_buffer(&cluster).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut pulls = Vec::new();
+    // Enough answers (about 80 bytes each) to fill both sides' socket buffers.
+    for _ in 0..300_000 {
+        Message::Pull { min_version: 0 }.encode_frame(&mut pulls);
+    }
+    // Ask, and ask, without reading (the writes block once the server stops
+    // reading too, which is fine: the task is dropped at the end).
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&pulls).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // By now the server has given up on us: draining what it sent reaches the end.
+    let mut sink = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut sink)).await;
+    assert!(drained.is_ok(), "the server still holds the connection of a peer that stopped reading");
+    writer.abort();
+    assert_serves_with_original_optimizer(&cluster, 0).await;
+}

@@ -84,12 +84,18 @@ impl RoleCtx {
             first_message: Duration::from_millis(self.spec.limits.first_message_timeout_ms),
             max_connections: self.spec.limits.max_connections.max(needed),
             max_per_source: self.spec.limits.max_connections_per_source.max(needed),
+            stall: self.stall_timeout(),
         }
     }
 
     /// How long to keep trying to reach a peer.
     pub fn patience(&self) -> Duration {
         Duration::from_secs(self.spec.limits.connect_timeout_s)
+    }
+
+    /// How long a peer may stall mid-frame or stop reading before it is dropped.
+    pub fn stall_timeout(&self) -> Duration {
+        self.spec.limits.stall_timeout_s.map_or_else(|| self.heartbeat_timeout(), Duration::from_secs)
     }
 
     /// Silence after which a peer is declared dead.
@@ -138,6 +144,7 @@ impl RoleCtx {
         )
         .await
         .map_err(|e| RoleError(format!("cannot join the scheduler at {addr}: {e}")))?;
+        conn.set_stall(self.stall_timeout());
         conn.send(&crate::wire::Message::Register).await?;
         Ok(conn)
     }

@@ -237,7 +237,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     ctx.emit(Event::Started);
     let mut links = Vec::new();
     for p in ctx.plan.of_role(Role::Server) {
-        let conn = crate::conn::connect(
+        let mut conn = crate::conn::connect(
             &ctx.tls,
             ctx.plan.identity(Role::Server, p.rank),
             p.socket().expect("servers listen"),
@@ -246,6 +246,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         )
         .await
         .map_err(|e| RoleError(format!("cannot reach {}: {e}", p.label())))?;
+        conn.set_stall(ctx.stall_timeout());
         links.push(spawn_link(conn, ctx.plan.shard(p.rank)));
     }
     let spec = &ctx.spec;

@@ -1,0 +1,3 @@
+#![no_main]
+//! `warden_agent::fuzz::signature` under libFuzzer.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| warden_agent::fuzz::signature(data));
