@@ -251,6 +251,23 @@ impl Drop for RoleCluster {
     }
 }
 
+/// One honest step on a worker connection `w` from version `step`: pull,
+/// push a gradient of ones, pull the update, and check it is exactly SGD
+/// with the test job's lr 0.5 (so nothing else changed the parameters or
+/// the optimizer).
+pub async fn honest_sgd_step(w: &mut warden_agent::conn::ClientConn, step: u64) {
+    w.send(&Message::Pull { min_version: step }).await.unwrap();
+    let Message::Params { version, data: before } = w.recv().await.unwrap() else { panic!("no params") };
+    assert_eq!(version, step);
+    w.send(&Message::Push { step, data: vec![1.0; before.len()] }).await.unwrap();
+    w.send(&Message::Pull { min_version: step + 1 }).await.unwrap();
+    let Message::Params { version, data: after } = w.recv().await.unwrap() else { panic!("no params") };
+    assert_eq!(version, step + 1);
+    for (b, a) in before.iter().zip(&after) {
+        assert!((b - 0.5 - a).abs() < 1e-5, "step {step}: expected SGD with lr 0.5: {b} -> {a}");
+    }
+}
+
 /// PIDs of live processes whose environment holds `WARDEN_TEST_TAG=tag`.
 pub fn agent_pids_tagged(tag: &str) -> Vec<u32> {
     let needle = format!("WARDEN_TEST_TAG={tag}");

@@ -348,6 +348,15 @@ fn start_long_ssh_job(
     name: &str,
     tag: &str,
 ) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
+    start_long_ssh_job_with(name, tag, "")
+}
+
+/// [`start_long_ssh_job`] with `training` appended to `[training]`.
+fn start_long_ssh_job_with(
+    name: &str,
+    tag: &str,
+    training: &str,
+) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
     let dir = scratch(name);
     let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
@@ -355,7 +364,9 @@ fn start_long_ssh_job(
     let job = dir.join("job.toml");
     std::fs::write(
         &job,
-        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs).replace("epochs = 3", "epochs = 100000"),
+        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs)
+            .replace("epochs = 3", "epochs = 100000")
+            .replace("[training]\n", &format!("[training]\n{training}\n")),
     )
     .unwrap();
     let run = dir.join("run");
@@ -459,7 +470,8 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     if !require_cluster_tools() {
         return;
     }
-    let (dir, ssh, run, launcher) = start_long_ssh_job("ssh-cut", &fresh_tag());
+    // Heartbeats notice the silence long before SSH's own keep-alives would.
+    let (dir, ssh, run, launcher) = start_long_ssh_job_with("ssh-cut", &fresh_tag(), "heartbeat_timeout = 4");
     // Cut h2 (two workers) off the network.
     let cut = Instant::now();
     assert!(
@@ -473,9 +485,17 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     let took = cut.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(took < Duration::from_secs(90), "the launcher took {took:?} to give up");
+    // The heartbeat timeout notices the cut (4 s); the launcher then waits for
+    // the unreachable host's SSH channel to end (ServerAliveInterval 5 s x 3)
+    // before it tears down the others: about 20 s here.
+    assert!(took < Duration::from_secs(4 + 30), "the launcher took {took:?} to give up");
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(summary.contains("\"status\": \"failed\""), "{summary}");
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let failure = summary["failure"].as_str().unwrap();
+    // The cut host's workers are named: declared dead by the scheduler, or
+    // their SSH channel ended.
+    assert!(failure.contains("worker[2]") || failure.contains("worker[3]") || failure.contains("h2/"), "{failure}");
     for h in &ssh.net.hosts[..2] {
         assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
     }

@@ -41,11 +41,20 @@ fn checkpoint_lines(run: &Path) -> usize {
 
 #[test]
 fn with_on_failure_fail_a_killed_worker_ends_the_job_naming_it() {
+    killed_process_ends_the_job("wd-worker-1", "localhost/worker[1]", (31200, 31210));
+}
+
+#[test]
+fn with_on_failure_fail_a_killed_server_ends_the_job_naming_it() {
+    killed_process_ends_the_job("wd-server-0", "localhost/server[0]", (31236, 31246));
+}
+
+fn killed_process_ends_the_job(comm: &str, label: &str, ports: (u16, u16)) {
     let tag = fresh_tag();
     let dir = scratch("kill-fail");
     let job = job_in(
         &dir,
-        (31200, 31210),
+        ports,
         &[("epochs = 5", "epochs = 100000"), ("mode = \"sync\"", "mode = \"sync\"\nheartbeat_timeout = 3")],
     );
     let run = dir.join("run");
@@ -53,15 +62,16 @@ fn with_on_failure_fail_a_killed_worker_ends_the_job_naming_it() {
     until(60, "the first epoch", || {
         std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() >= 2
     });
-    kill_agent(&tag, "wd-worker-1", None);
+    kill_agent(&tag, comm, None);
     let killed = Instant::now();
     let (status, stderr) = wait_for(child, &run, 60);
     assert_eq!(status.code(), Some(1), "{stderr}");
+    // Within the heartbeat timeout (3 s) plus a few seconds.
     assert!(killed.elapsed() < Duration::from_secs(3 + 5), "took {:?}", killed.elapsed());
     let summary = json(&run.join("summary.json"));
     let failure = summary["failure"].as_str().unwrap();
-    assert!(failure.contains("localhost/worker[1]") && failure.contains("killed by a signal"), "{failure}");
-    assert!(stderr.contains("localhost/worker[1]"), "{stderr}");
+    assert!(failure.starts_with(&format!("{label} was killed by a signal")), "{failure}");
+    assert!(stderr.contains(&format!("failed: {label} was killed by a signal")), "{stderr}");
     assert_eq!(summary["restarts"].as_array().unwrap().len(), 0);
     assert!(!run.join("restarts.json").exists());
     wait_gone(&tag);
@@ -114,6 +124,17 @@ fn with_on_failure_restart_killed_processes_resume_from_the_last_checkpoint_and_
     let second = restarts[1]["resumed_from_step"].as_u64().expect("the second restart resumed from a checkpoint");
     assert!(first >= 15 && first.is_multiple_of(15), "{first}");
     assert!(second > first && second.is_multiple_of(15), "{first} then {second}");
+    // No update before the last checkpoint is lost: each restart resumed from
+    // the newest checkpoint committed before its failure.
+    for (n, resumed) in [(1, first), (2, second)] {
+        let before = &stderr[..stderr.find(&format!("restarting ({n} of 2)")).unwrap()];
+        let newest = before
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("checkpoint at step "))
+            .filter_map(|l| l.split(':').next()?.parse::<u64>().ok())
+            .max();
+        assert_eq!(Some(resumed), newest, "restart {n}");
+    }
     assert!(stderr.contains("restarting (1 of 2)") && stderr.contains("restarting (2 of 2)"), "{stderr}");
     // Each attempt's logs are kept apart.
     for sub in ["", "restart-1", "restart-2"] {

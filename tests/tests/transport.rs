@@ -86,16 +86,7 @@ fn assert_refused(what: &str, r: Result<Message, String>, expect_in_error: &str)
 /// was not changed by anything before.
 async fn assert_serves_with_original_optimizer(cluster: &RoleCluster, step: u64) {
     let mut w = cluster.worker_conn().await;
-    w.send(&Message::Pull { min_version: 0 }).await.unwrap();
-    let Message::Params { version, data: before } = w.recv().await.unwrap() else { panic!("no params") };
-    assert_eq!(version, step);
-    w.send(&Message::Push { step, data: vec![1.0; before.len()] }).await.unwrap();
-    w.send(&Message::Pull { min_version: step + 1 }).await.unwrap();
-    let Message::Params { version, data: after } = w.recv().await.unwrap() else { panic!("no params") };
-    assert_eq!(version, step + 1);
-    for (b, a) in before.iter().zip(&after) {
-        assert!((b - 0.5 - a).abs() < 1e-6, "expected SGD with lr 0.5: {b} -> {a}");
-    }
+    warden_tests::honest_sgd_step(&mut w, step).await;
 }
 
 #[tokio::test]
