@@ -315,7 +315,10 @@ pub async fn launch(
     let done_epochs = rows.len() as u32;
     // A resumed run reports only the epochs it ran (none if it resumed at the very end).
     let last_epoch = rows.last().map_or(0, |r| r.epoch);
-    let all_epochs = last_epoch == spec.training.epochs || (end.resumed_step.is_some() && rows.is_empty());
+    // An external program reports the epochs it likes (or none).
+    let all_epochs = last_epoch == spec.training.epochs
+        || (end.resumed_step.is_some() && rows.is_empty())
+        || spec.model.kind == warden_agent::spec::ModelKind::External;
     if failure.is_none() && (!all_epochs || !end.model_fetched) {
         failure = Some(format!(
             "the job ended after epoch {last_epoch} of {}{}",
@@ -429,6 +432,8 @@ enum Cause {
     Broken,
     /// It reported a failure (incl. the scheduler declaring a peer dead).
     Reported,
+    /// It exited non-zero, or its channel broke, after the job began stopping.
+    Stopping,
     /// Ctrl-C or `max_hours`: never restarted; the cause if it came first.
     Stopped,
 }
@@ -666,12 +671,18 @@ async fn run_attempt(
                         Some(c) => format!("{label} exited with status {c}"),
                         None => format!("{label} was killed by a signal"),
                     };
-                    failure.add(Cause::Crashed, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
+                    // A signal is news even while stopping (the launcher sends
+                    // none in the grace period); a plain non-zero exit after
+                    // the stop is just the process obeying it.
+                    let cause = if code.is_none() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
+                    failure.add(cause, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
                     stop_all(&mut procs).await;
                 }
             }
             Report::Broken(i, why) => {
-                failure.add(Cause::Broken, format!("{}: {why}", procs[i].planned.label()));
+                // A channel that breaks once the job is stopping is the stop's doing.
+                let cause = if failure.is_none() { Cause::Broken } else { Cause::Stopping };
+                failure.add(cause, format!("{}: {why}", procs[i].planned.label()));
                 stop_all(&mut procs).await;
             }
         }

@@ -45,6 +45,8 @@ pub struct Prepared {
     ctx: RoleCtx,
     listener: Option<std::net::TcpListener>,
     worker_data: Option<roles::worker::WorkerData>,
+    /// An external worker's KV socket and program.
+    external: Option<(std::os::unix::net::UnixListener, std::process::Child)>,
 }
 
 /// Single-threaded set-up: bundle, spec, plan, key, CSR, certificate,
@@ -99,7 +101,22 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
-    crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
+    // An external worker starts the user's program between the identity
+    // drop and the filter: the job user, no capabilities, no_new_privs.
+    let external = match (me.role, &spec.worker) {
+        (Role::Worker, Some(_)) => {
+            crate::harden::drop_identity(user).map_err(|e| e.to_string())?;
+            let socket = crate::kv::bind(&bundle.workdir)?;
+            let workers = plan.count(Role::Worker);
+            let child = crate::kv::spawn_program(&spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
+            crate::harden::install_seccomp_with_child(Some(child.id())).map_err(|e| e.to_string())?;
+            Some((socket, child))
+        }
+        _ => {
+            crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
+            None
+        }
+    };
     let status = crate::harden::verify(root).map_err(|e| e.to_string())?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
@@ -151,10 +168,10 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         resume: bundle.resume,
     };
     let worker_data = match me.role {
-        Role::Worker => Some(roles::worker::load_data(&ctx).map_err(|e| e.0)?),
+        Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(|e| e.0)?),
         _ => None,
     };
-    Ok(Prepared { ctx, listener, worker_data })
+    Ok(Prepared { ctx, listener, worker_data, external })
 }
 
 /// A server's checkpoint set-up: the series directory, made while still
@@ -188,6 +205,9 @@ pub async fn run(p: Prepared) -> Result<(), RoleError> {
     match p.ctx.me().role {
         Role::Scheduler => roles::scheduler::run(p.ctx, listener.expect("the scheduler listens")).await,
         Role::Server => roles::server::run(p.ctx, listener.expect("servers listen")).await,
-        Role::Worker => roles::worker::run(p.ctx, p.worker_data.expect("loaded in prepare")).await,
+        Role::Worker => match p.external {
+            Some((socket, child)) => crate::kv::run(p.ctx, socket, child).await,
+            None => roles::worker::run(p.ctx, p.worker_data.expect("loaded in prepare")).await,
+        },
     }
 }

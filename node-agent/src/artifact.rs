@@ -126,5 +126,5 @@ pub fn model_spec_of(dir: &Path) -> Result<ModelSpec, String> {
     if hidden.pop() != Some(classes) {
         return Err(format!("{}: its layers do not end in {classes} classes", path.display()));
     }
-    Ok(ModelSpec { kind, inputs, classes, hidden, dropout: 0.0, params: 0 })
+    Ok(ModelSpec { kind, inputs, classes, hidden, dropout: 0.0, params: 0, tensors: Vec::new() })
 }

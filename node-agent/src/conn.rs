@@ -270,6 +270,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(self.wbuf.len())
     }
 
+    /// Closes cleanly (TLS close_notify), best effort, within a second.
+    pub async fn close(mut self) {
+        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+
     /// Tells the peer why we are closing, best effort, then closes.
     pub async fn refuse(mut self, why: &str) {
         let _ = timeout(Duration::from_secs(1), async {

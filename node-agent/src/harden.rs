@@ -100,6 +100,15 @@ pub fn prepare_dir(dir: &Path, owner: Option<JobUser>) -> Result<(), HardenError
 /// Drops to `user` (when root) and installs `no_new_privs` and the seccomp
 /// filter. Must run before any other thread exists.
 pub fn drop_privileges(user: Option<JobUser>) -> Result<(), HardenError> {
+    drop_identity(user)?;
+    install_seccomp()
+}
+
+/// [`drop_privileges`] without the seccomp filter: the job user, no
+/// capabilities, `no_new_privs`. A program started now (`[worker] command`)
+/// runs with exactly that; the agent then installs its filter with
+/// [`install_seccomp_with_child`].
+pub fn drop_identity(user: Option<JobUser>) -> Result<(), HardenError> {
     let clear = |set: CapSet, what: &'static str| caps::clear(None, set).map_err(|e| step(what)(e.to_string()));
     clear(CapSet::Ambient, "clearing the ambient capabilities")?;
     if let Some(u) = user {
@@ -117,8 +126,7 @@ pub fn drop_privileges(user: Option<JobUser>) -> Result<(), HardenError> {
     } else {
         clear(CapSet::Inheritable, "clearing the inheritable capabilities")?;
     }
-    nix::sys::prctl::set_no_new_privs().map_err(|e| step("setting no_new_privs")(e.to_string()))?;
-    install_seccomp()
+    nix::sys::prctl::set_no_new_privs().map_err(|e| step("setting no_new_privs")(e.to_string()))
 }
 
 /// System calls the roles use: memory, threads, time, files in the job
@@ -234,7 +242,16 @@ fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, HardenError> {
 /// IPv4, IPv6 and Unix sockets, `ioctl` only for the non-blocking and
 /// close-on-exec requests, `prctl` only to name threads; everything else EPERM.
 pub fn filter() -> Result<seccompiler::BpfProgram, HardenError> {
+    filter_with_child(None)
+}
+
+/// [`filter`], plus waiting for and killing (only) the process `child`.
+pub fn filter_with_child(child: Option<u32>) -> Result<seccompiler::BpfProgram, HardenError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
+    if let Some(pid) = child {
+        rules.insert(libc::SYS_wait4, arg_in(0, &[u64::from(pid)])?);
+        rules.insert(libc::SYS_kill, arg_in(0, &[u64::from(pid)])?);
+    }
     rules.insert(libc::SYS_socket, arg_in(0, &[libc::AF_INET as u64, libc::AF_INET6 as u64, libc::AF_UNIX as u64])?);
     rules.insert(libc::SYS_socketpair, arg_in(0, &[libc::AF_UNIX as u64])?);
     rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD, libc::TCGETS])?);
@@ -250,7 +267,12 @@ pub fn filter() -> Result<seccompiler::BpfProgram, HardenError> {
 
 /// Installs [`filter`] on the calling thread (and so on every thread it starts).
 pub fn install_seccomp() -> Result<(), HardenError> {
-    let program = filter()?;
+    install_seccomp_with_child(None)
+}
+
+/// Installs [`filter_with_child`] on the calling thread.
+pub fn install_seccomp_with_child(child: Option<u32>) -> Result<(), HardenError> {
+    let program = filter_with_child(child)?;
     seccompiler::apply_filter(&program).map_err(|e| step("installing the seccomp filter")(e.to_string()))
 }
 

@@ -19,8 +19,10 @@ use crate::train_rng::{Stream, rng};
 
 /// Number of parameters of a model.
 pub fn num_params(m: &ModelSpec) -> usize {
-    if m.kind == ModelKind::Synthetic {
-        return m.params;
+    match m.kind {
+        ModelKind::Synthetic => return m.params,
+        ModelKind::External => return m.tensors.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum(),
+        ModelKind::Softmax | ModelKind::Mlp => {}
     }
     m.widths().windows(2).map(|w| w[0] * w[1] + w[1]).sum()
 }
@@ -52,6 +54,18 @@ pub fn layout(m: &ModelSpec) -> Vec<(String, Vec<usize>, Range<usize>)> {
     if m.kind == ModelKind::Synthetic {
         return vec![("params".into(), vec![m.params], 0..m.params)];
     }
+    if m.kind == ModelKind::External {
+        let mut at = 0;
+        return m
+            .tensors
+            .iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                at += n;
+                (name.clone(), shape.clone(), at - n..at)
+            })
+            .collect();
+    }
     layers(m)
         .into_iter()
         .enumerate()
@@ -70,7 +84,8 @@ pub fn layout(m: &ModelSpec) -> Vec<(String, Vec<usize>, Range<usize>)> {
 pub fn init(m: &ModelSpec, seed: u64) -> Vec<f32> {
     let mut r = rng(seed, Stream::Init);
     let mut p = vec![0.0f32; num_params(m)];
-    if m.kind == ModelKind::Synthetic {
+    // External models start at zero until worker 0's `init` sets them.
+    if matches!(m.kind, ModelKind::Synthetic | ModelKind::External) {
         return p;
     }
     let all = layers(m);
@@ -310,6 +325,7 @@ mod tests {
             hidden: vec![],
             dropout: 0.0,
             params: 0,
+            tensors: Vec::new(),
         });
     }
 
@@ -322,6 +338,7 @@ mod tests {
             hidden: vec![7, 4],
             dropout: 0.0,
             params: 0,
+            tensors: Vec::new(),
         });
     }
 
@@ -334,13 +351,21 @@ mod tests {
             hidden: vec![8],
             dropout: 0.3,
             params: 0,
+            tensors: Vec::new(),
         });
     }
 
     #[test]
     fn layout_covers_the_vector() {
-        let m =
-            ModelSpec { kind: ModelKind::Mlp, inputs: 784, classes: 10, hidden: vec![256], dropout: 0.0, params: 0 };
+        let m = ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 784,
+            classes: 10,
+            hidden: vec![256],
+            dropout: 0.0,
+            params: 0,
+            tensors: Vec::new(),
+        };
         let l = layout(&m);
         assert_eq!(l.iter().map(|(_, _, r)| r.len()).sum::<usize>(), num_params(&m));
         assert_eq!(num_params(&m), 784 * 256 + 256 + 256 * 10 + 10);

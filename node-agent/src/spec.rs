@@ -64,6 +64,8 @@ pub mod raw {
         pub optimizer: Spanned<Optimizer>,
         pub training: Spanned<Training>,
         #[serde(default)]
+        pub worker: Option<Spanned<Worker>>,
+        #[serde(default)]
         pub limits: Option<Spanned<Limits>>,
         #[serde(default)]
         pub checkpoint: Option<Spanned<Checkpoint>>,
@@ -117,6 +119,15 @@ pub mod raw {
         pub dropout: Option<Spanned<f64>>,
         pub init: Option<Spanned<String>>,
         pub trusted_keys: Option<Spanned<Vec<Spanned<String>>>>,
+        pub tensors: Option<Spanned<std::collections::BTreeMap<String, Spanned<Vec<i64>>>>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Worker {
+        pub command: Spanned<Vec<String>>,
+        pub workdir: Option<Spanned<String>>,
+        pub env: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -225,6 +236,21 @@ pub struct JobSpec {
     pub init: Option<InitSpec>,
     /// Sign the final model (`[signing]`).
     pub signing: Option<SigningSpec>,
+    /// The user's own training program (`[worker]`, with `kind = "external"`).
+    pub worker: Option<WorkerSpec>,
+}
+
+/// `[worker]`: the program each worker rank runs instead of the built-in
+/// training loop; it talks to the parameter servers through the agent's
+/// local KV socket (`docs/byo.md`).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerSpec {
+    /// Program and arguments (no shell).
+    pub command: Vec<String>,
+    /// Working directory (default: the job file's directory).
+    pub workdir: PathBuf,
+    /// Extra environment variables.
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// `[model] init` and `trusted_keys`: start from signed weights.
@@ -342,6 +368,8 @@ pub struct ModelSpec {
     pub dropout: f32,
     /// Parameters of the synthetic model (0 for the others).
     pub params: usize,
+    /// The external model's named tensors and shapes, in name order.
+    pub tensors: Vec<(String, Vec<usize>)>,
 }
 
 impl ModelSpec {
@@ -362,6 +390,9 @@ pub enum ModelKind {
     /// No model and no data: `params` floats pushed and pulled every step,
     /// for measuring the parameter server (`warden bench ps`).
     Synthetic,
+    /// The user's own model: named tensors that the user's program
+    /// (`[worker] command`) pushes and pulls through the local KV socket.
+    External,
 }
 
 /// `[data]`, with paths resolved against the job file's directory.
@@ -802,20 +833,23 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         "softmax" => ModelKind::Softmax,
         "mlp" => ModelKind::Mlp,
         "synthetic" => ModelKind::Synthetic,
+        "external" => ModelKind::External,
         other => {
             return Err(src.err(
                 m.kind.span(),
                 format!("unknown model kind `{other}`"),
-                "supported: \"softmax\", \"mlp\"",
+                "supported: \"softmax\", \"mlp\", \"external\" (your own program, with [worker] command)",
             ));
         }
     };
-    let synthetic = kind == ModelKind::Synthetic;
+    let external = kind == ModelKind::External;
+    // Neither reads data or has layers.
+    let synthetic = matches!(kind, ModelKind::Synthetic | ModelKind::External);
     let required =
         |v: &Option<toml::Spanned<i64>>, what: &str, lo: i64, hi: i64, help: &str| -> Result<usize, SpecError> {
             match v {
                 Some(v) if synthetic => {
-                    Err(src.err(v.span(), format!("the synthetic model has no `{what}`"), "remove it"))
+                    Err(src.err(v.span(), format!("the {} model has no `{what}`", m.kind.get_ref()), "remove it"))
                 }
                 Some(v) => int_in(src, v, what, lo, hi, help),
                 None if synthetic => Ok(0),
@@ -824,7 +858,7 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         };
     let inputs = required(&m.inputs, "inputs", 1, 1 << 24, "the number of input features, 784 for 28x28 images")?;
     let classes = required(&m.classes, "classes", 2, 256, "the number of classes (2 to 256), 10 for Fashion-MNIST")?;
-    let params = match (&m.params, synthetic) {
+    let params = match (&m.params, synthetic && !external) {
         (Some(p), true) => int_in(src, p, "params", 1, 1 << 30, "floats pushed and pulled per step, such as 4000000")?,
         (None, true) => {
             return Err(src.err(
@@ -836,6 +870,56 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         (Some(p), false) => return Err(src.err(p.span(), "`params` belongs to kind = \"synthetic\"", "remove it")),
         (None, false) => 0,
     };
+    let mut tensors = Vec::new();
+    match (&m.tensors, external) {
+        (Some(t), true) if t.get_ref().is_empty() || t.get_ref().len() > 4096 => {
+            return Err(src.err(t.span(), "an external model has 1 to 4096 tensors", "for example w = [784, 10]"));
+        }
+        (Some(t), true) => {
+            let mut total = 0usize;
+            for (name, shape) in t.get_ref() {
+                let ok_name = !name.is_empty()
+                    && name.len() <= 128
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+                if !ok_name {
+                    return Err(src.err(
+                        shape.span(),
+                        format!("tensor name `{name}` must be 1-128 letters, digits, `.`, `_`, `-` or `/`"),
+                        "for example fc1.weight",
+                    ));
+                }
+                let dims = shape.get_ref();
+                if dims.is_empty() || dims.len() > 8 || dims.iter().any(|d| !(1..=1 << 30).contains(d)) {
+                    return Err(src.err(
+                        shape.span(),
+                        format!("tensor `{name}` needs 1 to 8 dimensions, each 1 to 2^30"),
+                        "for example [784, 10]",
+                    ));
+                }
+                let dims: Vec<usize> = dims.iter().map(|d| *d as usize).collect();
+                total = total.saturating_add(dims.iter().product());
+                if total > 1 << 30 {
+                    return Err(src.err(
+                        shape.span(),
+                        "the tensors hold more than 2^30 floats in all",
+                        "split the job",
+                    ));
+                }
+                tensors.push((name.clone(), dims));
+            }
+        }
+        (None, true) => {
+            return Err(src.err(
+                m.kind.span(),
+                "an external model declares its tensors",
+                "add [model.tensors] with name = [shape], for example w = [784, 10]",
+            ));
+        }
+        (Some(t), false) => {
+            return Err(src.err(t.span(), "`tensors` belongs to kind = \"external\"", "remove it"));
+        }
+        (None, false) => {}
+    }
     let mut hidden = Vec::new();
     match (kind, &m.hidden) {
         (ModelKind::Softmax, Some(h)) => {
@@ -867,7 +951,7 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
                 )?);
             }
         }
-        (ModelKind::Softmax | ModelKind::Synthetic, None) => {}
+        (ModelKind::Softmax | ModelKind::Synthetic | ModelKind::External, None) => {}
     }
     let dropout = match &m.dropout {
         Some(d) if kind != ModelKind::Mlp => {
@@ -887,7 +971,44 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         Some(d) => *d.get_ref() as f32,
         None => 0.0,
     };
-    let model = ModelSpec { kind, inputs, classes, hidden, dropout, params };
+    let model = ModelSpec { kind, inputs, classes, hidden, dropout, params, tensors };
+    let worker = match (&raw.worker, external) {
+        (Some(w), true) => {
+            let w = w.get_ref();
+            if w.command.get_ref().is_empty() || w.command.get_ref()[0].is_empty() {
+                return Err(src.err(
+                    w.command.span(),
+                    "[worker] command is empty",
+                    "name the program and its arguments, for example [\"python3\", \"train.py\"]",
+                ));
+            }
+            let env = w.env.as_ref().map(|e| e.get_ref().clone()).unwrap_or_default();
+            if let Some(k) = env.keys().find(|k| k.starts_with("WARDEN_") || k.is_empty() || k.contains('=')) {
+                let span = w.env.as_ref().map(|e| e.span()).unwrap_or_default();
+                return Err(src.err(span, format!("[worker] env cannot set `{k}`"), "WARDEN_* are set by the agent"));
+            }
+            Some(WorkerSpec {
+                command: w.command.get_ref().clone(),
+                workdir: w.workdir.as_ref().map_or_else(|| base_dir.to_path_buf(), |d| base_dir.join(d.get_ref())),
+                env,
+            })
+        }
+        (None, true) => {
+            return Err(src.err(
+                m.kind.span(),
+                "an external model is trained by your own program",
+                "add [worker] command = [\"python3\", \"train.py\"] (see docs/byo.md)",
+            ));
+        }
+        (Some(w), false) => {
+            return Err(src.err(
+                w.span(),
+                "[worker] command runs your own program, which needs [model] kind = \"external\"",
+                "set kind = \"external\" and declare [model.tensors], or remove [worker]",
+            ));
+        }
+        (None, false) => None,
+    };
     let init = match (&m.init, &m.trusted_keys) {
         (Some(dir), Some(keys)) if !keys.get_ref().is_empty() => Some(InitSpec {
             dir: base_dir.join(dir.get_ref()),
@@ -908,6 +1029,9 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
 
     // [data]
     let data = match (&raw.data, synthetic) {
+        (Some(d), true) if external => {
+            return Err(src.err(d.span(), "your program reads its own data; warden passes none", "remove [data]"));
+        }
         (Some(d), true) => return Err(src.err(d.span(), "the synthetic model reads no data", "remove [data]")),
         (None, false) => {
             return Err(src.err(
@@ -1065,7 +1189,7 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             return Err(src.err(span, format!("unknown training mode `{other}`"), "use \"sync\" or \"async\""));
         }
     };
-    let synthetic_steps = match (&t.steps, synthetic) {
+    let synthetic_steps = match (&t.steps, synthetic && !external) {
         (Some(v), true) => int_in(src, v, "steps", 1, 1_000_000, "timed steps per epoch, such as 100")?,
         (None, true) => {
             return Err(src.err(
@@ -1197,6 +1321,13 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
     }
     let checkpoint = raw.checkpoint.as_ref().map(|c| convert_checkpoint(src, c, base_dir)).transpose()?;
+    if let (Some(c), ModelKind::External) = (&raw.checkpoint, model.kind) {
+        return Err(src.err(
+            c.span(),
+            "[checkpoint] is not available for external models yet (nothing would ask the servers for one)",
+            "remove [checkpoint]; save what you need from your program",
+        ));
+    }
     let signing = raw.signing.as_ref().map(|sg| {
         let sg = sg.get_ref();
         SigningSpec {
@@ -1204,8 +1335,21 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             passphrase_env: sg.passphrase_env.as_ref().map(|v| v.get_ref().clone()),
         }
     });
-    let spec =
-        JobSpec { name, seed, max_hours, cluster, model, data, optimizer, training, limits, checkpoint, init, signing };
+    let spec = JobSpec {
+        name,
+        seed,
+        max_hours,
+        cluster,
+        model,
+        data,
+        optimizer,
+        training,
+        limits,
+        checkpoint,
+        init,
+        signing,
+        worker,
+    };
 
     // The largest message is a push or pull of one server's shard.
     let shard = crate::model::num_params(&spec.model).div_ceil(spec.cluster.count(Role::Server) as usize);

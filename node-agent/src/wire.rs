@@ -104,6 +104,12 @@ pub enum Message {
     /// "Still here": between the scheduler and every process, every
     /// quarter of `[training] heartbeat_timeout`.
     Heartbeat,
+    /// Worker 0 sets the shard's initial values (an external model's
+    /// `kv.init`); accepted only before the first update.
+    SetParams {
+        /// Values, one per parameter of the shard.
+        data: Vec<f32>,
+    },
     /// The sender refuses what it received, and closes.
     Error {
         /// Why.
@@ -164,6 +170,7 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
         14 => ("resumable", SERVER),
         15 => ("resume_from", SCHED),
         20 => ("heartbeat", ALL),
+        21 => ("set_params", WORKER),
         31 => ("error", ALL),
         _ => return None,
     })
@@ -293,6 +300,7 @@ impl Message {
             Message::Resumable { .. } => 14,
             Message::ResumeFrom { .. } => 15,
             Message::Heartbeat => 20,
+            Message::SetParams { .. } => 21,
             Message::Error { .. } => 31,
         }
     }
@@ -342,6 +350,10 @@ impl Message {
                 warden_kernels::convert::extend_f32_le(out, data);
             }
             Message::Pull { min_version } => out.extend_from_slice(&min_version.to_le_bytes()),
+            Message::SetParams { data } => {
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                warden_kernels::convert::extend_f32_le(out, data);
+            }
         }
         let body = (out.len() - start - HEADER_LEN) as u32;
         out[start..start + HEADER_LEN].copy_from_slice(&body.to_le_bytes());
@@ -383,6 +395,7 @@ impl Message {
             }
             15 => Message::ResumeFrom { step: r.u64()? },
             20 => Message::Heartbeat,
+            21 => Message::SetParams { data: r.f32s()? },
             31 => Message::Error { message: r.text()? },
             tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
         };

@@ -187,6 +187,7 @@ fn write_seed_corpus() {
         Message::Resumable { steps: vec![40, 20] },
         Message::ResumeFrom { step: 40 },
         Message::Heartbeat,
+        Message::SetParams { data: vec![0.25; 5] },
         Message::Error { message: "refused".into() },
     ];
     let mut stream = Vec::new();

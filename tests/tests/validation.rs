@@ -91,7 +91,7 @@ const CASES: &[Case] = &[
         from: "[training]",
         to: "[trainig]",
         at: "trainig",
-        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `limits`, `checkpoint`, `signing`",
+        message: "unknown field `trainig`, expected one of `job`, `cluster`, `model`, `data`, `optimizer`, `training`, `worker`, `limits`, `checkpoint`, `signing`",
         help: Some("did you mean `training`?"),
     },
     Case {
@@ -357,6 +357,22 @@ const CASES: &[Case] = &[
         at: "keep_last_after_job = ^3",
         message: "keep_last_after_job must be between 0 and 2, not 3",
         help: Some("at most keep_last; 0 deletes them all"),
+    },
+    Case {
+        name: "worker command without an external model",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\n[worker]\ncommand = [\"python3\", \"train.py\"]\n",
+        at: "^[worker]",
+        message: "[worker] command runs your own program, which needs [model] kind = \"external\"",
+        help: Some("set kind = \"external\" and declare [model.tensors], or remove [worker]"),
+    },
+    Case {
+        name: "external model without tensors",
+        from: "kind = \"softmax\"\ninputs = 784\nclasses = 10\n",
+        to: "kind = \"external\"\n",
+        at: "kind = ^\"external\"",
+        message: "an external model declares its tensors",
+        help: Some("add [model.tensors] with name = [shape], for example w = [784, 10]"),
     },
     Case {
         name: "restart without checkpoints",

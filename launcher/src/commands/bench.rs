@@ -179,8 +179,15 @@ pub fn exec_worker(a: &WorkerArgs) -> u8 {
             ((0..8000 * 784).map(|i| (i % 251) as f32 / 251.0).collect(), (0..8000).map(|i| (i % 10) as u8).collect())
         }
     };
-    let m =
-        ModelSpec { kind: ModelKind::Mlp, inputs: 784, classes: 10, hidden: a.hidden.clone(), dropout: 0.0, params: 0 };
+    let m = ModelSpec {
+        kind: ModelKind::Mlp,
+        inputs: 784,
+        classes: 10,
+        hidden: a.hidden.clone(),
+        dropout: 0.0,
+        params: 0,
+        tensors: Vec::new(),
+    };
     let mut params = init(&m, 1);
     let mut grad = vec![0.0; num_params(&m)];
     let mut opt =

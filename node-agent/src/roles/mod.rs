@@ -131,6 +131,26 @@ impl RoleCtx {
         Ok(SchedLink { tx, rx: Some(rx), beat, timeout: self.heartbeat_timeout() })
     }
 
+    /// Connects to every server (in rank order), with the job's stall
+    /// timeout; each with the range of the flat vector it holds.
+    pub async fn connect_servers(&self) -> Result<Vec<(crate::conn::ClientConn, std::ops::Range<usize>)>, RoleError> {
+        let mut out = Vec::new();
+        for p in self.plan.of_role(Role::Server) {
+            let mut conn = crate::conn::connect(
+                &self.tls,
+                self.plan.identity(Role::Server, p.rank),
+                p.socket().expect("servers listen"),
+                self.spec.limits.max_frame_bytes,
+                self.patience(),
+            )
+            .await
+            .map_err(|e| RoleError(format!("cannot reach {}: {e}", p.label())))?;
+            conn.set_stall(self.stall_timeout());
+            out.push((conn, self.plan.shard(p.rank)));
+        }
+        Ok(out)
+    }
+
     /// Connects to the scheduler and registers.
     pub async fn join_scheduler(&self) -> Result<crate::conn::ClientConn, RoleError> {
         let sched = self.plan.scheduler();
@@ -276,6 +296,22 @@ pub async fn accept_next(
                 log.warn(&format!("accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// A worker waits for the scheduler's start; returns the checkpoint step to
+/// continue from (0 unless `resume`).
+pub async fn await_start(sched: &mut SchedLink, resume: bool) -> Result<u64, RoleError> {
+    let mut resumed_at = 0u64;
+    loop {
+        match sched.recv().await? {
+            crate::wire::Message::Start => return Ok(resumed_at),
+            crate::wire::Message::ResumeFrom { step } if resume => resumed_at = step,
+            crate::wire::Message::Abort { reason } => {
+                return Err(RoleError(format!("the job was aborted: {reason}")));
+            }
+            m => return Err(RoleError(format!("unexpected `{}` from the scheduler", m.name()))),
         }
     }
 }

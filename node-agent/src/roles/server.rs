@@ -90,6 +90,29 @@ impl Shard {
         Ok(())
     }
 
+    /// Worker 0's initial values (an external model's `init`), before any update.
+    fn set_params(&self, rank: u32, data: Vec<f32>) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if rank != 0 {
+            return Err("only worker 0 sets initial values".into());
+        }
+        if st.version != 0 || st.count != 0 {
+            return Err(format!("initial values after {} update(s); init comes before training", st.version));
+        }
+        if data.len() != st.params.len() {
+            return Err(format!(
+                "initial values for {} parameters, but this shard holds {}",
+                data.len(),
+                st.params.len()
+            ));
+        }
+        st.params = data;
+        drop(st);
+        // The cached frame of version 0 is stale now.
+        *self.frame.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
     /// A copy of the state for checkpoint `step`. In sync mode the shard is
     /// exactly at that step when worker 0 asks (its next push has not been
     /// sent), so the copy is the state after `step` updates.
@@ -410,6 +433,7 @@ async fn serve_worker(
             }
             Some(Message::Pull { min_version }) => Action::Pull(min_version),
             Some(Message::Checkpoint { step }) => Action::Checkpoint(step),
+            Some(Message::SetParams { data }) => Action::SetParams(data),
             Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
             None => match conn.recv_raw().await {
                 Ok(body) => match body[0] {
@@ -421,6 +445,7 @@ async fn serve_worker(
                     _ => match Message::decode(body) {
                         Ok(Message::Pull { min_version }) => Action::Pull(min_version),
                         Ok(Message::Checkpoint { step }) => Action::Checkpoint(step),
+                        Ok(Message::SetParams { data }) => Action::SetParams(data),
                         Ok(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
                         Err(e) => Action::Refuse(e.to_string()),
                     },
@@ -452,6 +477,14 @@ async fn serve_worker(
                 let frame = shard.params_frame();
                 conn.send_frame(&frame).await?;
             }
+            Action::SetParams(data) => {
+                if let Err(why) = shard.set_params(rank, data) {
+                    conn.refuse(&why).await;
+                    return Err(ConnError::Setup(why));
+                }
+                let frame = shard.params_frame();
+                conn.send_frame(&frame).await?;
+            }
             Action::Checkpoint(step) => {
                 let why = match (&snapshots, rank) {
                     (_, r) if r != 0 => Some("only worker 0 may ask for a checkpoint".to_string()),
@@ -479,5 +512,6 @@ enum Action {
     Push(Vec<u8>),
     Pull(u64),
     Checkpoint(u64),
+    SetParams(Vec<f32>),
     Refuse(String),
 }

@@ -225,30 +225,10 @@ impl CheckpointClock {
 pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let WorkerData { train, test, steps } = data;
     let mut sched = ctx.scheduler_link().await?;
-    let mut resumed_at = 0u64;
-    loop {
-        match sched.recv().await? {
-            Message::Start => break,
-            Message::ResumeFrom { step } if ctx.resume => resumed_at = step,
-            Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
-            m => return Err(RoleError(format!("unexpected `{}` from the scheduler", m.name()))),
-        }
-    }
+    let resumed_at = super::await_start(&mut sched, ctx.resume).await?;
     ctx.emit(Event::Started);
-    let mut links = Vec::new();
-    for p in ctx.plan.of_role(Role::Server) {
-        let mut conn = crate::conn::connect(
-            &ctx.tls,
-            ctx.plan.identity(Role::Server, p.rank),
-            p.socket().expect("servers listen"),
-            ctx.spec.limits.max_frame_bytes,
-            ctx.patience(),
-        )
-        .await
-        .map_err(|e| RoleError(format!("cannot reach {}: {e}", p.label())))?;
-        conn.set_stall(ctx.stall_timeout());
-        links.push(spawn_link(conn, ctx.plan.shard(p.rank)));
-    }
+    let mut links: Vec<Link> =
+        ctx.connect_servers().await?.into_iter().map(|(conn, range)| spawn_link(conn, range)).collect();
     let spec = &ctx.spec;
     let mode = spec.training.mode;
     let compression = spec.training.compression;

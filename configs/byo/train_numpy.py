@@ -1,0 +1,86 @@
+"""Logistic regression in plain numpy, trained through warden's parameter servers.
+
+Run by `warden launch configs/byo-numpy.toml --local`, once per worker rank:
+each rank reads its share of the Fashion-MNIST images, computes gradients
+of softmax regression with numpy, pushes them to the servers (which apply
+the job's optimizer to the sum over workers) and pulls the new weights.
+The data directory is the first argument.
+"""
+
+import gzip
+import os
+import struct
+import sys
+import time
+
+import numpy as np
+
+from warden import kv
+
+
+def idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = struct.unpack(">" + "I" * dims, data[4 : 4 + 4 * dims])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load(data_dir, split):
+    prefix = "train" if split == "train" else "t10k"
+    x = idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
+    y = idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+    return x, y
+
+
+def loss_and_grads(w, b, x, y):
+    logits = x @ w + b
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.log(p[np.arange(len(y)), y] + 1e-12).mean()
+    p[np.arange(len(y)), y] -= 1.0
+    p /= len(y)
+    return loss, x.T @ p, p.sum(axis=0)
+
+
+def main():
+    data_dir = sys.argv[1]
+    rank, workers = int(os.environ["WARDEN_RANK"]), int(os.environ["WARDEN_NUM_WORKERS"])
+    epochs, batch = int(os.environ["WARDEN_EPOCHS"]), int(os.environ["WARDEN_BATCH_SIZE"])
+    seed = int(os.environ["WARDEN_SEED"])
+    x, y = load(data_dir, "train")
+    # Every rank runs the same number of steps (sync mode waits for all).
+    per_rank = len(x) // workers
+    x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    steps = per_rank // batch
+    tx, ty = load(data_dir, "test") if rank == 0 else (None, None)
+
+    store = kv.connect()
+    w = np.random.default_rng(seed).normal(0, 0.01, size=(784, 10)).astype(np.float32)
+    b = np.zeros(10, dtype=np.float32)
+    store.init("w", w)
+    store.init("b", b)
+    w, b = store.pull("w"), store.pull("b")  # worker 0's values, on every rank
+    for epoch in range(1, epochs + 1):
+        order = np.random.default_rng([seed, rank, epoch]).permutation(len(x))
+        started, losses = time.time(), []
+        for s in range(steps):
+            i = order[s * batch : (s + 1) * batch]
+            loss, gw, gb = loss_and_grads(w, b, x[i], y[i])
+            losses.append(loss)
+            store.push("w", gw)
+            store.push("b", gb)
+            store.pull("w", out=w)
+            store.pull("b", out=b)
+        report = {"samples": steps * batch}
+        if rank == 0:
+            test_loss, _, _ = loss_and_grads(w, b, tx, ty)
+            acc = float(((tx @ w + b).argmax(axis=1) == ty).mean())
+            report.update(test_loss=test_loss, test_accuracy=acc)
+            print(f"epoch {epoch}: test accuracy {acc:.4f} ({time.time() - started:.1f}s)", flush=True)
+        store.report(epoch, float(np.mean(losses)), **report)
+
+
+if __name__ == "__main__":
+    main()

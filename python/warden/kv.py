@@ -1,0 +1,195 @@
+"""The local KV endpoint of a warden worker agent.
+
+Your program runs as one worker rank of a warden job (`[worker] command` in
+the job file). It talks only to the agent beside it, over a Unix socket that
+only the job user can open; the agent forwards pushes and pulls to the
+parameter servers over the job's mutual-TLS connections. Your program never
+sees a certificate, a key or a network socket of the job.
+
+Semantics are MXNet's `dist_sync` / `dist_async` kvstore: every worker calls
+`init` for the job's tensors (worker 0's values are used); a *step* pushes
+every tensor declared in `[model.tensors]` once, in any order; the servers
+aggregate the workers' gradients and apply the job's optimizer; `pull`
+returns the values after your newest complete step (sync) or the current
+values (async). Errors from the agent are raised as `KVError` with the
+agent's message.
+"""
+
+import json
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+
+__all__ = ["KVError", "KV", "connect"]
+
+_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+
+
+class KVError(RuntimeError):
+    """The agent refused an operation; the message says why."""
+
+
+def _recv_exact(sock, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise KVError("the warden agent closed the KV connection (the job stopped?)")
+        got += k
+    return buf
+
+
+class KV:
+    """A connection to the agent's KV socket. Use `connect()`."""
+
+    def __init__(self, path=None, timeout=60.0):
+        path = path or os.environ.get("WARDEN_KV")
+        if not path:
+            raise KVError("WARDEN_KV is not set: run this program through `warden launch` ([worker] command)")
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise KVError(f"no warden agent listens on {path}")
+                time.sleep(0.05)
+        self._shapes = None
+
+    def close(self):
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, header, payload=b""):
+        header = dict(header, nbytes=len(payload))
+        h = json.dumps(header).encode()
+        self._sock.sendall(struct.pack("<I", len(h)) + h)
+        if payload:
+            self._sock.sendall(payload)
+        (n,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+        answer = json.loads(bytes(_recv_exact(self._sock, n)))
+        data = bytes(_recv_exact(self._sock, answer.get("nbytes", 0))) if answer.get("ok") else b""
+        if not answer.get("ok"):
+            raise KVError(answer.get("error", "the agent refused the operation"))
+        return answer, data
+
+    # -- what the job declares -------------------------------------------
+    @property
+    def rank(self):
+        return self._call({"op": "rank"})[0]["rank"]
+
+    @property
+    def num_workers(self):
+        return self._call({"op": "num_workers"})[0]["num_workers"]
+
+    def shapes(self):
+        """{name: shape} of every tensor in [model.tensors]."""
+        if self._shapes is None:
+            t = self._call({"op": "tensors"})[0]["tensors"]
+            self._shapes = {x["name"]: tuple(x["shape"]) for x in t}
+        return self._shapes
+
+    def _bytes(self, name, value):
+        arr = np.ascontiguousarray(value)
+        dtype = _DTYPES.get(arr.dtype)
+        if dtype is None:
+            arr = arr.astype(np.float32)
+            dtype = "f32"
+        shape = self.shapes().get(name)
+        if shape is not None and arr.size != int(np.prod(shape)):
+            raise KVError(f"`{name}` has shape {shape}; got an array of {arr.size} values")
+        return dtype, arr.tobytes()
+
+    # -- the kvstore -----------------------------------------------------
+    def init(self, name, value):
+        """Declares the starting value of `name` (worker 0's is used)."""
+        dtype, data = self._bytes(name, value)
+        self._call({"op": "init", "name": name, "dtype": dtype}, data)
+
+    def push(self, name, grad):
+        """Pushes this step's gradient of `name`."""
+        dtype, data = self._bytes(name, grad)
+        self._call({"op": "push", "name": name, "dtype": dtype}, data)
+
+    def pull(self, name, out=None):
+        """The current value of `name` (into `out` if given)."""
+        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"})
+        return self._unpack(name, data, out)
+
+    def pushpull(self, name, grad, out=None):
+        """push, then pull (the pull needs the step complete: use it for the last tensor)."""
+        dtype, payload = self._bytes(name, grad)
+        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload)
+        return self._unpack(name, data, out)
+
+    def step(self, grads, out=None):
+        """Pushes every gradient in `grads` ({name: array}) and pulls every
+        tensor back: one complete step. Returns {name: array} (or fills `out`)."""
+        for name, g in grads.items():
+            self.push(name, g)
+        out = out if out is not None else {}
+        for name in self.shapes():
+            out[name] = self.pull(name, out=out.get(name))
+        return out
+
+    def barrier(self):
+        """Waits until every worker reaches its barrier."""
+        self._call({"op": "barrier"})
+
+    def report(self, epoch, train_loss, test_loss=None, test_accuracy=None, samples=None):
+        """Records an epoch in the run's metrics.csv (every worker reports its
+        train loss; one also reports the test figures)."""
+        h = {"op": "report", "epoch": int(epoch), "train_loss": float(train_loss)}
+        if test_loss is not None and test_accuracy is not None:
+            h.update(test_loss=float(test_loss), test_accuracy=float(test_accuracy))
+        if samples is not None:
+            h["samples"] = int(samples)
+        self._call(h)
+
+    def _unpack(self, name, data, out):
+        arr = np.frombuffer(data, dtype=np.float32)
+        shape = self.shapes().get(name)
+        if shape is not None:
+            arr = arr.reshape(shape)
+        if out is None:
+            return arr.copy()
+        np.copyto(out, arr.reshape(np.shape(out)), casting="same_kind")
+        return out
+
+    # -- PyTorch ---------------------------------------------------------
+    def torch_step(self, model):
+        """One step for a PyTorch module whose parameter names match
+        [model.tensors]: pushes every parameter's .grad, then writes the
+        updated values back into the parameters."""
+        import torch  # only needed here
+
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            self.push(name, g.detach().cpu().numpy())
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(torch.from_numpy(self.pull(name)).reshape(p.shape))
+
+    def torch_init(self, model):
+        """init() every parameter of a PyTorch module from its current values."""
+        for name, p in model.named_parameters():
+            self.init(name, p.detach().cpu().numpy())
+
+
+def connect(path=None, timeout=60.0):
+    """Connects to the agent (WARDEN_KV), waiting up to `timeout` seconds for it."""
+    return KV(path, timeout)

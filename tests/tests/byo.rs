@@ -1,0 +1,204 @@
+//! Bring your own training program (issue 11): the user's program runs per
+//! worker rank as the job user and reaches the servers only through the
+//! agent's local KV socket.
+//!
+//! The programs run under `WARDEN_BYO_PYTHON` (a python with numpy that the
+//! job user can execute; `scripts/test-all` makes `target/byo-venv`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use warden_tests::{fresh_tag, repo_root, scratch, spawn_launch, wait_for, wait_gone};
+
+fn python() -> String {
+    match std::env::var("WARDEN_BYO_PYTHON") {
+        Ok(p) if Path::new(&p).exists() => p,
+        _ => panic!(
+            "WARDEN_BYO_PYTHON must name a python with numpy that the job user can run; \
+             ./scripts/test-all makes target/byo-venv and sets it"
+        ),
+    }
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// configs/byo-numpy.toml with absolute paths, the test's python and ports.
+fn numpy_job(dir: &Path, ports: (u16, u16)) -> PathBuf {
+    let root = repo_root();
+    let text = std::fs::read_to_string(root.join("configs/byo-numpy.toml"))
+        .unwrap()
+        .replace("\"python3\"", &format!("\"{}\"", python()))
+        .replace("\"byo/train_numpy.py\"", &format!("\"{}\"", root.join("configs/byo/train_numpy.py").display()))
+        .replace("\"../data/fashion-mnist-small\"", &format!("\"{}\"", root.join("data/fashion-mnist-small").display()))
+        .replace("\"../python\"", &format!("\"{}\"", root.join("python").display()))
+        .replace("ports = [29600, 29699]", &format!("ports = [{}, {}]", ports.0, ports.1));
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_numpy_example_trains_through_the_local_kv_socket() {
+    let tag = fresh_tag();
+    let dir = scratch("byo-numpy");
+    let job = numpy_job(&dir, (31250, 31260));
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 180);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["status"], "succeeded");
+    // The stated accuracy of configs/byo-numpy.toml: at least 75% after 3 epochs.
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.75, "test accuracy {acc}");
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    // The model holds the program's tensors by name.
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let st = safetensors_shapes(&bytes);
+    assert_eq!(st, vec![("b".to_string(), vec![10]), ("w".to_string(), vec![784, 10])]);
+    // The program ran as the job user: its output went to the worker's log.
+    let log = std::fs::read_to_string(run.join("logs/localhost-worker-0.log")).unwrap();
+    assert!(log.contains("epoch 3: test accuracy"), "{log}");
+    wait_gone(&tag);
+}
+
+fn safetensors_shapes(bytes: &[u8]) -> Vec<(String, Vec<usize>)> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut out: Vec<(String, Vec<usize>)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            (k.clone(), v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Two workers push known arrays in sync mode and pull back exactly the
+/// optimizer's result; the agent refuses a pull in the middle of a step,
+/// garbage and an oversized tensor (each with its reason) and keeps serving;
+/// another local user cannot reach the socket, and root (not the job user)
+/// is refused by its credentials.
+const SEMANTICS: &str = r#"
+import json, os, socket, struct, sys, time
+import numpy as np
+from warden import kv
+
+rank = int(os.environ["WARDEN_RANK"])
+time.sleep(3)  # the test probes the socket from outside meanwhile
+store = kv.connect()
+assert store.rank == rank and store.num_workers == 2
+store.init("x", np.arange(1, 7, dtype=np.float32))
+g = np.full(6, 2.0 if rank == 0 else 4.0, dtype=np.float32)
+zeros = np.zeros((2, 3), dtype=np.float32)
+out = {}
+for step in range(2):
+    store.push("x", g)
+    store.push("y", zeros)  # a step pushes every declared tensor
+    out[step] = store.pull("x").tolist()
+try:
+    store.push("y", zeros)
+    store.pull("x")
+    raise SystemExit("a pull in the middle of a step was accepted")
+except kv.KVError as e:
+    out["mid_step"] = str(e)
+# Garbage and an oversized tensor on other connections: each refused, with a reason.
+def raw(payload):
+    s = socket.socket(socket.AF_UNIX); s.connect(os.environ["WARDEN_KV"]); s.sendall(payload)
+    n = struct.unpack("<I", s.recv(4))[0]
+    return json.loads(s.recv(n))
+out["garbage"] = raw(struct.pack("<I", 0xFFFFFFF0) + b"xx")
+h = json.dumps({"op": "push", "name": "x", "nbytes": 1 << 30}).encode()
+out["oversized"] = raw(struct.pack("<I", len(h)) + h)
+h = b"{not json"
+out["malformed"] = raw(struct.pack("<I", len(h)) + h)
+store.push("x", g)  # completes the step begun above ("y" was pushed)
+out["still_serving"] = store.pull("x").tolist()
+print("RESULT " + json.dumps(out), flush=True)
+"#;
+
+#[test]
+fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
+    let tag = fresh_tag();
+    let dir = scratch("byo-semantics");
+    let script = dir.join("semantics.py");
+    std::fs::write(&script, SEMANTICS).unwrap();
+    let mut text = std::fs::read_to_string(numpy_job(&dir, (31262, 31272))).unwrap();
+    text = text
+        .replace("w = [784, 10]\nb = [10]", "x = [6]\ny = [2, 3]")
+        .replace("kind = \"momentum\"\nlr = 0.1\nmomentum = 0.9", "kind = \"sgd\"\nlr = 0.5");
+    let cmd_start = text.find("command = [").unwrap();
+    let cmd_end = cmd_start + text[cmd_start..].find('\n').unwrap();
+    text.replace_range(cmd_start..cmd_end, &format!("command = [\"{}\", \"{}\"]", python(), script.display()));
+    let job = dir.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    // The script must be readable by the job user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.join("run");
+    let child = spawn_launch(&tag, &job, &run);
+
+    // From outside, while the programs sleep: nobody cannot even reach the
+    // socket; root can (as root can everything) but is not the job user.
+    let sock = run.join("nodes/localhost-worker-0/kv.sock");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !sock.exists() {
+        assert!(Instant::now() < until, "no KV socket appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let probe = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); print(s.recv(200))",
+        sock.display().to_string()
+    );
+    let as_nobody = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", &probe])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(!as_nobody.status.success() && err.contains("Permission denied"), "nobody reached the socket: {err}");
+    let as_root = std::process::Command::new("/usr/bin/python3").args(["-c", &probe]).output().unwrap();
+    let said = String::from_utf8_lossy(&as_root.stdout);
+    assert!(said.contains("only the job user may use this socket"), "root was not refused: {said}");
+
+    // The programs run as the job user with no capabilities and no_new_privs.
+    let programs: Vec<u32> = warden_tests::agent_pids_tagged(&tag)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python"))
+        })
+        .collect();
+    assert_eq!(programs.len(), 2, "one program per worker");
+    let job_uid = nix::unistd::User::from_name("warden").unwrap().unwrap().uid.as_raw();
+    for pid in programs {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().to_string();
+        assert!(field("Uid:").split_whitespace().all(|u| u == job_uid.to_string()), "{status}");
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+            assert_eq!(field(caps), "0000000000000000", "{caps} of the program {pid}");
+        }
+        assert_eq!(field("NoNewPrivs:"), "1");
+    }
+
+    let (status, stderr) = wait_for(child, &run, 120);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    for rank in 0..2 {
+        let log = std::fs::read_to_string(run.join(format!("logs/localhost-worker-{rank}.log"))).unwrap();
+        let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
+        let out: serde_json::Value = serde_json::from_str(&line).unwrap();
+        // x0 = 1..6; both steps apply SGD (lr 0.5) to the mean gradient 3.
+        assert_eq!(out["0"], serde_json::json!([-0.5, 0.5, 1.5, 2.5, 3.5, 4.5]), "rank {rank}");
+        assert_eq!(out["1"], serde_json::json!([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]), "rank {rank}");
+        assert!(out["mid_step"].as_str().unwrap().contains("in the middle of a step"), "{out}");
+        assert!(out["garbage"]["error"].as_str().unwrap().contains("header of"), "{out}");
+        assert!(out["oversized"]["error"].as_str().unwrap().contains("holds at most 24"), "{out}");
+        assert!(out["malformed"]["error"].as_str().unwrap().contains("malformed request header"), "{out}");
+        assert_eq!(out["still_serving"], serde_json::json!([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5]), "rank {rank}");
+    }
+    wait_gone(&tag);
+}
