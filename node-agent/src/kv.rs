@@ -245,7 +245,8 @@ impl Kv {
         names.join(", ")
     }
 
-    async fn push(&mut self, i: usize, values: &[f32]) -> Result<(), String> {
+    /// Takes this step's gradient of tensor `i` straight from the request bytes.
+    async fn push(&mut self, i: usize, dtype: Dtype, payload: &[u8]) -> Result<(), String> {
         if self.pushed[i] {
             return Err(format!(
                 "`{}` was already pushed in this step; a step pushes every tensor once (still missing: {})",
@@ -253,7 +254,7 @@ impl Kv {
                 self.missing()
             ));
         }
-        self.grad[self.tensors[i].range.clone()].copy_from_slice(values);
+        dtype.decode(payload, &mut self.grad[self.tensors[i].range.clone()]);
         self.pushed[i] = true;
         if self.pushed.iter().all(|p| *p) {
             let mut frame = Vec::new();
@@ -289,12 +290,14 @@ impl Kv {
                 s.conn.send(&Message::Pull { min_version }).await.map_err(io)?;
             }
             for s in &mut self.servers {
-                match s.conn.recv().await.map_err(io)? {
-                    Message::Params { data, .. } if data.len() == s.range.len() => {
-                        self.params[s.range.clone()].copy_from_slice(&data)
-                    }
-                    m => return Err(format!("unexpected `{}` from a server", m.name())),
+                // Straight from the frame into the values: no decoded copy.
+                let body = s.conn.recv_raw().await.map_err(io)?;
+                let (_, values) = crate::wire::vector_view(body, crate::wire::TAG_PARAMS)
+                    .map_err(|e| format!("from a server: {e}"))?;
+                if values.len() != s.range.len() * 4 {
+                    return Err(format!("a server sent {} values for a shard of {}", values.len() / 4, s.range.len()));
                 }
+                warden_kernels::convert::copy_f32_le(&mut self.params[s.range.clone()], values);
             }
             self.fetched_at = Some(self.step);
         }
@@ -349,9 +352,7 @@ impl Kv {
             "push" | "pushpull" => {
                 let i = self.tensor(req.name.as_deref())?;
                 self.start(sched).await?;
-                let mut values = vec![0.0f32; self.tensors[i].range.len()];
-                dtype.decode(payload, &mut values);
-                self.push(i, &values).await?;
+                self.push(i, dtype, payload).await?;
                 if req.op == "push" {
                     return Ok(json!({"ok": true, "step": self.step}));
                 }
@@ -471,11 +472,12 @@ pub async fn serve_conn(
 
 async fn reply(s: &mut UnixStream, header: &serde_json::Value, payload: &[u8]) -> std::io::Result<()> {
     let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
-    let mut buf = Vec::with_capacity(4 + h.len() + payload.len());
-    buf.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&h);
-    buf.extend_from_slice(payload);
-    s.write_all(&buf).await
+    let mut head = Vec::with_capacity(4 + h.len());
+    head.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    head.extend_from_slice(&h);
+    s.write_all(&head).await?;
+    // The tensor bytes go as they are: no copy into one buffer.
+    s.write_all(payload).await
 }
 
 /// Binds the socket in `dir` (mode 0600; the directory is the job user's, 0700).

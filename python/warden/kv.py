@@ -32,9 +32,9 @@ class KVError(RuntimeError):
     """The agent refused an operation; the message says why."""
 
 
-def _recv_exact(sock, n):
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_exact(sock, n, into=None):
+    buf = into if into is not None else bytearray(n)
+    view = memoryview(buf).cast("B")
     got = 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
@@ -73,18 +73,25 @@ class KV:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, header, payload=b""):
-        header = dict(header, nbytes=len(payload))
+    def _call(self, header, payload=b"", into=None):
+        """One request. The payload is sent from the caller's buffer and the
+        answer's bytes land in `into` (a C-contiguous float32 array of the
+        right size) when given: large tensors are not copied on this side."""
+        payload = memoryview(payload).cast("B")
+        header = dict(header, nbytes=payload.nbytes)
         h = json.dumps(header).encode()
         self._sock.sendall(struct.pack("<I", len(h)) + h)
-        if payload:
+        if payload.nbytes:
             self._sock.sendall(payload)
         (n,) = struct.unpack("<I", _recv_exact(self._sock, 4))
         answer = json.loads(bytes(_recv_exact(self._sock, n)))
-        data = bytes(_recv_exact(self._sock, answer.get("nbytes", 0))) if answer.get("ok") else b""
         if not answer.get("ok"):
             raise KVError(answer.get("error", "the agent refused the operation"))
-        return answer, data
+        nbytes = answer.get("nbytes", 0)
+        if into is not None and into.nbytes == nbytes:
+            _recv_exact(self._sock, nbytes, into)
+            return answer, None
+        return answer, _recv_exact(self._sock, nbytes)
 
     # -- what the job declares -------------------------------------------
     @property
@@ -111,7 +118,7 @@ class KV:
         shape = self.shapes().get(name)
         if shape is not None and arr.size != int(np.prod(shape)):
             raise KVError(f"`{name}` has shape {shape}; got an array of {arr.size} values")
-        return dtype, arr.tobytes()
+        return dtype, arr
 
     # -- the kvstore -----------------------------------------------------
     def init(self, name, value):
@@ -126,14 +133,21 @@ class KV:
 
     def pull(self, name, out=None):
         """The current value of `name` (into `out` if given)."""
-        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"})
+        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"}, into=self._into(out))
         return self._unpack(name, data, out)
 
     def pushpull(self, name, grad, out=None):
         """push, then pull (the pull needs the step complete: use it for the last tensor)."""
         dtype, payload = self._bytes(name, grad)
-        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload)
+        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload, into=self._into(out))
         return self._unpack(name, data, out)
+
+    @staticmethod
+    def _into(out):
+        """`out` itself, when the answer can be received straight into it."""
+        if isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable:
+            return out
+        return None
 
     def step(self, grads, out=None):
         """Pushes every gradient in `grads` ({name: array}) and pulls every
@@ -160,6 +174,8 @@ class KV:
         self._call(h)
 
     def _unpack(self, name, data, out):
+        if data is None:  # received into `out` already
+            return out
         arr = np.frombuffer(data, dtype=np.float32)
         shape = self.shapes().get(name)
         if shape is not None:
