@@ -284,7 +284,8 @@ impl Kv {
                 self.missing()
             ));
         }
-        if self.fetched_at != Some(self.step) {
+        // Async values move with every worker's push: always ask.
+        if self.fetched_at != Some(self.step) || self.mode == SyncMode::Async {
             let min_version = if self.mode == SyncMode::Sync { self.step } else { 0 };
             for s in &mut self.servers {
                 s.conn.send(&Message::Pull { min_version }).await.map_err(io)?;

@@ -39,6 +39,22 @@ fn numpy_job(dir: &Path, ports: (u16, u16)) -> PathBuf {
     path
 }
 
+/// A two-worker job of tensors x = [6] and y = [2, 3] with SGD (lr 0.5) in
+/// `mode`, whose workers run `script`.
+fn script_job(dir: &Path, ports: (u16, u16), script: &Path, mode: &str) -> PathBuf {
+    let mut text = std::fs::read_to_string(numpy_job(dir, ports)).unwrap();
+    text = text
+        .replace("w = [784, 10]\nb = [10]", "x = [6]\ny = [2, 3]")
+        .replace("kind = \"momentum\"\nlr = 0.1\nmomentum = 0.9", "kind = \"sgd\"\nlr = 0.5")
+        .replace("mode = \"sync\"", &format!("mode = \"{mode}\""));
+    let cmd_start = text.find("command = [").unwrap();
+    let cmd_end = cmd_start + text[cmd_start..].find('\n').unwrap();
+    text.replace_range(cmd_start..cmd_end, &format!("command = [\"{}\", \"{}\"]", python(), script.display()));
+    let job = dir.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
 #[test]
 fn the_numpy_example_trains_through_the_local_kv_socket() {
     let tag = fresh_tag();
@@ -129,15 +145,7 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
     let dir = scratch("byo-semantics");
     let script = dir.join("semantics.py");
     std::fs::write(&script, SEMANTICS).unwrap();
-    let mut text = std::fs::read_to_string(numpy_job(&dir, (31262, 31272))).unwrap();
-    text = text
-        .replace("w = [784, 10]\nb = [10]", "x = [6]\ny = [2, 3]")
-        .replace("kind = \"momentum\"\nlr = 0.1\nmomentum = 0.9", "kind = \"sgd\"\nlr = 0.5");
-    let cmd_start = text.find("command = [").unwrap();
-    let cmd_end = cmd_start + text[cmd_start..].find('\n').unwrap();
-    text.replace_range(cmd_start..cmd_end, &format!("command = [\"{}\", \"{}\"]", python(), script.display()));
-    let job = dir.join("job.toml");
-    std::fs::write(&job, text).unwrap();
+    let job = script_job(&dir, (31262, 31272), &script, "sync");
     // The script must be readable by the job user.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -199,6 +207,48 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
         assert!(out["oversized"]["error"].as_str().unwrap().contains("holds at most 24"), "{out}");
         assert!(out["malformed"]["error"].as_str().unwrap().contains("malformed request header"), "{out}");
         assert_eq!(out["still_serving"], serde_json::json!([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5]), "rank {rank}");
+    }
+    wait_gone(&tag);
+}
+
+/// `async` mode: each worker's step is applied on arrival; after a barrier
+/// both workers' updates are in, whatever their order.
+const ASYNC: &str = r#"
+import json, os, time
+import numpy as np
+from warden import kv
+rank = int(os.environ["WARDEN_RANK"])
+store = kv.connect()
+store.init("x", np.arange(1, 7, dtype=np.float32))
+store.push("x", np.full(6, 2.0 if rank == 0 else 4.0, dtype=np.float32))
+store.push("y", np.zeros((2, 3), dtype=np.float32))
+store.barrier()
+# Both pushes were sent before the barrier; the servers apply them as they
+# arrive, so the value reaches x0 - 3 (and never goes past it).
+want = (np.arange(1, 7, dtype=np.float32) - 3).tolist()
+for _ in range(200):
+    x = store.pull("x").tolist()
+    if x == want:
+        break
+    time.sleep(0.01)
+print("RESULT " + json.dumps(x), flush=True)
+"#;
+
+#[test]
+fn in_async_mode_every_push_is_applied_on_arrival() {
+    let tag = fresh_tag();
+    let dir = scratch("byo-async");
+    let script = dir.join("async.py");
+    std::fs::write(&script, ASYNC).unwrap();
+    let job = script_job(&dir, (31274, 31284), &script, "async");
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    for rank in 0..2 {
+        let log = std::fs::read_to_string(run.join(format!("logs/localhost-worker-{rank}.log"))).unwrap();
+        let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
+        // Each push applied alone (lr 0.5): x0 - 0.5 * 2 - 0.5 * 4.
+        assert_eq!(line, "[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]", "rank {rank}");
     }
     wait_gone(&tag);
 }
