@@ -25,7 +25,10 @@ pub const EXIT_USAGE: u8 = 2;
         warden validate configs/local.toml\n  \
         warden plan configs/local.toml\n  \
         warden launch configs/local.toml --local\n\n\
-        Job file reference: docs/job-file.md"
+        Documentation (in the repository's docs/): job-file.md (every key), security.md (threat model), \
+        checkpoints.md, signing.md, serving.md, byo.md (your own program), ssh.md (several machines), \
+        fuzzing.md, benchmarks.md. `warden man` prints the manual page, `warden completions SHELL` a \
+        completion script."
 )]
 pub struct Cli {
     /// What to do.
@@ -119,6 +122,16 @@ pub enum Command {
         #[arg(long)]
         role: Option<String>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:\n  warden completions bash > /etc/bash_completion.d/warden\n  \
+        warden completions zsh > ~/.zfunc/_warden")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from this CLI.
+    #[command(after_help = "Example:\n  warden man > /usr/local/share/man/man1/warden.1 && man warden")]
+    Man,
     /// Stop a running job; after a launcher crash, remove what it left on the hosts.
     #[command(after_help = "Example:\n  warden stop runs/RUN")]
     Stop {
@@ -306,6 +319,21 @@ pub fn main() -> u8 {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "warden", &mut std::io::stdout());
+            EXIT_OK
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("error: cannot write the manual page: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
         Command::Validate { job } => crate::commands::validate::exec(&job),
         Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
         Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys, resume } => {

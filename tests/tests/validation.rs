@@ -495,3 +495,60 @@ fn every_shipped_config_is_valid() {
     }
     assert!(n >= 2);
 }
+
+/// docs/job-file.md cannot drift from the parser: every key the parser
+/// accepts, in every section, is documented there. The accepted keys come
+/// from the parser itself (its "unknown field, expected one of" error).
+#[test]
+fn every_key_the_parser_accepts_is_documented_in_job_file_md() {
+    let doc = std::fs::read_to_string(warden_tests::repo_root().join("docs/job-file.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for section in
+        ["", "[job]", "[cluster]", "[[cluster.hosts]]", "[model]", "[data]", "[optimizer]", "[training]", "[worker]"]
+            .into_iter()
+            .chain(["[limits]", "[checkpoint]", "[signing]"])
+    {
+        let text = format!("{section}\nzzz_not_a_key = 1\n");
+        let e = JobSpec::parse("job.toml", &text, Path::new(".")).expect_err("an unknown key");
+        // serde says "expected one of `a`, `b`", "expected `a` or `b`" or "expected `a`".
+        let Some((_, list)) = e.message.split_once("expected ") else {
+            panic!("{section}: no key list in `{}`", e.message)
+        };
+        let list = list.trim_start_matches("one of ").replace(" or ", ", ");
+        for key in list.split(", ").map(|k| k.trim_matches('`')) {
+            seen += 1;
+            let parent = section.trim_matches(|c| c == '[' || c == ']');
+            let forms = [format!("`{key}`"), format!("`[{key}]`"), format!("[{parent}.{key}]")];
+            if !forms.iter().any(|f| doc.contains(f.as_str())) {
+                missing.push(format!("{section} {key}"));
+            }
+        }
+    }
+    assert!(seen > 60, "only {seen} keys found");
+    assert!(missing.is_empty(), "keys missing from docs/job-file.md: {missing:?}");
+}
+
+/// Shell completions and the manual page come from the CLI definition
+/// itself, so they list every subcommand; the top-level help names the docs.
+#[test]
+fn completions_man_page_and_help_come_from_the_cli() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(warden_tests::bin("warden")).args(args).output().unwrap();
+        assert!(out.status.success(), "warden {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        for sub in ["launch", "validate", "serve", "checkpoint", "completions"] {
+            assert!(script.contains(sub), "{shell} completion lacks `{sub}`");
+        }
+    }
+    let man = run(&["man"]);
+    assert!(man.starts_with(".ie") || man.contains(".TH warden"), "{}", &man[..200.min(man.len())]);
+    assert!(man.contains("launch") && man.contains("serve"));
+    let help = run(&["--help"]);
+    for doc in ["job-file.md", "security.md", "byo.md", "ssh.md"] {
+        assert!(help.contains(doc), "--help does not point to {doc}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The playbooks (issue 12): `ansible-lint` clean on the production profile,
+//! `ansible-playbook --syntax-check`, and real runs against this machine
+//! (connection local, into a scratch directory): node-prep twice (the
+//! second changes nothing), then teardown removing a crashed job's firewall
+//! table, job directory and checkpoint steps past retention (and again,
+//! changing nothing). Ansible comes from `WARDEN_ANSIBLE` (a venv's bin
+//! directory, made by `./scripts/test-all`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use warden_tests::{bin, repo_root, scratch};
+
+fn ansible(tool: &str) -> PathBuf {
+    let dir = std::env::var("WARDEN_ANSIBLE").unwrap_or_else(|_| {
+        panic!("WARDEN_ANSIBLE must name a bin directory with ansible-playbook and ansible-lint; ./scripts/test-all makes target/ansible-venv")
+    });
+    PathBuf::from(dir).join(tool)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn the_playbooks_pass_ansible_lint_on_the_production_profile_and_the_syntax_check() {
+    let root = repo_root();
+    let lint = run(Command::new(ansible("ansible-lint"))
+        .args(["--offline", "--profile", "production", "playbooks/"])
+        .current_dir(&root)
+        .env("ANSIBLE_LOCAL_TEMP", std::env::temp_dir()));
+    assert!(lint.contains("Profile 'production' was required, and it passed"), "{lint}");
+    run(Command::new(ansible("ansible-playbook"))
+        .args([
+            "--syntax-check",
+            "-i",
+            "playbooks/inventory.example.ini",
+            "playbooks/node-prep.yml",
+            "playbooks/teardown.yml",
+        ])
+        .current_dir(&root));
+}
+
+fn recap(text: &str) -> (u32, u32) {
+    let line = text.lines().find(|l| l.contains(" ok=")).unwrap_or_else(|| panic!("no recap:\n{text}"));
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap();
+    (field("changed="), field("failed="))
+}
+
+#[test]
+fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
+    let dir = scratch("playbooks");
+    let inv = dir.join("inventory.ini");
+    std::fs::write(
+        &inv,
+        "[warden_nodes]\nlocalhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n",
+    )
+    .unwrap();
+    let remote = dir.join("remote");
+    let ck = remote.join("checkpoints");
+    let vars = [
+        format!("warden_remote_dir={}", remote.display()),
+        format!("warden_checkpoint_dir={}", ck.display()),
+        format!("warden_agent_binary={}", bin("warden-agent").display()),
+        "warden_harden_sshd=false".to_string(),
+    ];
+    let play = |name: &str| {
+        let mut c = Command::new(ansible("ansible-playbook"));
+        c.args(["-i".as_ref(), inv.as_os_str(), repo_root().join("playbooks").join(name).as_os_str()]);
+        for v in &vars {
+            c.args(["-e", v]);
+        }
+        recap(&run(&mut c))
+    };
+    let (changed, failed) = play("node-prep.yml");
+    assert!(changed > 0 && failed == 0);
+    assert_eq!(play("node-prep.yml"), (0, 0), "a second node-prep run changed something");
+    assert!(remote.join("bin/warden-agent").is_file());
+    let meta = std::fs::metadata(&ck).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
+
+    // What a crashed job leaves: a firewall table, a job directory, old steps.
+    let table = format!("warden_{}", &warden_tests::fresh_tag()[..12]);
+    let mut install = Command::new(bin("warden-agent"))
+        .args(["firewall", "install", &table])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(install.stdin.as_mut().unwrap(), format!("table inet {table} {{\n}}\n").as_bytes())
+        .unwrap();
+    drop(install.stdin.take());
+    assert!(install.wait().unwrap().success());
+    std::fs::create_dir_all(remote.join("jobs/0123abcd/localhost-worker-0")).unwrap();
+    for step in 1..=4 {
+        std::fs::create_dir_all(ck.join(format!("series/step-{step:012}"))).unwrap();
+    }
+    let (changed, failed) = play("teardown.yml");
+    assert!(changed > 0 && failed == 0);
+    let tables = run(Command::new(bin("warden-agent")).args(["firewall", "list"]));
+    assert!(!tables.contains(&table), "{tables}");
+    assert_eq!(std::fs::read_dir(remote.join("jobs")).unwrap().count(), 0);
+    let mut kept: Vec<String> = std::fs::read_dir(ck.join("series"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-000000000003", "step-000000000004"]);
+    assert_eq!(play("teardown.yml"), (0, 0), "a second teardown run changed something");
+}
