@@ -503,3 +503,64 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 12: `playbooks/node-prep.yml` prepares the namespace hosts over
+/// real SSH (Ansible through the same ssh_config the launcher uses), and a
+/// warden job then runs on them from the prepared `remote_dir`. The hosts
+/// share this machine's filesystem, so the sshd drop-in is left out here
+/// (it would change this machine's sshd); `tests/tests/playbooks.rs` covers
+/// the rest of both playbooks.
+#[test]
+fn node_prep_over_ssh_prepares_the_hosts_a_job_then_runs_on() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let Ok(ansible) = std::env::var("WARDEN_ANSIBLE") else {
+        panic!("WARDEN_ANSIBLE must name a bin directory with ansible-playbook; ./scripts/test-all makes it")
+    };
+    let dir = scratch("ssh-prep");
+    let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
+    let remote = dir.join("remote");
+    let mut inv = String::from("[warden_nodes]\n");
+    for (i, h) in ssh.net.hosts.iter().enumerate() {
+        inv.push_str(&format!("h{i} ansible_host={}\n", h.addr));
+    }
+    inv.push_str(&format!(
+        "\n[warden_nodes:vars]\nansible_user=root\nansible_python_interpreter=/usr/bin/python3\n\
+         ansible_ssh_common_args='-F {}'\n",
+        ssh.ssh_config.display()
+    ));
+    std::fs::write(dir.join("inventory.ini"), inv).unwrap();
+    let play = || {
+        let out = std::process::Command::new(std::path::Path::new(&ansible).join("ansible-playbook"))
+            .args(["-i".as_ref(), dir.join("inventory.ini").as_os_str()])
+            .arg(repo_root().join("playbooks/node-prep.yml"))
+            .args(["-e", &format!("warden_remote_dir={}", remote.display())])
+            .args(["-e", &format!("warden_checkpoint_dir={}", remote.join("checkpoints").display())])
+            .args(["-e", &format!("warden_agent_binary={}", bin("warden-agent").display())])
+            .args(["-e", "warden_harden_sshd=false"])
+            .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "node-prep over SSH failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let first = play();
+    assert_eq!(first.matches("unreachable=0    failed=0").count(), 3, "{first}");
+    let second = play();
+    assert_eq!(second.matches(" changed=0 ").count(), 3, "a second run changed something:\n{second}");
+    assert!(remote.join("bin/warden-agent").is_file());
+
+    let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let job = dir.join("job.toml");
+    std::fs::write(&job, ssh_job(&ssh.ssh_config, &remote, &addrs)).unwrap();
+    let out = std::process::Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), dir.join("run").as_os_str()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
