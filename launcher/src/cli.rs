@@ -25,10 +25,10 @@ pub const EXIT_USAGE: u8 = 2;
         warden validate configs/local.toml\n  \
         warden plan configs/local.toml\n  \
         warden launch configs/local.toml --local\n\n\
-        Documentation (in the repository's docs/): job-file.md (every key), security.md (threat model), \
-        checkpoints.md, signing.md, serving.md, byo.md (your own program), ssh.md (several machines), \
-        fuzzing.md, benchmarks.md. `warden man` prints the manual page, `warden completions SHELL` a \
-        completion script."
+        Docs: docs/guide.md (start here), docs/job-file.md (every key), docs/security.md (threat model), \
+        docs/operations.md, docs/checkpoints.md, docs/signing.md, docs/serving.md, docs/byo.md (your own \
+        program), docs/ssh.md (several machines), docs/fuzzing.md, docs/benchmarks.md. \
+        `warden man` prints the manual page, `warden completions SHELL` a completion script."
 )]
 pub struct Cli {
     /// What to do.
@@ -41,7 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Check a job file and report the first problem with its line and column.
     #[command(after_help = "Example:\n  warden validate configs/local.toml\n\n\
-        Exit status: 0 when valid; 2 with `error: FILE:LINE:COL: ...` on stderr otherwise.")]
+        Exit status: 0 when valid; 2 with `error: FILE:LINE:COL: ...` on stderr otherwise.\n\nDocs: docs/job-file.md")]
     Validate {
         /// The job file.
         job: PathBuf,
@@ -49,7 +49,7 @@ pub enum Command {
     /// Show what a launch would do (processes, addresses, ports, identities, firewall) without touching anything.
     #[command(
         after_help = "Examples:\n  warden plan configs/local.toml\n  warden plan configs/local.toml --json > plan.json\n\n\
-        The job id shown is an example: every launch draws a fresh one."
+        The job id shown is an example: every launch draws a fresh one.\n\nDocs: docs/job-file.md"
     )]
     Plan {
         /// The job file.
@@ -66,7 +66,7 @@ pub enum Command {
         warden launch configs/two-hosts.toml          # over SSH, hosts from the job file\n\n\
         The run directory gets summary.json, metrics.csv, logs/ (one file per process) and \
         model/model.safetensors. Exit status: 0 when training finished; 1 when the job failed \
-        (summary.json says why); 2 for an invalid job file or bad flags.")]
+        (summary.json says why); 2 for an invalid job file or bad flags.\n\nDocs: docs/guide.md, docs/job-file.md")]
     Launch {
         /// The job file.
         job: PathBuf,
@@ -91,7 +91,7 @@ pub enum Command {
     /// Check every host of a job over SSH: OS, nft, job user, free ports, disk, clock.
     #[command(after_help = "Example:\n  warden doctor configs/two-hosts.toml\n\n\
         Prints one line per host and check; exit status 1 if any check fails. \
-        `warden launch` runs the same checks before deploying.")]
+        `warden launch` runs the same checks before deploying.\n\nDocs: docs/ssh.md")]
     Doctor {
         /// The job file.
         job: PathBuf,
@@ -100,14 +100,14 @@ pub enum Command {
         accept_new_host_keys: bool,
     },
     /// How a run stands, from its directory (also after its launcher died).
-    #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500")]
+    #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500\n\nDocs: docs/operations.md")]
     Status {
         /// The run directory.
         dir: PathBuf,
     },
     /// Print a run's logs, each line prefixed host/role[rank].
     #[command(
-        after_help = "Examples:\n  warden logs runs/RUN\n  warden logs runs/RUN -f --role worker\n  warden logs runs/RUN --host node2"
+        after_help = "Examples:\n  warden logs runs/RUN\n  warden logs runs/RUN -f --role worker\n  warden logs runs/RUN --host node2\n\nDocs: docs/operations.md"
     )]
     Logs {
         /// The run directory.
@@ -124,31 +124,33 @@ pub enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Examples:\n  warden completions bash > /etc/bash_completion.d/warden\n  \
-        warden completions zsh > ~/.zfunc/_warden")]
+        warden completions zsh > ~/.zfunc/_warden\n\nDocs: docs/operations.md")]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
     /// Print the manual page (roff), generated from this CLI.
-    #[command(after_help = "Example:\n  warden man > /usr/local/share/man/man1/warden.1 && man warden")]
+    #[command(
+        after_help = "Example:\n  warden man > /usr/local/share/man/man1/warden.1 && man warden\n\nDocs: docs/operations.md"
+    )]
     Man,
     /// Stop a running job; after a launcher crash, remove what it left on the hosts.
-    #[command(after_help = "Example:\n  warden stop runs/RUN")]
+    #[command(after_help = "Example:\n  warden stop runs/RUN\n\nDocs: docs/operations.md")]
     Stop {
         /// The run directory.
         dir: PathBuf,
     },
     /// Measure warden on this machine.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Docs: docs/benchmarks.md")]
     Bench(BenchCommand),
     /// The per-job nftables tables on this host (needs root).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Docs: docs/operations.md, docs/security.md")]
     Firewall(FirewallCommand),
     /// Make an ECDSA P-256 key pair for signing models.
     #[command(after_help = "Examples:\n  warden keygen --out keys/\n  \
         WARDEN_PASS=... warden keygen --out keys/ --passphrase-env WARDEN_PASS\n\n\
         Writes DIR/private.pem (PKCS#8, mode 0600; encrypted with PBKDF2-SHA256 and AES-256-CBC when a \
-        passphrase is given) and DIR/public.pem (SubjectPublicKeyInfo). Both work with `model_signing ... key`.")]
+        passphrase is given) and DIR/public.pem (SubjectPublicKeyInfo). Both work with `model_signing ... key`.\n\nDocs: docs/signing.md")]
     Keygen {
         /// Directory for private.pem and public.pem (existing keys are never overwritten).
         #[arg(long, value_name = "DIR")]
@@ -161,7 +163,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  warden sign runs/RUN/model --key keys/private.pem\n\n\
         Writes MODEL_DIR/model.sig (or --signature PATH): a Sigstore bundle with a DSSE envelope over an in-toto \
         statement listing every file's SHA-256. `model_signing verify key MODEL_DIR --signature ... --public_key ...` \
-        accepts it.")]
+        accepts it.\n\nDocs: docs/signing.md")]
     Sign {
         /// The model directory.
         model: PathBuf,
@@ -178,7 +180,7 @@ pub enum Command {
     /// Verify a model directory against its signature and a trusted public key.
     #[command(after_help = "Example:\n  warden verify runs/RUN/model --pubkey keys/public.pem\n\n\
         Strict: exactly one signature and subject, the model-signing v1.0 predicate, the key's hint, no unknown \
-        fields, no symlinks, no file added, missing, renamed or changed. Exit status 1 says which.")]
+        fields, no symlinks, no file added, missing, renamed or changed. Exit status 1 says which.\n\nDocs: docs/signing.md")]
     Verify {
         /// The model directory.
         model: PathBuf,
@@ -218,7 +220,7 @@ pub enum Command {
     /// Make an API key for `warden serve`: prints the key once, and the entry for the keys file.
     #[command(
         after_help = "Example:\n  warden apikey --id alice >> /dev/null   # shows the key on stderr, the entry on stdout\n\n\
-        Only the SHA-256 of the key goes into the keys file; give the key itself to its user."
+        Only the SHA-256 of the key goes into the keys file; give the key itself to its user.\n\nDocs: docs/serving.md"
     )]
     Apikey {
         /// A name for the key (appears in logs and the state file).
@@ -226,7 +228,7 @@ pub enum Command {
         id: String,
     },
     /// Encrypted checkpoints on this host: make a key, list, verify, prune.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Docs: docs/checkpoints.md")]
     Checkpoint(CheckpointCommand),
 }
 
@@ -236,21 +238,21 @@ pub enum CheckpointCommand {
     /// Make a new checkpoint key file (256 bits from the OS CSPRNG, mode 0600).
     #[command(after_help = "Example:\n  warden checkpoint keygen ~/.config/warden/fashion.key\n\n\
         Name it in the job file as [checkpoint] key_file to resume across launches. \
-        Keep it apart from the checkpoints: whoever has both can read them.")]
+        Keep it apart from the checkpoints: whoever has both can read them.\n\nDocs: docs/checkpoints.md")]
     Keygen {
         /// Where to write the key (must not exist).
         file: PathBuf,
     },
     /// List checkpoint steps: complete (with a manifest) or not, shards and sizes. Needs no key.
     #[command(after_help = "Examples:\n  warden checkpoint list /var/lib/warden/checkpoints\n  \
-        warden checkpoint list /var/lib/warden/checkpoints/3f2a9c0d1e4b5a6978800112233aabbc")]
+        warden checkpoint list /var/lib/warden/checkpoints/3f2a9c0d1e4b5a6978800112233aabbc\n\nDocs: docs/checkpoints.md")]
     List {
         /// A checkpoint root ([checkpoint] dir) or one series directory inside it.
         dir: PathBuf,
     },
     /// Decrypt and check every shard file on this host against its manifest.
     #[command(after_help = "Example:\n  warden checkpoint verify /var/lib/warden/checkpoints --key-file job.key\n\n\
-        Exit status 1 if any complete step fails; incomplete steps are reported, not failed.")]
+        Exit status 1 if any complete step fails; incomplete steps are reported, not failed.\n\nDocs: docs/checkpoints.md")]
     Verify {
         /// A checkpoint root or one series directory.
         dir: PathBuf,
@@ -259,7 +261,9 @@ pub enum CheckpointCommand {
         key_file: PathBuf,
     },
     /// Keep the newest N complete steps of each series; delete the rest and stale incomplete ones.
-    #[command(after_help = "Example:\n  warden checkpoint prune /var/lib/warden/checkpoints --keep 1")]
+    #[command(
+        after_help = "Example:\n  warden checkpoint prune /var/lib/warden/checkpoints --keep 1\n\nDocs: docs/checkpoints.md"
+    )]
     Prune {
         /// A checkpoint root or one series directory.
         dir: PathBuf,
@@ -273,10 +277,12 @@ pub enum CheckpointCommand {
 #[derive(Debug, Subcommand)]
 pub enum FirewallCommand {
     /// List the warden tables on this host.
-    #[command(after_help = "Example:\n  sudo warden firewall list")]
+    #[command(after_help = "Example:\n  sudo warden firewall list\n\nDocs: docs/operations.md, docs/security.md")]
     List,
     /// Remove a job's table, or every warden table (left by crashed jobs).
-    #[command(after_help = "Examples:\n  sudo warden firewall clean\n  sudo warden firewall clean warden_3f2a9c0d1e4b")]
+    #[command(
+        after_help = "Examples:\n  sudo warden firewall clean\n  sudo warden firewall clean warden_3f2a9c0d1e4b\n\nDocs: docs/operations.md, docs/security.md"
+    )]
     Clean {
         /// The table (default: all warden tables).
         table: Option<String>,
@@ -295,13 +301,13 @@ pub enum BenchCommand {
     /// Worker compute: forward, backward and update of the MLP on one core, no network.
     #[command(after_help = "Example:\n  warden bench worker --hidden 256 --batch 64\n\n\
         Prints: warden worker: mlp 784-256-10 batch=64 samples_per_s=.. step_ms=..\n\
-        Run from the repository root to use the shipped data.")]
+        Run from the repository root to use the shipped data.\n\nDocs: docs/benchmarks.md")]
     Worker(crate::commands::bench::WorkerArgs),
     /// Encrypted checkpoint write and read throughput against plain files of the same bytes.
     #[command(after_help = "Example:\n  warden bench checkpoint --mib 512 --dir /var/lib/warden/checkpoints\n\n\
         Prints: warden checkpoint: MiB=.. write_plain_MBps=.. write_encrypted_MBps=.. write_ratio=.. \
         read_plain_MBps=.. read_encrypted_MBps=.. read_ratio=..\n\
-        Both sides write 1 MiB at a time and fsync; reads fill float vectors. Use --dir on the disk your checkpoints live on.")]
+        Both sides write 1 MiB at a time and fsync; reads fill float vectors. Use --dir on the disk your checkpoints live on.\n\nDocs: docs/benchmarks.md")]
     Checkpoint(crate::commands::bench::CheckpointArgs),
 }
 

@@ -552,3 +552,35 @@ fn completions_man_page_and_help_come_from_the_cli() {
         assert!(help.contains(doc), "--help does not point to {doc}");
     }
 }
+
+/// Every subcommand's help points to its documentation page, and every
+/// page it names exists.
+#[test]
+fn every_subcommand_help_points_to_an_existing_doc_page() {
+    fn walk(cmd: &mut clap::Command, path: String, missing: &mut Vec<String>) {
+        let help = cmd.render_long_help().to_string();
+        let named: Vec<&str> = help
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+            .filter(|w| w.starts_with("docs/") && w.ends_with(".md"))
+            .collect();
+        if named.is_empty() {
+            missing.push(format!("`{path}` names no docs page"));
+        }
+        for doc in named {
+            if !warden_tests::repo_root().join(doc).is_file() {
+                missing.push(format!("`{path}` names {doc}, which does not exist"));
+            }
+        }
+        for sub in cmd.get_subcommands_mut() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_name() != "help" {
+                walk(sub, name, missing);
+            }
+        }
+    }
+    let mut cmd = <warden::cli::Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let mut missing = Vec::new();
+    walk(&mut cmd, "warden".into(), &mut missing);
+    assert!(missing.is_empty(), "{missing:#?}");
+}
