@@ -259,7 +259,9 @@ pub async fn launch(
         let number = restarts.len() as u32;
         // A restart resumes when a checkpoint was committed (in this run or
         // the one it resumed); before the first, it starts from the beginning.
-        let resume = if number == 0 { opts.resume.is_some() } else { !acc.saved.is_empty() || acc.resumed };
+        // A launch with --resume always resumes, even if its first attempt
+        // failed before its resume step was chosen.
+        let resume = opts.resume.is_some() || !acc.saved.is_empty() || acc.resumed;
         let logs = if number == 0 { run.logs() } else { run.logs().join(format!("restart-{number}")) };
         std::fs::create_dir_all(&logs)
             .map_err(|e| LaunchError::Setup(format!("cannot create {}: {e}", logs.display())))?;
@@ -274,9 +276,10 @@ pub async fn launch(
                 ctx.progress.println(&format!(
                     "warden: restarting ({} of {max_restarts}) after: {cause}\n  {}; logs of the new attempt in {}",
                     number + 1,
-                    match from {
-                        Some(step) => format!("resuming from the newest valid checkpoint (step {step} or the newest before it that every server holds)"),
-                        None => "no checkpoint was committed yet, so it starts from the beginning".to_string(),
+                    match (from, opts.resume.is_some()) {
+                        (Some(step), _) => format!("resuming from the newest valid checkpoint (step {step} or the newest before it that every server holds)"),
+                        (None, true) => "resuming from the newest valid checkpoint of the series".to_string(),
+                        (None, false) => "no checkpoint was committed yet, so it starts from the beginning".to_string(),
                     },
                     run.logs().join(format!("restart-{}", number + 1)).display()
                 ));
