@@ -65,7 +65,10 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
         format!("warden_remote_dir={}", remote.display()),
         format!("warden_checkpoint_dir={}", ck.display()),
         format!("warden_agent_binary={}", bin("warden-agent").display()),
-        "warden_harden_sshd=false".to_string(),
+        // The sshd drop-in goes to the scratch directory (validated by
+        // `sshd -t` all the same), and this machine's sshd is not reloaded.
+        format!("warden_sshd_dropin={}", dir.join("50-warden.conf").display()),
+        "warden_reload_sshd=false".to_string(),
     ];
     let play = |name: &str| {
         let mut c = Command::new(ansible("ansible-playbook"));
@@ -79,6 +82,10 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
     assert!(changed > 0 && failed == 0);
     assert_eq!(play("node-prep.yml"), (0, 0), "a second node-prep run changed something");
     assert!(remote.join("bin/warden-agent").is_file());
+    let dropin = std::fs::read_to_string(dir.join("50-warden.conf")).unwrap();
+    for line in ["PasswordAuthentication no", "PermitRootLogin prohibit-password", "MaxSessions 64"] {
+        assert!(dropin.contains(line), "{dropin}");
+    }
     let meta = std::fs::metadata(&ck).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
 
