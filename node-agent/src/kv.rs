@@ -442,8 +442,9 @@ pub async fn serve_conn(
                 return Err(why);
             }
         };
-        let mut kv = kv.lock().await;
-        let max = kv.max_payload(&req);
+        // Not held while the payload arrives: a client that stalls
+        // mid-request must not hold up the program's other connections.
+        let max = kv.lock().await.max_payload(&req);
         if req.nbytes > max {
             let why = format!(
                 "payload of {} bytes for `{}`, but it holds at most {max}",
@@ -457,13 +458,14 @@ pub async fn serve_conn(
         s.read_exact(&mut payload).await.map_err(io)?;
         let expected = if matches!(req.op.as_str(), "init" | "push" | "pushpull") { max } else { 0 };
         out.clear();
+        let mut kv = kv.lock().await;
         let mut sched = sched.lock().await;
         let answer = if req.nbytes != expected {
             Err(format!("`{}` needs {expected} payload bytes, got {}", req.op, req.nbytes))
         } else {
             kv.handle(req, &payload, ctx, &mut sched, &mut out).await
         };
-        drop(sched);
+        drop((sched, kv));
         match answer {
             Ok(h) => reply(&mut s, &h, &out).await.map_err(io)?,
             Err(why) => reply(&mut s, &serde_json::json!({"ok": false, "error": why}), &[]).await.map_err(io)?,

@@ -98,7 +98,8 @@ fn safetensors_shapes(bytes: &[u8]) -> Vec<(String, Vec<usize>)> {
 
 /// Two workers push known arrays in sync mode and pull back exactly the
 /// optimizer's result; the agent refuses a pull in the middle of a step,
-/// garbage and an oversized tensor (each with its reason) and keeps serving;
+/// garbage and an oversized tensor (each with its reason) and keeps serving,
+/// also while another client sits in the middle of a request;
 /// another local user cannot reach the socket, and root (not the job user)
 /// is refused by its credentials.
 const SEMANTICS: &str = r#"
@@ -129,6 +130,10 @@ def raw(payload):
     s = socket.socket(socket.AF_UNIX); s.connect(os.environ["WARDEN_KV"]); s.sendall(payload)
     n = struct.unpack("<I", s.recv(4))[0]
     return json.loads(s.recv(n))
+# A client that starts a request and stalls holds up nobody else.
+stalled = socket.socket(socket.AF_UNIX); stalled.connect(os.environ["WARDEN_KV"])
+h = json.dumps({"op": "push", "name": "x", "nbytes": 24}).encode()
+stalled.sendall(struct.pack("<I", len(h)) + h + b"\0\0\0\0")
 out["garbage"] = raw(struct.pack("<I", 0xFFFFFFF0) + b"xx")
 h = json.dumps({"op": "push", "name": "x", "nbytes": 1 << 30}).encode()
 out["oversized"] = raw(struct.pack("<I", len(h)) + h)
