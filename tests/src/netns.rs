@@ -155,7 +155,8 @@ impl SshCluster {
                 format!(
                     "ListenAddress {addr}\nPort 22\nHostKey {key}\nPidFile {pid}\nAuthorizedKeysFile {auth}\n\
                      PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                     UsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n",
+                     UsePAM no\nStrictModes no\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n\
+                     ClientAliveInterval 2\nClientAliveCountMax 3\n",
                     addr = h.addr,
                     pid = d(&format!("sshd{i}.pid")),
                     auth = d("authorized_keys"),

@@ -500,6 +500,23 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
         assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
     }
     eprintln!("cut link detected and the job torn down in {took:?}");
+    // The cut host's agents cannot hear the launcher; their sshd notices the
+    // dead client (ClientAliveInterval, as playbooks/node-prep.yml sets it)
+    // and ends their sessions, so they stop too: no orphans.
+    let remote_bin = dir.join("remote/bin");
+    let left = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|x| x.starts_with(&remote_bin)))
+            .collect()
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while !left().is_empty() {
+        assert!(Instant::now() < until, "agents of the cut host still run: {:?}", left());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
