@@ -420,10 +420,13 @@ mod seccomp_tests {
             .env(CHILD, "1")
             .status()
             .unwrap();
+        // A signal here was seen once in a loaded full run and never again
+        // (issue 10 note): name it, so the next one can be explained.
+        let signal = std::os::unix::process::ExitStatusExt::signal(&status);
         assert_eq!(
             status.code(),
             Some(0),
-            "exit 10: execve, 11: packet socket, 12: ptrace got through; 2: set-up failed"
+            "exit 10: execve, 11: packet socket, 12: ptrace got through; 2: set-up failed; signal {signal:?}"
         );
     }
 }
