@@ -98,7 +98,11 @@ fn a_port_in_use_fails_the_job_cleanly() {
     assert!(stderr.contains(&format!("port {port} on localhost is already in use")), "{stderr}");
     let s = summary(&run);
     assert_eq!(s["status"], "failed");
-    assert!(s["failure"].as_str().unwrap().starts_with("localhost/scheduler[0]: port"), "{s}");
+    // The scheduler's port is the one held; another process may also find
+    // its port taken by some other program on this machine (the range is
+    // next to an ephemeral port), so accept any process naming its port.
+    let failure = s["failure"].as_str().unwrap();
+    assert!(failure.starts_with("localhost/") && failure.contains("is already in use"), "{s}");
     wait_gone(&tag);
 }
 
