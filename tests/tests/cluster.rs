@@ -344,6 +344,25 @@ fn bad_hosts_fail_fast_with_their_names() {
 
 /// A long job over SSH on three sshd hosts, launched as a child process
 /// (with `WARDEN_TEST_TAG=tag`); returns once its first epoch is done.
+/// Waits up to `secs` until no process runs an agent binary from
+/// `remote_bin` (agents started through sshd are not our children).
+fn wait_no_agents_under(remote_bin: &std::path::Path, secs: u64, what: &str) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let alive: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
+            .collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < until, "agents still running {what}: {alive:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn start_long_ssh_job(
     name: &str,
     tag: &str,
@@ -395,20 +414,7 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     // The agents ran through sshd, not as our children: find them by their binary under remote_dir.
     let remote_bin = dir.join("remote/bin");
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let alive: Vec<u32> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(&remote_bin)))
-            .collect();
-        if alive.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < until, "agents still running after Ctrl-C: {alive:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_no_agents_under(&remote_bin, 15, "after Ctrl-C");
     for h in &ssh.net.hosts {
         assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
     }
@@ -501,19 +507,7 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     // dead client (ClientAliveInterval, as playbooks/node-prep.yml sets it)
     // and ends their sessions, so they stop too: no orphans.
     let remote_bin = dir.join("remote/bin");
-    let left = || -> Vec<u32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|x| x.starts_with(&remote_bin)))
-            .collect()
-    };
-    let until = Instant::now() + Duration::from_secs(30);
-    while !left().is_empty() {
-        assert!(Instant::now() < until, "agents of the cut host still run: {:?}", left());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_no_agents_under(&remote_bin, 30, "on the cut host");
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
