@@ -435,6 +435,9 @@ enum Cause {
     Broken,
     /// It reported a failure (incl. the scheduler declaring a peer dead).
     Reported,
+    /// It reported a failure that follows from another process's (a peer's
+    /// connection closed under it, or the scheduler aborted the job).
+    Follows,
     /// It exited non-zero, or its channel broke, after the job began stopping.
     Stopping,
     /// Ctrl-C or `max_hours`: never restarted; the cause if it came first.
@@ -646,9 +649,10 @@ async fn run_attempt(
                     acc.resumed_step = Some(step);
                     acc.first_resumed_step.get_or_insert(step);
                 }
-                Event::Failed { message } => {
+                Event::Failed { message, follows } => {
                     procs[i].failed = true;
-                    failure.add(Cause::Reported, format!("{}: {message}", procs[i].planned.label()));
+                    let cause = if follows { Cause::Follows } else { Cause::Reported };
+                    failure.add(cause, format!("{}: {message}", procs[i].planned.label()));
                     stop_all(&mut procs).await;
                 }
                 Event::Warning { message } => {
@@ -972,5 +976,47 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cause, Failures};
+
+    fn root(reports: &[(Cause, &str)]) -> (Option<String>, bool) {
+        let mut f = Failures::default();
+        for (cause, message) in reports {
+            f.add(*cause, (*message).to_string());
+        }
+        f.root()
+    }
+
+    #[test]
+    fn a_verdict_outranks_the_symptoms_reported_before_it() {
+        // Seen in CI: a worker whose peer closed under it reported before the
+        // scheduler's heartbeat verdict that explains it.
+        let (message, restartable) = root(&[
+            (Cause::Follows, "worker[1]: i/o: peer closed connection"),
+            (Cause::Follows, "server[0]: the job was aborted: server[1] declared dead"),
+            (Cause::Reported, "scheduler[0]: server[1] sent nothing for 4 s: declared dead"),
+            (Cause::Stopping, "worker[0] exited with status 1"),
+        ]);
+        assert_eq!(message.as_deref(), Some("scheduler[0]: server[1] sent nothing for 4 s: declared dead"));
+        assert!(restartable);
+    }
+
+    #[test]
+    fn a_symptom_is_named_when_nothing_explains_it() {
+        let (message, _) = root(&[(Cause::Stopping, "x exited"), (Cause::Follows, "worker[1]: peer closed")]);
+        assert_eq!(message.as_deref(), Some("worker[1]: peer closed"));
+    }
+
+    #[test]
+    fn a_crash_outranks_every_report_and_ctrl_c_first_is_never_restarted() {
+        let (message, _) = root(&[(Cause::Reported, "a"), (Cause::Crashed, "worker[0] was killed by a signal")]);
+        assert_eq!(message.as_deref(), Some("worker[0] was killed by a signal"));
+        let (message, restartable) = root(&[(Cause::Stopped, "interrupted"), (Cause::Crashed, "b")]);
+        assert_eq!(message.as_deref(), Some("interrupted"));
+        assert!(!restartable);
     }
 }

@@ -168,7 +168,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         resume: bundle.resume,
     };
     let worker_data = match me.role {
-        Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(|e| e.0)?),
+        Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(|e| e.message)?),
         _ => None,
     };
     Ok(Prepared { ctx, listener, worker_data, external })
@@ -201,7 +201,7 @@ fn checkpoint_ctx(
 /// Runs the prepared role to the end.
 pub async fn run(p: Prepared) -> Result<(), RoleError> {
     let listener =
-        p.listener.map(tokio::net::TcpListener::from_std).transpose().map_err(|e| RoleError(e.to_string()))?;
+        p.listener.map(tokio::net::TcpListener::from_std).transpose().map_err(|e| RoleError::new(e.to_string()))?;
     match p.ctx.me().role {
         Role::Scheduler => roles::scheduler::run(p.ctx, listener.expect("the scheduler listens")).await,
         Role::Server => roles::server::run(p.ctx, listener.expect("servers listen")).await,

@@ -145,6 +145,10 @@ pub enum Event {
     Failed {
         /// Why, in words for the user.
         message: String,
+        /// The failure follows from another process's (a peer's connection
+        /// closed, or the scheduler aborted the job); see `RoleError::follows`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follows: bool,
     },
 }
 

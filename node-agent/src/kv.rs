@@ -230,8 +230,8 @@ impl Kv {
     async fn barrier(&mut self, sched: &mut SchedLink) -> Result<(), String> {
         self.barrier += 1;
         let id = self.barrier;
-        sched.send(&Message::Barrier { id }).await.map_err(|e| e.0)?;
-        match sched.recv().await.map_err(|e| e.0)? {
+        sched.send(&Message::Barrier { id }).await.map_err(|e| e.message)?;
+        match sched.recv().await.map_err(|e| e.message)? {
             Message::BarrierDone { id: done } if done == id => Ok(()),
             Message::Abort { reason } => Err(format!("the job was aborted: {reason}")),
             m => Err(format!("unexpected `{}` from the scheduler at a barrier", m.name())),
@@ -537,12 +537,12 @@ pub async fn run(
     let ctx = Arc::new(ctx);
     let kv = Arc::new(tokio::sync::Mutex::new(Kv::new(&ctx, conns)));
     let sched = Arc::new(tokio::sync::Mutex::new(sched));
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError(e.to_string()))?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError::new(e.to_string()))?;
     let mut tasks = tokio::task::JoinSet::new();
     let status = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (s, _) = accepted.map_err(|e| RoleError(format!("KV socket: {e}")))?;
+                let (s, _) = accepted.map_err(|e| RoleError::new(format!("KV socket: {e}")))?;
                 let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
                 tasks.spawn(async move {
                     if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
@@ -551,22 +551,22 @@ pub async fn run(
                 });
             }
             status = &mut exit_rx => {
-                break status.map_err(|_| RoleError("lost the program's exit status".into()))?
-                    .map_err(|e| RoleError(format!("waiting for the program: {e}")))?;
+                break status.map_err(|_| RoleError::new("lost the program's exit status"))?
+                    .map_err(|e| RoleError::new(format!("waiting for the program: {e}")))?;
             }
         }
     };
     tasks.abort_all();
     let command = ctx.spec.worker.as_ref().map(|w| w.command.join(" ")).unwrap_or_default();
     if !status.success() {
-        return Err(RoleError(format!("the program `{command}` ended with {status}; its output is in this log")));
+        return Err(RoleError::new(format!("the program `{command}` ended with {status}; its output is in this log")));
     }
     tracing::info!("the program `{command}` finished");
     if ctx.me().rank == 0 {
-        let params = kv.lock().await.final_params().await.map_err(RoleError)?;
+        let params = kv.lock().await.final_params().await.map_err(RoleError::new)?;
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &ctx.spec.model, &params, ctx.seed)
-            .map_err(|e| RoleError(format!("cannot write the model: {e}")))?;
+            .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
         ctx.emit(Event::Model { path: dir });
     }
     kv.lock().await.close().await;
@@ -574,8 +574,8 @@ pub async fn run(
     sched.send(&Message::Finished).await?;
     match sched.recv_or_closed().await? {
         Some(Message::Shutdown) | None => Ok(()),
-        Some(Message::Abort { reason }) => Err(RoleError(format!("the job was aborted: {reason}"))),
-        Some(m) => Err(RoleError(format!("unexpected `{}` from the scheduler at the end", m.name()))),
+        Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
+        Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
     }
 }
 

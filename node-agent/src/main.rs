@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use warden_agent::agent;
 use warden_agent::control::{Control, Event};
+use warden_agent::roles::RoleError;
 
 #[derive(Parser)]
 #[command(
@@ -97,7 +98,7 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(message) => {
             tracing::error!("{message}");
-            events(Event::Failed { message });
+            events(Event::Failed { message, follows: false });
             return ExitCode::FAILURE;
         }
     };
@@ -105,7 +106,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            events(Event::Failed { message: format!("cannot start the runtime: {e}") });
+            events(Event::Failed { message: format!("cannot start the runtime: {e}"), follows: false });
             return ExitCode::FAILURE;
         }
     };
@@ -127,8 +128,8 @@ fn main() -> ExitCode {
     });
     let result = runtime.block_on(async move {
         tokio::select! {
-            r = agent::run(prepared) => r.map_err(|e| e.0),
-            why = stop_rx => Err(why.unwrap_or_else(|_| "control channel failed".into())),
+            r = agent::run(prepared) => r,
+            why = stop_rx => Err(RoleError::follows(why.unwrap_or_else(|_| "control channel failed".to_string()))),
         }
     });
     match result {
@@ -136,9 +137,9 @@ fn main() -> ExitCode {
             events(Event::Done);
             ExitCode::SUCCESS
         }
-        Err(message) => {
+        Err(RoleError { message, follows }) => {
             tracing::error!("{message}");
-            events(Event::Failed { message });
+            events(Event::Failed { message, follows });
             ExitCode::FAILURE
         }
     }

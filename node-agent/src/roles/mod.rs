@@ -21,12 +21,39 @@ pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 
 /// A role failure, in words for the user.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RoleError(pub String);
+#[error("{message}")]
+pub struct RoleError {
+    /// Why, in words for the user.
+    pub message: String,
+    /// The failure follows from another process's: a peer closed or reset
+    /// its connection, or the scheduler aborted the job. The launcher names
+    /// such a report only when nothing more direct explains the failure.
+    pub follows: bool,
+}
+
+impl RoleError {
+    /// A failure of this process's own (the usual case).
+    pub fn new(message: impl Into<String>) -> Self {
+        RoleError { message: message.into(), follows: false }
+    }
+
+    /// A failure that follows from another process's (see [`RoleError::follows`]).
+    pub fn follows(message: impl Into<String>) -> Self {
+        RoleError { message: message.into(), follows: true }
+    }
+
+    /// The scheduler aborted the job for `reason`.
+    pub fn aborted(reason: &str) -> Self {
+        Self::follows(format!("the job was aborted: {reason}"))
+    }
+}
 
 impl From<crate::conn::ConnError> for RoleError {
     fn from(e: crate::conn::ConnError) -> Self {
-        RoleError(e.to_string())
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        let gone = matches!(&e, crate::conn::ConnError::Io(io)
+            if matches!(io.kind(), UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted));
+        if gone { RoleError::follows(e.to_string()) } else { RoleError::new(e.to_string()) }
     }
 }
 
@@ -144,7 +171,7 @@ impl RoleCtx {
                 self.patience(),
             )
             .await
-            .map_err(|e| RoleError(format!("cannot reach {}: {e}", p.label())))?;
+            .map_err(|e| RoleError::new(format!("cannot reach {}: {e}", p.label())))?;
             conn.set_stall(self.stall_timeout());
             out.push((conn, self.plan.shard(p.rank)));
         }
@@ -163,7 +190,7 @@ impl RoleCtx {
             self.patience(),
         )
         .await
-        .map_err(|e| RoleError(format!("cannot join the scheduler at {addr}: {e}")))?;
+        .map_err(|e| RoleError::new(format!("cannot join the scheduler at {addr}: {e}")))?;
         conn.set_stall(self.stall_timeout());
         conn.send(&crate::wire::Message::Register).await?;
         Ok(conn)
@@ -197,14 +224,14 @@ impl SchedLink {
 
     /// The next message from the scheduler other than a heartbeat.
     pub async fn recv(&mut self) -> Result<crate::wire::Message, RoleError> {
-        self.recv_or_closed().await?.ok_or_else(|| RoleError("the scheduler closed the connection".into()))
+        self.recv_or_closed().await?.ok_or_else(|| RoleError::follows("the scheduler closed the connection"))
     }
 
     /// Like [`SchedLink::recv`], but a connection the scheduler closed
     /// cleanly is `None` rather than an error (at the end of the job).
     pub async fn recv_or_closed(&mut self) -> Result<Option<crate::wire::Message>, RoleError> {
         let timeout = self.timeout;
-        let rx = self.rx.as_mut().ok_or_else(|| RoleError("the scheduler's messages go elsewhere".into()))?;
+        let rx = self.rx.as_mut().ok_or_else(|| RoleError::new("the scheduler's messages go elsewhere"))?;
         loop {
             let waited = match tokio::time::timeout(timeout, rx.recv()).await {
                 Ok(Err(crate::conn::ConnError::Closed(_))) => return Ok(None),
@@ -250,7 +277,7 @@ pub fn settle(
     match waited {
         Ok(Ok(crate::wire::Message::Heartbeat)) => None,
         Ok(other) => Some(other),
-        Err(_) => Some(Err(RoleError(format!(
+        Err(_) => Some(Err(RoleError::new(format!(
             "the scheduler sent nothing for {} s ([training] heartbeat_timeout): declared dead",
             timeout.as_secs()
         )))),
@@ -309,9 +336,27 @@ pub async fn await_start(sched: &mut SchedLink, resume: bool) -> Result<u64, Rol
             crate::wire::Message::Start => return Ok(resumed_at),
             crate::wire::Message::ResumeFrom { step } if resume => resumed_at = step,
             crate::wire::Message::Abort { reason } => {
-                return Err(RoleError(format!("the job was aborted: {reason}")));
+                return Err(RoleError::aborted(&reason));
             }
-            m => return Err(RoleError(format!("unexpected `{}` from the scheduler", m.name()))),
+            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler", m.name()))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RoleError;
+    use crate::conn::ConnError;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_peer_gone_is_marked_as_following_and_other_errors_are_not() {
+        for kind in [ErrorKind::UnexpectedEof, ErrorKind::ConnectionReset, ErrorKind::BrokenPipe] {
+            assert!(RoleError::from(ConnError::Io(Error::new(kind, "gone"))).follows, "{kind:?}");
+        }
+        assert!(!RoleError::from(ConnError::Io(Error::new(ErrorKind::TimedOut, "stalled"))).follows);
+        assert!(!RoleError::from(ConnError::FrameTooLarge { len: 9, max: 1 }).follows);
+        assert!(RoleError::aborted("server[1] declared dead").follows);
+        assert!(!RoleError::new("data file truncated").follows);
     }
 }

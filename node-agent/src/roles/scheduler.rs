@@ -96,7 +96,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     while writers.len() < expected.len() || (ctx.resume && resumable.len() < servers as usize) {
         let input = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(i)) => i,
-            Ok(None) => return Err(RoleError("the scheduler's listener stopped".into())),
+            Ok(None) => return Err(RoleError::new("the scheduler's listener stopped")),
             Err(_) => {
                 let missing: Vec<String> = expected
                     .iter()
@@ -104,7 +104,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     .map(|(role, rank)| format!("{role}[{rank}]"))
                     .collect();
                 abort(&mut writers, "rendezvous timed out").await;
-                return Err(RoleError(format!("rendezvous timed out; never joined: {}", missing.join(", "))));
+                return Err(RoleError::new(format!("rendezvous timed out; never joined: {}", missing.join(", "))));
             }
         };
         match input {
@@ -112,7 +112,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 beat(&mut writers).await;
                 if let Some(why) = alive.silent(timeout, &BTreeSet::new()) {
                     abort(&mut writers, &why).await;
-                    return Err(RoleError(why));
+                    return Err(RoleError::new(why));
                 }
             }
             Input::Joined(id, mut w) => {
@@ -135,7 +135,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
             Input::Lost(id, why) if writers.contains_key(&(id.role, id.rank)) => {
                 abort(&mut writers, &format!("{id} was lost during rendezvous: {why}")).await;
-                return Err(RoleError(format!("{id} was lost during rendezvous: {why}")));
+                return Err(RoleError::new(format!("{id} was lost during rendezvous: {why}")));
             }
             Input::Lost(..) => {}
         }
@@ -146,7 +146,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             Ok(step) => step,
             Err(reason) => {
                 abort(&mut writers, &reason).await;
-                return Err(RoleError(reason));
+                return Err(RoleError::new(reason));
             }
         };
         tracing::info!("resuming from checkpoint step {step}");
@@ -175,7 +175,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     // asked for is committed or failed, so no write is cut short.
     while finished.len() < workers as usize || checkpoints.outstanding() {
         let Some(input) = rx.recv().await else {
-            return Err(RoleError("the scheduler's listener stopped".into()));
+            return Err(RoleError::new("the scheduler's listener stopped"));
         };
         if let Input::Msg(id, _) = &input {
             alive.heard(id);
@@ -186,7 +186,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 if let Some(why) = alive.silent(timeout, &finished) {
                     abort(&mut writers, &why).await;
                     accept_task.abort();
-                    return Err(RoleError(why));
+                    return Err(RoleError::new(why));
                 }
             }
             Input::Msg(_, Message::Heartbeat) => {}
@@ -237,7 +237,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 let reason = format!("{id} was lost: {why}");
                 abort(&mut writers, &reason).await;
                 accept_task.abort();
-                return Err(RoleError(reason));
+                return Err(RoleError::new(reason));
             }
         }
     }

@@ -154,8 +154,8 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 crate::artifact::load_verified(&init.dir, &init.trusted_keys, &model)
             })
             .await
-            .map_err(|e| RoleError(e.to_string()))?
-            .map_err(RoleError)?;
+            .map_err(|e| RoleError::new(e.to_string()))?
+            .map_err(RoleError::new)?;
             Some(all)
         }
         _ => None,
@@ -170,14 +170,13 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     let shape = crate::checkpoint::Shape { len: Some(len), slots: Some(slots) };
     let shards = ctx.plan.count(Role::Server);
     if ctx.resume {
-        let ck =
-            ctx.checkpoint.clone().ok_or_else(|| RoleError("resuming needs [checkpoint] in the job file".into()))?;
+        let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resuming needs [checkpoint] in the job file"))?;
         let found = tokio::task::spawn_blocking(move || {
             crate::checkpoint::resumable_steps(&ck.series_dir, &ck.key, &ck.series, rank, shards, shape)
         })
         .await
-        .map_err(|e| RoleError(e.to_string()))?
-        .map_err(|e| RoleError(format!("reading the checkpoint directory: {e}")))?;
+        .map_err(|e| RoleError::new(e.to_string()))?
+        .map_err(|e| RoleError::new(format!("reading the checkpoint directory: {e}")))?;
         let (steps, warnings) = found;
         for w in warnings {
             tracing::warn!("{w}");
@@ -191,25 +190,25 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         match next(&mut from_sched, silence).await? {
             Message::SetOptimizer(spec) => optimizer = Some(spec),
             Message::ResumeFrom { step } => {
-                let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError("resume without [checkpoint]".into()))?;
+                let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resume without [checkpoint]"))?;
                 let at = Placement { job: ck.series.clone(), step, shard: rank, shards };
                 let state = tokio::task::spawn_blocking(move || {
                     crate::checkpoint::load_step(&ck.series_dir, &ck.key, &at, shape)
                 })
                 .await
-                .map_err(|e| RoleError(e.to_string()))?
-                .map_err(|e| RoleError(format!("cannot load checkpoint step {step}: {e}")))?;
+                .map_err(|e| RoleError::new(e.to_string()))?
+                .map_err(|e| RoleError::new(format!("cannot load checkpoint step {step}: {e}")))?;
                 restored = Some((step, state));
             }
             Message::Start => break,
-            Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
-            m => return Err(RoleError(format!("unexpected `{}` from the scheduler before the start", m.name()))),
+            Message::Abort { reason } => return Err(RoleError::aborted(&reason)),
+            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler before the start", m.name()))),
         }
     }
-    let spec = optimizer.ok_or_else(|| RoleError("the scheduler started the job without an optimizer".into()))?;
+    let spec = optimizer.ok_or_else(|| RoleError::new("the scheduler started the job without an optimizer"))?;
     let (version, params, opt) = match restored {
         Some((step, st)) => {
-            let opt = ShardOptimizer::restore(spec, len, st.t, st.slots).map_err(RoleError)?;
+            let opt = ShardOptimizer::restore(spec, len, st.t, st.slots).map_err(RoleError::new)?;
             tracing::info!("resumed from checkpoint step {step}");
             (step, st.params, opt)
         }
@@ -250,7 +249,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         tokio::select! {
             m = next(&mut from_sched, silence) => match m {
                 Ok(Message::Shutdown) => break Ok(()),
-                Ok(Message::Abort { reason }) => break Err(RoleError(format!("the job was aborted: {reason}"))),
+                Ok(Message::Abort { reason }) => break Err(RoleError::aborted(&reason)),
                 Ok(Message::CheckpointCommit { step, shards: records }) => {
                     if let Some(ck) = ctx.checkpoint.clone() {
                         let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
@@ -265,10 +264,10 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     }
                 }
                 Ok(Message::SetOptimizer(_)) => {
-                    break Err(RoleError("changing the optimizer during training is not supported".into()));
+                    break Err(RoleError::new("changing the optimizer during training is not supported"));
                 }
                 Ok(m) => tracing::warn!("ignoring unexpected `{}` from the scheduler", m.name()),
-                Err(e) => break Err(RoleError(format!("lost the scheduler: {}", e.0))),
+                Err(e) => break Err(RoleError { message: format!("lost the scheduler: {}", e.message), ..e }),
             },
             Some((step, outcome)) = saved_rx.recv() => {
                 let msg = match outcome {
@@ -276,7 +275,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     Err(reason) => Message::CheckpointFailed { step, reason },
                 };
                 if let Err(e) = sched.send(&msg).await {
-                    break Err(RoleError(format!("lost the scheduler: {e}")));
+                    break Err(RoleError::new(format!("lost the scheduler: {e}")));
                 }
             }
         }
@@ -310,7 +309,7 @@ async fn next(rx: &mut mpsc::Receiver<Result<Message, RoleError>>, silence: Dura
     loop {
         let waited = tokio::time::timeout(silence, rx.recv())
             .await
-            .map(|m| m.unwrap_or_else(|| Err(RoleError("the scheduler connection ended".into()))));
+            .map(|m| m.unwrap_or_else(|| Err(RoleError::follows("the scheduler connection ended"))));
         if let Some(out) = super::settle(waited, silence) {
             return out;
         }

@@ -37,9 +37,9 @@ pub fn load_data(ctx: &RoleCtx) -> Result<WorkerData, RoleError> {
         return Ok(WorkerData { train: empty, test: None, steps: ctx.spec.training.synthetic_steps });
     };
     let (all, test) =
-        crate::data::load(data, &ctx.spec.model, ctx.seed, rank == 0).map_err(|e| RoleError(e.to_string()))?;
+        crate::data::load(data, &ctx.spec.model, ctx.seed, rank == 0).map_err(|e| RoleError::new(e.to_string()))?;
     let workers = ctx.plan.count(Role::Worker) as usize;
-    let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError)?;
+    let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError::new)?;
     Ok(WorkerData { train: all.shard(rank as usize, workers), test, steps })
 }
 
@@ -163,14 +163,15 @@ async fn exchange(
         let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
         let body = std::mem::take(&mut link.body);
         let cmd = LinkCmd { checkpoint: None, push, pull: Some(min_version), body };
-        link.tx.send(cmd).await.map_err(|_| RoleError("lost a server link".into()))?;
+        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
     }
     for link in links.iter_mut() {
-        let reply = link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
+        let reply =
+            link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?.map_err(RoleError::new)?;
         let (version, values) =
-            vector_view(&reply.body, TAG_PARAMS).map_err(|e| RoleError(format!("from a server: {e}")))?;
+            vector_view(&reply.body, TAG_PARAMS).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
         if values.len() != link.range.len() * 4 {
-            return Err(RoleError(format!(
+            return Err(RoleError::new(format!(
                 "server sent {} values for a shard of {}",
                 values.len() / 4,
                 link.range.len()
@@ -195,10 +196,10 @@ async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink, st
     for link in links.iter_mut() {
         // No push, no pull: the link's buffers stay where they are.
         let cmd = LinkCmd { checkpoint: Some(step), push: Vec::new(), pull: None, body: Vec::new() };
-        link.tx.send(cmd).await.map_err(|_| RoleError("lost a server link".into()))?;
+        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
     }
     for link in links.iter_mut() {
-        link.rx.recv().await.ok_or_else(|| RoleError("lost a server link".into()))?.map_err(RoleError)?;
+        link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?.map_err(RoleError::new)?;
     }
     Ok(())
 }
@@ -276,7 +277,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
                 ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout))
             };
             if !loss.is_finite() {
-                return Err(RoleError(format!(
+                return Err(RoleError::new(format!(
                     "the training loss became {loss} at epoch {epoch}, step {}; lower [optimizer] lr or set clip_gradient",
                     step + 1
                 )));
@@ -306,8 +307,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         sched.send(&Message::Barrier { id: u64::from(epoch) }).await?;
         match sched.recv().await? {
             Message::BarrierDone { id } if id == u64::from(epoch) => {}
-            Message::Abort { reason } => return Err(RoleError(format!("the job was aborted: {reason}"))),
-            m => return Err(RoleError(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
+            Message::Abort { reason } => return Err(RoleError::aborted(&reason)),
+            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
         }
         if let Some(test) = &test {
             // After the barrier every push of the epoch is in: evaluate the result.
@@ -322,14 +323,14 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     if rank == 0 {
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &spec.model, &params, ctx.seed)
-            .map_err(|e| RoleError(format!("cannot write the model: {e}")))?;
+            .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
         ctx.emit(Event::Model { path: dir });
     }
     sched.send(&Message::Finished).await?;
     match sched.recv_or_closed().await? {
         Some(Message::Shutdown) | None => Ok(()),
-        Some(Message::Abort { reason }) => Err(RoleError(format!("the job was aborted: {reason}"))),
-        Some(m) => Err(RoleError(format!("unexpected `{}` from the scheduler at the end", m.name()))),
+        Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
+        Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
     }
 }
 
