@@ -546,6 +546,7 @@ async fn run_attempt(
             job_toml: ctx.text.to_string(),
             job_file: ctx.job.display().to_string(),
             base_dir: ctx.base_dir.clone(),
+            hosts: spec.cluster.hosts_from.as_ref().map(|_| spec.cluster.hosts.clone()),
             seed: ctx.seed,
             local: plan.local,
             role: p.role,

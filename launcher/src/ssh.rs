@@ -189,6 +189,9 @@ impl SshTransport {
             if let Some(cfg) = &spec.cluster.ssh_config {
                 b.config_file(cfg);
             }
+            if let Some(key) = &h.identity_file {
+                b.keyfile(key);
+            }
             let (name, dest, become_) = (h.name.clone(), h.ssh.clone(), spec.cluster.become_);
             let (agent_path, binary) = (agent_path.clone(), binary.clone());
             let ports: Vec<u16> = plan_ports.get(&h.name).cloned().unwrap_or_default();

@@ -57,7 +57,8 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         Some(_) => return Err("the first control message must be the bundle".into()),
         None => return Err("the launcher closed the control channel before sending the bundle".into()),
     };
-    let spec = JobSpec::parse(&bundle.job_file, &bundle.job_toml, &bundle.base_dir).map_err(|e| e.to_string())?;
+    let spec = JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, bundle.hosts.as_deref())
+        .map_err(|e| e.to_string())?;
     let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
     let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();

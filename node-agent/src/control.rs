@@ -45,6 +45,10 @@ pub struct Bundle {
     pub job_file: String,
     /// Directory that relative data paths are resolved against.
     pub base_dir: PathBuf,
+    /// The hosts, when the job file takes them from a hostfile or inventory
+    /// (read and resolved once, by the launcher).
+    #[serde(default)]
+    pub hosts: Option<Vec<crate::spec::HostSpec>>,
     /// The training seed in force (from the file, or drawn by the launcher).
     pub seed: u64,
     /// Whether every host is mapped onto this machine.

@@ -29,6 +29,7 @@ pub mod firewall;
 pub mod fuzz;
 pub mod harden;
 pub mod identity;
+pub mod inventory;
 pub mod kv;
 pub mod model;
 pub mod optimizer;

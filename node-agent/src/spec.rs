@@ -91,7 +91,11 @@ pub mod raw {
         pub become_: Option<Spanned<String>>,
         pub ports: Spanned<Vec<Spanned<i64>>>,
         pub scheduler_port: Option<Spanned<i64>>,
-        pub hosts: Spanned<Vec<Spanned<Host>>>,
+        pub hosts: Option<Spanned<Vec<Spanned<Host>>>>,
+        pub hostfile: Option<Spanned<String>>,
+        pub inventory: Option<Spanned<String>>,
+        pub inventory_group: Option<Spanned<String>>,
+        pub servers_per_host: Option<Spanned<i64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -292,6 +296,8 @@ pub struct CheckpointSpec {
 /// `[cluster]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterSpec {
+    /// The hostfile or inventory the hosts came from, if not the job file.
+    pub hosts_from: Option<PathBuf>,
     /// Unprivileged user that training runs as.
     pub user: String,
     /// First port of the job's range.
@@ -322,8 +328,8 @@ pub enum Become {
     None,
 }
 
-/// One `[[cluster.hosts]]` entry.
-#[derive(Debug, Clone, Serialize)]
+/// One `[[cluster.hosts]]` entry (or a host of a hostfile or inventory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct HostSpec {
     /// Name used in logs and plans.
     pub name: String,
@@ -337,6 +343,9 @@ pub struct HostSpec {
     pub servers: u32,
     /// Worker processes on this host.
     pub workers: u32,
+    /// SSH private key for this host (an inventory's `ansible_ssh_private_key_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
 }
 
 impl ClusterSpec {
@@ -606,13 +615,26 @@ impl JobSpec {
     /// Parses and validates a job file. `file` is the name errors show;
     /// relative data paths are resolved against `base_dir`.
     pub fn parse(file: &str, text: &str, base_dir: &Path) -> Result<JobSpec, SpecError> {
+        Self::parse_with_hosts(file, text, base_dir, None)
+    }
+
+    /// [`JobSpec::parse`], with the hosts of a `hostfile` or `inventory`
+    /// already read (by the launcher: agents get them in their bundle, so
+    /// every process sees the same hosts and only the launcher resolves
+    /// names). Ignored when the job file lists its hosts itself.
+    pub fn parse_with_hosts(
+        file: &str,
+        text: &str,
+        base_dir: &Path,
+        hosts: Option<&[HostSpec]>,
+    ) -> Result<JobSpec, SpecError> {
         let src = Src { file, text };
         let raw: raw::JobFile = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let message = e.message().trim_end().to_string();
             src.err(span, message.clone(), hint_for(&message))
         })?;
-        convert(&src, raw, base_dir)
+        convert(&src, raw, base_dir, hosts)
     }
 
     /// Reads and parses a job file from disk.
@@ -646,7 +668,123 @@ fn int_in<T: TryFrom<i64>>(
     T::try_from(x).map_err(|_| src.err(v.span(), format!("{what} is out of range"), help))
 }
 
-fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec, SpecError> {
+/// Which kind of host list `[cluster]` names.
+enum ListKind<'a> {
+    Hostfile,
+    /// With the group to take (every host when `None`).
+    Inventory(Option<&'a str>),
+}
+
+/// Reads a hostfile or inventory into hosts: each gets its workers from the
+/// list (`slots`, `warden_workers`; 1 by default), `servers_per_host`
+/// servers unless the list says otherwise, and the first host the scheduler
+/// unless one is marked. Host names without an address are resolved here,
+/// on the launcher, once.
+fn hosts_from_list(
+    src: &Src<'_>,
+    key: &toml::Spanned<String>,
+    path: &Path,
+    kind: ListKind<'_>,
+    servers_per_host: u32,
+) -> Result<Vec<HostSpec>, SpecError> {
+    let what = match kind {
+        ListKind::Hostfile => "hostfile",
+        ListKind::Inventory(_) => "inventory",
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        src.err(
+            key.span(),
+            format!("cannot read the {what} {}: {e}", path.display()),
+            "paths are relative to the job file's directory",
+        )
+    })?;
+    let at = |line: usize, message: String, help: &str| SpecError {
+        file: path.display().to_string(),
+        line,
+        col: 1,
+        message,
+        help: (!help.is_empty()).then(|| help.to_string()),
+    };
+    let entries = match kind {
+        ListKind::Hostfile => crate::inventory::parse_hostfile(&text),
+        ListKind::Inventory(group) => crate::inventory::parse_inventory(&text, group),
+    }
+    .map_err(|e| at(e.line, e.message, &e.help))?;
+    if entries.is_empty() {
+        return Err(at(1, format!("the {what} lists no host"), "add a line per host: node1 slots=2"));
+    }
+    let marked = entries.iter().any(|e| e.scheduler.is_some_and(|s| s > 0));
+    let mut hosts: Vec<HostSpec> = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        let wanted = e.address.clone().unwrap_or_else(|| e.name.clone());
+        let address = match wanted.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => resolve(&wanted).map_err(|why| {
+                at(
+                    e.line,
+                    format!("cannot find the address of `{wanted}`: {why}"),
+                    match kind {
+                        ListKind::Hostfile => "add address=IP to the line: the address the other hosts reach it at",
+                        ListKind::Inventory(_) => "set ansible_host=IP (or warden_address=IP) for the host",
+                    },
+                )
+            })?,
+        };
+        if let Some(other) = hosts.iter().find(|h| h.address == address) {
+            return Err(at(
+                e.line,
+                format!("`{}` has the address {address}, like `{}`", e.name, other.name),
+                "list each machine once; give it more workers instead",
+            ));
+        }
+        if !is_host_name(&e.name) {
+            return Err(at(e.line, format!("`{}` cannot name a host", e.name), HOST_NAME_HELP));
+        }
+        let host = HostSpec {
+            scheduler: e.scheduler.unwrap_or(u32::from(!marked && i == 0)),
+            servers: e.servers.unwrap_or(servers_per_host),
+            workers: e.workers.unwrap_or(1),
+            name: e.name,
+            address,
+            ssh: e.ssh,
+            identity_file: e.identity_file.map(PathBuf::from),
+        };
+        if host.scheduler + host.servers + host.workers == 0 {
+            return Err(at(
+                e.line,
+                format!("host `{}` runs nothing", host.name),
+                "give it slots, servers or the scheduler",
+            ));
+        }
+        hosts.push(host);
+    }
+    Ok(hosts)
+}
+
+/// Host names end up in file names (`logs/NAME-worker-0.log`): 1 to 64
+/// letters, digits, `-`, `_`, `.` or `:` (an IPv6 address), not starting
+/// with a dot.
+fn is_host_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+}
+
+const HOST_NAME_HELP: &str = "host names are 1-64 letters, digits, '-', '_', '.' or ':'";
+
+/// A host name's address as this machine resolves it (IPv4 first).
+fn resolve(name: &str) -> Result<IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<IpAddr> = (name, 22).to_socket_addrs().map_err(|e| e.to_string())?.map(|a| a.ip()).collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| "no address".to_string())
+}
+
+fn convert(
+    src: &Src<'_>,
+    raw: raw::JobFile,
+    base_dir: &Path,
+    given: Option<&[HostSpec]>,
+) -> Result<JobSpec, SpecError> {
     // [job]
     let job = raw.job.get_ref();
     let name = job.name.get_ref().trim().to_string();
@@ -722,55 +860,121 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
         }
         None => None,
     };
-    let mut hosts = Vec::new();
-    let mut names = BTreeSet::new();
-    let mut addresses = BTreeSet::new();
-    if cl.hosts.get_ref().is_empty() {
-        return Err(src.err(cl.hosts.span(), "the cluster has no hosts", "add a [[cluster.hosts]] table"));
+    // The hosts: listed here, or read from a hostfile or an Ansible inventory.
+    let sources = [cl.hosts.is_some(), cl.hostfile.is_some(), cl.inventory.is_some()];
+    let cluster_span = raw.cluster.span();
+    match sources.iter().filter(|x| **x).count() {
+        0 => {
+            return Err(src.err(
+                cluster_span,
+                "the cluster has no hosts",
+                "add [[cluster.hosts]] tables, or name a hostfile (hostfile = \"hosts\") or an Ansible inventory (inventory = \"inventory.ini\")",
+            ));
+        }
+        1 => {}
+        _ => {
+            return Err(src.err(
+                cluster_span,
+                "the hosts are listed more than one way",
+                "keep one of [[cluster.hosts]], hostfile and inventory",
+            ));
+        }
     }
-    for h in cl.hosts.get_ref() {
-        let hr = h.get_ref();
-        let address: IpAddr = hr.address.get_ref().parse().map_err(|_| {
-            src.err(
-                hr.address.span(),
-                format!("`{}` is not an IP address", hr.address.get_ref()),
-                "give the address peers reach this host at, for example address = \"10.0.0.5\"",
-            )
-        })?;
-        let name = hr.name.as_ref().map_or_else(|| address.to_string(), |n| n.get_ref().clone());
-        let count = |v: &Option<toml::Spanned<i64>>, what: &str, hi: i64| -> Result<u32, SpecError> {
-            match v {
-                Some(v) => int_in(src, v, what, 0, hi, "role counts are whole numbers; 0 leaves the role out"),
-                None => Ok(0),
+    if let (Some(g), None) = (&cl.inventory_group, &cl.inventory) {
+        return Err(src.err(
+            g.span(),
+            "inventory_group needs an inventory",
+            "add inventory = \"inventory.ini\", or remove it",
+        ));
+    }
+    let mut hosts = Vec::new();
+    // Where each host's mistakes are pointed at in the job file.
+    let mut spans: Vec<Range<usize>> = Vec::new();
+    let mut hosts_from = None;
+    let hosts_span;
+    if let Some(table) = &cl.hosts {
+        hosts_span = table.span();
+        if let Some(s) = &cl.servers_per_host {
+            return Err(src.err(
+                s.span(),
+                "servers_per_host applies to hosts from a hostfile or inventory",
+                "set servers = N on each [[cluster.hosts]] table instead",
+            ));
+        }
+        if table.get_ref().is_empty() {
+            return Err(src.err(table.span(), "the cluster has no hosts", "add a [[cluster.hosts]] table"));
+        }
+        let mut names = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for h in table.get_ref() {
+            let hr = h.get_ref();
+            let address: IpAddr = hr.address.get_ref().parse().map_err(|_| {
+                src.err(
+                    hr.address.span(),
+                    format!("`{}` is not an IP address", hr.address.get_ref()),
+                    "give the address peers reach this host at, for example address = \"10.0.0.5\"",
+                )
+            })?;
+            let name = hr.name.as_ref().map_or_else(|| address.to_string(), |n| n.get_ref().clone());
+            if !is_host_name(&name) {
+                let span = hr.name.as_ref().map_or(hr.address.span(), |n| n.span());
+                return Err(src.err(span, format!("`{name}` cannot name a host"), HOST_NAME_HELP));
             }
+            let count = |v: &Option<toml::Spanned<i64>>, what: &str, hi: i64| -> Result<u32, SpecError> {
+                match v {
+                    Some(v) => int_in(src, v, what, 0, hi, "role counts are whole numbers; 0 leaves the role out"),
+                    None => Ok(0),
+                }
+            };
+            let scheduler = count(&hr.scheduler, "scheduler", 1)?;
+            let servers = count(&hr.servers, "servers", 256)?;
+            let workers = count(&hr.workers, "workers", 1024)?;
+            if !names.insert(name.clone()) {
+                let span = hr.name.as_ref().map_or(hr.address.span(), |n| n.span());
+                return Err(src.err(
+                    span,
+                    format!("host `{name}` is listed twice"),
+                    "list each host once; give it more servers or workers instead",
+                ));
+            }
+            if !addresses.insert(address) {
+                return Err(src.err(
+                    hr.address.span(),
+                    format!("address {address} is used by two hosts"),
+                    "list each host once; give it more servers or workers instead",
+                ));
+            }
+            if scheduler + servers + workers == 0 {
+                return Err(src.err(
+                    h.span(),
+                    format!("host `{name}` runs nothing"),
+                    "give it a scheduler, servers or workers, or remove it",
+                ));
+            }
+            let ssh = hr.ssh.as_ref().map_or_else(|| address.to_string(), |s| s.get_ref().clone());
+            hosts.push(HostSpec { name, address, ssh, scheduler, servers, workers, identity_file: None });
+            spans.push(h.span());
+        }
+    } else {
+        let (key, kind) = match (&cl.hostfile, &cl.inventory) {
+            (Some(f), _) => (f, ListKind::Hostfile),
+            (None, Some(i)) => (i, ListKind::Inventory(cl.inventory_group.as_ref().map(|g| g.get_ref().as_str()))),
+            (None, None) => unreachable!("one source was checked to be present"),
         };
-        let scheduler = count(&hr.scheduler, "scheduler", 1)?;
-        let servers = count(&hr.servers, "servers", 256)?;
-        let workers = count(&hr.workers, "workers", 1024)?;
-        if !names.insert(name.clone()) {
-            let span = hr.name.as_ref().map_or(hr.address.span(), |n| n.span());
-            return Err(src.err(
-                span,
-                format!("host `{name}` is listed twice"),
-                "list each host once; give it more servers or workers instead",
-            ));
-        }
-        if !addresses.insert(address) {
-            return Err(src.err(
-                hr.address.span(),
-                format!("address {address} is used by two hosts"),
-                "list each host once; give it more servers or workers instead",
-            ));
-        }
-        if scheduler + servers + workers == 0 {
-            return Err(src.err(
-                h.span(),
-                format!("host `{name}` runs nothing"),
-                "give it a scheduler, servers or workers, or remove it",
-            ));
-        }
-        let ssh = hr.ssh.as_ref().map_or_else(|| address.to_string(), |s| s.get_ref().clone());
-        hosts.push(HostSpec { name, address, ssh, scheduler, servers, workers });
+        hosts_span = key.span();
+        let servers_per_host = match &cl.servers_per_host {
+            Some(v) => {
+                int_in(src, v, "servers_per_host", 0, 256, "parameter servers on each listed host, 1 by default")?
+            }
+            None => 1,
+        };
+        let path = base_dir.join(key.get_ref());
+        hosts = match given {
+            Some(h) => h.to_vec(),
+            None => hosts_from_list(src, key, &path, kind, servers_per_host)?,
+        };
+        spans = vec![key.span(); hosts.len()];
+        hosts_from = Some(path);
     }
     let ssh_config = cl.ssh_config.as_ref().map(|p| base_dir.join(p.get_ref()));
     let remote_dir = match &cl.remote_dir {
@@ -797,27 +1001,28 @@ fn convert(src: &Src<'_>, raw: raw::JobFile, base_dir: &Path) -> Result<JobSpec,
             ));
         }
     };
-    let cluster = ClusterSpec { user, port_start, port_end, scheduler_port, hosts, ssh_config, remote_dir, become_ };
+    let cluster =
+        ClusterSpec { hosts_from, user, port_start, port_end, scheduler_port, hosts, ssh_config, remote_dir, become_ };
     let schedulers = cluster.count(Role::Scheduler);
     if schedulers != 1 {
         return Err(src.err(
-            cl.hosts.span(),
+            hosts_span.clone(),
             format!("the cluster needs exactly one scheduler, but has {schedulers}"),
             "set scheduler = 1 on exactly one host",
         ));
     }
     if cluster.count(Role::Server) == 0 {
-        return Err(src.err(cl.hosts.span(), "the cluster has no server", "set servers = 1 (or more) on a host"));
+        return Err(src.err(hosts_span.clone(), "the cluster has no server", "set servers = 1 (or more) on a host"));
     }
     if cluster.count(Role::Worker) == 0 {
-        return Err(src.err(cl.hosts.span(), "the cluster has no worker", "set workers = 1 (or more) on a host"));
+        return Err(src.err(hosts_span.clone(), "the cluster has no worker", "set workers = 1 (or more) on a host"));
     }
     let range = u32::from(port_end - port_start) + 1;
-    for (h, hr) in cluster.hosts.iter().zip(cl.hosts.get_ref()) {
+    for (h, span) in cluster.hosts.iter().zip(&spans) {
         let listeners = h.scheduler + h.servers;
         if listeners > range {
             return Err(src.err(
-                hr.span(),
+                span.clone(),
                 format!(
                     "host `{}` needs {listeners} ports (1 per scheduler and server) but the range {port_start}-{port_end} has {range}",
                     h.name

@@ -225,6 +225,16 @@ batch_size = 32
     )
 }
 
+/// `job` (from [`ssh_job`]) with its `[[cluster.hosts]]` tables replaced by
+/// `cluster`, a line such as `hostfile = "hosts"`.
+fn hosts_from_list(job: &str, cluster: &str) -> String {
+    let (start, end) = (job.find("[[cluster.hosts]]").unwrap(), job.find("[model]").unwrap());
+    let job = format!("{}{}", &job[..start], &job[end..]);
+    let at = job.find("remote_dir = ").unwrap();
+    let eol = at + job[at..].find('\n').unwrap() + 1;
+    format!("{}{cluster}\n{}", &job[..eol], &job[eol..])
+}
+
 #[test]
 fn a_three_host_job_over_real_ssh_matches_the_local_run() {
     if !require_cluster_tools() {
@@ -363,31 +373,32 @@ fn wait_no_agents_under(remote_bin: &std::path::Path, secs: u64, what: &str) {
     }
 }
 
-fn start_long_ssh_job(
-    name: &str,
-    tag: &str,
-) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
-    start_long_ssh_job_with(name, tag, "")
-}
-
-/// [`start_long_ssh_job`] with `training` appended to `[training]`.
+/// A job of [`ssh_job`] over 3 namespace hosts that runs until stopped,
+/// started and past its first epoch; `training` is appended to `[training]`, and the
+/// hosts (same roles) from an MPI-style hostfile when `hostfile`.
 fn start_long_ssh_job_with(
     name: &str,
     tag: &str,
     training: &str,
+    hostfile: bool,
 ) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
     let dir = scratch(name);
     let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs)
-            .replace("epochs = 3", "epochs = 100000")
-            .replace("[training]\n", &format!("[training]\n{training}\n")),
-    )
-    .unwrap();
+    let mut text = ssh_job(&ssh.ssh_config, &dir.join("remote"), &addrs)
+        .replace("epochs = 3", "epochs = 100000")
+        .replace("[training]\n", &format!("[training]\n{training}\n"));
+    if hostfile {
+        text = hosts_from_list(&text, "hostfile = \"hosts\"\nservers_per_host = 0");
+        let lines = format!(
+            "# the same roles as ssh_job's tables\n{} scheduler=1 servers=1 slots=0\n{} servers=1 slots=2\n{} slots=2\n",
+            addrs[0], addrs[1], addrs[2]
+        );
+        std::fs::write(dir.join("hosts"), lines).unwrap();
+    }
+    std::fs::write(&job, text).unwrap();
     let run = dir.join("run");
     let launcher = std::process::Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), run.as_os_str()])
@@ -408,7 +419,8 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
     if !require_cluster_tools() {
         return;
     }
-    let (dir, ssh, _run, launcher) = start_long_ssh_job("ssh-int", &fresh_tag());
+    // Hosts from a hostfile here: the SSH path is the same either way.
+    let (dir, ssh, _run, launcher) = start_long_ssh_job_with("ssh-int", &fresh_tag(), "", true);
     assert!(std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
@@ -477,7 +489,7 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
         return;
     }
     // Heartbeats notice the silence long before SSH's own keep-alives would.
-    let (dir, ssh, run, launcher) = start_long_ssh_job_with("ssh-cut", &fresh_tag(), "heartbeat_timeout = 4");
+    let (dir, ssh, run, launcher) = start_long_ssh_job_with("ssh-cut", &fresh_tag(), "heartbeat_timeout = 4", false);
     // Cut h2 (two workers) off the network.
     let cut = Instant::now();
     assert!(
@@ -562,13 +574,23 @@ fn node_prep_over_ssh_prepares_the_hosts_a_job_then_runs_on() {
 
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    // The job takes its hosts from the playbook's own inventory (roles by
+    // default: the scheduler on h0, a server and a worker on each host).
     let job = dir.join("job.toml");
-    std::fs::write(&job, ssh_job(&ssh.ssh_config, &remote, &addrs)).unwrap();
+    let text = hosts_from_list(
+        &ssh_job(&ssh.ssh_config, &remote, &addrs),
+        "inventory = \"inventory.ini\"\ninventory_group = \"warden_nodes\"",
+    );
+    std::fs::write(&job, text).unwrap();
     let out = std::process::Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--run-dir".as_ref(), dir.join("run").as_os_str()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/plan.json")).unwrap()).unwrap();
+    let names: Vec<&str> = plan["hosts"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["h0", "h1", "h2"], "the hosts are the inventory's");
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }

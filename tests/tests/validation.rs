@@ -584,3 +584,119 @@ fn every_subcommand_help_points_to_an_existing_doc_page() {
     walk(&mut cmd, "warden".into(), &mut missing);
     assert!(missing.is_empty(), "{missing:#?}");
 }
+
+/// BASE with its `[[cluster.hosts]]` tables replaced by `cluster` lines.
+fn with_host_list(cluster: &str) -> String {
+    let start = BASE.find("[[cluster.hosts]]").unwrap();
+    let end = BASE.find("[model]").unwrap();
+    format!("{}{}", &BASE[..start], &BASE[end..]).replacen(
+        "ports = [29500, 29599]",
+        &format!("ports = [29500, 29599]\n{cluster}"),
+        1,
+    )
+}
+
+/// Hosts may come from an MPI/DeepSpeed hostfile or an Ansible inventory:
+/// the same hosts and roles as tables would give, and every mistake in the
+/// list named by the list's file and line.
+#[test]
+fn hosts_come_from_a_hostfile_or_an_ansible_inventory() {
+    let dir = warden_tests::scratch("host-lists");
+    std::fs::write(
+        dir.join("hosts"),
+        "# the lab\n10.0.0.1 slots=2\nlab@10.0.0.2 slots=3 servers=0\nlocalhost address=10.0.0.3 scheduler=1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("inventory.ini"),
+        "[gpu]\nn[1:2] warden_workers=2\n\n[gpu:vars]\nansible_user=ops\nansible_ssh_private_key_file=/keys/lab\n\
+         \n[cpu]\nc1 ansible_host=10.0.0.9 ansible_port=2200\n\n[lab:children]\ngpu\ncpu\n\n[all:vars]\nwarden_address=\n",
+    )
+    .unwrap();
+    let parse = |cluster: &str| {
+        let text = with_host_list(cluster).replace("\n\n\n", "\n\n");
+        JobSpec::parse("job.toml", &text, &dir)
+    };
+    let spec = parse("hostfile = \"hosts\"\nservers_per_host = 2").unwrap();
+    let got: Vec<(&str, String, &str, u32, u32, u32)> = spec
+        .cluster
+        .hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.address.to_string(), h.ssh.as_str(), h.scheduler, h.servers, h.workers))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10.0.0.1", "10.0.0.1".into(), "10.0.0.1", 0, 2, 2),
+            ("10.0.0.2", "10.0.0.2".into(), "lab@10.0.0.2", 0, 0, 3),
+            ("localhost", "10.0.0.3".into(), "localhost", 1, 2, 1),
+        ]
+    );
+    assert_eq!(spec.cluster.hosts_from.as_deref(), Some(dir.join("hosts").as_path()));
+
+    // An empty warden_address in [all:vars] is a mistake at the host's line.
+    let e = parse("inventory = \"inventory.ini\"").unwrap_err();
+    assert_eq!((e.file.as_str(), e.line), (dir.join("inventory.ini").to_str().unwrap(), 2), "{e}");
+    std::fs::write(
+        dir.join("inventory.ini"),
+        std::fs::read_to_string(dir.join("inventory.ini")).unwrap().replace("[all:vars]\nwarden_address=\n", ""),
+    )
+    .unwrap();
+    // n1 and n2 are not IP addresses and do not resolve.
+    let e = parse("inventory = \"inventory.ini\"\ninventory_group = \"gpu\"").unwrap_err();
+    assert!(e.message.starts_with("cannot find the address of `n1`"), "{e}");
+    assert_eq!(e.help.as_deref(), Some("set ansible_host=IP (or warden_address=IP) for the host"));
+    std::fs::write(dir.join("inventory.ini"), "[gpu]\nn[1:2] warden_workers=2 ansible_host=10.0.1.1\n").unwrap();
+    let e = parse("inventory = \"inventory.ini\"").unwrap_err();
+    assert_eq!(e.message, "`n2` has the address 10.0.1.1, like `n1`");
+    std::fs::write(
+        dir.join("inventory.ini"),
+        "[gpu]\nn1 ansible_host=10.0.1.1\nn2 ansible_host=10.0.1.2\n[gpu:vars]\nwarden_workers=2\nansible_user=ops\n\
+         ansible_ssh_private_key_file=/keys/lab\n[cpu]\nc1 ansible_host=10.0.0.9 ansible_port=2200 warden_scheduler=1\n",
+    )
+    .unwrap();
+    let spec = parse("inventory = \"inventory.ini\"").unwrap();
+    type Row<'a> = (&'a str, &'a str, u32, u32, u32, Option<&'a Path>);
+    let got: Vec<Row> = spec
+        .cluster
+        .hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.ssh.as_str(), h.scheduler, h.servers, h.workers, h.identity_file.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("n1", "ops@10.0.1.1", 0, 1, 2, Some(Path::new("/keys/lab"))),
+            ("n2", "ops@10.0.1.2", 0, 1, 2, Some(Path::new("/keys/lab"))),
+            ("c1", "ssh://10.0.0.9:2200", 1, 1, 1, None),
+        ]
+    );
+    assert_eq!(parse("inventory = \"inventory.ini\"\ninventory_group = \"cpu\"").unwrap().cluster.hosts.len(), 1);
+    // Agents get the launcher's hosts and never read the list themselves.
+    let text = with_host_list("inventory = \"gone.ini\"").replace("\n\n\n", "\n\n");
+    let again = JobSpec::parse_with_hosts("job.toml", &text, &dir, Some(&spec.cluster.hosts)).unwrap();
+    assert_eq!(again.cluster.hosts, spec.cluster.hosts);
+
+    // Mistakes in the job file point at the job file.
+    for (cluster, message) in [
+        ("hostfile = \"missing\"", "cannot read the hostfile"),
+        ("hostfile = \"hosts\"\ninventory = \"inventory.ini\"", "the hosts are listed more than one way"),
+        ("hostfile = \"hosts\"\ninventory_group = \"gpu\"", "inventory_group needs an inventory"),
+        ("inventory = \"inventory.ini\"\ninventory_group = \"web\"", "the inventory has no group `web`"),
+        ("", "the cluster has no hosts"),
+    ] {
+        let e = parse(cluster).unwrap_err();
+        assert!(e.message.starts_with(message), "{cluster:?}: {e}");
+    }
+    // A hostfile mistake names the hostfile and its line.
+    std::fs::write(dir.join("hosts"), "10.0.0.1 slots=2\n../etc slots=1 address=10.0.0.5\n").unwrap();
+    let e = parse("hostfile = \"hosts\"").unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.line, e.message.as_str()),
+        (dir.join("hosts").to_str().unwrap(), 2, "`../etc` cannot name a host")
+    );
+    std::fs::write(dir.join("hosts"), "10.0.0.1 slots=2\n10.0.0.2 gpus=8\n").unwrap();
+    let e = parse("hostfile = \"hosts\"").unwrap_err();
+    assert_eq!((e.line, e.message.as_str()), (2, "unknown hostfile key `gpus`"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -46,6 +46,14 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
     );
     s +=
         &format!("training processes run as user `{}` (no capabilities, no_new_privs, seccomp)\n\n", spec.cluster.user);
+    if let Some(list) = &spec.cluster.hosts_from {
+        s += &format!("hosts from {} (reached over SSH as):\n", list.display());
+        for h in &spec.cluster.hosts {
+            let key = h.identity_file.as_ref().map(|k| format!(" (key {})", k.display())).unwrap_or_default();
+            s += &format!("  {:<14} {} at {}{key}\n", h.name, h.ssh, h.address);
+        }
+        s += "\n";
+    }
     s += &format!("{:<14} {:<16} {:<22} {}\n", "HOST", "PROCESS", "LISTENS", "CERTIFICATE IDENTITY");
     for p in &plan.processes {
         let listens = p.socket().map_or_else(|| "-".to_string(), |a| a.to_string());

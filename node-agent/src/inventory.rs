@@ -1,0 +1,541 @@
+//! Host lists users already keep: MPI/DeepSpeed hostfiles and Ansible INI
+//! inventories, read into the entries of `[cluster]` (see `docs/job-file.md`).
+//!
+//! Written by hand: no well-kept crate parses Ansible's INI dialect (host
+//! lines with `key=value` pairs, `[group:vars]`, `[group:children]`, host
+//! ranges such as `node[01:04]`), and a hostfile is a few lines of text.
+//! Both parsers only read; turning an entry into a host (its address, its
+//! roles) is `spec.rs`'s job, so the rules stay in one place.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One host as a host list describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The name the list gives it (inventory hostname or hostfile host).
+    pub name: String,
+    /// 1-based line of the list where the host appears first.
+    pub line: usize,
+    /// How to reach it over SSH (`host`, `user@host` or `ssh://user@host:port`).
+    pub ssh: String,
+    /// The address the list gives for peers, if any (a host name or IP).
+    pub address: Option<String>,
+    /// Workers: a hostfile's `slots`, an inventory's `warden_workers`.
+    pub workers: Option<u32>,
+    /// Servers (`servers=` / `warden_servers`).
+    pub servers: Option<u32>,
+    /// Scheduler (`scheduler=` / `warden_scheduler`), 0 or 1.
+    pub scheduler: Option<u32>,
+    /// SSH private key (`ansible_ssh_private_key_file`).
+    pub identity_file: Option<String>,
+}
+
+/// A problem in a host list, at a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub help: String,
+}
+
+fn fail<T>(line: usize, message: impl Into<String>, help: impl Into<String>) -> Result<T, ListError> {
+    Err(ListError { line, message: message.into(), help: help.into() })
+}
+
+fn count(line: usize, key: &str, value: &str, hi: u32) -> Result<u32, ListError> {
+    match value.parse::<u32>() {
+        Ok(n) if n <= hi => Ok(n),
+        _ => {
+            fail(line, format!("`{key}={value}` is not a whole number from 0 to {hi}"), format!("for example {key}=1"))
+        }
+    }
+}
+
+/// Reads an MPI/DeepSpeed-style hostfile: one host per line, `host slots=N`,
+/// `#` comments. `slots` (default 1) is the host's workers; warden also reads
+/// `servers=N`, `scheduler=1` and `address=IP`; `max_slots` is accepted and
+/// ignored (warden never oversubscribes).
+pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let content = raw.split('#').next().unwrap_or_default().trim();
+        if content.is_empty() {
+            continue;
+        }
+        let mut words = content.split_whitespace();
+        let host = words.next().unwrap_or_default();
+        let name = host.rsplit('@').next().unwrap_or(host).to_string();
+        if name.is_empty() || host.contains('=') {
+            return fail(
+                line,
+                format!("`{content}` does not start with a host"),
+                "write one host per line: node1 slots=2",
+            );
+        }
+        let mut e = Entry { name, line, ssh: host.to_string(), ..Entry::default_at(line) };
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                return fail(line, format!("`{word}` is not key=value"), "for example: node1 slots=2");
+            };
+            match key {
+                "slots" => e.workers = Some(count(line, key, value, 1024)?),
+                "max_slots" => {
+                    count(line, key, value, u32::MAX)?;
+                }
+                "servers" => e.servers = Some(count(line, key, value, 256)?),
+                "scheduler" => e.scheduler = Some(count(line, key, value, 1)?),
+                "address" => e.address = Some(value.to_string()),
+                other => {
+                    return fail(
+                        line,
+                        format!("unknown hostfile key `{other}`"),
+                        "a hostfile line takes slots=, max_slots=, servers=, scheduler= and address=",
+                    );
+                }
+            }
+        }
+        if let Some(first) = entries.iter().find(|x| x.name == e.name) {
+            return fail(
+                line,
+                format!("host `{}` is listed twice (first on line {})", e.name, first.line),
+                "list each host once; give it more slots instead",
+            );
+        }
+        entries.push(e);
+    }
+    Ok(entries)
+}
+
+impl Entry {
+    fn default_at(line: usize) -> Entry {
+        Entry {
+            name: String::new(),
+            line,
+            ssh: String::new(),
+            address: None,
+            workers: None,
+            servers: None,
+            scheduler: None,
+            identity_file: None,
+        }
+    }
+}
+
+/// Splits an inventory line into words the way Ansible's INI reader does
+/// (shell-like: quotes group, `#` starts a comment at a word boundary).
+fn words(line: usize, text: &str) -> Result<Vec<String>, ListError> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '#' if !in_word => break,
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '"' | '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some(q) if q == c => break,
+                        Some('\\') if c == '"' => cur.extend(chars.next()),
+                        Some(x) => cur.push(x),
+                        None => return fail(line, "unterminated quote", "close the quote on the same line"),
+                    }
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+/// Expands one Ansible host pattern: `node[01:03]` is node01, node02,
+/// node03; `db-[a:c]` is db-a, db-b, db-c; `[0:10:5]` takes a stride.
+fn expand(line: usize, pattern: &str) -> Result<Vec<String>, ListError> {
+    let Some(open) = pattern.find('[') else { return Ok(vec![pattern.to_string()]) };
+    let Some(close) = pattern[open..].find(']').map(|c| open + c) else {
+        return fail(line, format!("`{pattern}` opens a range without closing it"), "for example node[01:04]");
+    };
+    let (head, body, tail) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let parts: Vec<&str> = body.split(':').collect();
+    let bad = || {
+        fail(
+            line,
+            format!("`[{body}]` is not a host range"),
+            "write [first:last] or [first:last:stride], e.g. node[01:04]",
+        )
+    };
+    if !(2..=3).contains(&parts.len()) {
+        return bad();
+    }
+    let stride: usize = match parts.get(2) {
+        Some(s) => match s.parse() {
+            Ok(n) if n > 0 => n,
+            _ => return bad(),
+        },
+        None => 1,
+    };
+    let mut names = Vec::new();
+    let (a, b) = (parts[0], parts[1]);
+    if let (Ok(x), Ok(y)) = (a.parse::<u64>(), b.parse::<u64>()) {
+        // Leading zeros set the width, as in Ansible.
+        let width = if a.len() > 1 && a.starts_with('0') { a.len() } else { 0 };
+        if y < x || (y - x) / stride as u64 >= 4096 {
+            return fail(line, format!("`[{body}]` is empty or over 4096 hosts"), "write the lower bound first");
+        }
+        for n in (x..=y).step_by(stride) {
+            names.push(format!("{head}{n:0width$}"));
+        }
+    } else if let ([x], [y]) = (a.as_bytes(), b.as_bytes()) {
+        if !(x.is_ascii_alphabetic() && y.is_ascii_alphabetic()) || y < x {
+            return bad();
+        }
+        for c in (*x..=*y).step_by(stride) {
+            names.push(format!("{head}{}", c as char));
+        }
+    } else {
+        return bad();
+    }
+    let mut out = Vec::new();
+    for n in names {
+        for rest in expand(line, tail)? {
+            out.push(format!("{n}{rest}"));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Group {
+    hosts: Vec<String>,
+    children: Vec<String>,
+    vars: BTreeMap<String, String>,
+    line: usize,
+}
+
+/// Reads an Ansible INI inventory and returns the hosts of `group` (every
+/// host when `None`; `all` works too), in file order.
+///
+/// Variables apply as in Ansible: a host line's own `key=value` pairs win
+/// over the vars of the groups it sits in, which win over their parent
+/// groups' and `[all:vars]`. Read: `ansible_host`, `ansible_port`,
+/// `ansible_user` (and their `ansible_ssh_` forms),
+/// `ansible_ssh_private_key_file`, and `warden_address`, `warden_workers`,
+/// `warden_servers`, `warden_scheduler`. Other variables are Ansible's own
+/// and are left to it (SSH options come from `[cluster] ssh_config` or
+/// `~/.ssh/config`).
+pub fn parse_inventory(text: &str, group: Option<&str>) -> Result<Vec<Entry>, ListError> {
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    // Host -> (first line, own vars), in file order.
+    let mut hosts: Vec<(String, usize, BTreeMap<String, String>)> = Vec::new();
+    enum Section {
+        Hosts(String),
+        Vars(String),
+        Children(String),
+    }
+    // Hosts above the first header are in Ansible's `ungrouped`.
+    groups.insert("ungrouped".into(), Group { line: 1, ..Group::default() });
+    let mut section = Section::Hosts("ungrouped".into());
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+            continue;
+        }
+        if let Some(head) = trimmed.strip_prefix('[') {
+            let Some(head) = head.strip_suffix(']') else {
+                return fail(
+                    line,
+                    format!("`{trimmed}` is not a section header"),
+                    "write [group], [group:vars] or [group:children]",
+                );
+            };
+            let (name, kind) = head.split_once(':').unwrap_or((head, ""));
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return fail(line, format!("`{head}` is not a group name"), "group names have no spaces");
+            }
+            groups.entry(name.to_string()).or_insert_with(|| Group { line, ..Group::default() });
+            section = match kind {
+                "" => Section::Hosts(name.into()),
+                "vars" => Section::Vars(name.into()),
+                "children" => Section::Children(name.into()),
+                other => {
+                    return fail(
+                        line,
+                        format!("unknown section kind `:{other}`"),
+                        "use [group], [group:vars] or [group:children]",
+                    );
+                }
+            };
+            continue;
+        }
+        let w = words(line, trimmed)?;
+        let Some(first) = w.first() else { continue };
+        match &section {
+            Section::Vars(g) => {
+                let joined = trimmed.split_once('=');
+                let Some((key, _)) = joined else {
+                    return fail(line, format!("`{trimmed}` is not key=value"), "a [group:vars] line is key=value");
+                };
+                let value = words(line, &trimmed[key.len() + 1..])?.join(" ");
+                groups.get_mut(g).expect("section's group exists").vars.insert(key.trim().to_string(), value);
+            }
+            Section::Children(g) => {
+                if w.len() != 1 {
+                    return fail(
+                        line,
+                        format!("`{trimmed}` is not a group name"),
+                        "a [group:children] line names one group",
+                    );
+                }
+                groups.get_mut(g).expect("section's group exists").children.push(first.clone());
+            }
+            Section::Hosts(g) => {
+                let mut vars = BTreeMap::new();
+                for word in &w[1..] {
+                    let Some((k, v)) = word.split_once('=') else {
+                        return fail(
+                            line,
+                            format!("`{word}` is not key=value"),
+                            "host variables are key=value, e.g. ansible_host=10.0.0.5",
+                        );
+                    };
+                    vars.insert(k.to_string(), v.to_string());
+                }
+                for name in expand(line, first)? {
+                    match hosts.iter_mut().find(|(n, _, _)| *n == name) {
+                        Some((_, _, own)) => own.extend(vars.clone()),
+                        None => hosts.push((name.clone(), line, vars.clone())),
+                    }
+                    let members = &mut groups.get_mut(g).expect("section's group exists").hosts;
+                    if !members.contains(&name) {
+                        members.push(name);
+                    }
+                }
+            }
+        }
+    }
+    for (name, g) in &groups {
+        if let Some(missing) = g.children.iter().find(|c| !groups.contains_key(c.as_str())) {
+            return fail(
+                g.line,
+                format!("group `{name}` names a child group `{missing}` that does not exist"),
+                "define the group or remove the line",
+            );
+        }
+    }
+    // Depth of each group below `all` (the longest chain of parents, as
+    // Ansible counts it), so that nearer groups' vars win.
+    let parents: BTreeMap<&str, Vec<&str>> = groups.iter().fold(BTreeMap::new(), |mut m, (name, g)| {
+        for c in &g.children {
+            m.entry(c.as_str()).or_default().push(name.as_str());
+        }
+        m
+    });
+    fn depth<'a>(g: &'a str, parents: &BTreeMap<&'a str, Vec<&'a str>>, path: &mut Vec<&'a str>) -> usize {
+        if path.contains(&g) {
+            return 0; // a cycle: Ansible refuses it, here it just stops counting
+        }
+        path.push(g);
+        let d = parents.get(g).map_or(0, |ps| ps.iter().map(|p| 1 + depth(p, parents, path)).max().unwrap_or(0));
+        path.pop();
+        d
+    }
+    // Groups a host belongs to, directly or through children.
+    let contains = |group: &str, host: &str| -> bool {
+        let (mut stack, mut seen) = (vec![group], BTreeSet::new());
+        while let Some(g) = stack.pop() {
+            if !seen.insert(g) {
+                continue;
+            }
+            if let Some(gr) = groups.get(g) {
+                if gr.hosts.iter().any(|h| h == host) {
+                    return true;
+                }
+                stack.extend(gr.children.iter().map(String::as_str));
+            }
+        }
+        false
+    };
+    let wanted = group.filter(|g| *g != "all");
+    if let Some(g) = wanted.filter(|g| !groups.contains_key(*g)) {
+        let known: Vec<&str> = groups.keys().map(String::as_str).filter(|k| *k != "ungrouped").collect();
+        return fail(1, format!("the inventory has no group `{g}`"), format!("its groups: {}", known.join(", ")));
+    }
+    let mut out = Vec::new();
+    for (name, line, own) in &hosts {
+        if wanted.is_some_and(|g| !contains(g, name)) {
+            continue;
+        }
+        // all:vars, then groups from the farthest to the nearest, then the host.
+        let mut vars: BTreeMap<String, String> = groups.get("all").map(|g| g.vars.clone()).unwrap_or_default();
+        let mut mine: Vec<&str> =
+            groups.keys().map(String::as_str).filter(|g| *g != "all" && contains(g, name)).collect();
+        mine.sort_by_key(|g| (depth(g, &parents, &mut Vec::new()), *g));
+        for g in mine {
+            vars.extend(groups[g].vars.clone());
+        }
+        vars.extend(own.clone());
+        out.push(entry_from_vars(name, *line, &vars)?);
+    }
+    if out.is_empty() {
+        return fail(
+            1,
+            format!("the inventory lists no host{}", group.map(|g| format!(" in `{g}`")).unwrap_or_default()),
+            "add host lines under a [group] header",
+        );
+    }
+    Ok(out)
+}
+
+fn entry_from_vars(name: &str, line: usize, vars: &BTreeMap<String, String>) -> Result<Entry, ListError> {
+    let get = |keys: &[&str]| keys.iter().find_map(|k| vars.get(*k)).cloned();
+    let host = get(&["ansible_host", "ansible_ssh_host"]).unwrap_or_else(|| name.to_string());
+    let user = get(&["ansible_user", "ansible_ssh_user"]);
+    let port = match get(&["ansible_port", "ansible_ssh_port"]) {
+        Some(p) => Some(count(line, "ansible_port", &p, 65535)?),
+        None => None,
+    };
+    let bracketed = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let ssh = match (&user, port) {
+        (_, Some(p)) => format!("ssh://{}{bracketed}:{p}", user.as_ref().map(|u| format!("{u}@")).unwrap_or_default()),
+        (Some(u), None) => format!("{u}@{host}"),
+        (None, None) => host.clone(),
+    };
+    let num = |key: &str, hi: u32| -> Result<Option<u32>, ListError> {
+        vars.get(key).map(|v| count(line, key, v, hi)).transpose()
+    };
+    Ok(Entry {
+        name: name.to_string(),
+        line,
+        ssh,
+        address: Some(get(&["warden_address"]).unwrap_or(host)),
+        workers: num("warden_workers", 1024)?,
+        servers: num("warden_servers", 256)?,
+        scheduler: num("warden_scheduler", 1)?,
+        identity_file: get(&["ansible_ssh_private_key_file", "ansible_private_key_file"]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostfiles_give_slots_as_workers_and_take_warden_keys() {
+        let text = "# lab\nnode1 slots=4 max_slots=8\n\n  lab@node2   slots=2 servers=2 # big one\n10.0.0.7 scheduler=1 address=10.0.0.7\n";
+        let e = parse_hostfile(text).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!((e[0].name.as_str(), e[0].ssh.as_str(), e[0].workers, e[0].line), ("node1", "node1", Some(4), 2));
+        assert_eq!((e[1].name.as_str(), e[1].ssh.as_str(), e[1].servers), ("node2", "lab@node2", Some(2)));
+        assert_eq!((e[2].scheduler, e[2].address.as_deref(), e[2].workers), (Some(1), Some("10.0.0.7"), None));
+    }
+
+    #[test]
+    fn hostfile_mistakes_name_their_line() {
+        for (text, line, needle) in [
+            ("a slots=2\nb slots=x\n", 2, "not a whole number"),
+            ("a slots=2\na\n", 2, "listed twice"),
+            ("a gpus=2\n", 1, "unknown hostfile key"),
+            ("a slots\n", 1, "not key=value"),
+            ("slots=2\n", 1, "does not start with a host"),
+            ("a scheduler=2\n", 1, "0 to 1"),
+        ] {
+            let e = parse_hostfile(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e:?}");
+            assert!(e.message.contains(needle), "{text:?}: {e:?}");
+        }
+    }
+
+    const INVENTORY: &str = r#"
+loose ansible_host=10.9.9.9
+
+[web]
+web[01:03].lab ansible_user=deploy
+
+[gpu]
+g-[a:b] warden_workers=4
+big ansible_host=10.0.0.50 ansible_port=2222 ansible_user="ops" warden_servers=2 # comment
+
+[gpu:vars]
+ansible_user=trainer
+ansible_ssh_private_key_file=~/.ssh/lab key
+
+[lab:children]
+gpu
+web
+
+[lab:vars]
+ansible_user=labuser
+warden_workers=1
+
+[all:vars]
+ansible_port=22
+"#;
+
+    #[test]
+    fn inventories_expand_ranges_and_apply_vars_nearest_first() {
+        let all = parse_inventory(INVENTORY, None).unwrap();
+        let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["loose", "web01.lab", "web02.lab", "web03.lab", "g-a", "g-b", "big"]);
+        let lab = parse_inventory(INVENTORY, Some("lab")).unwrap();
+        assert_eq!(lab.len(), 6, "children count as members");
+        let by = |n: &str| lab.iter().find(|e| e.name == n).unwrap().clone();
+        // Host vars beat group vars, which beat parents' and all:vars.
+        assert_eq!(by("web02.lab").ssh, "ssh://deploy@web02.lab:22");
+        assert_eq!(by("web02.lab").workers, Some(1));
+        assert_eq!(by("g-a").ssh, "ssh://trainer@g-a:22");
+        assert_eq!(by("g-a").workers, Some(4));
+        assert_eq!(by("g-a").identity_file.as_deref(), Some("~/.ssh/lab key"));
+        let big = by("big");
+        assert_eq!(
+            (big.ssh.as_str(), big.address.as_deref(), big.servers),
+            ("ssh://ops@10.0.0.50:2222", Some("10.0.0.50"), Some(2))
+        );
+        assert_eq!(big.line, 9);
+        assert_eq!(parse_inventory(INVENTORY, Some("gpu")).unwrap().len(), 3);
+        assert_eq!(parse_inventory(INVENTORY, Some("all")).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn the_example_inventory_of_the_playbooks_reads() {
+        let text = include_str!("../../playbooks/inventory.example.ini");
+        let e = parse_inventory(text, Some("warden_nodes")).unwrap();
+        assert_eq!(e.iter().map(|e| e.ssh.as_str()).collect::<Vec<_>>(), ["admin@10.0.0.11", "admin@10.0.0.12"]);
+    }
+
+    #[test]
+    fn inventory_mistakes_name_their_line() {
+        for (text, group, line, needle) in [
+            ("[a]\nh x\n", None, 2, "not key=value"),
+            ("[a\nh\n", None, 1, "not a section header"),
+            ("[a:kids]\n", None, 1, "unknown section kind"),
+            ("[a]\nh[3:1]\n", None, 2, "empty"),
+            ("[a]\nh[1:2\n", None, 2, "without closing"),
+            ("[a]\nh ansible_port=99999\n", None, 2, "0 to 65535"),
+            ("[a:children]\nb\n", None, 1, "does not exist"),
+            ("[a]\nh\n", Some("b"), 1, "no group `b`"),
+            ("[a]\n", None, 1, "no host"),
+            ("[a]\nh ansible_user='x\n", None, 2, "unterminated"),
+        ] {
+            let e = parse_inventory(text, group).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e:?}");
+            assert!(e.message.contains(needle), "{text:?}: {e:?}");
+        }
+    }
+}
