@@ -172,7 +172,9 @@ type ControlWriter = Arc<Mutex<Option<std::pin::Pin<Box<dyn AsyncWrite + Send>>>
 struct Proc {
     planned: PlannedProcess,
     stdin: ControlWriter,
-    kill: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<Option<(u32, u64)>>>,
+    /// Its process group (PID and start time), once it reported it.
+    group: Option<(u32, u64)>,
     exit: Option<Option<i32>>,
     /// It sent a `failed` event (so its non-zero exit is no news).
     failed: bool,
@@ -444,6 +446,10 @@ enum Cause {
     Stopped,
 }
 
+/// How long the teardown of one host (job directories, firewall table) may
+/// take before the launcher gives up on it and says what may be left there.
+const TEARDOWN_DEADLINE: Duration = Duration::from_secs(20);
+
 /// The failures of one attempt, gathered for a moment after the first.
 #[derive(Default)]
 struct Failures {
@@ -667,6 +673,7 @@ async fn run_attempt(
                         startup_s = Some(started.elapsed().as_secs_f64());
                     }
                 }
+                Event::Process { pid, start } => procs[i].group = Some((pid, start)),
                 Event::Done | Event::Listening { .. } | Event::Csr { .. } => {}
             },
             Report::Exited(i, code) => {
@@ -750,16 +757,45 @@ async fn run_attempt(
             }
         }
     }
-    for p in &procs {
-        if let Err(e) = transport.cleanup(&p.planned).await {
-            tracing::warn!("cleanup on {}: {e}", p.planned.label());
+    // Every host at once, each within a deadline: a host that went away
+    // must hold neither the others nor the launcher.
+    let mut cleanups = tokio::task::JoinSet::new();
+    for host in &plan.hosts {
+        let mine: Vec<PlannedProcess> =
+            procs.iter().filter(|p| p.planned.host == host.name).map(|p| p.planned.clone()).collect();
+        let firewall = protected.iter().any(|h| h.name == host.name);
+        if mine.is_empty() && !firewall {
+            continue;
         }
+        let (t, host, table) = (transport.clone(), host.clone(), table.clone());
+        cleanups.spawn(async move {
+            let work = async {
+                for p in &mine {
+                    if let Err(e) = t.cleanup(p).await {
+                        tracing::warn!("cleanup on {}: {e}", p.label());
+                    }
+                }
+                match firewall {
+                    true => t
+                        .teardown_host(&host, &table)
+                        .await
+                        .map_err(|e| format!("cannot remove firewall table {table}: {e}")),
+                    false => Ok(()),
+                }
+            };
+            let result = tokio::time::timeout(TEARDOWN_DEADLINE, work).await.unwrap_or_else(|_| {
+                Err(format!(
+                    "did not answer within {} s; its job directory and firewall table {table} may be left",
+                    TEARDOWN_DEADLINE.as_secs()
+                ))
+            });
+            (host.name, result)
+        });
     }
-    for host in protected {
-        if let Err(e) = transport.teardown_host(host, &table).await {
+    while let Some(joined) = cleanups.join_next().await {
+        if let Ok((name, Err(e))) = joined {
             say_fmt!(
-                "warning: {}: cannot remove firewall table {table}: {e}; `warden firewall clean` removes it",
-                host.name
+                "warning: {name}: {e}; playbooks/teardown.yml (or `sudo warden firewall clean` on that host) removes leftovers"
             );
         }
     }
@@ -829,6 +865,7 @@ async fn start_one(
             }
         });
     }
+    let exit_log = log.clone();
     // stdout -> events; the CSR is answered here.
     let (events_done_tx, events_done_rx) = oneshot::channel::<()>();
     {
@@ -882,15 +919,20 @@ async fn start_one(
         });
     }
     // exit status; a kill request ends it early.
-    let (kill_tx, kill_rx) = oneshot::channel::<()>();
+    let (kill_tx, kill_rx) = oneshot::channel::<Option<(u32, u64)>>();
     {
         let mut handle = spawned.handle;
+        let (label, log) = (p.label(), exit_log);
         tokio::spawn(async move {
             let code = tokio::select! {
                 r = handle.wait() => r,
-                _ = kill_rx => {
-                    let _ = handle.kill();
-                    handle.wait().await
+                Ok(group) = kill_rx => {
+                    let said = handle.terminate(group).await;
+                    tracing::warn!("{label} did not stop on request: {said}");
+                    let line = format!("[launcher] did not stop on request: {said}\n");
+                    let _ = log.lock().await.write_all(line.as_bytes()).await;
+                    // A host that went away cannot report the exit: give up.
+                    tokio::time::timeout(Duration::from_secs(15), handle.wait()).await.unwrap_or(Ok(None))
                 }
             };
             // Report the exit only after the process's last event (its
@@ -899,7 +941,7 @@ async fn start_one(
             let _ = tx.send(Report::Exited(i, code.unwrap_or(None))).await;
         });
     }
-    Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), exit: None, failed: false })
+    Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), group: None, exit: None, failed: false })
 }
 
 async fn send_control(stdin: &ControlWriter, msg: &Control) -> std::io::Result<()> {
@@ -918,11 +960,11 @@ async fn stop_all(procs: &mut [Proc]) {
         let _ = tokio::time::timeout(Duration::from_secs(1), send_control(&p.stdin, &Control::Stop)).await;
         p.stdin.lock().await.take();
     }
-    let kills: Vec<_> = procs.iter_mut().filter_map(|p| p.kill.take()).collect();
+    let kills: Vec<_> = procs.iter_mut().filter_map(|p| p.kill.take().map(|k| (k, p.group))).collect();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        for k in kills {
-            let _ = k.send(());
+        for (k, group) in kills {
+            let _ = k.send(group);
         }
     });
 }

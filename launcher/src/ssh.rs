@@ -269,21 +269,48 @@ async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot install warden-agent: {e}"))
 }
 
-struct RemoteChild(Option<openssh::Child<Arc<Session>>>);
+struct RemoteChild {
+    child: Option<openssh::Child<Arc<Session>>>,
+    session: Arc<Session>,
+    sudo: bool,
+    agent: String,
+}
 
 impl ProcessHandle for RemoteChild {
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {
         Box::pin(async move {
-            match self.0.take() {
+            match self.child.take() {
                 Some(child) => Ok(child.wait().await.map_err(io::Error::other)?.code()),
                 None => Ok(None),
             }
         })
     }
-    fn kill(&mut self) -> io::Result<()> {
-        // Closing the channel closes the agent's stdin; it stops itself.
-        self.0.take();
-        Ok(())
+    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let said = match group {
+                Some((pgid, start)) => {
+                    let host = Host {
+                        name: String::new(),
+                        session: self.session.clone(),
+                        sudo: self.sudo,
+                        agent: self.agent.clone(),
+                    };
+                    let grace = crate::transport::TERM_GRACE;
+                    let cmd =
+                        format!("{} stop-group {pgid} {start} --grace-ms {}", sh_quote(&self.agent), grace.as_millis());
+                    // An unreachable host must not hold the teardown.
+                    match tokio::time::timeout(grace + Duration::from_secs(10), run(&host, &cmd, None)).await {
+                        Ok(Ok(out)) => out.trim().to_string(),
+                        Ok(Err(e)) => format!("stop-group failed: {e}"),
+                        Err(_) => "the host did not answer stop-group in time".to_string(),
+                    }
+                }
+                None => "no process group reported; closing its channel".to_string(),
+            };
+            // Closing the channel closes the agent's stdin, in any case.
+            self.child.take();
+            said
+        })
     }
 }
 
@@ -307,7 +334,12 @@ impl Transport for SshTransport {
                 stdin: Box::pin(stdin),
                 stdout: Box::pin(stdout),
                 stderr: Box::pin(stderr),
-                handle: Box::new(RemoteChild(Some(child))),
+                handle: Box::new(RemoteChild {
+                    child: Some(child),
+                    session: host.session.clone(),
+                    sudo: host.sudo,
+                    agent: host.agent.clone(),
+                }),
             })
         })
     }

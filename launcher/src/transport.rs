@@ -49,9 +49,16 @@ impl Spawned {
 pub trait ProcessHandle: Send {
     /// Waits for exit; the exit code, or `None` when killed by a signal.
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>>;
-    /// Kills it now.
-    fn kill(&mut self) -> io::Result<()>;
+    /// Ends it for good, after it did not stop on request: its process
+    /// group (`group`: the agent's PID and start time, from its `process`
+    /// event) gets SIGTERM, [`TERM_GRACE`], then SIGKILL; without a group,
+    /// the agent alone is killed (local) or its channel closed (SSH).
+    /// Returns what happened, for the log.
+    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String>;
 }
+
+/// Between SIGTERM and SIGKILL when a process group is ended.
+pub const TERM_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Starts agents and fetches their output.
 pub trait Transport: Send + Sync {
@@ -100,8 +107,20 @@ impl ProcessHandle for LocalChild {
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {
         Box::pin(async move { Ok(self.0.wait().await?.code()) })
     }
-    fn kill(&mut self) -> io::Result<()> {
-        self.0.start_kill()
+    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let said = match group {
+                Some((pgid, start)) => tokio::task::spawn_blocking(move || {
+                    warden_agent::reap::stop_group(pgid, start, TERM_GRACE)
+                        .map_or_else(|e| e, |ended| format!("process group {pgid}: {ended}"))
+                })
+                .await
+                .unwrap_or_else(|e| e.to_string()),
+                None => "no process group reported; killing the agent".to_string(),
+            };
+            let _ = self.0.start_kill();
+            said
+        })
     }
 }
 

@@ -76,6 +76,16 @@ pub struct Bundle {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// The agent leads its own process group (its id is `pid`): the launcher
+    /// ends the group with `warden-agent stop-group` if the agent does not
+    /// stop on request. `start` is the process's start time in clock ticks,
+    /// against a reused PID.
+    Process {
+        /// Process id, also the group's id.
+        pid: u32,
+        /// Start time (field 22 of `/proc/PID/stat`).
+        start: u64,
+    },
     /// The agent's certificate signing request.
     Csr {
         /// PEM CSR.

@@ -35,6 +35,7 @@ pub mod model;
 pub mod optimizer;
 pub mod pki;
 pub mod plan;
+pub mod reap;
 pub mod roles;
 pub mod secure_random;
 pub mod signing;

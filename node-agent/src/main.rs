@@ -34,6 +34,39 @@ enum Cmd {
     /// The job's nftables table on this host (the launcher runs these as root).
     #[command(subcommand)]
     Firewall(FirewallCmd),
+    /// End an agent's process group: SIGTERM, GRACE_MS, then SIGKILL (the
+    /// launcher runs this when an agent does not stop on request).
+    StopGroup {
+        /// The agent's PID (its group's id), from its `process` event.
+        pgid: u32,
+        /// The agent's start time in clock ticks, from the same event.
+        start: u64,
+        /// Milliseconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 2000)]
+        grace_ms: u64,
+    },
+}
+
+/// `warden-agent stop-group`: only ever a warden agent's group.
+fn stop_group(pgid: u32, start: u64, grace_ms: u64) -> ExitCode {
+    use warden_agent::reap;
+    // A living leader must be an agent (its binary is warden-agent[-HASH]).
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{pgid}/exe"))
+        && !exe.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("warden-agent"))
+    {
+        println!("process {pgid} is not a warden agent ({}); nothing signalled", exe.display());
+        return ExitCode::SUCCESS;
+    }
+    match reap::stop_group(pgid, start, std::time::Duration::from_millis(grace_ms.min(60_000))) {
+        Ok(ended) => {
+            println!("process group {pgid}: {ended}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -84,8 +117,10 @@ fn firewall(cmd: FirewallCmd) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Firewall(cmd) = cli.cmd {
-        return firewall(cmd);
+    match cli.cmd {
+        Cmd::Firewall(cmd) => return firewall(cmd),
+        Cmd::StopGroup { pgid, start, grace_ms } => return stop_group(pgid, start, grace_ms),
+        Cmd::Run => {}
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -93,6 +128,11 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let events = agent::stdout_sink();
+    // Its own process group first, so that whatever it starts can be ended with it.
+    match warden_agent::reap::lead_own_group() {
+        Ok((pid, start)) => events(Event::Process { pid, start }),
+        Err(e) => tracing::warn!("cannot lead a process group ({e}); the launcher can only close its channel"),
+    }
     let mut stdin = std::io::BufReader::new(std::io::stdin());
     let prepared = match agent::prepare(&mut stdin, events.clone()) {
         Ok(p) => p,

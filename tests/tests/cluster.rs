@@ -359,18 +359,23 @@ fn bad_hosts_fail_fast_with_their_names() {
 fn wait_no_agents_under(remote_bin: &std::path::Path, secs: u64, what: &str) {
     let until = Instant::now() + Duration::from_secs(secs);
     loop {
-        let alive: Vec<u32> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
-            .collect();
+        let alive = agents_under(remote_bin);
         if alive.is_empty() {
             return;
         }
         assert!(Instant::now() < until, "agents still running {what}: {alive:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The processes that run an agent binary from `remote_bin`.
+fn agents_under(remote_bin: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
+        .collect()
 }
 
 /// A job of [`ssh_job`] over 3 namespace hosts that runs until stopped,
@@ -420,13 +425,26 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
         return;
     }
     // Hosts from a hostfile here: the SSH path is the same either way.
-    let (dir, ssh, _run, launcher) = start_long_ssh_job_with("ssh-int", &fresh_tag(), "", true);
+    let (dir, ssh, run, launcher) = start_long_ssh_job_with("ssh-int", &fresh_tag(), "", true);
+    // The agents ran through sshd, not as our children: find them by their binary under remote_dir.
+    let remote_bin = dir.join("remote/bin");
+    // One agent is frozen: it cannot obey the stop, so the launcher ends
+    // its process group on its host (SIGTERM, grace, SIGKILL).
+    let frozen = agents_under(&remote_bin)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(frozen as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
     assert!(std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    // The agents ran through sshd, not as our children: find them by their binary under remote_dir.
-    let remote_bin = dir.join("remote/bin");
     wait_no_agents_under(&remote_bin, 15, "after Ctrl-C");
+    let logs: String = std::fs::read_dir(run.join("logs"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    assert!(
+        logs.contains("did not stop on request: process group") && logs.contains("killed with SIGKILL"),
+        "no log says how the frozen agent was ended"
+    );
     for h in &ssh.net.hosts {
         assert!(!NetnsCluster::tables(h).contains("warden_"), "{} kept a table", h.ns);
     }

@@ -319,5 +319,14 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
     let failure = summary(&run)["failure"].as_str().unwrap_or_default().to_string();
     assert!(failure.contains("server[1] sent nothing"), "{failure}");
     assert!(took < std::time::Duration::from_secs(3 + 15), "took {took:?} to notice");
+    // Stopped, it could not obey the stop: its process group was ended.
+    let log = std::fs::read_dir(run.join("logs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("-server-1.log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .expect("server 1 has a log");
+    assert!(log.contains("[launcher] did not stop on request: process group"), "{log}");
+    assert!(log.contains("killed with SIGKILL after the grace period"), "{log}");
     wait_gone(&tag);
 }
