@@ -537,7 +537,14 @@ async fn run_attempt(
     if !setup_errors.is_empty() {
         setup_errors.sort();
         failure.add(Cause::Setup, setup_errors.join("; "));
+    } else if ctx.epoch_lines && !protected.is_empty() {
+        progress.println(&format!(
+            "  firewall table in place on {} host(s) ({:.2}s)",
+            protected.len(),
+            started.elapsed().as_secs_f64()
+        ));
     }
+    progress.phase(&format!("starting {} processes", plan.processes.len()));
     // Start every agent at once, too; each enrols as soon as its CSR arrives.
     let start_ctx = Arc::new(StartCtx {
         transport: transport.clone(),
@@ -593,7 +600,7 @@ async fn run_attempt(
     let mut model_at: Option<(usize, PathBuf)> = None;
     let mut model_fetched = false;
     let mut resumed_step: Option<u64> = None;
-    let (mut started_count, mut startup_s) = (0usize, None::<f64>);
+    let (mut started_count, mut enrolled, mut startup_s) = (0usize, 0usize, None::<f64>);
     if failure.is_some() {
         stop_all(&mut procs).await;
     }
@@ -669,12 +676,29 @@ async fn run_attempt(
                 }
                 Event::Started => {
                     started_count += 1;
+                    progress.phase(&format!("started {started_count}/{} processes", procs.len()));
                     if started_count == procs.len() && startup_s.is_none() {
-                        startup_s = Some(started.elapsed().as_secs_f64());
+                        let at = started.elapsed().as_secs_f64();
+                        startup_s = Some(at);
+                        if ctx.epoch_lines {
+                            progress.println(&format!(
+                                "  {started_count}/{started_count} processes started ({at:.2}s); training"
+                            ));
+                        }
+                    }
+                }
+                Event::Csr { .. } => {
+                    enrolled += 1;
+                    progress.phase(&format!("enrolled {enrolled}/{} processes", procs.len()));
+                    if enrolled == procs.len() && ctx.epoch_lines {
+                        progress.println(&format!(
+                            "  {enrolled}/{enrolled} processes enrolled: keys made on their hosts, certificates from this job's CA ({:.2}s)",
+                            started.elapsed().as_secs_f64()
+                        ));
                     }
                 }
                 Event::Process { pid, start } => procs[i].group = Some((pid, start)),
-                Event::Done | Event::Listening { .. } | Event::Csr { .. } => {}
+                Event::Done | Event::Listening { .. } => {}
             },
             Report::Exited(i, code) => {
                 procs[i].exit = Some(code);
@@ -981,20 +1005,28 @@ struct Progress {
     bar: Option<indicatif::ProgressBar>,
     /// Stream the processes' log lines to the terminal.
     stream_logs: bool,
+    /// The first step has been shown (the bar left the phase spinner).
+    training: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
     fn new(enabled: bool, stream_logs: bool) -> Progress {
         let bar = enabled.then(|| {
             let b = indicatif::ProgressBar::new(0);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("  {spinner} epoch {msg} [{bar:30}] {pos}/{len} steps")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
+            // A spinner with the phase until the first step, then the epoch bar.
+            b.set_style(indicatif::ProgressStyle::with_template("  {spinner} {msg}").expect("valid template"));
+            b.enable_steady_tick(Duration::from_millis(120));
             b
         });
-        Progress { bar, stream_logs }
+        Progress { bar, stream_logs, training: std::sync::atomic::AtomicBool::new(false) }
+    }
+    /// The phase before training (starting, enrolling), on the spinner.
+    fn phase(&self, what: &str) {
+        if let Some(b) = &self.bar
+            && !self.training.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            b.set_message(what.to_string());
+        }
     }
     /// One line of a process's log, prefixed with its label.
     fn log_line(&self, label: &str, line: &str) {
@@ -1004,6 +1036,13 @@ impl Progress {
     }
     fn step(&self, epoch: u32, epochs: u32, step: u64, steps: u64) {
         if let Some(b) = &self.bar {
+            if !self.training.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("  {spinner} epoch {msg} [{bar:30}] {pos}/{len} steps")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+            }
             b.set_length(steps);
             b.set_position(step);
             b.set_message(format!("{epoch}/{epochs}"));

@@ -228,9 +228,18 @@ impl SshTransport {
         let mut hosts = BTreeMap::new();
         let mut reports = Vec::new();
         let mut errors = Vec::new();
+        let (total, t0, mut done) = (spec.cluster.hosts.len(), std::time::Instant::now(), 0);
         while let Some(joined) = tasks.join_next().await {
+            done += 1;
             match joined {
                 Ok((name, Ok((host, report)))) => {
+                    if !keep_going {
+                        // The launch's first phase, a line per host as it is ready.
+                        eprintln!(
+                            "  {name}: connected, checked, agent in place ({done}/{total}, {:.2}s)",
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
                     if let (Some(f), false) = (report.failures(), keep_going) {
                         errors.push(format!("{name}: {f}"));
                     }

@@ -252,6 +252,15 @@ fn a_three_host_job_over_real_ssh_matches_the_local_run() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // Progress per phase: each host as it is ready, then enrolment and start.
+    for h in ["h0", "h1", "h2"] {
+        assert!(stderr.contains(&format!("  {h}: connected, checked, agent in place (")), "{stderr}");
+    }
+    for phase in ["(3/3, ", "firewall table in place on 2 host(s)", "7/7 processes enrolled", "7/7 processes started"] {
+        assert!(stderr.contains(phase), "no `{phase}`: {stderr}");
+    }
+    // Each process's output streams back prefixed with host/role[rank].
+    assert!(stderr.lines().any(|l| l.starts_with("h1/worker[0] ")), "{stderr}");
     let remote: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("run/summary.json")).unwrap()).unwrap();
     // The same job on this machine: same seed, ranks and shards, so the same model.

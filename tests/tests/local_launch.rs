@@ -31,6 +31,12 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("epoch 5/5") && stderr.contains("succeeded:"), "{stderr}");
+    // Each phase says when it is done, in order.
+    let phases =
+        ["firewall table in place on 1 host(s)", "5/5 processes enrolled", "5/5 processes started", "epoch 1/5"];
+    let at: Vec<usize> =
+        phases.iter().map(|p| stderr.find(p).unwrap_or_else(|| panic!("no `{p}`: {stderr}"))).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "phases out of order: {stderr}");
     // Every process's log streams to the terminal under its label.
     for label in ["localhost/scheduler[0] ", "localhost/server[1] ", "localhost/worker[1] "] {
         assert!(stderr.lines().any(|l| l.starts_with(label) && l.contains("running as uid")), "{label}: {stderr}");
