@@ -163,8 +163,22 @@ impl SshCluster {
                 ),
             )
             .map_err(|e| e.to_string())?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &h.ns, "/usr/sbin/sshd", "-D", "-e", "-f", &config])
+            // Like a fresh lab machine, the host's root gets Debian's stock
+            // .bashrc, which returns at once for the non-interactive shells
+            // that run SSH commands. This build machine's own /root/.bashrc
+            // starts pyenv for every shell (160 ms a remote command); that is
+            // this machine's setup, not a lab host's. Only this sshd's mount
+            // namespace sees the change.
+            let sshd = format!("exec ip netns exec {} /usr/sbin/sshd -D -e -f {config}", h.ns);
+            let script = if std::path::Path::new("/root/.bashrc").is_file()
+                && std::path::Path::new("/etc/skel/.bashrc").is_file()
+            {
+                format!("mount --bind /etc/skel/.bashrc /root/.bashrc && {sshd}")
+            } else {
+                sshd
+            };
+            let child = Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
