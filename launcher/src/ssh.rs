@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use warden_agent::identity::JobId;
@@ -102,6 +102,10 @@ fn evaluate(host: &str, out: &str, local_now: u64) -> HostReport {
     }
 }
 
+/// Seconds an SSH master with nothing to carry stays up (while the launcher
+/// lives, it checks on every master every 5 s).
+const MASTER_IDLE_EXIT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(15).expect("non-zero");
+
 /// How long one host may take to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -122,12 +126,15 @@ pub struct SshTransport {
     remote_dir: PathBuf,
     job: JobId,
     control_dir: PathBuf,
+    /// Uses every master now and then (see [`SshTransport::connect`]).
+    keepalive: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for SshTransport {
     fn drop(&mut self) {
         // Sessions first (their masters exit through the control sockets),
         // then the directory that held the sockets.
+        self.keepalive.abort();
         self.hosts.clear();
         let _ = std::fs::remove_dir_all(&self.control_dir);
     }
@@ -190,6 +197,9 @@ impl SshTransport {
             b.known_hosts_check(if accept_new_host_keys { KnownHosts::Add } else { KnownHosts::Strict })
                 .connect_timeout(CONNECT_TIMEOUT)
                 .server_alive_interval(Duration::from_secs(5))
+                // A master outlives a killed launcher only briefly: it exits
+                // once no command or agent has used it for this long.
+                .control_persist(ControlPersist::IdleFor(MASTER_IDLE_EXIT))
                 .control_directory(control_dir);
             if let Some(cfg) = &spec.cluster.ssh_config {
                 b.config_file(cfg);
@@ -266,7 +276,30 @@ impl SshTransport {
             return Err(errors.join("; "));
         }
         reports.sort_by(|a, b| a.host.cmp(&b.host));
-        Ok(SshTransport { hosts, reports, remote_dir, job: job.clone(), control_dir: control_dir.to_path_buf() })
+        // While the launcher lives, each master is used at least every few
+        // seconds, so its idle exit (MASTER_IDLE_EXIT) only ever ends the
+        // masters of a launcher that died. Weak: the task keeps no session up.
+        let sessions: Vec<std::sync::Weak<Session>> = hosts.values().map(|h| Arc::downgrade(&h.session)).collect();
+        let keepalive = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let live: Vec<Arc<Session>> = sessions.iter().filter_map(std::sync::Weak::upgrade).collect();
+                if live.is_empty() {
+                    return;
+                }
+                for s in live {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.check()).await;
+                }
+            }
+        });
+        Ok(SshTransport {
+            hosts,
+            reports,
+            remote_dir,
+            job: job.clone(),
+            control_dir: control_dir.to_path_buf(),
+            keepalive,
+        })
     }
 
     fn host(&self, name: &str) -> io::Result<&Host> {

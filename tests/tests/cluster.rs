@@ -622,3 +622,43 @@ fn node_prep_over_ssh_prepares_the_hosts_a_job_then_runs_on() {
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The launcher killed outright (no teardown): every agent sees its SSH
+/// channel close and stops within seconds, and the dead launcher's SSH
+/// masters exit on their own soon after (ControlPersist with an idle limit).
+#[test]
+fn agents_over_ssh_stop_when_the_launcher_is_killed() {
+    if !require_cluster_tools() {
+        return;
+    }
+    let (dir, ssh, _run, mut launcher) = start_long_ssh_job_with("ssh-kill", &fresh_tag(), "", false);
+    let control = std::env::temp_dir().join(format!("warden-ssh-{}", launcher.id()));
+    assert!(control.is_dir(), "the launcher's SSH control directory is {control:?}");
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let remote_bin = dir.join("remote/bin");
+    wait_no_agents_under(&remote_bin, 15, "after the launcher was killed");
+    // Masters are found by the control directory on their command line;
+    // each exits 15 s after its last channel closed.
+    let until = Instant::now() + Duration::from_secs(40);
+    loop {
+        let masters: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(control.to_str().unwrap()))
+            })
+            .collect();
+        if masters.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "SSH masters of the dead launcher still run: {masters:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The dead launcher could not remove its control directory (logs only).
+    let _ = std::fs::remove_dir_all(&control);
+    drop(ssh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
