@@ -56,6 +56,38 @@ const SMALL_M: usize = 4;
 /// `C (m x n) = A (m x k) * B (k x n)` (or `C += A * B` with `accumulate`),
 /// C row-major and dense; A and B addressed through their strides, so
 /// transposed operands cost nothing. Runs on matrixmultiply's blocked SIMD
+/// The few-rows path of [`sgemm`]: `C (m x n) = A (m x k) B (k x n)` with B
+/// row-major (row stride `b_row`), B streamed once for all rows of C (which
+/// stay in L1): at this size B's bytes are the cost.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn small_rows_body(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    sa: Strides,
+    b: &[f32],
+    b_row: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if !accumulate {
+        c[..m * n].fill(0.0);
+    }
+    for l in 0..k {
+        let b_l = &b[l * b_row..l * b_row + n];
+        for (i, row) in c[..m * n].chunks_exact_mut(n).enumerate() {
+            let x = a[i * sa.row + l * sa.col];
+            for (out, w) in row.iter_mut().zip(b_l) {
+                *out += x * *w;
+            }
+        }
+    }
+}
+
+isa::multiversion!(fn small_rows(m: usize, k: usize, n: usize, a: &[f32], sa: Strides, b: &[f32], b_row: usize, c: &mut [f32], accumulate: bool) => small_rows_body);
+
 /// SGEMM.
 ///
 /// # Panics
@@ -88,20 +120,9 @@ pub fn sgemm(
         // A few rows against a row-major B (one prediction, say): rows of B
         // scaled and added straight into C. Blocked SGEMM would first copy
         // all of B into its packing buffer, which costs more than the
-        // arithmetic at this size.
-        for i in 0..m {
-            let row = &mut c[i * n..(i + 1) * n];
-            if !accumulate {
-                row.fill(0.0);
-            }
-            for l in 0..k {
-                let x = a[i * sa.row + l * sa.col];
-                let b_row = &b[l * sb.row..l * sb.row + n];
-                for (out, w) in row.iter_mut().zip(b_row) {
-                    *out += x * *w;
-                }
-            }
-        }
+        // arithmetic at this size. B is streamed once for all rows of C
+        // (which stay in L1): at this size B's bytes are the cost.
+        small_rows(Isa::best(), m, k, n, a, sa, b, sb.row, c, accumulate);
         return;
     }
     let beta = if accumulate { 1.0 } else { 0.0 };
@@ -152,6 +173,29 @@ mod tests {
                             assert!((c[i * n + j] - want).abs() < 1e-3, "m={m} a_t={a_t} acc={accumulate} ({i},{j})");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_few_rows_path_agrees_on_every_isa_this_cpu_runs() {
+        let (k, n) = (1003, 37);
+        for m in 1..=SMALL_M {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.5).collect();
+            let want: Vec<f64> = (0..m * n)
+                .map(|ij| (0..k).map(|l| f64::from(a[(ij / n) * k + l]) * f64::from(b[l * n + ij % n])).sum())
+                .collect();
+            for isa in Isa::ALL {
+                if !isa.supported() {
+                    eprintln!("{isa:?} not supported by this CPU: not tested");
+                    continue;
+                }
+                let mut c = vec![f32::NAN; m * n];
+                small_rows(isa, m, k, n, &a, Strides::row_major(k), &b, n, &mut c, false);
+                for (got, want) in c.iter().zip(&want) {
+                    assert!((f64::from(*got) - want).abs() < 1e-2, "{isa:?} m={m}: {got} vs {want}");
                 }
             }
         }
