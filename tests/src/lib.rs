@@ -360,7 +360,50 @@ pub fn wait_for(mut child: std::process::Child, run: &Path, secs: u64) -> (std::
 }
 
 /// Starts a long job in the background and waits until training runs.
-pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (std::process::Child, PathBuf) {
+/// A launcher started by a test, its stderr drained as it runs (a full pipe
+/// would block the launcher on its next line) and kept for the test.
+pub struct Launcher {
+    child: std::process::Child,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Launcher {
+    /// Wraps `child`, whose stderr must be piped.
+    pub fn drained(mut child: std::process::Child) -> Launcher {
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut pipe, &mut all);
+                all
+            })
+        });
+        Launcher { child, stderr }
+    }
+
+    /// The launcher's PID.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
+    /// Waits for it to exit; its exit status and everything it wrote to stderr.
+    pub fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        let status = self.child.wait()?;
+        let stderr = self.stderr.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default();
+        Ok(std::process::Output { status, stdout: Vec::new(), stderr })
+    }
+}
+
+pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (Launcher, PathBuf) {
     let job = job_in(dir, ports, &[("epochs = 5", "epochs = 100000")]);
     let run = dir.join("run");
     let child = Command::new(bin("warden"))
@@ -370,6 +413,7 @@ pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (std::process
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Launcher::drained(child);
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default();

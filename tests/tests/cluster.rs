@@ -396,7 +396,7 @@ fn start_long_ssh_job_with(
     tag: &str,
     training: &str,
     hostfile: bool,
-) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, std::process::Child) {
+) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, warden_tests::Launcher) {
     let dir = scratch(name);
     let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
@@ -421,6 +421,7 @@ fn start_long_ssh_job_with(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let launcher = warden_tests::Launcher::drained(launcher);
     let until = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
         assert!(Instant::now() < until, "the job never finished an epoch");
