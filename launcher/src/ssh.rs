@@ -52,20 +52,27 @@ impl HostReport {
 /// costs one round trip: each remote command costs a login shell on the
 /// host, which on lab machines often starts conda or pyenv from `.bashrc`
 /// (160 ms a command on the build machine). It also says who the SSH user is
-/// (`me`, for `become = "auto"`) and whether `agent` is already installed.
-fn check_script(user: &str, ports: &[u16], dir: &str, addr: &str, agent: &str) -> String {
+/// (`me`, for `become = "auto"`) and whether `agent` is already installed
+/// (looked up as root when commands will become root, since `remote_dir`
+/// may be closed to the SSH user). It runs under `sh` (dash on Debian), so
+/// it uses nothing bash-only: listening ports come from `ss`.
+fn check_script(user: &str, ports: &[u16], dir: &str, agent: &str, become_: Become) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+    let sudo = match become_ {
+        Become::Sudo => "s='sudo -n';",
+        Become::Auto => "s=; [ \"$(id -u)\" = 0 ] || s='sudo -n';",
+        Become::None => "s=;",
+    };
     format!(
-        "echo me=$(id -u); if [ -x {agent} ]; then echo agent=yes; else echo agent=no; fi; \
+        "echo me=$(id -u); {sudo} if $s test -x {agent} 2>/dev/null; then echo agent=yes; else echo agent=no; fi; \
          echo os=$(uname -s) arch=$(uname -m); \
          echo nft=$(command -v nft >/dev/null 2>&1 && echo yes || echo no); \
          echo user=$(id -u {user} 2>/dev/null || echo missing); \
          echo now=$(date +%s); \
          d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; echo disk_kb=$(df -Pk \"$d\" | awk 'NR==2 {{print $4}}'); \
-         busy=; for p in {ports}; do if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || (exec 3<>/dev/tcp/{addr}/$p) 2>/dev/null; then busy=\"$busy $p\"; fi; done; echo busy=$busy",
+         busy=; for p in {ports}; do if ss -Hltn \"sport = :$p\" 2>/dev/null | grep -q .; then busy=\"$busy $p\"; fi; done; echo busy=$busy",
         user = sh_quote(user),
         dir = sh_quote(dir),
-        addr = addr,
         agent = sh_quote(agent),
     )
 }
@@ -95,7 +102,7 @@ fn evaluate(host: &str, out: &str, local_now: u64) -> HostReport {
                     uid => format!("uid {uid}"),
                 },
             ),
-            ("ports", busy.is_empty(), if busy.is_empty() { "free".into() } else { format!("in use:{busy}") }),
+            ("ports", busy.is_empty(), if busy.is_empty() { "free".into() } else { format!("in use: {busy}") }),
             ("disk", disk >= 100 * 1024, format!("{} MiB free", disk / 1024)),
             ("clock", skew <= tolerance, format!("{skew}s from this machine (tolerance {tolerance}s)")),
         ],
@@ -214,8 +221,8 @@ impl SshTransport {
                 &spec.cluster.user,
                 &ports,
                 &remote_dir.display().to_string(),
-                &h.address.to_string(),
                 &agent_path.display().to_string(),
+                spec.cluster.become_,
             );
             let name2 = h.name.clone();
             tasks.spawn(async move {
@@ -254,7 +261,7 @@ impl SshTransport {
             done += 1;
             match joined {
                 Ok((name, Ok((host, report)))) => {
-                    if !keep_going {
+                    if !keep_going && report.failures().is_none() {
                         // The launch's first phase, a line per host as it is ready.
                         eprintln!(
                             "  {name}: connected, checked, agent in place ({done}/{total}, {:.2}s)",

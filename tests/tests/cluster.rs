@@ -351,6 +351,27 @@ fn bad_hosts_fail_fast_with_their_names() {
     let report = String::from_utf8_lossy(&doctor.stdout);
     assert!(report.lines().any(|l| l.starts_with("h1") && l.contains("job user") && l.contains("FAIL")), "{report}");
     assert!(report.lines().any(|l| l.starts_with("h1") && l.contains("nft") && l.contains(" ok ")), "{report}");
+    // A port of the job's range taken on h1 (its server's, the first of the
+    // range) by another program: named by the host checks, nothing deployed.
+    let mut squatter = std::process::Command::new("ip")
+        .args(["netns", "exec", &ssh.net.hosts[1].ns, "python3", "-c"])
+        .arg(format!(
+            "import socket, time\ns = socket.socket()\ns.bind(('{}', 29500))\ns.listen()\nprint('ok', flush=True)\ntime.sleep(120)",
+            addrs[1]
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ok", "the squatter did not bind");
+    let (code, err, _) = launch_with(ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], &addrs[2]]), "busy");
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("h1: ports: in use: 29500"), "{err}");
+    assert!(!err.contains("h0: ports") && !err.contains("h2: ports"), "{err}");
+
     let healthy = dir.join("healthy.toml");
     std::fs::write(&healthy, ssh_job(&ssh.ssh_config, &remote, &[&addrs[0], &addrs[1], &addrs[2]])).unwrap();
     let doctor = std::process::Command::new(bin("warden")).arg("doctor").arg(&healthy).output().unwrap();
