@@ -970,7 +970,19 @@ fn convert(
         };
         let path = base_dir.join(key.get_ref());
         hosts = match given {
-            Some(h) => h.to_vec(),
+            Some(h) => {
+                // The launcher read these; an agent still refuses what the
+                // list itself would have been refused for.
+                let names: BTreeSet<&str> = h.iter().map(|x| x.name.as_str()).collect();
+                let addresses: BTreeSet<IpAddr> = h.iter().map(|x| x.address).collect();
+                if h.is_empty() || names.len() != h.len() || addresses.len() != h.len() {
+                    return Err(src.err(key.span(), "the hosts sent with the job repeat a name or address", ""));
+                }
+                if let Some(bad) = h.iter().find(|x| !is_host_name(&x.name)) {
+                    return Err(src.err(key.span(), format!("`{}` cannot name a host", bad.name), HOST_NAME_HELP));
+                }
+                h.to_vec()
+            }
             None => hosts_from_list(src, key, &path, kind, servers_per_host)?,
         };
         spans = vec![key.span(); hosts.len()];

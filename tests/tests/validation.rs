@@ -676,6 +676,13 @@ fn hosts_come_from_a_hostfile_or_an_ansible_inventory() {
     let text = with_host_list("inventory = \"gone.ini\"").replace("\n\n\n", "\n\n");
     let again = JobSpec::parse_with_hosts("job.toml", &text, &dir, Some(&spec.cluster.hosts)).unwrap();
     assert_eq!(again.cluster.hosts, spec.cluster.hosts);
+    let mut twice = spec.cluster.hosts.clone();
+    twice[1].name = twice[0].name.clone();
+    let e = JobSpec::parse_with_hosts("job.toml", &text, &dir, Some(&twice)).unwrap_err();
+    assert_eq!(e.message, "the hosts sent with the job repeat a name or address");
+    twice[1].name = "../x".into();
+    let e = JobSpec::parse_with_hosts("job.toml", &text, &dir, Some(&twice)).unwrap_err();
+    assert_eq!(e.message, "`../x` cannot name a host");
 
     // Mistakes in the job file point at the job file.
     for (cluster, message) in [
