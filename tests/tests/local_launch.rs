@@ -31,6 +31,9 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("epoch 5/5") && stderr.contains("succeeded:"), "{stderr}");
+    // A run that succeeds has nothing to warn about: workers say goodbye to
+    // their servers (TLS close_notify) instead of vanishing.
+    assert!(!stderr.contains("dropped worker"), "a server saw a worker vanish: {stderr}");
     // Each phase says when it is done, in order.
     let phases =
         ["firewall table in place on 1 host(s)", "5/5 processes enrolled", "5/5 processes started", "epoch 1/5"];

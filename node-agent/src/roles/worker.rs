@@ -94,12 +94,23 @@ struct Link {
     body: Vec<u8>,
     /// 2-bit error feedback: what was not yet sent.
     residual: Vec<f32>,
+    /// The task that owns the connection.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Closes every link cleanly (TLS close_notify): the servers see an orderly
+/// goodbye at the end of training, not a vanished peer.
+async fn close_links(links: Vec<Link>) {
+    for Link { tx, task, .. } in links {
+        drop(tx);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
 }
 
 fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
     let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
     let (reply_tx, rx) = mpsc::channel(1);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(LinkCmd { checkpoint, push, pull, mut body }) = cmd_rx.recv().await {
             let result = async {
                 let mut bytes_out = push.len() as u64;
@@ -123,8 +134,10 @@ fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
                 return;
             }
         }
+        // The worker is done with this server.
+        conn.close().await;
     });
-    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new(), residual: Vec::new() }
+    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new(), residual: Vec::new(), task }
 }
 
 /// Running totals for the metrics.
@@ -320,6 +333,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         }
     }
     tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());
+    close_links(links).await;
     if rank == 0 {
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &spec.model, &params, ctx.seed)
