@@ -117,6 +117,7 @@ const MASTER_IDLE_EXIT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(15)
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One connected host.
+#[derive(Clone)]
 struct Host {
     name: String,
     session: Arc<Session>,
@@ -328,9 +329,8 @@ async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
 
 struct RemoteChild {
     child: Option<openssh::Child<Arc<Session>>>,
-    session: Arc<Session>,
-    sudo: bool,
-    agent: String,
+    /// Where it runs, for `stop-group`.
+    host: Host,
 }
 
 impl ProcessHandle for RemoteChild {
@@ -346,17 +346,14 @@ impl ProcessHandle for RemoteChild {
         Box::pin(async move {
             let said = match group {
                 Some((pgid, start)) => {
-                    let host = Host {
-                        name: String::new(),
-                        session: self.session.clone(),
-                        sudo: self.sudo,
-                        agent: self.agent.clone(),
-                    };
                     let grace = crate::transport::TERM_GRACE;
-                    let cmd =
-                        format!("{} stop-group {pgid} {start} --grace-ms {}", sh_quote(&self.agent), grace.as_millis());
+                    let cmd = format!(
+                        "{} stop-group {pgid} {start} --grace-ms {}",
+                        sh_quote(&self.host.agent),
+                        grace.as_millis()
+                    );
                     // An unreachable host must not hold the teardown.
-                    match tokio::time::timeout(grace + Duration::from_secs(10), run(&host, &cmd, None)).await {
+                    match tokio::time::timeout(grace + Duration::from_secs(10), run(&self.host, &cmd, None)).await {
                         Ok(Ok(out)) => out.trim().to_string(),
                         Ok(Err(e)) => format!("stop-group failed: {e}"),
                         Err(_) => "the host did not answer stop-group in time".to_string(),
@@ -391,12 +388,7 @@ impl Transport for SshTransport {
                 stdin: Box::pin(stdin),
                 stdout: Box::pin(stdout),
                 stderr: Box::pin(stderr),
-                handle: Box::new(RemoteChild {
-                    child: Some(child),
-                    session: host.session.clone(),
-                    sudo: host.sudo,
-                    agent: host.agent.clone(),
-                }),
+                handle: Box::new(RemoteChild { child: Some(child), host: host.clone() }),
             })
         })
     }

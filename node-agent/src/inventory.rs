@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One host as a host list describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Entry {
     /// The name the list gives it (inventory hostname or hostfile host).
     pub name: String,
@@ -76,7 +76,7 @@ pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
                 "write one host per line: node1 slots=2",
             );
         }
-        let mut e = Entry { name, line, ssh: host.to_string(), ..Entry::default_at(line) };
+        let mut e = Entry { name, line, ssh: host.to_string(), ..Entry::default() };
         for word in words {
             let Some((key, value)) = word.split_once('=') else {
                 return fail(line, format!("`{word}` is not key=value"), "for example: node1 slots=2");
@@ -108,21 +108,6 @@ pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
         entries.push(e);
     }
     Ok(entries)
-}
-
-impl Entry {
-    fn default_at(line: usize) -> Entry {
-        Entry {
-            name: String::new(),
-            line,
-            ssh: String::new(),
-            address: None,
-            workers: None,
-            servers: None,
-            scheduler: None,
-            identity_file: None,
-        }
-    }
 }
 
 /// Splits an inventory line into words the way Ansible's INI reader does

@@ -82,10 +82,6 @@ pub fn live_members(pgid: u32) -> usize {
         .count()
 }
 
-fn group_alive(pgid: Pid) -> bool {
-    live_members(pgid.as_raw() as u32) > 0
-}
-
 /// Ends process group `pgid` whose leader started at `start`: SIGTERM,
 /// up to `grace` for it to go, then SIGKILL. Returns once the group is gone
 /// (or after SIGKILL's delivery has been waited for up to a second).
@@ -96,7 +92,7 @@ pub fn stop_group(pgid: u32, start: u64, grace: Duration) -> Result<Ended, Strin
         Some(t) if t != start => return Ok(Ended::NotOurs),
         _ => {}
     }
-    if !group_alive(group) {
+    if live_members(pgid) == 0 {
         return Ok(Ended::AlreadyGone);
     }
     match killpg(group, Signal::SIGTERM) {
@@ -106,7 +102,7 @@ pub fn stop_group(pgid: u32, start: u64, grace: Duration) -> Result<Ended, Strin
     }
     let until = Instant::now() + grace;
     loop {
-        if !group_alive(group) {
+        if live_members(pgid) == 0 {
             return Ok(Ended::Terminated);
         }
         if Instant::now() >= until {
@@ -120,7 +116,7 @@ pub fn stop_group(pgid: u32, start: u64, grace: Duration) -> Result<Ended, Strin
         Ok(()) => {}
     }
     let until = Instant::now() + Duration::from_secs(1);
-    while group_alive(group) && Instant::now() < until {
+    while live_members(pgid) > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(Ended::Killed)

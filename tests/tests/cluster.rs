@@ -401,11 +401,16 @@ fn wait_no_agents_under(remote_bin: &std::path::Path, secs: u64, what: &str) {
 
 /// The processes that run an agent binary from `remote_bin`.
 fn agents_under(remote_bin: &std::path::Path) -> Vec<u32> {
+    pids_where(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
+}
+
+/// The processes of this machine for which `keep` holds.
+fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
+        .filter(|pid| keep(*pid))
         .collect()
 }
 
@@ -664,15 +669,10 @@ fn agents_over_ssh_stop_when_the_launcher_is_killed() {
     // each exits 15 s after its last channel closed.
     let until = Instant::now() + Duration::from_secs(40);
     loop {
-        let masters: Vec<u32> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(control.to_str().unwrap()))
-            })
-            .collect();
+        let masters = pids_where(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(control.to_str().unwrap()))
+        });
         if masters.is_empty() {
             break;
         }
