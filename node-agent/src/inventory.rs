@@ -196,13 +196,11 @@ fn expand(line: usize, pattern: &str) -> Result<Vec<String>, ListError> {
     } else {
         return bad();
     }
-    let mut out = Vec::new();
-    for n in names {
-        for rest in expand(line, tail)? {
-            out.push(format!("{n}{rest}"));
-        }
+    let rests = expand(line, tail)?;
+    if names.len() * rests.len() > 4096 {
+        return fail(line, format!("`{pattern}` names over 4096 hosts"), "split it into smaller ranges");
     }
-    Ok(out)
+    Ok(names.iter().flat_map(|n| rests.iter().map(move |r| format!("{n}{r}"))).collect())
 }
 
 #[derive(Default)]
@@ -302,7 +300,11 @@ pub fn parse_inventory(text: &str, group: Option<&str>) -> Result<Vec<Entry>, Li
                     };
                     vars.insert(k.to_string(), v.to_string());
                 }
-                for name in expand(line, first)? {
+                let expanded = expand(line, first)?;
+                if hosts.len() + expanded.len() > 4096 {
+                    return fail(line, "the inventory lists more than 4096 hosts", "a job runs on at most 4096 hosts");
+                }
+                for name in expanded {
                     match hosts.iter_mut().find(|(n, _, _)| *n == name) {
                         Some((_, _, own)) => own.extend(vars.clone()),
                         None => hosts.push((name.clone(), line, vars.clone())),
@@ -512,6 +514,8 @@ ansible_port=22
             ("[a:kids]\n", None, 1, "unknown section kind"),
             ("[a]\nh[3:1]\n", None, 2, "empty"),
             ("[a]\nh[1:2\n", None, 2, "without closing"),
+            ("[a]\nh[0:999]-[0:999]\n", None, 2, "names over 4096 hosts"),
+            ("[a]\nh[0:3000]\ng[0:3000]\n", None, 3, "more than 4096 hosts"),
             ("[a]\nh ansible_port=99999\n", None, 2, "0 to 65535"),
             ("[a:children]\nb\n", None, 1, "does not exist"),
             ("[a]\nh\n", Some("b"), 1, "no group `b`"),
