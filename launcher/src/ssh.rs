@@ -31,6 +31,73 @@ use warden_agent::spec::{Become, JobSpec};
 
 use crate::transport::{BoxFuture, ProcessHandle, Spawned, Transport};
 
+/// Name prefix of the launchers' SSH control directories in the system's
+/// temporary directory: `warden-ssh-PID-RANDOM`.
+const CONTROL_PREFIX: &str = "warden-ssh-";
+
+/// A new directory for this launcher's SSH control sockets: under the
+/// system's temporary directory (sockets need paths under 108 bytes), with a
+/// random name and mode 0700, created fresh. A shared lab machine's /tmp is
+/// writable by everyone: a predictable name that another user created first
+/// would put the sockets, and with them the SSH sessions to every host, in
+/// that user's hands. Directories that launchers of this user left behind
+/// when they were killed are removed first.
+pub fn make_control_dir() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = std::env::temp_dir();
+    sweep_stale_control_dirs(&tmp);
+    let hex: String = warden_agent::secure_random::bytes::<8>().iter().map(|b| format!("{b:02x}")).collect();
+    let dir = tmp.join(format!("{CONTROL_PREFIX}{}-{hex}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create the SSH control directory {}: {e}", dir.display()))?;
+    check_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Refuses a control directory that is not a directory of this user that
+/// only this user can enter (what [`make_control_dir`] makes).
+fn check_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("SSH control directory {}: {e}", dir.display()))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "SSH control directory {} must be a directory owned by uid {uid} with mode 0700 \
+             (it is {}, uid {}, mode {:o})",
+            dir.display(),
+            if m.is_dir() { "a directory" } else { "not a directory" },
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Removes control directories in `tmp` that belong to this user and whose
+/// launcher (the PID in the name) no longer runs: a launcher killed with
+/// SIGKILL cannot clean up after itself. Its SSH masters have exited by
+/// then or exit on their own (ControlPersist), whatever is in the directory.
+fn sweep_stale_control_dirs(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(CONTROL_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Ok(m) = entry.path().symlink_metadata() else { continue };
+        if !m.is_dir() || m.uid() != uid || pid <= 0 {
+            continue;
+        }
+        // kill(pid, 0): ESRCH means no such process.
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// One host's readiness, from [`SshTransport::connect`]'s checks.
 #[derive(Debug, Clone)]
 pub struct HostReport {
@@ -198,7 +265,7 @@ impl SshTransport {
         let remote_dir = spec.cluster.remote_dir.clone();
         let agent_path = remote_dir.join("bin").join(format!("warden-agent-{}", &sha[..16]));
         let binary = Arc::new(binary);
-        std::fs::create_dir_all(control_dir).map_err(|e| format!("cannot create {}: {e}", control_dir.display()))?;
+        check_private_dir(control_dir)?;
         let mut tasks = tokio::task::JoinSet::new();
         for h in &spec.cluster.hosts {
             let mut b = SessionBuilder::default();
@@ -461,5 +528,59 @@ impl Transport for SshTransport {
                 let _ = run(host, &format!("rmdir {} 2>/dev/null || true", sh_quote(&dir)), None).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn control_dirs_are_private_fresh_and_unpredictable() {
+        let a = make_control_dir().unwrap();
+        let b = make_control_dir().unwrap();
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let m = std::fs::metadata(d).unwrap();
+            assert_eq!(m.mode() & 0o7777, 0o700, "{d:?}");
+            assert_eq!(m.uid(), nix::unistd::geteuid().as_raw());
+            let name = d.file_name().unwrap().to_str().unwrap();
+            let rest = name.strip_prefix(&format!("{CONTROL_PREFIX}{}-", std::process::id())).unwrap();
+            assert_eq!(rest.len(), 16, "{name}");
+        }
+        // A directory others can enter, or a symlink, is refused.
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private_dir(&a).unwrap_err().contains("mode 755"), "{:?}", check_private_dir(&a));
+        let link = a.with_extension("link");
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        assert!(check_private_dir(&link).unwrap_err().contains("not a directory"));
+        check_private_dir(&b).unwrap();
+        for p in [&a, &b] {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+        std::fs::remove_file(&link).unwrap();
+    }
+
+    #[test]
+    fn only_a_dead_launchers_control_dirs_are_swept() {
+        let tmp = std::env::temp_dir().join(format!("warden-sweep-test-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        // A PID that was just used and is gone now.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = tmp.join(format!("{CONTROL_PREFIX}{dead}-00112233aabbccdd"));
+        let live = tmp.join(format!("{CONTROL_PREFIX}{}-00112233aabbccdd", std::process::id()));
+        let other = tmp.join(format!("not-{CONTROL_PREFIX}{dead}-0"));
+        for d in [&stale, &live, &other] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        sweep_stale_control_dirs(&tmp);
+        assert!(!stale.exists());
+        assert!(live.is_dir());
+        assert!(other.is_dir());
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -165,7 +165,8 @@ fn every_kind_of_tampering_is_detected_with_its_own_error() {
 
 #[test]
 fn manifests_are_authenticated_and_bind_the_files() {
-    let series = scratch("ck-manifest").join(JobId::generate().as_str());
+    let base = scratch("ck-manifest");
+    let series = base.join(JobId::generate().as_str());
     let key = key();
     let job = JobId::generate();
     let dir = ck::step_dir(&series, 10);

@@ -86,7 +86,7 @@ batch_size = 64
 /// thread that runs the launcher. Returns once the first epoch is done.
 struct ClusterJob {
     net: NetnsCluster,
-    dir: std::path::PathBuf,
+    dir: warden_tests::Scratch,
     agents_tag: String,
     launcher: std::thread::JoinHandle<Result<warden::launch::Outcome, warden::launch::LaunchError>>,
 }
@@ -422,7 +422,7 @@ fn start_long_ssh_job_with(
     tag: &str,
     training: &str,
     hostfile: bool,
-) -> (std::path::PathBuf, warden_tests::netns::SshCluster, std::path::PathBuf, warden_tests::Launcher) {
+) -> (warden_tests::Scratch, warden_tests::netns::SshCluster, std::path::PathBuf, warden_tests::Launcher) {
     let dir = scratch(name);
     let ssh = warden_tests::netns::SshCluster::new(&fresh_tag()[..6], 3, &dir).expect("sshd in namespaces");
     let addrs: Vec<String> = ssh.net.hosts.iter().map(|h| h.addr.to_string()).collect();
@@ -659,8 +659,15 @@ fn agents_over_ssh_stop_when_the_launcher_is_killed() {
         return;
     }
     let (dir, ssh, _run, mut launcher) = start_long_ssh_job_with("ssh-kill", &fresh_tag(), "", false);
-    let control = std::env::temp_dir().join(format!("warden-ssh-{}", launcher.id()));
-    assert!(control.is_dir(), "the launcher's SSH control directory is {control:?}");
+    // The launcher's SSH control directory: warden-ssh-PID-RANDOM, mode 0700.
+    let prefix = format!("warden-ssh-{}-", launcher.id());
+    let control = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+        .map(|e| e.path())
+        .unwrap_or_else(|| panic!("no {prefix}* directory: where are the launcher's control sockets?"));
+    assert_eq!(std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&control).unwrap()) & 0o777, 0o700);
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     let remote_bin = dir.join("remote/bin");
@@ -679,7 +686,8 @@ fn agents_over_ssh_stop_when_the_launcher_is_killed() {
         assert!(Instant::now() < until, "SSH masters of the dead launcher still run: {masters:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The dead launcher could not remove its control directory (logs only).
+    // The dead launcher could not remove its control directory; the next
+    // launcher of this user sweeps it (unit-tested in launcher/src/ssh.rs).
     let _ = std::fs::remove_dir_all(&control);
     drop(ssh);
     std::fs::remove_dir_all(&dir).unwrap();

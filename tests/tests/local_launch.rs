@@ -18,7 +18,8 @@ fn summary(run: &Path) -> serde_json::Value {
 #[test]
 fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let tag = fresh_tag();
-    let run = scratch("run").join("run");
+    let base = scratch("run");
+    let run = base.join("run");
     let out = launch(
         &tag,
         &[
@@ -220,7 +221,7 @@ fn status_logs_and_stop_work_from_the_run_directory() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("status: failed"));
     assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted"));
     wait_gone(&tag);
-    let bad = Command::new(bin("warden")).arg("status").arg(&dir).output().unwrap();
+    let bad = Command::new(bin("warden")).arg("status").arg(dir.path()).output().unwrap();
     assert_eq!(bad.status.code(), Some(2), "not a run directory");
 }
 

@@ -11,13 +11,7 @@ use warden_agent::optimizer::{OptimizerSpec, ShardOptimizer};
 use warden_agent::roles::worker::{epoch_order, steps_per_epoch};
 use warden_agent::spec::JobSpec;
 use warden_agent::train_rng::TrainRng;
-use warden_tests::{bin, fresh_tag, repo_root};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warden-{name}-{}-{}", std::process::id(), fresh_tag()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use warden_tests::{bin, repo_root, scratch};
 
 fn write_idx(dir: &Path, ds: &Dataset, name: &str) -> (PathBuf, PathBuf) {
     let side = (ds.features as f64).sqrt() as u32;

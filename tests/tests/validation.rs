@@ -457,8 +457,7 @@ fn validate_cli_exit_codes_and_format() {
     let ok = Command::new(bin("warden")).arg("validate").arg(repo_root().join("configs/local.toml")).output().unwrap();
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
 
-    let dir = std::env::temp_dir().join(format!("warden-validate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = warden_tests::scratch("validate");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, BASE.replacen("lr = 0.1", "lr8 = 0.1", 1)).unwrap();
     let out = Command::new(bin("warden")).arg("validate").arg(&bad).output().unwrap();

@@ -203,9 +203,9 @@ fn ssh_connect(
     accept_new_host_keys: bool,
     keep_going: bool,
 ) -> Result<crate::ssh::SshTransport, String> {
-    // Control sockets need short paths (108 bytes at most). The transport
-    // removes the directory when it is dropped, after its sessions close.
-    let control = std::env::temp_dir().join(format!("warden-ssh-{}", std::process::id()));
+    // The transport removes the directory when it is dropped, after its
+    // sessions close.
+    let control = crate::ssh::make_control_dir()?;
     let r = runtime.block_on(crate::ssh::SshTransport::connect(
         spec,
         job_id,
