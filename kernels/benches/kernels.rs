@@ -75,7 +75,7 @@ fn main() {
             continue;
         }
         let n = bytes / 4;
-        let min = if bytes <= 1 << 20 { Duration::from_millis(300) } else { Duration::from_millis(50) };
+        let min = if bytes <= 1 << 20 { Duration::from_millis(300) } else { Duration::from_millis(400) };
         for workers in [1usize, 2, 4, 8] {
             let grads: Vec<Vec<f32>> = (0..workers).map(|k| vec![1e-3 * (k as f32 + 1.0); n]).collect();
             let views: Vec<Grad<'_>> = grads.iter().map(|g| Grad::F32(g)).collect();

@@ -4,7 +4,7 @@ use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// Elements processed per block: small enough that a block's partial sum
 /// stays in L1, a multiple of 4 so 2-bit blocks start on a byte.
-pub const BLOCK: usize = 2048;
+pub const BLOCK: usize = 4096;
 
 /// A gradient in one of the wire encodings. Byte slices are little-endian
 /// and need no alignment.

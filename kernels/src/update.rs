@@ -129,8 +129,52 @@ fn sum_blocks(acc: &mut [f32], grads: &[Grad<'_>], start: usize) {
     if grads.is_empty() {
         acc.fill(0.0);
     }
-    for (k, g) in grads.iter().enumerate() {
-        decode_block(acc, &g.range(start, start + acc.len()), k == 0);
+    let end = start + acc.len();
+    let mut k = 0;
+    while k < grads.len() {
+        // Full-precision gradients go four per pass: one pass reads four
+        // streams at once (which the hardware prefetchers follow together)
+        // and touches the L1 sum once instead of four times. The additions
+        // stay in gradient order, so the sum is bit-identical to one pass
+        // per gradient.
+        if let Some(group) = grads.get(k..k + 4).and_then(|g| f32_group(g, start, end)) {
+            add4(acc, &group, k == 0);
+            k += 4;
+        } else {
+            decode_block(acc, &grads[k].range(start, end), k == 0);
+            k += 1;
+        }
+    }
+}
+
+/// The bytes of values `start..end` of four full-precision gradients, or
+/// None when one of them is in another encoding.
+#[inline(always)]
+fn f32_group<'a>(grads: &[Grad<'a>], start: usize, end: usize) -> Option<[&'a [[u8; 4]]; 4]> {
+    let bytes = |g: &Grad<'a>| -> Option<&'a [[u8; 4]]> {
+        match *g {
+            Grad::F32(s) => Some(bytemuck::cast_slice(&s[start..end])),
+            Grad::F32Le(b) => Some(b[start * 4..end * 4].as_chunks::<4>().0),
+            _ => None,
+        }
+    };
+    Some([bytes(&grads[0])?, bytes(&grads[1])?, bytes(&grads[2])?, bytes(&grads[3])?])
+}
+
+/// `acc (=|+=) g0 + g1 + g2 + g3`, added left to right.
+#[inline(always)]
+fn add4(acc: &mut [f32], g: &[&[[u8; 4]]; 4], overwrite: bool) {
+    let n = acc.len();
+    let (g0, g1, g2, g3) = (&g[0][..n], &g[1][..n], &g[2][..n], &g[3][..n]);
+    let f = f32::from_le_bytes;
+    if overwrite {
+        for i in 0..n {
+            acc[i] = f(g0[i]) + f(g1[i]) + f(g2[i]) + f(g3[i]);
+        }
+    } else {
+        for i in 0..n {
+            acc[i] = acc[i] + f(g0[i]) + f(g1[i]) + f(g2[i]) + f(g3[i]);
+        }
     }
 }
 

@@ -183,8 +183,14 @@ fn aggregate_update_matches_the_f64_reference_on_every_path() {
             let off = usize::from(len > 1);
             let n = len - off;
             let all = encodings(n, len as u32);
-            for workers in [1usize, 2, 4] {
-                let chosen: Vec<&Encoded> = all.iter().cycle().skip(workers).take(workers).collect();
+            for workers in [1usize, 2, 4, 6] {
+                // Six: full precision, then the rest, so the four-per-pass
+                // path (F32, F32Le, F32, F32Le) runs before the others.
+                let chosen: Vec<&Encoded> = if workers == 6 {
+                    [0, 1, 0, 1, 2, 4].iter().map(|&k| &all[k]).collect()
+                } else {
+                    all.iter().cycle().skip(workers).take(workers).collect()
+                };
                 let grads: Vec<Grad<'_>> = chosen.iter().map(|e| e.grad()).collect();
                 let g64: Vec<f64> = (0..n).map(|i| chosen.iter().map(|e| e.exact[i]).sum()).collect();
                 for rule in rules() {
@@ -246,6 +252,42 @@ fn sum_matches_the_reference_and_zero_grads_give_zero() {
                 }
                 sum_with(isa, threads, &mut out, &[]);
                 assert!(out.iter().all(|v| *v == 0.0));
+            }
+        }
+    }
+}
+
+/// Full-precision gradients are summed four per pass; wherever such a group
+/// falls among other encodings, the result is bit-identical to adding the
+/// decoded gradients one at a time, left to right, in f32.
+#[test]
+fn grouped_full_precision_sums_equal_one_at_a_time_bit_for_bit() {
+    use Enc::*;
+    let layouts: [&[fn() -> Enc]; 4] = [
+        &[|| F32, || F32Le, || F32, || F32Le],
+        &[|| F32Le, || F32, || F32Le, || F32, || F32Le, || F32, || F32Le, || F32],
+        &[|| F16, || F32, || F32Le, || F32, || F32Le, || Bf16],
+        &[|| F32, || F32Le, || TwoBit(0.5), || F32, || F32, || F32Le, || F32, || F32],
+    ];
+    for isa in isas() {
+        for &n in &LENGTHS {
+            for layout in layouts {
+                let enc: Vec<Encoded> =
+                    layout.iter().enumerate().map(|(k, e)| Encoded::new(&values(n, 50 + k as u32), e())).collect();
+                let grads: Vec<Grad<'_>> = enc.iter().map(|e| e.grad()).collect();
+                let mut want = vec![0f32; n];
+                for (k, e) in enc.iter().enumerate() {
+                    for (w, x) in want.iter_mut().zip(&e.exact) {
+                        // Every encoding here decodes exactly to an f32.
+                        *w = if k == 0 { *x as f32 } else { *w + *x as f32 };
+                    }
+                }
+                for threads in [1, 2] {
+                    let mut out = vec![f32::NAN; n];
+                    sum_with(isa, threads, &mut out, &grads);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert!(bits(&out) == bits(&want), "{isa:?} n={n} {} gradients threads={threads}", layout.len());
+                }
             }
         }
     }
