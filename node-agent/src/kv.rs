@@ -18,6 +18,8 @@
 //! at most the named tensor's size in the given dtype. A malformed frame
 //! gets an error and the connection is closed; a refused operation gets an
 //! error and the connection stays usable. Other connections are unaffected.
+//! At most [`MAX_CONNECTIONS`] are served at once; one more is answered
+//! with an error and closed.
 //!
 //! # Semantics (MXNet's `dist_sync` / `dist_async` kvstore)
 //!
@@ -53,6 +55,11 @@ pub const MAX_HEADER: usize = 64 << 10;
 
 /// The socket's file name in the worker's job directory.
 pub const SOCKET: &str = "kv.sock";
+
+/// Connections served at once. A program needs one or a few; past this, a
+/// new connection is told why and closed, so a runaway client loop cannot
+/// take the agent's file descriptors and memory.
+pub const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -539,17 +546,40 @@ pub async fn run(
     let sched = Arc::new(tokio::sync::Mutex::new(sched));
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError::new(e.to_string()))?;
     let mut tasks = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let status = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (s, _) = accepted.map_err(|e| RoleError::new(format!("KV socket: {e}")))?;
+                let mut s = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors, say: the program's open
+                        // connections go on; try again shortly.
+                        tracing::warn!("KV socket: cannot accept a connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("refused a KV connection: {MAX_CONNECTIONS} are open already");
+                    tasks.spawn(async move {
+                        let why = format!("too many connections to the KV socket (at most {MAX_CONNECTIONS} at once); close one first");
+                        let header = serde_json::json!({"ok": false, "error": why});
+                        let answer = reply(&mut s, &header, &[]);
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
+                    });
+                    continue;
+                };
                 let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
                 tasks.spawn(async move {
                     if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
                         tracing::warn!("KV connection closed: {e}");
                     }
+                    drop(slot);
                 });
             }
+            // Finished connections are reaped as they end.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             status = &mut exit_rx => {
                 break status.map_err(|_| RoleError::new("lost the program's exit status"))?
                     .map_err(|e| RoleError::new(format!("waiting for the program: {e}")))?;

@@ -139,6 +139,22 @@ h = json.dumps({"op": "push", "name": "x", "nbytes": 1 << 30}).encode()
 out["oversized"] = raw(struct.pack("<I", len(h)) + h)
 h = b"{not json"
 out["malformed"] = raw(struct.pack("<I", len(h)) + h)
+# Connections past the cap (64 at once, `store` and `stalled` among them)
+# are told why and closed; once some close, new ones are served again.
+held = []
+for _ in range(70):
+    s = socket.socket(socket.AF_UNIX); s.connect(os.environ["WARDEN_KV"]); held.append(s)
+held[-1].settimeout(10)
+n = struct.unpack("<I", held[-1].recv(4))[0]
+out["too_many"] = json.loads(held[-1].recv(n))
+for s in held:
+    s.close()
+for _ in range(100):
+    try:
+        out["reconnected"] = kv.connect().rank
+        break
+    except Exception:
+        time.sleep(0.05)
 store.push("x", g)  # completes the step begun above ("y" was pushed)
 out["still_serving"] = store.pull("x").tolist()
 print("RESULT " + json.dumps(out), flush=True)
@@ -211,6 +227,8 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
         assert!(out["garbage"]["error"].as_str().unwrap().contains("header of"), "{out}");
         assert!(out["oversized"]["error"].as_str().unwrap().contains("holds at most 24"), "{out}");
         assert!(out["malformed"]["error"].as_str().unwrap().contains("malformed request header"), "{out}");
+        assert!(out["too_many"]["error"].as_str().unwrap().contains("too many connections"), "{out}");
+        assert_eq!(out["reconnected"], rank, "{out}");
         assert_eq!(out["still_serving"], serde_json::json!([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5]), "rank {rank}");
     }
     wait_gone(&tag);
