@@ -162,8 +162,16 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
     if len > max {
         return Err(ConnError::FrameTooLarge { len: len.into(), max });
     }
-    buf.clear();
-    buf.resize(len as usize, 0);
+    // Reuse the buffer without zeroing what it already holds: every byte of
+    // the frame is overwritten by the reads below before anyone looks at it,
+    // and frames of one connection tend to have one size (a push, a pull),
+    // so after the first the 16 MB memset per frame is gone.
+    let len = len as usize;
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
     let Some(stall) = stall else {
         r.read_exact(buf).await?;
         return Ok(true);
@@ -249,6 +257,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             return Err(ConnError::Refused { peer: self.peer.to_string(), message });
         }
         Ok(&self.rbuf)
+    }
+
+    /// Exchanges the frame [`Conn::recv_raw`] returned last with `other`,
+    /// whose allocation the next receive reuses: a large frame leaves the
+    /// connection without a copy.
+    pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
+        std::mem::swap(&mut self.rbuf, other);
     }
 
     /// Sends an already encoded frame.

@@ -47,7 +47,10 @@ struct ShardState {
 
 impl Shard {
     /// Takes a push body (any encoding, see [`crate::wire::push_view`]).
-    fn push(&self, rank: u32, body: &[u8]) -> Result<(), String> {
+    /// In sync mode the body is kept until every worker's is in: it is
+    /// swapped into the shard, and `body` comes back holding a spare
+    /// buffer (no copy of the gradient).
+    fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), String> {
         let (step, grad) = push_view(body).map_err(|e| e.to_string())?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if grad.len() != st.params.len() {
@@ -70,9 +73,7 @@ impl Shard {
                     return Err(format!("worker {rank} pushed twice for step {step}"));
                 }
                 st.pushed[r] = true;
-                let slot = &mut st.pending[r];
-                slot.clear();
-                slot.extend_from_slice(body);
+                std::mem::swap(&mut st.pending[r], body);
                 st.count += 1;
                 if st.count < self.workers {
                     return Ok(());
@@ -423,6 +424,7 @@ async fn serve_worker(
     let rank = conn.peer().rank;
     // The first message arrived decoded (it came through the deadline check).
     let mut pending = Some(first);
+    let mut spare = Vec::new();
     loop {
         let outcome = match pending.take() {
             Some(Message::Push { step, data }) => {
@@ -436,11 +438,17 @@ async fn serve_worker(
             Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
             None => match conn.recv_raw().await {
                 Ok(body) => match body[0] {
-                    // Hot path: straight from the received bytes.
-                    TAG_PUSH => match shard.push(rank, body) {
-                        Ok(()) => continue,
-                        Err(why) => Action::Refuse(why),
-                    },
+                    // Hot path: straight from the received bytes, which
+                    // change places with a spare buffer instead of being copied.
+                    TAG_PUSH => {
+                        conn.swap_frame(&mut spare);
+                        let pushed = shard.push(rank, &mut spare);
+                        conn.swap_frame(&mut spare);
+                        match pushed {
+                            Ok(()) => continue,
+                            Err(why) => Action::Refuse(why),
+                        }
+                    }
                     _ => match Message::decode(body) {
                         Ok(Message::Pull { min_version }) => Action::Pull(min_version),
                         Ok(Message::Checkpoint { step }) => Action::Checkpoint(step),
@@ -457,8 +465,8 @@ async fn serve_worker(
             },
         };
         match outcome {
-            Action::Push(body) => {
-                if let Err(why) = shard.push(rank, &body) {
+            Action::Push(mut body) => {
+                if let Err(why) = shard.push(rank, &mut body) {
                     conn.refuse(&why).await;
                     return Err(ConnError::Setup(why));
                 }

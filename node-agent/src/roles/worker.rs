@@ -122,9 +122,8 @@ fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
                 }
                 if let Some(min_version) = pull {
                     bytes_out += conn.send(&Message::Pull { min_version }).await.map_err(|e| e.to_string())? as u64;
-                    let raw = conn.recv_raw().await.map_err(|e| e.to_string())?;
-                    body.clear();
-                    body.extend_from_slice(raw);
+                    conn.recv_raw().await.map_err(|e| e.to_string())?;
+                    conn.swap_frame(&mut body);
                 }
                 Ok(LinkReply { push, body, bytes_out })
             }
