@@ -1,20 +1,20 @@
 """A PyTorch MLP trained through warden's parameter servers.
 
-Run by `warden launch configs/byo-torch.toml --local`, once per worker rank.
-The parameter names of the module match [model.tensors] in the job file;
-`store.torch_step(model)` pushes every gradient and loads the servers'
-updated values after each backward pass. Needs torch and numpy for the job
-user's python3 (docs/byo.md).
+Run by `warden launch configs/byo-torch.toml --local`, once per worker rank:
+each rank reads its share of the Fashion-MNIST images and computes
+gradients with PyTorch on the CPU; `store.torch_step` pushes them to the
+servers (which apply the job's optimizer to the sum over workers) and
+loads the new weights. The data directory is the first argument.
 """
 
 import gzip
 import os
 import struct
 import sys
+import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from warden import kv
 
@@ -27,7 +27,8 @@ def idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def load(data_dir, prefix):
+def load(data_dir, split):
+    prefix = "train" if split == "train" else "t10k"
     x = idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
     y = idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
     return torch.from_numpy(x), torch.from_numpy(y)
@@ -37,41 +38,40 @@ def main():
     data_dir = sys.argv[1]
     rank, workers = int(os.environ["WARDEN_RANK"]), int(os.environ["WARDEN_NUM_WORKERS"])
     epochs, batch = int(os.environ["WARDEN_EPOCHS"]), int(os.environ["WARDEN_BATCH_SIZE"])
-    torch.manual_seed(int(os.environ["WARDEN_SEED"]))
+    seed = int(os.environ["WARDEN_SEED"])
+    torch.set_num_threads(1)  # the ranks share the host's cores
+    torch.manual_seed(seed)
     x, y = load(data_dir, "train")
+    # Every rank runs the same number of steps (sync mode waits for all).
     per_rank = len(x) // workers
     x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
     steps = per_rank // batch
-    tx, ty = load(data_dir, "t10k")
+    tx, ty = load(data_dir, "test") if rank == 0 else (None, None)
 
-    # Names: fc1.weight [256, 784], fc1.bias [256], fc2.weight [10, 256], fc2.bias [10].
-    model = nn.Sequential()
-    model.add_module("fc1", nn.Linear(784, 256))
-    model.add_module("relu", nn.ReLU())
-    model.add_module("fc2", nn.Linear(256, 10))
+    # Parameter names ("0.weight", ...) match [model.tensors] in the job file.
+    model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    loss_fn = torch.nn.CrossEntropyLoss()
     store = kv.connect()
-    store.torch_init(model)
-    store.barrier()
-    with torch.no_grad():  # everyone starts from worker 0's weights
-        for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(store.pull(name)).reshape(p.shape))
-    loss_fn = nn.CrossEntropyLoss()
+    store.torch_init(model)  # worker 0's weights, on every rank
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(x))
-        losses = []
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + rank * 100 + epoch))
+        started, losses = time.time(), []
         for s in range(steps):
             i = order[s * batch : (s + 1) * batch]
-            model.zero_grad()
+            model.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[i]), y[i])
             loss.backward()
-            store.torch_step(model)
             losses.append(loss.item())
-        with torch.no_grad():
-            out = model(tx)
-            test_loss = loss_fn(out, ty).item()
-            acc = (out.argmax(dim=1) == ty).float().mean().item()
-        print(f"epoch {epoch}: test accuracy {acc:.4f}", flush=True)
-        store.report(epoch, float(np.mean(losses)), test_loss=test_loss, test_accuracy=acc, samples=steps * batch)
+            store.torch_step(model)
+        report = {"samples": steps * batch}
+        if rank == 0:
+            with torch.no_grad():
+                logits = model(tx)
+                test_loss = loss_fn(logits, ty).item()
+                acc = (logits.argmax(dim=1) == ty).float().mean().item()
+            report.update(test_loss=test_loss, test_accuracy=acc)
+            print(f"epoch {epoch}: test accuracy {acc:.4f} ({time.time() - started:.1f}s)", flush=True)
+        store.report(epoch, float(np.mean(losses)), **report)
 
 
 if __name__ == "__main__":

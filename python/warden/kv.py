@@ -201,9 +201,17 @@ class KV:
                 p.copy_(torch.from_numpy(self.pull(name)).reshape(p.shape))
 
     def torch_init(self, model):
-        """init() every parameter of a PyTorch module from its current values."""
-        for name, p in model.named_parameters():
+        """init() every parameter of a PyTorch module from its current
+        values, then loads the values the servers start from (worker 0's)
+        into the module, so every rank begins from the same weights."""
+        import torch  # only needed here
+
+        params = dict(model.named_parameters())
+        for name, p in params.items():
             self.init(name, p.detach().cpu().numpy())
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(torch.from_numpy(self.pull(name)).reshape(p.shape))
 
 
 def connect(path=None, timeout=60.0):
