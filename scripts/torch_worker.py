@@ -7,29 +7,22 @@ step and batch schedule, on the shipped Fashion-MNIST sample.
 Prints: torch worker: mlp 784-H-10 batch=B threads=T samples_per_s=.. step_ms=..
 Run by scripts/bench-torch.
 """
-import gzip
-import struct
 import sys
 import time
 
 import numpy as np
 import torch
 
-
-def idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
-    shape = struct.unpack(">" + "I" * dims, data[4 : 4 + 4 * dims])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+sys.path.insert(0, "python")  # the warden client, from this repository
+from warden import idx  # noqa: E402
 
 
 def main():
     hidden, batch, steps, threads = (int(a) for a in sys.argv[1:5])
     torch.set_num_threads(threads)
     torch.manual_seed(1)
-    x = idx("data/fashion-mnist-small/train-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
-    y = idx("data/fashion-mnist-small/train-labels-idx1-ubyte.gz").astype(np.int64)
+    x = idx.read("data/fashion-mnist-small/train-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
+    y = idx.read("data/fashion-mnist-small/train-labels-idx1-ubyte.gz").astype(np.int64)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     model = torch.nn.Sequential(torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

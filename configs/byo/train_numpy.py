@@ -7,29 +7,19 @@ the job's optimizer to the sum over workers) and pulls the new weights.
 The data directory is the first argument.
 """
 
-import gzip
 import os
-import struct
 import sys
 import time
 
 import numpy as np
 
-from warden import kv
-
-
-def idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
-    shape = struct.unpack(">" + "I" * dims, data[4 : 4 + 4 * dims])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+from warden import idx, kv
 
 
 def load(data_dir, split):
     prefix = "train" if split == "train" else "t10k"
-    x = idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
-    y = idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+    x = idx.read(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
+    y = idx.read(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
     return x, y
 
 

@@ -9,6 +9,6 @@
 See docs/byo.md.
 """
 
-from . import kv  # noqa: F401
+from . import idx, kv  # noqa: F401
 
-__all__ = ["kv"]
+__all__ = ["idx", "kv"]
