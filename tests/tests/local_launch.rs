@@ -227,7 +227,12 @@ fn status_logs_and_stop_work_from_the_run_directory() {
 
 #[test]
 fn bench_commands_print_their_figures() {
+    // The benchmarks work in fresh directories of the temporary directory
+    // and leave nothing there.
+    let tmp = scratch("bench-tmp");
+    std::fs::set_permissions(&*tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = Command::new(bin("warden"))
+        .env("TMPDIR", tmp.path())
         .args(["bench", "ps", "--workers", "2", "--servers", "2", "--params", "1e4", "--iters", "3"])
         .output()
         .unwrap();
@@ -244,6 +249,15 @@ fn bench_commands_print_their_figures() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("warden worker: mlp 784-32-10 batch=64 samples_per_s="), "{stdout}");
+
+    let out = Command::new(bin("warden"))
+        .env("TMPDIR", tmp.path())
+        .args(["bench", "checkpoint", "--mib", "1", "--rounds", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(&*tmp).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "the benchmarks left {left:?} in the temporary directory");
 
     let bad = Command::new(bin("warden")).args(["bench", "ps", "--params", "lots"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));

@@ -67,7 +67,17 @@ pub fn exec_ps(a: &PsArgs) -> u8 {
         return EXIT_FAILED;
     };
     let frame_mib = ((a.params * 4).div_ceil(u64::from(a.servers)) >> 20) + 2;
-    let dir = std::env::temp_dir().join(format!("warden-bench-{}-{base}", std::process::id()));
+    // A fresh directory with an unpredictable name (a fixed name in a shared
+    // /tmp could be planted by another user, with symlinks in it), opened to
+    // the job user's processes once it exists; removed when `tmp` drops.
+    let tmp = match tempfile::Builder::new().prefix("warden-bench-").tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot create a scratch directory: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let dir = tmp.path().to_path_buf();
     let job = dir.join("bench.toml");
     let text = format!(
         "[job]\nname = \"bench-ps\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [{base}, {}]\n\n\
@@ -82,13 +92,14 @@ pub fn exec_ps(a: &PsArgs) -> u8 {
         a.mode,
         frame_mib.min(1024),
     );
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&job, text)) {
-        eprintln!("error: {e}");
+    use std::os::unix::fs::PermissionsExt;
+    let prepared = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .and_then(|()| std::fs::write(&job, text));
+    if let Err(e) = prepared {
+        eprintln!("error: {}: {e}", dir.display());
         return EXIT_FAILED;
     }
-    let code = run(&job, dir.join("run"), a);
-    let _ = std::fs::remove_dir_all(&dir);
-    code
+    run(&job, dir.join("run"), a)
 }
 
 fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
@@ -245,8 +256,22 @@ pub fn exec_checkpoint(a: &CheckpointArgs) -> u8 {
         eprintln!("error: --mib must be 1 to 65536 and --rounds at least 1");
         return EXIT_USAGE;
     }
-    let dir =
-        a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("warden-bench-ckpt-{}", std::process::id())));
+    // Without --dir: a fresh private directory (see exec_ps), removed when
+    // `tmp` drops at the end.
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => match tempfile::Builder::new().prefix("warden-bench-ckpt-").tempdir() {
+            Ok(t) => {
+                tmp = t;
+                tmp.path().to_path_buf()
+            }
+            Err(e) => {
+                eprintln!("error: cannot create a scratch directory: {e}");
+                return EXIT_FAILED;
+            }
+        },
+    };
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("error: cannot create {}: {e}", dir.display());
         return EXIT_FAILED;
