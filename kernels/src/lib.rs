@@ -53,9 +53,6 @@ impl Strides {
 /// Up to this many rows of A, [`sgemm`] skips packing (see there).
 const SMALL_M: usize = 4;
 
-/// `C (m x n) = A (m x k) * B (k x n)` (or `C += A * B` with `accumulate`),
-/// C row-major and dense; A and B addressed through their strides, so
-/// transposed operands cost nothing. Runs on matrixmultiply's blocked SIMD
 /// The few-rows path of [`sgemm`]: `C (m x n) = A (m x k) B (k x n)` with B
 /// row-major (row stride `b_row`), B streamed once for all rows of C (which
 /// stay in L1): at this size B's bytes are the cost.
@@ -88,7 +85,11 @@ fn small_rows_body(
 
 isa::multiversion!(fn small_rows(m: usize, k: usize, n: usize, a: &[f32], sa: Strides, b: &[f32], b_row: usize, c: &mut [f32], accumulate: bool) => small_rows_body);
 
-/// SGEMM.
+/// SGEMM: `C (m x n) = A (m x k) * B (k x n)` (or `C += A * B` with
+/// `accumulate`), C row-major and dense; A and B addressed through their
+/// strides, so transposed operands cost nothing. Runs on matrixmultiply's
+/// blocked SIMD kernels, except for a few rows against a row-major B
+/// ([`small_rows_body`]).
 ///
 /// # Panics
 /// If a slice is too short for the shapes and strides given.
@@ -180,22 +181,31 @@ mod tests {
 
     #[test]
     fn the_few_rows_path_agrees_on_every_isa_this_cpu_runs() {
-        let (k, n) = (1003, 37);
-        for m in 1..=SMALL_M {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.5).collect();
-            let want: Vec<f64> = (0..m * n)
-                .map(|ij| (0..k).map(|l| f64::from(a[(ij / n) * k + l]) * f64::from(b[l * n + ij % n])).sum())
-                .collect();
-            for isa in Isa::ALL {
-                if !isa.supported() {
-                    eprintln!("{isa:?} not supported by this CPU: not tested");
-                    continue;
-                }
-                let mut c = vec![f32::NAN; m * n];
-                small_rows(isa, m, k, n, &a, Strides::row_major(k), &b, n, &mut c, false);
-                for (got, want) in c.iter().zip(&want) {
-                    assert!((f64::from(*got) - want).abs() < 1e-2, "{isa:?} m={m}: {got} vs {want}");
+        // Register blocks of 16 columns, a tail, and fewer columns than a block.
+        for (k, n) in [(1003, 37), (784, 256), (5, 3)] {
+            for m in 1..=SMALL_M {
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.5).collect();
+                let want: Vec<f64> = (0..m * n)
+                    .map(|ij| (0..k).map(|l| f64::from(a[(ij / n) * k + l]) * f64::from(b[l * n + ij % n])).sum())
+                    .collect();
+                for isa in Isa::ALL {
+                    if !isa.supported() {
+                        eprintln!("{isa:?} not supported by this CPU: not tested");
+                        continue;
+                    }
+                    for accumulate in [false, true] {
+                        let mut c = vec![if accumulate { 2.0 } else { f32::NAN }; m * n];
+                        small_rows(isa, m, k, n, &a, Strides::row_major(k), &b, n, &mut c, accumulate);
+                        let base = if accumulate { 2.0 } else { 0.0 };
+                        for (got, want) in c.iter().zip(&want) {
+                            let want = want + base;
+                            assert!(
+                                (f64::from(*got) - want).abs() < 1e-2,
+                                "{isa:?} m={m} k={k} n={n} acc={accumulate}: {got} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }
