@@ -43,15 +43,19 @@ const CONTROL_PREFIX: &str = "warden-ssh-";
 /// that user's hands. Directories that launchers of this user left behind
 /// when they were killed are removed first.
 pub fn make_control_dir() -> Result<PathBuf, String> {
-    use std::os::unix::fs::DirBuilderExt;
     let tmp = std::env::temp_dir();
     sweep_stale_control_dirs(&tmp);
-    let hex: String = warden_agent::secure_random::bytes::<8>().iter().map(|b| format!("{b:02x}")).collect();
-    let dir = tmp.join(format!("{CONTROL_PREFIX}{}-{hex}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("cannot create the SSH control directory {}: {e}", dir.display()))?;
+    // tempfile creates it exclusively with a random suffix (its default mode
+    // follows the umask, hence 0700 given); it is kept here because the
+    // transport removes it itself, after its sessions close.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{CONTROL_PREFIX}{}-", std::process::id()))
+        .rand_bytes(16)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(&tmp)
+        .map_err(|e| format!("cannot create the SSH control directory in {}: {e}", tmp.display()))?
+        .keep();
     check_private_dir(&dir)?;
     Ok(dir)
 }
