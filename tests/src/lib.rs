@@ -497,3 +497,32 @@ pub fn agent_pid_named(tag: &str, comm: &str) -> Option<u32> {
         .into_iter()
         .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm))
 }
+
+#[cfg(test)]
+mod scratch_tests {
+    /// The guard removes its directory with everything in it, also when
+    /// the test holding it panics (and keeps it under WARDEN_KEEP_SCRATCH).
+    #[test]
+    fn scratch_directories_are_removed_on_drop_and_on_panic() {
+        let keep = std::env::var_os("WARDEN_KEEP_SCRATCH").is_some_and(|v| !v.is_empty() && v != "0");
+        let dir = super::scratch("guard");
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("a/b/file"), b"x").unwrap();
+        let path = dir.to_path_buf();
+        drop(dir);
+        assert_eq!(path.exists(), keep);
+
+        let held = std::sync::Mutex::new(None);
+        let r = std::panic::catch_unwind(|| {
+            let dir = super::scratch("guard-panic");
+            *held.lock().unwrap() = Some(dir.to_path_buf());
+            panic!("a failing test");
+        });
+        assert!(r.is_err());
+        let held = held.lock().unwrap().clone().unwrap();
+        assert_eq!(held.exists(), keep);
+        if keep {
+            let _ = (std::fs::remove_dir_all(&path), std::fs::remove_dir_all(&held));
+        }
+    }
+}
