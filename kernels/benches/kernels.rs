@@ -10,31 +10,40 @@ use std::time::{Duration, Instant};
 
 use warden_kernels::{Grad, GradPrep, Isa, Rule, Update, aggregate_update_with};
 
-/// Best time per call of `f`, timing batches of calls that each last at
-/// least a millisecond (so clock overhead never counts), for at least `min`.
-fn time(min: Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut reps = 1u32;
-    loop {
-        let t = Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        if t.elapsed() >= Duration::from_millis(1) || reps >= 1 << 20 {
-            break;
-        }
-        reps *= 2;
-    }
-    let mut best = f64::INFINITY;
+/// Best time per call of each of `f(0)`, ..., `f(k - 1)`. Each is timed in
+/// batches of calls lasting at least a millisecond (so clock overhead never
+/// counts), and the batches take turns for at least `min` per function: on
+/// a machine whose memory bandwidth moves with its neighbours' load, every
+/// function then sees the same conditions, and their ratios hold still.
+fn time_all(min: Duration, k: usize, mut f: impl FnMut(usize)) -> Vec<f64> {
+    let reps: Vec<u32> = (0..k)
+        .map(|i| {
+            f(i);
+            let mut reps = 1u32;
+            loop {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    f(i);
+                }
+                if t.elapsed() >= Duration::from_millis(1) || reps >= 1 << 20 {
+                    return reps;
+                }
+                reps *= 2;
+            }
+        })
+        .collect();
+    let mut best = vec![f64::INFINITY; k];
     let start = Instant::now();
-    let mut runs = 0;
-    while runs < 3 || start.elapsed() < min {
-        let t = Instant::now();
-        for _ in 0..reps {
-            f();
+    let mut rounds = 0;
+    while rounds < 3 || start.elapsed() < min * k as u32 {
+        for i in 0..k {
+            let t = Instant::now();
+            for _ in 0..reps[i] {
+                f(i);
+            }
+            best[i] = best[i].min(t.elapsed().as_secs_f64() / f64::from(reps[i]));
         }
-        best = best.min(t.elapsed().as_secs_f64() / f64::from(reps));
-        runs += 1;
+        rounds += 1;
     }
     best
 }
@@ -99,27 +108,40 @@ fn main() {
                 // A copy that moves the same traffic: traffic/2 bytes read and written.
                 let src = vec![1u8; traffic / 2];
                 let mut dst = vec![0u8; traffic / 2];
-                let copy_s = time(min, || {
-                    dst.copy_from_slice(black_box(&src));
-                    black_box(&mut dst);
-                });
-                let copy = traffic as f64 / copy_s / 1e9;
                 let mut acc = vec![0.0f32; n];
-                let naive_s = if name == "sgd" {
-                    time(min, || naive_sgd(black_box(&mut params), &mut acc, black_box(&grads), 1e-6, 0.5))
-                } else {
-                    f64::NAN
-                };
+                let split = n >= 2 * warden_kernels::parallel::MIN_PER_THREAD;
+                // Timed in turns: 0 copy, 1 naive (SGD only), 2 fused on one
+                // thread, 3 fused on every thread (when the slice is split).
+                let which: Vec<usize> = [0, 1, 2, 3]
+                    .into_iter()
+                    .filter(|&w| (w != 1 || name == "sgd") && (w != 3 || (split && threads > 1)))
+                    .collect();
+                let times = time_all(min, which.len(), |i| match which[i] {
+                    0 => {
+                        dst.copy_from_slice(black_box(&src));
+                        black_box(&mut dst);
+                    }
+                    1 => naive_sgd(black_box(&mut params), &mut acc, black_box(&grads), 1e-6, 0.5),
+                    w => aggregate_update_with(
+                        isa,
+                        if w == 2 { 1 } else { threads },
+                        black_box(&mut params),
+                        &mut s1,
+                        &mut s2,
+                        black_box(&views),
+                        u,
+                    ),
+                });
+                let of = |w: usize| which.iter().position(|&x| x == w).map_or(f64::NAN, |i| times[i]);
+                let copy = traffic as f64 / of(0) / 1e9;
+                let naive_s = of(1);
                 // The same useful traffic as the fused kernel, so the ratios compare work done.
                 let naive = traffic as f64 / naive_s / 1e9;
-                let split = n >= 2 * warden_kernels::parallel::MIN_PER_THREAD;
                 for t in [1, threads] {
-                    if t > 1 && !split {
+                    if t > 1 && !which.contains(&3) {
                         break; // below the split size every thread count is the same single pass
                     }
-                    let fused_s = time(min, || {
-                        aggregate_update_with(isa, t, black_box(&mut params), &mut s1, &mut s2, black_box(&views), u)
-                    });
+                    let fused_s = of(if t == 1 { 2 } else { 3 });
                     let fused = traffic as f64 / fused_s / 1e9;
                     println!(
                         "{label:>9} {workers:>2} {name:>5} {t:>8} | {fused:>8.2} {:>6.2} | {copy:>8.2} {:>6} | {naive:>8.2} {:>6.2} | {:>8.2}",

@@ -132,14 +132,21 @@ fn sum_blocks(acc: &mut [f32], grads: &[Grad<'_>], start: usize) {
     let end = start + acc.len();
     let mut k = 0;
     while k < grads.len() {
-        // Full-precision gradients go four per pass: one pass reads four
-        // streams at once (which the hardware prefetchers follow together)
-        // and touches the L1 sum once instead of four times. The additions
-        // stay in gradient order, so the sum is bit-identical to one pass
-        // per gradient.
-        if let Some(group) = grads.get(k..k + 4).and_then(|g| f32_group(g, start, end)) {
-            add4(acc, &group, k == 0);
-            k += 4;
+        // Full-precision gradients go up to four per pass: one pass reads
+        // the streams at once (which the hardware prefetchers follow
+        // together) and touches the L1 sum once instead of once per
+        // gradient. The additions stay in gradient order, so the sum is
+        // bit-identical to one pass per gradient.
+        let group = f32_run(&grads[k..grads.len().min(k + 4)]);
+        if group >= 2 {
+            let g = |i: usize| f32_bytes(&grads[k + i.min(group - 1)], start, end);
+            let streams = [g(0), g(1), g(2), g(3)];
+            match group {
+                2 => add_n::<2>(acc, &streams, k == 0),
+                3 => add_n::<3>(acc, &streams, k == 0),
+                _ => add_n::<4>(acc, &streams, k == 0),
+            }
+            k += group;
         } else {
             decode_block(acc, &grads[k].range(start, end), k == 0);
             k += 1;
@@ -147,41 +154,62 @@ fn sum_blocks(acc: &mut [f32], grads: &[Grad<'_>], start: usize) {
     }
 }
 
-/// The bytes of values `start..end` of four full-precision gradients, or
-/// None when one of them is in another encoding.
+/// How many of `grads`, from the first, are in full precision.
 #[inline(always)]
-fn f32_group<'a>(grads: &[Grad<'a>], start: usize, end: usize) -> Option<[&'a [[u8; 4]]; 4]> {
-    let bytes = |g: &Grad<'a>| -> Option<&'a [[u8; 4]]> {
-        match *g {
-            Grad::F32(s) => Some(bytemuck::cast_slice(&s[start..end])),
-            Grad::F32Le(b) => Some(b[start * 4..end * 4].as_chunks::<4>().0),
-            _ => None,
-        }
-    };
-    Some([bytes(&grads[0])?, bytes(&grads[1])?, bytes(&grads[2])?, bytes(&grads[3])?])
+fn f32_run(grads: &[Grad<'_>]) -> usize {
+    grads.iter().take_while(|g| matches!(g, Grad::F32(_) | Grad::F32Le(_))).count()
 }
 
-/// `acc (=|+=) g0 + g1 + g2 + g3`, added left to right.
+/// The bytes of values `start..end` of a full-precision gradient.
 #[inline(always)]
-fn add4(acc: &mut [f32], g: &[&[[u8; 4]]; 4], overwrite: bool) {
+fn f32_bytes<'a>(g: &Grad<'a>, start: usize, end: usize) -> &'a [[u8; 4]] {
+    match *g {
+        Grad::F32(s) => bytemuck::cast_slice(&s[start..end]),
+        Grad::F32Le(b) => b[start * 4..end * 4].as_chunks::<4>().0,
+        _ => unreachable!("f32_run counts full-precision gradients only"),
+    }
+}
+
+/// `acc (=|+=) g[0] + ... + g[M-1]`, added left to right.
+#[inline(always)]
+fn add_n<const M: usize>(acc: &mut [f32], g: &[&[[u8; 4]]; 4], overwrite: bool) {
     let n = acc.len();
-    let (g0, g1, g2, g3) = (&g[0][..n], &g[1][..n], &g[2][..n], &g[3][..n]);
+    let g: [&[[u8; 4]]; M] = std::array::from_fn(|i| &g[i][..n]);
     let f = f32::from_le_bytes;
     if overwrite {
         for i in 0..n {
-            acc[i] = f(g0[i]) + f(g1[i]) + f(g2[i]) + f(g3[i]);
+            let mut s = f(g[0][i]);
+            for gj in &g[1..] {
+                s += f(gj[i]);
+            }
+            acc[i] = s;
         }
     } else {
         for i in 0..n {
-            acc[i] = acc[i] + f(g0[i]) + f(g1[i]) + f(g2[i]) + f(g3[i]);
+            let mut s = acc[i];
+            for gj in &g {
+                s += f(gj[i]);
+            }
+            acc[i] = s;
         }
     }
 }
 
 #[inline(always)]
 fn aggregate_update_body(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update) {
-    let mut acc = [0f32; BLOCK];
     let n = p.len();
+    // One full-precision gradient is its own sum: the update reads it in
+    // place (the same values a copy into the block buffer would hold).
+    if let [Grad::F32(g)] = grads {
+        update_block(p, s1, s2, &g[offset..offset + n], u);
+        return;
+    }
+    // The block buffer is written before it is read (`sum_blocks` starts
+    // with an overwrite), so it is not zeroed: a fresh 16 KiB array per call
+    // would be, and at cache-resident sizes that memset cost as much as the
+    // update itself.
+    let mut acc = SCRATCH.with(|s| s.take());
+    acc.resize(BLOCK.min(n), 0.0);
     let mut start = 0;
     while start < n {
         let len = BLOCK.min(n - start);
@@ -195,6 +223,13 @@ fn aggregate_update_body(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &
         update_block(&mut p[start..end], b1, b2, a, u);
         start = end;
     }
+    SCRATCH.with(|s| s.set(acc));
+}
+
+thread_local! {
+    /// Each thread's block buffer for [`aggregate_update_body`], kept
+    /// between calls.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[inline(always)]

@@ -263,8 +263,12 @@ fn sum_matches_the_reference_and_zero_grads_give_zero() {
 #[test]
 fn grouped_full_precision_sums_equal_one_at_a_time_bit_for_bit() {
     use Enc::*;
-    let layouts: [&[fn() -> Enc]; 4] = [
+    // Runs of 2, 3 and 4 full-precision gradients, first (overwriting the
+    // sum) and after other encodings (adding to it).
+    let layouts: [&[fn() -> Enc]; 6] = [
         &[|| F32, || F32Le, || F32, || F32Le],
+        &[|| F32, || F32Le, || F32, || Bf16, || F32, || F32, || F32Le],
+        &[|| F16, || F32, || F32Le, || TwoBit(0.25), || F32Le],
         &[|| F32Le, || F32, || F32Le, || F32, || F32Le, || F32, || F32Le, || F32],
         &[|| F16, || F32, || F32Le, || F32, || F32Le, || Bf16],
         &[|| F32, || F32Le, || TwoBit(0.5), || F32, || F32, || F32Le, || F32, || F32],
