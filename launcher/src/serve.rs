@@ -12,6 +12,8 @@
 //!   are written to a state file, so a restart does not reset them.
 //! - Bodies and batches are bounded before parsing.
 
+mod input;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -512,19 +514,26 @@ impl Server {
             self.metrics.bad.fetch_add(1, Ordering::Relaxed);
             error(StatusCode::BAD_REQUEST, why)
         };
-        let parsed: PredictRequest = match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(e) => return bad(format!("expected {{\"input\": [...]}} or {{\"inputs\": [[...], ...]}}: {e}")),
-        };
-        let inputs = match (parsed.input, parsed.inputs) {
-            (Some(one), None) => vec![one],
-            (None, Some(many)) if !many.is_empty() => many,
-            _ => return bad("give exactly one of `input` or a non-empty `inputs`".into()),
+        let f = self.model.inputs;
+        let inputs = match input::single_input(&body, f) {
+            Some(one) => vec![one],
+            None => {
+                let parsed: PredictRequest = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return bad(format!("expected {{\"input\": [...]}} or {{\"inputs\": [[...], ...]}}: {e}"));
+                    }
+                };
+                match (parsed.input, parsed.inputs) {
+                    (Some(one), None) => vec![one],
+                    (None, Some(many)) if !many.is_empty() => many,
+                    _ => return bad("give exactly one of `input` or a non-empty `inputs`".into()),
+                }
+            }
         };
         if inputs.len() > self.config.max_batch {
             return too_large(format!("a batch of {} inputs; at most {}", inputs.len(), self.config.max_batch));
         }
-        let f = self.model.inputs;
         if let Some((i, x)) = inputs.iter().enumerate().find(|(_, x)| x.len() != f || x.iter().any(|v| !v.is_finite()))
         {
             return bad(format!("input {i} has {} values; this model takes {f} finite numbers", x.len()));
