@@ -50,25 +50,24 @@ impl Strides {
     }
 }
 
-/// Up to this many rows of A, [`sgemm`] skips packing (see there).
-const SMALL_M: usize = 4;
+/// Up to this many rows of A, [`sgemm`] skips packing (see there): with
+/// AVX2, blocks of four rows each stream B once, and up to 12 rows that
+/// beats matrixmultiply, whose packing of B alone costs about what
+/// streaming it eight times does (784 x 256, measured); the generic body
+/// re-reads C for every row of B and is kept to 4 rows.
+fn few_rows_limit(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2 | Isa::Avx512 => 12,
+        Isa::Scalar => 4,
+    }
+}
 
 /// The few-rows path of [`sgemm`]: `C (m x n) = A (m x k) B (k x n)` with B
 /// row-major (row stride `b_row`), B streamed once for all rows of C (which
 /// stay in L1): at this size B's bytes are the cost.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn small_rows_body(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    sa: Strides,
-    b: &[f32],
-    b_row: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+fn small_rows_body(p: FewRows<'_>, c: &mut [f32]) {
+    let FewRows { m, k, n, a, sa, b, b_row, accumulate } = p;
     if !accumulate {
         c[..m * n].fill(0.0);
     }
@@ -83,7 +82,122 @@ fn small_rows_body(
     }
 }
 
-isa::multiversion!(fn small_rows(m: usize, k: usize, n: usize, a: &[f32], sa: Strides, b: &[f32], b_row: usize, c: &mut [f32], accumulate: bool) => small_rows_body);
+isa::multiversion!(fn small_rows_generic(p: FewRows<'_>, c: &mut [f32]) => small_rows_body);
+
+/// The operands of a few-rows product (all but C): `C (m x n) (+)= A (m x k)
+/// B (k x n)`, B row-major with row stride `b_row`.
+#[derive(Debug, Clone, Copy)]
+struct FewRows<'a> {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &'a [f32],
+    sa: Strides,
+    b: &'a [f32],
+    b_row: usize,
+    accumulate: bool,
+}
+
+/// The few-rows path on `isa`. With AVX2, whole blocks of columns run in
+/// [`avx2_rows`] and the rest in the generic body.
+fn small_rows(isa: Isa, p: FewRows<'_>, c: &mut [f32]) {
+    let FewRows { m, k, n, a, sa, b, b_row, accumulate } = p;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.supported() && k > 0 {
+        // Groups of up to four rows of C (each a dense rows x n matrix),
+        // each group streaming B once.
+        for i0 in (0..m).step_by(4) {
+            let rows = (m - i0).min(4);
+            let c = &mut c[i0 * n..(i0 + rows) * n];
+            let a = &a[i0 * sa.row..];
+            assert!((rows - 1) * sa.row + (k - 1) * sa.col < a.len() && (k - 1) * b_row + n <= b.len());
+            // SAFETY: the CPU has AVX2 and FMA (`isa.supported()`), `c`
+            // holds rows x n values, and the bounds on A and B were
+            // asserted just above.
+            let group = FewRows { m: rows, a, ..p };
+            let full = unsafe {
+                match rows {
+                    1 => avx2_rows::<1, 8>(group, c),
+                    2 => avx2_rows::<2, 4>(group, c),
+                    3 => avx2_rows::<3, 2>(group, c),
+                    _ => avx2_rows::<4, 2>(group, c),
+                }
+            };
+            if full < n {
+                // The columns past the last whole block.
+                let rest = n - full;
+                let mut tail = vec![0f32; rows * rest];
+                if accumulate {
+                    for i in 0..rows {
+                        tail[i * rest..(i + 1) * rest].copy_from_slice(&c[i * n + full..(i + 1) * n]);
+                    }
+                }
+                small_rows_generic(isa, FewRows { n: rest, b: &b[full..], ..group }, &mut tail);
+                for i in 0..rows {
+                    c[i * n + full..(i + 1) * n].copy_from_slice(&tail[i * rest..(i + 1) * rest]);
+                }
+            }
+        }
+        return;
+    }
+    small_rows_generic(isa, p, c)
+}
+
+/// `C (M x n) (+)= A (M x k) B (k x n)` for the first `n / (8 V) * 8 V`
+/// columns; returns how many columns that is. Hand-written with AVX2
+/// intrinsics because the compiler, given the same loops over arrays,
+/// spills the accumulators: here the M x V registers of C's column block
+/// stay in registers while B's rows stream past, so every element of B is
+/// loaded once and C is written once per block (the generic body loads and
+/// stores C once per row of B, which on CPUs that split 256-bit stores was
+/// the limit).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `c.len() >= M * n`,
+/// `(M - 1) * sa.row + (k - 1) * sa.col < a.len()`, `(k - 1) * b_row + n <= b.len()`, `k > 0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_rows<const M: usize, const V: usize>(p: FewRows<'_>, c: &mut [f32]) -> usize {
+    let FewRows { k, n, a, sa, b, b_row, accumulate, .. } = p;
+    use std::arch::x86_64::*;
+    let w = 8 * V;
+    let full = n / w * w;
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let mut j0 = 0;
+    while j0 < full {
+        let mut acc = [[_mm256_setzero_ps(); V]; M];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, r) in row.iter_mut().enumerate() {
+                    // SAFETY: i * n + j0 + 8v + 7 < (M - 1) * n + full <= M * n <= c.len().
+                    *r = unsafe { _mm256_loadu_ps(cp.add(i * n + j0 + 8 * v)) };
+                }
+            }
+        }
+        for l in 0..k {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, x) in bv.iter_mut().enumerate() {
+                // SAFETY: l * b_row + j0 + 8v + 7 < (k - 1) * b_row + full <= (k - 1) * b_row + n <= b.len().
+                *x = unsafe { _mm256_loadu_ps(bp.add(l * b_row + j0 + 8 * v)) };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: i * sa.row + l * sa.col <= (M - 1) * sa.row + (k - 1) * sa.col < a.len().
+                let x = _mm256_set1_ps(unsafe { *ap.add(i * sa.row + l * sa.col) });
+                for (r, y) in row.iter_mut().zip(&bv) {
+                    *r = _mm256_fmadd_ps(x, *y, *r);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, r) in row.iter().enumerate() {
+                // SAFETY: as for the loads from C above.
+                unsafe { _mm256_storeu_ps(cp.add(i * n + j0 + 8 * v), *r) };
+            }
+        }
+        j0 += w;
+    }
+    full
+}
 
 /// SGEMM: `C (m x n) = A (m x k) * B (k x n)` (or `C += A * B` with
 /// `accumulate`), C row-major and dense; A and B addressed through their
@@ -117,13 +231,14 @@ pub fn sgemm(
     }
     assert!((m - 1) * sa.row + (k - 1) * sa.col < a.len(), "sgemm: A is too short for {m}x{k}");
     assert!((k - 1) * sb.row + (n - 1) * sb.col < b.len(), "sgemm: B is too short for {k}x{n}");
-    if m <= SMALL_M && sb.col == 1 {
+    let isa = Isa::best();
+    if m <= few_rows_limit(isa) && sb.col == 1 {
         // A few rows against a row-major B (one prediction, say): rows of B
         // scaled and added straight into C. Blocked SGEMM would first copy
         // all of B into its packing buffer, which costs more than the
         // arithmetic at this size. B is streamed once for all rows of C
         // (which stay in L1): at this size B's bytes are the cost.
-        small_rows(Isa::best(), m, k, n, a, sa, b, sb.row, c, accumulate);
+        small_rows(isa, FewRows { m, k, n, a, sa, b, b_row: sb.row, accumulate }, c);
         return;
     }
     let beta = if accumulate { 1.0 } else { 0.0 };
@@ -183,7 +298,7 @@ mod tests {
     fn the_few_rows_path_agrees_on_every_isa_this_cpu_runs() {
         // Register blocks of 16 columns, a tail, and fewer columns than a block.
         for (k, n) in [(1003, 37), (784, 256), (5, 3)] {
-            for m in 1..=SMALL_M {
+            for m in 1..=few_rows_limit(Isa::best()) {
                 let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.5).collect();
                 let want: Vec<f64> = (0..m * n)
@@ -196,7 +311,11 @@ mod tests {
                     }
                     for accumulate in [false, true] {
                         let mut c = vec![if accumulate { 2.0 } else { f32::NAN }; m * n];
-                        small_rows(isa, m, k, n, &a, Strides::row_major(k), &b, n, &mut c, accumulate);
+                        small_rows(
+                            isa,
+                            FewRows { m, k, n, a: &a, sa: Strides::row_major(k), b: &b, b_row: n, accumulate },
+                            &mut c,
+                        );
                         let base = if accumulate { 2.0 } else { 0.0 };
                         for (got, want) in c.iter().zip(&want) {
                             let want = want + base;
