@@ -372,8 +372,9 @@ fn seconds_to_midnight() -> u64 {
 
 type Reply = Response<Full<Bytes>>;
 
-fn reply(code: StatusCode, body: serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+fn reply(code: StatusCode, body: impl Serialize) -> Reply {
+    let text = serde_json::to_vec(&body).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = code;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
@@ -541,15 +542,24 @@ impl Server {
         if let Err(r) = self.charge(&id, &policy, inputs.len() as u64) {
             return *r;
         }
-        let Some(probs) = self.batcher.predict(inputs.concat(), inputs.len()).await else {
+        let rows = inputs.len();
+        // One input (the common case) goes to the model as it is; the
+        // detector, when configured, needs the inputs afterwards.
+        let (flat, inputs) = if rows == 1 && self.config.detector.is_none() {
+            let mut inputs = inputs;
+            (inputs.pop().unwrap_or_default(), inputs)
+        } else {
+            (inputs.concat(), inputs)
+        };
+        let Some(probs) = self.batcher.predict(flat, rows).await else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the model is not answering; try again");
         };
         let predictions: Vec<_> = probs.chunks_exact(self.model.classes).map(|row| answer(row, &policy)).collect();
-        self.metrics.predictions.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        self.metrics.predictions.fetch_add(rows as u64, Ordering::Relaxed);
         if let Some(det) = &self.config.detector {
             self.watch(&id, det, inputs);
         }
-        reply(StatusCode::OK, serde_json::json!({ "predictions": predictions }))
+        reply(StatusCode::OK, Predictions { predictions })
     }
 
     /// Feeds the detector; flags the key (once) when the distances between
@@ -718,18 +728,38 @@ impl Batcher {
 
 /// One input's answer under `p`: the label, and unless labels only, the
 /// top-k classes with probabilities rounded to `p.precision` decimals.
-fn answer(probs: &[f32], p: &Policy) -> serde_json::Value {
+fn answer(probs: &[f32], p: &Policy) -> Answer {
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
     if p.labels_only {
-        return serde_json::json!({ "label": order[0] });
+        return Answer { label: order[0], top: None };
     }
     let scale = 10f64.powi(p.precision as i32);
-    let top: Vec<serde_json::Value> = order[..p.top_k]
+    let top = order[..p.top_k]
         .iter()
-        .map(|&c| serde_json::json!({ "class": c, "probability": (f64::from(probs[c]) * scale).round() / scale }))
+        .map(|&c| Top { class: c, probability: (f64::from(probs[c]) * scale).round() / scale })
         .collect();
-    serde_json::json!({ "label": order[0], "top": top })
+    Answer { label: order[0], top: Some(top) }
+}
+
+/// One input's answer, as it is written in the reply (plain structs, not
+/// `serde_json::Value` maps: this is on every request's path).
+#[derive(Debug, Serialize)]
+struct Answer {
+    label: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top: Option<Vec<Top>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Top {
+    class: usize,
+    probability: f64,
+}
+
+#[derive(Serialize)]
+struct Predictions {
+    predictions: Vec<Answer>,
 }
 
 /// Options of `warden serve`.
@@ -892,12 +922,13 @@ mod tests {
     fn answers_round_and_cut_as_configured() {
         let probs = [0.123456f32, 0.654321, 0.2, 0.022223];
         let p = Policy { precision: 2, top_k: 2, ..Policy::default() };
+        let json = |a: Answer| serde_json::to_value(a).expect("serialises");
         assert_eq!(
-            answer(&probs, &p),
+            json(answer(&probs, &p)),
             serde_json::json!({"label": 1, "top": [{"class": 1, "probability": 0.65}, {"class": 2, "probability": 0.2}]})
         );
         let p4 = Policy { precision: 4, top_k: 1, ..Policy::default() };
-        assert_eq!(answer(&probs, &p4)["top"][0]["probability"], 0.6543);
-        assert_eq!(answer(&probs, &Policy { labels_only: true, ..p }), serde_json::json!({"label": 1}));
+        assert_eq!(json(answer(&probs, &p4))["top"][0]["probability"], 0.6543);
+        assert_eq!(json(answer(&probs, &Policy { labels_only: true, ..p })), serde_json::json!({"label": 1}));
     }
 }
