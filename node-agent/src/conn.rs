@@ -358,6 +358,13 @@ pub struct SendHalf<W> {
 }
 
 impl<W: AsyncWrite + Unpin> SendHalf<W> {
+    /// A sending half over `w` that gives up when a peer stops reading
+    /// for `stall`.
+    #[cfg(test)]
+    pub(crate) fn new(w: W, stall: Duration) -> Self {
+        SendHalf { w, stall, buf: Vec::new() }
+    }
+
     /// As [`Conn::send`].
     pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
         self.buf.clear();

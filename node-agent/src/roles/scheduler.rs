@@ -55,13 +55,33 @@ impl Liveness {
     }
 }
 
-/// Tells every process the scheduler is alive; a write that cannot go out
-/// within a second is left to the peer's own silence check.
-async fn beat(writers: &mut BTreeMap<(Role, u32), Writer>) {
-    for w in writers.values_mut() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), w.send(&Message::Heartbeat)).await;
+/// Tells every process the scheduler is alive. A peer that cannot take a
+/// heartbeat within a second has stopped reading (its socket buffer is
+/// full), and its link now ends in a partly written frame that no later
+/// message may follow: that writer is removed from `writers` and returned
+/// with the reason, for the caller to handle like a lost connection. (A
+/// failed write is not reported here: the link's reader reports the loss.)
+async fn beat<W: tokio::io::AsyncWrite + Unpin>(
+    writers: &mut BTreeMap<(Role, u32), SendHalf<W>>,
+) -> Option<((Role, u32), String)> {
+    let mut stuck = None;
+    for (key, w) in writers.iter_mut() {
+        if tokio::time::timeout(HEARTBEAT_WRITE, w.send(&Message::Heartbeat)).await.is_err() {
+            stuck = Some(*key);
+            break;
+        }
     }
+    let (role, rank) = stuck?;
+    writers.remove(&(role, rank));
+    let why = format!(
+        "{role}[{rank}] stopped reading from the scheduler (a heartbeat could not be written within {} s)",
+        HEARTBEAT_WRITE.as_secs()
+    );
+    Some(((role, rank), why))
 }
+
+/// How long one heartbeat may take to write.
+const HEARTBEAT_WRITE: Duration = Duration::from_secs(1);
 
 /// Runs the scheduler on an already bound listener until the job ends.
 pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
@@ -109,8 +129,8 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         };
         match input {
             Input::Tick => {
-                beat(&mut writers).await;
-                if let Some(why) = alive.silent(timeout, &BTreeSet::new()) {
+                let stuck = beat(&mut writers).await.map(|(_, why)| why);
+                if let Some(why) = stuck.or_else(|| alive.silent(timeout, &BTreeSet::new())) {
                     abort(&mut writers, &why).await;
                     return Err(RoleError::new(why));
                 }
@@ -182,8 +202,12 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         }
         match input {
             Input::Tick => {
-                beat(&mut writers).await;
-                if let Some(why) = alive.silent(timeout, &finished) {
+                // A finished worker that stops reading is no loss.
+                let stuck = beat(&mut writers)
+                    .await
+                    .filter(|((role, rank), _)| !(*role == Role::Worker && finished.contains(rank)))
+                    .map(|(_, why)| why);
+                if let Some(why) = stuck.or_else(|| alive.silent(timeout, &finished)) {
                     abort(&mut writers, &why).await;
                     accept_task.abort();
                     return Err(RoleError::new(why));
@@ -369,5 +393,36 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_loses_its_link_after_one_heartbeat() {
+        let stall = Duration::from_secs(60);
+        // Worker 1's end of the link holds one byte and is never read.
+        let (mut live_peer, live) = tokio::io::duplex(1 << 16);
+        let (_stuck_peer, stuck) = tokio::io::duplex(1);
+        let mut writers = BTreeMap::new();
+        writers.insert((Role::Worker, 0), SendHalf::new(live, stall));
+        writers.insert((Role::Worker, 1), SendHalf::new(stuck, stall));
+        let started = std::time::Instant::now();
+        let (key, why) = beat(&mut writers).await.expect("the stuck link is reported");
+        assert_eq!(key, (Role::Worker, 1));
+        assert!(why.contains("worker[1] stopped reading"), "{why}");
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded by the heartbeat write time");
+        // Its half-written frame is never followed by another message.
+        assert_eq!(writers.keys().copied().collect::<Vec<_>>(), [(Role::Worker, 0)]);
+        // The live peer got a whole heartbeat, and gets the next one.
+        assert!(beat(&mut writers).await.is_none());
+        let mut want = Vec::new();
+        Message::Heartbeat.encode_frame(&mut want);
+        let mut got = vec![0u8; 2 * want.len()];
+        live_peer.read_exact(&mut got).await.expect("two heartbeat frames");
+        assert_eq!(got, [want.clone(), want].concat());
     }
 }
