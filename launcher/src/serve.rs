@@ -122,6 +122,9 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     detector: RawDetector,
+    /// Per client-certificate holder (subject common name) overrides.
+    #[serde(default)]
+    clients: std::collections::BTreeMap<String, RawPolicy>,
     state_file: Option<String>,
 }
 
@@ -207,8 +210,10 @@ pub struct Config {
     state_file: Option<PathBuf>,
     detector: Option<Detector>,
     /// CA whose client certificates are accepted instead of a key, and the
-    /// policy their holders get ([defaults]).
+    /// policy their holders get unless `clients` names them ([defaults]).
     client_ca: Option<(PathBuf, Policy)>,
+    /// Certificate holder (subject common name) -> policy, from `[clients.NAME]`.
+    clients: HashMap<String, Policy>,
 }
 
 impl Config {
@@ -288,8 +293,20 @@ impl Config {
         } else {
             None
         };
+        if let Some(name) = raw.clients.keys().next().filter(|_| raw.auth.client_ca.is_none()) {
+            return Err(format!(
+                "[clients.{name}] applies to holders of client certificates, but no [auth] client_ca is set: \
+                 name the CA that issues them"
+            ));
+        }
+        let clients = raw
+            .clients
+            .iter()
+            .map(|(name, over)| Ok((name.clone(), over.apply(&defaults, classes, &format!("[clients.{name}]"))?)))
+            .collect::<Result<HashMap<_, _>, String>>()?;
         Ok(Config {
             keys,
+            clients,
             anonymous: raw.auth.anonymous.then(|| defaults.clone()),
             max_body,
             max_batch,
@@ -406,7 +423,9 @@ impl Server {
                 self.config.keys.get(&digest).cloned().ok_or_else(|| unauthorized("unknown API key"))
             }
             None => match (client, &self.config.client_ca, &self.config.anonymous) {
-                (Some(name), Some((_, p)), _) => Ok((format!("cert:{name}"), p.clone())),
+                (Some(name), Some((_, p)), _) => {
+                    Ok((format!("cert:{name}"), self.config.clients.get(name).unwrap_or(p).clone()))
+                }
                 (_, _, Some(p)) => Ok(("anonymous".into(), p.clone())),
                 _ => Err(unauthorized("an API key (Authorization: Bearer KEY) or a client certificate is required")),
             },
@@ -917,6 +936,30 @@ fn tls_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Config::load` of `text` as a serve.toml, for a 10-class model.
+    fn load(text: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, text).expect("written");
+        Config::load(Some(&path), 10)
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_what_to_do() {
+        let err = |text: &str| load(text).expect_err(text);
+        assert!(err("").contains("nobody could ask"));
+        let no_ca = err("[auth]\nanonymous = true\n[clients.bob]\noutput = \"label\"\n");
+        assert!(no_ca.contains("[clients.bob]") && no_ca.contains("client_ca"), "{no_ca}");
+        let ca = "[auth]\nclient_ca = \"ca.pem\"\n";
+        let bad = err(&format!("{ca}[clients.bob]\nprecision = 12\n"));
+        assert!(bad.contains("[clients.bob]: precision 12"), "{bad}");
+        let misspelt = err(&format!("{ca}[clients.bob]\nprecison = 1\n"));
+        assert!(misspelt.contains("precison"), "{misspelt}");
+        let c = load(&format!("{ca}[defaults]\ntop_k = 4\n[clients.bob]\noutput = \"label\"\n")).expect("valid");
+        assert_eq!(c.clients["bob"], Policy { labels_only: true, top_k: 4, ..Policy::default() });
+        assert_eq!(c.client_ca.map(|(_, p)| p), Some(Policy { top_k: 4, ..Policy::default() }));
+    }
 
     #[test]
     fn answers_round_and_cut_as_configured() {

@@ -319,8 +319,9 @@ fn the_detector_throttles_a_key_whose_queries_look_synthetic() {
     assert_eq!(state["honest"]["flagged"], false, "{state}");
 }
 
-/// A CA and a client certificate it issued, as PEM files in `dir`; returns (ca, cert, key).
-fn client_pki(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
+/// A CA and client certificates it issued to the common names `cns`, as PEM
+/// files in `dir`; returns the CA's path and each (cert, key) pair.
+fn client_pki(dir: &Path, name: &str, cns: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -328,29 +329,40 @@ fn client_pki(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf.distinguished_name.push(DnType::CommonName, cn);
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let paths = (dir.join(format!("{name}-ca.pem")), dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
+    let ca_path = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let leaves = cns
+        .iter()
+        .map(|cn| {
+            let key = KeyPair::generate().unwrap();
+            let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+            leaf.distinguished_name.push(DnType::CommonName, *cn);
+            leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = leaf.signed_by(&key, &issuer).unwrap();
+            let paths = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+            std::fs::write(&paths.0, cert.pem()).unwrap();
+            std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+            paths
+        })
+        .collect();
+    (ca_path, leaves)
 }
 
 #[test]
 fn client_certificates_from_the_configured_ca_stand_in_for_keys() {
     let dir = scratch("serve-mtls");
     let (model, public) = trained_signed_model(&dir, (31090, 31095));
-    let (ca, cert, key) = client_pki(&dir, "lab", "alice-laptop");
-    let (_, other_cert, other_key) = client_pki(&dir, "stranger", "mallory");
+    let (ca, lab) = client_pki(&dir, "lab", &["alice-laptop", "bob"]);
+    let [(cert, key), (bob_cert, bob_key)] = <[_; 2]>::try_from(lab).unwrap();
+    let (_, stranger) = client_pki(&dir, "stranger", &["mallory"]);
+    let (other_cert, other_key) = &stranger[0];
+    // bob's settings come from [clients.bob], everyone else's from [defaults].
     let config = dir.join("serve.toml");
     std::fs::write(
         &config,
         format!(
-            "state_file = \"state.json\"\n[auth]\nclient_ca = \"{}\"\n[defaults]\noutput = \"label\"\n",
+            "state_file = \"state.json\"\n[auth]\nclient_ca = \"{}\"\n[defaults]\noutput = \"label\"\n\
+             [clients.bob]\noutput = \"probabilities\"\nprecision = 1\ntop_k = 2\n",
             ca.display()
         ),
     )
@@ -371,12 +383,23 @@ fn client_certificates_from_the_configured_ca_stand_in_for_keys() {
     let (ok, code, body) = post(Some((&cert, &key)));
     assert!(ok && code == 200, "{code} {body}");
     assert!(body.contains("\"label\"") && !body.contains("probability"), "{body}");
+    // bob, from the same CA, gets what [clients.bob] says: two classes, one decimal.
+    let (ok, code, body) = post(Some((&bob_cert, &bob_key)));
+    assert!(ok && code == 200, "{code} {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let top = answer["predictions"][0]["top"].as_array().unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(top.len(), 2, "{body}");
+    for t in top {
+        let p = t["probability"].as_f64().unwrap();
+        assert_eq!((p * 10.0).round() / 10.0, p, "one decimal: {body}");
+    }
     // No certificate and no key: 401. Another CA's certificate: no TLS session at all.
     assert_eq!(post(None).1, 401);
-    let (ok, code, _) = post(Some((&other_cert, &other_key)));
+    let (ok, code, _) = post(Some((other_cert, other_key)));
     assert!(!ok || code == 0, "a certificate from another CA must be refused in the handshake (got HTTP {code})");
     s.stop();
     // Usage is counted under the certificate's name.
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["cert:alice-laptop"]["total"], 1, "{state}");
+    assert_eq!(state["cert:bob"]["total"], 1, "{state}");
 }
