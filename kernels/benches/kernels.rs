@@ -8,7 +8,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use warden_kernels::{Grad, GradPrep, Isa, Rule, Update, aggregate_update_with};
+use half::{bf16, f16};
+use warden_kernels::{Grad, GradPrep, Isa, Rule, Update, aggregate_update_with, convert, sum_with, twobit};
 
 /// Best time per call of each of `f(0)`, ..., `f(k - 1)`. Each is timed in
 /// batches of calls lasting at least a millisecond (so clock overhead never
@@ -156,5 +157,149 @@ fn main() {
                 }
             }
         }
+    }
+    others(max_mib);
+}
+
+/// The other kernels, on one thread, against a copy of the same traffic and
+/// a naive per-element loop: sums of N = 4 gradients in full precision,
+/// half precision and 2-bit (decoding fused into the sum), and the wire
+/// encodings (f16, bf16, 2-bit with error feedback).
+fn others(max_mib: usize) {
+    println!();
+    println!("other kernels, one thread, N = 4 for the sums; GB/s count bytes read + written");
+    println!(
+        "{:>9} {:>14} | {:>8} {:>6} | {:>8} | {:>8} {:>6} | {:>8}",
+        "size", "kernel", "GB/s", "/copy", "copy", "naive", "/copy", "/naive"
+    );
+    let isa = Isa::best();
+    for (label, bytes) in [("4 KiB", 4usize << 10), ("1 MiB", 1 << 20), ("64 MiB", 64 << 20)] {
+        if bytes > max_mib << 20 {
+            continue;
+        }
+        let n = bytes / 4;
+        let row = |name: &str, traffic: usize, kernel: &mut dyn FnMut(), naive: &mut dyn FnMut()| {
+            let src = vec![1u8; traffic / 2];
+            let mut dst = vec![0u8; traffic / 2];
+            let times = time_all(Duration::from_millis(300), 3, |i| match i {
+                0 => {
+                    dst.copy_from_slice(black_box(&src));
+                    black_box(&mut dst);
+                }
+                1 => naive(),
+                _ => kernel(),
+            });
+            let gbs = |t: f64| traffic as f64 / t / 1e9;
+            let (copy, naive, kernel) = (gbs(times[0]), gbs(times[1]), gbs(times[2]));
+            println!(
+                "{label:>9} {name:>14} | {kernel:>8.2} {:>6.2} | {copy:>8.2} | {naive:>8.2} {:>6.2} | {:>8.2}",
+                kernel / copy,
+                naive / copy,
+                kernel / naive
+            );
+        };
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|k| values.iter().map(|v| v * (k + 1) as f32).collect()).collect();
+        let mut halves = Vec::new();
+        convert::extend_f16_le(&mut halves, &values);
+        let mut residual = vec![0f32; n];
+        let mut packed = Vec::new();
+        twobit::encode(&values, &mut residual, 0.1, &mut packed);
+        let mut out = vec![0f32; n];
+        let mut acc = vec![0f32; n];
+
+        let views: Vec<Grad<'_>> = grads.iter().map(|g| Grad::F32(g)).collect();
+        row("sum f32", 5 * bytes, &mut || sum_with(isa, 1, black_box(&mut out), black_box(&views)), &mut || {
+            acc.fill(0.0);
+            for g in &grads {
+                for i in 0..n {
+                    acc[i] += g[i];
+                }
+            }
+            black_box(&mut acc);
+        });
+        let views = vec![Grad::F16Le(&halves); 4];
+        row(
+            "sum f16",
+            2 * bytes + bytes,
+            &mut || sum_with(isa, 1, black_box(&mut out), black_box(&views)),
+            &mut || {
+                acc.fill(0.0);
+                for _ in 0..4 {
+                    for (a, c) in acc.iter_mut().zip(halves.chunks_exact(2)) {
+                        *a += f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
+                }
+                black_box(&mut acc);
+            },
+        );
+        let views = vec![Grad::TwoBit { packed: &packed, len: n, threshold: 0.1 }; 4];
+        let table = [0.0, 0.1, -0.1, 0.0];
+        row(
+            "sum 2-bit",
+            4 * n.div_ceil(4) + bytes,
+            &mut || sum_with(isa, 1, black_box(&mut out), black_box(&views)),
+            &mut || {
+                acc.fill(0.0);
+                for _ in 0..4 {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a += table[usize::from((packed[i / 4] >> (2 * (i % 4))) & 3)];
+                    }
+                }
+                black_box(&mut acc);
+            },
+        );
+        let mut bytes_out: Vec<u8> = Vec::with_capacity(2 * bytes);
+        let mut naive_out: Vec<u8> = Vec::with_capacity(2 * bytes);
+        for bf in [false, true] {
+            row(
+                if bf { "encode bf16" } else { "encode f16" },
+                bytes + bytes / 2,
+                &mut || {
+                    bytes_out.clear();
+                    if bf {
+                        convert::extend_bf16_le(&mut bytes_out, black_box(&values));
+                    } else {
+                        convert::extend_f16_le(&mut bytes_out, black_box(&values));
+                    }
+                    black_box(&mut bytes_out);
+                },
+                &mut || {
+                    naive_out.clear();
+                    for x in black_box(&values) {
+                        let b = if bf { bf16::from_f32(*x).to_bits() } else { f16::from_f32(*x).to_bits() };
+                        naive_out.extend_from_slice(&b.to_le_bytes());
+                    }
+                    black_box(&mut naive_out);
+                },
+            );
+        }
+        let mut r2 = vec![0f32; n];
+        let mut p2 = vec![0u8; n.div_ceil(4)];
+        row(
+            "encode 2-bit",
+            3 * bytes + n.div_ceil(4),
+            &mut || {
+                packed.clear();
+                twobit::encode_with(isa, black_box(&values), &mut residual, 0.1, &mut packed);
+                black_box(&mut packed);
+            },
+            &mut || {
+                p2.fill(0);
+                for (i, (g, r)) in black_box(&values).iter().zip(r2.iter_mut()).enumerate() {
+                    let v = *r + *g;
+                    let (code, rest) = if v >= 0.1 {
+                        (1u8, v - 0.1)
+                    } else if v <= -0.1 {
+                        (2, v + 0.1)
+                    } else {
+                        (0, v)
+                    };
+                    *r = rest;
+                    p2[i / 4] |= code << (2 * (i % 4));
+                }
+                black_box(&mut p2);
+            },
+        );
     }
 }

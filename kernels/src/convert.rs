@@ -5,8 +5,6 @@
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
-use crate::grad::BLOCK;
-
 /// Appends `src` as little-endian `f32` bytes (one copy on little-endian machines).
 pub fn extend_f32_le(out: &mut Vec<u8>, src: &[f32]) {
     if cfg!(target_endian = "little") {
@@ -36,26 +34,30 @@ pub fn copy_f32_le(dst: &mut [f32], src: &[u8]) {
 
 /// Appends `src` as little-endian IEEE half-precision bytes.
 pub fn extend_f16_le(out: &mut Vec<u8>, src: &[f32]) {
-    out.reserve(src.len() * 2);
-    let mut halves = [f16::ZERO; BLOCK];
-    for chunk in src.chunks(BLOCK) {
-        let h = &mut halves[..chunk.len()];
-        h.convert_from_f32_slice(chunk);
-        for v in h.iter() {
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
-        }
-    }
+    extend_narrow(out, src, |h: &mut [f16], s| h.convert_from_f32_slice(s))
 }
 
 /// Appends `src` as little-endian bfloat16 bytes.
 pub fn extend_bf16_le(out: &mut Vec<u8>, src: &[f32]) {
+    extend_narrow(out, src, |h: &mut [bf16], s| h.convert_from_f32_slice(s))
+}
+
+/// Narrows `src` chunk by chunk with `convert` and appends the 16-bit
+/// values little-endian: on a little-endian machine, as one copy of the
+/// chunk's bytes.
+fn extend_narrow<H: bytemuck::Pod + Default>(out: &mut Vec<u8>, src: &[f32], convert: impl Fn(&mut [H], &[f32])) {
     out.reserve(src.len() * 2);
-    let mut halves = [bf16::ZERO; BLOCK];
-    for chunk in src.chunks(BLOCK) {
+    let mut halves = [H::default(); 1024];
+    for chunk in src.chunks(halves.len()) {
         let h = &mut halves[..chunk.len()];
-        h.convert_from_f32_slice(chunk);
-        for v in h.iter() {
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        convert(h, chunk);
+        let bytes: &[u8] = bytemuck::cast_slice(h);
+        if cfg!(target_endian = "little") {
+            out.extend_from_slice(bytes);
+        } else {
+            for pair in bytes.chunks_exact(2) {
+                out.extend_from_slice(&[pair[1], pair[0]]);
+            }
         }
     }
 }

@@ -112,36 +112,80 @@ pub(crate) fn decode_block(acc: &mut [f32], g: &Grad<'_>, overwrite: bool) {
             }
         }
         Grad::F16Le(b) => {
-            // half's slice conversion uses F16C when the CPU has it.
-            let mut halves = [f16::ZERO; BLOCK];
-            let n = acc.len();
-            for (h, c) in halves[..n].iter_mut().zip(b.chunks_exact(2)) {
-                *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-            }
-            if overwrite {
-                halves[..n].convert_to_f32_slice(acc);
-            } else {
-                let mut tmp = [0f32; BLOCK];
-                halves[..n].convert_to_f32_slice(&mut tmp[..n]);
-                for (a, v) in acc.iter_mut().zip(&tmp[..n]) {
-                    *a += *v;
+            // Little-endian f16 bytes are the values themselves on a
+            // little-endian machine when 2-byte aligned: half's slice
+            // conversion (F16C where the CPU has it) reads them in place.
+            let halves: Option<&[f16]> =
+                if cfg!(target_endian = "little") { bytemuck::try_cast_slice(b).ok() } else { None };
+            match halves {
+                Some(h) if overwrite => h.convert_to_f32_slice(acc),
+                Some(h) => {
+                    let mut tmp = [0f32; 512];
+                    for (a, h) in acc.chunks_mut(512).zip(h.chunks(512)) {
+                        let t = &mut tmp[..a.len()];
+                        h.convert_to_f32_slice(t);
+                        for (a, v) in a.iter_mut().zip(t.iter()) {
+                            *a += *v;
+                        }
+                    }
+                }
+                None => {
+                    for (a, c) in acc.iter_mut().zip(b.chunks_exact(2)) {
+                        let v = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                        *a = if overwrite { v } else { *a + v };
+                    }
                 }
             }
         }
         Grad::TwoBit { packed, threshold, .. } => {
-            // Decompression fused into the sum: one table lookup per value.
-            let table = [0.0, threshold, -threshold, 0.0];
-            for (i, a) in acc.iter_mut().enumerate() {
-                let code = (packed[i >> 2] >> ((i & 3) * 2)) & 3;
-                let v = table[code as usize];
-                if overwrite {
-                    *a = v;
-                } else {
-                    *a += v;
+            // Decompression fused into the sum: each byte's four values come
+            // from a 256-entry table (4 KiB, kept per thread for the last
+            // threshold seen), one 16-byte load per byte.
+            TWO_BIT.with(|cell| {
+                let mut lut = cell.take();
+                if lut.threshold != Some(threshold.to_bits()) {
+                    lut.fill(threshold);
                 }
-            }
+                let (whole, rest) = acc.as_chunks_mut::<4>();
+                for (a4, &byte) in whole.iter_mut().zip(packed) {
+                    let v = &lut.values[usize::from(byte)];
+                    if overwrite {
+                        *a4 = *v;
+                    } else {
+                        for (a, v) in a4.iter_mut().zip(v) {
+                            *a += *v;
+                        }
+                    }
+                }
+                if let Some(&byte) = packed.get(whole.len()) {
+                    for (a, v) in rest.iter_mut().zip(&lut.values[usize::from(byte)]) {
+                        *a = if overwrite { *v } else { *a + *v };
+                    }
+                }
+                cell.set(lut);
+            });
         }
     }
+}
+
+/// The four values of every 2-bit byte for one threshold.
+#[derive(Default)]
+struct TwoBitTable {
+    threshold: Option<u32>,
+    values: Box<[[f32; 4]]>,
+}
+
+impl TwoBitTable {
+    fn fill(&mut self, threshold: f32) {
+        // Codes: 1 is +threshold, 2 is -threshold, 0 and 3 are 0.
+        let code = [0.0, threshold, -threshold, 0.0];
+        self.values = (0..256usize).map(|b| std::array::from_fn(|j| code[(b >> (2 * j)) & 3])).collect();
+        self.threshold = Some(threshold.to_bits());
+    }
+}
+
+thread_local! {
+    static TWO_BIT: std::cell::Cell<TwoBitTable> = std::cell::Cell::new(TwoBitTable::default());
 }
 
 /// bfloat16 of an `f32`, rounded to nearest even (NaN stays NaN).

@@ -62,6 +62,9 @@ enum Enc {
     F32,
     F32Le,
     F16,
+    /// Half precision at an even address: decoded in place, where the
+    /// misaligned `F16` is decoded value by value.
+    F16Aligned,
     Bf16,
     TwoBit(f32),
 }
@@ -75,13 +78,14 @@ struct Encoded {
 
 impl Encoded {
     fn new(v: &[f32], enc: Enc) -> Encoded {
-        let mut bytes = vec![0xEE]; // one leading byte: the payload is misaligned
+        // One leading byte: the payload is misaligned (two for F16Aligned).
+        let mut bytes = if matches!(enc, Enc::F16Aligned) { vec![0xEE; 2] } else { vec![0xEE] };
         let exact: Vec<f64> = match enc {
             Enc::F32 | Enc::F32Le => {
                 convert::extend_f32_le(&mut bytes, v);
                 v.iter().map(|x| f64::from(*x)).collect()
             }
-            Enc::F16 => {
+            Enc::F16 | Enc::F16Aligned => {
                 convert::extend_f16_le(&mut bytes, v);
                 v.iter().map(|x| f64::from(f16::from_f32(*x).to_f32())).collect()
             }
@@ -110,11 +114,11 @@ impl Encoded {
     }
 
     fn grad(&self) -> Grad<'_> {
-        let b = &self.bytes[1..];
+        let b = &self.bytes[if matches!(self.enc, Enc::F16Aligned) { 2 } else { 1 }..];
         match self.enc {
             Enc::F32 => Grad::F32(&self.floats),
             Enc::F32Le => Grad::F32Le(b),
-            Enc::F16 => Grad::F16Le(b),
+            Enc::F16 | Enc::F16Aligned => Grad::F16Le(b),
             Enc::Bf16 => Grad::Bf16Le(b),
             Enc::TwoBit(threshold) => Grad::TwoBit { packed: b, len: self.floats.len(), threshold },
         }
@@ -126,6 +130,7 @@ fn encodings(n: usize, k: u32) -> Vec<Encoded> {
         Encoded::new(&values(n, k), Enc::F32),
         Encoded::new(&values(n, k + 10), Enc::F32Le),
         Encoded::new(&values(n, k + 20), Enc::F16),
+        Encoded::new(&values(n, k + 25), Enc::F16Aligned),
         Encoded::new(&values(n, k + 30), Enc::Bf16),
         Encoded::new(&values(n, k + 40), Enc::TwoBit(0.5)),
     ]
@@ -265,10 +270,11 @@ fn grouped_full_precision_sums_equal_one_at_a_time_bit_for_bit() {
     use Enc::*;
     // Runs of 2, 3 and 4 full-precision gradients, first (overwriting the
     // sum) and after other encodings (adding to it).
-    let layouts: [&[fn() -> Enc]; 6] = [
+    let layouts: [&[fn() -> Enc]; 7] = [
+        &[|| F16Aligned, || TwoBit(0.5), || F16],
         &[|| F32, || F32Le, || F32, || F32Le],
         &[|| F32, || F32Le, || F32, || Bf16, || F32, || F32, || F32Le],
-        &[|| F16, || F32, || F32Le, || TwoBit(0.25), || F32Le],
+        &[|| F16, || F32, || F32Le, || TwoBit(0.25), || F32Le, || F16Aligned],
         &[|| F32Le, || F32, || F32Le, || F32, || F32Le, || F32, || F32Le, || F32],
         &[|| F16, || F32, || F32Le, || F32, || F32Le, || Bf16],
         &[|| F32, || F32Le, || TwoBit(0.5), || F32, || F32, || F32Le, || F32, || F32],
