@@ -390,7 +390,9 @@ fn seconds_to_midnight() -> u64 {
 type Reply = Response<Full<Bytes>>;
 
 fn reply(code: StatusCode, body: impl Serialize) -> Reply {
-    let text = serde_json::to_vec(&body).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+    // Replies are plain structs and strings; should one ever fail to
+    // encode, the client still gets valid JSON.
+    let text = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error": "the reply could not be encoded"}"#.to_vec());
     let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = code;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
