@@ -207,7 +207,7 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
-        /// Settings: API keys, output, budgets, limits (see docs/serving.md).
+        /// Settings: API keys or client certificates, output and budgets per key or holder, limits (see docs/serving.md).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// TLS certificate chain (PEM).
