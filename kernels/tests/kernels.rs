@@ -169,6 +169,45 @@ fn reference_update(p: &mut [f64], s1: &mut [f64], s2: &mut [f64], g: &[f64], u:
     }
 }
 
+/// The updates tried on `len` values from `workers` gradients: every rule
+/// (only one on large sizes, enough to exercise the thread split), without
+/// and with clipping at `clip`.
+fn updates(len: usize, workers: usize, clip: f32) -> Vec<Update> {
+    let rules = rules().into_iter().filter(|r| len <= 100_000 || matches!(r, Rule::Adam { t: 3, .. }));
+    rules
+        .flat_map(|rule| {
+            [0.0, clip].map(|clip| Update {
+                lr: 0.05,
+                prep: GradPrep { scale: 1.0 / workers as f32, clip, weight_decay: 1e-3 },
+                rule,
+            })
+        })
+        .collect()
+}
+
+/// Parameters and two slots of optimizer state, `len` long, as the update
+/// tests start them.
+fn start_state(len: usize, seed: u32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let p = values(len, seed + 2);
+    let s1 = values(len, seed + 1).iter().map(|v| v.abs() * 0.1).collect();
+    let s2 = values(len, seed).iter().map(|v| v.abs() * 0.01).collect();
+    (p, s1, s2)
+}
+
+/// A copy of `state` after `aggregate_update_with` on its slices from `off`.
+fn updated(
+    isa: Isa,
+    threads: usize,
+    off: usize,
+    state: &(Vec<f32>, Vec<f32>, Vec<f32>),
+    grads: &[Grad<'_>],
+    u: Update,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut p, mut s1, mut s2) = state.clone();
+    aggregate_update_with(isa, threads, &mut p[off..], &mut s1[off..], &mut s2[off..], grads, u);
+    (p, s1, s2)
+}
+
 fn rules() -> Vec<Rule> {
     vec![
         Rule::Sgd,
@@ -198,42 +237,23 @@ fn aggregate_update_matches_the_f64_reference_on_every_path() {
                 };
                 let grads: Vec<Grad<'_>> = chosen.iter().map(|e| e.grad()).collect();
                 let g64: Vec<f64> = (0..n).map(|i| chosen.iter().map(|e| e.exact[i]).sum()).collect();
-                for rule in rules() {
-                    if len > 100_000 && !matches!(rule, Rule::Adam { t: 3, .. }) {
-                        continue; // large sizes: one rule is enough to exercise the thread split
-                    }
-                    for clip in [0.0, 0.7] {
-                        let u = Update {
-                            lr: 0.05,
-                            prep: GradPrep { scale: 1.0 / workers as f32, clip, weight_decay: 1e-3 },
-                            rule,
-                        };
-                        let p0 = values(len, 99);
-                        let s10: Vec<f32> = values(len, 98).iter().map(|v| v.abs() * 0.1).collect();
-                        let s20: Vec<f32> = values(len, 97).iter().map(|v| v.abs() * 0.01).collect();
-                        let widen = |v: &[f32]| v[off..].iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
-                        let (mut r, mut ra, mut rb) = (widen(&p0), widen(&s10), widen(&s20));
-                        reference_update(&mut r, &mut ra, &mut rb, &g64, &u);
-                        for threads in [1, 2] {
-                            let (mut p, mut s1, mut s2) = (p0.clone(), s10.clone(), s20.clone());
-                            aggregate_update_with(
-                                isa,
-                                threads,
-                                &mut p[off..],
-                                &mut s1[off..],
-                                &mut s2[off..],
-                                &grads,
-                                u,
+                for u in updates(len, workers, 0.7) {
+                    let (rule, clip) = (u.rule, u.prep.clip);
+                    let state = start_state(len, 97);
+                    let (p0, s10, s20) = &state;
+                    let widen = |v: &[f32]| v[off..].iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
+                    let (mut r, mut ra, mut rb) = (widen(p0), widen(s10), widen(s20));
+                    reference_update(&mut r, &mut ra, &mut rb, &g64, &u);
+                    for threads in [1, 2] {
+                        let (p, _, _) = updated(isa, threads, off, &state, &grads, u);
+                        for (i, (got, want)) in p[off..].iter().zip(&r).enumerate() {
+                            // Adam divides by sqrt(v): f32 rounding is relative to the step size.
+                            assert!(
+                                close_to(*got, *want, 2e-5, 10.0),
+                                "{isa:?} n={n} workers={workers} {rule:?} clip={clip} threads={threads} at {i}: {got} vs {want}"
                             );
-                            for (i, (got, want)) in p[off..].iter().zip(&r).enumerate() {
-                                // Adam divides by sqrt(v): f32 rounding is relative to the step size.
-                                assert!(
-                                    close_to(*got, *want, 2e-5, 10.0),
-                                    "{isa:?} n={n} workers={workers} {rule:?} clip={clip} threads={threads} at {i}: {got} vs {want}"
-                                );
-                            }
-                            assert_eq!(p[..off], p0[..off], "nothing outside the slice is touched");
                         }
+                        assert_eq!(p[..off], p0[..off], "nothing outside the slice is touched");
                     }
                 }
             }
@@ -297,6 +317,45 @@ fn grouped_full_precision_sums_equal_one_at_a_time_bit_for_bit() {
                     sum_with(isa, threads, &mut out, &grads);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
                     assert!(bits(&out) == bits(&want), "{isa:?} n={n} {} gradients threads={threads}", layout.len());
+                }
+            }
+        }
+    }
+}
+
+/// Up to eight gradients all in full precision are summed as the update
+/// reads them (no block buffer); the result is bit-identical to updating
+/// with their sum made one gradient at a time, left to right. Nine go
+/// through the block buffer and must agree the same way.
+#[test]
+fn gradients_summed_while_updating_equal_the_sum_then_the_update_bit_for_bit() {
+    use Enc::*;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for isa in isas() {
+        for &len in &[1usize, 7, 1003, (1 << 20) + 4099] {
+            let off = usize::from(len > 1);
+            let n = len - off;
+            for workers in 1..=9 {
+                let enc: Vec<Encoded> = (0..workers)
+                    .map(|k| Encoded::new(&values(n, 60 + k as u32), if k % 2 == 0 { F32 } else { F32Le }))
+                    .collect();
+                let grads: Vec<Grad<'_>> = enc.iter().map(|e| e.grad()).collect();
+                let mut sum = vec![0f32; n];
+                for (k, e) in enc.iter().enumerate() {
+                    for (s, x) in sum.iter_mut().zip(&e.floats) {
+                        *s = if k == 0 { *x } else { *s + *x };
+                    }
+                }
+                for u in updates(len, workers, 0.01) {
+                    let (rule, clip) = (u.rule, u.prep.clip);
+                    let state = start_state(len, 91);
+                    let want = updated(isa, 1, off, &state, &[Grad::F32(&sum)], u);
+                    for threads in [1, 2] {
+                        let (p, s1, s2) = updated(isa, threads, off, &state, &grads, u);
+                        let what = format!("{isa:?} n={n} workers={workers} {rule:?} clip={clip} threads={threads}");
+                        assert!(bits(&p) == bits(&want.0), "parameters differ: {what}");
+                        assert!(bits(&s1) == bits(&want.1) && bits(&s2) == bits(&want.2), "state differs: {what}");
+                    }
                 }
             }
         }
