@@ -49,6 +49,33 @@ fn time_all(min: Duration, k: usize, mut f: impl FnMut(usize)) -> Vec<f64> {
     best
 }
 
+/// Where the copy baseline writes: `len` bytes half a page away (modulo
+/// 4096) from the source. Two fresh vectors of the same size usually start
+/// 16 bytes apart modulo a page, and this machine's `memcpy` (`rep movsb`)
+/// copies such a pair of 8 to 64 KiB at 4-6 GB/s instead of 90-170: the
+/// baseline would measure that quirk rather than the memory.
+struct CopyDst {
+    buf: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl CopyDst {
+    fn copy(&mut self, src: &[u8]) {
+        self.buf[self.at..self.at + self.len].copy_from_slice(src);
+        black_box(&mut self.buf);
+    }
+}
+
+/// A source of `len` bytes and a destination for copying it (see [`CopyDst`]).
+fn copy_buffers(len: usize) -> (Vec<u8>, CopyDst) {
+    let src = vec![1u8; len];
+    let buf = vec![0u8; len + 4096];
+    let want = (src.as_ptr() as usize + 2048) % 4096;
+    let at = (want + 4096 - buf.as_ptr() as usize % 4096) % 4096;
+    (src, CopyDst { buf, at, len })
+}
+
 /// The naive loop: one pass per gradient into a sum, then an update pass.
 #[inline(never)]
 fn naive_sgd(params: &mut [f32], acc: &mut [f32], grads: &[Vec<f32>], lr: f32, scale: f32) {
@@ -107,8 +134,7 @@ fn main() {
                 // Reads: N gradients + params + state; writes: params + state.
                 let traffic = (workers + 2 + 2 * state) * bytes;
                 // A copy that moves the same traffic: traffic/2 bytes read and written.
-                let src = vec![1u8; traffic / 2];
-                let mut dst = vec![0u8; traffic / 2];
+                let (src, mut dst) = copy_buffers(traffic / 2);
                 let mut acc = vec![0.0f32; n];
                 let split = n >= 2 * warden_kernels::parallel::MIN_PER_THREAD;
                 // Timed in turns: 0 copy, 1 naive (SGD only), 2 fused on one
@@ -119,8 +145,7 @@ fn main() {
                     .collect();
                 let times = time_all(min, which.len(), |i| match which[i] {
                     0 => {
-                        dst.copy_from_slice(black_box(&src));
-                        black_box(&mut dst);
+                        dst.copy(black_box(&src));
                     }
                     1 => naive_sgd(black_box(&mut params), &mut acc, black_box(&grads), 1e-6, 0.5),
                     w => aggregate_update_with(
@@ -179,12 +204,10 @@ fn others(max_mib: usize) {
         }
         let n = bytes / 4;
         let row = |name: &str, traffic: usize, kernel: &mut dyn FnMut(), naive: &mut dyn FnMut()| {
-            let src = vec![1u8; traffic / 2];
-            let mut dst = vec![0u8; traffic / 2];
+            let (src, mut dst) = copy_buffers(traffic / 2);
             let times = time_all(Duration::from_millis(300), 3, |i| match i {
                 0 => {
-                    dst.copy_from_slice(black_box(&src));
-                    black_box(&mut dst);
+                    dst.copy(black_box(&src));
                 }
                 1 => naive(),
                 _ => kernel(),
