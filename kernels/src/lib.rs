@@ -10,7 +10,9 @@
 //! - [`convert`]: `f32` to and from little-endian f32, f16 and bf16 bytes.
 //! - [`twobit`]: MXNet's 2-bit compression with error feedback (its
 //!   decompression is fused into the sum).
-//! - [`sgemm`]: matrix products for the workers (matrixmultiply).
+//! - [`sgemm`]: matrix products for the workers (matrixmultiply);
+//!   [`sgemm_packed`]: a few rows against a matrix laid out once
+//!   ([`PackedB`]), for serving.
 //!
 //! One body per kernel, compiled for AVX-512, AVX2 and the baseline and
 //! dispatched at run time ([`isa`]); large slices are split over threads
@@ -22,12 +24,14 @@
 pub mod convert;
 pub mod grad;
 pub mod isa;
+pub mod packed;
 pub mod parallel;
 pub mod twobit;
 pub mod update;
 
 pub use grad::Grad;
 pub use isa::Isa;
+pub use packed::{PackedB, sgemm_packed};
 pub use update::{GradPrep, Rule, Update, aggregate_update, aggregate_update_with, state_slots, sum, sum_with};
 
 /// Strides of a matrix operand: element (i, j) is at `i * row + j * col`.

@@ -502,15 +502,26 @@ impl Server {
         // sending, gets to read the 413 instead of a reset connection.
         let mut over = declared.is_some_and(|n| n > self.config.max_body);
         let mut body = req.into_body();
-        let mut buf = Vec::new();
+        // A body that arrives in one frame (one read: the common case) is
+        // kept as hyper hands it over; more frames are copied together.
+        let (mut first, mut joined) = (None::<Bytes>, Vec::new());
+        let mut kept = 0usize;
         let mut drained = 0usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
             match tokio::time::timeout_at(deadline, body.frame()).await {
                 Ok(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    if !over && buf.len() + data.len() <= self.config.max_body {
-                        buf.extend_from_slice(&data);
+                    if !over && kept + data.len() <= self.config.max_body {
+                        kept += data.len();
+                        if first.is_none() && joined.is_empty() {
+                            first = Some(data);
+                        } else {
+                            if let Some(f) = first.take() {
+                                joined.extend_from_slice(&f);
+                            }
+                            joined.extend_from_slice(&data);
+                        }
                     } else {
                         over = true;
                         drained += data.len();
@@ -531,7 +542,7 @@ impl Server {
         if over {
             return too_large(format!("bodies are at most {} bytes", self.config.max_body));
         }
-        let body = buf;
+        let body = first.unwrap_or_else(|| Bytes::from(joined));
         let bad = |why: String| {
             self.metrics.bad.fetch_add(1, Ordering::Relaxed);
             error(StatusCode::BAD_REQUEST, why)
@@ -553,6 +564,8 @@ impl Server {
                 }
             }
         };
+        // Done with the body: hyper can reuse its read buffer.
+        drop(body);
         if inputs.len() > self.config.max_batch {
             return too_large(format!("a batch of {} inputs; at most {}", inputs.len(), self.config.max_batch));
         }
@@ -686,13 +699,34 @@ impl Server {
     }
 }
 
-/// Forward passes on one thread of their own, with the requests that
-/// arrived meanwhile taken together: a single input reads every weight
-/// once (800 KB for the 784-256-10 MLP, far beyond L2), so a batch of k
-/// costs little more than one. Nothing waits for a batch to fill: a request
-/// that finds the thread idle runs alone.
+/// Forward passes with the requests that arrived meanwhile taken together:
+/// a single input reads every weight once (800 KB for the 784-256-10 MLP,
+/// beyond L2), so a batch of k costs little more than one. Nothing waits
+/// for a batch to fill: a request that finds no pass running starts one.
+///
+/// The passes run in a tokio task (the "combiner"), not a thread of their
+/// own: handing each request to a sleeping thread and waking its task from
+/// there cost two cross-thread wake-ups per request, about 5% of the
+/// machine at 15k requests/s (docs/benchmarks.md). The combiner lives while
+/// requests keep coming: after each pass it yields, so the connections on
+/// its worker get read and their inputs join the next pass, and it ends
+/// when a pass finds nothing queued.
 struct Batcher {
-    tx: tokio::sync::mpsc::Sender<Job>,
+    inner: Arc<Combiner>,
+}
+
+struct Combiner {
+    model: warden_agent::model::Predictor,
+    state: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// A combiner task is running (it will see every job pushed).
+    running: bool,
+    /// The forward pass's buffers, kept between combiner tasks.
+    workspace: Option<warden_agent::model::Workspace>,
 }
 
 struct Job {
@@ -706,44 +740,83 @@ impl Batcher {
     const MAX_ROWS: usize = 256;
 
     fn start(model: ModelSpec, params: Vec<f32>) -> Batcher {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(1024);
-        std::thread::spawn(move || {
-            let mut ws = warden_agent::model::Workspace::default();
-            let mut flat = Vec::new();
-            while let Some(first) = rx.blocking_recv() {
-                let mut rows = first.rows;
-                let mut jobs = vec![first];
-                while rows < Self::MAX_ROWS {
-                    match rx.try_recv() {
-                        Ok(j) => {
-                            rows += j.rows;
-                            jobs.push(j);
-                        }
-                        Err(_) => break,
-                    }
+        let model = warden_agent::model::Predictor::new(model, params);
+        Batcher { inner: Arc::new(Combiner { model, state: Mutex::default() }) }
+    }
+
+    /// The class probabilities of `rows` inputs (row after row), or `None`
+    /// if the forward pass failed.
+    async fn predict(&self, x: Vec<f32>, rows: usize) -> Option<Vec<f32>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            q.jobs.push(Job { x, rows, reply });
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            let inner = self.inner.clone();
+            tokio::spawn(async move { inner.run().await });
+        }
+        answer.await.ok()
+    }
+}
+
+impl Combiner {
+    async fn run(&self) {
+        // Should a pass panic, the guard ends this combiner cleanly: the
+        // queued requests get their senders dropped (503), and the next
+        // request starts a new combiner.
+        struct Stop<'a>(&'a Mutex<Queue>);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                q.running = false;
+                q.jobs.clear();
+            }
+        }
+        let stop = Stop(&self.state);
+        let mut ws = self.lock().workspace.take().unwrap_or_default();
+        let (mut jobs, mut flat) = (Vec::new(), Vec::new());
+        loop {
+            {
+                let mut q = self.lock();
+                if q.jobs.is_empty() {
+                    q.running = false;
+                    q.workspace = Some(ws);
+                    std::mem::forget(stop);
+                    return;
                 }
+                let mut rows = 0;
+                let take = q.jobs.iter().take_while(|j| {
+                    let first = rows == 0;
+                    rows += j.rows;
+                    first || rows <= Batcher::MAX_ROWS
+                });
+                let n = take.count();
+                jobs.extend(q.jobs.drain(..n));
+            }
+            let rows = jobs.iter().map(|j| j.rows).sum();
+            let probs = if let [one] = &jobs[..] {
+                self.model.predict(&mut ws, &one.x, rows)
+            } else {
                 flat.clear();
                 for j in &jobs {
                     flat.extend_from_slice(&j.x);
                 }
-                let probs = ws.predict(&model, &params, &flat, rows);
-                let mut at = 0;
-                for j in jobs {
-                    let len = j.rows * model.classes;
-                    let _ = j.reply.send(probs[at..at + len].to_vec());
-                    at += len;
-                }
+                self.model.predict(&mut ws, &flat, rows)
+            };
+            let mut at = 0;
+            for j in jobs.drain(..) {
+                let len = j.rows * self.model.spec().classes;
+                let _ = j.reply.send(probs[at..at + len].to_vec());
+                at += len;
             }
-        });
-        Batcher { tx }
+            tokio::task::yield_now().await;
+        }
     }
 
-    /// The class probabilities of `rows` inputs (row after row), or `None`
-    /// if the model thread is gone.
-    async fn predict(&self, x: Vec<f32>, rows: usize) -> Option<Vec<f32>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx.send(Job { x, rows, reply }).await.ok()?;
-        answer.await.ok()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

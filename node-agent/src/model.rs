@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
-use warden_kernels::{Strides, sgemm};
+use warden_kernels::{PackedB, Strides, sgemm, sgemm_packed};
 
 use crate::spec::{ModelKind, ModelSpec};
 use crate::train_rng::{Stream, rng};
@@ -109,6 +109,43 @@ pub struct Batch<'a> {
     pub y: &'a [u8],
 }
 
+/// A trained model ready to answer predictions, its weights laid out once
+/// for products with a few rows at a time ([`PackedB`]): a served model
+/// answers one input or a handful together, and at that size reading the
+/// weights is the cost. Each probability is computed the same way
+/// whatever the batch it is in, so an input gets the same answer alone or
+/// batched with others.
+#[derive(Debug)]
+pub struct Predictor {
+    spec: ModelSpec,
+    params: Vec<f32>,
+    /// Per layer; `None` where this CPU has no packed kernel.
+    packed: Vec<Option<PackedB>>,
+}
+
+impl Predictor {
+    /// Lays out `params` (the flat vector of `spec`, an MLP or softmax).
+    pub fn new(spec: ModelSpec, params: Vec<f32>) -> Predictor {
+        let packed = layers(&spec)
+            .iter()
+            .map(|l| PackedB::new(l.fan_in, l.fan_out, &params[l.weight.clone()], Strides::row_major(l.fan_out)))
+            .collect();
+        Predictor { spec, params, packed }
+    }
+
+    /// The model's shape.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Class probabilities of `rows` inputs (row-major, `rows x classes`),
+    /// computed in `ws`.
+    pub fn predict<'w>(&self, ws: &'w mut Workspace, x: &[f32], rows: usize) -> &'w [f32] {
+        ws.forward(&self.spec, &self.params, Some(&self.packed), x, rows, None::<&mut crate::train_rng::TrainRng>);
+        &ws.acts[ws.acts.len() - 1]
+    }
+}
+
 /// Scratch space reused across steps: activations and dropout masks.
 #[derive(Debug, Default)]
 pub struct Workspace {
@@ -123,7 +160,17 @@ pub struct Workspace {
 impl Workspace {
     /// Forward pass; leaves probabilities in `self.acts.last()`.
     /// `dropout` carries the training RNG when dropout applies.
-    fn forward<R: Rng>(&mut self, m: &ModelSpec, params: &[f32], x: &[f32], rows: usize, mut dropout: Option<&mut R>) {
+    /// `packed` holds the layers' weights laid out for [`sgemm_packed`]
+    /// (serving; see [`Predictor`]), `None` to multiply the flat vector's.
+    fn forward<R: Rng>(
+        &mut self,
+        m: &ModelSpec,
+        params: &[f32],
+        packed: Option<&[Option<PackedB>]>,
+        x: &[f32],
+        rows: usize,
+        mut dropout: Option<&mut R>,
+    ) {
         let all = layers(m);
         self.acts.resize_with(all.len(), Vec::new);
         self.masks.resize_with(all.len(), Vec::new);
@@ -133,17 +180,20 @@ impl Workspace {
             let input: &[f32] = if i == 0 { x } else { &done[i - 1] };
             let out = &mut rest[0];
             out.resize(rows * l.fan_out, 0.0);
-            sgemm(
-                rows,
-                l.fan_in,
-                l.fan_out,
-                input,
-                Strides::row_major(l.fan_in),
-                &params[l.weight.clone()],
-                Strides::row_major(l.fan_out),
-                out,
-                false,
-            );
+            match packed.and_then(|p| p[i].as_ref()) {
+                Some(w) => sgemm_packed(rows, input, l.fan_in, w, out),
+                None => sgemm(
+                    rows,
+                    l.fan_in,
+                    l.fan_out,
+                    input,
+                    Strides::row_major(l.fan_in),
+                    &params[l.weight.clone()],
+                    Strides::row_major(l.fan_out),
+                    out,
+                    false,
+                ),
+            }
             let bias = &params[l.bias.clone()];
             for row in out.chunks_exact_mut(l.fan_out) {
                 for (v, b) in row.iter_mut().zip(bias) {
@@ -181,7 +231,7 @@ impl Workspace {
 
     /// Class probabilities of `rows` inputs (row-major, `rows x classes`).
     pub fn predict(&mut self, m: &ModelSpec, params: &[f32], x: &[f32], rows: usize) -> &[f32] {
-        self.forward(m, params, x, rows, None::<&mut crate::train_rng::TrainRng>);
+        self.forward(m, params, None, x, rows, None::<&mut crate::train_rng::TrainRng>);
         &self.acts[self.acts.len() - 1]
     }
 
@@ -196,7 +246,7 @@ impl Workspace {
         dropout_rng: Option<&mut R>,
     ) -> f32 {
         let rows = batch.y.len();
-        self.forward(m, params, batch.x, rows, dropout_rng);
+        self.forward(m, params, None, batch.x, rows, dropout_rng);
         let all = layers(m);
         let last = all.len() - 1;
         // Output delta: (p - onehot) / rows.
@@ -267,7 +317,7 @@ impl Workspace {
     /// (summed cross-entropy, correctly classified) over the batch, without dropout.
     pub fn evaluate(&mut self, m: &ModelSpec, params: &[f32], batch: &Batch<'_>) -> (f64, usize) {
         let rows = batch.y.len();
-        self.forward::<rand_pcg::Pcg64Mcg>(m, params, batch.x, rows, None);
+        self.forward::<rand_pcg::Pcg64Mcg>(m, params, None, batch.x, rows, None);
         let probs = self.acts.last().expect("at least one layer");
         let mut loss = 0.0;
         let mut correct = 0;
@@ -353,6 +403,37 @@ mod tests {
             params: 0,
             tensors: Vec::new(),
         });
+    }
+
+    #[test]
+    fn served_predictions_agree_with_training_and_do_not_depend_on_the_batch() {
+        for hidden in [vec![256], vec![40, 17], vec![]] {
+            let kind = if hidden.is_empty() { ModelKind::Softmax } else { ModelKind::Mlp };
+            let m = ModelSpec { kind, inputs: 784, classes: 10, hidden, dropout: 0.0, params: 0, tensors: Vec::new() };
+            let params = init(&m, 3);
+            let rows = 19;
+            let x: Vec<f32> = (0..rows * m.inputs).map(|i| ((i * 37 % 255) as f32) / 255.0).collect();
+            let served = Predictor::new(m.clone(), params.clone());
+            let mut ws = Workspace::default();
+            let together = served.predict(&mut ws, &x, rows).to_vec();
+            // What training's forward pass computes (other kernels, so
+            // the last bits may differ).
+            let mut plain = Workspace::default();
+            let want = plain.predict(&m, &params, &x, rows);
+            for (a, b) in together.iter().zip(want) {
+                assert!((a - b).abs() <= 1e-6, "{m:?}: {a} vs {b}");
+            }
+            // Any batch gives each input the same bits.
+            for size in [1, 2, 3, 5, 6, 7, 13] {
+                for (start, chunk) in x.chunks(size * m.inputs).enumerate() {
+                    let n = chunk.len() / m.inputs;
+                    let got = served.predict(&mut ws, chunk, n);
+                    let at = start * size * m.classes;
+                    let same = got.iter().zip(&together[at..]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{m:?}: rows {start}.. in batches of {size}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -127,8 +127,8 @@ fn input(v: f32) -> String {
 fn probabilities(model: &Path, x: &[f32]) -> Vec<f32> {
     let spec = warden_agent::artifact::model_spec_of(model).unwrap();
     let params = warden_agent::artifact::read_model(model, &spec).unwrap();
-    let mut ws = warden_agent::model::Workspace::default();
-    ws.predict(&spec, &params, x, 1).to_vec()
+    let served = warden_agent::model::Predictor::new(spec, params);
+    served.predict(&mut warden_agent::model::Workspace::default(), x, 1).to_vec()
 }
 
 #[test]
