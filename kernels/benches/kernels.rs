@@ -3,13 +3,17 @@
 //!
 //! Every figure counts each byte read and each byte written once. Sizes are
 //! per gradient (4 KiB, 1 MiB, 64 MiB, 512 MiB) with N = 1, 2, 4, 8 workers.
-//! `WARDEN_BENCH_MAX_MIB` caps the largest size (default 512).
+//! `WARDEN_BENCH_MAX_MIB` caps the largest size (default 512). Last, the
+//! few-row matrix products of serving (`sgemm` against `sgemm_packed`).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
-use warden_kernels::{Grad, GradPrep, Isa, Rule, Update, aggregate_update_with, convert, sum_with, twobit};
+use warden_kernels::{
+    Grad, GradPrep, Isa, PackedB, Rule, Strides, Update, aggregate_update_with, convert, sgemm, sgemm_packed, sum_with,
+    twobit,
+};
 
 /// Best time per call of each of `f(0)`, ..., `f(k - 1)`. Each is timed in
 /// batches of calls lasting at least a millisecond (so clock overhead never
@@ -184,6 +188,45 @@ fn main() {
         }
     }
     others(max_mib);
+    products();
+}
+
+/// The forward pass of a served model: a few rows (inputs that arrived
+/// together) times the 784 x 256 weights of the default MLP's first layer
+/// (800 KB, beyond this machine's 512 KiB L2), with `sgemm` on the
+/// row-major weights and with `sgemm_packed` on the same weights laid out
+/// once. The two take turns, as above.
+fn products() {
+    let (k, n) = (784, 256);
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 0.01 - 0.3).collect();
+    let Some(packed) = PackedB::new(k, n, &b, Strides::row_major(n)) else {
+        println!("\nfew-row products: no packed kernel on this CPU");
+        return;
+    };
+    println!();
+    println!("few-row products, {k} x {n} weights, one thread: us per call");
+    println!("{:>5} | {:>8} {:>7} | {:>8} {:>7} | {:>7}", "rows", "sgemm", "/row", "packed", "/row", "packed/");
+    let a: Vec<f32> = (0..48 * k).map(|i| (i % 13) as f32 * 0.1).collect();
+    let mut c = vec![0f32; 48 * n];
+    for m in [1usize, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] {
+        let t = time_all(Duration::from_millis(200), 2, |which| {
+            if which == 0 {
+                sgemm(m, k, n, black_box(&a), Strides::row_major(k), &b, Strides::row_major(n), &mut c, false);
+            } else {
+                sgemm_packed(m, black_box(&a), k, &packed, &mut c);
+            }
+            black_box(&mut c);
+        });
+        let us = |s: f64| s * 1e6;
+        println!(
+            "{m:>5} | {:>8.1} {:>7.2} | {:>8.1} {:>7.2} | {:>7.2}",
+            us(t[0]),
+            us(t[0]) / m as f64,
+            us(t[1]),
+            us(t[1]) / m as f64,
+            t[1] / t[0]
+        );
+    }
 }
 
 /// The other kernels, on one thread, against a copy of the same traffic and

@@ -33,10 +33,23 @@ pub fn single_input(body: &[u8], expect: usize) -> Option<Vec<f32>> {
     r.token(b"[")?;
     let mut values = Vec::with_capacity(expect.min(body.len() / 2 + 1));
     if r.token(b"]").is_none() {
+        r.skip_ws();
         loop {
-            r.skip_ws();
             values.push(r.number()?);
+            // The separators clients write, "," and ", ", in one step.
+            match r.b.get(r.at..r.at + 2) {
+                Some([b',', b' ']) => {
+                    r.at += 2;
+                    continue;
+                }
+                Some([b',', c]) if !matches!(c, b' ' | b'\n' | b'\r' | b'\t') => {
+                    r.at += 1;
+                    continue;
+                }
+                _ => {}
+            }
             if r.token(b",").is_some() {
+                r.skip_ws();
                 continue;
             }
             r.token(b"]")?;
