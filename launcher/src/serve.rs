@@ -710,7 +710,9 @@ impl Server {
 /// machine at 15k requests/s (docs/benchmarks.md). The combiner lives while
 /// requests keep coming: after each pass it yields, so the connections on
 /// its worker get read and their inputs join the next pass, and it ends
-/// when a pass finds nothing queued.
+/// when a pass finds nothing queued. A pass blocks the worker it runs on
+/// (at most `MAX_ROWS` rows, about a millisecond on the development
+/// machine); the other workers carry on meanwhile.
 struct Batcher {
     inner: Arc<Combiner>,
 }
@@ -1039,6 +1041,53 @@ mod tests {
         let c = load(&format!("{ca}[defaults]\ntop_k = 4\n[clients.bob]\noutput = \"label\"\n")).expect("valid");
         assert_eq!(c.clients["bob"], Policy { labels_only: true, top_k: 4, ..Policy::default() });
         assert_eq!(c.client_ca.map(|(_, p)| p), Some(Policy { top_k: 4, ..Policy::default() }));
+    }
+
+    /// Many requests at once, each batched with whatever else was queued:
+    /// every one must get its own input's probabilities, bit for bit.
+    #[test]
+    fn concurrent_requests_each_get_their_own_answer() {
+        let spec = ModelSpec {
+            kind: warden_agent::spec::ModelKind::Mlp,
+            inputs: 784,
+            classes: 10,
+            hidden: vec![256],
+            dropout: 0.0,
+            params: 0,
+            tensors: Vec::new(),
+        };
+        let params = warden_agent::model::init(&spec, 5);
+        let input = |r: usize, rows: usize| -> Vec<f32> {
+            (0..rows * 784).map(|i| ((i * 31 + r * 97) % 255) as f32 / 255.0).collect()
+        };
+        let alone = warden_agent::model::Predictor::new(spec.clone(), params.clone());
+        let mut ws = warden_agent::model::Workspace::default();
+        let batcher = Arc::new(Batcher::start(spec, params));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("a runtime");
+        let answers = runtime.block_on(async {
+            let tasks: Vec<_> = (0..200)
+                .map(|r| {
+                    let b = batcher.clone();
+                    // Mostly single inputs, some batches of up to 5.
+                    let rows = if r % 7 == 0 { 1 + r % 5 } else { 1 };
+                    tokio::spawn(async move { (r, rows, b.predict(input(r, rows), rows).await) })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.push(t.await.expect("the request task"));
+            }
+            all
+        });
+        for (r, rows, got) in answers {
+            let got = got.expect("an answer");
+            let want = alone.predict(&mut ws, &input(r, rows), rows);
+            assert_eq!(got.len(), rows * 10, "request {r}");
+            assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "request {r} got another answer");
+        }
+        // The combiner ends when the queue is empty and is started again.
+        let again = runtime.block_on(batcher.predict(input(7, 1), 1)).expect("an answer");
+        assert_eq!(again, alone.predict(&mut ws, &input(7, 1), 1));
     }
 
     #[test]
