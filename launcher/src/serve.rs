@@ -1047,15 +1047,7 @@ mod tests {
     /// every one must get its own input's probabilities, bit for bit.
     #[test]
     fn concurrent_requests_each_get_their_own_answer() {
-        let spec = ModelSpec {
-            kind: warden_agent::spec::ModelKind::Mlp,
-            inputs: 784,
-            classes: 10,
-            hidden: vec![256],
-            dropout: 0.0,
-            params: 0,
-            tensors: Vec::new(),
-        };
+        let spec = ModelSpec::mlp(784, vec![256], 10);
         let params = warden_agent::model::init(&spec, 5);
         let input = |r: usize, rows: usize| -> Vec<f32> {
             (0..rows * 784).map(|i| ((i * 31 + r * 97) % 255) as f32 / 255.0).collect()

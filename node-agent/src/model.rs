@@ -408,8 +408,7 @@ mod tests {
     #[test]
     fn served_predictions_agree_with_training_and_do_not_depend_on_the_batch() {
         for hidden in [vec![256], vec![40, 17], vec![]] {
-            let kind = if hidden.is_empty() { ModelKind::Softmax } else { ModelKind::Mlp };
-            let m = ModelSpec { kind, inputs: 784, classes: 10, hidden, dropout: 0.0, params: 0, tensors: Vec::new() };
+            let m = ModelSpec::mlp(784, hidden, 10);
             let params = init(&m, 3);
             let rows = 19;
             let x: Vec<f32> = (0..rows * m.inputs).map(|i| ((i * 37 % 255) as f32) / 255.0).collect();
@@ -438,15 +437,7 @@ mod tests {
 
     #[test]
     fn layout_covers_the_vector() {
-        let m = ModelSpec {
-            kind: ModelKind::Mlp,
-            inputs: 784,
-            classes: 10,
-            hidden: vec![256],
-            dropout: 0.0,
-            params: 0,
-            tensors: Vec::new(),
-        };
+        let m = ModelSpec::mlp(784, vec![256], 10);
         let l = layout(&m);
         assert_eq!(l.iter().map(|(_, _, r)| r.len()).sum::<usize>(), num_params(&m));
         assert_eq!(num_params(&m), 784 * 256 + 256 + 256 * 10 + 10);

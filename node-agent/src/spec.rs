@@ -382,6 +382,13 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// A multilayer perceptron without dropout (softmax regression when
+    /// `hidden` is empty).
+    pub fn mlp(inputs: usize, hidden: Vec<usize>, classes: usize) -> ModelSpec {
+        let kind = if hidden.is_empty() { ModelKind::Softmax } else { ModelKind::Mlp };
+        ModelSpec { kind, inputs, classes, hidden, dropout: 0.0, params: 0, tensors: Vec::new() }
+    }
+
     /// Layer widths from input to output.
     pub fn widths(&self) -> Vec<usize> {
         std::iter::once(self.inputs).chain(self.hidden.iter().copied()).chain(std::iter::once(self.classes)).collect()
