@@ -258,6 +258,25 @@ fn bench_commands_print_their_figures() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let left: Vec<_> = std::fs::read_dir(&*tmp).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "the benchmarks left {left:?} in the temporary directory");
+    // --dir: files already there (even ones named as the bench's) stay as
+    // they were; nothing else is left.
+    let given = tmp.join("checkpoints");
+    std::fs::create_dir(&given).unwrap();
+    for name in ["bench.wck", "bench.plain", "keep"] {
+        std::fs::write(given.join(name), name).unwrap();
+    }
+    let out = Command::new(bin("warden"))
+        .args(["bench", "checkpoint", "--mib", "1", "--rounds", "1", "--dir"])
+        .arg(&given)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut left: Vec<_> = std::fs::read_dir(&given).unwrap().flatten().map(|e| e.file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["bench.plain", "bench.wck", "keep"], "--dir holds what it held before, and only that");
+    for name in ["bench.wck", "bench.plain", "keep"] {
+        assert_eq!(std::fs::read_to_string(given.join(name)).unwrap(), name, "{name} was changed");
+    }
 
     let bad = Command::new(bin("warden")).args(["bench", "ps", "--params", "lots"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));

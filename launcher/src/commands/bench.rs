@@ -237,7 +237,9 @@ pub struct CheckpointArgs {
     /// Size of the shard state in MiB (parameters plus one optimizer slot).
     #[arg(long, default_value_t = 256)]
     pub mib: usize,
-    /// Directory to write in (default: a fresh one under the system temp dir).
+    /// Directory to measure in (created if missing): the bench writes in a
+    /// fresh subdirectory of it and removes that afterwards (default: the
+    /// system temp dir).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Rounds; the best of each is kept.
@@ -256,26 +258,22 @@ pub fn exec_checkpoint(a: &CheckpointArgs) -> u8 {
         eprintln!("error: --mib must be 1 to 65536 and --rounds at least 1");
         return EXIT_USAGE;
     }
-    // Without --dir: a fresh private directory (see exec_ps), removed when
-    // `tmp` drops at the end.
-    let tmp;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => match tempfile::Builder::new().prefix("warden-bench-ckpt-").tempdir() {
-            Ok(t) => {
-                tmp = t;
-                tmp.path().to_path_buf()
-            }
-            Err(e) => {
-                eprintln!("error: cannot create a scratch directory: {e}");
-                return EXIT_FAILED;
-            }
-        },
-    };
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("error: cannot create {}: {e}", dir.display());
+    // A fresh private directory, in --dir (which is created if missing) or
+    // in the system's temporary directory, removed with what the bench
+    // wrote when `scratch` drops: nothing already in --dir is touched.
+    let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    if let Err(e) = std::fs::create_dir_all(&parent) {
+        eprintln!("error: cannot create {}: {e}", parent.display());
         return EXIT_FAILED;
     }
+    let scratch = match tempfile::Builder::new().prefix("warden-bench-ckpt-").tempdir_in(&parent) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot create a scratch directory in {}: {e}", parent.display());
+            return EXIT_FAILED;
+        }
+    };
+    let dir = scratch.path();
     let len = a.mib * (1 << 20) / 8;
     let params: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 1e-3).collect();
     let state = ShardState { t: 1, slots: vec![params.clone()], params };
@@ -326,11 +324,7 @@ pub fn exec_checkpoint(a: &CheckpointArgs) -> u8 {
         })?;
         Ok([write_plain, write_enc, read_plain, read_enc])
     })();
-    let _ = std::fs::remove_file(&enc_path);
-    let _ = std::fs::remove_file(&plain_path);
-    if a.dir.is_none() {
-        let _ = std::fs::remove_dir(&dir);
-    }
+    drop(scratch);
     match result {
         Ok([wp, we, rp, re]) => {
             println!(
