@@ -40,7 +40,8 @@ impl PackedB {
     pub fn new(k: usize, n: usize, b: &[f32], sb: Strides) -> Option<PackedB> {
         assert!(k > 0 && n > 0, "PackedB: empty {k}x{n} matrix");
         assert!((k - 1) * sb.row + (n - 1) * sb.col < b.len(), "PackedB: B is too short for {k}x{n}");
-        if !kernel_available() {
+        // The kernel needs AVX2 and FMA, as the few-rows path of `sgemm`.
+        if !matches!(crate::Isa::best(), crate::Isa::Avx2 | crate::Isa::Avx512) {
             return None;
         }
         let blocks = n.div_ceil(BLOCK);
@@ -53,27 +54,6 @@ impl PackedB {
             }
         }
         Some(PackedB { k, n, data })
-    }
-
-    /// Rows of B.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// Columns of B.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-}
-
-fn kernel_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

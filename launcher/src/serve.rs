@@ -751,7 +751,10 @@ impl Batcher {
     async fn predict(&self, x: Vec<f32>, rows: usize) -> Option<Vec<f32>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start = {
-            let mut q = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            // Not bounded here: HTTP/1 answers a connection's requests in
+            // turn, so the queue holds at most one job per connection,
+            // inputs that are in memory anyway.
+            let mut q = self.inner.lock();
             q.jobs.push(Job { x, rows, reply });
             !std::mem::replace(&mut q.running, true)
         };

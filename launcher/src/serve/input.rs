@@ -32,8 +32,8 @@ pub fn single_input(body: &[u8], expect: usize) -> Option<Vec<f32>> {
     r.token(b":")?;
     r.token(b"[")?;
     let mut values = Vec::with_capacity(expect.min(body.len() / 2 + 1));
+    // (`token` has skipped the whitespace before the first number.)
     if r.token(b"]").is_none() {
-        r.skip_ws();
         loop {
             values.push(r.number()?);
             // The separators clients write, "," and ", ", in one step.
