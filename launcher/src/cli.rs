@@ -313,6 +313,9 @@ pub enum BenchCommand {
 
 /// Parses arguments and runs the command; returns the exit code.
 pub fn main() -> u8 {
+    // Everything warden writes (run directories, logs, models, keys, state)
+    // is its user's alone unless they share it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -510,40 +510,13 @@ async fn run_attempt(
     let (tx, mut rx) = mpsc::channel::<Report>(4096);
     let mut procs: Vec<Proc> = Vec::new();
     let mut failure = Failures::default();
-    // Firewalls first: no listener opens on an unprotected host.
-    let table = warden_agent::plan::firewall_table(&plan.job_id);
-    let mut protected = Vec::new();
-    // Every host at once: one slow host must not delay the others.
-    let mut setups = tokio::task::JoinSet::new();
-    for (hi, host) in plan.hosts.iter().enumerate().filter(|(_, h)| !h.ports.is_empty()) {
-        let (t, host, table) = (transport.clone(), host.clone(), table.clone());
-        setups.spawn(async move { (hi, t.setup_host(&host, &table).await) });
-    }
-    let mut setup_errors = Vec::new();
-    while let Some(joined) = setups.join_next().await {
-        match joined {
-            Ok((hi, Ok(None))) => protected.push(&plan.hosts[hi]),
-            Ok((_, Ok(Some(warning)))) => {
-                if acc.warnings.insert(warning.clone()) {
-                    say_fmt!("warning: {warning}")
-                }
-            }
-            Ok((hi, Err(e))) => {
-                setup_errors.push(format!("{}: cannot install the job's firewall: {e}", plan.hosts[hi].name))
-            }
-            Err(e) => setup_errors.push(e.to_string()),
-        }
-    }
-    if !setup_errors.is_empty() {
-        setup_errors.sort();
-        failure.add(Cause::Setup, setup_errors.join("; "));
-    } else if ctx.epoch_lines && !protected.is_empty() {
-        progress.println(&format!(
-            "  firewall table in place on {} host(s) ({:.2}s)",
-            protected.len(),
-            started.elapsed().as_secs_f64()
-        ));
-    }
+    // Every host first: the job's uid and firewall table, so that no
+    // listener opens on an unprotected host. Locally every host is this
+    // machine: one set-up serves them all.
+    let host_job = crate::transport::HostJob { job: plan.job_id.clone(), uids: spec.cluster.uids };
+    let set_up = set_up_hosts(ctx, &host_job, acc, &mut failure).await;
+    let uid_of =
+        |host: &str| set_up.get(if plan.local { plan.hosts[0].name.as_str() } else { host }).copied().flatten();
     progress.phase(&format!("starting {} processes", plan.processes.len()));
     // Start every agent at once, too; each enrols as soon as its CSR arrives.
     let start_ctx = Arc::new(StartCtx {
@@ -565,14 +538,15 @@ async fn run_attempt(
             role: p.role,
             rank: p.rank,
             workdir: transport.workdir(p),
+            job_uid: uid_of(&p.host),
             resume,
             checkpoint_series: ctx.checkpoints.series.clone(),
             // The key goes to the servers only: they alone write checkpoints.
             checkpoint_key: ctx.checkpoints.secret.clone().filter(|_| p.role == Role::Server),
         };
-        let (p, tx, sctx) = (p.clone(), tx.clone(), start_ctx.clone());
+        let (p, tx, sctx, uid) = (p.clone(), tx.clone(), start_ctx.clone(), uid_of(&p.host));
         starts.spawn(async move {
-            let r = start_one(i, &p, bundle, &sctx, tx).await;
+            let r = start_one(i, &p, bundle, &sctx, tx, uid).await;
             (i, p, r)
         });
     }
@@ -644,7 +618,21 @@ async fn run_attempt(
                 Event::Eval { epoch, test_loss, test_accuracy } => {
                     epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
                 }
-                Event::Model { path } => model_at = Some((i, path)),
+                // Only the job's own model directory, whatever the event says.
+                Event::Model { path } if path == transport.workdir(&procs[i].planned).join("model") => {
+                    model_at = Some((i, path))
+                }
+                Event::Model { path } => {
+                    failure.add(
+                        Cause::Reported,
+                        format!(
+                            "{}: named {} as its model, not its own model directory",
+                            procs[i].planned.label(),
+                            path.display()
+                        ),
+                    );
+                    stop_all(&mut procs).await;
+                }
                 Event::Checkpoint { step, bytes } => {
                     if ctx.epoch_lines {
                         progress.println(&format!(
@@ -772,7 +760,11 @@ async fn run_attempt(
             }
         }
         if let Some((i, path)) = model_at.take() {
-            match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir()).await {
+            let limits = crate::transport::FetchLimits {
+                uid: uid_of(&procs[i].planned.host),
+                max_bytes: model_fetch_limit(spec),
+            };
+            match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir(), limits).await {
                 Ok(()) => model_fetched = true,
                 Err(e) => {
                     failure.add(Cause::Setup, format!("cannot fetch the model from {}: {e}", procs[i].planned.label()));
@@ -781,35 +773,116 @@ async fn run_attempt(
             }
         }
     }
-    // Every host at once, each within a deadline: a host that went away
-    // must hold neither the others nor the launcher.
+    tear_down_hosts(ctx, &host_job, &set_up, &procs).await;
+    let (failure, restartable) = failure.root();
+    Ok(AttemptEnd {
+        failure,
+        restartable,
+        model_fetched,
+        startup_s,
+        resumed_step,
+        processes: procs
+            .iter()
+            .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
+            .collect(),
+    })
+}
+
+/// The most a model fetch may bring back: the parameters as f32 twice
+/// over (a format's overhead is far below that), plus room for metadata.
+fn model_fetch_limit(spec: &JobSpec) -> u64 {
+    (warden_agent::model::num_params(&spec.model) as u64).saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// Sets up every host at once (one slow host must not delay the others):
+/// `warden-agent host setup` leases the job's uid and installs its firewall
+/// table there. Returns the uid of each host that was set up; a failure is
+/// added to `failure`.
+async fn set_up_hosts(
+    ctx: &AttemptCtx<'_>,
+    job: &crate::transport::HostJob,
+    acc: &mut Accumulated,
+    failure: &mut Failures,
+) -> BTreeMap<String, Option<u32>> {
+    let plan = ctx.plan;
+    let hosts: Vec<&warden_agent::plan::HostPlan> =
+        if plan.local { plan.hosts.iter().take(1).collect() } else { plan.hosts.iter().collect() };
+    let mut setups = tokio::task::JoinSet::new();
+    for host in hosts {
+        let (t, host, job) = (ctx.transport.clone(), host.clone(), job.clone());
+        setups.spawn(async move {
+            let r = t.setup_host(&host, &job).await;
+            (host.name, r)
+        });
+    }
+    let (mut set_up, mut errors) = (BTreeMap::new(), Vec::new());
+    while let Some(joined) = setups.join_next().await {
+        match joined {
+            Ok((name, Ok(setup))) => {
+                if let Some(warning) = setup.warning
+                    && acc.warnings.insert(warning.clone())
+                {
+                    say_fmt!("warning: {warning}")
+                }
+                set_up.insert(name, setup.uid);
+            }
+            Ok((name, Err(e))) => errors.push(format!("{name}: cannot set up the job's uid and firewall: {e}")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort();
+        failure.add(Cause::Setup, errors.join("; "));
+    } else if ctx.epoch_lines && set_up.values().any(Option::is_some) {
+        ctx.progress.println(&format!(
+            "  firewall table and a uid of the job's own on {} host(s) ({:.2}s)",
+            set_up.len(),
+            ctx.started.elapsed().as_secs_f64()
+        ));
+    }
+    set_up
+}
+
+/// Every host at once, each within a deadline (a host that went away must
+/// hold neither the others nor the launcher): first every process of the
+/// job's uid ends, the firewall table goes and the uid is released
+/// (`warden-agent host teardown`), then the job directories are removed.
+async fn tear_down_hosts(
+    ctx: &AttemptCtx<'_>,
+    job: &crate::transport::HostJob,
+    set_up: &BTreeMap<String, Option<u32>>,
+    procs: &[Proc],
+) {
+    let table = warden_agent::plan::firewall_table(&job.job);
     let mut cleanups = tokio::task::JoinSet::new();
-    for host in &plan.hosts {
+    for host in &ctx.plan.hosts {
         let mine: Vec<PlannedProcess> =
             procs.iter().filter(|p| p.planned.host == host.name).map(|p| p.planned.clone()).collect();
-        let firewall = protected.iter().any(|h| h.name == host.name);
-        if mine.is_empty() && !firewall {
+        let uid = set_up.get(&host.name).copied();
+        if mine.is_empty() && uid.is_none() {
             continue;
         }
-        let (t, host, table) = (transport.clone(), host.clone(), table.clone());
+        let (t, host, job, table) = (ctx.transport.clone(), host.clone(), job.clone(), table.clone());
         cleanups.spawn(async move {
             let work = async {
+                let torn = match uid {
+                    Some(uid) => t.teardown_host(&host, &job, uid).await.map(|said| {
+                        if !said.is_empty() {
+                            tracing::info!("{}: {said}", host.name);
+                        }
+                    }),
+                    None => Ok(()),
+                };
                 for p in &mine {
                     if let Err(e) = t.cleanup(p).await {
                         tracing::warn!("cleanup on {}: {e}", p.label());
                     }
                 }
-                match firewall {
-                    true => t
-                        .teardown_host(&host, &table)
-                        .await
-                        .map_err(|e| format!("cannot remove firewall table {table}: {e}")),
-                    false => Ok(()),
-                }
+                torn.map_err(|e| format!("cannot end the job's processes and remove firewall table {table}: {e}"))
             };
             let result = tokio::time::timeout(TEARDOWN_DEADLINE, work).await.unwrap_or_else(|_| {
                 Err(format!(
-                    "did not answer within {} s; its job directory and firewall table {table} may be left",
+                    "did not answer within {} s; its job directory, processes and firewall table {table} may be left",
                     TEARDOWN_DEADLINE.as_secs()
                 ))
             });
@@ -823,18 +896,6 @@ async fn run_attempt(
             );
         }
     }
-    let (failure, restartable) = failure.root();
-    Ok(AttemptEnd {
-        failure,
-        restartable,
-        model_fetched,
-        startup_s,
-        resumed_step,
-        processes: procs
-            .iter()
-            .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
-            .collect(),
-    })
 }
 
 /// The log file name of a process in `DIR/logs/`.
@@ -864,6 +925,7 @@ async fn start_one(
     bundle: Bundle,
     ctx: &StartCtx,
     tx: mpsc::Sender<Report>,
+    uid: Option<u32>,
 ) -> Result<Proc, String> {
     let StartCtx { transport, ca, logs, progress } = ctx;
     let progress = progress.clone();
@@ -951,7 +1013,7 @@ async fn start_one(
             let code = tokio::select! {
                 r = handle.wait() => r,
                 Ok(group) = kill_rx => {
-                    let said = handle.terminate(group).await;
+                    let said = handle.terminate(group, uid).await;
                     tracing::warn!("{label} did not stop on request: {said}");
                     let line = format!("[launcher] did not stop on request: {said}\n");
                     let _ = log.lock().await.write_all(line.as_bytes()).await;

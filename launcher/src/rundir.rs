@@ -161,8 +161,19 @@ impl RunDir {
                 path.display()
             ));
         }
+        // Private to the user who launched: logs, the plan and the model are
+        // theirs to share (the launcher's umask makes every file 0600).
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         for sub in ["logs", "model"] {
-            std::fs::create_dir_all(path.join(sub))
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(path.join(sub))
                 .map_err(|e| format!("cannot create {}: {e}", path.join(sub).display()))?;
         }
         Ok(RunDir { path })

@@ -29,7 +29,10 @@ use warden_agent::identity::JobId;
 use warden_agent::plan::{HostPlan, PlannedProcess};
 use warden_agent::spec::{Become, JobSpec};
 
-use crate::transport::{BoxFuture, ProcessHandle, Spawned, Transport};
+use crate::transport::{
+    AgentCmd, BoxFuture, FetchLimits, HostJob, ProcessHandle, Spawned, Transport, fetch_with, parse_setup,
+};
+use warden_agent::host::Setup;
 
 /// Name prefix of the launchers' SSH control directories in the system's
 /// temporary directory: `warden-ssh-PID-RANDOM`.
@@ -231,6 +234,16 @@ fn sh_quote(s: &str) -> String {
 }
 
 async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, String> {
+    run_bytes(host, cmd, stdin).await.map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `warden-agent ARGS` on `host` (as root where the host needs sudo).
+async fn run_agent(host: &Host, cmd: &AgentCmd<'_>, stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let words: Vec<String> = std::iter::once(host.agent.clone()).chain(cmd.args()).map(|w| sh_quote(&w)).collect();
+    run_bytes(host, &words.join(" "), stdin).await
+}
+
+async fn run_bytes(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
     let full = if host.sudo { format!("sudo -n sh -c {}", sh_quote(cmd)) } else { cmd.to_string() };
     let mut c = host.session.clone().arc_command("sh");
     c.arg("-c").arg(&full).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -242,9 +255,10 @@ async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, Str
     }
     let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(out.stdout)
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string())
     }
 }
 
@@ -413,19 +427,16 @@ impl ProcessHandle for RemoteChild {
             }
         })
     }
-    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String> {
+    fn terminate(&mut self, group: Option<(u32, u64)>, uid: Option<u32>) -> BoxFuture<'_, String> {
         Box::pin(async move {
             let said = match group {
                 Some((pgid, start)) => {
                     let grace = crate::transport::TERM_GRACE;
-                    let cmd = format!(
-                        "{} stop-group {pgid} {start} --grace-ms {}",
-                        sh_quote(&self.host.agent),
-                        grace.as_millis()
-                    );
+                    let cmd = AgentCmd::StopGroup { pgid, start, grace, uid };
                     // An unreachable host must not hold the teardown.
-                    match tokio::time::timeout(grace + Duration::from_secs(10), run(&self.host, &cmd, None)).await {
-                        Ok(Ok(out)) => out.trim().to_string(),
+                    match tokio::time::timeout(grace + Duration::from_secs(10), run_agent(&self.host, &cmd, None)).await
+                    {
+                        Ok(Ok(out)) => String::from_utf8_lossy(&out).trim().to_string(),
                         Ok(Err(e)) => format!("stop-group failed: {e}"),
                         Err(_) => "the host did not answer stop-group in time".to_string(),
                     }
@@ -473,31 +484,11 @@ impl Transport for SshTransport {
         p: &'a PlannedProcess,
         remote: &'a Path,
         local: &'a Path,
+        limits: FetchLimits,
     ) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let host = self.host(&p.host)?;
-            tokio::fs::create_dir_all(local).await?;
-            let dir = remote.display().to_string();
-            let names = run(host, &format!("ls -1 {}", sh_quote(&dir)), None).await.map_err(io::Error::other)?;
-            for name in names.lines().filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.')) {
-                let path = format!("{dir}/{name}");
-                let mut c = if host.sudo {
-                    let mut c = host.session.clone().arc_command("sudo");
-                    c.arg("-n").arg("cat");
-                    c
-                } else {
-                    host.session.clone().arc_command("cat")
-                };
-                let out = c.arg(&path).output().await.map_err(io::Error::other)?;
-                if !out.status.success() {
-                    return Err(io::Error::other(format!(
-                        "cat {path}: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-                tokio::fs::write(local.join(name), out.stdout).await?;
-            }
-            Ok(())
+            fetch_with(run_agent(host, &AgentCmd::Fetch { dir: remote, limits }, None), local, limits.max_bytes).await
         })
     }
 
@@ -509,19 +500,24 @@ impl Transport for SshTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
         Box::pin(async move {
             let h = self.host(&host.name).map_err(|e| e.to_string())?;
-            let cmd = format!("{} firewall install {}", sh_quote(&h.agent), sh_quote(table));
-            run(h, &cmd, Some(host.firewall.as_bytes())).await.map(|_| None)
+            let cmd = AgentCmd::Setup { job, host: &host.name };
+            parse_setup(&run_agent(h, &cmd, Some(host.firewall.as_bytes())).await?)
         })
     }
 
-    fn teardown_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn teardown_host<'a>(
+        &'a self,
+        host: &'a HostPlan,
+        job: &'a HostJob,
+        uid: Option<u32>,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let h = self.host(&host.name).map_err(|e| e.to_string())?;
-            let cmd = format!("{} firewall remove {}", sh_quote(&h.agent), sh_quote(table));
-            run(h, &cmd, None).await.map(|_| ())
+            let out = run_agent(h, &AgentCmd::Teardown { job, uid }, None).await?;
+            Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
     }
 

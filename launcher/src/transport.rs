@@ -2,8 +2,11 @@
 //!
 //! Everything above this trait (enrolment, watching, teardown) is the same
 //! for every transport; only process start and file fetch differ. `--local`
-//! uses [`LocalTransport`]; the SSH transport (issue 6) implements the same
-//! trait over one multiplexed OpenSSH connection per host.
+//! uses [`LocalTransport`]; the SSH transport implements the same trait over
+//! one multiplexed OpenSSH connection per host. What runs as root on a host
+//! (uid lease, firewall, ending processes, reading the model) is a
+//! `warden-agent` command ([`AgentCmd`]) with the same arguments for every
+//! transport.
 
 use std::future::Future;
 use std::io;
@@ -12,6 +15,8 @@ use std::pin::Pin;
 use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use warden_agent::host::Setup;
+use warden_agent::identity::JobId;
 use warden_agent::plan::{HostPlan, PlannedProcess};
 
 /// A boxed future, for object-safe async methods.
@@ -30,8 +35,9 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// From a child process of the launcher started with all three streams piped.
-    pub fn from_child(mut child: tokio::process::Child) -> io::Result<Spawned> {
+    /// From a child process of the launcher started with all three streams
+    /// piped; `agent` is the `warden-agent` binary that ends its group.
+    pub fn from_child(mut child: tokio::process::Child, agent: &Path) -> io::Result<Spawned> {
         let piped = || io::Error::other("agent started without piped stdio");
         let stdin = child.stdin.take().ok_or_else(piped)?;
         let stdout = child.stdout.take().ok_or_else(piped)?;
@@ -40,7 +46,7 @@ impl Spawned {
             stdin: Box::pin(stdin),
             stdout: Box::pin(stdout),
             stderr: Box::pin(stderr),
-            handle: Box::new(LocalChild(child)),
+            handle: Box::new(LocalChild { child, agent: agent.to_path_buf() }),
         })
     }
 }
@@ -51,10 +57,11 @@ pub trait ProcessHandle: Send {
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>>;
     /// Ends it for good, after it did not stop on request: its process
     /// group (`group`: the agent's PID and start time, from its `process`
-    /// event) gets SIGTERM, [`TERM_GRACE`], then SIGKILL; without a group,
-    /// the agent alone is killed (local) or its channel closed (SSH).
-    /// Returns what happened, for the log.
-    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String>;
+    /// event) gets SIGTERM, [`TERM_GRACE`], then SIGKILL, through
+    /// `warden-agent stop-group` (which, given the job's `uid`, signals only
+    /// that uid's processes); without a group, the agent alone is killed
+    /// (local) or its channel closed (SSH). Returns what happened, for the log.
+    fn terminate(&mut self, group: Option<(u32, u64)>, uid: Option<u32>) -> BoxFuture<'_, String>;
 }
 
 /// Between SIGTERM and SIGKILL when a process group is ended.
@@ -66,20 +73,30 @@ pub trait Transport: Send + Sync {
     fn spawn_agent<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>>;
     /// The job directory of `p` on its host.
     fn workdir(&self, p: &PlannedProcess) -> PathBuf;
-    /// Copies the files of directory `remote` on `p`'s host into `local`.
+    /// Copies the regular files of directory `remote` on `p`'s host into
+    /// `local`, read there as the job's `uid` without following links, at
+    /// most `max_bytes` (`warden-agent host fetch`).
     fn fetch_dir<'a>(
         &'a self,
         p: &'a PlannedProcess,
         remote: &'a Path,
         local: &'a Path,
+        limits: FetchLimits,
     ) -> BoxFuture<'a, io::Result<()>>;
     /// Removes `p`'s job directory on its host.
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>>;
-    /// Prepares `host` before any agent starts there: installs the job's
-    /// firewall table. Returns a warning when the host cannot have one.
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>>;
-    /// Removes what [`Transport::setup_host`] installed; called however the job ended.
-    fn teardown_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Prepares `host` before any agent starts there (`warden-agent host
+    /// setup`): leases the job a uid and installs the job's firewall table.
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>>;
+    /// Undoes [`Transport::setup_host`] (`warden-agent host teardown`): ends
+    /// every process of the job's `uid` there, removes the table, releases
+    /// the uid. Called however the job ended; returns what it did.
+    fn teardown_host<'a>(
+        &'a self,
+        host: &'a HostPlan,
+        job: &'a HostJob,
+        uid: Option<u32>,
+    ) -> BoxFuture<'a, Result<String, String>>;
     /// Called once after every process is gone and cleaned up.
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -98,30 +115,220 @@ impl LocalTransport {
     pub fn new(agent: PathBuf, nodes_dir: PathBuf) -> Self {
         LocalTransport { agent, nodes_dir }
     }
+
+    /// Agents from `agent` for job `job`. As root, their job directories
+    /// are where an SSH host keeps them (`[cluster] remote_dir/jobs/JOB`,
+    /// root's, which the job's uid can pass through), so the run directory
+    /// can stay private to the user who launched (0700); without root, the
+    /// job runs as that user, in `nodes/` of the run directory.
+    pub fn for_job(agent: PathBuf, spec: &warden_agent::spec::JobSpec, job: &JobId, run_nodes: PathBuf) -> Self {
+        let nodes_dir = match warden_agent::harden::started_as_root() {
+            true => spec.cluster.remote_dir.join("jobs").join(job.as_str()),
+            false => run_nodes,
+        };
+        LocalTransport { agent, nodes_dir }
+    }
 }
 
 /// A [`ProcessHandle`] for a child process of the launcher.
-pub struct LocalChild(pub tokio::process::Child);
+pub struct LocalChild {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// The `warden-agent` binary, for `stop-group`.
+    pub agent: PathBuf,
+}
 
 impl ProcessHandle for LocalChild {
     fn wait(&mut self) -> BoxFuture<'_, io::Result<Option<i32>>> {
-        Box::pin(async move { Ok(self.0.wait().await?.code()) })
+        Box::pin(async move { Ok(self.child.wait().await?.code()) })
     }
-    fn terminate(&mut self, group: Option<(u32, u64)>) -> BoxFuture<'_, String> {
+    fn terminate(&mut self, group: Option<(u32, u64)>, uid: Option<u32>) -> BoxFuture<'_, String> {
         Box::pin(async move {
             let said = match group {
-                Some((pgid, start)) => tokio::task::spawn_blocking(move || {
-                    warden_agent::reap::stop_group(pgid, start, TERM_GRACE)
-                        .map_or_else(|e| e, |ended| format!("process group {pgid}: {ended}"))
-                })
-                .await
-                .unwrap_or_else(|e| e.to_string()),
+                Some((pgid, start)) => {
+                    let args = AgentCmd::StopGroup { pgid, start, grace: TERM_GRACE, uid }.args();
+                    match run_agent(&self.agent, &[], &args, None).await {
+                        Ok(out) => String::from_utf8_lossy(&out).trim().to_string(),
+                        Err(e) => format!("stop-group failed: {e}"),
+                    }
+                }
                 None => "no process group reported; killing the agent".to_string(),
             };
-            let _ = self.0.start_kill();
+            let _ = self.child.start_kill();
             said
         })
     }
+}
+
+/// A job as the host commands need it.
+#[derive(Debug, Clone)]
+pub struct HostJob {
+    /// The job's id.
+    pub job: JobId,
+    /// `[cluster] uids`.
+    pub uids: (u32, u32),
+}
+
+/// What a model fetch may read.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchLimits {
+    /// The job's uid on the host, to read as.
+    pub uid: Option<u32>,
+    /// At most this many bytes in all.
+    pub max_bytes: u64,
+}
+
+/// A `warden-agent` command that the launcher runs on a host, as root: its
+/// arguments are the same for every transport.
+#[derive(Debug, Clone)]
+pub enum AgentCmd<'a> {
+    /// `host setup` for `host` (ruleset on stdin).
+    Setup {
+        /// The job.
+        job: &'a HostJob,
+        /// The host's name in the plan.
+        host: &'a str,
+    },
+    /// `host teardown`.
+    Teardown {
+        /// The job.
+        job: &'a HostJob,
+        /// The uid that setup leased.
+        uid: Option<u32>,
+    },
+    /// `host fetch DIR`.
+    Fetch {
+        /// The job's model directory on the host.
+        dir: &'a Path,
+        /// Uid and size limit.
+        limits: FetchLimits,
+    },
+    /// `stop-group`.
+    StopGroup {
+        /// The agent's PID, its group's id.
+        pgid: u32,
+        /// Its start time in clock ticks.
+        start: u64,
+        /// Between SIGTERM and SIGKILL.
+        grace: std::time::Duration,
+        /// The job's uid on the host.
+        uid: Option<u32>,
+    },
+}
+
+impl AgentCmd<'_> {
+    /// The arguments after the binary's name.
+    pub fn args(&self) -> Vec<String> {
+        let uid = |uid: Option<u32>| uid.map(|u| vec!["--uid".to_string(), u.to_string()]).unwrap_or_default();
+        match self {
+            AgentCmd::Setup { job, host } => vec![
+                "host".into(),
+                "setup".into(),
+                "--job".into(),
+                job.job.to_string(),
+                "--host".into(),
+                host.to_string(),
+                "--first-uid".into(),
+                job.uids.0.to_string(),
+                "--last-uid".into(),
+                job.uids.1.to_string(),
+            ],
+            AgentCmd::Teardown { job, uid: u } => {
+                [vec!["host".into(), "teardown".into(), "--job".into(), job.job.to_string()], uid(*u)].concat()
+            }
+            AgentCmd::Fetch { dir, limits } => [
+                vec![
+                    "host".into(),
+                    "fetch".into(),
+                    dir.display().to_string(),
+                    "--max-bytes".into(),
+                    limits.max_bytes.to_string(),
+                ],
+                uid(limits.uid),
+            ]
+            .concat(),
+            AgentCmd::StopGroup { pgid, start, grace, uid: u } => [
+                vec![
+                    "stop-group".into(),
+                    pgid.to_string(),
+                    start.to_string(),
+                    "--grace-ms".into(),
+                    grace.as_millis().to_string(),
+                ],
+                uid(*u),
+            ]
+            .concat(),
+        }
+    }
+}
+
+/// Reads the JSON line that `warden-agent host setup` prints.
+pub fn parse_setup(out: &[u8]) -> Result<Setup, String> {
+    serde_json::from_slice(out).map_err(|e| format!("unreadable answer from `warden-agent host setup`: {e}"))
+}
+
+/// Runs `PREFIX.. AGENT ARGS` on this machine with `stdin`; its stdout, or
+/// its stderr as the error.
+pub async fn run_agent(
+    agent: &Path,
+    prefix: &[&str],
+    args: &[String],
+    stdin: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut c = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = tokio::process::Command::new(first);
+            c.args(rest).arg(agent);
+            c
+        }
+        None => tokio::process::Command::new(agent),
+    };
+    c.args(args)
+        .env_clear()
+        .envs(clean_env())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c.spawn().map_err(|e| format!("cannot start {}: {e}", agent.display()))?;
+    if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(data).await.map_err(|e| e.to_string())?;
+        w.shutdown().await.map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string())
+    }
+}
+
+/// The environment every agent and host command starts with on this
+/// machine: nothing of the launcher's but a short allow-list (no
+/// passphrase variable, no token of the user's shell). `WARDEN_LOG` sets the
+/// agents' log level; `WARDEN_TEST_TAG` has no effect but lets tests find a
+/// job's processes.
+pub fn clean_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+    const KEEP: &[&str] = &["PATH", "LANG", "TZ", "WARDEN_LOG", "WARDEN_TEST_TAG"];
+    KEEP.iter().filter_map(|k| std::env::var_os(k).map(|v| (k.into(), v)))
+}
+
+/// Fetches with `host fetch` run through `run`, and unpacks into `local`.
+pub async fn fetch_with<F>(run: F, local: &Path, max_bytes: u64) -> io::Result<()>
+where
+    F: Future<Output = Result<Vec<u8>, String>>,
+{
+    let stream = run.await.map_err(io::Error::other)?;
+    let local = local.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        warden_agent::host::receive_files(&mut stream.as_slice(), &local, max_bytes)
+            .map(|_| ())
+            .map_err(io::Error::other)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 impl Transport for LocalTransport {
@@ -129,6 +336,8 @@ impl Transport for LocalTransport {
         Box::pin(async move {
             let child = tokio::process::Command::new(&self.agent)
                 .arg("run")
+                .env_clear()
+                .envs(clean_env())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -136,7 +345,7 @@ impl Transport for LocalTransport {
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", self.agent.display())))?;
-            Spawned::from_child(child)
+            Spawned::from_child(child, &self.agent)
         })
     }
 
@@ -149,17 +358,10 @@ impl Transport for LocalTransport {
         _p: &'a PlannedProcess,
         remote: &'a Path,
         local: &'a Path,
+        limits: FetchLimits,
     ) -> BoxFuture<'a, io::Result<()>> {
-        Box::pin(async move {
-            tokio::fs::create_dir_all(local).await?;
-            let mut entries = tokio::fs::read_dir(remote).await?;
-            while let Some(e) = entries.next_entry().await? {
-                if e.file_type().await?.is_file() {
-                    tokio::fs::copy(e.path(), local.join(e.file_name())).await?;
-                }
-            }
-            Ok(())
-        })
+        let args = AgentCmd::Fetch { dir: remote, limits }.args();
+        Box::pin(async move { fetch_with(run_agent(&self.agent, &[], &args, None), local, limits.max_bytes).await })
     }
 
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
@@ -171,33 +373,22 @@ impl Transport for LocalTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
         Box::pin(async move {
-            if !warden_agent::harden::started_as_root() {
-                return Ok(Some(format!(
-                    "not running as root: no firewall table for this job on {} (run as root to get one)",
-                    host.name
-                )));
-            }
-            let (table, rules) = (table.to_string(), host.firewall.clone());
-            tokio::task::spawn_blocking(move || warden_agent::firewall::install(&table, &rules))
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|()| None)
-                .map_err(|e| e.to_string())
+            let args = AgentCmd::Setup { job, host: &host.name }.args();
+            parse_setup(&run_agent(&self.agent, &[], &args, Some(host.firewall.as_bytes())).await?)
         })
     }
 
-    fn teardown_host<'a>(&'a self, _host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn teardown_host<'a>(
+        &'a self,
+        _host: &'a HostPlan,
+        job: &'a HostJob,
+        uid: Option<u32>,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            if !warden_agent::harden::started_as_root() {
-                return Ok(());
-            }
-            let table = table.to_string();
-            tokio::task::spawn_blocking(move || warden_agent::firewall::remove(&table))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
+            let out = run_agent(&self.agent, &[], &AgentCmd::Teardown { job, uid }.args(), None).await?;
+            Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
     }
 
@@ -207,19 +398,6 @@ impl Transport for LocalTransport {
             let _ = tokio::fs::remove_dir(&self.nodes_dir).await;
         })
     }
-}
-
-/// Copies the regular files of directory `from` into `to` (created if
-/// needed), for transports whose hosts share this machine's filesystem.
-pub async fn copy_files(from: &Path, to: &Path) -> io::Result<()> {
-    tokio::fs::create_dir_all(to).await?;
-    let mut entries = tokio::fs::read_dir(from).await?;
-    while let Some(e) = entries.next_entry().await? {
-        if e.file_type().await?.is_file() {
-            tokio::fs::copy(e.path(), to.join(e.file_name())).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Finds `warden-agent`: `$WARDEN_AGENT` if set, else beside this executable.

@@ -72,15 +72,14 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         let _ = nix::sys::prctl::set_name(&comm);
     }
 
-    // Who training runs as: the job user when we are root, else ourselves.
+    // Who training runs as: the job's own uid when we are root, else ourselves.
     let root = crate::harden::started_as_root();
     let user = if root {
-        Some(crate::harden::resolve_user(&spec.cluster.user).map_err(|e| e.to_string())?)
+        Some(job_user(&spec, &bundle)?)
     } else {
         let message = format!(
-            "warden-agent is not running as root: no firewall for this job on this host and no switch to user `{}`; \
+            "warden-agent is not running as root: no firewall for this job on this host and no uid of its own; \
              training runs as uid {} with no_new_privs and the seccomp filter",
-            spec.cluster.user,
             nix::unistd::Uid::current()
         );
         tracing::warn!("{message}");
@@ -97,7 +96,8 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     };
     let tls = TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())?;
 
-    crate::harden::prepare_dir(&bundle.workdir, user).map_err(|e| e.to_string())?;
+    let owner = user.map(|u| crate::privfs::Owner { uid: u.uid, gid: u.gid });
+    crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(|e| format!("job directory: {e}"))?;
     let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
 
     // The point of no return: nothing below runs with privileges, and no
@@ -175,8 +175,26 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     Ok(Prepared { ctx, listener, worker_data, external })
 }
 
+/// The job's identity on this host: the uid the launcher leased to the job
+/// here (checked against the lease and the job's range), with the primary
+/// group of `[cluster] user`.
+fn job_user(spec: &JobSpec, bundle: &Bundle) -> Result<crate::harden::JobUser, String> {
+    let account = crate::harden::resolve_user(&spec.cluster.user).map_err(|e| e.to_string())?;
+    let uid =
+        bundle.job_uid.ok_or("the launcher leased this job no uid on this host; a launcher of this version does")?;
+    let (first, last) = spec.cluster.uids;
+    if !(first..=last).contains(&uid) {
+        return Err(format!("uid {uid} is outside the job's [cluster] uids = [{first}, {last}]"));
+    }
+    crate::jobuid::check_lease(uid, &bundle.job_id).map_err(|e| e.to_string())?;
+    Ok(crate::harden::JobUser { uid, gid: account.gid })
+}
+
 /// A server's checkpoint set-up: the series directory, made while still
-/// privileged and handed to the job user (mode 0700), and the key.
+/// privileged and handed to the job's uid (mode 0700, and everything in it
+/// when the job resumes a series an earlier job wrote), and the key. Root
+/// works here by file descriptor ([`crate::privfs`]): the series may hold
+/// what an earlier job's uid planted.
 fn checkpoint_ctx(
     spec: &JobSpec,
     bundle: &Bundle,
@@ -187,14 +205,21 @@ fn checkpoint_ctx(
     };
     let secret = bundle.checkpoint_key.as_ref().ok_or("the launcher sent no checkpoint key to this server")?;
     let series = bundle.checkpoint_series.clone().unwrap_or_else(|| bundle.job_id.clone());
-    // The root is the user's: made (for the job user) only when missing.
-    if !ck.dir.exists() {
-        crate::harden::prepare_dir(&ck.dir, user)
-            .map_err(|e| format!("checkpoint directory {}: {e}", ck.dir.display()))?;
-    }
     let series_dir = crate::checkpoint::series_dir(&ck.dir, &series);
-    crate::harden::prepare_dir(&series_dir, user)
-        .map_err(|e| format!("checkpoint directory {}: {e}", series_dir.display()))?;
+    let fail = |e: crate::privfs::PrivFsError| format!("checkpoint directory: {e}");
+    match user {
+        Some(u) => {
+            // A root made here is root's, 0711: job uids pass through it to
+            // their series and can neither list it nor plant anything in it.
+            crate::privfs::ensure_dir_if_missing(&ck.dir, 0o711, Some(crate::privfs::Owner::ROOT)).map_err(fail)?;
+            let owner = crate::privfs::Owner { uid: u.uid, gid: u.gid };
+            crate::privfs::hand_over_tree(&series_dir, owner).map_err(fail)?;
+        }
+        None => {
+            crate::privfs::ensure_dir_if_missing(&ck.dir, 0o700, None).map_err(fail)?;
+            crate::privfs::ensure_dir(&series_dir, 0o700, None).map_err(fail)?;
+        }
+    }
     let key = std::sync::Arc::new(crate::checkpoint::CheckpointKey::new(secret));
     Ok(Some(roles::CheckpointCtx { key, series, series_dir }))
 }

@@ -59,6 +59,10 @@ pub struct Bundle {
     pub rank: u32,
     /// Where it may write (model output, scratch).
     pub workdir: PathBuf,
+    /// The uid leased to the job on this host ([`crate::jobuid`]); the
+    /// agent, when root, runs the job as it. `None` without root.
+    #[serde(default)]
+    pub job_uid: Option<u32>,
     /// The job continues from the newest checkpoint valid on every server.
     #[serde(default)]
     pub resume: bool,

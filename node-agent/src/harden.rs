@@ -1,8 +1,8 @@
 //! Dropping everything: the agent's privileged set-up and the point of no
 //! return after it.
 //!
-//! As root the agent resolves the job user, creates the job directory (owned
-//! by that user, mode 0700), then drops, in this order, on the only thread
+//! As root the agent resolves the job's uid, creates the job directory (owned
+//! by that uid, mode 0700, see [`crate::privfs`]), then drops, in this order, on the only thread
 //! there is (capset, `PR_CAPBSET_DROP` and `no_new_privs` act on the calling
 //! thread only; every later thread inherits the result):
 //!
@@ -27,7 +27,6 @@
 //! seccomp filter. There is no option to train as root.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use caps::CapSet;
 use nix::unistd::{Gid, Uid, User};
@@ -83,18 +82,6 @@ pub fn resolve_user(name: &str) -> Result<JobUser, HardenError> {
         return Err(HardenError::RootUser(name.to_string()));
     }
     Ok(JobUser { uid: user.uid.as_raw(), gid: user.gid.as_raw() })
-}
-
-/// Creates the job directory (and parents), owned by `owner`, mode 0700.
-pub fn prepare_dir(dir: &Path, owner: Option<JobUser>) -> Result<(), HardenError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| step("creating the job directory")(format!("{}: {e}", dir.display())))?;
-    if let Some(u) = owner {
-        nix::unistd::chown(dir, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid)))
-            .map_err(|e| step("handing the job directory to the job user")(e.to_string()))?;
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| step("making the job directory private")(e.to_string()))
 }
 
 /// Drops to `user` (when root) and installs `no_new_privs` and the seccomp

@@ -609,10 +609,17 @@ pub async fn run(
     }
 }
 
+/// What a `[worker] command` inherits of the agent's environment.
+pub const PROGRAM_ENV: &[&str] = &["PATH", "LANG", "TZ"];
+
 /// Starts the `[worker] command` as the job user (the caller has dropped
 /// privileges already; the seccomp filter comes after, so the program is
 /// not bound by the agent's filter but has no capabilities and
 /// no_new_privs). Its stdout and stderr go to the agent's log.
+///
+/// Its environment is [`PROGRAM_ENV`] as the agent has it, then `[worker]
+/// env`, then the `WARDEN_*` variables below: nothing else of the agent's
+/// or the launcher's (no passphrase variable, no token of a user's shell).
 pub fn spawn_program(
     spec: &crate::spec::JobSpec,
     rank: u32,
@@ -626,6 +633,8 @@ pub fn spawn_program(
     std::process::Command::new(&w.command[0])
         .args(&w.command[1..])
         .current_dir(&w.workdir)
+        .env_clear()
+        .envs(PROGRAM_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (k, v))))
         .envs(&w.env)
         .env("WARDEN_RANK", rank.to_string())
         .env("WARDEN_NUM_WORKERS", workers.to_string())

@@ -9,7 +9,10 @@
 //!   each, and authenticated connections with limits and deadlines.
 //! - [`control`], [`agent`]: the launcher-agent channel over stdin/stdout and
 //!   the agent process's set-up; [`harden`]: the privilege drop; [`firewall`]:
-//!   the per-job nftables table.
+//!   the per-job nftables table; [`jobuid`]: the uid each job has on each
+//!   host, leased and ended; [`host`]: a job's set-up and teardown on a
+//!   host as root (`warden-agent host`); [`privfs`]: what root does to paths that job
+//!   users can write, by file descriptor; [`reap`]: ending process groups.
 //! - [`roles`]: scheduler, server and worker.
 //! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
 //! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
@@ -28,13 +31,16 @@ pub mod data;
 pub mod firewall;
 pub mod fuzz;
 pub mod harden;
+pub mod host;
 pub mod identity;
 pub mod inventory;
+pub mod jobuid;
 pub mod kv;
 pub mod model;
 pub mod optimizer;
 pub mod pki;
 pub mod plan;
+pub mod privfs;
 pub mod reap;
 pub mod roles;
 pub mod secure_random;

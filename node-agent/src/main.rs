@@ -34,6 +34,10 @@ enum Cmd {
     /// The job's nftables table on this host (the launcher runs these as root).
     #[command(subcommand)]
     Firewall(FirewallCmd),
+    /// A job's uid, firewall table and files on this host (the launcher runs
+    /// these as root before the agents start and after they end).
+    #[command(subcommand)]
+    Host(HostCmd),
     /// End an agent's process group: SIGTERM, GRACE_MS, then SIGKILL (the
     /// launcher runs this when an agent does not stop on request).
     StopGroup {
@@ -44,11 +48,100 @@ enum Cmd {
         /// Milliseconds between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 2000)]
         grace_ms: u64,
+        /// The job's uid on this host: only its processes in the group are
+        /// signalled, and only while the leader runs as it (or is gone).
+        #[arg(long)]
+        uid: Option<u32>,
     },
 }
 
+#[derive(clap::Subcommand)]
+enum HostCmd {
+    /// Lease the job a uid of its own and install its firewall table (the
+    /// ruleset on stdin, `$job_uid` defined as the uid); prints one JSON
+    /// line: {"uid": N, "warning": null}.
+    Setup {
+        /// The job id.
+        #[arg(long)]
+        job: String,
+        /// The host's name in the plan (recorded in the lease).
+        #[arg(long)]
+        host: String,
+        /// First uid of the range ([cluster] uids).
+        #[arg(long)]
+        first_uid: u32,
+        /// Last uid of the range.
+        #[arg(long)]
+        last_uid: u32,
+    },
+    /// End every process of the job's uid, remove its firewall table and
+    /// release the uid.
+    Teardown {
+        /// The job id.
+        #[arg(long)]
+        job: String,
+        /// The uid `setup` leased, if any.
+        #[arg(long)]
+        uid: Option<u32>,
+    },
+    /// Write the regular files of DIR to stdout (`LEN NAME` lines, each
+    /// followed by the bytes, then `end`), read as UID: no link followed.
+    Fetch {
+        /// The job's model directory.
+        dir: std::path::PathBuf,
+        /// Read as this uid (the job's) instead of as root.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// At most this many bytes in all.
+        #[arg(long)]
+        max_bytes: u64,
+    },
+}
+
+fn host(cmd: HostCmd) -> ExitCode {
+    use std::io::Read;
+    use warden_agent::host;
+    use warden_agent::identity::JobId;
+    let job = |id: String| JobId::try_from(id).map_err(|e| e.to_string());
+    let result: Result<(), String> = match cmd {
+        HostCmd::Setup { job: id, host: name, first_uid, last_uid } => job(id).and_then(|id| {
+            let mut rules = String::new();
+            std::io::stdin()
+                .take(1 << 20)
+                .read_to_string(&mut rules)
+                .map_err(|e| format!("reading the ruleset: {e}"))?;
+            if first_uid > last_uid {
+                return Err(format!("the uid range {first_uid}-{last_uid} is empty"));
+            }
+            let setup = host::setup(&id, &name, (first_uid, last_uid), &rules).map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string(&setup).map_err(|e| e.to_string())?);
+            Ok(())
+        }),
+        HostCmd::Teardown { job: id, uid } => job(id).and_then(|id| {
+            let said = host::teardown(&id, uid).map_err(|e| e.to_string())?;
+            println!("{said}");
+            Ok(())
+        }),
+        HostCmd::Fetch { dir, uid, max_bytes } => (|| {
+            if let Some(uid) = uid.filter(|_| warden_agent::harden::started_as_root()) {
+                host::become_uid(uid)?;
+            }
+            let mut out = std::io::stdout().lock();
+            host::send_files(&dir, &mut out, max_bytes)
+        })()
+        .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `warden-agent stop-group`: only ever a warden agent's group.
-fn stop_group(pgid: u32, start: u64, grace_ms: u64) -> ExitCode {
+fn stop_group(pgid: u32, start: u64, grace_ms: u64, uid: Option<u32>) -> ExitCode {
     use warden_agent::reap;
     // A living leader must be an agent (its binary is warden-agent[-HASH]).
     if let Ok(exe) = std::fs::read_link(format!("/proc/{pgid}/exe"))
@@ -57,7 +150,7 @@ fn stop_group(pgid: u32, start: u64, grace_ms: u64) -> ExitCode {
         println!("process {pgid} is not a warden agent ({}); nothing signalled", exe.display());
         return ExitCode::SUCCESS;
     }
-    match reap::stop_group(pgid, start, std::time::Duration::from_millis(grace_ms.min(60_000))) {
+    match reap::stop_group(pgid, start, std::time::Duration::from_millis(grace_ms.min(60_000)), uid) {
         Ok(ended) => {
             println!("process group {pgid}: {ended}");
             ExitCode::SUCCESS
@@ -119,7 +212,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Firewall(cmd) => return firewall(cmd),
-        Cmd::StopGroup { pgid, start, grace_ms } => return stop_group(pgid, start, grace_ms),
+        Cmd::StopGroup { pgid, start, grace_ms, uid } => return stop_group(pgid, start, grace_ms, uid),
+        Cmd::Host(cmd) => return host(cmd),
         Cmd::Run => {}
     }
     tracing_subscriber::fmt()

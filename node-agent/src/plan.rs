@@ -133,6 +133,7 @@ impl Plan {
             }
         }
         let all_addresses: BTreeSet<IpAddr> = processes.iter().map(|p| p.address).collect();
+        let job_ports: BTreeSet<u16> = processes.iter().filter_map(|p| p.port).collect();
         let hosts = cl
             .hosts
             .iter()
@@ -141,7 +142,12 @@ impl Plan {
                 let ports: Vec<u16> = processes.iter().filter(|p| p.host_index == hi).filter_map(|p| p.port).collect();
                 let address = if local { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { h.address };
                 let peers: Vec<IpAddr> = all_addresses.iter().copied().collect();
-                let firewall = firewall_rules(job_id, &ports, &peers);
+                // Locally, every host is this machine: one table (one uid)
+                // serves them all, so each host's rules cover every port.
+                let firewall = match local {
+                    true => firewall_rules(job_id, &job_ports.iter().copied().collect::<Vec<_>>(), &peers, &job_ports),
+                    false => firewall_rules(job_id, &ports, &peers, &job_ports),
+                };
                 HostPlan { name: h.name.clone(), address, ports, peers, firewall }
             })
             .collect();
@@ -184,24 +190,44 @@ impl Plan {
     }
 }
 
-/// An nftables ruleset admitting only the job's peers to the job's ports.
-fn firewall_rules(job: &JobId, ports: &[u16], peers: &[IpAddr]) -> String {
+/// The nftables variable that `warden-agent host setup` defines as the uid
+/// it leased to the job on the host ([`crate::jobuid`]).
+pub const JOB_UID_VAR: &str = "job_uid";
+
+/// An nftables ruleset for one host: its listening `ports` accept only the
+/// job's `peers` (input), and on this host only the job's uid (or root) may
+/// open connections to any of the job's ports `job_ports` on the peers
+/// (output: `meta skuid` is known only for locally generated packets, so
+/// each host filters its own users). Other local users are refused with a
+/// reset, so they cannot hold the job's connection slots.
+fn firewall_rules(job: &JobId, ports: &[u16], peers: &[IpAddr], job_ports: &BTreeSet<u16>) -> String {
     let table = firewall_table(job);
-    if ports.is_empty() {
-        return format!("# no listening ports on this host; table {table} is not needed\n");
-    }
-    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let list = |ports: &mut dyn Iterator<Item = &u16>| ports.map(u16::to_string).collect::<Vec<_>>().join(", ");
     let v4: Vec<String> = peers.iter().filter(|a| a.is_ipv4()).map(IpAddr::to_string).collect();
     let v6: Vec<String> = peers.iter().filter(|a| a.is_ipv6()).map(IpAddr::to_string).collect();
-    let mut s =
-        format!("table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n");
-    if !v4.is_empty() {
-        s += &format!("    tcp dport {{ {ports} }} ip saddr {{ {} }} accept\n", v4.join(", "));
+    let families = [("ip", &v4), ("ip6", &v6)];
+    let mut s = format!("table inet {table} {{\n");
+    if !ports.is_empty() {
+        let ports = list(&mut ports.iter());
+        s += "  chain input {\n    type filter hook input priority -10; policy accept;\n";
+        for (family, addrs) in families.iter().filter(|(_, a)| !a.is_empty()) {
+            s += &format!("    tcp dport {{ {ports} }} {family} saddr {{ {} }} accept\n", addrs.join(", "));
+        }
+        s += &format!("    tcp dport {{ {ports} }} drop\n  }}\n");
     }
-    if !v6.is_empty() {
-        s += &format!("    tcp dport {{ {ports} }} ip6 saddr {{ {} }} accept\n", v6.join(", "));
+    if !job_ports.is_empty() {
+        let ports = list(&mut job_ports.iter());
+        s += "  chain output {\n    type filter hook output priority -10; policy accept;\n";
+        for (family, addrs) in families.iter().filter(|(_, a)| !a.is_empty()) {
+            s += &format!(
+                "    tcp dport {{ {ports} }} {family} daddr {{ {} }} tcp flags & (syn | ack) == syn \
+                 meta skuid != {{ 0, ${JOB_UID_VAR} }} reject with tcp reset\n",
+                addrs.join(", ")
+            );
+        }
+        s += "  }\n";
     }
-    s += &format!("    tcp dport {{ {ports} }} drop\n  }}\n}}\n");
+    s += "}\n";
     s
 }
 
@@ -274,6 +300,9 @@ batch_size = 1
         let fw = &plan.hosts[1].firewall;
         assert!(fw.contains("tcp dport { 29500 } ip saddr { 10.0.0.1, 10.0.0.2 } accept"), "{fw}");
         assert!(fw.contains("tcp dport { 29500 } drop"), "{fw}");
+        // Every host's own users, but the job's uid, are kept off every job port.
+        assert!(fw.contains("tcp dport { 29500, 29501, 29502 } ip daddr { 10.0.0.1, 10.0.0.2 }"), "{fw}");
+        assert!(fw.contains("meta skuid != { 0, $job_uid } reject"), "{fw}");
         let local = Plan::new(&spec, &JobId::generate(), true);
         let ports: Vec<_> = local.processes.iter().filter_map(|p| p.port).collect();
         assert_eq!(ports, vec![29500, 29501, 29502, 29503]);

@@ -68,6 +68,22 @@ pub fn lead_own_group() -> Result<(u32, u64), String> {
 /// have ended, and reaping them is their parent's business (signal 0 to the
 /// group would still find them).
 pub fn live_members(pgid: u32) -> usize {
+    members_of(pgid, None)
+}
+
+/// [`live_members`], counting only processes that have `uid` (when given)
+/// as one of their uids.
+fn members_of(pgid: u32, uid: Option<u32>) -> usize {
+    let Some(uid) = uid else { return members_any(pgid) };
+    crate::jobuid::processes_of(uid).into_iter().filter(|pid| pgrp(*pid) == Some(pgid)).count()
+}
+
+fn pgrp(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(2)?.parse().ok()
+}
+
+fn members_any(pgid: u32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
     dir.flatten()
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
@@ -85,24 +101,38 @@ pub fn live_members(pgid: u32) -> usize {
 /// Ends process group `pgid` whose leader started at `start`: SIGTERM,
 /// up to `grace` for it to go, then SIGKILL. Returns once the group is gone
 /// (or after SIGKILL's delivery has been waited for up to a second).
-pub fn stop_group(pgid: u32, start: u64, grace: Duration) -> Result<Ended, String> {
+///
+/// With `uid` (the job's uid on this host), the signals come from a child
+/// process running as that uid ([`crate::jobuid::signal_group_as`]), so
+/// they reach only the job's own processes in the group, whatever the
+/// reported PID has become; this process must then be single-threaded
+/// (`warden-agent stop-group` is).
+pub fn stop_group(pgid: u32, start: u64, grace: Duration, uid: Option<u32>) -> Result<Ended, String> {
     let id = i32::try_from(pgid).ok().filter(|p| *p > 1).ok_or_else(|| format!("{pgid} is not a process group"))?;
     let group = Pid::from_raw(id);
     match start_ticks(pgid) {
         Some(t) if t != start => return Ok(Ended::NotOurs),
         _ => {}
     }
-    if live_members(pgid) == 0 {
+    if members_of(pgid, uid) == 0 {
         return Ok(Ended::AlreadyGone);
     }
-    match killpg(group, Signal::SIGTERM) {
-        Err(Errno::ESRCH) => return Ok(Ended::AlreadyGone),
-        Err(e) => return Err(format!("cannot signal process group {pgid}: {e}")),
-        Ok(()) => {}
+    let signal = |sig: Signal| -> Result<bool, String> {
+        match uid {
+            Some(uid) => crate::jobuid::signal_group_as(uid, pgid, sig).map_err(|e| e.to_string()),
+            None => match killpg(group, sig) {
+                Err(Errno::ESRCH) => Ok(false),
+                Err(e) => Err(format!("cannot signal process group {pgid}: {e}")),
+                Ok(()) => Ok(true),
+            },
+        }
+    };
+    if !signal(Signal::SIGTERM)? {
+        return Ok(Ended::AlreadyGone);
     }
     let until = Instant::now() + grace;
     loop {
-        if live_members(pgid) == 0 {
+        if members_of(pgid, uid) == 0 {
             return Ok(Ended::Terminated);
         }
         if Instant::now() >= until {
@@ -110,13 +140,11 @@ pub fn stop_group(pgid: u32, start: u64, grace: Duration) -> Result<Ended, Strin
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    match killpg(group, Signal::SIGKILL) {
-        Err(Errno::ESRCH) => return Ok(Ended::Terminated),
-        Err(e) => return Err(format!("cannot kill process group {pgid}: {e}")),
-        Ok(()) => {}
+    if !signal(Signal::SIGKILL)? {
+        return Ok(Ended::Terminated);
     }
     let until = Instant::now() + Duration::from_secs(1);
-    while live_members(pgid) > 0 && Instant::now() < until {
+    while members_of(pgid, uid) > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(Ended::Killed)
@@ -155,11 +183,11 @@ mod tests {
         for (stubborn, want) in [(false, Ended::Terminated), (true, Ended::Killed)] {
             let (leader, reaper) = group(stubborn);
             let start = start_ticks(leader).unwrap();
-            let got = stop_group(leader, start, Duration::from_millis(500)).unwrap();
+            let got = stop_group(leader, start, Duration::from_millis(500), None).unwrap();
             reaper.join().unwrap();
             assert_eq!(got, want, "stubborn: {stubborn}");
             assert_eq!(members(leader), 0, "stubborn: {stubborn}: members left");
-            assert_eq!(stop_group(leader, start, Duration::ZERO).unwrap(), Ended::AlreadyGone);
+            assert_eq!(stop_group(leader, start, Duration::ZERO, None).unwrap(), Ended::AlreadyGone);
         }
     }
 
@@ -167,11 +195,11 @@ mod tests {
     fn a_reused_pid_is_left_alone() {
         let (leader, reaper) = group(false);
         let start = start_ticks(leader).unwrap();
-        assert_eq!(stop_group(leader, start + 1, Duration::ZERO).unwrap(), Ended::NotOurs);
+        assert_eq!(stop_group(leader, start + 1, Duration::ZERO, None).unwrap(), Ended::NotOurs);
         assert_eq!(members(leader), 3, "nothing was signalled");
-        stop_group(leader, start, Duration::from_secs(1)).unwrap();
+        stop_group(leader, start, Duration::from_secs(1), None).unwrap();
         reaper.join().unwrap();
-        assert!(stop_group(1, 0, Duration::ZERO).is_err(), "never init's group");
+        assert!(stop_group(1, 0, Duration::ZERO, None).is_err(), "never init's group");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Cluster {
         pub user: Spanned<String>,
+        pub uids: Option<Spanned<Vec<Spanned<i64>>>>,
         pub ssh_config: Option<Spanned<String>>,
         pub remote_dir: Option<Spanned<String>>,
         #[serde(rename = "become")]
@@ -298,8 +299,12 @@ pub struct CheckpointSpec {
 pub struct ClusterSpec {
     /// The hostfile or inventory the hosts came from, if not the job file.
     pub hosts_from: Option<PathBuf>,
-    /// Unprivileged user that training runs as.
+    /// The account whose primary group training runs with (and, without
+    /// root, whose name the warning gives).
     pub user: String,
+    /// The range of uids leased to jobs, one per job and host
+    /// ([`crate::jobuid`]).
+    pub uids: (u32, u32),
     /// First port of the job's range.
     pub port_start: u16,
     /// Last port of the job's range (inclusive).
@@ -675,6 +680,27 @@ fn int_in<T: TryFrom<i64>>(
     T::try_from(x).map_err(|_| src.err(v.span(), format!("{what} is out of range"), help))
 }
 
+/// `[cluster] uids = [first, last]`: the uids leased to jobs. Never 0,
+/// never the ids below 1000 that distributions give to system accounts, at
+/// most 2^20 of them, and below 2^32 - 2 (`(uid_t) -1` means "no change").
+fn convert_uids(src: &Src<'_>, uids: Option<&toml::Spanned<Vec<toml::Spanned<i64>>>>) -> Result<(u32, u32), SpecError> {
+    let Some(uids) = uids else { return Ok(crate::jobuid::DEFAULT_RANGE) };
+    let help = "for example uids = [2000000000, 2000065535] (the default): a range no account on the hosts uses";
+    let [first, last] = uids.get_ref().as_slice() else {
+        return Err(src.err(uids.span(), "uids must be a range of two numbers [first, last]", help));
+    };
+    let first: u32 = int_in(src, first, "the first job uid", 1000, i64::from(u32::MAX - 2), help)?;
+    let last: u32 = int_in(src, last, "the last job uid", 1000, i64::from(u32::MAX - 2), help)?;
+    if first > last || last - first >= 1 << 20 {
+        return Err(src.err(
+            uids.span(),
+            "uids must be [first, last] with first <= last and at most 1048576 uids",
+            help,
+        ));
+    }
+    Ok((first, last))
+}
+
 /// Which kind of host list `[cluster]` names.
 enum ListKind<'a> {
     Hostfile,
@@ -835,6 +861,7 @@ fn convert(
             "name an unprivileged account, for example user = \"warden\" (playbooks/node-prep.yml creates it)",
         ));
     }
+    let uids = convert_uids(src, cl.uids.as_ref())?;
     let ports = cl.ports.get_ref();
     if ports.len() != 2 {
         return Err(src.err(
@@ -1020,8 +1047,18 @@ fn convert(
             ));
         }
     };
-    let cluster =
-        ClusterSpec { hosts_from, user, port_start, port_end, scheduler_port, hosts, ssh_config, remote_dir, become_ };
+    let cluster = ClusterSpec {
+        hosts_from,
+        user,
+        uids,
+        port_start,
+        port_end,
+        scheduler_port,
+        hosts,
+        ssh_config,
+        remote_dir,
+        become_,
+    };
     let schedulers = cluster.count(Role::Scheduler);
     if schedulers != 1 {
         return Err(src.err(

@@ -1,5 +1,6 @@
 //! A launcher transport that runs each host's agents inside that host's
-//! network namespace (`ip netns exec`), and its firewall there too. Below
+//! network namespace (`ip netns exec`), and its host commands (uid lease,
+//! firewall, teardown, model fetch) there too. Below
 //! the transport everything is the production path: the same launcher,
 //! plan, certificates, agents, privilege drop and firewall rules.
 
@@ -8,7 +9,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use warden::transport::{BoxFuture, Spawned, Transport};
+use warden::transport::{
+    AgentCmd, BoxFuture, FetchLimits, HostJob, Spawned, Transport, clean_env, fetch_with, parse_setup, run_agent,
+};
+use warden_agent::host::Setup;
 use warden_agent::plan::{HostPlan, PlannedProcess};
 
 /// Hosts (by name in the job file) -> namespace.
@@ -31,23 +35,6 @@ impl NetnsTransport {
             .map(String::as_str)
             .ok_or_else(|| io::Error::other(format!("no namespace for {host}")))
     }
-
-    fn nft(&self, host: &str, args: &[&str], stdin: Option<String>) -> Result<(), String> {
-        use std::io::Write;
-        let ns = self.ns(host).map_err(|e| e.to_string())?;
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "nft"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        if let Some(text) = stdin {
-            child.stdin.take().unwrap().write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
-    }
 }
 
 impl Transport for NetnsTransport {
@@ -57,13 +44,15 @@ impl Transport for NetnsTransport {
                 .args(["netns", "exec", self.ns(&p.host)?])
                 .arg(&self.agent)
                 .arg("run")
+                .env_clear()
+                .envs(clean_env())
                 .env("WARDEN_TEST_TAG", &self.tag)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()?;
-            Spawned::from_child(child)
+            Spawned::from_child(child, &self.agent)
         })
     }
 
@@ -73,12 +62,16 @@ impl Transport for NetnsTransport {
 
     fn fetch_dir<'a>(
         &'a self,
-        _p: &'a PlannedProcess,
+        p: &'a PlannedProcess,
         remote: &'a Path,
         local: &'a Path,
+        limits: FetchLimits,
     ) -> BoxFuture<'a, io::Result<()>> {
-        // The namespaces share this machine's filesystem.
-        Box::pin(warden::transport::copy_files(remote, local))
+        let args = AgentCmd::Fetch { dir: remote, limits }.args();
+        Box::pin(async move {
+            let ns = self.ns(&p.host)?;
+            fetch_with(run_agent(&self.agent, &["ip", "netns", "exec", ns], &args, None), local, limits.max_bytes).await
+        })
     }
 
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
@@ -88,14 +81,28 @@ impl Transport for NetnsTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
         Box::pin(async move {
-            let _ = self.nft(&host.name, &["delete", "table", "inet", table], None);
-            self.nft(&host.name, &["-f", "-"], Some(host.firewall.clone())).map(|()| None)
+            let ns = self.ns(&host.name).map_err(|e| e.to_string())?;
+            let args = AgentCmd::Setup { job, host: &host.name }.args();
+            let out =
+                run_agent(&self.agent, &["ip", "netns", "exec", ns], &args, Some(host.firewall.as_bytes())).await?;
+            parse_setup(&out)
         })
     }
 
-    fn teardown_host<'a>(&'a self, host: &'a HostPlan, table: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.nft(&host.name, &["delete", "table", "inet", table], None) })
+    fn teardown_host<'a>(
+        &'a self,
+        host: &'a HostPlan,
+        job: &'a HostJob,
+        uid: Option<u32>,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let ns = self.ns(&host.name).map_err(|e| e.to_string())?;
+            let out =
+                run_agent(&self.agent, &["ip", "netns", "exec", ns], &AgentCmd::Teardown { job, uid }.args(), None)
+                    .await?;
+            Ok(String::from_utf8_lossy(&out).trim().to_string())
+        })
     }
 }

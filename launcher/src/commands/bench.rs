@@ -116,12 +116,16 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
     };
     let opts =
         LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None, resume: None };
+    let for_transport = (spec.clone(), plan.job_id.clone());
     let outcome = runtime.block_on(launch(
         job,
         spec,
         text,
         plan,
-        move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
+        move |run| {
+            Arc::new(LocalTransport::for_job(agent, &for_transport.0, &for_transport.1, run.nodes_dir()))
+                as Arc<dyn Transport>
+        },
         opts,
     ));
     let outcome = match outcome {

@@ -1,5 +1,5 @@
 //! `warden firewall list|clean`: the job tables on this host, and removing
-//! those a crashed job left behind.
+//! those a crashed job left behind (with the job uids it had leased).
 
 use crate::cli::{EXIT_FAILED, EXIT_OK};
 
@@ -47,6 +47,18 @@ pub fn exec_clean(table: Option<&str>) -> u8 {
     }
     if tables.is_empty() {
         println!("no warden firewall tables on this host");
+    }
+    // A job uid whose table is gone and which runs nothing is free again.
+    if warden_agent::harden::started_as_root() {
+        let live = warden_agent::firewall::list().unwrap_or_default();
+        match warden_agent::jobuid::release_stale(&live) {
+            Ok(uids) if !uids.is_empty() => println!("released the job uid(s) {uids:?} of ended jobs"),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = EXIT_FAILED;
+            }
+        }
     }
     code
 }

@@ -35,13 +35,17 @@ pub fn exec(
         started: Some(started),
         resume,
     };
+    let for_transport = (spec.clone(), plan.job_id.clone());
     let result = if local {
         runtime.block_on(launch(
             job,
             spec,
             text,
             plan,
-            move |run| Arc::new(LocalTransport::new(agent, run.nodes_dir())) as Arc<dyn Transport>,
+            move |run| {
+                Arc::new(LocalTransport::for_job(agent, &for_transport.0, &for_transport.1, run.nodes_dir()))
+                    as Arc<dyn Transport>
+            },
             opts,
         ))
     } else {
@@ -125,9 +129,11 @@ pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
     };
     runtime.block_on(async {
         let mut code = EXIT_OK;
+        let host_job = crate::transport::HostJob { job: job_id.clone(), uids: spec.cluster.uids };
         for host in &plan.hosts {
-            match t.teardown_host(host, table).await {
-                Ok(()) => println!("{}: firewall table {table} removed", host.name),
+            // Without the uid: the host finds the job's leases itself.
+            match t.teardown_host(host, &host_job, None).await {
+                Ok(said) => println!("{}: firewall table {table} removed; {said}", host.name),
                 Err(e) => {
                     eprintln!("error: {}: {e}", host.name);
                     code = EXIT_FAILED;

@@ -1,0 +1,328 @@
+//! What root does to paths that a less privileged user can write.
+//!
+//! The agent is root until it drops to the job's uid, and part of its set-up
+//! happens where job users own things: a checkpoint series left by an earlier
+//! job (its files belong to that job's uid), the job directory of a process.
+//! A path-based `chown` or `chmod` there would follow a symbolic link (or hit
+//! a hard link) planted by that user and hand any file on the host, `/etc`
+//! say, to the job. So everything here works on file descriptors:
+//!
+//! - the last component of a directory path is opened relative to its
+//!   parent's descriptor with `O_NOFOLLOW | O_DIRECTORY`, and ownership and
+//!   mode change with `fchown`/`fchmod` on what was opened, never by name;
+//! - a tree is walked with `openat` from descriptor to descriptor, entries
+//!   examined with `fstatat(AT_SYMLINK_NOFOLLOW)`, files opened
+//!   `O_NOFOLLOW | O_NONBLOCK` and checked again with `fstat` before their
+//!   owner changes;
+//! - a symbolic link where a directory or file is expected, a regular file
+//!   with more than one hard link (hard-linking a file one does not own is
+//!   what `fs.protected_hardlinks` forbids, but a host may have it off), and
+//!   any other kind of file are errors that name the path.
+//!
+//! The directories above the one named (the parent of a checkpoint root,
+//! say) are the administrator's: they are opened as named.
+//!
+//! `docs/security.md` lists every place where root touches such paths.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, fchown};
+
+/// How deep [`hand_over_tree`] walks: a checkpoint series holds step
+/// directories that hold files; anything deeper was not made by warden.
+pub const MAX_DEPTH: u32 = 4;
+
+/// Why a privileged file operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrivFsError {
+    /// A symbolic link stands where a directory or file was expected.
+    #[error(
+        "{0} is a symbolic link; refusing to follow it as root (a job user may have planted it): remove it, or point the setting at the real directory"
+    )]
+    Link(PathBuf),
+    /// A regular file has more than one hard link.
+    #[error(
+        "{0} has more than one hard link; refusing to change its owner as root (a job user may have linked another file there): remove it"
+    )]
+    HardLinked(PathBuf),
+    /// Something other than a directory or regular file.
+    #[error("{path} is {kind}, not something warden makes; remove it")]
+    Unexpected {
+        /// Where.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("{0} is nested deeper than warden nests its files; remove it")]
+    TooDeep(PathBuf),
+    /// A system call failed.
+    #[error("{what} {path}: {errno}")]
+    Sys {
+        /// What was attempted.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        errno: Errno,
+    },
+}
+
+fn sys<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> PrivFsError + 'a {
+    move |errno| PrivFsError::Sys { what, path: path.to_path_buf(), errno }
+}
+
+/// Who should own what is made or handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// root:root.
+    pub const ROOT: Owner = Owner { uid: 0, gid: 0 };
+
+    fn ids(self) -> (Option<Uid>, Option<Gid>) {
+        (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
+    }
+}
+
+fn kind_of(mode: u32) -> &'static str {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFREG => "a regular file",
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFIFO => "a named pipe",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR | SFlag::S_IFBLK => "a device",
+        _ => "of an unknown type",
+    }
+}
+
+fn is(mode: u32, kind: SFlag) -> bool {
+    mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+/// Opens directory `name` inside `parent` without following a link.
+fn open_dir_at(parent: impl AsFd, name: &OsStr, path: &Path) -> Result<OwnedFd, PrivFsError> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match openat(&parent, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        // With O_DIRECTORY, Linux reports a link as "not a directory".
+        Err(Errno::ELOOP | Errno::ENOTDIR) => match fstatat(&parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if is(st.st_mode, SFlag::S_IFLNK) => Err(PrivFsError::Link(path.to_path_buf())),
+            Ok(st) => Err(PrivFsError::Unexpected { path: path.to_path_buf(), kind: kind_of(st.st_mode) }),
+            Err(e) => Err(sys("examining", path)(e)),
+        },
+        Err(e) => Err(sys("opening", path)(e)),
+    }
+}
+
+/// Makes the missing directories of `dir`, each 0711 whatever the umask:
+/// a job's uid must pass through them to its own directory, and may not
+/// list them.
+fn make_parents(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o711).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Splits `path` into its parent (opened as named, creating it and its
+/// parents when missing) and its last component.
+fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), PrivFsError> {
+    let name = path
+        .file_name()
+        .filter(|n| !n.is_empty() && *n != "..")
+        .ok_or(PrivFsError::Unexpected { path: path.to_path_buf(), kind: "not a path that ends in a name" })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    make_parents(parent)
+        .map_err(|e| sys("creating", parent)(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    let fd = nix::fcntl::open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(sys("opening", parent))?;
+    Ok((fd, name))
+}
+
+/// Makes directory `path` (its parents as named) if missing, opens it
+/// without following a link in its last component, and gives it `owner`
+/// (when given) and `mode`. Returns the open directory, so that the caller
+/// can go on from the descriptor.
+pub fn ensure_dir(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedFd, PrivFsError> {
+    let (parent, name) = parent_and_name(path)?;
+    match mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(sys("creating", path)(e)),
+    }
+    let dir = open_dir_at(&parent, name, path)?;
+    if let Some(o) = owner {
+        let (u, g) = o.ids();
+        fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
+    }
+    fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))?;
+    Ok(dir)
+}
+
+/// Makes directory `path` (its parents as named) with `owner` and `mode`
+/// if it is missing; an existing one is left as it is, but must be a
+/// directory and not a link.
+pub fn ensure_dir_if_missing(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedFd, PrivFsError> {
+    let (parent, name) = parent_and_name(path)?;
+    let made = match mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
+        Ok(()) => true,
+        Err(Errno::EEXIST) => false,
+        Err(e) => return Err(sys("creating", path)(e)),
+    };
+    let dir = open_dir_at(&parent, name, path)?;
+    if made {
+        if let Some(o) = owner {
+            let (u, g) = o.ids();
+            fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
+        }
+        fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))?;
+    }
+    Ok(dir)
+}
+
+/// Gives directory `path` and everything in it to `owner`: directories
+/// 0700, files 0600, walked by descriptor (see the module doc). The
+/// directory is made if missing. Used when a job takes over a checkpoint
+/// series that an earlier job's uid owns.
+pub fn hand_over_tree(path: &Path, owner: Owner) -> Result<(), PrivFsError> {
+    let dir = ensure_dir(path, 0o700, Some(owner))?;
+    hand_over_entries(dir, path, owner, MAX_DEPTH)
+}
+
+fn hand_over_entries(dir: OwnedFd, path: &Path, owner: Owner, depth: u32) -> Result<(), PrivFsError> {
+    let (u, g) = owner.ids();
+    let mut entries = Dir::from_fd(dir).map_err(sys("reading", path))?;
+    let names: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|e| e.map(|e| e.file_name().to_bytes().to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(sys("reading", path))?;
+    for name in names.iter().filter(|n| n.as_slice() != b"." && n.as_slice() != b"..") {
+        let name = OsStr::from_bytes(name);
+        let child = path.join(name);
+        let st = fstatat(&entries, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(sys("examining", &child))?;
+        let mode = st.st_mode;
+        if is(mode, SFlag::S_IFDIR) {
+            if depth == 0 {
+                return Err(PrivFsError::TooDeep(child));
+            }
+            let fd = open_dir_at(&entries, name, &child)?;
+            fchown(&fd, u, g).map_err(sys("changing the owner of", &child))?;
+            fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(sys("changing the mode of", &child))?;
+            hand_over_entries(fd, &child, owner, depth - 1)?;
+        } else if is(mode, SFlag::S_IFREG) {
+            // O_NONBLOCK: should a pipe take the file's place after the
+            // check above, opening it does not wait for a writer.
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+            let fd = match openat(&entries, name, flags, Mode::empty()) {
+                Err(Errno::ELOOP) => return Err(PrivFsError::Link(child)),
+                other => other.map_err(sys("opening", &child))?,
+            };
+            let st = fstat(&fd).map_err(sys("examining", &child))?;
+            if !is(st.st_mode, SFlag::S_IFREG) {
+                return Err(PrivFsError::Unexpected { path: child, kind: kind_of(st.st_mode) });
+            }
+            if st.st_nlink > 1 {
+                return Err(PrivFsError::HardLinked(child));
+            }
+            fchown(&fd, u, g).map_err(sys("changing the owner of", &child))?;
+            fchmod(&fd, Mode::from_bits_truncate(0o600)).map_err(sys("changing the mode of", &child))?;
+        } else if is(mode, SFlag::S_IFLNK) {
+            return Err(PrivFsError::Link(child));
+        } else {
+            return Err(PrivFsError::Unexpected { path: child, kind: kind_of(mode) });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_directory_is_refused_and_its_target_untouched() {
+        let tmp = scratch();
+        let target = tmp.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = tmp.path().join("series");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = ensure_dir(&link, 0o700, None).unwrap_err();
+        assert!(matches!(err, PrivFsError::Link(_)), "{err}");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o755);
+        let err = hand_over_tree(&link, Owner { uid: nix::unistd::getuid().as_raw(), gid: 0 }).unwrap_err();
+        assert!(matches!(err, PrivFsError::Link(_)), "{err}");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o755);
+    }
+
+    #[test]
+    fn links_and_hard_links_inside_a_tree_are_refused() {
+        let me = Owner { uid: nix::unistd::getuid().as_raw(), gid: nix::unistd::getgid().as_raw() };
+        let tmp = scratch();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"secret").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let series = tmp.path().join("a");
+        std::fs::create_dir_all(series.join("step-1")).unwrap();
+        std::fs::write(series.join("step-1/shard-0.wck"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, series.join("step-1/manifest")).unwrap();
+        let err = hand_over_tree(&series, me).unwrap_err();
+        assert!(matches!(&err, PrivFsError::Link(p) if p.ends_with("step-1/manifest")), "{err}");
+
+        let series = tmp.path().join("b");
+        std::fs::create_dir_all(series.join("step-1")).unwrap();
+        std::fs::hard_link(&outside, series.join("step-1/shard-0.wck")).unwrap();
+        let err = hand_over_tree(&series, me).unwrap_err();
+        assert!(matches!(err, PrivFsError::HardLinked(_)), "{err}");
+        assert_eq!(std::fs::metadata(&outside).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_tree_is_handed_over_private() {
+        let me = Owner { uid: nix::unistd::getuid().as_raw(), gid: nix::unistd::getgid().as_raw() };
+        let tmp = scratch();
+        let series = tmp.path().join("s");
+        std::fs::create_dir_all(series.join("step-2")).unwrap();
+        std::fs::write(series.join("step-2/shard-0.wck"), b"x").unwrap();
+        std::fs::set_permissions(series.join("step-2/shard-0.wck"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        hand_over_tree(&series, me).unwrap();
+        let md = std::fs::metadata(series.join("step-2/shard-0.wck")).unwrap();
+        assert_eq!((md.mode() & 0o777, md.uid()), (0o600, me.uid));
+        assert_eq!(std::fs::metadata(series.join("step-2")).unwrap().mode() & 0o777, 0o700);
+        // A path of nothing but a name, and one ending in `..`.
+        assert!(ensure_dir(Path::new("/"), 0o700, None).is_err());
+        assert!(ensure_dir(&tmp.path().join(".."), 0o700, None).is_err());
+    }
+}
