@@ -416,8 +416,11 @@ impl Acceptor {
     }
 
     /// Completes the handshake, says welcome and reads the first message,
-    /// all within the first-message deadline.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<(ServerConn, Message), ConnError> {
+    /// all within the first-message deadline. The connection's `slot` is
+    /// given back once the peer has authenticated: the caps bound what
+    /// strangers can hold, and an authenticated peer is one of the job's
+    /// processes (each of which a listener serves once).
+    pub async fn accept(&self, tcp: TcpStream, slot: Slot) -> Result<(ServerConn, Message), ConnError> {
         let deadline = Instant::now() + self.limits.first_message;
         let peer_addr = tcp.peer_addr()?;
         let _ = tcp.set_nodelay(true);
@@ -426,6 +429,7 @@ impl Acceptor {
             .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
         let peer = tls::peer_identity(stream.get_ref().1).map_err(ConnError::Setup)?;
+        drop(slot);
         let mut conn = Conn::new(stream, peer, self.limits.max_frame);
         conn.set_stall(self.limits.stall);
         conn.send(&Message::Welcome).await?;
@@ -459,8 +463,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ConnError> {
     })
 }
 
-/// Connects to `expect` at `addr`, retrying refused connections until
-/// `patience` runs out (peers start in any order), then waits for its welcome.
+/// Connects to `expect` at `addr` and waits for its welcome. Peers start in
+/// any order and a listener closes connections beyond its caps before the
+/// handshake, so a refused connection or a handshake cut short is tried
+/// again with backoff until `patience` runs out; a handshake the peer
+/// refused (a certificate, a role) is not.
 pub async fn connect(
     me: &TlsIdentity,
     expect: Identity,
@@ -472,18 +479,40 @@ pub async fn connect(
     let connector = TlsConnector::from(config);
     let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(20);
-    let tcp = loop {
-        match timeout_at(deadline, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => break tcp,
-            Ok(Err(e)) if Instant::now() + backoff < deadline => {
+    loop {
+        match connect_once(&connector, &expect, addr, max_frame, deadline).await {
+            Err(e) if transient(&e) && Instant::now() + backoff < deadline => {
                 tracing::debug!("connect to {expect} at {addr}: {e}; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            Ok(Err(e)) => return Err(ConnError::Setup(format!("cannot reach {expect} at {addr}: {e}"))),
-            Err(_) => return Err(ConnError::Timeout("connecting")),
+            Err(ConnError::Io(e)) => return Err(ConnError::Setup(format!("cannot reach {expect} at {addr}: {e}"))),
+            other => return other,
         }
+    }
+}
+
+/// Whether a failed connection attempt is worth another: nothing listened
+/// yet, or the connection was closed before or during the handshake (a
+/// full connection cap does that), as opposed to a peer that refused us.
+fn transient(e: &ConnError) -> bool {
+    use std::io::ErrorKind::*;
+    let kind = match e {
+        ConnError::Io(e) | ConnError::Handshake { source: e, .. } => e.kind(),
+        ConnError::Closed(_) => return true,
+        _ => return false,
     };
+    matches!(kind, ConnectionRefused | ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe | NotConnected)
+}
+
+async fn connect_once(
+    connector: &TlsConnector,
+    expect: &Identity,
+    addr: SocketAddr,
+    max_frame: u32,
+    deadline: Instant,
+) -> Result<ClientConn, ConnError> {
+    let tcp = timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| ConnError::Timeout("connecting"))??;
     let _ = tcp.set_nodelay(true);
     let stream = timeout_at(
         deadline.max(Instant::now() + Duration::from_secs(10)),
@@ -492,7 +521,7 @@ pub async fn connect(
     .await
     .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
     .map_err(|source| ConnError::Handshake { peer: addr, source })?;
-    let mut conn = Conn::new(stream, expect, max_frame);
+    let mut conn = Conn::new(stream, expect.clone(), max_frame);
     // TLS 1.3 lets a refused client believe its first write succeeded; the
     // welcome proves the server accepted our certificate.
     match timeout(Duration::from_secs(30), conn.recv()).await {

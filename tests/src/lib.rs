@@ -446,6 +446,25 @@ impl Launcher {
     }
 }
 
+/// A test that fails while its launcher runs must not leave the job
+/// running (holding its ports for the next test): the launcher is asked to
+/// stop (SIGINT, an orderly teardown), then killed.
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let until = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (Launcher, PathBuf) {
     let job = job_in(dir, ports, &[("epochs = 5", "epochs = 100000")]);
     let run = dir.join("run");

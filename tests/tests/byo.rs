@@ -21,7 +21,11 @@ fn python() -> String {
 }
 
 fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    json_text(&std::fs::read_to_string(path).unwrap())
+}
+
+fn json_text(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap()
 }
 
 /// configs/byo-numpy.toml with absolute paths, the test's python and ports.
@@ -175,8 +179,16 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
 
     // From outside, while the programs sleep: nobody cannot even reach the
     // socket; root can (as root can everything) but is not the job user.
-    let sock = run.join("nodes/localhost-worker-0/kv.sock");
+    // As root, local job directories live where SSH hosts keep them.
     let until = Instant::now() + Duration::from_secs(60);
+    let job_id = loop {
+        if let Ok(plan) = std::fs::read_to_string(run.join("plan.json")) {
+            break json_text(&plan)["job_id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < until, "no plan.json appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let sock = Path::new("/var/lib/warden/jobs").join(job_id).join("localhost-worker-0/kv.sock");
     while !sock.exists() {
         assert!(Instant::now() < until, "no KV socket appeared");
         std::thread::sleep(Duration::from_millis(20));
@@ -195,19 +207,32 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
     let said = String::from_utf8_lossy(&as_root.stdout);
     assert!(said.contains("only the job user may use this socket"), "root was not refused: {said}");
 
-    // The programs run as the job user with no capabilities and no_new_privs.
-    let programs: Vec<u32> = warden_tests::agent_pids_tagged(&tag)
-        .into_iter()
+    // The programs (children of the worker agents; they start with a clean
+    // environment, so without the test's tag) run as the job's own uid with
+    // no capabilities and no_new_privs.
+    let agents = warden_tests::agent_pids(&tag);
+    let programs: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python"))
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid.is_some_and(|p| agents.contains(&p))
+                && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python"))
         })
         .collect();
     assert_eq!(programs.len(), 2, "one program per worker");
-    let job_uid = nix::unistd::User::from_name("warden").unwrap().unwrap().uid.as_raw();
+    let job_uid = {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agents[0])).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let warden = nix::unistd::User::from_name("warden").unwrap().unwrap().uid.as_raw();
+    assert_ne!(job_uid, warden.to_string(), "the job runs under a uid of its own");
     for pid in programs {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().to_string();
-        assert!(field("Uid:").split_whitespace().all(|u| u == job_uid.to_string()), "{status}");
+        assert!(field("Uid:").split_whitespace().all(|u| u == job_uid), "{status}");
         for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
             assert_eq!(field(caps), "0000000000000000", "{caps} of the program {pid}");
         }

@@ -256,7 +256,12 @@ fn a_three_host_job_over_real_ssh_matches_the_local_run() {
     for h in ["h0", "h1", "h2"] {
         assert!(stderr.contains(&format!("  {h}: connected, checked, agent in place (")), "{stderr}");
     }
-    for phase in ["(3/3, ", "firewall table in place on 2 host(s)", "7/7 processes enrolled", "7/7 processes started"] {
+    for phase in [
+        "(3/3, ",
+        "firewall table and a uid of the job's own on 3 host(s)",
+        "7/7 processes enrolled",
+        "7/7 processes started",
+    ] {
         assert!(stderr.contains(phase), "no `{phase}`: {stderr}");
     }
     // Each process's output streams back prefixed with host/role[rank].

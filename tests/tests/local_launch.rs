@@ -36,8 +36,12 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     // their servers (TLS close_notify) instead of vanishing.
     assert!(!stderr.contains("dropped worker"), "a server saw a worker vanish: {stderr}");
     // Each phase says when it is done, in order.
-    let phases =
-        ["firewall table in place on 1 host(s)", "5/5 processes enrolled", "5/5 processes started", "epoch 1/5"];
+    let phases = [
+        "firewall table and a uid of the job's own on 1 host(s)",
+        "5/5 processes enrolled",
+        "5/5 processes started",
+        "epoch 1/5",
+    ];
     let at: Vec<usize> =
         phases.iter().map(|p| stderr.find(p).unwrap_or_else(|| panic!("no `{p}`: {stderr}"))).collect();
     assert!(at.windows(2).all(|w| w[0] < w[1]), "phases out of order: {stderr}");

@@ -87,7 +87,8 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
         assert!(dropin.contains(line), "{dropin}");
     }
     let meta = std::fs::metadata(&ck).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o711);
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0, "the checkpoint root is root's");
 
     // What a crashed job leaves: a firewall table, a job directory, old steps.
     let table = format!("warden_{}", &warden_tests::fresh_tag()[..12]);

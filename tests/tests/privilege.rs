@@ -54,8 +54,12 @@ fn every_training_process_runs_with_nothing() {
             }
         }
     }
-    // The job directories are private to the job user.
-    for entry in std::fs::read_dir(run.join("nodes")).unwrap() {
+    // The job directories (as root, where SSH hosts keep them) are private
+    // to the job's uid.
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    let nodes = std::path::Path::new("/var/lib/warden/jobs").join(plan["job_id"].as_str().unwrap());
+    for entry in std::fs::read_dir(nodes).unwrap() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let meta = entry.unwrap().metadata().unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
@@ -66,6 +70,8 @@ fn every_training_process_runs_with_nothing() {
     let rules = warden_agent::firewall::show(&table).unwrap();
     assert!(rules.contains("tcp dport { 29900, 29901, 29902 } ip saddr 127.0.0.1 accept"), "{rules}");
     assert!(rules.contains("tcp dport { 29900, 29901, 29902 } drop"), "{rules}");
+    // And on this host only the job's uid (or root) may connect to them.
+    assert!(rules.contains("meta skuid != { 0, 2"), "{rules}");
     // Ctrl-C: the launcher stops everything, removes the table and says so.
     assert!(Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();

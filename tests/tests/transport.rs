@@ -348,3 +348,68 @@ async fn a_peer_that_stops_reading_is_dropped_after_the_stall_timeout() {
     writer.abort();
     assert_serves_with_original_optimizer(&cluster, 0).await;
 }
+
+fn limits(max_connections: usize, max_per_source: usize) -> warden_agent::conn::ConnLimits {
+    warden_agent::conn::ConnLimits {
+        max_frame: 1 << 20,
+        first_message: Duration::from_secs(10),
+        max_connections,
+        max_per_source,
+        stall: Duration::from_secs(10),
+    }
+}
+
+/// A listener whose cap is full closes a connection before the handshake;
+/// a peer of the job then tries again (with backoff, within its patience)
+/// instead of failing the job at start-up.
+#[tokio::test]
+async fn a_client_tries_again_after_a_full_cap_cut_its_handshake_short() {
+    use warden_agent::conn::{Acceptor, connect};
+    let pki = TestPki::new();
+    let acceptor = Acceptor::new(&pki.issue(Role::Server, 0), &[Role::Worker], limits(8, 8)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        // The first three are closed at once, as a full cap does.
+        for _ in 0..3 {
+            drop(listener.accept().await.unwrap());
+        }
+        let (tcp, from) = listener.accept().await.unwrap();
+        let slot = acceptor.admit(from).unwrap();
+        acceptor.accept(tcp, slot).await.map(|_| ())
+    });
+    let worker = pki.issue(Role::Worker, 0);
+    let conn = connect(&worker, pki.id(Role::Server, 0), addr, 1 << 20, Duration::from_secs(20)).await;
+    let conn = conn.expect("the fourth attempt is served");
+    conn.close().await;
+    let _ = server.await.unwrap();
+}
+
+/// Only connections that have not authenticated count against a
+/// listener's caps: the job's own peers never crowd each other out.
+#[tokio::test]
+async fn authenticated_connections_do_not_count_against_the_caps() {
+    use warden_agent::conn::{Acceptor, connect};
+    let pki = TestPki::new();
+    let acceptor = Acceptor::new(&pki.issue(Role::Server, 0), &[Role::Worker], limits(2, 2)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (tcp, from) = listener.accept().await.unwrap();
+            let slot = acceptor.admit(from).expect("a slot: authenticated peers gave theirs back");
+            let (conn, _first) = acceptor.accept(tcp, slot).await.unwrap();
+            held.push(conn);
+        }
+        held.len()
+    });
+    let mut clients = Vec::new();
+    for rank in 0..4 {
+        let worker = pki.issue(Role::Worker, rank);
+        let mut conn = connect(&worker, pki.id(Role::Server, 0), addr, 1 << 20, Duration::from_secs(20)).await.unwrap();
+        conn.send(&Message::Pull { min_version: 0 }).await.unwrap();
+        clients.push(conn);
+    }
+    assert_eq!(server.await.unwrap(), 4, "four authenticated connections held under a cap of two");
+}

@@ -365,8 +365,7 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender
         let tx = tx.clone();
         let log = log.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let (conn, first) = match acceptor.accept(tcp).await {
+            let (conn, first) = match acceptor.accept(tcp, slot).await {
                 Ok(x) => x,
                 Err(e) => return log.warn(&format!("refused a connection from {from}: {e}")),
             };

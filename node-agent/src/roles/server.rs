@@ -401,8 +401,7 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard
         let log = log.clone();
         let snapshots = snapshots.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            match acceptor.accept(tcp).await {
+            match acceptor.accept(tcp, slot).await {
                 Ok((conn, first)) => {
                     let peer = conn.peer().clone();
                     if let Err(e) = serve_worker(conn, first, &shard, snapshots).await {
