@@ -2,7 +2,8 @@
 //! copying the model through the API costs far more than it would with full
 //! confidences and no limits (Tramèr et al., USENIX Security 2016).
 //!
-//! - The model is loaded only after its signature verifies.
+//! - The model is loaded only after its signature verifies, from the very
+//!   bytes that verified (the file is read once).
 //! - Every request needs an API key (only SHA-256 hashes of keys are on
 //!   disk) unless anonymous access is configured.
 //! - Answers are a label plus the top-k probabilities rounded to `precision`
@@ -879,10 +880,10 @@ pub struct ServeOptions {
 /// Verifies, loads and serves until SIGINT or SIGTERM.
 pub async fn serve(o: ServeOptions) -> Result<(), String> {
     let key = warden_agent::signing::load_public_key(&o.pubkey).map_err(|e| e.to_string())?;
-    let verified = warden_agent::signing::verify_model(&o.model, &key, None)
-        .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
-    let model = warden_agent::artifact::model_spec_of(&o.model)?;
-    let params = warden_agent::artifact::read_model(&o.model, &model)?;
+    // Verified and parsed from one read of the file: what is served is what verified.
+    let warden_agent::artifact::SignedModel { verified, spec: model, params } =
+        warden_agent::artifact::load_signed(&o.model, &key)
+            .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
     let config = Config::load(o.config.as_deref(), model.classes)?;
     let usage = match &config.state_file {
         Some(p) if p.exists() => {
