@@ -12,8 +12,10 @@
 //!   with `Retry-After` (except for the total, which never recovers). Counts
 //!   are written to a state file, so a restart does not reset them.
 //! - Bodies and batches are bounded before parsing.
+//! - The state file is private (0600) and replaced atomically (`state`).
 
 mod input;
+mod state;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -694,9 +696,7 @@ impl Server {
             let all = self.usage.lock().unwrap_or_else(|e| e.into_inner());
             serde_json::to_vec_pretty(&*all).map_err(std::io::Error::other)?
         };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        state::write_private(path, &text)
     }
 }
 
