@@ -2,7 +2,8 @@
 //! copying the model through the API costs far more than it would with full
 //! confidences and no limits (Tramèr et al., USENIX Security 2016).
 //!
-//! - The model is loaded only after its signature verifies.
+//! - The model is loaded only after its signature verifies, from the very
+//!   bytes that verified (the file is read once).
 //! - Every request needs an API key (only SHA-256 hashes of keys are on
 //!   disk) unless anonymous access is configured.
 //! - Answers are a label plus the top-k probabilities rounded to `precision`
@@ -10,9 +11,13 @@
 //! - Each key has a token bucket, a daily and a total budget; past any, 429
 //!   with `Retry-After` (except for the total, which never recovers). Counts
 //!   are written to a state file, so a restart does not reset them.
-//! - Bodies and batches are bounded before parsing.
+//! - Bodies and batches are bounded before parsing; connections and TLS
+//!   handshakes are capped (past a cap, closed at once) and have deadlines.
+//! - `/metrics` answers only the keys and certificate holders named for it.
+//! - The state file is private (0600) and replaced atomically (`state`).
 
 mod input;
+mod state;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -122,6 +127,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     detector: RawDetector,
+    #[serde(default)]
+    metrics: RawMetrics,
     /// Per client-certificate holder (subject common name) overrides.
     #[serde(default)]
     clients: std::collections::BTreeMap<String, RawPolicy>,
@@ -172,6 +179,77 @@ struct RawAuth {
 struct RawLimits {
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    handshake_timeout_s: Option<u64>,
+    idle_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// Key ids (from the keys file) that may read `/metrics`.
+    #[serde(default)]
+    keys: Vec<String>,
+    /// Client-certificate holders (subject CN) that may read `/metrics`.
+    #[serde(default)]
+    clients: Vec<String>,
+}
+
+/// How many connections are held at once, and for how long without progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open at once, TLS handshakes included; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once; more are closed as soon as they
+    /// are accepted.
+    pub max_handshakes: usize,
+    /// A handshake not complete by then is dropped.
+    pub handshake_timeout: Duration,
+    /// A connection that has not sent a complete request header for this
+    /// long (an idle keep-alive connection too) is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 512,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RawLimits {
+    /// The connection limits, each within its bounds.
+    fn conn_limits(&self) -> Result<ConnLimits, String> {
+        let d = ConnLimits::default();
+        let max_connections = self.max_connections.unwrap_or(d.max_connections);
+        if !(1..=65_536).contains(&max_connections) {
+            return Err(format!(
+                "[limits] max_connections {max_connections}; 1 to 65536, and below the open-file limit \
+                 (`ulimit -n`): each connection holds a file descriptor"
+            ));
+        }
+        let max_handshakes = self.max_handshakes.unwrap_or(d.max_handshakes.min(max_connections));
+        if !(1..=max_connections).contains(&max_handshakes) {
+            return Err(format!("[limits] max_handshakes {max_handshakes}; 1 to max_connections ({max_connections})"));
+        }
+        let seconds = |v: Option<u64>, default: Duration, name: &str, max: u64| match v {
+            None => Ok(default),
+            Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
+            Some(s) => Err(format!("[limits] {name} {s}; 1 to {max} seconds")),
+        };
+        Ok(ConnLimits {
+            max_connections,
+            max_handshakes,
+            handshake_timeout: seconds(self.handshake_timeout_s, d.handshake_timeout, "handshake_timeout_s", 120)?,
+            idle_timeout: seconds(self.idle_timeout_s, d.idle_timeout, "idle_timeout_s", 3600)?,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +285,9 @@ pub struct Config {
     anonymous: Option<Policy>,
     max_body: usize,
     max_batch: usize,
+    conn: ConnLimits,
+    /// Who may read `/metrics`: key ids, and `cert:NAME` for certificate holders.
+    metrics_readers: std::collections::HashSet<String>,
     state_file: Option<PathBuf>,
     detector: Option<Detector>,
     /// CA whose client certificates are accepted instead of a key, and the
@@ -267,6 +348,24 @@ impl Config {
         if max_body < 64 || max_batch == 0 {
             return Err("[limits] max_body_bytes must be at least 64 and max_batch at least 1".into());
         }
+        let conn = raw.limits.conn_limits()?;
+        let mut metrics_readers = std::collections::HashSet::new();
+        for id in &raw.metrics.keys {
+            if !keys.values().any(|(k, _)| k == id) {
+                return Err(format!(
+                    "[metrics] keys: `{id}` is not the id of a key in [auth] api_keys; \
+                     list ids of keys from that file (make one with `warden apikey --id {id}`)"
+                ));
+            }
+            metrics_readers.insert(id.clone());
+        }
+        if let Some(name) = raw.metrics.clients.first().filter(|_| raw.auth.client_ca.is_none()) {
+            return Err(format!(
+                "[metrics] clients names `{name}`, a client-certificate holder, but no [auth] client_ca is set: \
+                 name the CA that issues their certificates"
+            ));
+        }
+        metrics_readers.extend(raw.metrics.clients.iter().map(|name| format!("cert:{name}")));
         let d = &raw.detector;
         let detector = if d.enabled {
             let det = Detector {
@@ -310,6 +409,8 @@ impl Config {
             anonymous: raw.auth.anonymous.then(|| defaults.clone()),
             max_body,
             max_batch,
+            conn,
+            metrics_readers,
             state_file: raw.state_file.map(|f| base.join(f)),
             detector,
             client_ca: raw.auth.client_ca.map(|f| (base.join(f), defaults.clone())),
@@ -366,6 +467,9 @@ struct Metrics {
     bad: AtomicU64,
     latency_us: AtomicU64,
     flagged: AtomicU64,
+    /// Connections closed on accept: over max_connections, over max_handshakes.
+    refused_connections: AtomicU64,
+    refused_handshakes: AtomicU64,
 }
 
 struct Server {
@@ -376,6 +480,9 @@ struct Server {
     usage: Mutex<HashMap<String, Usage>>,
     dirty: AtomicBool,
     metrics: Metrics,
+    /// One permit per open connection, and one per TLS handshake in progress.
+    connections: Arc<tokio::sync::Semaphore>,
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 fn today() -> u64 {
@@ -411,7 +518,15 @@ struct PredictRequest {
 }
 
 impl Server {
-    fn authenticate(&self, req: &Request<Incoming>, client: Option<&str>) -> Result<(String, Policy), Box<Reply>> {
+    /// Who asks (key id, `cert:NAME` or `anonymous`) and under which policy.
+    /// Requests without credentials pass only when `[auth] anonymous` is on
+    /// and `anonymous_ok` says they may.
+    fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        client: Option<&str>,
+        anonymous_ok: bool,
+    ) -> Result<(String, Policy), Box<Reply>> {
         let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|h| h.to_str().ok());
         let unauthorized = |why: &str| {
             self.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +543,7 @@ impl Server {
                 (Some(name), Some((_, p)), _) => {
                     Ok((format!("cert:{name}"), self.config.clients.get(name).unwrap_or(p).clone()))
                 }
-                (_, _, Some(p)) => Ok(("anonymous".into(), p.clone())),
+                (_, _, Some(p)) if anonymous_ok => Ok(("anonymous".into(), p.clone())),
                 _ => Err(unauthorized("an API key (Authorization: Bearer KEY) or a client certificate is required")),
             },
         }
@@ -484,7 +599,7 @@ impl Server {
     }
 
     async fn predict(&self, req: Request<Incoming>, client: Option<&str>) -> Reply {
-        let (id, policy) = match self.authenticate(&req, client) {
+        let (id, policy) = match self.authenticate(&req, client, true) {
             Ok(x) => x,
             Err(r) => return *r,
         };
@@ -651,7 +766,13 @@ impl Server {
              # HELP warden_flagged_keys_total Keys the extraction detector flagged.\n# TYPE warden_flagged_keys_total counter\n\
              warden_flagged_keys_total {}\n\
              # HELP warden_request_seconds_total Time spent answering requests.\n# TYPE warden_request_seconds_total counter\n\
-             warden_request_seconds_total {:.6}\n",
+             warden_request_seconds_total {:.6}\n\
+             # HELP warden_connections_open Connections open now, TLS handshakes included.\n\
+             # TYPE warden_connections_open gauge\nwarden_connections_open {}\n\
+             # HELP warden_connections_refused_total Connections closed on accept, by the limit reached.\n\
+             # TYPE warden_connections_refused_total counter\n\
+             warden_connections_refused_total{{limit=\"max_connections\"}} {}\n\
+             warden_connections_refused_total{{limit=\"max_handshakes\"}} {}\n",
             g(&m.requests),
             g(&m.predictions),
             g(&m.unauthorized),
@@ -659,8 +780,30 @@ impl Server {
             g(&m.too_large),
             g(&m.bad),
             g(&m.flagged),
-            g(&m.latency_us) as f64 / 1e6
+            g(&m.latency_us) as f64 / 1e6,
+            self.config.conn.max_connections - self.connections.available_permits(),
+            g(&m.refused_connections),
+            g(&m.refused_handshakes),
         )
+    }
+
+    /// `GET /metrics`, for the key ids and certificate holders named in
+    /// `[metrics]` only: the counts describe everyone's traffic.
+    fn metrics(&self, req: &Request<Incoming>, client: Option<&str>) -> Reply {
+        let id = match self.authenticate(req, client, false) {
+            Ok((id, _)) => id,
+            Err(r) => return *r,
+        };
+        if !self.config.metrics_readers.contains(&id) {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("`{id}` may not read /metrics; the operator lists its readers in [metrics] keys or clients"),
+            );
+        }
+        let mut r = Response::new(Full::new(Bytes::from(self.metrics_text())));
+        r.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+        r
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, client: Option<Arc<str>>) -> Result<Reply, Infallible> {
@@ -669,14 +812,7 @@ impl Server {
         let r = match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/predict") => self.predict(req, client.as_deref()).await,
             (&Method::GET, "/healthz") => reply(StatusCode::OK, serde_json::json!({ "status": "ok" })),
-            (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.metrics_text())));
-                r.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                r
-            }
+            (&Method::GET, "/metrics") => self.metrics(&req, client.as_deref()),
             (_, "/v1/predict" | "/healthz" | "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint; try POST /v1/predict"),
         };
@@ -693,9 +829,7 @@ impl Server {
             let all = self.usage.lock().unwrap_or_else(|e| e.into_inner());
             serde_json::to_vec_pretty(&*all).map_err(std::io::Error::other)?
         };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        state::write_private(path, &text)
     }
 }
 
@@ -752,8 +886,8 @@ impl Batcher {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start = {
             // Not bounded here: HTTP/1 answers a connection's requests in
-            // turn, so the queue holds at most one job per connection,
-            // inputs that are in memory anyway.
+            // turn, so the queue holds at most one job per connection (at
+            // most max_connections), inputs that are in memory anyway.
             let mut q = self.inner.lock();
             q.jobs.push(Job { x, rows, reply });
             !std::mem::replace(&mut q.running, true)
@@ -879,10 +1013,10 @@ pub struct ServeOptions {
 /// Verifies, loads and serves until SIGINT or SIGTERM.
 pub async fn serve(o: ServeOptions) -> Result<(), String> {
     let key = warden_agent::signing::load_public_key(&o.pubkey).map_err(|e| e.to_string())?;
-    let verified = warden_agent::signing::verify_model(&o.model, &key, None)
-        .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
-    let model = warden_agent::artifact::model_spec_of(&o.model)?;
-    let params = warden_agent::artifact::read_model(&o.model, &model)?;
+    // Verified and parsed from one read of the file: what is served is what verified.
+    let warden_agent::artifact::SignedModel { verified, spec: model, params } =
+        warden_agent::artifact::load_signed(&o.model, &key)
+            .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
     let config = Config::load(o.config.as_deref(), model.classes)?;
     let usage = match &config.state_file {
         Some(p) if p.exists() => {
@@ -895,10 +1029,12 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
     let server = Arc::new(Server {
         batcher: Batcher::start(model.clone(), params),
         model,
-        config,
         usage: Mutex::new(usage),
         dirty: AtomicBool::new(false),
         metrics: Metrics::default(),
+        connections: Arc::new(tokio::sync::Semaphore::new(config.conn.max_connections)),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(config.conn.max_handshakes)),
+        config,
     });
     let listener =
         tokio::net::TcpListener::bind(o.listen).await.map_err(|e| format!("cannot listen on {}: {e}", o.listen))?;
@@ -937,6 +1073,17 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         };
+        // Over either limit the connection is closed at once: nothing waits
+        // in a queue, and an idle or slow client holds at most one slot of
+        // each until its deadline.
+        let Ok(connection) = server.connections.clone().try_acquire_owned() else {
+            server.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let Ok(handshake) = server.handshakes.clone().try_acquire_owned() else {
+            server.metrics.refused_handshakes.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         // rustls asks for at most 4 KiB per read, so a single-input request
         // (one 4.4 KB record) took two system calls; through this buffer it
@@ -944,9 +1091,13 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
         // connection, like hyper's own read buffer.)
         let tcp = tokio::io::BufReader::with_capacity(8 * 1024, tcp);
         let (acceptor, server) = (acceptor.clone(), server.clone());
+        let limits = server.config.conn;
         tokio::spawn(async move {
-            // A client that never finishes its handshake is dropped.
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            let _connection = connection;
+            // A client that does not finish its handshake in time is dropped.
+            let accepted = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let Ok(Ok(tls)) = accepted else { return };
             // A verified client certificate names its holder (subject CN).
             let client: Option<Arc<str>> =
                 tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
@@ -957,7 +1108,7 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
             let service = hyper::service::service_fn(move |req| server.clone().handle(req, client.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(limits.idle_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await;
         });
@@ -1044,6 +1195,33 @@ mod tests {
         let c = load(&format!("{ca}[defaults]\ntop_k = 4\n[clients.bob]\noutput = \"label\"\n")).expect("valid");
         assert_eq!(c.clients["bob"], Policy { labels_only: true, top_k: 4, ..Policy::default() });
         assert_eq!(c.client_ca.map(|(_, p)| p), Some(Policy { top_k: 4, ..Policy::default() }));
+    }
+
+    #[test]
+    fn connection_limits_and_metrics_readers_have_safe_defaults_and_bounds() {
+        let open = "[auth]\nanonymous = true\n";
+        let c = load(open).expect("valid");
+        assert_eq!(c.conn, ConnLimits::default());
+        assert!(c.metrics_readers.is_empty(), "nobody reads /metrics unless named");
+        let err = |text: &str| load(&format!("{open}{text}")).expect_err(text);
+        let zero = err("[limits]\nmax_connections = 0\n");
+        assert!(zero.contains("max_connections 0; 1 to 65536") && zero.contains("ulimit -n"), "{zero}");
+        let over = err("[limits]\nmax_connections = 8\nmax_handshakes = 9\n");
+        assert!(over.contains("max_handshakes 9; 1 to max_connections (8)"), "{over}");
+        assert!(err("[limits]\nhandshake_timeout_s = 0\n").contains("handshake_timeout_s 0; 1 to 120 seconds"));
+        assert!(err("[limits]\nidle_timeout_s = 7200\n").contains("idle_timeout_s 7200; 1 to 3600 seconds"));
+        // Fewer connections than the default handshakes: the handshakes follow.
+        let few = load(&format!("{open}[limits]\nmax_connections = 8\n")).expect("valid");
+        assert_eq!((few.conn.max_connections, few.conn.max_handshakes), (8, 8));
+        let unknown = err("[metrics]\nkeys = [\"prometheus\"]\n");
+        assert!(
+            unknown.contains("`prometheus` is not the id of a key") && unknown.contains("warden apikey"),
+            "{unknown}"
+        );
+        let no_ca = err("[metrics]\nclients = [\"scraper\"]\n");
+        assert!(no_ca.contains("[metrics] clients") && no_ca.contains("client_ca"), "{no_ca}");
+        let c = load("[auth]\nclient_ca = \"ca.pem\"\n[metrics]\nclients = [\"scraper\"]\n").expect("valid");
+        assert!(c.metrics_readers.contains("cert:scraper"));
     }
 
     /// Many requests at once, each batched with whatever else was queued:

@@ -110,6 +110,14 @@ pub enum SignError {
     /// Files that were not signed.
     #[error("not covered by the signature: {}", .0.join(", "))]
     Extra(Vec<String>),
+    /// A file to be loaded is larger than the most that is read.
+    #[error("{path}: larger than {max} bytes, the most that is loaded from it; is this the right file?")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most that is read.
+        max: u64,
+    },
     /// Both missing and unsigned files: renamed or replaced.
     #[error("renamed or replaced since signing: missing {}; unsigned {}", .missing.join(", "), .extra.join(", "))]
     Renamed {
@@ -319,10 +327,21 @@ fn relative_inside(model: &Path, path: &Path) -> Option<String> {
     Some(rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/"))
 }
 
-/// Every regular file under `model` (POSIX paths relative to it, in the
-/// order of their path components) with its SHA-256; symlinks and special
-/// files are errors.
-fn hash_model(model: &Path, ignore: &[String]) -> Result<BTreeMap<Vec<String>, [u8; 32]>, SignError> {
+/// The files of a model directory with their SHA-256, and the contents of
+/// the one file asked to be kept.
+struct Hashed {
+    /// POSIX paths relative to the model directory, in the order of their
+    /// path components.
+    digests: BTreeMap<Vec<String>, [u8; 32]>,
+    /// The kept file's bytes: exactly the bytes its digest was computed on.
+    kept: Option<Vec<u8>>,
+}
+
+/// Every regular file under `model` with its SHA-256; symlinks and special
+/// files are errors. The file at `keep.0` (a POSIX path relative to
+/// `model`) is read whole into memory, at most `keep.1` bytes, and hashed
+/// from there.
+fn hash_model(model: &Path, ignore: &[String], keep: Option<(&str, u64)>) -> Result<Hashed, SignError> {
     let meta = std::fs::symlink_metadata(model).map_err(io(model))?;
     if meta.file_type().is_symlink() {
         return Err(SignError::Symlink(model.to_path_buf()));
@@ -330,7 +349,7 @@ fn hash_model(model: &Path, ignore: &[String]) -> Result<BTreeMap<Vec<String>, [
     if !meta.is_dir() {
         return Err(SignError::Special(model.to_path_buf()));
     }
-    let mut out = BTreeMap::new();
+    let mut out = Hashed { digests: BTreeMap::new(), kept: None };
     let mut stack = vec![(model.to_path_buf(), Vec::<String>::new())];
     while let Some((dir, parts)) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
@@ -350,7 +369,16 @@ fn hash_model(model: &Path, ignore: &[String]) -> Result<BTreeMap<Vec<String>, [
             } else if kind.is_dir() {
                 stack.push((path, rel));
             } else if kind.is_file() {
-                out.insert(rel, hash_file(&path)?);
+                let digest = match keep {
+                    Some((name, max)) if joined == name => {
+                        let bytes = read_regular(&path, max)?;
+                        let digest = Sha256::digest(&bytes).into();
+                        out.kept = Some(bytes);
+                        digest
+                    }
+                    _ => hash_file(&path)?,
+                };
+                out.digests.insert(rel, digest);
             } else {
                 return Err(SignError::Special(path));
             }
@@ -359,9 +387,41 @@ fn hash_model(model: &Path, ignore: &[String]) -> Result<BTreeMap<Vec<String>, [
     Ok(out)
 }
 
+/// Opens `path` for reading if it is a regular file. The type is checked on
+/// the open file, and a symlink is never followed, so a name swapped after
+/// the directory was listed cannot lead elsewhere (nor block on a FIFO).
+fn open_regular(path: &Path) -> Result<std::fs::File, SignError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => SignError::Symlink(path.to_path_buf()),
+                _ => SignError::Io { path: path.to_path_buf(), source: e },
+            },
+        )?;
+    if !f.metadata().map_err(io(path))?.is_file() {
+        return Err(SignError::Special(path.to_path_buf()));
+    }
+    Ok(f)
+}
+
+/// The whole contents of the regular file `path`, refused past `max` bytes
+/// (checked on the bytes read, not on a size reported beforehand).
+pub(crate) fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, SignError> {
+    use std::io::Read;
+    let f = open_regular(path)?;
+    let hint = f.metadata().map_err(io(path))?.len().min(max);
+    let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
+    f.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(io(path))?;
+    if bytes.len() as u64 > max {
+        return Err(SignError::TooLarge { path: path.to_path_buf(), max });
+    }
+    Ok(bytes)
+}
+
 fn hash_file(path: &Path) -> Result<[u8; 32], SignError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut f = open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -387,7 +447,7 @@ fn model_name(model: &Path) -> String {
 pub fn sign_model(model: &Path, key: &SigningKey, signature: Option<&Path>) -> Result<PathBuf, SignError> {
     let sig_path = signature.map_or_else(|| model.join(SIGNATURE_FILE), Path::to_path_buf);
     let ignore = ignored_paths(model, &sig_path);
-    let files = hash_model(model, &ignore)?;
+    let files = hash_model(model, &ignore, None)?.digests;
     let mut root = Sha256::new();
     let resources: Vec<Resource> = files
         .iter()
@@ -440,9 +500,58 @@ pub struct Verified {
     pub digest: String,
 }
 
+/// A model directory whose signature verified, with the contents of the one
+/// file that is to be loaded. Those bytes were read once, and the digest the
+/// signature covers was computed on them: what is loaded from here is what
+/// was verified, whatever happens to the file on disk afterwards.
+#[derive(Debug)]
+pub struct VerifiedModel {
+    /// What the verification covered.
+    pub verified: Verified,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedModel {
+    /// The verified contents of the file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The verified contents of the file, taken out.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
 /// Verifies the model directory against its signature (default
 /// `MODEL/model.sig`) and a trusted public key.
 pub fn verify_model(model: &Path, key: &VerifyingKey, signature: Option<&Path>) -> Result<Verified, SignError> {
+    verify(model, key, signature, None).map(|(v, _)| v)
+}
+
+/// Verifies the model directory as [`verify_model`] does and keeps the
+/// contents of `file` (a signed path relative to the model directory, such
+/// as `model.safetensors`), read once into memory, at most `max_bytes`.
+/// Load from the returned bytes, never from the file again.
+pub fn verify_model_file(
+    model: &Path,
+    key: &VerifyingKey,
+    signature: Option<&Path>,
+    file: &str,
+    max_bytes: u64,
+) -> Result<VerifiedModel, SignError> {
+    let (verified, kept) = verify(model, key, signature, Some((file, max_bytes)))?;
+    // Every file present was signed and hashed; one not kept is not there.
+    let bytes = kept.ok_or_else(|| SignError::Missing(vec![file.to_string()]))?;
+    Ok(VerifiedModel { verified, bytes })
+}
+
+fn verify(
+    model: &Path,
+    key: &VerifyingKey,
+    signature: Option<&Path>,
+    keep: Option<(&str, u64)>,
+) -> Result<(Verified, Option<Vec<u8>>), SignError> {
     let sig_path = signature.map_or_else(|| model.join(SIGNATURE_FILE), Path::to_path_buf);
     let malformed = |detail: String| SignError::Malformed { path: sig_path.clone(), detail };
     let size = std::fs::metadata(&sig_path).map_err(io(&sig_path))?.len();
@@ -456,8 +565,8 @@ pub fn verify_model(model: &Path, key: &VerifyingKey, signature: Option<&Path>) 
     let ser = &st.predicate.serialization;
     let mut ignore = ser.ignore_paths.clone();
     ignore.extend(relative_inside(model, &sig_path));
-    let actual = hash_model(model, &ignore)?;
-    let actual: BTreeMap<String, [u8; 32]> = actual.into_iter().map(|(k, v)| (k.join("/"), v)).collect();
+    let Hashed { digests, kept } = hash_model(model, &ignore, keep)?;
+    let actual: BTreeMap<String, [u8; 32]> = digests.into_iter().map(|(k, v)| (k.join("/"), v)).collect();
     let modified: Vec<String> =
         signed.iter().filter(|(n, d)| actual.get(*n).is_some_and(|a| a[..] != d[..])).map(|(n, _)| n.clone()).collect();
     let missing: Vec<String> = signed.keys().filter(|n| !actual.contains_key(*n)).cloned().collect();
@@ -467,10 +576,13 @@ pub fn verify_model(model: &Path, key: &VerifyingKey, signature: Option<&Path>) 
         (true, false, false) => Err(SignError::Renamed { missing, extra }),
         (true, false, true) => Err(SignError::Missing(missing)),
         (true, true, false) => Err(SignError::Extra(extra)),
-        (true, true, true) => Ok(Verified {
-            files: st.predicate.resources.iter().map(|r| r.name.clone()).collect(),
-            digest: st.subject[0].digest.sha256.clone(),
-        }),
+        (true, true, true) => Ok((
+            Verified {
+                files: st.predicate.resources.iter().map(|r| r.name.clone()).collect(),
+                digest: st.subject[0].digest.sha256.clone(),
+            },
+            kept,
+        )),
     }
 }
 

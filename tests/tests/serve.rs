@@ -1,6 +1,7 @@
 //! `warden serve` (issue 9): a signed model behind API keys, rounded or
 //! label-only answers, budgets and rate limits that survive restarts, size
-//! limits; and the equation-solving extraction attack of Tramer et al. run
+//! limits, connection caps, metrics for named keys only, a private state
+//! file; and the equation-solving extraction attack of Tramer et al. run
 //! for real against it.
 
 use std::io::{BufRead, BufReader};
@@ -104,6 +105,44 @@ impl Served {
         (status, head.to_lowercase(), body.to_string())
     }
 
+    /// GETs /metrics; returns (status, body).
+    fn metrics(&self, key: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}"]);
+        if let Some(k) = key {
+            cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        let out = cmd.arg(format!("https://127.0.0.1:{}/metrics", self.port)).output().expect("curl is installed");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// POSTs one input with `key` until it is answered (a connection the
+    /// server closes at once is tried again), for at most a minute.
+    fn served_eventually(&self, key: &str) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, _, body) = self.post(Some(key), &input(0.1));
+            match code {
+                200 => return,
+                0 if Instant::now() < until => continue,
+                _ => panic!("an honest client was not served: {code} {body}"),
+            }
+        }
+    }
+
+    /// Sockets the server process holds open: its listener and connections.
+    fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .filter(|link| link.to_string_lossy().starts_with("socket:"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// Stops with SIGTERM (the state is saved) and waits.
     fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -147,7 +186,7 @@ fn answers_keys_budgets_limits_and_restarts_behave_as_configured() {
     let config = dir.join("serve.toml");
     std::fs::write(
         &config,
-        "state_file = \"state.json\"\n[auth]\napi_keys = \"keys.toml\"\n[defaults]\nqueries_per_day = 100\nrate_per_s = 1000\nburst = 1000\n[limits]\nmax_body_bytes = 16384\nmax_batch = 4\n",
+        "state_file = \"state.json\"\n[auth]\napi_keys = \"keys.toml\"\n[defaults]\nqueries_per_day = 100\nrate_per_s = 1000\nburst = 1000\n[limits]\nmax_body_bytes = 16384\nmax_batch = 4\n[metrics]\nkeys = [\"precise\"]\n",
     )
     .unwrap();
     let s = Served::start(&model, &public, &config, 31066);
@@ -211,8 +250,8 @@ fn answers_keys_budgets_limits_and_restarts_behave_as_configured() {
     let s = Served::start(&model, &public, &config, 31066);
     assert_eq!(s.post(Some(&keys[2]), &input(0.1)).0, 429);
     assert_eq!(s.post(Some(&keys[0]), &input(0.1)).0, 200);
-    let metrics = Command::new("curl").args(["-sk", "https://127.0.0.1:31066/metrics"]).output().unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let (code, metrics) = s.metrics(Some(&keys[0]));
+    assert_eq!(code, 200, "{metrics}");
     assert!(metrics.contains("warden_predictions_total 1"), "{metrics}");
     s.stop();
 
@@ -402,4 +441,120 @@ fn client_certificates_from_the_configured_ca_stand_in_for_keys() {
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["cert:alice-laptop"]["total"], 1, "{state}");
     assert_eq!(state["cert:bob"]["total"], 1, "{state}");
+}
+
+/// Whether the server has not yet closed `c` (it never sends on these).
+fn still_open(c: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    c.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    match (&*c).read(&mut [0u8; 1]) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn connections_past_the_caps_are_closed_and_an_honest_client_is_still_served() {
+    let dir = scratch("serve-caps");
+    let (model, public) = trained_signed_model(&dir, (31600, 31605));
+    let keys = api_keys(&dir, &[("honest", "")]);
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "[auth]\napi_keys = \"keys.toml\"\n[defaults]\nrate_per_s = 1000\nburst = 1000\n[metrics]\nkeys = [\"honest\"]\n\
+         [limits]\nmax_connections = 8\nmax_handshakes = 4\nhandshake_timeout_s = 3\nidle_timeout_s = 3\n",
+    )
+    .unwrap();
+    let s = Served::start(&model, &public, &config, 31606);
+    // The server's sockets: those it holds before any client (its listener,
+    // the runtime's own), 8 connections, and one just accepted and closing.
+    let bound = s.sockets() + 8 + 1;
+    let mut most = 0;
+
+    // 40 connections that never start their TLS handshake: past 4 the
+    // server closes them at once, the others at the handshake deadline.
+    let mut stalled: Vec<_> = (0..40).map(|_| std::net::TcpStream::connect(("127.0.0.1", 31606)).unwrap()).collect();
+    let until = Instant::now() + Duration::from_secs(60);
+    while !stalled.is_empty() {
+        most = most.max(s.sockets());
+        assert!(Instant::now() < until, "{} stalled connections are still open after a minute", stalled.len());
+        stalled.retain(still_open);
+    }
+    assert!(most <= bound, "the server held {most} sockets; at most {bound} with max_connections = 8");
+    s.served_eventually(&keys[0]);
+
+    // 12 clients that finish the handshake and then send nothing: at most 8
+    // are held, until the idle deadline closes them.
+    let mut idle: Vec<Child> = (0..12)
+        .map(|_| {
+            Command::new("openssl")
+                .args(["s_client", "-quiet", "-connect", "127.0.0.1:31606"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("openssl is installed")
+        })
+        .collect();
+    while !idle.is_empty() {
+        most = most.max(s.sockets());
+        assert!(
+            Instant::now() < until + Duration::from_secs(60),
+            "{} idle TLS clients are still connected",
+            idle.len()
+        );
+        idle.retain_mut(|c| c.try_wait().unwrap().is_none());
+        // (A poll interval: the loop ends when the last client is closed.)
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(most <= bound, "the server held {most} sockets; at most {bound} with max_connections = 8");
+    s.served_eventually(&keys[0]);
+
+    // The stalled connections past the handshake cap were refused, not queued.
+    let (code, metrics) = s.metrics(Some(&keys[0]));
+    assert_eq!(code, 200, "{metrics}");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warden_connections_refused_total{limit=\"max_handshakes\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(refused >= 30, "{metrics}");
+    s.stop();
+}
+
+#[test]
+fn metrics_need_a_key_named_for_them_and_the_state_file_is_private() {
+    let dir = scratch("serve-private");
+    let (model, public) = trained_signed_model(&dir, (31610, 31615));
+    let keys = api_keys(&dir, &[("alice", ""), ("prometheus", "")]);
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "state_file = \"state.json\"\n[auth]\napi_keys = \"keys.toml\"\nanonymous = true\n[metrics]\nkeys = [\"prometheus\"]\n",
+    )
+    .unwrap();
+    // A symlink planted where a predictable writer would put its temporary file.
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("state.tmp")).unwrap();
+    let s = Served::start(&model, &public, &config, 31616);
+    assert_eq!(s.post(Some(&keys[0]), &input(0.1)).0, 200);
+    // Anonymous clients may predict here, but not read the metrics; nor
+    // may a key that is not named in [metrics].
+    assert_eq!(s.post(None, &input(0.1)).0, 200);
+    assert_eq!(s.metrics(None).0, 401);
+    assert_eq!(s.metrics(Some("wdn_not_a_key")).0, 401);
+    assert_eq!(s.metrics(Some(&keys[0])).0, 403);
+    let (code, metrics) = s.metrics(Some(&keys[1]));
+    assert_eq!(code, 200, "{metrics}");
+    assert!(metrics.contains("warden_predictions_total 2"), "{metrics}");
+    s.stop();
+    use std::os::unix::fs::PermissionsExt;
+    let state = std::fs::symlink_metadata(dir.join("state.json")).unwrap();
+    assert!(state.is_file(), "the state file must be a regular file");
+    assert_eq!(state.permissions().mode() & 0o777, 0o600, "the state file must be readable by its owner only");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched", "the planted symlink was followed");
+    let usage: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(usage["alice"]["total"], 1, "{usage}");
 }
