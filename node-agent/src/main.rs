@@ -143,8 +143,9 @@ fn host(cmd: HostCmd) -> ExitCode {
 /// `warden-agent stop-group`: only ever a warden agent's group.
 fn stop_group(pgid: u32, start: u64, grace_ms: u64, uid: Option<u32>) -> ExitCode {
     use warden_agent::reap;
-    // A living leader must be an agent (its binary is warden-agent[-HASH]).
-    if let Ok(exe) = std::fs::read_link(format!("/proc/{pgid}/exe"))
+    // A living leader must be an agent (its binary is warden-agent[-HASH]);
+    // with the job's uid, only that uid's processes can be reached anyway.
+    if let (None, Ok(exe)) = (uid, std::fs::read_link(format!("/proc/{pgid}/exe")))
         && !exe.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("warden-agent"))
     {
         println!("process {pgid} is not a warden agent ({}); nothing signalled", exe.display());

@@ -449,3 +449,38 @@ fn the_run_directory_is_private_to_the_launching_user() {
     assert!(run.join("model/model.safetensors").exists());
     wait_gone(&tag);
 }
+
+/// `warden-agent stop-group --uid`, which the launcher runs as root to end
+/// an agent that did not stop: only the job uid's processes in the group
+/// are signalled, whatever else has come to share the group or the PID.
+#[test]
+fn stop_group_with_the_jobs_uid_signals_only_that_uids_processes() {
+    use std::os::unix::process::CommandExt;
+    need_root();
+    let (job, other) = (2_000_070_001u32, 2_000_070_002u32);
+    let sleeper = |uid: u32| format!("setpriv --reuid={uid} --regid={uid} --clear-groups sleep 60 &");
+    let mut leader = Command::new("sh")
+        .args(["-c", &format!("{} {} wait", sleeper(job), sleeper(other))])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = leader.id();
+    let until = Instant::now() + Duration::from_secs(10);
+    while warden_agent::jobuid::processes_of(job).is_empty() || warden_agent::jobuid::processes_of(other).is_empty() {
+        assert!(Instant::now() < until, "the sleepers never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = warden_agent::reap::start_ticks(pgid).unwrap();
+    let out = Command::new(bin("warden-agent"))
+        .args(["stop-group", &pgid.to_string(), &start.to_string(), "--grace-ms", "500", "--uid", &job.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(warden_agent::jobuid::processes_of(job).is_empty(), "the job's process survived");
+    let others = warden_agent::jobuid::processes_of(other);
+    assert_eq!(others.len(), 1, "another uid's process in the group was signalled");
+    assert!(alive(pgid), "the root-owned leader was signalled");
+    // Clean up as root.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), nix::sys::signal::Signal::SIGKILL);
+    let _ = leader.wait();
+}
