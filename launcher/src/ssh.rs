@@ -228,6 +228,9 @@ impl std::fmt::Debug for SshTransport {
     }
 }
 
+/// The PATH an agent on a host starts with.
+const REMOTE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Quotes one word for the remote POSIX shell.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -454,14 +457,21 @@ impl Transport for SshTransport {
     fn spawn_agent<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>> {
         Box::pin(async move {
             let host = self.host(&p.host)?;
+            // A clean environment, as for local agents: nothing of the SSH
+            // session's (or of what ssh_config's SendEnv forwards) but a
+            // fixed PATH and the launcher's WARDEN_LOG.
             let mut c = if host.sudo {
                 let mut c = host.session.clone().arc_command("sudo");
-                c.arg("-n").arg(&host.agent);
+                c.arg("-n").arg("env");
                 c
             } else {
-                host.session.clone().arc_command(&host.agent)
+                host.session.clone().arc_command("env")
             };
-            c.arg("run").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.arg("-i").arg(format!("PATH={REMOTE_PATH}"));
+            if let Some(level) = std::env::var("WARDEN_LOG").ok().filter(|l| l.bytes().all(|b| b.is_ascii_graphic())) {
+                c.arg(format!("WARDEN_LOG={level}"));
+            }
+            c.arg(&host.agent).arg("run").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
             let mut child = c.spawn().await.map_err(io::Error::other)?;
             let stdin = child.stdin().take().ok_or_else(|| io::Error::other("no stdin"))?;
             let stdout = child.stdout().take().ok_or_else(|| io::Error::other("no stdout"))?;
