@@ -526,7 +526,7 @@ impl Transport for SshTransport {
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let h = self.host(&host.name).map_err(|e| e.to_string())?;
-            let out = run_agent(h, &AgentCmd::Teardown { job, uid }, None).await?;
+            let out = run_agent(h, &AgentCmd::Teardown { job: &job.job, uid }, None).await?;
             Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
     }

@@ -192,7 +192,7 @@ pub enum AgentCmd<'a> {
     /// `host teardown`.
     Teardown {
         /// The job.
-        job: &'a HostJob,
+        job: &'a JobId,
         /// The uid that setup leased.
         uid: Option<u32>,
     },
@@ -234,7 +234,7 @@ impl AgentCmd<'_> {
                 job.uids.1.to_string(),
             ],
             AgentCmd::Teardown { job, uid: u } => {
-                [vec!["host".into(), "teardown".into(), "--job".into(), job.job.to_string()], uid(*u)].concat()
+                [vec!["host".into(), "teardown".into(), "--job".into(), job.to_string()], uid(*u)].concat()
             }
             AgentCmd::Fetch { dir, limits } => [
                 vec![
@@ -387,7 +387,7 @@ impl Transport for LocalTransport {
         uid: Option<u32>,
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            let out = run_agent(&self.agent, &[], &AgentCmd::Teardown { job, uid }.args(), None).await?;
+            let out = run_agent(&self.agent, &[], &AgentCmd::Teardown { job: &job.job, uid }.args(), None).await?;
             Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
     }

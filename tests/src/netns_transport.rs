@@ -99,9 +99,13 @@ impl Transport for NetnsTransport {
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let ns = self.ns(&host.name).map_err(|e| e.to_string())?;
-            let out =
-                run_agent(&self.agent, &["ip", "netns", "exec", ns], &AgentCmd::Teardown { job, uid }.args(), None)
-                    .await?;
+            let out = run_agent(
+                &self.agent,
+                &["ip", "netns", "exec", ns],
+                &AgentCmd::Teardown { job: &job.job, uid }.args(),
+                None,
+            )
+            .await?;
             Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
     }

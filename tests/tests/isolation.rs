@@ -484,3 +484,80 @@ fn stop_group_with_the_jobs_uid_signals_only_that_uids_processes() {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), nix::sys::signal::Signal::SIGKILL);
     let _ = leader.wait();
 }
+
+/// The launcher killed outright (no teardown) while a program of the job
+/// has daemonised: `warden stop RUN` ends every process of the job's uid,
+/// removes the firewall table and releases the uid.
+#[test]
+fn warden_stop_after_a_killed_launcher_ends_the_jobs_uid_and_releases_it() {
+    need_root();
+    let dir = scratch("iso-stop");
+    let x = exchange(&dir);
+    let script = format!(
+        "{PRELUDE}{}",
+        r#"
+if os.fork() == 0:
+    os.setsid()
+    for fd in range(3):
+        os.close(fd)
+    put("daemon.json", {"pid": os.getpid(), "uid": os.getuid()})
+    time.sleep(600)
+    os._exit(0)
+wait("never", 600)
+"#
+    );
+    let job = program_job(&dir, "stop", (31880, 31889), &script, &format!("X = \"{}\"", x.display()), "");
+    let (tag, run) = (fresh_tag(), dir.join("run"));
+    let mut launcher = spawn_launch(&tag, &job, &run);
+    let daemon = json(&wait_file(&x.join("daemon.json"), 60));
+    let (pid, uid) = (daemon["pid"].as_u64().unwrap() as u32, daemon["uid"].as_u64().unwrap() as u32);
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    wait_gone(&tag);
+    assert!(alive(pid), "the daemon outlives a killed launcher until the job is cleaned up");
+    let lease = Path::new(warden_agent::jobuid::LEASE_DIR).join(uid.to_string());
+    assert!(lease.exists(), "the uid stays leased while its processes run");
+    let out = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!alive(pid), "warden stop left the daemon {pid} running");
+    assert!(!lease.exists(), "warden stop left the lease of uid {uid}");
+    let table = warden_tests::job_table(&run);
+    assert!(!warden_agent::firewall::list().unwrap().contains(&table), "warden stop left {table}");
+}
+
+/// `warden firewall clean` releases the leases of jobs that left nothing
+/// behind (no table, no process), and only those ([`release_stale`]).
+///
+/// [`release_stale`]: warden_agent::jobuid::release_stale
+#[test]
+fn firewall_clean_releases_the_uids_of_ended_jobs_only() {
+    need_root();
+    let dir = std::path::Path::new(warden_agent::jobuid::LEASE_DIR);
+    std::fs::create_dir_all(dir).unwrap();
+    // Uids outside the default range, so no live job can hold them.
+    let stale = dir.join("2000080001");
+    let busy = dir.join("2000080002");
+    let job = warden_agent::identity::JobId::generate();
+    std::fs::write(&stale, format!("job={job}\nhost=localhost\n")).unwrap();
+    std::fs::write(&busy, format!("job={job}\nhost=localhost\n")).unwrap();
+    let mut sleeper = Command::new("setpriv")
+        .args(["--reuid=2000080002", "--regid=2000080002", "--clear-groups", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while warden_agent::jobuid::processes_of(2_000_080_002).is_empty() {
+        assert!(Instant::now() < until, "the sleeper never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // In-process: `warden firewall clean` would also remove the tables of
+    // the other tests' live jobs.
+    let live = warden_agent::firewall::list().unwrap();
+    let released = warden_agent::jobuid::release_stale(&live);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let released = released.unwrap();
+    assert!(released.contains(&2_000_080_001), "{released:?}");
+    assert!(!stale.exists(), "the lease of an ended job was kept");
+    assert!(busy.exists(), "the lease of a uid that still runs a process was released");
+    let _ = std::fs::remove_file(&busy);
+}

@@ -136,12 +136,27 @@ pub fn exec_stop(dir: &Path) -> u8 {
         return EXIT_FAILED;
     }
     // The launcher is gone: its agents stopped when their control channels
-    // closed; what can remain is the firewall table.
+    // closed; what can remain is the firewall table, the job's uid lease and
+    // whatever a program of that uid left running. `warden-agent host
+    // teardown` finds the job's leases itself, as it does on SSH hosts.
     let table = run["firewall_table"].as_str().unwrap_or_default().to_string();
     if run["local"].as_bool() == Some(true) {
-        return match warden_agent::firewall::remove(&table) {
-            Ok(()) => {
-                println!("cleaned up: no launcher was running; firewall table {table} removed");
+        let Ok(job_id) =
+            warden_agent::identity::JobId::try_from(run["job_id"].as_str().unwrap_or_default().to_string())
+        else {
+            eprintln!("error: run.json has no valid job id");
+            return EXIT_FAILED;
+        };
+        let teardown = crate::transport::find_agent().map_err(|e| e.to_string()).and_then(|agent| {
+            let args = crate::transport::AgentCmd::Teardown { job: &job_id, uid: None }.args();
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            runtime.block_on(crate::transport::run_agent(&agent, &[], &args, None))
+        });
+        return match teardown {
+            Ok(said) => {
+                let said = String::from_utf8_lossy(&said);
+                println!("cleaned up: no launcher was running; firewall table {table} removed; {}", said.trim());
                 EXIT_OK
             }
             Err(e) => {
