@@ -490,8 +490,10 @@ impl Failures {
     }
 }
 
-/// Runs the job once: firewalls, agents (with a fresh CA), watching, and
-/// teardown. Nothing of this attempt is left running when it returns.
+/// Runs the job once, in phases: hosts set up (uid and firewall), agents
+/// started and enrolled (with a fresh CA), watched until every process has
+/// ended, hosts torn down. Nothing of this attempt is left running when it
+/// returns.
 async fn run_attempt(
     ctx: &AttemptCtx<'_>,
     logs: &Path,
@@ -499,34 +501,69 @@ async fn run_attempt(
     acc: &mut Accumulated,
     signals: &mut Signals,
 ) -> Result<AttemptEnd, LaunchError> {
-    let AttemptCtx { spec, plan, transport, run, progress, .. } = ctx;
-    let started = ctx.started;
     // A fresh CA for every attempt: certificates of a failed attempt's
     // processes are worthless to the next one.
     let ca = Arc::new(
-        JobCa::new(&plan.job_id, Duration::from_secs(u64::from(spec.max_hours) * 3600))
+        JobCa::new(&ctx.plan.job_id, Duration::from_secs(u64::from(ctx.spec.max_hours) * 3600))
             .map_err(|e| LaunchError::Setup(e.to_string()))?,
     );
-    let (tx, mut rx) = mpsc::channel::<Report>(4096);
-    let mut procs: Vec<Proc> = Vec::new();
     let mut failure = Failures::default();
     // Every host first: the job's uid and firewall table, so that no
-    // listener opens on an unprotected host. Locally every host is this
-    // machine: one set-up serves them all.
-    let host_job = crate::transport::HostJob { job: plan.job_id.clone(), uids: spec.cluster.uids };
+    // listener opens on an unprotected host.
+    let host_job = crate::transport::HostJob { job: ctx.plan.job_id.clone(), uids: ctx.spec.cluster.uids };
     let set_up = set_up_hosts(ctx, &host_job, acc, &mut failure).await;
-    let uid_of =
-        |host: &str| set_up.get(if plan.local { plan.hosts[0].name.as_str() } else { host }).copied().flatten();
-    progress.phase(&format!("starting {} processes", plan.processes.len()));
-    // Start every agent at once, too; each enrols as soon as its CSR arrives.
+    let (tx, rx) = mpsc::channel::<Report>(4096);
+    let (mut procs, index) = start_processes(ctx, logs, &ca, resume, &set_up, tx, &mut failure).await;
+    if failure.is_some() {
+        stop_all(&mut procs).await;
+    }
+    let mut watch = Watch::new(ctx, logs, index, &set_up);
+    watch.run(rx, &mut procs, &mut failure, acc, signals).await?;
+    tear_down_hosts(ctx, &host_job, &set_up, &procs).await;
+    let (failure, restartable) = failure.root();
+    Ok(AttemptEnd {
+        failure,
+        restartable,
+        model_fetched: watch.model_fetched,
+        startup_s: watch.startup_s,
+        resumed_step: watch.resumed_step,
+        processes: procs
+            .iter()
+            .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
+            .collect(),
+    })
+}
+
+/// The uid a process on `host` runs as: its host's lease (locally, every
+/// host is this machine, set up once as the plan's first host).
+fn uid_of(plan: &Plan, set_up: &BTreeMap<String, Option<u32>>, host: &str) -> Option<u32> {
+    set_up.get(if plan.local { plan.hosts[0].name.as_str() } else { host }).copied().flatten()
+}
+
+/// Starts every agent at once, each with its bundle; each enrols as soon as
+/// its CSR arrives (answered in [`start_one`]). Returns the started
+/// processes in plan order and, since one that failed to start leaves a
+/// gap, the map from plan index to position.
+async fn start_processes(
+    ctx: &AttemptCtx<'_>,
+    logs: &Path,
+    ca: &Arc<JobCa>,
+    resume: bool,
+    set_up: &BTreeMap<String, Option<u32>>,
+    tx: mpsc::Sender<Report>,
+    failure: &mut Failures,
+) -> (Vec<Proc>, BTreeMap<usize, usize>) {
+    let (spec, plan, transport) = (ctx.spec, ctx.plan, &ctx.transport);
+    ctx.progress.phase(&format!("starting {} processes", plan.processes.len()));
     let start_ctx = Arc::new(StartCtx {
         transport: transport.clone(),
         ca: ca.clone(),
         logs: logs.to_path_buf(),
-        progress: progress.clone(),
+        progress: ctx.progress.clone(),
     });
     let mut starts = tokio::task::JoinSet::new();
     for (i, p) in plan.processes.iter().enumerate().filter(|_| failure.is_none()) {
+        let uid = uid_of(plan, set_up, &p.host);
         let bundle = Bundle {
             job_id: plan.job_id.clone(),
             job_toml: ctx.text.to_string(),
@@ -538,185 +575,251 @@ async fn run_attempt(
             role: p.role,
             rank: p.rank,
             workdir: transport.workdir(p),
-            job_uid: uid_of(&p.host),
+            job_uid: uid,
             resume,
             checkpoint_series: ctx.checkpoints.series.clone(),
             // The key goes to the servers only: they alone write checkpoints.
             checkpoint_key: ctx.checkpoints.secret.clone().filter(|_| p.role == Role::Server),
         };
-        let (p, tx, sctx, uid) = (p.clone(), tx.clone(), start_ctx.clone(), uid_of(&p.host));
+        let (p, tx, sctx) = (p.clone(), tx.clone(), start_ctx.clone());
         starts.spawn(async move {
             let r = start_one(i, &p, bundle, &sctx, tx, uid).await;
             (i, p, r)
         });
     }
-    let mut started_procs = Vec::new();
+    let mut started = Vec::new();
     while let Some(joined) = starts.join_next().await {
         match joined {
-            Ok((i, _, Ok(proc_))) => started_procs.push((i, proc_)),
-            Ok((_, p, Err(e))) => {
-                failure.add(Cause::Setup, format!("{}: {e}", p.label()));
-            }
-            Err(e) => {
-                failure.add(Cause::Setup, e.to_string());
-            }
+            Ok((i, _, Ok(proc_))) => started.push((i, proc_)),
+            Ok((_, p, Err(e))) => failure.add(Cause::Setup, format!("{}: {e}", p.label())),
+            Err(e) => failure.add(Cause::Setup, e.to_string()),
         }
     }
-    // Reports carry the plan index: keep procs in plan order. A process
-    // that failed to start leaves a gap, so index through a map.
-    started_procs.sort_by_key(|(i, _)| *i);
-    let index: BTreeMap<usize, usize> = started_procs.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
-    procs.extend(started_procs.into_iter().map(|(_, p)| p));
-    drop(tx);
+    // Reports carry the plan index: keep procs in plan order.
+    started.sort_by_key(|(i, _)| *i);
+    let index = started.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
+    (started.into_iter().map(|(_, p)| p).collect(), index)
+}
 
-    let workers = plan.count(Role::Worker) as usize;
-    let mut epochs: BTreeMap<u32, EpochParts> = BTreeMap::new();
-    let mut model_at: Option<(usize, PathBuf)> = None;
-    let mut model_fetched = false;
-    let mut resumed_step: Option<u64> = None;
-    let (mut started_count, mut enrolled, mut startup_s) = (0usize, 0usize, None::<f64>);
-    if failure.is_some() {
-        stop_all(&mut procs).await;
+/// Watching one attempt: its processes' events become progress, metrics
+/// rows, checkpoints and the model; exits and broken channels become
+/// failures, each of which stops the others.
+struct Watch<'w, 'a> {
+    ctx: &'w AttemptCtx<'a>,
+    logs: &'w Path,
+    /// Plan index -> position in the attempt's processes.
+    index: BTreeMap<usize, usize>,
+    set_up: &'w BTreeMap<String, Option<u32>>,
+    workers: usize,
+    epochs: BTreeMap<u32, EpochParts>,
+    model_at: Option<(usize, PathBuf)>,
+    model_fetched: bool,
+    resumed_step: Option<u64>,
+    started_count: usize,
+    enrolled: usize,
+    startup_s: Option<f64>,
+}
+
+impl<'w, 'a> Watch<'w, 'a> {
+    fn new(
+        ctx: &'w AttemptCtx<'a>,
+        logs: &'w Path,
+        index: BTreeMap<usize, usize>,
+        set_up: &'w BTreeMap<String, Option<u32>>,
+    ) -> Self {
+        Watch {
+            ctx,
+            logs,
+            index,
+            set_up,
+            workers: ctx.plan.count(Role::Worker) as usize,
+            epochs: BTreeMap::new(),
+            model_at: None,
+            model_fetched: false,
+            resumed_step: None,
+            started_count: 0,
+            enrolled: 0,
+            startup_s: None,
+        }
     }
 
-    while procs.iter().any(|p| p.exit.is_none()) {
-        let report = tokio::select! {
-            r = rx.recv() => match r { Some(r) => r, None => break },
-            // Guarded: a completed future must not be polled again.
-            _ = &mut signals.ctrl_c, if !signals.interrupted => {
-                signals.interrupted = true;
-                failure.add(Cause::Stopped, "interrupted (Ctrl-C)".to_string());
-                stop_all(&mut procs).await;
-                continue;
+    fn uid_of(&self, host: &str) -> Option<u32> {
+        uid_of(self.ctx.plan, self.set_up, host)
+    }
+
+    /// Until every process has exited (or every report sender is gone).
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Report>,
+        procs: &mut [Proc],
+        failure: &mut Failures,
+        acc: &mut Accumulated,
+        signals: &mut Signals,
+    ) -> Result<(), LaunchError> {
+        while procs.iter().any(|p| p.exit.is_none()) {
+            let report = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => break },
+                // Guarded: a completed future must not be polled again.
+                _ = &mut signals.ctrl_c, if !signals.interrupted => {
+                    signals.interrupted = true;
+                    failure.add(Cause::Stopped, "interrupted (Ctrl-C)".to_string());
+                    stop_all(procs).await;
+                    continue;
+                }
+                _ = &mut signals.deadline, if !signals.timed_out => {
+                    signals.timed_out = true;
+                    failure.add(Cause::Stopped, format!("the job ran longer than max_hours = {}", self.ctx.spec.max_hours));
+                    stop_all(procs).await;
+                    continue;
+                }
+            };
+            // Plan index -> position in `procs`.
+            let report = match report {
+                Report::Event(i, e) => self.index.get(&i).map(|k| Report::Event(*k, e)),
+                Report::Exited(i, c) => self.index.get(&i).map(|k| Report::Exited(*k, c)),
+                Report::Broken(i, w) => self.index.get(&i).map(|k| Report::Broken(*k, w)),
+            };
+            match report {
+                Some(Report::Event(i, ev)) => self.on_event(i, ev, procs, failure, acc).await,
+                Some(Report::Exited(i, code)) => self.on_exit(i, code, procs, failure).await,
+                Some(Report::Broken(i, why)) => self.on_broken(i, why, procs, failure).await,
+                None => continue,
             }
-            _ = &mut signals.deadline, if !signals.timed_out => {
-                signals.timed_out = true;
-                failure.add(Cause::Stopped, format!("the job ran longer than max_hours = {}", spec.max_hours));
-                stop_all(&mut procs).await;
-                continue;
-            }
-        };
-        // Plan index -> position in `procs`.
-        let report = match report {
-            Report::Event(i, e) => index.get(&i).map(|k| Report::Event(*k, e)),
-            Report::Exited(i, c) => index.get(&i).map(|k| Report::Exited(*k, c)),
-            Report::Broken(i, w) => index.get(&i).map(|k| Report::Broken(*k, w)),
-        };
-        let Some(report) = report else { continue };
-        match report {
-            Report::Event(i, ev) => match ev {
-                Event::Progress { epoch, step, steps } => progress.step(epoch, spec.training.epochs, step, steps),
-                Event::Epoch { epoch, train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled } => {
-                    let e = epochs.entry(epoch).or_default();
-                    e.losses.push(train_loss);
-                    e.steps = steps;
-                    e.samples_per_s += samples_per_s;
-                    e.slowest = Some(e.slowest.map_or(samples_per_s, |v: f64| v.min(samples_per_s)));
-                    e.bytes_pushed += bytes_pushed;
-                    e.bytes_pulled += bytes_pulled;
-                }
-                Event::Eval { epoch, test_loss, test_accuracy } => {
-                    epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
-                }
-                // Only the job's own model directory, whatever the event says.
-                Event::Model { path } if path == transport.workdir(&procs[i].planned).join("model") => {
-                    model_at = Some((i, path))
-                }
-                Event::Model { path } => {
-                    failure.add(
-                        Cause::Reported,
-                        format!(
-                            "{}: named {} as its model, not its own model directory",
-                            procs[i].planned.label(),
-                            path.display()
-                        ),
-                    );
-                    stop_all(&mut procs).await;
-                }
-                Event::Checkpoint { step, bytes } => {
-                    if ctx.epoch_lines {
-                        progress.println(&format!(
-                            "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
-                            bytes as f64 / 1e6
-                        ));
-                    }
-                    acc.saved.push(crate::rundir::CheckpointRow { step, bytes });
-                }
-                Event::Resumed { step } => {
-                    if ctx.epoch_lines {
-                        progress.println(&format!("  resuming from checkpoint step {step}"));
-                    }
-                    resumed_step = Some(step);
-                    acc.resumed = true;
-                    acc.resumed_step = Some(step);
-                    acc.first_resumed_step.get_or_insert(step);
-                }
-                Event::Failed { message, follows } => {
-                    procs[i].failed = true;
-                    let cause = if follows { Cause::Follows } else { Cause::Reported };
-                    failure.add(cause, format!("{}: {message}", procs[i].planned.label()));
-                    stop_all(&mut procs).await;
-                }
-                Event::Warning { message } => {
-                    if acc.warnings.insert(message.clone()) {
-                        progress.println(&format!("warning: {message}"));
-                    }
-                }
-                Event::Started => {
-                    started_count += 1;
-                    progress.phase(&format!("started {started_count}/{} processes", procs.len()));
-                    if started_count == procs.len() && startup_s.is_none() {
-                        let at = started.elapsed().as_secs_f64();
-                        startup_s = Some(at);
-                        if ctx.epoch_lines {
-                            progress.println(&format!(
-                                "  {started_count}/{started_count} processes started ({at:.2}s); training"
-                            ));
-                        }
-                    }
-                }
-                Event::Csr { .. } => {
-                    enrolled += 1;
-                    progress.phase(&format!("enrolled {enrolled}/{} processes", procs.len()));
-                    if enrolled == procs.len() && ctx.epoch_lines {
-                        progress.println(&format!(
-                            "  {enrolled}/{enrolled} processes enrolled: keys made on their hosts, certificates from this job's CA ({:.2}s)",
-                            started.elapsed().as_secs_f64()
-                        ));
-                    }
-                }
-                Event::Process { pid, start } => procs[i].group = Some((pid, start)),
-                Event::Done | Event::Listening { .. } => {}
-            },
-            Report::Exited(i, code) => {
-                procs[i].exit = Some(code);
-                // A process that said why it failed has been counted already.
-                if code != Some(0) && !procs[i].failed {
-                    let label = procs[i].planned.label();
-                    let log = logs.join(log_name(&procs[i].planned));
-                    let what = match code {
-                        Some(c) => format!("{label} exited with status {c}"),
-                        None => format!("{label} was killed by a signal"),
-                    };
-                    // A signal is news even while stopping (the launcher sends
-                    // none in the grace period); a plain non-zero exit after
-                    // the stop is just the process obeying it.
-                    let cause = if code.is_none() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
-                    failure.add(cause, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
-                    stop_all(&mut procs).await;
-                }
-            }
-            Report::Broken(i, why) => {
-                // A channel that breaks once the job is stopping is the stop's doing.
-                let cause = if failure.is_none() { Cause::Broken } else { Cause::Stopping };
-                failure.add(cause, format!("{}: {why}", procs[i].planned.label()));
-                stop_all(&mut procs).await;
-            }
+            self.complete_epochs(acc)?;
+            self.fetch_model(procs, failure).await;
         }
-        // Complete epochs become metrics rows, in order.
-        while let Some((&epoch, parts)) = epochs.first_key_value() {
+        Ok(())
+    }
+
+    async fn on_event(
+        &mut self,
+        i: usize,
+        ev: Event,
+        procs: &mut [Proc],
+        failure: &mut Failures,
+        acc: &mut Accumulated,
+    ) {
+        match ev {
+            Event::Progress { epoch, step, steps } => {
+                self.ctx.progress.step(epoch, self.ctx.spec.training.epochs, step, steps)
+            }
+            Event::Epoch { epoch, train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled } => {
+                let e = self.epochs.entry(epoch).or_default();
+                e.losses.push(train_loss);
+                e.steps = steps;
+                e.samples_per_s += samples_per_s;
+                e.slowest = Some(e.slowest.map_or(samples_per_s, |v: f64| v.min(samples_per_s)));
+                e.bytes_pushed += bytes_pushed;
+                e.bytes_pulled += bytes_pulled;
+            }
+            Event::Eval { epoch, test_loss, test_accuracy } => {
+                self.epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
+            }
+            // Only the job's own model directory, whatever the event says.
+            Event::Model { path } if path == self.ctx.transport.workdir(&procs[i].planned).join("model") => {
+                self.model_at = Some((i, path))
+            }
+            Event::Model { path } => {
+                failure.add(
+                    Cause::Reported,
+                    format!(
+                        "{}: named {} as its model, not its own model directory",
+                        procs[i].planned.label(),
+                        path.display()
+                    ),
+                );
+                stop_all(procs).await;
+            }
+            Event::Checkpoint { step, bytes } => {
+                if self.ctx.epoch_lines {
+                    self.ctx.progress.println(&format!(
+                        "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
+                        bytes as f64 / 1e6
+                    ));
+                }
+                acc.saved.push(crate::rundir::CheckpointRow { step, bytes });
+            }
+            Event::Resumed { step } => {
+                if self.ctx.epoch_lines {
+                    self.ctx.progress.println(&format!("  resuming from checkpoint step {step}"));
+                }
+                self.resumed_step = Some(step);
+                acc.resumed = true;
+                acc.resumed_step = Some(step);
+                acc.first_resumed_step.get_or_insert(step);
+            }
+            Event::Failed { message, follows } => {
+                procs[i].failed = true;
+                let cause = if follows { Cause::Follows } else { Cause::Reported };
+                failure.add(cause, format!("{}: {message}", procs[i].planned.label()));
+                stop_all(procs).await;
+            }
+            Event::Warning { message } => {
+                if acc.warnings.insert(message.clone()) {
+                    self.ctx.progress.println(&format!("warning: {message}"));
+                }
+            }
+            Event::Started => {
+                self.started_count += 1;
+                self.ctx.progress.phase(&format!("started {}/{} processes", self.started_count, procs.len()));
+                if self.started_count == procs.len() && self.startup_s.is_none() {
+                    let at = self.ctx.started.elapsed().as_secs_f64();
+                    self.startup_s = Some(at);
+                    if self.ctx.epoch_lines {
+                        self.ctx.progress.println(&format!(
+                            "  {n}/{n} processes started ({at:.2}s); training",
+                            n = self.started_count
+                        ));
+                    }
+                }
+            }
+            Event::Csr { .. } => {
+                self.enrolled += 1;
+                self.ctx.progress.phase(&format!("enrolled {}/{} processes", self.enrolled, procs.len()));
+                if self.enrolled == procs.len() && self.ctx.epoch_lines {
+                    self.ctx.progress.println(&format!(
+                        "  {n}/{n} processes enrolled: keys made on their hosts, certificates from this job's CA ({:.2}s)",
+                        self.ctx.started.elapsed().as_secs_f64(),
+                        n = self.enrolled
+                    ));
+                }
+            }
+            Event::Process { pid, start } => procs[i].group = Some((pid, start)),
+            Event::Done | Event::Listening { .. } => {}
+        }
+    }
+
+    async fn on_exit(&mut self, i: usize, code: Option<i32>, procs: &mut [Proc], failure: &mut Failures) {
+        procs[i].exit = Some(code);
+        // A process that said why it failed has been counted already.
+        if code != Some(0) && !procs[i].failed {
+            let label = procs[i].planned.label();
+            let log = self.logs.join(log_name(&procs[i].planned));
+            let what = match code {
+                Some(c) => format!("{label} exited with status {c}"),
+                None => format!("{label} was killed by a signal"),
+            };
+            // A signal is news even while stopping (the launcher sends
+            // none in the grace period); a plain non-zero exit after
+            // the stop is just the process obeying it.
+            let cause = if code.is_none() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
+            failure.add(cause, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
+            stop_all(procs).await;
+        }
+    }
+
+    async fn on_broken(&mut self, i: usize, why: String, procs: &mut [Proc], failure: &mut Failures) {
+        // A channel that breaks once the job is stopping is the stop's doing.
+        let cause = if failure.is_none() { Cause::Broken } else { Cause::Stopping };
+        failure.add(cause, format!("{}: {why}", procs[i].planned.label()));
+        stop_all(procs).await;
+    }
+
+    /// Complete epochs become metrics rows, in order.
+    fn complete_epochs(&mut self, acc: &mut Accumulated) -> Result<(), LaunchError> {
+        while let Some((&epoch, parts)) = self.epochs.first_key_value() {
             let Some((test_loss, test_accuracy)) = parts.eval else { break };
-            if parts.losses.len() < workers {
+            if parts.losses.len() < self.workers {
                 break;
             }
             let row = EpochRow {
@@ -729,13 +832,13 @@ async fn run_attempt(
                 slowest_worker_samples_per_s: parts.slowest.unwrap_or_default(),
                 bytes_pushed: parts.bytes_pushed,
                 bytes_pulled: parts.bytes_pulled,
-                elapsed_s: started.elapsed().as_secs_f64(),
+                elapsed_s: self.ctx.started.elapsed().as_secs_f64(),
             };
-            if ctx.epoch_lines {
-                progress.println(&format!(
+            if self.ctx.epoch_lines {
+                self.ctx.progress.println(&format!(
                     "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
                     row.epoch,
-                    spec.training.epochs,
+                    self.ctx.spec.training.epochs,
                     row.train_loss,
                     row.test_loss,
                     row.test_accuracy,
@@ -747,45 +850,37 @@ async fn run_attempt(
             if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
                 acc.rows.retain(|r| r.epoch < row.epoch);
                 acc.rows.push(row);
-                run.write_metrics(&acc.rows).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.write_metrics(&acc.rows).map_err(|e| LaunchError::Setup(e.to_string()))?;
             } else {
-                run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
                 acc.rows.push(row);
             }
-            epochs.pop_first();
-            if spec.data.is_some()
-                && let Err(e) = crate::plot::draw(&run.path().join("plot.png"), &acc.rows)
+            self.epochs.pop_first();
+            if self.ctx.spec.data.is_some()
+                && let Err(e) = crate::plot::draw(&self.ctx.run.path().join("plot.png"), &acc.rows)
             {
                 tracing::warn!("cannot draw plot.png: {e}");
             }
         }
-        if let Some((i, path)) = model_at.take() {
+        Ok(())
+    }
+
+    /// The model, once worker 0 said where it is.
+    async fn fetch_model(&mut self, procs: &mut [Proc], failure: &mut Failures) {
+        if let Some((i, path)) = self.model_at.take() {
             let limits = crate::transport::FetchLimits {
-                uid: uid_of(&procs[i].planned.host),
-                max_bytes: model_fetch_limit(spec),
+                uid: self.uid_of(&procs[i].planned.host),
+                max_bytes: model_fetch_limit(self.ctx.spec),
             };
-            match transport.fetch_dir(&procs[i].planned, &path, &run.model_dir(), limits).await {
-                Ok(()) => model_fetched = true,
+            match self.ctx.transport.fetch_dir(&procs[i].planned, &path, &self.ctx.run.model_dir(), limits).await {
+                Ok(()) => self.model_fetched = true,
                 Err(e) => {
                     failure.add(Cause::Setup, format!("cannot fetch the model from {}: {e}", procs[i].planned.label()));
-                    stop_all(&mut procs).await;
+                    stop_all(procs).await;
                 }
             }
         }
     }
-    tear_down_hosts(ctx, &host_job, &set_up, &procs).await;
-    let (failure, restartable) = failure.root();
-    Ok(AttemptEnd {
-        failure,
-        restartable,
-        model_fetched,
-        startup_s,
-        resumed_step,
-        processes: procs
-            .iter()
-            .map(|p| crate::rundir::ProcessExit { process: p.planned.label(), exit_code: p.exit.flatten() })
-            .collect(),
-    })
 }
 
 /// The most a model fetch may bring back: the parameters as f32 twice
