@@ -110,21 +110,9 @@ impl CheckpointPlan {
                     .into(),
             ));
         }
-        let run_json = dir.join("run.json");
-        let text = std::fs::read_to_string(&run_json).map_err(|e| {
-            LaunchError::Input(format!("--resume {}: not a run directory ({}: {e})", dir.display(), run_json.display()))
-        })?;
-        let run: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| LaunchError::Input(format!("{}: malformed: {e}", run_json.display())))?;
-        let field = |k: &str| run.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        let series = field("checkpoint_series")
-            .or_else(|| field("job_id"))
-            .and_then(|s| JobId::try_from(s).ok())
-            .ok_or_else(|| LaunchError::Input(format!("{}: has no job id", run_json.display())))?;
-        let old_seed = run
-            .get("seed")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| LaunchError::Input(format!("{}: has no seed", run_json.display())))?;
+        let run = crate::rundir::RunRecord::load(dir).map_err(|e| LaunchError::Input(format!("--resume: {e}")))?;
+        let series = run.checkpoint_series.unwrap_or(run.job_id);
+        let old_seed = run.seed;
         if let Some(seed) = spec.seed
             && seed != old_seed
         {

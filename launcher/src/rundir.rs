@@ -45,7 +45,7 @@ pub struct EpochRow {
 }
 
 /// A process's exit, for the summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ProcessExit {
     /// `host/role[rank]`.
     pub process: String,
@@ -54,7 +54,7 @@ pub struct ProcessExit {
 }
 
 /// `summary.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// "succeeded" or "failed".
     pub status: String,
@@ -101,7 +101,7 @@ pub struct Summary {
 }
 
 /// One restart, for `restarts.json` and the summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RestartRow {
     /// 1 for the first restart; its logs are in `logs/restart-N/`.
     pub restart: u32,
@@ -116,7 +116,7 @@ pub struct RestartRow {
 }
 
 /// A committed checkpoint, for the summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CheckpointRow {
     /// Global training step.
     pub step: u64,
@@ -131,6 +131,53 @@ pub struct Lineage<'a> {
     pub checkpoint_series: Option<&'a warden_agent::identity::JobId>,
     /// The run directory it resumed.
     pub resumed_from: Option<&'a Path>,
+}
+
+/// `run.json`: what was launched, written when the run starts and read by
+/// `warden status|logs|stop` and `warden launch --resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// `[job] name`.
+    pub job: String,
+    /// The job id (also in every certificate).
+    pub job_id: warden_agent::identity::JobId,
+    /// The training seed in force.
+    pub seed: u64,
+    /// Where the seed came from: the job file or the OS CSPRNG.
+    pub seed_source: String,
+    /// Seconds since the Unix epoch at the start.
+    pub started_unix: u64,
+    /// The launcher's version.
+    pub warden_version: String,
+    /// The launcher's PID (`stop` signals it while it is a `warden`).
+    pub launcher_pid: u32,
+    /// Every host on this machine (`--local`).
+    pub local: bool,
+    /// The job file, absolute.
+    pub job_file: PathBuf,
+    /// The job's nftables table on every host.
+    pub firewall_table: String,
+    /// The checkpoint series the run writes to.
+    pub checkpoint_series: Option<warden_agent::identity::JobId>,
+    /// The run directory it resumed, if any.
+    pub resumed_from: Option<PathBuf>,
+}
+
+impl Summary {
+    /// Reads `DIR/summary.json`, if the run has ended and written one.
+    pub fn load(dir: &Path) -> Option<Summary> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).ok()?).ok()
+    }
+}
+
+impl RunRecord {
+    /// Reads `DIR/run.json`, saying what is wrong in a way a user can act on.
+    pub fn load(dir: &Path) -> Result<RunRecord, String> {
+        let path = dir.join("run.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{} is not a warden run directory ({}: {e})", dir.display(), path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: not a run record of this warden: {e}", path.display()))
+    }
 }
 
 /// A run directory being written.
@@ -211,20 +258,23 @@ impl RunDir {
     ) -> std::io::Result<()> {
         std::fs::write(self.path.join("job.toml"), text)?;
         write_json(&self.path.join("plan.json"), plan)?;
-        let run = serde_json::json!({
-            "job": spec.name,
-            "job_id": plan.job_id,
-            "seed": seed,
-            "seed_source": if spec.seed.is_some() { "job file" } else { "drawn from the OS CSPRNG" },
-            "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            "warden_version": env!("CARGO_PKG_VERSION"),
-            "launcher_pid": std::process::id(),
-            "local": plan.local,
-            "job_file": std::path::absolute(job_file).unwrap_or_else(|_| job_file.to_path_buf()),
-            "firewall_table": warden_agent::plan::firewall_table(&plan.job_id),
-            "checkpoint_series": lineage.checkpoint_series,
-            "resumed_from": lineage.resumed_from,
-        });
+        let run = RunRecord {
+            job: spec.name.clone(),
+            job_id: plan.job_id.clone(),
+            seed,
+            seed_source: if spec.seed.is_some() { "job file" } else { "drawn from the OS CSPRNG" }.to_string(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            warden_version: env!("CARGO_PKG_VERSION").to_string(),
+            launcher_pid: std::process::id(),
+            local: plan.local,
+            job_file: std::path::absolute(job_file).unwrap_or_else(|_| job_file.to_path_buf()),
+            firewall_table: warden_agent::plan::firewall_table(&plan.job_id),
+            checkpoint_series: lineage.checkpoint_series.cloned(),
+            resumed_from: lineage.resumed_from.map(Path::to_path_buf),
+        };
         write_json(&self.path.join("run.json"), &run)?;
         std::fs::write(self.path.join("metrics.csv"), METRICS_HEADER)
     }

@@ -106,21 +106,17 @@ pub fn exec(
 
 /// Removes a job's firewall tables and job directories on every host of
 /// `job` over SSH (after its launcher died).
-pub fn clean_remote(job: &Path, job_id: &str, table: &str) -> u8 {
+pub fn clean_remote(job: &Path, job_id: &warden_agent::identity::JobId, table: &str) -> u8 {
     let spec = match load_job(job) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let Ok(job_id) = warden_agent::identity::JobId::try_from(job_id.to_string()) else {
-        eprintln!("error: run.json has no valid job id");
-        return EXIT_USAGE;
-    };
-    let plan = warden_agent::plan::Plan::new(&spec, &job_id, false);
+    let plan = warden_agent::plan::Plan::new(&spec, job_id, false);
     let (agent, runtime) = match agent_and_runtime() {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let t = match ssh_connect(&runtime, &spec, &job_id, &agent, false, true) {
+    let t = match ssh_connect(&runtime, &spec, job_id, &agent, false, true) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

@@ -6,21 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
-
-fn read_json(path: &Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
+use crate::rundir::RunRecord;
 
 /// The run's launcher PID, if that process is still a `warden` launcher.
-fn live_launcher(run: &serde_json::Value) -> Option<i32> {
-    let pid = run["launcher_pid"].as_i64()? as i32;
+fn live_launcher(run: &RunRecord) -> Option<i32> {
+    let pid = i32::try_from(run.launcher_pid).ok()?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     exe.file_name().is_some_and(|n| n == "warden").then_some(pid)
 }
 
-fn load(dir: &Path) -> Result<serde_json::Value, u8> {
-    read_json(&dir.join("run.json")).ok_or_else(|| {
-        eprintln!("error: {} is not a warden run directory (no readable run.json)", dir.display());
+fn load(dir: &Path) -> Result<RunRecord, u8> {
+    RunRecord::load(dir).map_err(|e| {
+        eprintln!("error: {e}");
         EXIT_USAGE
     })
 }
@@ -31,17 +28,17 @@ pub fn exec_status(dir: &Path) -> u8 {
         Ok(r) => r,
         Err(code) => return code,
     };
-    println!("job {} (id {})", run["job"].as_str().unwrap_or("?"), run["job_id"].as_str().unwrap_or("?"));
-    if let Some(s) = read_json(&dir.join("summary.json")) {
-        println!("status: {}", s["status"].as_str().unwrap_or("?"));
-        println!("epochs: {}, steps: {}", s["epochs"], s["steps"]);
-        if let Some(acc) = s["test_accuracy"].as_f64() {
+    println!("job {} (id {})", run.job, run.job_id);
+    if let Some(s) = crate::rundir::Summary::load(dir) {
+        println!("status: {}", s.status);
+        println!("epochs: {}, steps: {}", s.epochs, s.steps);
+        if let Some(acc) = s.test_accuracy {
             println!("test accuracy: {acc:.4}");
         }
-        if let Some(f) = s["failure"].as_str() {
+        if let Some(f) = &s.failure {
             println!("failure: {f}");
         }
-        return if s["status"] == "succeeded" { EXIT_OK } else { EXIT_FAILED };
+        return if s.status == "succeeded" { EXIT_OK } else { EXIT_FAILED };
     }
     let last = std::fs::read_to_string(dir.join("metrics.csv"))
         .ok()
@@ -139,14 +136,9 @@ pub fn exec_stop(dir: &Path) -> u8 {
     // closed; what can remain is the firewall table, the job's uid lease and
     // whatever a program of that uid left running. `warden-agent host
     // teardown` finds the job's leases itself, as it does on SSH hosts.
-    let table = run["firewall_table"].as_str().unwrap_or_default().to_string();
-    if run["local"].as_bool() == Some(true) {
-        let Ok(job_id) =
-            warden_agent::identity::JobId::try_from(run["job_id"].as_str().unwrap_or_default().to_string())
-        else {
-            eprintln!("error: run.json has no valid job id");
-            return EXIT_FAILED;
-        };
+    let table = run.firewall_table.clone();
+    if run.local {
+        let job_id = run.job_id.clone();
         let teardown = crate::transport::find_agent().map_err(|e| e.to_string()).and_then(|agent| {
             let args = crate::transport::AgentCmd::Teardown { job: &job_id, uid: None }.args();
             let runtime =
@@ -165,7 +157,6 @@ pub fn exec_stop(dir: &Path) -> u8 {
             }
         };
     }
-    let job = PathBuf::from(run["job_file"].as_str().unwrap_or_default());
-    println!("no launcher is running; cleaning the hosts of {} over SSH", job.display());
-    crate::commands::launch::clean_remote(&job, run["job_id"].as_str().unwrap_or_default(), &table)
+    println!("no launcher is running; cleaning the hosts of {} over SSH", run.job_file.display());
+    crate::commands::launch::clean_remote(&run.job_file, &run.job_id, &table)
 }
