@@ -8,11 +8,9 @@
 //! steps per second are the slowest worker's.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
-use crate::launch::{LaunchOptions, launch, prepare};
-use crate::transport::{LocalTransport, Transport};
+use crate::launch::{LaunchOptions, prepare};
 
 /// Arguments of `warden bench ps`.
 #[derive(Debug, Clone, clap::Args)]
@@ -116,18 +114,7 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
     };
     let opts =
         LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None, resume: None };
-    let for_transport = (spec.clone(), plan.job_id.clone());
-    let outcome = runtime.block_on(launch(
-        job,
-        spec,
-        text,
-        plan,
-        move |run| {
-            Arc::new(LocalTransport::for_job(agent, &for_transport.0, &for_transport.1, run.nodes_dir()))
-                as Arc<dyn Transport>
-        },
-        opts,
-    ));
+    let outcome = runtime.block_on(crate::commands::launch::launch_local(job, spec, text, plan, agent, opts));
     let outcome = match outcome {
         Ok(o) if o.summary.status == "succeeded" => o,
         Ok(o) => {

@@ -7,6 +7,23 @@ use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
 use crate::transport::{LocalTransport, Transport, find_agent};
 
+/// Runs a prepared job as processes on this machine.
+pub async fn launch_local(
+    job: &Path,
+    spec: warden_agent::spec::JobSpec,
+    text: String,
+    plan: warden_agent::plan::Plan,
+    agent: PathBuf,
+    opts: LaunchOptions,
+) -> Result<crate::launch::Outcome, LaunchError> {
+    let for_transport = (spec.clone(), plan.job_id.clone());
+    let transport = move |run: &crate::rundir::RunDir| {
+        Arc::new(LocalTransport::for_job(agent, &for_transport.0, &for_transport.1, run.nodes_dir()))
+            as Arc<dyn Transport>
+    };
+    launch(job, spec, text, plan, transport, opts).await
+}
+
 /// Launches the job and reports how it ended.
 pub fn exec(
     job: &Path,
@@ -35,19 +52,8 @@ pub fn exec(
         started: Some(started),
         resume,
     };
-    let for_transport = (spec.clone(), plan.job_id.clone());
     let result = if local {
-        runtime.block_on(launch(
-            job,
-            spec,
-            text,
-            plan,
-            move |run| {
-                Arc::new(LocalTransport::for_job(agent, &for_transport.0, &for_transport.1, run.nodes_dir()))
-                    as Arc<dyn Transport>
-            },
-            opts,
-        ))
+        runtime.block_on(launch_local(job, spec, text, plan, agent, opts))
     } else {
         let connected = ssh_connect(&runtime, &spec, &plan.job_id, &agent, accept_new_host_keys, false);
         let transport = match connected {
