@@ -128,3 +128,37 @@ pub(super) fn identify(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_certificates_and_anonymous_callers_get_their_policies() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (key, entry) = new_api_key("alice");
+        std::fs::write(dir.path().join("keys.toml"), format!("{entry}precision = 4\n")).expect("written");
+        let toml = "[auth]\napi_keys = \"keys.toml\"\nanonymous = true\nclient_ca = \"ca.pem\"\n\
+                    [clients.bob]\noutput = \"label\"\n";
+        std::fs::write(dir.path().join("serve.toml"), toml).expect("written");
+        let c = Config::load(Some(&dir.path().join("serve.toml")), 10).expect("valid");
+        let alice = Policy { precision: 4, ..Policy::default() };
+        assert_eq!(identify(&c, Some(&key), None, false), Ok(("alice".into(), alice.clone())));
+        // A key wins over a certificate, and an unknown key is refused even where anonymous callers pass.
+        assert_eq!(identify(&c, Some(&key), Some("bob"), true), Ok(("alice".into(), alice)));
+        assert_eq!(identify(&c, Some("wdn_00"), None, true), Err(Refused::UnknownKey));
+        let bob = Policy { labels_only: true, ..Policy::default() };
+        assert_eq!(identify(&c, None, Some("bob"), false), Ok(("cert:bob".into(), bob)));
+        assert_eq!(identify(&c, None, Some("carol"), false), Ok(("cert:carol".into(), Policy::default())));
+        assert_eq!(identify(&c, None, None, true), Ok(("anonymous".into(), Policy::default())));
+        assert_eq!(identify(&c, None, None, false), Err(Refused::NoCredentials));
+    }
+
+    #[test]
+    fn a_key_hash_must_be_64_hex_digits() {
+        assert_eq!(unhex32(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(unhex32(&format!(" {} ", "0f".repeat(32))), Some([0x0f; 32]));
+        assert_eq!(unhex32(&"ab".repeat(31)), None);
+        assert_eq!(unhex32(&format!("{}zz", "ab".repeat(31))), None);
+    }
+}

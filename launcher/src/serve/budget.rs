@@ -107,3 +107,91 @@ pub(super) fn charge(usage: &mut Usage, policy: &Policy, n: u64, now: Now) -> Re
     usage.today += n;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// One key's usage, on a clock that starts at 10:00 UTC on day 20000
+    /// and is moved by hand.
+    struct Key {
+        now: Now,
+        usage: Usage,
+    }
+
+    impl Key {
+        fn new() -> Key {
+            Key { now: Now { instant: Instant::now(), unix_secs: 20_000 * DAY + 10 * 3600 }, usage: Usage::default() }
+        }
+
+        /// Moves the clock `secs` on, then charges `n` queries under `p`.
+        fn charge_after(&mut self, secs: f64, p: &Policy, n: u64) -> Result<(), Limited> {
+            self.now.instant += Duration::from_secs_f64(secs);
+            self.now.unix_secs += secs as u64;
+            charge(&mut self.usage, p, n, self.now)
+        }
+    }
+
+    fn policy(per_day: u64, total: u64, rate: f64, burst: f64) -> Policy {
+        Policy { per_day, total, rate, burst, ..Policy::default() }
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_refills_at_the_rate() {
+        let (mut k, p) = (Key::new(), policy(1000, 1000, 2.0, 5.0));
+        assert_eq!(k.charge_after(0.0, &p, 5), Ok(()), "a full bucket at first");
+        let limited = k.charge_after(0.0, &p, 1).expect_err("empty");
+        assert_eq!(limited, Limited { why: Why::Rate { rate: 2.0, burst: 5.0 }, retry_after: Some(1) });
+        assert_eq!(limited.why.to_string(), "rate limit of 2 queries/s (burst 5) exceeded");
+        // Half a second at 2/s is one query.
+        assert_eq!(k.charge_after(0.5, &p, 1), Ok(()));
+        // Four queries at once wait for the tokens they lack: 2 s, rounded up.
+        assert_eq!(k.charge_after(0.0, &p, 4).map_err(|l| l.retry_after), Err(Some(2)));
+        // An hour refills the bucket to its size, not beyond.
+        assert_eq!(k.charge_after(3600.0, &p, 5), Ok(()));
+        assert!(k.charge_after(0.0, &p, 1).is_err());
+        // A batch larger than the bucket never passes; it is told at least a second.
+        assert_eq!(k.charge_after(3600.0, &p, 6).map_err(|l| l.retry_after), Err(Some(1)));
+        assert_eq!((k.usage.total, k.usage.today), (11, 11), "refused charges count nothing");
+    }
+
+    #[test]
+    fn the_daily_budget_starts_again_at_midnight_utc() {
+        let (mut k, p) = (Key::new(), policy(3, 1000, 1e6, 1000.0));
+        assert_eq!(k.charge_after(0.0, &p, 3), Ok(()));
+        let limited = k.charge_after(0.0, &p, 1).expect_err("the day's budget is used");
+        // 10:00 UTC: 14 hours to midnight.
+        assert_eq!(limited, Limited { why: Why::Daily(3), retry_after: Some(14 * 3600) });
+        assert_eq!(limited.why.to_string(), "the daily query budget of this key (3) is used up until 00:00 UTC");
+        assert_eq!(k.charge_after(14.0 * 3600.0 - 1.0, &p, 1).map_err(|l| l.retry_after), Err(Some(1)), "23:59:59");
+        assert_eq!(k.charge_after(1.0, &p, 1), Ok(()), "00:00 the next day");
+        assert_eq!((k.usage.total, k.usage.today, k.usage.day), (4, 1, 20_001));
+    }
+
+    #[test]
+    fn the_total_budget_never_recovers() {
+        let (mut k, p) = (Key::new(), policy(1000, 4, 1e6, 1000.0));
+        assert_eq!(k.charge_after(0.0, &p, 3), Ok(()));
+        // Over the total as a batch, though one query would still pass.
+        let limited = k.charge_after(0.0, &p, 2).expect_err("over the total");
+        assert_eq!(limited, Limited { why: Why::Total(4), retry_after: None });
+        let text = "the total query budget of this key (4) is used up; ask the operator for another";
+        assert_eq!(limited.why.to_string(), text);
+        assert_eq!(k.charge_after(0.0, &p, 1), Ok(()));
+        assert_eq!(k.charge_after(30.0 * 86_400.0, &p, 1).map_err(|l| l.retry_after), Err(None), "still used up");
+        // The total is checked before the day's budget.
+        assert_eq!(k.charge_after(0.0, &policy(0, 4, 1e6, 1000.0), 1).map_err(|l| l.why), Err(Why::Total(4)));
+    }
+
+    #[test]
+    fn counts_but_not_the_bucket_are_saved() {
+        let mut k = Key::new();
+        k.charge_after(0.0, &policy(1000, 1000, 1.0, 1.0), 1).expect("charged");
+        let json = serde_json::to_string(&k.usage).expect("serialises");
+        assert_eq!(json, r#"{"total":1,"day":20000,"today":1}"#);
+        let back: Usage = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, Usage { tokens: None, ..k.usage });
+    }
+}

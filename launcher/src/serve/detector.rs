@@ -84,3 +84,35 @@ impl Detector {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DETECTOR: Detector = Detector { window: 10, min_queries: 5, cv_below: 0.05, throttle: Some(0.5) };
+
+    #[test]
+    fn evenly_spaced_queries_are_flagged_once_and_uneven_ones_are_not() {
+        let mut steps = Trail::default();
+        let flags: Vec<_> = (0..8).map(|i| DETECTOR.observe(&mut steps, vec![vec![i as f32, 0.0]])).collect();
+        // The sixth query makes the fifth distance: all 1.0, no variation.
+        assert_eq!(flags.iter().position(Option::is_some), Some(5));
+        assert_eq!(flags[5], Some((0.0, 5)));
+        assert!(flags[6..].iter().all(Option::is_none), "flagged once");
+        assert!(steps.flagged);
+        let mut natural = Trail::default();
+        let uneven = [0.0f32, 1.0, 1.5, 4.0, 4.1, 9.0, 9.5, 17.0, 30.0, 30.2];
+        assert!(uneven.iter().all(|&v| DETECTOR.observe(&mut natural, vec![vec![v, 0.0]]).is_none()));
+        assert!(!natural.flagged);
+    }
+
+    #[test]
+    fn a_flagged_key_is_charged_at_the_throttle_rate_with_no_burst() {
+        let p = Policy::default();
+        let flagged = Trail { flagged: true, ..Trail::default() };
+        assert_eq!(DETECTOR.charged_policy(&Trail::default(), &p), None);
+        assert_eq!(DETECTOR.charged_policy(&flagged, &p), Some(Policy { rate: 0.5, burst: 1.0, ..p.clone() }));
+        let log_only = Detector { throttle: None, ..DETECTOR };
+        assert_eq!(log_only.charged_policy(&flagged, &p), None);
+    }
+}

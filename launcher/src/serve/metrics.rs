@@ -60,3 +60,26 @@ impl Metrics {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_reported_in_prometheus_text() {
+        let m = Metrics::default();
+        add(&m.requests, 3);
+        add(&m.limited, 1);
+        add(&m.latency_us, 1_500_000);
+        let text = m.text(2);
+        for line in [
+            "warden_requests_total 3\n",
+            "warden_rejected_total{reason=\"limited\"} 1\n",
+            "warden_rejected_total{reason=\"unauthorized\"} 0\n",
+            "warden_request_seconds_total 1.500000\n",
+            "warden_connections_open 2\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+}

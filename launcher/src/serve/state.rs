@@ -122,4 +122,28 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }
+
+    #[test]
+    fn each_key_is_saved_as_one_object_and_read_back() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("state.json");
+        // A file without the detector's flag, and one with it.
+        std::fs::write(&path, r#"{"a": {"total": 5, "day": 20000, "today": 2}, "b": {"total": 1, "day": 1, "today": 1, "flagged": true}}"#)
+            .expect("written");
+        let ledger = Ledger::open(Some(path.clone())).expect("read");
+        ledger.save().expect("nothing to save");
+        assert!(std::fs::read_to_string(&path).expect("read").starts_with(r#"{"a": "#), "unchanged, not saved");
+        let (a, b) = (ledger.with_key("a", |k| k.clone()), ledger.with_key("b", |k| k.clone()));
+        assert_eq!((a.usage.total, a.usage.day, a.usage.today, a.trail.flagged), (5, 20000, 2, false));
+        assert_eq!((b.usage.total, b.trail.flagged), (1, true));
+        ledger.changed();
+        ledger.save().expect("saved");
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(saved["a"], serde_json::json!({"total": 5, "day": 20000, "today": 2, "flagged": false}));
+        assert_eq!(saved["b"], serde_json::json!({"total": 1, "day": 1, "today": 1, "flagged": true}));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "[]").expect("written");
+        let err = Ledger::open(Some(bad)).err().expect("refused");
+        assert!(err.contains("not a warden serve state file"), "{err}");
+    }
 }
