@@ -1,12 +1,78 @@
-//! The `warden serve` state file: per-key usage counts kept across restarts.
+//! The `warden serve` state file: per-key usage counts and detector flags
+//! kept across restarts, in a [`Ledger`] shared by the requests.
 //! Written readable by its owner only and replaced atomically: a fresh,
 //! unpredictably named temporary file created with mode 0600 (never an
 //! existing name, so never through a symlink planted there), written,
 //! synced, then renamed over the state file.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::budget::Usage;
+use super::detector::Trail;
+
+/// Everything kept per key; saved as one JSON object of both parts' fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct KeyState {
+    #[serde(flatten)]
+    pub(super) usage: Usage,
+    #[serde(flatten)]
+    pub(super) trail: Trail,
+}
+
+/// Every key's state, and whether it changed since it was last saved.
+pub(super) struct Ledger {
+    // A std mutex, not a tokio one: it is never held across an await.
+    keys: Mutex<HashMap<String, KeyState>>,
+    dirty: AtomicBool,
+    path: Option<PathBuf>,
+}
+
+impl Ledger {
+    /// The state saved at `path` if there is one, else empty; saved there.
+    pub(super) fn open(path: Option<PathBuf>) -> Result<Ledger, String> {
+        let keys = match &path {
+            Some(p) if p.exists() => {
+                let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                serde_json::from_slice(&text)
+                    .map_err(|e| format!("{}: not a warden serve state file: {e}", p.display()))?
+            }
+            _ => HashMap::new(),
+        };
+        Ok(Ledger { keys: Mutex::new(keys), dirty: AtomicBool::new(false), path })
+    }
+
+    /// Runs `f` on the state of key `id` (fresh if it has none yet). Call
+    /// [`Ledger::changed`] for a change that must be saved.
+    pub(super) fn with_key<R>(&self, id: &str, f: impl FnOnce(&mut KeyState) -> R) -> R {
+        let mut all = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        f(all.entry(id.to_string()).or_default())
+    }
+
+    /// Marks the state as changed since it was saved.
+    pub(super) fn changed(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes the state file, if there is one and the state changed.
+    pub(super) fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let text = {
+            let all = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_vec_pretty(&*all).map_err(std::io::Error::other)?
+        };
+        write_private(path, &text)
+    }
+}
 
 /// Replaces the file at `path` with `bytes`, mode 0600, atomically.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -55,5 +121,29 @@ mod tests {
             .filter(|n| n.ends_with(".tmp") && !n.starts_with("state") && n != ".state.json.tmp")
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn each_key_is_saved_as_one_object_and_read_back() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("state.json");
+        // A file without the detector's flag, and one with it.
+        std::fs::write(&path, r#"{"a": {"total": 5, "day": 20000, "today": 2}, "b": {"total": 1, "day": 1, "today": 1, "flagged": true}}"#)
+            .expect("written");
+        let ledger = Ledger::open(Some(path.clone())).expect("read");
+        ledger.save().expect("nothing to save");
+        assert!(std::fs::read_to_string(&path).expect("read").starts_with(r#"{"a": "#), "unchanged, not saved");
+        let (a, b) = (ledger.with_key("a", |k| k.clone()), ledger.with_key("b", |k| k.clone()));
+        assert_eq!((a.usage.total, a.usage.day, a.usage.today, a.trail.flagged), (5, 20000, 2, false));
+        assert_eq!((b.usage.total, b.trail.flagged), (1, true));
+        ledger.changed();
+        ledger.save().expect("saved");
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(saved["a"], serde_json::json!({"total": 5, "day": 20000, "today": 2, "flagged": false}));
+        assert_eq!(saved["b"], serde_json::json!({"total": 1, "day": 1, "today": 1, "flagged": true}));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "[]").expect("written");
+        let err = Ledger::open(Some(bad)).err().expect("refused");
+        assert!(err.contains("not a warden serve state file"), "{err}");
     }
 }

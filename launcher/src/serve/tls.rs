@@ -1,0 +1,89 @@
+//! TLS for `warden serve`: the server certificate (given, or a self-signed
+//! one whose fingerprint is printed), client certificates from `[auth]
+//! client_ca` when configured, and the handshake with its deadline. There
+//! is no plaintext mode.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
+
+/// The server's TLS configuration: TLS 1.3 or 1.2, HTTP/1.1, and client
+/// certificates from `client_ca` verified when one is given.
+pub(super) fn server_config(
+    given: Option<&(PathBuf, PathBuf)>,
+    listen: SocketAddr,
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig, String> {
+    let (certs, key) = certificate(given, listen)?;
+    let builder =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
+    };
+    let mut cfg = builder.with_single_cert(certs, key).map_err(|e| format!("TLS certificate and key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The certificate chain and key from `given` (PEM files), or a self-signed
+/// pair for `localhost` and the listening address.
+fn certificate(
+    given: Option<&(PathBuf, PathBuf)>,
+    listen: SocketAddr,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    match given {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            Ok((certs, key))
+        }
+        None => {
+            let names = vec!["localhost".to_string(), listen.ip().to_string()];
+            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+            let der = ck.cert.der().clone();
+            let fp: String = Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+            eprintln!("warden serve: self-signed certificate, SHA-256 fingerprint {fp}");
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| e.to_string())?;
+            Ok((vec![der], key))
+        }
+    }
+}
+
+/// Verifies client certificates issued by the CA in the PEM file `ca`.
+/// Certificates from this CA identify their holders; clients without one
+/// may still come with an API key.
+fn client_verifier(ca: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("[auth] client_ca {}: {e}", ca.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| bad(&e))
+}
+
+/// The TLS handshake on `io`, and the holder (subject common name) of the
+/// client certificate if one was verified; `None` if the handshake failed
+/// or did not complete within `timeout`.
+pub(super) async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: IO,
+    timeout: Duration,
+) -> Option<(TlsStream<IO>, Option<Arc<str>>)> {
+    let tls = tokio::time::timeout(timeout, acceptor.accept(io)).await.ok()?.ok()?;
+    let holder = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+        Some(Arc::from(cn))
+    });
+    Some((tls, holder))
+}
