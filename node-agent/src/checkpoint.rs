@@ -29,6 +29,7 @@
 //! and a wrong key is told apart from a damaged file. Secrets are zeroized
 //! when dropped and never printed.
 
+use crate::hex::encode as hex;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -200,8 +201,8 @@ impl CheckpointSecret {
             );
         }
         let mut out = Zeroizing::new([0u8; 32]);
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        if !crate::hex::decode_into(t, &mut out[..]) {
+            return Err("a checkpoint key is 64 hexadecimal digits".into());
         }
         Ok(CheckpointSecret(out))
     }
@@ -294,16 +295,9 @@ impl CheckpointKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn job_bytes(job: &JobId) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&job.as_str()[2 * i..2 * i + 2], 16).unwrap_or(0);
-    }
-    out
+    // A job id is 32 hex digits by construction.
+    crate::hex::decode_array(job.as_str()).unwrap_or_default()
 }
 
 /// Where a shard file belongs; checked against its authenticated header.
@@ -940,9 +934,7 @@ pub fn parse_manifest(text: &[u8], step_dir: &Path, key: Option<&CheckpointKey>)
             )));
         }
         let body = serde_json::to_vec(&m).expect("manifests serialize");
-        let mac = (0..file.mac.len() / 2)
-            .map(|i| u8::from_str_radix(file.mac.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).unwrap_or(0))
-            .collect::<Vec<u8>>();
+        let mac = crate::hex::decode(&file.mac).unwrap_or_default();
         if hmac::verify(&key.mac, &body, &mac).is_err() {
             return Err(bad("fails authentication: it was modified after it was written".into()));
         }

@@ -56,7 +56,7 @@ impl JobId {
     /// A fresh id from the operating system's CSPRNG.
     pub fn generate() -> JobId {
         let bytes: [u8; 16] = crate::secure_random::bytes();
-        JobId(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        JobId(crate::hex::encode(&bytes))
     }
 
     /// The id as text.

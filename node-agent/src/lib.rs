@@ -15,7 +15,8 @@
 //!   users can write, by file descriptor; [`reap`]: ending process groups.
 //! - [`roles`]: scheduler, server and worker.
 //! - [`optimizer`], [`model`], [`data`], [`artifact`]: training itself.
-//! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart.
+//! - [`secure_random`] and [`train_rng`]: the two kinds of randomness, kept apart;
+//!   [`hex`]: bytes as text.
 //! - [`fuzz`]: entry points for fuzzing every parser of untrusted bytes.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(unsafe_code))]
@@ -31,6 +32,7 @@ pub mod data;
 pub mod firewall;
 pub mod fuzz;
 pub mod harden;
+pub mod hex;
 pub mod host;
 pub mod identity;
 pub mod inventory;

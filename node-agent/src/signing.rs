@@ -15,6 +15,7 @@
 //! expected types, the hint of the key given, no unknown fields, no symlinks,
 //! no file missing, added, renamed or changed, and each failure says which.
 
+use crate::hex::{decode as unhex, encode as hex};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -295,17 +296,6 @@ fn pae(payload: &[u8]) -> Vec<u8> {
     let mut out = format!("DSSEv1 {} {PAYLOAD_TYPE} {} ", PAYLOAD_TYPE.len(), payload.len()).into_bytes();
     out.extend_from_slice(payload);
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len() / 2).map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()).collect()
 }
 
 // ---- The model directory ----

@@ -67,22 +67,14 @@ pub(super) fn load_keys(path: &Path, defaults: &Policy, classes: usize) -> Resul
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    warden_agent::hex::decode_array(s.trim())
 }
 
 /// A new API key and the line that admits it.
 pub fn new_api_key(id: &str) -> (String, String) {
     let bytes: [u8; 24] = warden_agent::secure_random::bytes();
-    let key = format!("wdn_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
-    let hash: String = Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let key = format!("wdn_{}", warden_agent::hex::encode(&bytes));
+    let hash = warden_agent::hex::encode(&Sha256::digest(key.as_bytes()));
     (key, format!("[[key]]\nid = \"{id}\"\nsha256 = \"{hash}\"\n"))
 }
 
