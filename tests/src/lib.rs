@@ -90,7 +90,7 @@ impl TestPki {
                 now - Duration::from_secs(3600),
             )
             .unwrap();
-        (cert, key.pkcs8_der())
+        (cert, key.pkcs8_der().to_vec())
     }
 }
 
