@@ -1114,8 +1114,8 @@ async fn start_one(
 }
 
 async fn send_control(stdin: &ControlWriter, msg: &Control) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    line.push(b'\n');
+    // Cleared when dropped: a bundle may carry the checkpoint key.
+    let line = msg.to_line().map_err(std::io::Error::other)?;
     let mut guard = stdin.lock().await;
     let w = guard.as_mut().ok_or_else(|| std::io::Error::other("control channel already closed"))?;
     w.write_all(&line).await?;

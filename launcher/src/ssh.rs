@@ -14,7 +14,12 @@
 //!
 //! The agent binary is uploaded to `REMOTE_DIR/bin/warden-agent-SHA` only
 //! when that exact version is not there yet; job directories live under
-//! `REMOTE_DIR/jobs/JOB_ID/`.
+//! `REMOTE_DIR/jobs/JOB_ID/`. It runs as root, so a binary already there
+//! counts only when its whole SHA-256 is the local binary's and it is owned
+//! by the user it runs as and writable by no one else; otherwise it is
+//! installed again. Its directory must be owned and writable the same way,
+//! or the host is refused with the commands that fix it (whoever can write
+//! there could swap the binary). After an installation the checks run again.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -126,10 +131,12 @@ impl HostReport {
 /// costs one round trip: each remote command costs a login shell on the
 /// host, which on lab machines often starts conda or pyenv from `.bashrc`
 /// (160 ms a command on the build machine). It also says who the SSH user is
-/// (`me`, for `become = "auto"`) and whether `agent` is already installed
-/// (looked up as root when commands will become root, since `remote_dir`
-/// may be closed to the SSH user). It runs under `sh` (dash on Debian), so
-/// it uses nothing bash-only: listening ports come from `ss`.
+/// (`me`, for `become = "auto"`) and what is at `agent` and its directory:
+/// the file's SHA-256 and the owner and mode of both (looked up as root
+/// when commands will become root, since `remote_dir` may be closed to the
+/// SSH user; `stat` does not follow a symbolic link, whose mode 777 fails
+/// the check). It runs under `sh` (dash on Debian), so it uses nothing
+/// bash-only: listening ports come from `ss`.
 fn check_script(user: &str, ports: &[u16], dir: &str, agent: &str, become_: Become) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
     let sudo = match become_ {
@@ -138,7 +145,10 @@ fn check_script(user: &str, ports: &[u16], dir: &str, agent: &str, become_: Beco
         Become::None => "s=;",
     };
     format!(
-        "echo me=$(id -u); {sudo} if $s test -x {agent} 2>/dev/null; then echo agent=yes; else echo agent=no; fi; \
+        "echo me=$(id -u); {sudo} a={agent}; \
+         echo agent_sha=$($s sha256sum \"$a\" 2>/dev/null | cut -c1-64); \
+         echo agent_stat=$($s stat -c %u:%a \"$a\" 2>/dev/null); \
+         echo bin_stat=$($s stat -c %u:%a \"$(dirname \"$a\")\" 2>/dev/null); \
          echo os=$(uname -s) arch=$(uname -m); \
          echo nft=$(command -v nft >/dev/null 2>&1 && echo yes || echo no); \
          echo user=$(id -u {user} 2>/dev/null || echo missing); \
@@ -151,8 +161,66 @@ fn check_script(user: &str, ports: &[u16], dir: &str, agent: &str, become_: Beco
     )
 }
 
-fn evaluate(host: &str, out: &str, local_now: u64) -> HostReport {
-    let get = |k: &str| out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+/// The agent binary a host must run: where, which, and as whom.
+#[derive(Debug, Clone, Copy)]
+struct AgentSpot<'a> {
+    /// Its path on the host.
+    path: &'a str,
+    /// The local binary's SHA-256, 64 hex digits.
+    sha256: &'a str,
+    /// The uid it runs as (0 when commands become root); `None` if unknown.
+    runs_as: Option<u32>,
+}
+
+/// The value of `key=` in the check script's output ("" when missing).
+fn said(out: &str, key: &str) -> String {
+    out.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).unwrap_or("").to_string()
+}
+
+/// An owner and permission bits from `stat -c %u:%a`.
+fn parse_stat(v: &str) -> Option<(u32, u32)> {
+    let (uid, mode) = v.split_once(':')?;
+    Some((uid.parse().ok()?, u32::from_str_radix(mode, 8).ok()?))
+}
+
+/// Owned by `owner` and writable by neither group nor others.
+fn private_to(stat: Option<(u32, u32)>, owner: Option<u32>) -> bool {
+    matches!((stat, owner), (Some((uid, mode)), Some(o)) if uid == o && mode & 0o022 == 0)
+}
+
+/// Whether the binary at `spot` is exactly the local one (every digit of
+/// its SHA-256), owned by the user it runs as and writable by no one else.
+fn agent_in_place(out: &str, spot: AgentSpot<'_>) -> bool {
+    said(out, "agent_sha") == spot.sha256 && private_to(parse_stat(&said(out, "agent_stat")), spot.runs_as)
+}
+
+/// The check of the agent's directory: absent (made at installation) or
+/// owned by the user the agent runs as and writable by no one else.
+fn agent_dir_check(out: &str, spot: AgentSpot<'_>) -> (&'static str, bool, String) {
+    let dir = Path::new(spot.path).parent().map(|p| p.display().to_string()).unwrap_or_default();
+    let runs_as = spot.runs_as.map_or("?".to_string(), |u| u.to_string());
+    let stat = said(out, "bin_stat");
+    let (ok, detail) = match parse_stat(&stat) {
+        None if stat.is_empty() => (true, format!("{dir} is made at installation")),
+        None => (false, format!("{dir}: unexpected `stat` output `{stat}`")),
+        Some((uid, mode)) if private_to(Some((uid, mode)), spot.runs_as) => {
+            (true, format!("{dir} owned by uid {uid}, mode {mode:o}"))
+        }
+        Some((uid, mode)) => (
+            false,
+            format!(
+                "{dir} is owned by uid {uid} with mode {mode:o}, but the agent runs from it as uid {runs_as}: \
+                 whoever else can write there could replace the agent. Make it uid {runs_as}'s alone \
+                 (`chown {runs_as} {dir} && chmod go-w {dir}`, as playbooks/node-prep.yml sets it up) \
+                 or remove it, and warden installs the agent afresh"
+            ),
+        ),
+    };
+    ("agent dir", ok, detail)
+}
+
+fn evaluate(host: &str, out: &str, local_now: u64, spot: AgentSpot<'_>) -> HostReport {
+    let get = |k: &str| said(out, k);
     let busy = out.lines().find_map(|l| l.strip_prefix("busy=")).unwrap_or("").trim().to_string();
     let now: u64 = get("now").parse().unwrap_or(0);
     let skew = now.abs_diff(local_now);
@@ -179,6 +247,7 @@ fn evaluate(host: &str, out: &str, local_now: u64) -> HostReport {
             ("ports", busy.is_empty(), if busy.is_empty() { "free".into() } else { format!("in use: {busy}") }),
             ("disk", disk >= 100 * 1024, format!("{} MiB free", disk / 1024)),
             ("clock", skew <= tolerance, format!("{skew}s from this machine (tolerance {tolerance}s)")),
+            agent_dir_check(out, spot),
         ],
     }
 }
@@ -304,7 +373,7 @@ impl SshTransport {
                 b.keyfile(key);
             }
             let (name, dest, become_) = (h.name.clone(), h.ssh.clone(), spec.cluster.become_);
-            let (agent_path, binary) = (agent_path.clone(), binary.clone());
+            let (agent_path, binary, sha) = (agent_path.clone(), binary.clone(), sha.clone());
             let ports: Vec<u16> = plan_ports.get(&h.name).cloned().unwrap_or_default();
             let script = check_script(
                 &spec.cluster.user,
@@ -322,18 +391,29 @@ impl SshTransport {
                     let mut host =
                         Host { name: name.clone(), session, sudo: false, agent: agent_path.display().to_string() };
                     let out = run(&host, &script, None).await.map_err(|e| format!("host checks failed: {e}"))?;
-                    let said = |k: &str| out.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
+                    let me = said(&out, "me");
                     host.sudo = match become_ {
                         Become::Sudo => true,
                         Become::None => false,
-                        Become::Auto => said("me=").is_none_or(|uid| uid != "0"),
+                        Become::Auto => me != "0",
                     };
-                    let installed = said("agent=").as_deref() == Some("yes");
+                    let runs_as = if host.sudo { Some(0) } else { me.parse().ok() };
+                    let spot = AgentSpot { path: &host.agent, sha256: &sha, runs_as };
                     let now =
                         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    let report = evaluate(&name2, &out, now);
-                    if !installed && (report.failures().is_none() || keep_going) {
+                    let mut report = evaluate(&name2, &out, now, spot);
+                    // Never write into a directory others control, not even for `doctor`.
+                    let dir_ok = agent_dir_check(&out, spot).1;
+                    if !agent_in_place(&out, spot) && dir_ok && (report.failures().is_none() || keep_going) {
                         install_agent(&host, &binary).await?;
+                        let out = run(&host, &script, None).await.map_err(|e| format!("host checks failed: {e}"))?;
+                        report = evaluate(&name2, &out, now, spot);
+                        if report.failures().is_none() && !agent_in_place(&out, spot) {
+                            return Err(format!(
+                                "{} is not the binary just installed, or others can write it, after installing it",
+                                host.agent
+                            ));
+                        }
                     }
                     Ok::<_, String>((host, report))
                 })
@@ -409,10 +489,15 @@ async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
     // Per host and launcher: hosts may share a filesystem; `mv` is atomic.
     let tmp = sh_quote(&format!("{}.{}.{}.tmp", host.agent, host.name, std::process::id()));
     let dir = sh_quote(&Path::new(&host.agent).parent().map(|p| p.display().to_string()).unwrap_or_default());
-    run(host, &format!("mkdir -p {dir} && cat > {tmp} && chmod 755 {tmp} && mv -f {tmp} {path}"), Some(binary))
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("cannot install warden-agent: {e}"))
+    // umask 022: a directory made here is writable by its owner alone.
+    run(
+        host,
+        &format!("umask 022 && mkdir -p {dir} && cat > {tmp} && chmod 755 {tmp} && mv -f {tmp} {path}"),
+        Some(binary),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("cannot install warden-agent: {e}"))
 }
 
 struct RemoteChild {
@@ -546,6 +631,91 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
+
+    /// Runs the check script here, as a host would, for `agent`.
+    fn check_here(agent: &Path) -> String {
+        let script = check_script("nobody", &[], "/", &agent.display().to_string(), Become::None);
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn hex_sha256(bytes: &[u8]) -> String {
+        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A binary at the agent's path counts only when every digit of its
+    /// SHA-256 is the local binary's and nobody but the user it runs as can
+    /// write it or its directory; an unsafe directory fails the host with
+    /// the fix. (The path names only the first 16 hex digits: a file with
+    /// the same name and other contents, or one others can write, was once
+    /// run as root after a mere `test -x`.)
+    #[test]
+    fn an_agent_binary_counts_only_when_whole_and_private() {
+        let me = nix::unistd::geteuid().as_raw();
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        let agent = bin.join("warden-agent-0123456789abcdef");
+        let path = agent.display().to_string();
+        let sha = hex_sha256(b"the real agent");
+        let spot = AgentSpot { path: &path, sha256: &sha, runs_as: Some(me) };
+        let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let dir_ok = |out: &str| agent_dir_check(out, spot).1;
+
+        // Nothing there yet: install (the directory is made then).
+        let out = check_here(&agent);
+        assert!(!agent_in_place(&out, spot) && dir_ok(&out), "{out}");
+
+        std::fs::create_dir(&bin).unwrap();
+        mode(&bin, 0o755);
+        std::fs::write(&agent, b"the real agent").unwrap();
+        mode(&agent, 0o755);
+        let out = check_here(&agent);
+        assert!(agent_in_place(&out, spot) && dir_ok(&out), "{out}");
+        assert_eq!(said(&out, "agent_sha"), sha);
+
+        // Same name, other contents: installed again.
+        std::fs::write(&agent, b"something else").unwrap();
+        assert!(!agent_in_place(&check_here(&agent), spot));
+        std::fs::write(&agent, b"the real agent").unwrap();
+        // Writable by the group, or a symbolic link (mode 777): installed again.
+        mode(&agent, 0o775);
+        assert!(!agent_in_place(&check_here(&agent), spot));
+        mode(&agent, 0o755);
+        let link = bin.join("link");
+        std::os::unix::fs::symlink(&agent, &link).unwrap();
+        let link_path = link.display().to_string();
+        assert!(!agent_in_place(&check_here(&link), AgentSpot { path: &link_path, ..spot }));
+
+        // A directory others can write fails the host, naming the fix.
+        mode(&bin, 0o777);
+        let out = check_here(&agent);
+        let (_, ok, detail) = agent_dir_check(&out, spot);
+        assert!(!ok && detail.contains("chmod go-w") && detail.contains(&bin.display().to_string()), "{detail}");
+        let report = evaluate("h", &out, 0, spot);
+        assert!(report.failures().is_some_and(|f| f.contains("agent dir")), "{:?}", report.failures());
+        mode(&bin, 0o755);
+        // Owned by another user than the one the agent runs as.
+        let other = AgentSpot { runs_as: Some(me + 1), ..spot };
+        let (_, ok, detail) = agent_dir_check(&check_here(&agent), other);
+        assert!(!ok && detail.contains(&format!("chown {}", me + 1)), "{detail}");
+        assert!(!agent_in_place(&check_here(&agent), other));
+        // An unknown user to run as passes nothing.
+        assert!(!agent_in_place(&check_here(&agent), AgentSpot { runs_as: None, ..spot }));
+    }
+
+    #[test]
+    fn stat_output_parses_as_owner_and_octal_mode() {
+        assert_eq!(parse_stat("0:755"), Some((0, 0o755)));
+        assert_eq!(parse_stat("1000:2775"), Some((1000, 0o2775)));
+        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_stat("0:9"), None);
+        assert!(private_to(Some((0, 0o755)), Some(0)));
+        assert!(!private_to(Some((0, 0o757)), Some(0)));
+        assert!(!private_to(Some((0, 0o775)), Some(0)));
+        assert!(!private_to(Some((1000, 0o755)), Some(0)));
+        assert_eq!(said("me=0 agent_sha=ab\nbusy=", "agent_sha"), "ab");
+        assert_eq!(said("agent_stat=\n", "agent_sha"), "");
+    }
 
     #[test]
     fn control_dirs_are_private_fresh_and_unpredictable() {

@@ -18,7 +18,9 @@ use crate::tls::TlsIdentity;
 /// Reads one control line of at most [`MAX_CONTROL_LINE`] bytes; `None` at EOF.
 pub fn read_control<R: BufRead>(input: &mut R) -> Result<Option<Control>, String> {
     // The bundle may carry the checkpoint key: clear the line once parsed.
-    let mut line = zeroize::Zeroizing::new(Vec::new());
+    // Room for the longest line from the start: a growing vector would
+    // leave uncleared copies behind.
+    let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_CONTROL_LINE + 1));
     let n = std::io::Read::take(&mut *input, MAX_CONTROL_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
         .map_err(|e| format!("reading the control channel: {e}"))?;

@@ -5,7 +5,9 @@
 //! with a TLS 1.3 session whose peer identity came from a certificate of
 //! this job. On every [`Conn::recv`] the frame length is checked against the
 //! job's maximum before a byte of body is allocated, and the message is
-//! checked against the roles allowed to send it.
+//! checked against the roles allowed to send it. A listener holds at most
+//! one connection per peer identity: a second one under an identity that is
+//! already connected is refused before its welcome.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -71,6 +73,11 @@ pub enum ConnError {
     /// Something we could not set up locally.
     #[error("{0}")]
     Setup(String),
+    /// The peer's identity already has a connection to this listener.
+    #[error(
+        "{0} is already connected here; a process connects once, so this second connection under its identity was refused"
+    )]
+    AlreadyConnected(Identity),
 }
 
 /// Limits applied to every connection.
@@ -90,10 +97,25 @@ pub struct ConnLimits {
 
 /// Connection slots of one listener: every accepted TCP connection takes one
 /// before anything is read from it and gives it back when it closes, so a
-/// flood costs the listener a bounded number of sockets and tasks.
+/// flood costs the listener a bounded number of sockets and tasks. Each
+/// authenticated connection also holds its peer's identity until it closes.
 #[derive(Debug, Default)]
 struct Slots {
     by_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    peers: std::sync::Mutex<std::collections::HashSet<Identity>>,
+}
+
+/// A peer identity held by one connection; dropping it frees the identity.
+#[derive(Debug)]
+struct HeldIdentity {
+    slots: std::sync::Arc<Slots>,
+    peer: Identity,
+}
+
+impl Drop for HeldIdentity {
+    fn drop(&mut self) {
+        self.slots.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.peer);
+    }
 }
 
 /// A taken connection slot; dropping it frees the slot.
@@ -124,6 +146,9 @@ pub struct Conn<S> {
     stall: Duration,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// On an accepted connection: its peer's identity at the listener,
+    /// held as long as the connection (or its receiving half) lives.
+    held: Option<HeldIdentity>,
 }
 
 /// Reads one frame body into `buf`, refusing lengths above `max` before
@@ -219,7 +244,7 @@ pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
-        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new() }
+        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new(), held: None }
     }
 
     /// The authenticated peer.
@@ -316,13 +341,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn into_split(self) -> (RecvHalf<tokio::io::ReadHalf<S>>, SendHalf<tokio::io::WriteHalf<S>>) {
         let (r, w) = tokio::io::split(self.stream);
         (
-            RecvHalf { r, peer: self.peer.clone(), max_frame: self.max_frame, stall: self.stall, buf: self.rbuf },
+            RecvHalf {
+                r,
+                peer: self.peer.clone(),
+                max_frame: self.max_frame,
+                stall: self.stall,
+                buf: self.rbuf,
+                _held: self.held,
+            },
             SendHalf { w, stall: self.stall, buf: self.wbuf },
         )
     }
 }
 
-/// Reading half of a split [`Conn`].
+/// Reading half of a split [`Conn`]; it keeps the peer's identity held at
+/// the listener (the reading side notices when the connection ends).
 #[derive(Debug)]
 pub struct RecvHalf<R> {
     r: R,
@@ -330,6 +363,7 @@ pub struct RecvHalf<R> {
     max_frame: u32,
     stall: Duration,
     buf: Vec<u8>,
+    _held: Option<HeldIdentity>,
 }
 
 impl<R: AsyncRead + Unpin> RecvHalf<R> {
@@ -415,6 +449,12 @@ impl Acceptor {
         Ok(Slot { slots: self.slots.clone(), source: from.ip() })
     }
 
+    /// Holds `peer`'s identity for one connection, unless another holds it.
+    fn hold(&self, peer: &Identity) -> Option<HeldIdentity> {
+        let mut peers = self.slots.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(peer.clone()).then(|| HeldIdentity { slots: self.slots.clone(), peer: peer.clone() })
+    }
+
     /// Completes the handshake, says welcome and reads the first message,
     /// all within the first-message deadline. The connection's `slot` is
     /// given back once the peer has authenticated: the caps bound what
@@ -430,8 +470,15 @@ impl Acceptor {
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
         let peer = tls::peer_identity(stream.get_ref().1).map_err(ConnError::Setup)?;
         drop(slot);
-        let mut conn = Conn::new(stream, peer, self.limits.max_frame);
+        let held = self.hold(&peer);
+        let mut conn = Conn::new(stream, peer.clone(), self.limits.max_frame);
         conn.set_stall(self.limits.stall);
+        if held.is_none() {
+            let e = ConnError::AlreadyConnected(peer);
+            conn.refuse(&e.to_string()).await;
+            return Err(e);
+        }
+        conn.held = held;
         conn.send(&Message::Welcome).await?;
         match timeout_at(deadline, conn.recv()).await {
             Ok(Ok(first)) => Ok((conn, first)),

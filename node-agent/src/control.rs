@@ -6,10 +6,16 @@
 //! with [`Control::Certificate`], then reads events until the agent exits.
 //! When the agent's stdin closes (the launcher died or stopped the job), the
 //! agent stops.
+//!
+//! A bundle may carry the checkpoint key, so its bytes are cleared wherever
+//! they are held: [`Control::to_line`] on the launcher's side, the line
+//! buffer and [`ClearingReader`] on the agent's.
 
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::identity::{JobId, Role};
 
@@ -31,6 +37,81 @@ pub enum Control {
     },
     /// Stop now.
     Stop,
+}
+
+impl Control {
+    /// As one JSON line with its newline, in a buffer that is cleared when
+    /// dropped. The buffer is sized before the message is written into it,
+    /// so it never grows and leaves no uncleared copy behind.
+    pub fn to_line(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+        let mut counter = ByteCount(0);
+        serde_json::to_writer(&mut counter, self)?;
+        let mut line = Zeroizing::new(Vec::with_capacity(counter.0 + 1));
+        serde_json::to_writer(&mut *line, self)?;
+        line.push(b'\n');
+        Ok(line)
+    }
+}
+
+/// Counts what is written to it and keeps none of it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A buffered reader that clears every byte of its buffer as it is
+/// consumed, for the agent's control channel: what passed through it (the
+/// bundle with the checkpoint key) does not stay in its buffer.
+///
+/// Its buffer is larger than the standard input's own (8 KiB), and a read
+/// at least as large as that bypasses it, so nothing stays there either.
+#[derive(Debug)]
+pub struct ClearingReader<R> {
+    inner: R,
+    buf: Zeroizing<Vec<u8>>,
+    pos: usize,
+    end: usize,
+}
+
+impl<R: Read> ClearingReader<R> {
+    /// Reads `inner` in blocks of 64 KiB.
+    pub fn new(inner: R) -> Self {
+        ClearingReader { inner, buf: Zeroizing::new(vec![0; 64 << 10]), pos: 0, end: 0 }
+    }
+}
+
+impl<R: Read> Read for ClearingReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for ClearingReader<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.pos == self.end {
+            self.end = self.inner.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        Ok(&self.buf[self.pos..self.end])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let amt = amt.min(self.end - self.pos);
+        self.buf[self.pos..self.pos + amt].zeroize();
+        self.pos += amt;
+    }
 }
 
 /// What an agent receives before anything else.
@@ -174,5 +255,62 @@ impl Event {
     /// As one JSON line (no trailing newline).
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).expect("events always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with_key(secret: &crate::checkpoint::CheckpointSecret) -> Control {
+        Control::Bundle(Box::new(Bundle {
+            job_id: JobId::generate(),
+            job_toml: "x".repeat(10_000),
+            job_file: "job.toml".into(),
+            base_dir: PathBuf::from("/"),
+            hosts: None,
+            seed: 1,
+            local: true,
+            role: Role::Server,
+            rank: 0,
+            workdir: PathBuf::from("/tmp"),
+            resume: false,
+            checkpoint_series: None,
+            checkpoint_key: Some(secret.clone()),
+        }))
+    }
+
+    /// The launcher's line holds the key in one buffer that never grew
+    /// (a grown vector leaves its old block uncleared).
+    #[test]
+    fn a_bundle_line_is_written_into_one_buffer_of_its_final_size() {
+        let secret = crate::checkpoint::CheckpointSecret::generate();
+        let line = bundle_with_key(&secret).to_line().unwrap();
+        assert_eq!(line.capacity(), line.len());
+        assert_eq!(line.last(), Some(&b'\n'));
+        let hex = secret.to_hex();
+        assert!(line.windows(64).any(|w| w == hex.as_bytes()));
+    }
+
+    /// Every byte the agent's reader handed out is gone from its buffer,
+    /// the key among them; what it has not handed out yet is still there.
+    #[test]
+    fn the_control_reader_clears_what_it_handed_out() {
+        let secret = crate::checkpoint::CheckpointSecret::generate();
+        let mut input = bundle_with_key(&secret).to_line().unwrap().to_vec();
+        input.extend_from_slice(b"{\"type\":\"stop\"}\n");
+        let mut r = ClearingReader::new(&input[..]);
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).unwrap();
+        assert!(matches!(serde_json::from_slice(&line).unwrap(), Control::Bundle(_)));
+        let hex = secret.to_hex();
+        assert!(!r.buf.windows(64).any(|w| w == hex.as_bytes()), "the key stayed in the reader's buffer");
+        let rest = &r.buf[..r.end];
+        assert!(rest[..r.pos].iter().all(|b| *b == 0));
+        assert_eq!(&rest[r.pos..], b"{\"type\":\"stop\"}\n");
+        let mut tail = String::new();
+        r.read_to_string(&mut tail).unwrap();
+        assert_eq!(tail, "{\"type\":\"stop\"}\n");
+        assert!(r.buf.iter().all(|b| *b == 0));
     }
 }

@@ -24,7 +24,9 @@
 //! # Semantics (MXNet's `dist_sync` / `dist_async` kvstore)
 //!
 //! Every worker calls `init` for the tensors; worker 0's values are the
-//! ones the servers start from, and the first push or pull of every worker
+//! ones the servers start from (in a job with `[model] init` the servers
+//! start from the verified signed weights, and `init` is answered with an
+//! `ignored` note), and the first push or pull of every worker
 //! waits at a barrier until they are in place. A step is a push of every
 //! declared tensor (in any order); when the last one arrives the agent
 //! sends the gradients to the servers, which aggregate all workers' pushes
@@ -52,6 +54,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest request header.
 pub const MAX_HEADER: usize = 64 << 10;
+
+/// Why `init` changes nothing in a job with `[model] init`.
+pub const INIT_IGNORED: &str =
+    "init ignored: this job starts from the signed weights of [model] init, which the servers verified";
 
 /// The socket's file name in the worker's job directory.
 pub const SOCKET: &str = "kv.sock";
@@ -351,6 +357,10 @@ impl Kv {
                 let i = self.tensor(req.name.as_deref())?;
                 if self.started {
                     return Err("init after the first push or pull; initialise every tensor first".into());
+                }
+                if ctx.spec.init.is_some() {
+                    // The servers start from the verified weights, which no worker may replace.
+                    return Ok(json!({"ok": true, "ignored": INIT_IGNORED}));
                 }
                 let range = self.tensors[i].range.clone();
                 dtype.decode(payload, &mut self.init[range]);

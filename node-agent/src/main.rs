@@ -228,7 +228,7 @@ fn main() -> ExitCode {
         Ok((pid, start)) => events(Event::Process { pid, start }),
         Err(e) => tracing::warn!("cannot lead a process group ({e}); the launcher can only close its channel"),
     }
-    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let mut stdin = warden_agent::control::ClearingReader::new(std::io::stdin());
     let prepared = match agent::prepare(&mut stdin, events.clone()) {
         Ok(p) => p,
         Err(message) => {

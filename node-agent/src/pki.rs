@@ -6,15 +6,21 @@
 //! certificate from scratch: the CSR contributes its public key and nothing
 //! else, so a CSR that asks to be a CA, for other names or for a long life
 //! gets none of it.
+//!
+//! Both keys are cleared from memory when dropped: the PKCS#8 copy rcgen
+//! keeps by a wrapper that clears it on drop, the key inside aws-lc by aws-lc itself
+//! (its allocator cleanses every block it frees).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm,
+    SigningKey,
 };
 use time::OffsetDateTime;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::identity::{Identity, JobId};
 
@@ -36,10 +42,50 @@ pub enum PkiError {
 /// How far back a certificate's validity starts, for clocks that differ a little.
 pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(300);
 
-/// A job's certificate authority (held only by the launcher).
+/// A fresh key pair whose PKCS#8 copy is cleared when it is dropped.
+struct SecretKeyPair(KeyPair);
+
+impl SecretKeyPair {
+    /// A fresh ECDSA P-256 key from the OS CSPRNG.
+    fn generate() -> Result<SecretKeyPair, PkiError> {
+        KeyPair::generate().map(SecretKeyPair).map_err(PkiError::Generate)
+    }
+
+    /// The private key in PKCS#8 DER, in a buffer cleared when dropped.
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.0.serialize_der())
+    }
+}
+
+impl Drop for SecretKeyPair {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for SecretKeyPair {}
+
+impl PublicKeyData for SecretKeyPair {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+impl SigningKey for SecretKeyPair {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
+
+/// A job's certificate authority (held only by the launcher); its key is
+/// cleared from memory when it is dropped.
 pub struct JobCa {
     job: JobId,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, SecretKeyPair>,
     cert_pem: String,
     not_after: OffsetDateTime,
 }
@@ -53,7 +99,7 @@ impl std::fmt::Debug for JobCa {
 impl JobCa {
     /// A fresh CA for `job`, valid for `lifetime` (plus the clock tolerance before now).
     pub fn new(job: &JobId, lifetime: Duration) -> Result<JobCa, PkiError> {
-        let key = KeyPair::generate().map_err(PkiError::Generate)?;
+        let key = SecretKeyPair::generate()?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -131,10 +177,15 @@ fn serial() -> rcgen::SerialNumber {
     rcgen::SerialNumber::from_slice(&bytes)
 }
 
-/// A node's private key, generated where it is used.
+impl ZeroizeOnDrop for JobCa {}
+
+/// A node's private key, generated where it is used; cleared from memory
+/// when it is dropped.
 pub struct NodeKey {
-    key: KeyPair,
+    key: SecretKeyPair,
 }
+
+impl ZeroizeOnDrop for NodeKey {}
 
 impl std::fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,7 +196,7 @@ impl std::fmt::Debug for NodeKey {
 impl NodeKey {
     /// A fresh ECDSA P-256 key from the OS CSPRNG.
     pub fn generate() -> Result<NodeKey, PkiError> {
-        Ok(NodeKey { key: KeyPair::generate().map_err(PkiError::Generate)? })
+        Ok(NodeKey { key: SecretKeyPair::generate()? })
     }
 
     /// A CSR carrying only the public key and the identity asked for.
@@ -158,9 +209,9 @@ impl NodeKey {
         csr.pem().map_err(PkiError::Generate)
     }
 
-    /// The key in PKCS#8 DER, for rustls.
-    pub fn pkcs8_der(&self) -> Vec<u8> {
-        self.key.serialize_der()
+    /// The key in PKCS#8 DER, for rustls, in a buffer cleared when dropped.
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        self.key.pkcs8_der()
     }
 }
 
@@ -168,6 +219,19 @@ impl NodeKey {
 mod tests {
     use super::*;
     use crate::identity::Role;
+
+    #[test]
+    fn private_keys_are_cleared_when_dropped() {
+        fn cleared_on_drop<T: ZeroizeOnDrop>() {}
+        cleared_on_drop::<JobCa>();
+        cleared_on_drop::<NodeKey>();
+        cleared_on_drop::<SecretKeyPair>();
+        // What the drop does to rcgen's PKCS#8 copy of the key.
+        let mut key = SecretKeyPair::generate().unwrap();
+        assert!(key.pkcs8_der().iter().any(|b| *b != 0));
+        key.0.zeroize();
+        assert!(key.pkcs8_der().is_empty());
+    }
 
     #[test]
     fn csr_wishes_are_ignored() {

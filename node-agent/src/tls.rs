@@ -17,12 +17,14 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
 };
 
 use crate::identity::{Identity, JobId, Role};
+use zeroize::Zeroizing;
 
 /// A TLS setup error.
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +53,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// A process's credentials: its identity, certificate, key and the job CA.
+///
+/// The key is held only as aws-lc's signing key, which aws-lc clears when
+/// it is freed; no copy of its PKCS#8 bytes outlives [`TlsIdentity::new`].
 #[derive(Clone)]
 pub struct TlsIdentity {
     /// Who this process is.
     pub me: Identity,
-    chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivatePkcs8KeyDer<'static>>,
+    certified: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
 }
 
@@ -67,8 +71,14 @@ impl std::fmt::Debug for TlsIdentity {
 }
 
 impl TlsIdentity {
-    /// From PEM certificate and CA, and a PKCS#8 DER key.
-    pub fn new(me: Identity, cert_pem: &str, key_pkcs8: Vec<u8>, ca_pem: &str) -> Result<TlsIdentity, TlsError> {
+    /// From PEM certificate and CA, and a PKCS#8 DER key (cleared when this returns).
+    pub fn new(
+        me: Identity,
+        cert_pem: &str,
+        key_pkcs8: impl Into<Zeroizing<Vec<u8>>>,
+        ca_pem: &str,
+    ) -> Result<TlsIdentity, TlsError> {
+        let key_pkcs8 = key_pkcs8.into();
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| TlsError::Pem { what: "certificate", detail: e.to_string() })?;
         let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
@@ -83,16 +93,15 @@ impl TlsIdentity {
                 detail: format!("it names {}, not {}", named.uri(), me.uri()),
             });
         }
-        Ok(TlsIdentity {
-            me,
-            chain: vec![cert],
-            key: Arc::new(PrivatePkcs8KeyDer::from(key_pkcs8)),
-            roots: Arc::new(roots),
-        })
+        // Borrowed, so rustls never owns (and never frees uncleared) a copy.
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&key_pkcs8[..]));
+        let certified = CertifiedKey::new(vec![cert], rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)?);
+        certified.keys_match()?;
+        Ok(TlsIdentity { me, certified: Arc::new(certified), roots: Arc::new(roots) })
     }
 
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    fn cert_and_key(&self) -> Arc<SingleCertAndKey> {
+        Arc::new(SingleCertAndKey::from(self.certified.clone()))
     }
 }
 
@@ -237,7 +246,7 @@ pub fn server_config(id: &TlsIdentity, accept: &[Role]) -> Result<Arc<ServerConf
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key())?;
+        .with_cert_resolver(id.cert_and_key());
     Ok(Arc::new(config))
 }
 
@@ -252,7 +261,7 @@ pub fn client_config(id: &TlsIdentity, expect: Identity) -> Result<Arc<ClientCon
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // only to install our verifier, which wraps webpki's own
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(id.chain.clone(), id.key())?;
+        .with_client_cert_resolver(id.cert_and_key());
     Ok(Arc::new(config))
 }
 

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import time
+import warnings
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class KV:
         if not path:
             raise KVError("WARDEN_KV is not set: run this program through `warden launch` ([worker] command)")
         self.path = path
+        self._warned_init = False
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + timeout
         while True:
@@ -122,9 +124,14 @@ class KV:
 
     # -- the kvstore -----------------------------------------------------
     def init(self, name, value):
-        """Declares the starting value of `name` (worker 0's is used)."""
+        """Declares the starting value of `name` (worker 0's is used). In a
+        job with `[model] init` the servers start from the signed weights
+        instead: the value is ignored, with a warning the first time."""
         dtype, data = self._bytes(name, value)
-        self._call({"op": "init", "name": name, "dtype": dtype}, data)
+        answer, _ = self._call({"op": "init", "name": name, "dtype": dtype}, data)
+        if answer.get("ignored") and not self._warned_init:
+            self._warned_init = True
+            warnings.warn(answer["ignored"], stacklevel=2)
 
     def push(self, name, grad):
         """Pushes this step's gradient of `name`."""

@@ -90,7 +90,7 @@ impl TestPki {
                 now - Duration::from_secs(3600),
             )
             .unwrap();
-        (cert, key.pkcs8_der())
+        (cert, key.pkcs8_der().to_vec())
     }
 }
 
@@ -159,6 +159,14 @@ pub fn bind_two() -> (std::net::TcpListener, std::net::TcpListener) {
     panic!("no two consecutive free ports on loopback");
 }
 
+/// Two consecutive loopback ports from `base`, bound (for tests that keep
+/// to a range of ports of their own).
+pub fn bind_at(base: u16) -> (std::net::TcpListener, std::net::TcpListener) {
+    let bind =
+        |port| std::net::TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("127.0.0.1:{port}: {e}"));
+    (bind(base), bind(base + 1))
+}
+
 /// A real scheduler and server role of a one-server, one-worker job, running
 /// in this process. After [`RoleCluster::start`] the job has started (a
 /// legitimate worker registered), so the server is serving its port.
@@ -175,9 +183,23 @@ pub struct RoleCluster {
 
 impl RoleCluster {
     pub async fn start(extra_toml: &str) -> RoleCluster {
-        let (l_sched, l_server) = bind_two();
+        Self::start_on(bind_two(), extra_toml, &[]).await
+    }
+
+    /// [`RoleCluster::start`] on the given listeners (scheduler, server),
+    /// with each `(from, to)` of `replace` applied to the job file once.
+    pub async fn start_on(
+        listeners: (std::net::TcpListener, std::net::TcpListener),
+        extra_toml: &str,
+        replace: &[(&str, &str)],
+    ) -> RoleCluster {
+        let (l_sched, l_server) = listeners;
         let ports = (l_sched.local_addr().unwrap().port(), l_server.local_addr().unwrap().port());
-        let text = tiny_job(ports, extra_toml);
+        let mut text = tiny_job(ports, extra_toml);
+        for (from, to) in replace {
+            assert!(text.contains(from), "{from}");
+            text = text.replacen(from, to, 1);
+        }
         let spec = JobSpec::parse("role-test.toml", &text, Path::new(".")).expect("valid test job");
         let pki = TestPki::new();
         let plan = Plan::new(&spec, &pki.job, true);
@@ -229,17 +251,46 @@ impl RoleCluster {
         RoleCluster { pki, spec, plan, server_addr, events, worker_sched, tasks }
     }
 
-    /// Connects to the server as a legitimate worker.
+    /// Connects to the server as the legitimate worker 0. A server holds
+    /// one connection per identity, so this waits (up to 10 s) until it has
+    /// seen the end of worker 0's previous connection.
     pub async fn worker_conn(&self) -> warden_agent::conn::ClientConn {
+        self.worker_conn_as(0).await
+    }
+
+    /// [`RoleCluster::worker_conn`] with a worker certificate of `rank`
+    /// (the plan has only worker 0, but the handshake checks job and role).
+    pub async fn worker_conn_as(&self, rank: u32) -> warden_agent::conn::ClientConn {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.try_conn(Role::Worker, rank, Role::Server).await {
+                Ok(conn) => return conn,
+                Err(warden_agent::conn::ConnError::Refused { message, .. })
+                    if message.contains("already connected") && Instant::now() < until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("a legitimate worker connects: {e}"),
+            }
+        }
+    }
+
+    /// One attempt to connect as `role[rank]` to the scheduler or the server.
+    pub async fn try_conn(
+        &self,
+        role: Role,
+        rank: u32,
+        to: Role,
+    ) -> Result<warden_agent::conn::ClientConn, warden_agent::conn::ConnError> {
+        let addr = if to == Role::Server { self.server_addr } else { self.plan.scheduler().socket().unwrap() };
         warden_agent::conn::connect(
-            &self.pki.issue(Role::Worker, 0),
-            self.pki.id(Role::Server, 0),
-            self.server_addr,
+            &self.pki.issue(role, rank),
+            self.pki.id(to, 0),
+            addr,
             1 << 20,
             Duration::from_secs(10),
         )
         .await
-        .expect("a legitimate worker connects")
     }
 }
 

@@ -120,9 +120,10 @@ async fn wrong_role_certificates_and_messages_are_refused_while_training_goes_on
                     "wrong role refused in the handshake"
                 }
                 // A worker sending what only a server (params) or the scheduler
-                // (set_optimizer) may send.
+                // (set_optimizer) may send; each under an identity of its own,
+                // as a server holds one connection per identity.
                 _ => {
-                    let mut w = cluster.worker_conn().await;
+                    let mut w = cluster.worker_conn_as(1 + i).await;
                     let m = if i % 3 == 1 {
                         Message::Params { version: 1_000_000, data: vec![1e9; 10] }
                     } else {

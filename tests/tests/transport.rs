@@ -50,7 +50,7 @@ fn cert_for(pki: &TestPki, role: Role, rank: u32) -> (String, Vec<u8>) {
     let me = pki.id(role, rank);
     let key = warden_agent::pki::NodeKey::generate().unwrap();
     let cert = pki.ca.sign_csr(&key.csr_pem(&me).unwrap(), &me, Some("127.0.0.1".parse().unwrap())).unwrap();
-    (cert, key.pkcs8_der())
+    (cert, key.pkcs8_der().to_vec())
 }
 
 /// Tries a handshake and a first read. Returns what the client saw: `Ok(msg)`

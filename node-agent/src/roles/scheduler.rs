@@ -5,6 +5,12 @@
 //! servers the optimizer and everyone the start, releases barriers when all
 //! workers reach them, and shuts everyone down when every worker finished.
 //! If any process is lost before that, it aborts the job and says who.
+//!
+//! What a peer sends costs bounded memory: the workers wait at one barrier
+//! at a time, of a later id than the last, and worker 0 has at most
+//! [`CHECKPOINTS_IN_FLIGHT`] checkpoints in flight, each of a later step.
+//! A request outside these bounds gets an error back. Messages from a
+//! connection that did not register (refused, or not in the plan) are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -99,7 +105,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             }
         })
     };
-    let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, log));
+    let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, log.clone()));
     let _stop_ticker = AbortOnDrop(ticker);
     let mut alive = Liveness::default();
     let timeout = ctx.heartbeat_timeout();
@@ -147,6 +153,9 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     let _ = w.send(&Message::Error { message: format!("{id} is already registered") }).await;
                 }
             }
+            Input::Msg(id, m) if !writers.contains_key(&(id.role, id.rank)) => {
+                log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
+            }
             Input::Msg(id, Message::Resumable { steps }) if ctx.resume && id.role == Role::Server => {
                 alive.heard(&id);
                 resumable.insert(id.rank, steps);
@@ -188,7 +197,7 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     }
     ctx.emit(crate::control::Event::Started);
 
-    let mut barriers: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+    let mut barrier = Barrier::default();
     let mut finished = BTreeSet::new();
     let mut checkpoints = Checkpoints::default();
     // Training ends when every worker finished and every checkpoint they
@@ -213,23 +222,29 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                     return Err(RoleError::new(why));
                 }
             }
+            Input::Msg(id, m) if !writers.contains_key(&(id.role, id.rank)) => {
+                log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
+            }
             Input::Msg(_, Message::Heartbeat) => {}
-            Input::Msg(id, Message::Barrier { id: b }) => {
-                let at = barriers.entry(b).or_default();
-                at.insert(id.rank);
-                if at.len() == workers as usize {
-                    barriers.remove(&b);
+            Input::Msg(id, Message::Barrier { id: b }) => match barrier.arrive(id.rank, b, workers) {
+                Ok(false) => {}
+                Ok(true) => {
                     for ((role, _), w) in writers.iter_mut() {
                         if *role == Role::Worker {
                             w.send(&Message::BarrierDone { id: b }).await?;
                         }
                     }
                 }
-            }
+                Err(why) => refuse(&mut writers, &id, why, &log).await,
+            },
             Input::Msg(id, Message::Finished) => {
                 finished.insert(id.rank);
             }
-            Input::Msg(id, Message::Checkpoint { step }) if id.rank == 0 => checkpoints.requested(step),
+            Input::Msg(id, Message::Checkpoint { step }) if id.rank == 0 => {
+                if let Err(why) = checkpoints.requested(step) {
+                    refuse(&mut writers, &id, why, &log).await;
+                }
+            }
             Input::Msg(id, Message::CheckpointSaved { step, record }) if id.role == Role::Server => {
                 if record.shard != id.rank {
                     tracing::warn!("{id} reported a checkpoint for shard {}; ignored", record.shard);
@@ -294,19 +309,95 @@ fn choose_resume_step(resumable: &BTreeMap<u32, Vec<u64>>) -> Result<u64, String
     })
 }
 
+/// Tells a peer what it asked for is refused (and logs it, at a bounded rate).
+async fn refuse(writers: &mut BTreeMap<(Role, u32), Writer>, id: &Identity, why: String, log: &RateLimitedLog) {
+    log.warn(&format!("refused a request of {id}: {why}"));
+    if let Some(w) = writers.get_mut(&(id.role, id.rank)) {
+        let _ = w.send(&Message::Error { message: why }).await;
+    }
+}
+
+/// The barrier the workers wait at: one at a time, each of a later id than
+/// the one before, so a worker sending ever-new ids holds no memory.
+#[derive(Debug, Default)]
+struct Barrier {
+    /// The id the waiting workers gave, and their ranks.
+    open: Option<(u64, BTreeSet<u32>)>,
+    /// The id of the barrier released last.
+    last: Option<u64>,
+}
+
+impl Barrier {
+    /// Worker `rank` reaches barrier `id`: `Ok(true)` when it is the last of
+    /// `workers` to arrive (the barrier is released), `Err` for an id other
+    /// than the one the workers wait at or a worker already waiting.
+    fn arrive(&mut self, rank: u32, id: u64, workers: u32) -> Result<bool, String> {
+        if let Some(last) = self.last
+            && id <= last
+        {
+            return Err(format!(
+                "barrier {id} asked for, but barrier {last} was released already; barrier ids increase"
+            ));
+        }
+        let (at, waiting) = self.open.get_or_insert_with(|| (id, BTreeSet::new()));
+        if *at != id {
+            return Err(format!("barrier {id} asked for while the workers wait at barrier {at}"));
+        }
+        if !waiting.insert(rank) {
+            return Err(format!("worker[{rank}] already waits at barrier {id}"));
+        }
+        if waiting.len() < workers as usize {
+            return Ok(false);
+        }
+        self.open = None;
+        self.last = Some(id);
+        Ok(true)
+    }
+}
+
+/// How many checkpoints may be between worker 0's request and their commit.
+/// Honestly there are at most four: a server holds three (one being
+/// written, one queued, one waiting for the queue, while it reads nothing
+/// more from worker 0, who therefore cannot finish another step) and worker
+/// 0 may have asked for one more that the servers have not read yet.
+pub const CHECKPOINTS_IN_FLIGHT: usize = 8;
+
 /// Checkpoints in flight: asked for by worker 0, reported by the servers.
 #[derive(Debug, Default)]
 struct Checkpoints {
     pending: BTreeMap<u64, BTreeMap<u32, crate::wire::ShardDigest>>,
     /// Committed or failed: late messages about them change nothing.
     settled: BTreeSet<u64>,
+    /// The step worker 0 asked for last.
+    last_requested: Option<u64>,
 }
 
 impl Checkpoints {
-    fn requested(&mut self, step: u64) {
-        if !self.settled.contains(&step) {
-            self.pending.entry(step).or_default();
+    /// Worker 0 asks for checkpoint `step`: a later step than the last it
+    /// asked for, with fewer than [`CHECKPOINTS_IN_FLIGHT`] in flight.
+    fn requested(&mut self, step: u64) -> Result<(), String> {
+        if let Some(last) = self.last_requested
+            && step <= last
+        {
+            return Err(format!(
+                "checkpoint of step {step} asked for, but step {last} came before it; each checkpoint is of a later step"
+            ));
         }
+        if !self.settled.contains(&step) {
+            self.pending_at(step)?;
+        }
+        self.last_requested = Some(step);
+        Ok(())
+    }
+
+    /// The shards reported for `step` so far, making room for it if there is some.
+    fn pending_at(&mut self, step: u64) -> Result<&mut BTreeMap<u32, crate::wire::ShardDigest>, String> {
+        if !self.pending.contains_key(&step) && self.pending.len() >= CHECKPOINTS_IN_FLIGHT {
+            return Err(format!(
+                "{CHECKPOINTS_IN_FLIGHT} checkpoints are in flight already, more than honest training can have"
+            ));
+        }
+        Ok(self.pending.entry(step).or_default())
     }
 
     /// Records a shard; returns all of them once every server reported.
@@ -314,7 +405,13 @@ impl Checkpoints {
         if self.settled.contains(&step) {
             return None;
         }
-        let at = self.pending.entry(step).or_default();
+        let at = match self.pending_at(step) {
+            Ok(at) => at,
+            Err(why) => {
+                tracing::warn!("a checkpoint report of step {step} ignored: {why}");
+                return None;
+            }
+        };
         at.insert(d.shard, d);
         if at.len() < servers as usize {
             return None;
@@ -399,6 +496,34 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A worker sending ever-new barrier ids holds one entry, not one per id.
+    #[test]
+    fn a_barrier_holds_one_id_at_a_time() {
+        let mut b = Barrier::default();
+        assert_eq!(b.arrive(1, 1, 2), Ok(false));
+        for id in 2..1000 {
+            assert!(b.arrive(1, id, 2).unwrap_err().contains("while the workers wait at barrier 1"));
+        }
+        assert!(b.arrive(1, 1, 2).unwrap_err().contains("already waits"));
+        assert_eq!(b.open.as_ref().map(|(id, w)| (*id, w.len())), Some((1, 1)));
+        assert_eq!(b.arrive(0, 1, 2), Ok(true));
+        assert!(b.open.is_none());
+        assert!(b.arrive(0, 1, 2).is_err());
+        assert_eq!(b.arrive(0, 2, 2), Ok(false));
+    }
+
+    /// Reports of ever-new steps hold at most the bound in flight.
+    #[test]
+    fn checkpoints_in_flight_are_bounded() {
+        let mut c = Checkpoints::default();
+        let d = |shard| crate::wire::ShardDigest { shard, bytes: 1, sha256: [0; 32] };
+        for step in 1..1000 {
+            let _ = c.requested(step);
+            assert!(c.saved(step + 5000, d(0), 2).is_none());
+        }
+        assert_eq!(c.pending.len(), CHECKPOINTS_IN_FLIGHT);
+    }
 
     #[tokio::test]
     async fn a_peer_that_stops_reading_loses_its_link_after_one_heartbeat() {

@@ -5,6 +5,12 @@
 //! sync mode a step's update happens once every worker has pushed for that
 //! step; in async mode each push is applied on arrival. Pulls wait until the
 //! shard reaches the version asked for.
+//!
+//! Worker 0 may set the initial values before the first update, unless the
+//! job starts from signed weights (`[model] init`): those are refused.
+//! Worker 0 asks for a checkpoint at most once per step it pushed, each of
+//! a later step than the last. Version and step counters from the wire are
+//! checked, so a value at the end of the range is refused, never wrapped.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +35,9 @@ struct Shard {
     version: watch::Sender<u64>,
     workers: usize,
     mode: SyncMode,
+    /// The job starts from verified signed weights (`[model] init`), which
+    /// no worker may replace.
+    signed_init: bool,
     /// The encoded params frame of the newest version, made by the first
     /// puller and shared by the rest: encode once, send W times.
     frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -43,6 +52,34 @@ struct ShardState {
     count: usize,
     version: u64,
     opt: ShardOptimizer,
+    /// Steps worker 0 has pushed (counted from the version training started at).
+    worker0_steps: u64,
+    /// The step of the newest checkpoint asked for (or where training started).
+    last_checkpoint: u64,
+}
+
+impl ShardState {
+    /// Training starts at `version` with `params`.
+    fn new(params: Vec<f32>, workers: usize, version: u64, opt: ShardOptimizer) -> ShardState {
+        ShardState {
+            params,
+            pending: vec![Vec::new(); workers],
+            pushed: vec![false; workers],
+            count: 0,
+            version,
+            opt,
+            worker0_steps: version,
+            last_checkpoint: version,
+        }
+    }
+
+    /// Counts an accepted push of worker `rank`'s.
+    fn count_step_of(&mut self, rank: u32) {
+        if rank == 0 {
+            // At most the version plus one, which exists (`push` checks it first).
+            self.worker0_steps = self.worker0_steps.saturating_add(1);
+        }
+    }
 }
 
 impl Shard {
@@ -56,10 +93,14 @@ impl Shard {
         if grad.len() != st.params.len() {
             return Err(format!("push of {} values, but this shard holds {}", grad.len(), st.params.len()));
         }
+        let Some(next) = st.version.checked_add(1) else {
+            return Err(format!("the shard is at version {}, the last there is; no update can follow", st.version));
+        };
         match self.mode {
             SyncMode::Async => {
                 let ShardState { params, opt, .. } = &mut *st;
                 opt.apply(params, &[grad], 1);
+                st.count_step_of(rank);
             }
             SyncMode::Sync => {
                 if step != st.version {
@@ -73,6 +114,7 @@ impl Shard {
                     return Err(format!("worker {rank} pushed twice for step {step}"));
                 }
                 st.pushed[r] = true;
+                st.count_step_of(rank);
                 std::mem::swap(&mut st.pending[r], body);
                 st.count += 1;
                 if st.count < self.workers {
@@ -86,7 +128,7 @@ impl Shard {
                 st.count = 0;
             }
         }
-        st.version += 1;
+        st.version = next;
         self.version.send_replace(st.version);
         Ok(())
     }
@@ -94,6 +136,11 @@ impl Shard {
     /// Worker 0's initial values (an external model's `init`), before any update.
     fn set_params(&self, rank: u32, data: Vec<f32>) -> Result<(), String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.signed_init {
+            return Err("this job starts from the signed weights of [model] init; a worker may not replace them \
+                        (a program's `init` values are ignored in such a job)"
+                .into());
+        }
         if rank != 0 {
             return Err("only worker 0 sets initial values".into());
         }
@@ -116,12 +163,28 @@ impl Shard {
 
     /// A copy of the state for checkpoint `step`. In sync mode the shard is
     /// exactly at that step when worker 0 asks (its next push has not been
-    /// sent), so the copy is the state after `step` updates.
+    /// sent), so the copy is the state after `step` updates. In either mode
+    /// `step` is the number of steps worker 0 pushed, and later than the
+    /// last checkpoint's: one checkpoint per step at most, so worker 0
+    /// cannot make the server copy and write its state faster than it trains.
     fn snapshot(&self, step: u64) -> Result<crate::checkpoint::ShardState, String> {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if step <= st.last_checkpoint {
+            return Err(format!(
+                "checkpoint of step {step} asked for, but step {} came before it; each checkpoint is of a later step",
+                st.last_checkpoint
+            ));
+        }
         if self.mode == SyncMode::Sync && st.version != step {
             return Err(format!("checkpoint of step {step} asked for, but the shard is at step {}", st.version));
         }
+        if st.worker0_steps != step {
+            return Err(format!(
+                "checkpoint of step {step} asked for, but worker 0 has pushed {} steps",
+                st.worker0_steps
+            ));
+        }
+        st.last_checkpoint = step;
         let (t, slots) = st.opt.state();
         Ok(crate::checkpoint::ShardState { t, params: st.params.clone(), slots })
     }
@@ -220,17 +283,11 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     };
     let workers = ctx.plan.count(Role::Worker) as usize;
     let shard = Arc::new(Shard {
-        state: Mutex::new(ShardState {
-            params,
-            pending: vec![Vec::new(); workers],
-            pushed: vec![false; workers],
-            count: 0,
-            version,
-            opt,
-        }),
+        state: Mutex::new(ShardState::new(params, workers, version, opt)),
         version: watch::Sender::new(version),
         workers,
         mode: ctx.spec.training.mode,
+        signed_init: ctx.spec.init.is_some(),
         frame: Mutex::new(None),
     });
     tracing::info!("serving parameters {range:?} with {spec:?}");
@@ -361,6 +418,8 @@ async fn write_loop(
 
 /// Writes the manifest of a committed step, then applies `keep_last`.
 fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], keep: usize) -> Result<(), String> {
+    // Retention spares the steps after this one, which may still be written.
+    let after = step.checked_add(1).ok_or_else(|| format!("checkpoint step {step} is the last there is"))?;
     let files = records
         .iter()
         .map(|d| ShardRecord {
@@ -373,7 +432,7 @@ fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], k
     let m = Manifest { format: 1, job_id: ck.series.clone(), step, shards, key_id: ck.key.id_hex(), files };
     let dir = crate::checkpoint::step_dir(&ck.series_dir, step);
     crate::checkpoint::write_manifest(&dir, &ck.key, &m).map_err(|e| format!("checkpoint step {step}: {e}"))?;
-    let deleted = crate::checkpoint::prune(&ck.series_dir, keep, Some(step + 1))
+    let deleted = crate::checkpoint::prune(&ck.series_dir, keep, Some(after))
         .map_err(|e| format!("checkpoint retention in {}: {e}", ck.series_dir.display()))?;
     if !deleted.is_empty() {
         tracing::info!("checkpoint step {step} complete; deleted steps {deleted:?} (keep_last = {keep})");
@@ -473,7 +532,7 @@ async fn serve_worker(
             Action::Pull(min_version) => {
                 let mut rx = shard.version.subscribe();
                 let current = *rx.borrow();
-                if min_version > current + 1 {
+                if min_version > current.saturating_add(1) {
                     let why = format!("pull for version {min_version}, but the shard is at {current}");
                     conn.refuse(&why).await;
                     return Err(ConnError::Setup(why));
@@ -520,4 +579,73 @@ enum Action {
     Checkpoint(u64),
     SetParams(Vec<f32>),
     Refuse(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(mode: SyncMode, workers: usize, version: u64) -> Shard {
+        let opt = ShardOptimizer::new(OptimizerSpec::sgd(0.5), 2);
+        Shard {
+            state: Mutex::new(ShardState::new(vec![0.0; 2], workers, version, opt)),
+            version: watch::Sender::new(version),
+            workers,
+            mode,
+            signed_init: false,
+            frame: Mutex::new(None),
+        }
+    }
+
+    fn push_body(step: u64) -> Vec<u8> {
+        let mut raw = Vec::new();
+        crate::wire::encode_push(step, &[1.0, 1.0], crate::wire::Encoding::F32, 0.0, &mut [], &mut raw);
+        raw.split_off(crate::wire::HEADER_LEN)
+    }
+
+    /// Async mode: worker 0 gets one checkpoint per step it pushed, each of
+    /// a later step; other workers' pushes earn it none.
+    #[test]
+    fn worker_0_asks_for_one_checkpoint_per_step_it_pushed() {
+        let s = shard(SyncMode::Async, 2, 0);
+        assert!(s.snapshot(5).unwrap_err().contains("worker 0 has pushed 0 steps"));
+        s.push(1, &mut push_body(0)).unwrap();
+        assert!(s.snapshot(1).is_err(), "worker 1's push is not worker 0's step");
+        s.push(0, &mut push_body(0)).unwrap();
+        s.snapshot(1).unwrap();
+        assert!(s.snapshot(1).unwrap_err().contains("each checkpoint is of a later step"));
+        assert!(s.snapshot(2).is_err());
+        s.push(0, &mut push_body(1)).unwrap();
+        s.snapshot(2).unwrap();
+        // Sync mode: worker 0's push counts when it arrives, the step when all are in.
+        let s = shard(SyncMode::Sync, 2, 0);
+        s.push(0, &mut push_body(0)).unwrap();
+        assert!(s.snapshot(1).unwrap_err().contains("the shard is at step 0"));
+        s.push(1, &mut push_body(0)).unwrap();
+        s.snapshot(1).unwrap();
+        s.push(1, &mut push_body(1)).unwrap();
+        s.push(0, &mut push_body(1)).unwrap();
+        s.snapshot(2).unwrap();
+    }
+
+    /// A shard at the last version there is refuses the next update
+    /// instead of wrapping around (or panicking).
+    #[test]
+    fn the_version_never_wraps() {
+        for mode in [SyncMode::Async, SyncMode::Sync] {
+            let s = shard(mode, 1, u64::MAX);
+            let why = s.push(0, &mut push_body(u64::MAX)).unwrap_err();
+            assert!(why.contains("the last there is"), "{why}");
+            assert_eq!(*s.version.borrow(), u64::MAX);
+        }
+        let dir = std::env::temp_dir().join(format!("warden-commit-wrap-{}", std::process::id()));
+        let ck = CheckpointCtx {
+            key: Arc::new(crate::checkpoint::CheckpointKey::new(&crate::checkpoint::CheckpointSecret::generate())),
+            series: crate::identity::JobId::generate(),
+            series_dir: dir.clone(),
+        };
+        let why = commit(&ck, u64::MAX, 1, &[], 1).unwrap_err();
+        assert!(why.contains("the last there is"), "{why}");
+        assert!(!dir.exists(), "nothing written for a step that cannot be committed");
+    }
 }

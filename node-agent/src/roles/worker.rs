@@ -172,7 +172,12 @@ async fn exchange(
             );
         }
         // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
-        let min_version = if grad.is_some() && mode == SyncMode::Sync { link.version + 1 } else { 0 };
+        let min_version = match (grad.is_some(), mode) {
+            (true, SyncMode::Sync) => link.version.checked_add(1).ok_or_else(|| {
+                RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
+            })?,
+            _ => 0,
+        };
         let body = std::mem::take(&mut link.body);
         let cmd = LinkCmd { checkpoint: None, push, pull: Some(min_version), body };
         link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;

@@ -79,7 +79,7 @@ fn foreign_client() -> Arc<rustls::ClientConfig> {
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_client_auth_cert(
             vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("PEM")],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der())),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec())),
         )
         .expect("a client config");
     Arc::new(config)
