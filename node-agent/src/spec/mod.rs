@@ -234,6 +234,16 @@ impl ModelSpec {
     pub fn widths(&self) -> Vec<usize> {
         std::iter::once(self.inputs).chain(self.hidden.iter().copied()).chain(std::iter::once(self.classes)).collect()
     }
+
+    /// Number of parameters: the floats servers hold and workers push and pull.
+    pub fn num_params(&self) -> usize {
+        match self.kind {
+            ModelKind::Synthetic => return self.params,
+            ModelKind::External => return self.tensors.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum(),
+            ModelKind::Softmax | ModelKind::Mlp => {}
+        }
+        self.widths().windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+    }
 }
 
 /// Models warden can train.
@@ -1449,8 +1459,8 @@ fn convert(
     };
 
     // The largest message is a push or pull of one server's shard.
-    let shard = crate::model::num_params(&spec.model).div_ceil(spec.cluster.count(Role::Server) as usize);
-    let needed = shard * 4 + 64;
+    let shard = spec.model.num_params().div_ceil(spec.cluster.count(Role::Server) as usize);
+    let needed = shard * 4 + crate::wire::VECTOR_FRAME_OVERHEAD;
     if needed > spec.limits.max_frame_bytes as usize {
         let span = raw
             .limits
