@@ -5,7 +5,7 @@
 //! lines with `key=value` pairs, `[group:vars]`, `[group:children]`, host
 //! ranges such as `node[01:04]`), and a hostfile is a few lines of text.
 //! Both parsers only read; turning an entry into a host (its address, its
-//! roles) is `spec.rs`'s job, so the rules stay in one place.
+//! roles) is `spec/cluster.rs`'s job, so the rules stay in one place.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -17,14 +17,9 @@ use warden_kernels::{PackedB, Strides, sgemm, sgemm_packed};
 use crate::spec::{ModelKind, ModelSpec};
 use crate::train_rng::{Stream, rng};
 
-/// Number of parameters of a model.
+/// Number of parameters of a model ([`ModelSpec::num_params`]).
 pub fn num_params(m: &ModelSpec) -> usize {
-    match m.kind {
-        ModelKind::Synthetic => return m.params,
-        ModelKind::External => return m.tensors.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum(),
-        ModelKind::Softmax | ModelKind::Mlp => {}
-    }
-    m.widths().windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+    m.num_params()
 }
 
 /// One layer's place in the flat vector.

@@ -14,6 +14,10 @@ use crate::optimizer::{OptimizerKind, OptimizerSpec, Schedule};
 pub const HEADER_LEN: usize = 4;
 /// Longest text field (reasons, error messages) accepted.
 pub const MAX_TEXT: usize = 4096;
+/// Bytes a push or params frame holds besides its 4-byte values, with room
+/// to spare: the length prefix, tag, step or version, encoding, count and
+/// 2-bit threshold. A frame of `n` floats needs at most `n * 4` plus this.
+pub const VECTOR_FRAME_OVERHEAD: usize = 64;
 
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq)]
