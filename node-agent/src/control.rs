@@ -274,6 +274,7 @@ mod tests {
             role: Role::Server,
             rank: 0,
             workdir: PathBuf::from("/tmp"),
+            job_uid: Some(2_000_000_000),
             resume: false,
             checkpoint_series: None,
             checkpoint_key: Some(secret.clone()),
