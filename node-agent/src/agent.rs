@@ -101,6 +101,9 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let owner = user.map(|u| crate::privfs::Owner { uid: u.uid, gid: u.gid });
     crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(|e| format!("job directory: {e}"))?;
     let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
+    // Starting weights are read (and verified) before the drop: they are the
+    // launching user's, for example in a private run directory.
+    let initial = roles::initial_weights(&spec, me.role, bundle.resume)?;
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
@@ -169,6 +172,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         workdir: bundle.workdir,
         checkpoint,
         resume: bundle.resume,
+        initial,
     };
     let worker_data = match me.role {
         Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(|e| e.message)?),

@@ -76,6 +76,23 @@ pub struct RoleCtx {
     pub checkpoint: Option<CheckpointCtx>,
     /// Whether the job continues from a checkpoint.
     pub resume: bool,
+    /// A server's starting weights from `[model] init`, verified (all
+    /// parameters; the server takes its shard). Read by the agent before it
+    /// drops privileges, so that the weights may sit where the job's uid
+    /// cannot read, such as the launching user's private run directory.
+    pub initial: Option<Vec<f32>>,
+}
+
+/// The starting weights a process of `role` holds: a server of a job with
+/// `[model] init` that does not resume gets them, verified; anyone else
+/// none. The agent calls this before it drops privileges.
+pub fn initial_weights(spec: &JobSpec, role: Role, resume: bool) -> Result<Option<Vec<f32>>, String> {
+    match (&spec.init, role, resume) {
+        (Some(init), Role::Server, false) => {
+            crate::artifact::load_verified(&init.dir, &init.trusted_keys, &spec.model).map(Some)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// What a server needs to write and read checkpoints.

@@ -209,21 +209,9 @@ impl Shard {
 }
 
 /// Runs server `ctx.me().rank` on an already bound listener until the job ends.
-pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
+pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     // Signed initial weights are verified before this server joins the job.
-    let initial = match (&ctx.spec.init, ctx.resume) {
-        (Some(init), false) => {
-            let (init, model) = (init.clone(), ctx.spec.model.clone());
-            let all = tokio::task::spawn_blocking(move || {
-                crate::artifact::load_verified(&init.dir, &init.trusted_keys, &model)
-            })
-            .await
-            .map_err(|e| RoleError::new(e.to_string()))?
-            .map_err(RoleError::new)?;
-            Some(all)
-        }
-        _ => None,
-    };
+    let initial = ctx.initial.take();
     let mut sched = ctx.scheduler_link().await?;
     let mut from_sched = sched.forward();
     let silence = sched.timeout();
