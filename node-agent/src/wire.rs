@@ -95,6 +95,12 @@ pub enum Message {
         /// One record per server rank.
         shards: Vec<ShardDigest>,
     },
+    /// A server wrote its manifest of checkpoint `step`: on its host the
+    /// checkpoint is complete (and is what a restart resumes from).
+    CheckpointCommitted {
+        /// Step.
+        step: u64,
+    },
     /// A server can resume from these steps (newest first), all verified.
     Resumable {
         /// Steps.
@@ -173,6 +179,7 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
         13 => ("checkpoint_commit", SCHED),
         14 => ("resumable", SERVER),
         15 => ("resume_from", SCHED),
+        22 => ("checkpoint_committed", SERVER),
         20 => ("heartbeat", ALL),
         21 => ("set_params", WORKER),
         31 => ("error", ALL),
@@ -301,6 +308,7 @@ impl Message {
             Message::CheckpointSaved { .. } => 11,
             Message::CheckpointFailed { .. } => 12,
             Message::CheckpointCommit { .. } => 13,
+            Message::CheckpointCommitted { .. } => 22,
             Message::Resumable { .. } => 14,
             Message::ResumeFrom { .. } => 15,
             Message::Heartbeat => 20,
@@ -323,7 +331,9 @@ impl Message {
             | Message::Heartbeat => {}
             Message::SetOptimizer(spec) => encode_optimizer(spec, out),
             Message::Barrier { id } | Message::BarrierDone { id } => out.extend_from_slice(&id.to_le_bytes()),
-            Message::Checkpoint { step } | Message::ResumeFrom { step } => out.extend_from_slice(&step.to_le_bytes()),
+            Message::Checkpoint { step } | Message::ResumeFrom { step } | Message::CheckpointCommitted { step } => {
+                out.extend_from_slice(&step.to_le_bytes())
+            }
             Message::CheckpointSaved { step, record } => {
                 out.extend_from_slice(&step.to_le_bytes());
                 put_digest(record, out);
@@ -398,6 +408,7 @@ impl Message {
                 Message::Resumable { steps: (0..n).map(|_| r.u64()).collect::<Result<_, _>>()? }
             }
             15 => Message::ResumeFrom { step: r.u64()? },
+            22 => Message::CheckpointCommitted { step: r.u64()? },
             20 => Message::Heartbeat,
             21 => Message::SetParams { data: r.f32s()? },
             31 => Message::Error { message: r.text()? },
@@ -637,6 +648,7 @@ mod tests {
                     ShardDigest { shard: 1, bytes: 11, sha256: [2; 32] },
                 ],
             },
+            Message::CheckpointCommitted { step: 300 },
             Message::Resumable { steps: vec![300, 200] },
             Message::Resumable { steps: vec![] },
             Message::ResumeFrom { step: 200 },

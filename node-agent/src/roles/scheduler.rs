@@ -249,13 +249,17 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
                 if record.shard != id.rank {
                     tracing::warn!("{id} reported a checkpoint for shard {}; ignored", record.shard);
                 } else if let Some(shards) = checkpoints.saved(step, record, servers) {
-                    let bytes = shards.iter().map(|d| d.bytes).sum();
+                    checkpoints.committing(step, shards.iter().map(|d| d.bytes).sum());
                     let commit = Message::CheckpointCommit { step, shards };
                     for ((role, _), w) in writers.iter_mut() {
                         if *role == Role::Server {
                             w.send(&commit).await?;
                         }
                     }
+                }
+            }
+            Input::Msg(id, Message::CheckpointCommitted { step }) if id.role == Role::Server => {
+                if let Some(bytes) = checkpoints.committed(step, id.rank, servers) {
                     ctx.emit(crate::control::Event::Checkpoint { step, bytes });
                 }
             }
@@ -366,6 +370,10 @@ pub const CHECKPOINTS_IN_FLIGHT: usize = 8;
 #[derive(Debug, Default)]
 struct Checkpoints {
     pending: BTreeMap<u64, BTreeMap<u32, crate::wire::ShardDigest>>,
+    /// Told to commit: the servers that wrote their manifest so far, and
+    /// the checkpoint's size. A checkpoint is announced only once every
+    /// server has, since only then does a restart resume from it.
+    committing: BTreeMap<u64, (BTreeSet<u32>, u64)>,
     /// Committed or failed: late messages about them change nothing.
     settled: BTreeSet<u64>,
     /// The step worker 0 asked for last.
@@ -420,13 +428,31 @@ impl Checkpoints {
         self.pending.remove(&step).map(|m| m.into_values().collect())
     }
 
+    /// The servers were told to commit `step` (of `bytes` in all).
+    fn committing(&mut self, step: u64, bytes: u64) {
+        self.committing.insert(step, (BTreeSet::new(), bytes));
+    }
+
+    /// Server `rank` wrote its manifest of `step`; the checkpoint's size
+    /// once every server has.
+    fn committed(&mut self, step: u64, rank: u32, servers: u32) -> Option<u64> {
+        let (done, bytes) = self.committing.get_mut(&step)?;
+        done.insert(rank);
+        let bytes = *bytes;
+        (done.len() >= servers as usize).then(|| {
+            self.committing.remove(&step);
+            bytes
+        })
+    }
+
     fn failed(&mut self, step: u64) {
         self.pending.remove(&step);
+        self.committing.remove(&step);
         self.settled.insert(step);
     }
 
     fn outstanding(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.committing.is_empty()
     }
 }
 
@@ -523,6 +549,26 @@ mod tests {
             assert!(c.saved(step + 5000, d(0), 2).is_none());
         }
         assert_eq!(c.pending.len(), CHECKPOINTS_IN_FLIGHT);
+    }
+
+    /// Regression: a checkpoint was announced when the servers were told to
+    /// commit it, so a job stopped right then resumed from an older one than
+    /// the launcher had printed. It is announced once every server's
+    /// manifest is written, and the scheduler waits for that before ending.
+    #[test]
+    fn a_checkpoint_counts_once_every_server_committed_it() {
+        let mut c = Checkpoints::default();
+        let d = |shard| crate::wire::ShardDigest { shard, bytes: 10, sha256: [0; 32] };
+        c.requested(15).unwrap();
+        assert!(c.saved(15, d(0), 2).is_none());
+        let shards = c.saved(15, d(1), 2).expect("both shards written");
+        c.committing(15, shards.iter().map(|s| s.bytes).sum());
+        assert!(c.outstanding(), "not done before the manifests are written");
+        assert_eq!(c.committed(15, 1, 2), None);
+        assert_eq!(c.committed(15, 1, 2), None, "the same server twice does not count twice");
+        assert_eq!(c.committed(15, 0, 2), Some(20));
+        assert!(!c.outstanding());
+        assert_eq!(c.committed(15, 0, 2), None, "announced once");
     }
 
     #[tokio::test]

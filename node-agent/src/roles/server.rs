@@ -299,13 +299,21 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
                 Ok(Message::CheckpointCommit { step, shards: records }) => {
                     if let Some(ck) = ctx.checkpoint.clone() {
                         let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
-                        if let Err(e) = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
+                        let done = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
                             .await
                             .map_err(|e| e.to_string())
-                            .and_then(|r| r)
-                        {
-                            tracing::warn!("{e}");
-                            ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {e}") });
+                            .and_then(|r| r);
+                        // The scheduler announces a checkpoint only once
+                        // every server's manifest is on disk.
+                        let reply = match done {
+                            Ok(()) => Message::CheckpointCommitted { step },
+                            Err(reason) => {
+                                tracing::warn!("{reason}");
+                                Message::CheckpointFailed { step, reason }
+                            }
+                        };
+                        if let Err(e) = sched.send(&reply).await {
+                            break Err(RoleError::new(format!("lost the scheduler: {e}")));
                         }
                     }
                 }
