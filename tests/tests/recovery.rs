@@ -124,8 +124,10 @@ fn with_on_failure_restart_killed_processes_resume_from_the_last_checkpoint_and_
     let second = restarts[1]["resumed_from_step"].as_u64().expect("the second restart resumed from a checkpoint");
     assert!(first >= 15 && first.is_multiple_of(15), "{first}");
     assert!(second > first && second.is_multiple_of(15), "{first} then {second}");
-    // No update before the last checkpoint is lost: each restart resumed from
-    // the newest checkpoint committed before its failure.
+    // No update the launcher said was saved is lost: each restart resumed
+    // from the newest checkpoint announced before its failure, or from a
+    // newer one that every server had committed by the time the job stopped
+    // (a checkpoint is announced only once all its manifests are written).
     for (n, resumed) in [(1, first), (2, second)] {
         let before = &stderr[..stderr.find(&format!("restarting ({n} of 2)")).unwrap()];
         let newest = before
@@ -133,7 +135,8 @@ fn with_on_failure_restart_killed_processes_resume_from_the_last_checkpoint_and_
             .filter_map(|l| l.trim().strip_prefix("checkpoint at step "))
             .filter_map(|l| l.split(':').next()?.parse::<u64>().ok())
             .max();
-        assert_eq!(Some(resumed), newest, "restart {n}");
+        let newest = newest.unwrap_or_else(|| panic!("restart {n}: no checkpoint was announced before it"));
+        assert!(resumed >= newest, "restart {n} resumed from step {resumed}, before the announced {newest}");
     }
     assert!(stderr.contains("restarting (1 of 2)") && stderr.contains("restarting (2 of 2)"), "{stderr}");
     // Each attempt's logs are kept apart.
