@@ -327,6 +327,38 @@ impl RateLimitedLog {
     }
 }
 
+/// The accept loop of every listening role: a connection takes a slot
+/// before a byte is read (closed at once when a cap is full: a flood costs
+/// a bounded number of sockets and tasks), then completes its handshake and
+/// first message on a task of its own, which hands both to `serve`.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    acceptor: crate::conn::Acceptor,
+    log: Arc<RateLimitedLog>,
+    serve: F,
+) where
+    F: Fn(crate::conn::ServerConn, crate::wire::Message, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    loop {
+        let (tcp, from) = accept_next(&listener, &log).await;
+        let slot = match acceptor.admit(from) {
+            Ok(slot) => slot,
+            Err(why) => {
+                log.warn(&format!("closed a connection from {from} at once: {why}"));
+                continue;
+            }
+        };
+        let (acceptor, log, serve) = (acceptor.clone(), log.clone(), serve.clone());
+        tokio::spawn(async move {
+            match acceptor.accept(tcp, slot).await {
+                Ok((conn, first)) => serve(conn, first, from).await,
+                Err(e) => log.warn(&format!("refused a connection from {from}: {e}")),
+            }
+        });
+    }
+}
+
 /// Accepts the next TCP connection; on errors (out of descriptors, memory)
 /// it logs at a bounded rate and backs off instead of spinning.
 pub async fn accept_next(

@@ -13,6 +13,7 @@
 //! connection that did not register (refused, or not in the plan) are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::{RateLimitedLog, RoleCtx, RoleError};
-use crate::conn::{Acceptor, SendHalf};
+use crate::conn::{Acceptor, SendHalf, ServerConn};
 use crate::identity::{Identity, Role};
 use crate::wire::Message;
 
@@ -89,10 +90,11 @@ async fn beat<W: tokio::io::AsyncWrite + Unpin>(
 /// How long one heartbeat may take to write.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(1);
 
-/// Runs the scheduler on an already bound listener until the job ends.
+/// Runs the scheduler on an already bound listener until the job ends:
+/// rendezvous, start, training (barriers, checkpoints, liveness), shutdown.
 pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Server, Role::Worker], ctx.limits())?;
-    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let (tx, rx) = mpsc::channel::<Input>(1024);
     let log = Arc::new(RateLimitedLog::default());
     let ticker = {
         let (tx, every) = (tx.clone(), ctx.heartbeat_interval());
@@ -105,190 +107,227 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
             }
         })
     };
-    let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, log.clone()));
-    let _stop_ticker = AbortOnDrop(ticker);
-    let mut alive = Liveness::default();
-    let timeout = ctx.heartbeat_timeout();
+    let serve = {
+        let log = log.clone();
+        move |conn, first, from| serve_peer(conn, first, from, tx.clone(), log.clone())
+    };
+    let _accept = AbortOnDrop(tokio::spawn(super::accept_loop(listener, acceptor, log.clone(), serve)));
+    let _ticker = AbortOnDrop(ticker);
+    let mut s = Scheduler {
+        timeout: ctx.heartbeat_timeout(),
+        servers: ctx.plan.count(Role::Server),
+        workers: ctx.plan.count(Role::Worker),
+        ctx,
+        rx,
+        log,
+        writers: BTreeMap::new(),
+        alive: Liveness::default(),
+    };
+    let resumable = s.rendezvous().await?;
+    s.start(&resumable).await?;
+    s.train().await?;
+    for w in s.writers.values_mut() {
+        let _ = w.send(&Message::Shutdown).await;
+    }
+    Ok(())
+}
 
-    let servers = ctx.plan.count(Role::Server);
-    let workers = ctx.plan.count(Role::Worker);
-    let expected: BTreeSet<(Role, u32)> =
-        (0..servers).map(|r| (Role::Server, r)).chain((0..workers).map(|r| (Role::Worker, r))).collect();
-    let mut writers: BTreeMap<(Role, u32), Writer> = BTreeMap::new();
+/// The scheduler's state across its phases.
+struct Scheduler {
+    ctx: RoleCtx,
+    rx: mpsc::Receiver<Input>,
+    log: Arc<RateLimitedLog>,
+    /// The registered peers' links.
+    writers: BTreeMap<(Role, u32), Writer>,
+    alive: Liveness,
+    timeout: Duration,
+    servers: u32,
+    workers: u32,
+}
 
-    // Rendezvous (and, when resuming, every server's list of usable steps).
-    let deadline = tokio::time::Instant::now() + ctx.patience() + Duration::from_secs(30);
-    let mut resumable: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    while writers.len() < expected.len() || (ctx.resume && resumable.len() < servers as usize) {
-        let input = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(i)) => i,
-            Ok(None) => return Err(RoleError::new("the scheduler's listener stopped")),
-            Err(_) => {
-                let missing: Vec<String> = expected
-                    .iter()
-                    .filter(|k| !writers.contains_key(k))
-                    .map(|(role, rank)| format!("{role}[{rank}]"))
-                    .collect();
-                abort(&mut writers, "rendezvous timed out").await;
-                return Err(RoleError::new(format!("rendezvous timed out; never joined: {}", missing.join(", "))));
-            }
-        };
-        match input {
-            Input::Tick => {
-                let stuck = beat(&mut writers).await.map(|(_, why)| why);
-                if let Some(why) = stuck.or_else(|| alive.silent(timeout, &BTreeSet::new())) {
-                    abort(&mut writers, &why).await;
-                    return Err(RoleError::new(why));
+impl Scheduler {
+    /// Ends the job for every peer with `reason`.
+    async fn fail(&mut self, reason: String) -> RoleError {
+        abort(&mut self.writers, &reason).await;
+        RoleError::new(reason)
+    }
+
+    /// Until every process of the plan registered (and, when resuming,
+    /// every server said which steps it can resume from). Returns those.
+    async fn rendezvous(&mut self) -> Result<BTreeMap<u32, Vec<u64>>, RoleError> {
+        let (servers, workers) = (self.servers, self.workers);
+        let expected: BTreeSet<(Role, u32)> =
+            (0..servers).map(|r| (Role::Server, r)).chain((0..workers).map(|r| (Role::Worker, r))).collect();
+        let resume = self.ctx.resume;
+        let deadline = tokio::time::Instant::now() + self.ctx.patience() + Duration::from_secs(30);
+        let mut resumable: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        while self.writers.len() < expected.len() || (resume && resumable.len() < servers as usize) {
+            let input = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(i)) => i,
+                Ok(None) => return Err(RoleError::new("the scheduler's listener stopped")),
+                Err(_) => {
+                    let missing: Vec<String> = expected
+                        .iter()
+                        .filter(|k| !self.writers.contains_key(k))
+                        .map(|(role, rank)| format!("{role}[{rank}]"))
+                        .collect();
+                    abort(&mut self.writers, "rendezvous timed out").await;
+                    return Err(RoleError::new(format!("rendezvous timed out; never joined: {}", missing.join(", "))));
                 }
-            }
-            Input::Joined(id, mut w) => {
-                let key = (id.role, id.rank);
-                alive.heard(&id);
-                if !expected.contains(&key) {
-                    let _ = w.send(&Message::Error { message: format!("{id} is not part of this job's plan") }).await;
-                } else if let std::collections::btree_map::Entry::Vacant(slot) = writers.entry(key) {
-                    tracing::info!("{id} joined");
-                    slot.insert(w);
-                } else {
-                    let _ = w.send(&Message::Error { message: format!("{id} is already registered") }).await;
+            };
+            match input {
+                Input::Tick => {
+                    let stuck = beat(&mut self.writers).await.map(|(_, why)| why);
+                    if let Some(why) = stuck.or_else(|| self.alive.silent(self.timeout, &BTreeSet::new())) {
+                        return Err(self.fail(why).await);
+                    }
                 }
+                Input::Joined(id, mut w) => {
+                    let key = (id.role, id.rank);
+                    self.alive.heard(&id);
+                    if !expected.contains(&key) {
+                        let message = format!("{id} is not part of this job's plan");
+                        let _ = w.send(&Message::Error { message }).await;
+                    } else if let std::collections::btree_map::Entry::Vacant(slot) = self.writers.entry(key) {
+                        tracing::info!("{id} joined");
+                        slot.insert(w);
+                    } else {
+                        let _ = w.send(&Message::Error { message: format!("{id} is already registered") }).await;
+                    }
+                }
+                Input::Msg(id, m) if !self.writers.contains_key(&(id.role, id.rank)) => {
+                    self.log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
+                }
+                Input::Msg(id, Message::Resumable { steps }) if resume && id.role == Role::Server => {
+                    self.alive.heard(&id);
+                    resumable.insert(id.rank, steps);
+                }
+                Input::Msg(id, Message::Heartbeat) => self.alive.heard(&id),
+                Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
+                Input::Lost(id, why) if self.writers.contains_key(&(id.role, id.rank)) => {
+                    return Err(self.fail(format!("{id} was lost during rendezvous: {why}")).await);
+                }
+                Input::Lost(..) => {}
             }
-            Input::Msg(id, m) if !writers.contains_key(&(id.role, id.rank)) => {
-                log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
-            }
-            Input::Msg(id, Message::Resumable { steps }) if ctx.resume && id.role == Role::Server => {
-                alive.heard(&id);
-                resumable.insert(id.rank, steps);
-            }
-            Input::Msg(id, Message::Heartbeat) => alive.heard(&id),
-            Input::Msg(id, m) => tracing::warn!("ignoring `{}` from {id} before the start", m.name()),
-            Input::Lost(id, why) if writers.contains_key(&(id.role, id.rank)) => {
-                abort(&mut writers, &format!("{id} was lost during rendezvous: {why}")).await;
-                return Err(RoleError::new(format!("{id} was lost during rendezvous: {why}")));
-            }
-            Input::Lost(..) => {}
         }
+        Ok(resumable)
     }
 
-    if ctx.resume {
-        let step = match choose_resume_step(&resumable) {
-            Ok(step) => step,
-            Err(reason) => {
-                abort(&mut writers, &reason).await;
-                return Err(RoleError::new(reason));
+    /// The step to resume from (when resuming), the optimizer (data,
+    /// validated) to the servers, then go.
+    async fn start(&mut self, resumable: &BTreeMap<u32, Vec<u64>>) -> Result<(), RoleError> {
+        if self.ctx.resume {
+            let step = match choose_resume_step(resumable) {
+                Ok(step) => step,
+                Err(reason) => return Err(self.fail(reason).await),
+            };
+            tracing::info!("resuming from checkpoint step {step}");
+            for w in self.writers.values_mut() {
+                w.send(&Message::ResumeFrom { step }).await?;
             }
-        };
-        tracing::info!("resuming from checkpoint step {step}");
-        for w in writers.values_mut() {
-            w.send(&Message::ResumeFrom { step }).await?;
+            self.ctx.emit(crate::control::Event::Resumed { step });
         }
-        ctx.emit(crate::control::Event::Resumed { step });
+        let opt = Message::SetOptimizer(self.ctx.spec.optimizer);
+        self.send_to(Role::Server, &opt).await?;
+        for w in self.writers.values_mut() {
+            w.send(&Message::Start).await?;
+        }
+        self.ctx.emit(crate::control::Event::Started);
+        Ok(())
     }
 
-    // Start: optimizer (data, validated) to the servers, then go.
-    let opt = Message::SetOptimizer(ctx.spec.optimizer);
-    for ((role, _), w) in writers.iter_mut() {
-        if *role == Role::Server {
-            w.send(&opt).await?;
+    async fn send_to(&mut self, role: Role, msg: &Message) -> Result<(), RoleError> {
+        for ((r, _), w) in self.writers.iter_mut() {
+            if *r == role {
+                w.send(msg).await?;
+            }
         }
+        Ok(())
     }
-    for w in writers.values_mut() {
-        w.send(&Message::Start).await?;
-    }
-    ctx.emit(crate::control::Event::Started);
 
-    let mut barrier = Barrier::default();
-    let mut finished = BTreeSet::new();
-    let mut checkpoints = Checkpoints::default();
-    // Training ends when every worker finished and every checkpoint they
-    // asked for is committed or failed, so no write is cut short.
-    while finished.len() < workers as usize || checkpoints.outstanding() {
-        let Some(input) = rx.recv().await else {
-            return Err(RoleError::new("the scheduler's listener stopped"));
-        };
-        if let Input::Msg(id, _) = &input {
-            alive.heard(id);
+    /// Training ends when every worker finished and every checkpoint they
+    /// asked for is committed or failed, so no write is cut short.
+    async fn train(&mut self) -> Result<(), RoleError> {
+        let mut t = Training::default();
+        while t.finished.len() < self.workers as usize || t.checkpoints.outstanding() {
+            let Some(input) = self.rx.recv().await else {
+                return Err(RoleError::new("the scheduler's listener stopped"));
+            };
+            if let Input::Msg(id, _) = &input {
+                self.alive.heard(id);
+            }
+            self.on_training_input(input, &mut t).await?;
         }
+        Ok(())
+    }
+
+    async fn on_training_input(&mut self, input: Input, t: &mut Training) -> Result<(), RoleError> {
+        let (servers, workers) = (self.servers, self.workers);
         match input {
             Input::Tick => {
                 // A finished worker that stops reading is no loss.
-                let stuck = beat(&mut writers)
+                let stuck = beat(&mut self.writers)
                     .await
-                    .filter(|((role, rank), _)| !(*role == Role::Worker && finished.contains(rank)))
+                    .filter(|((role, rank), _)| !(*role == Role::Worker && t.finished.contains(rank)))
                     .map(|(_, why)| why);
-                if let Some(why) = stuck.or_else(|| alive.silent(timeout, &finished)) {
-                    abort(&mut writers, &why).await;
-                    accept_task.abort();
-                    return Err(RoleError::new(why));
+                if let Some(why) = stuck.or_else(|| self.alive.silent(self.timeout, &t.finished)) {
+                    return Err(self.fail(why).await);
                 }
             }
-            Input::Msg(id, m) if !writers.contains_key(&(id.role, id.rank)) => {
-                log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
+            Input::Msg(id, m) if !self.writers.contains_key(&(id.role, id.rank)) => {
+                self.log.warn(&format!("ignoring `{}` from {id}, which is not registered", m.name()));
             }
             Input::Msg(_, Message::Heartbeat) => {}
-            Input::Msg(id, Message::Barrier { id: b }) => match barrier.arrive(id.rank, b, workers) {
+            Input::Msg(id, Message::Barrier { id: b }) => match t.barrier.arrive(id.rank, b, workers) {
                 Ok(false) => {}
-                Ok(true) => {
-                    for ((role, _), w) in writers.iter_mut() {
-                        if *role == Role::Worker {
-                            w.send(&Message::BarrierDone { id: b }).await?;
-                        }
-                    }
-                }
-                Err(why) => refuse(&mut writers, &id, why, &log).await,
+                Ok(true) => self.send_to(Role::Worker, &Message::BarrierDone { id: b }).await?,
+                Err(why) => refuse(&mut self.writers, &id, why, &self.log).await,
             },
             Input::Msg(id, Message::Finished) => {
-                finished.insert(id.rank);
+                t.finished.insert(id.rank);
             }
             Input::Msg(id, Message::Checkpoint { step }) if id.rank == 0 => {
-                if let Err(why) = checkpoints.requested(step) {
-                    refuse(&mut writers, &id, why, &log).await;
+                if let Err(why) = t.checkpoints.requested(step) {
+                    refuse(&mut self.writers, &id, why, &self.log).await;
                 }
             }
             Input::Msg(id, Message::CheckpointSaved { step, record }) if id.role == Role::Server => {
                 if record.shard != id.rank {
                     tracing::warn!("{id} reported a checkpoint for shard {}; ignored", record.shard);
-                } else if let Some(shards) = checkpoints.saved(step, record, servers) {
-                    checkpoints.committing(step, shards.iter().map(|d| d.bytes).sum());
-                    let commit = Message::CheckpointCommit { step, shards };
-                    for ((role, _), w) in writers.iter_mut() {
-                        if *role == Role::Server {
-                            w.send(&commit).await?;
-                        }
-                    }
+                } else if let Some(shards) = t.checkpoints.saved(step, record, servers) {
+                    t.checkpoints.committing(step, shards.iter().map(|d| d.bytes).sum());
+                    self.send_to(Role::Server, &Message::CheckpointCommit { step, shards }).await?;
                 }
             }
             Input::Msg(id, Message::CheckpointCommitted { step }) if id.role == Role::Server => {
-                if let Some(bytes) = checkpoints.committed(step, id.rank, servers) {
-                    ctx.emit(crate::control::Event::Checkpoint { step, bytes });
+                if let Some(bytes) = t.checkpoints.committed(step, id.rank, servers) {
+                    self.ctx.emit(crate::control::Event::Checkpoint { step, bytes });
                 }
             }
             Input::Msg(id, Message::CheckpointFailed { step, reason }) if id.role == Role::Server => {
-                checkpoints.failed(step);
+                t.checkpoints.failed(step);
                 let message = format!("checkpoint at step {step} failed on {id}: {reason}; training goes on");
                 tracing::warn!("{message}");
-                ctx.emit(crate::control::Event::Warning { message });
+                self.ctx.emit(crate::control::Event::Warning { message });
             }
             Input::Msg(id, m) => tracing::warn!("ignoring unexpected `{}` from {id}", m.name()),
             Input::Joined(id, mut w) => {
                 let _ = w.send(&Message::Error { message: format!("{id}: the job has already started") }).await;
             }
-            Input::Lost(id, why) => {
-                if id.role == Role::Worker && finished.contains(&id.rank) {
-                    continue;
-                }
-                let reason = format!("{id} was lost: {why}");
-                abort(&mut writers, &reason).await;
-                accept_task.abort();
-                return Err(RoleError::new(reason));
-            }
+            Input::Lost(id, _) if id.role == Role::Worker && t.finished.contains(&id.rank) => {}
+            Input::Lost(id, why) => return Err(self.fail(format!("{id} was lost: {why}")).await),
         }
+        Ok(())
     }
-    for w in writers.values_mut() {
-        let _ = w.send(&Message::Shutdown).await;
-    }
-    accept_task.abort();
-    Ok(())
+}
+
+/// What training tracks: the open barrier, the workers that finished, the
+/// checkpoints in flight.
+#[derive(Default)]
+struct Training {
+    barrier: Barrier,
+    finished: BTreeSet<u32>,
+    checkpoints: Checkpoints,
 }
 
 /// The newest step every server can resume from.
@@ -472,49 +511,36 @@ async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Input>, log: Arc<RateLimitedLog>) {
+/// One peer's connection: its registration, then every message it sends
+/// goes to the scheduler's loop as input, and its loss too.
+async fn serve_peer(
+    conn: ServerConn,
+    first: Message,
+    from: SocketAddr,
+    tx: mpsc::Sender<Input>,
+    log: Arc<RateLimitedLog>,
+) {
+    let id = conn.peer().clone();
+    if first != Message::Register {
+        log.warn(&format!("refused {id} from {from}: first message was `{}`, not `register`", first.name()));
+        return conn.refuse("the first message must be `register`").await;
+    }
+    let (mut r, w) = conn.into_split();
+    if tx.send(Input::Joined(id.clone(), w)).await.is_err() {
+        return;
+    }
     loop {
-        let (tcp, from) = super::accept_next(&listener, &log).await;
-        // Closed before a byte is read when a cap is full: a flood costs a
-        // bounded number of sockets and tasks.
-        let slot = match acceptor.admit(from) {
-            Ok(slot) => slot,
-            Err(why) => {
-                log.warn(&format!("closed a connection from {from} at once: {why}"));
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        let log = log.clone();
-        tokio::spawn(async move {
-            let (conn, first) = match acceptor.accept(tcp, slot).await {
-                Ok(x) => x,
-                Err(e) => return log.warn(&format!("refused a connection from {from}: {e}")),
-            };
-            let id = conn.peer().clone();
-            if first != Message::Register {
-                log.warn(&format!("refused {id} from {from}: first message was `{}`, not `register`", first.name()));
-                return conn.refuse("the first message must be `register`").await;
-            }
-            let (mut r, w) = conn.into_split();
-            if tx.send(Input::Joined(id.clone(), w)).await.is_err() {
-                return;
-            }
-            loop {
-                match r.recv().await {
-                    Ok(m) => {
-                        if tx.send(Input::Msg(id.clone(), m)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Input::Lost(id.clone(), e.to_string())).await;
-                        return;
-                    }
+        match r.recv().await {
+            Ok(m) => {
+                if tx.send(Input::Msg(id.clone(), m)).await.is_err() {
+                    return;
                 }
             }
-        });
+            Err(e) => {
+                let _ = tx.send(Input::Lost(id.clone(), e.to_string())).await;
+                return;
+            }
+        }
     }
 }
 

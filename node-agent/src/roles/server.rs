@@ -215,58 +215,21 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
     let mut sched = ctx.scheduler_link().await?;
     let mut from_sched = sched.forward();
     let silence = sched.timeout();
-    let rank = ctx.me().rank;
-    let range = ctx.plan.shard(rank);
-    let len = range.len();
-    let slots = ShardOptimizer::new(ctx.spec.optimizer, 0).slots();
-    let shape = crate::checkpoint::Shape { len: Some(len), slots: Some(slots) };
-    let shards = ctx.plan.count(Role::Server);
+    let place = ShardPlace::of(&ctx);
     if ctx.resume {
-        let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resuming needs [checkpoint] in the job file"))?;
-        let found = tokio::task::spawn_blocking(move || {
-            crate::checkpoint::resumable_steps(&ck.series_dir, &ck.key, &ck.series, rank, shards, shape)
-        })
-        .await
-        .map_err(|e| RoleError::new(e.to_string()))?
-        .map_err(|e| RoleError::new(format!("reading the checkpoint directory: {e}")))?;
-        let (steps, warnings) = found;
-        for w in warnings {
-            tracing::warn!("{w}");
-            ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {w}") });
-        }
+        let steps = resumable_steps(&ctx, place).await?;
         sched.send(&Message::Resumable { steps }).await?;
     }
-    let mut optimizer: Option<OptimizerSpec> = None;
-    let mut restored = None;
-    loop {
-        match next(&mut from_sched, silence).await? {
-            Message::SetOptimizer(spec) => optimizer = Some(spec),
-            Message::ResumeFrom { step } => {
-                let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resume without [checkpoint]"))?;
-                let at = Placement { job: ck.series.clone(), step, shard: rank, shards };
-                let state = tokio::task::spawn_blocking(move || {
-                    crate::checkpoint::load_step(&ck.series_dir, &ck.key, &at, shape)
-                })
-                .await
-                .map_err(|e| RoleError::new(e.to_string()))?
-                .map_err(|e| RoleError::new(format!("cannot load checkpoint step {step}: {e}")))?;
-                restored = Some((step, state));
-            }
-            Message::Start => break,
-            Message::Abort { reason } => return Err(RoleError::aborted(&reason)),
-            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler before the start", m.name()))),
-        }
-    }
-    let spec = optimizer.ok_or_else(|| RoleError::new("the scheduler started the job without an optimizer"))?;
+    let (spec, restored) = await_start(&ctx, &mut from_sched, silence, place).await?;
     let (version, params, opt) = match restored {
         Some((step, st)) => {
-            let opt = ShardOptimizer::restore(spec, len, st.t, st.slots).map_err(RoleError::new)?;
+            let opt = ShardOptimizer::restore(spec, place.len, st.t, st.slots).map_err(RoleError::new)?;
             tracing::info!("resumed from checkpoint step {step}");
             (step, st.params, opt)
         }
         None => {
             let all = initial.unwrap_or_else(|| crate::model::init(&ctx.spec.model, ctx.seed));
-            (0, all[range.clone()].to_vec(), ShardOptimizer::new(spec, len))
+            (0, all[ctx.plan.shard(place.rank)].to_vec(), ShardOptimizer::new(spec, place.len))
         }
     };
     let workers = ctx.plan.count(Role::Worker) as usize;
@@ -278,7 +241,7 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
         signed_init: ctx.spec.init.is_some(),
         frame: Mutex::new(None),
     });
-    tracing::info!("serving parameters {range:?} with {spec:?}");
+    tracing::info!("serving parameters {:?} with {spec:?}", ctx.plan.shard(place.rank));
     ctx.emit(crate::control::Event::Started);
 
     // Checkpoints: connection tasks snapshot the state and queue it (at most
@@ -286,35 +249,34 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
     // one writer encrypts and writes them in turn.
     let (snap_tx, snap_rx) = mpsc::channel::<(u64, crate::checkpoint::ShardState)>(1);
     let (saved_tx, mut saved_rx) = mpsc::channel::<(u64, Result<ShardRecord, String>)>(4);
+    let (rank, shards) = (place.rank, place.shards);
     let writer = ctx.checkpoint.clone().map(|ck| tokio::spawn(write_loop(ck, rank, shards, snap_rx, saved_tx)));
     let snapshots = writer.as_ref().map(|_| snap_tx);
 
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Worker], ctx.limits())?;
-    let accept = tokio::spawn(accept_loop(listener, acceptor, shard, snapshots));
+    let log = Arc::new(RateLimitedLog::default());
+    let serve = {
+        let log = log.clone();
+        move |conn: ServerConn, first, from| {
+            let (shard, snapshots, log) = (shard.clone(), snapshots.clone(), log.clone());
+            async move {
+                let peer = conn.peer().clone();
+                if let Err(e) = serve_worker(conn, first, &shard, snapshots).await {
+                    log.warn(&format!("dropped {peer} from {from}: {e}"));
+                }
+            }
+        }
+    };
+    let accept = tokio::spawn(super::accept_loop(listener, acceptor, log, serve));
     let result = loop {
         tokio::select! {
             m = next(&mut from_sched, silence) => match m {
                 Ok(Message::Shutdown) => break Ok(()),
                 Ok(Message::Abort { reason }) => break Err(RoleError::aborted(&reason)),
                 Ok(Message::CheckpointCommit { step, shards: records }) => {
-                    if let Some(ck) = ctx.checkpoint.clone() {
-                        let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
-                        let done = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r);
-                        // The scheduler announces a checkpoint only once
-                        // every server's manifest is on disk.
-                        let reply = match done {
-                            Ok(()) => Message::CheckpointCommitted { step },
-                            Err(reason) => {
-                                tracing::warn!("{reason}");
-                                Message::CheckpointFailed { step, reason }
-                            }
-                        };
-                        if let Err(e) = sched.send(&reply).await {
-                            break Err(RoleError::new(format!("lost the scheduler: {e}")));
-                        }
+                    let Some(reply) = commit_step(&ctx, step, shards, records).await else { continue };
+                    if let Err(e) = sched.send(&reply).await {
+                        break Err(RoleError::new(format!("lost the scheduler: {e}")));
                     }
                 }
                 Ok(Message::SetOptimizer(_)) => {
@@ -341,19 +303,113 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
         // and its temporary file never counts.
         w.abort();
     }
-    if result.is_ok()
-        && let (Some(ck), Some(spec)) = (ctx.checkpoint.clone(), ctx.spec.checkpoint.clone())
-    {
-        let keep = spec.keep_last_after_job;
-        match tokio::task::spawn_blocking(move || crate::checkpoint::prune(&ck.series_dir, keep, None)).await {
-            Ok(Ok(deleted)) if !deleted.is_empty() => {
-                tracing::info!("end of job: deleted checkpoint steps {deleted:?}, kept the newest {keep}")
-            }
-            Ok(Err(e)) => tracing::warn!("end-of-job checkpoint retention failed: {e}"),
-            _ => {}
-        }
+    if result.is_ok() {
+        end_of_job_retention(&ctx).await;
     }
     result
+}
+
+/// Where this server's shard sits in the job.
+#[derive(Debug, Clone, Copy)]
+struct ShardPlace {
+    rank: u32,
+    shards: u32,
+    len: usize,
+    shape: crate::checkpoint::Shape,
+}
+
+impl ShardPlace {
+    fn of(ctx: &RoleCtx) -> ShardPlace {
+        let rank = ctx.me().rank;
+        let len = ctx.plan.shard(rank).len();
+        let slots = ShardOptimizer::new(ctx.spec.optimizer, 0).slots();
+        let shape = crate::checkpoint::Shape { len: Some(len), slots: Some(slots) };
+        ShardPlace { rank, shards: ctx.plan.count(Role::Server), len, shape }
+    }
+}
+
+/// The checkpoint steps this server can resume from, newest first, all
+/// verified; what it could not use is reported as warnings.
+async fn resumable_steps(ctx: &RoleCtx, place: ShardPlace) -> Result<Vec<u64>, RoleError> {
+    let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resuming needs [checkpoint] in the job file"))?;
+    let ShardPlace { rank, shards, shape, .. } = place;
+    let (steps, warnings) = tokio::task::spawn_blocking(move || {
+        crate::checkpoint::resumable_steps(&ck.series_dir, &ck.key, &ck.series, rank, shards, shape)
+    })
+    .await
+    .map_err(|e| RoleError::new(e.to_string()))?
+    .map_err(|e| RoleError::new(format!("reading the checkpoint directory: {e}")))?;
+    for w in warnings {
+        tracing::warn!("{w}");
+        ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {w}") });
+    }
+    Ok(steps)
+}
+
+/// Until the scheduler says start: the optimizer, and the checkpoint step
+/// to resume from (loaded), if any.
+async fn await_start(
+    ctx: &RoleCtx,
+    from_sched: &mut mpsc::Receiver<Result<Message, RoleError>>,
+    silence: Duration,
+    place: ShardPlace,
+) -> Result<(OptimizerSpec, Option<(u64, crate::checkpoint::ShardState)>), RoleError> {
+    let mut optimizer: Option<OptimizerSpec> = None;
+    let mut restored = None;
+    loop {
+        match next(from_sched, silence).await? {
+            Message::SetOptimizer(spec) => optimizer = Some(spec),
+            Message::ResumeFrom { step } => {
+                let ck = ctx.checkpoint.clone().ok_or_else(|| RoleError::new("resume without [checkpoint]"))?;
+                let at = Placement { job: ck.series.clone(), step, shard: place.rank, shards: place.shards };
+                let shape = place.shape;
+                let state = tokio::task::spawn_blocking(move || {
+                    crate::checkpoint::load_step(&ck.series_dir, &ck.key, &at, shape)
+                })
+                .await
+                .map_err(|e| RoleError::new(e.to_string()))?
+                .map_err(|e| RoleError::new(format!("cannot load checkpoint step {step}: {e}")))?;
+                restored = Some((step, state));
+            }
+            Message::Start => break,
+            Message::Abort { reason } => return Err(RoleError::aborted(&reason)),
+            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler before the start", m.name()))),
+        }
+    }
+    let spec = optimizer.ok_or_else(|| RoleError::new("the scheduler started the job without an optimizer"))?;
+    Ok((spec, restored))
+}
+
+/// Writes this server's manifest of checkpoint `step` and applies
+/// `keep_last`; the answer for the scheduler, which announces a checkpoint
+/// only once every server's manifest is on disk. `None` without checkpoints.
+async fn commit_step(ctx: &RoleCtx, step: u64, shards: u32, records: Vec<ShardDigest>) -> Option<Message> {
+    let ck = ctx.checkpoint.clone()?;
+    let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
+    let done = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    Some(match done {
+        Ok(()) => Message::CheckpointCommitted { step },
+        Err(reason) => {
+            tracing::warn!("{reason}");
+            Message::CheckpointFailed { step, reason }
+        }
+    })
+}
+
+/// After a successful job only `keep_last_after_job` checkpoint steps stay.
+async fn end_of_job_retention(ctx: &RoleCtx) {
+    let (Some(ck), Some(spec)) = (ctx.checkpoint.clone(), ctx.spec.checkpoint.clone()) else { return };
+    let keep = spec.keep_last_after_job;
+    match tokio::task::spawn_blocking(move || crate::checkpoint::prune(&ck.series_dir, keep, None)).await {
+        Ok(Ok(deleted)) if !deleted.is_empty() => {
+            tracing::info!("end of job: deleted checkpoint steps {deleted:?}, kept the newest {keep}")
+        }
+        Ok(Err(e)) => tracing::warn!("end-of-job checkpoint retention failed: {e}"),
+        _ => {}
+    }
 }
 
 /// The next scheduler message other than a heartbeat, through the channel
@@ -437,37 +493,6 @@ fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], k
 }
 
 type Snapshots = Option<mpsc::Sender<(u64, crate::checkpoint::ShardState)>>;
-
-async fn accept_loop(listener: TcpListener, acceptor: Acceptor, shard: Arc<Shard>, snapshots: Snapshots) {
-    let log = Arc::new(RateLimitedLog::default());
-    loop {
-        let (tcp, from) = super::accept_next(&listener, &log).await;
-        // Closed before a byte is read when a cap is full: a flood costs a
-        // bounded number of sockets and tasks.
-        let slot = match acceptor.admit(from) {
-            Ok(slot) => slot,
-            Err(why) => {
-                log.warn(&format!("closed a connection from {from} at once: {why}"));
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let shard = shard.clone();
-        let log = log.clone();
-        let snapshots = snapshots.clone();
-        tokio::spawn(async move {
-            match acceptor.accept(tcp, slot).await {
-                Ok((conn, first)) => {
-                    let peer = conn.peer().clone();
-                    if let Err(e) = serve_worker(conn, first, &shard, snapshots).await {
-                        log.warn(&format!("dropped {peer} from {from}: {e}"));
-                    }
-                }
-                Err(e) => log.warn(&format!("refused a connection from {from}: {e}")),
-            }
-        });
-    }
-}
 
 async fn serve_worker(
     mut conn: ServerConn,
