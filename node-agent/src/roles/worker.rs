@@ -256,9 +256,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
 
     let rank = ctx.me().rank;
     let batch = spec.training.batch_size;
-    let f = train.features;
     let mut grad = vec![0.0f32; params.len()];
-    let mut xb = vec![0.0f32; batch * f];
+    let mut xb = vec![0.0f32; batch * train.features];
     let mut yb = vec![0u8; batch];
     let mut ws = Workspace::default();
     let synthetic = spec.model.kind == crate::spec::ModelKind::Synthetic;
@@ -285,10 +284,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
                 grad.fill(1e-6);
                 0.0
             } else {
-                for (j, &i) in order[step * batch..(step + 1) * batch].iter().enumerate() {
-                    xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
-                    yb[j] = train.y[i];
-                }
+                fill_batch(&train, &order[step * batch..(step + 1) * batch], &mut xb, &mut yb);
                 // Dropout masks from a stream per step, so a resumed run draws the same ones.
                 let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch, step: step as u64 });
                 ws.loss_and_grad(&spec.model, &params, &Batch { x: &xb, y: &yb }, &mut grad, Some(&mut dropout))
@@ -321,12 +317,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             bytes_pushed: traffic.pushed - before.0,
             bytes_pulled: traffic.pulled - before.1,
         });
-        sched.send(&Message::Barrier { id: u64::from(epoch) }).await?;
-        match sched.recv().await? {
-            Message::BarrierDone { id } if id == u64::from(epoch) => {}
-            Message::Abort { reason } => return Err(RoleError::aborted(&reason)),
-            m => return Err(RoleError::new(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
-        }
+        barrier(&mut sched, epoch).await?;
         if let Some(test) = &test {
             // After the barrier every push of the epoch is in: evaluate the result.
             exchange(&mut links, &mut params, None, mode, compression, &mut traffic).await?;
@@ -338,9 +329,25 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     }
     tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());
     close_links(links).await;
-    if rank == 0 {
+    finish(&ctx, &mut sched, &params).await
+}
+
+/// The end-of-epoch barrier: every worker's pushes of `epoch` are in.
+async fn barrier(sched: &mut super::SchedLink, epoch: u32) -> Result<(), RoleError> {
+    sched.send(&Message::Barrier { id: u64::from(epoch) }).await?;
+    match sched.recv().await? {
+        Message::BarrierDone { id } if id == u64::from(epoch) => Ok(()),
+        Message::Abort { reason } => Err(RoleError::aborted(&reason)),
+        m => Err(RoleError::new(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
+    }
+}
+
+/// After training: worker 0 writes the model and says where; every worker
+/// says it finished and waits for the scheduler's shutdown.
+async fn finish(ctx: &RoleCtx, sched: &mut super::SchedLink, params: &[f32]) -> Result<(), RoleError> {
+    if ctx.me().rank == 0 {
         let dir = ctx.workdir.join("model");
-        crate::artifact::write_model(&dir, &spec.model, &params, ctx.seed)
+        crate::artifact::write_model(&dir, &ctx.spec.model, params, ctx.seed)
             .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
         ctx.emit(Event::Model { path: dir });
     }
@@ -349,6 +356,15 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         Some(Message::Shutdown) | None => Ok(()),
         Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
         Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
+    }
+}
+
+/// Copies the samples `picked` of `train` into the batch buffers.
+fn fill_batch(train: &Dataset, picked: &[usize], xb: &mut [f32], yb: &mut [u8]) {
+    let f = train.features;
+    for (j, &i) in picked.iter().enumerate() {
+        xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
+        yb[j] = train.y[i];
     }
 }
 
