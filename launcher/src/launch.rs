@@ -148,6 +148,18 @@ struct EpochParts {
     bytes_pulled: u64,
 }
 
+impl EpochParts {
+    /// One worker's report of the epoch.
+    fn add(&mut self, train_loss: f64, steps: u64, samples_per_s: f64, bytes_pushed: u64, bytes_pulled: u64) {
+        self.losses.push(train_loss);
+        self.steps = steps;
+        self.samples_per_s += samples_per_s;
+        self.slowest = Some(self.slowest.map_or(samples_per_s, |v: f64| v.min(samples_per_s)));
+        self.bytes_pushed += bytes_pushed;
+        self.bytes_pulled += bytes_pulled;
+    }
+}
+
 enum Report {
     Event(usize, Event),
     Exited(usize, Option<i32>),
@@ -213,26 +225,14 @@ pub async fn launch(
     run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| LaunchError::Setup(e.to_string()))?;
     let transport = transport_for(&run);
     if opts.epoch_lines {
-        say_fmt!(
-            "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
-            spec.name,
-            plan.job_id,
-            plan.processes.len(),
-            plan.hosts.len(),
-            if plan.local { ", all local" } else { "" },
-            run.path().display()
-        );
+        announce(&spec, &plan, &run);
     }
-    // `job.toml` has the parent "", which is the current directory.
-    let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let base_dir = std::path::absolute(parent)
-        .map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))?;
     let ctx = AttemptCtx {
         job,
         spec: &spec,
         text: &text,
         plan: &plan,
-        base_dir,
+        base_dir: job_base_dir(job)?,
         seed,
         checkpoints: &checkpoints,
         transport: transport.clone(),
@@ -242,20 +242,56 @@ pub async fn launch(
         started,
     };
     let mut acc = Accumulated::default();
-    let mut signals = Signals::new(&spec);
-    let max_restarts = spec.training.on_failure.max_restarts();
+    let (end, restarts) = run_attempts(&ctx, opts.resume.is_some(), &mut acc).await?;
+    ctx.progress.finish();
+    transport.finish().await;
+    conclude(&ctx, signer.as_ref(), end, acc, restarts)
+}
+
+/// The job's first line on the terminal: what runs where, and the run directory.
+fn announce(spec: &JobSpec, plan: &Plan, run: &RunDir) {
+    say_fmt!(
+        "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
+        spec.name,
+        plan.job_id,
+        plan.processes.len(),
+        plan.hosts.len(),
+        if plan.local { ", all local" } else { "" },
+        run.path().display()
+    );
+}
+
+/// The job file's directory, absolute: relative paths in it start there.
+fn job_base_dir(job: &Path) -> Result<PathBuf, LaunchError> {
+    // `job.toml` has the parent "", which is the current directory.
+    let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(parent).map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))
+}
+
+/// Runs attempts until one ends for good: a process failure under
+/// `on_failure = "restart"` starts another while `max_restarts` allows.
+/// Returns the last attempt's end and the restarts, which are also written
+/// to the run directory as they happen.
+async fn run_attempts(
+    ctx: &AttemptCtx<'_>,
+    resuming: bool,
+    acc: &mut Accumulated,
+) -> Result<(AttemptEnd, Vec<crate::rundir::RestartRow>), LaunchError> {
+    let run = ctx.run;
+    let mut signals = Signals::new(ctx.spec);
+    let max_restarts = ctx.spec.training.on_failure.max_restarts();
     let mut restarts: Vec<crate::rundir::RestartRow> = Vec::new();
-    let end = loop {
+    loop {
         let number = restarts.len() as u32;
         // A restart resumes when a checkpoint was committed (in this run or
         // the one it resumed); before the first, it starts from the beginning.
         // A launch with --resume always resumes, even if its first attempt
         // failed before its resume step was chosen.
-        let resume = opts.resume.is_some() || !acc.saved.is_empty() || acc.resumed;
+        let resume = resuming || !acc.saved.is_empty() || acc.resumed;
         let logs = if number == 0 { run.logs() } else { run.logs().join(format!("restart-{number}")) };
         std::fs::create_dir_all(&logs)
             .map_err(|e| LaunchError::Setup(format!("cannot create {}: {e}", logs.display())))?;
-        let end = run_attempt(&ctx, &logs, resume, &mut acc, &mut signals).await?;
+        let end = run_attempt(ctx, &logs, resume, acc, &mut signals).await?;
         if let Some(last) = restarts.last_mut() {
             last.resumed_from_step = end.resumed_step;
             run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
@@ -266,7 +302,7 @@ pub async fn launch(
                 ctx.progress.println(&format!(
                     "warden: restarting ({} of {max_restarts}) after: {cause}\n  {}; logs of the new attempt in {}",
                     number + 1,
-                    match (from, opts.resume.is_some()) {
+                    match (from, resuming) {
                         (Some(step), _) => format!("resuming from the newest valid checkpoint (step {step} or the newest before it that every server holds)"),
                         (None, true) => "resuming from the newest valid checkpoint of the series".to_string(),
                         (None, false) => "no checkpoint was committed yet, so it starts from the beginning".to_string(),
@@ -275,21 +311,31 @@ pub async fn launch(
                 ));
                 restarts.push(crate::rundir::RestartRow {
                     restart: number + 1,
-                    after_s: started.elapsed().as_secs_f64(),
+                    after_s: ctx.started.elapsed().as_secs_f64(),
                     cause: cause.clone(),
                     processes: end.processes.clone(),
                     resumed_from_step: None,
                 });
                 run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
-                continue;
             }
-            _ => break end,
+            _ => return Ok((end, restarts)),
         }
-    };
-    ctx.progress.finish();
-    transport.finish().await;
+    }
+}
+
+/// After the last attempt: the verdict, the model's signature and
+/// `summary.json`.
+fn conclude(
+    ctx: &AttemptCtx<'_>,
+    signer: Option<&p256::ecdsa::SigningKey>,
+    mut end: AttemptEnd,
+    acc: Accumulated,
+    restarts: Vec<crate::rundir::RestartRow>,
+) -> Result<Outcome, LaunchError> {
+    let (spec, run) = (ctx.spec, ctx.run);
+    let max_restarts = spec.training.on_failure.max_restarts();
     let Accumulated { rows, saved, first_resumed_step, .. } = acc;
-    let mut failure = end.failure;
+    let mut failure = end.failure.take();
     if let Some(f) = &mut failure
         && end.restartable
         && max_restarts > 0
@@ -299,33 +345,22 @@ pub async fn launch(
 
     // The product: signed where the job says so, before anyone copies it.
     let mut signature = None;
-    if let (Some(key), true, None) = (&signer, end.model_fetched, &failure) {
+    if let (Some(key), true, None) = (signer, end.model_fetched, &failure) {
         match warden_agent::signing::sign_model(&run.model_dir(), key, None) {
             Ok(path) => signature = Some(path),
             Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
         }
     }
-    let done_epochs = rows.len() as u32;
-    // A resumed run reports only the epochs it ran (none if it resumed at the very end).
-    let last_epoch = rows.last().map_or(0, |r| r.epoch);
-    // An external program reports the epochs it likes (or none).
-    let all_epochs = last_epoch == spec.training.epochs
-        || (end.resumed_step.is_some() && rows.is_empty())
-        || spec.model.kind == warden_agent::spec::ModelKind::External;
-    if failure.is_none() && (!all_epochs || !end.model_fetched) {
-        failure = Some(format!(
-            "the job ended after epoch {last_epoch} of {}{}",
-            spec.training.epochs,
-            if end.model_fetched { "" } else { " without a model" }
-        ));
+    if failure.is_none() {
+        failure = incomplete(spec, &end, &rows);
     }
     let last = rows.last();
     let summary = Summary {
         status: if failure.is_none() { "succeeded" } else { "failed" }.to_string(),
         job: spec.name.clone(),
-        job_id: plan.job_id.to_string(),
-        seed,
-        epochs: done_epochs,
+        job_id: ctx.plan.job_id.to_string(),
+        seed: ctx.seed,
+        epochs: rows.len() as u32,
         steps: rows.iter().map(|r| r.steps).sum(),
         train_loss: last.map(|r| r.train_loss),
         test_loss: last.map(|r| r.test_loss),
@@ -333,7 +368,7 @@ pub async fn launch(
         samples_per_s: last.map(|r| r.samples_per_s),
         bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
         bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
-        elapsed_s: started.elapsed().as_secs_f64(),
+        elapsed_s: ctx.started.elapsed().as_secs_f64(),
         startup_s: end.startup_s,
         failure,
         model: end.model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
@@ -345,6 +380,24 @@ pub async fn launch(
     };
     run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
     Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
+}
+
+/// Why a job that reported no failure still failed: it stopped before its
+/// last epoch, or without a model.
+fn incomplete(spec: &JobSpec, end: &AttemptEnd, rows: &[EpochRow]) -> Option<String> {
+    // A resumed run reports only the epochs it ran (none if it resumed at the very end).
+    let last_epoch = rows.last().map_or(0, |r| r.epoch);
+    // An external program reports the epochs it likes (or none).
+    let all_epochs = last_epoch == spec.training.epochs
+        || (end.resumed_step.is_some() && rows.is_empty())
+        || spec.model.kind == warden_agent::spec::ModelKind::External;
+    (!all_epochs || !end.model_fetched).then(|| {
+        format!(
+            "the job ended after epoch {last_epoch} of {}{}",
+            spec.training.epochs,
+            if end.model_fetched { "" } else { " without a model" }
+        )
+    })
 }
 
 /// What every attempt of a launch shares.
@@ -692,13 +745,7 @@ impl<'w, 'a> Watch<'w, 'a> {
                 self.ctx.progress.step(epoch, self.ctx.spec.training.epochs, step, steps)
             }
             Event::Epoch { epoch, train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled } => {
-                let e = self.epochs.entry(epoch).or_default();
-                e.losses.push(train_loss);
-                e.steps = steps;
-                e.samples_per_s += samples_per_s;
-                e.slowest = Some(e.slowest.map_or(samples_per_s, |v: f64| v.min(samples_per_s)));
-                e.bytes_pushed += bytes_pushed;
-                e.bytes_pulled += bytes_pulled;
+                self.epochs.entry(epoch).or_default().add(train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled)
             }
             Event::Eval { epoch, test_loss, test_accuracy } => {
                 self.epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
@@ -708,34 +755,13 @@ impl<'w, 'a> Watch<'w, 'a> {
                 self.model_at = Some((i, path))
             }
             Event::Model { path } => {
-                failure.add(
-                    Cause::Reported,
-                    format!(
-                        "{}: named {} as its model, not its own model directory",
-                        procs[i].planned.label(),
-                        path.display()
-                    ),
-                );
+                let label = procs[i].planned.label();
+                let message = format!("{label}: named {} as its model, not its own model directory", path.display());
+                failure.add(Cause::Reported, message);
                 stop_all(procs).await;
             }
-            Event::Checkpoint { step, bytes } => {
-                if self.ctx.epoch_lines {
-                    self.ctx.progress.println(&format!(
-                        "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
-                        bytes as f64 / 1e6
-                    ));
-                }
-                acc.saved.push(crate::rundir::CheckpointRow { step, bytes });
-            }
-            Event::Resumed { step } => {
-                if self.ctx.epoch_lines {
-                    self.ctx.progress.println(&format!("  resuming from checkpoint step {step}"));
-                }
-                self.resumed_step = Some(step);
-                acc.resumed = true;
-                acc.resumed_step = Some(step);
-                acc.first_resumed_step.get_or_insert(step);
-            }
+            Event::Checkpoint { step, bytes } => self.on_checkpoint(step, bytes, acc),
+            Event::Resumed { step } => self.on_resumed(step, acc),
             Event::Failed { message, follows } => {
                 procs[i].failed = true;
                 let cause = if follows { Cause::Follows } else { Cause::Reported };
@@ -747,33 +773,58 @@ impl<'w, 'a> Watch<'w, 'a> {
                     self.ctx.progress.println(&format!("warning: {message}"));
                 }
             }
-            Event::Started => {
-                self.started_count += 1;
-                self.ctx.progress.phase(&format!("started {}/{} processes", self.started_count, procs.len()));
-                if self.started_count == procs.len() && self.startup_s.is_none() {
-                    let at = self.ctx.started.elapsed().as_secs_f64();
-                    self.startup_s = Some(at);
-                    if self.ctx.epoch_lines {
-                        self.ctx.progress.println(&format!(
-                            "  {n}/{n} processes started ({at:.2}s); training",
-                            n = self.started_count
-                        ));
-                    }
-                }
-            }
-            Event::Csr { .. } => {
-                self.enrolled += 1;
-                self.ctx.progress.phase(&format!("enrolled {}/{} processes", self.enrolled, procs.len()));
-                if self.enrolled == procs.len() && self.ctx.epoch_lines {
-                    self.ctx.progress.println(&format!(
-                        "  {n}/{n} processes enrolled: keys made on their hosts, certificates from this job's CA ({:.2}s)",
-                        self.ctx.started.elapsed().as_secs_f64(),
-                        n = self.enrolled
-                    ));
-                }
-            }
+            Event::Started => self.on_started(procs.len()),
+            Event::Csr { .. } => self.on_enrolled(procs.len()),
             Event::Process { pid, start } => procs[i].group = Some((pid, start)),
             Event::Done | Event::Listening { .. } => {}
+        }
+    }
+
+    fn on_checkpoint(&mut self, step: u64, bytes: u64, acc: &mut Accumulated) {
+        if self.ctx.epoch_lines {
+            self.ctx.progress.println(&format!(
+                "  checkpoint at step {step}: {:.1} MB, encrypted, on the servers' hosts",
+                bytes as f64 / 1e6
+            ));
+        }
+        acc.saved.push(crate::rundir::CheckpointRow { step, bytes });
+    }
+
+    fn on_resumed(&mut self, step: u64, acc: &mut Accumulated) {
+        if self.ctx.epoch_lines {
+            self.ctx.progress.println(&format!("  resuming from checkpoint step {step}"));
+        }
+        self.resumed_step = Some(step);
+        acc.resumed = true;
+        acc.resumed_step = Some(step);
+        acc.first_resumed_step.get_or_insert(step);
+    }
+
+    /// One more process started; once all of `total` have, the start-up time is known.
+    fn on_started(&mut self, total: usize) {
+        self.started_count += 1;
+        self.ctx.progress.phase(&format!("started {}/{} processes", self.started_count, total));
+        if self.started_count == total && self.startup_s.is_none() {
+            let at = self.ctx.started.elapsed().as_secs_f64();
+            self.startup_s = Some(at);
+            if self.ctx.epoch_lines {
+                self.ctx
+                    .progress
+                    .println(&format!("  {n}/{n} processes started ({at:.2}s); training", n = self.started_count));
+            }
+        }
+    }
+
+    /// One more process sent its CSR (answered as it arrived, in [`start_one`]).
+    fn on_enrolled(&mut self, total: usize) {
+        self.enrolled += 1;
+        self.ctx.progress.phase(&format!("enrolled {}/{} processes", self.enrolled, total));
+        if self.enrolled == total && self.ctx.epoch_lines {
+            self.ctx.progress.println(&format!(
+                "  {n}/{n} processes enrolled: keys made on their hosts, certificates from this job's CA ({:.2}s)",
+                self.ctx.started.elapsed().as_secs_f64(),
+                n = self.enrolled
+            ));
         }
     }
 
@@ -993,7 +1044,6 @@ fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
 }
 
-/// Starts one agent, sends its bundle, and spawns the tasks that serve it.
 /// What every agent's start shares.
 struct StartCtx {
     transport: Arc<dyn Transport>,
@@ -1002,6 +1052,10 @@ struct StartCtx {
     progress: Arc<Progress>,
 }
 
+/// A process's log file, shared by the tasks that serve it.
+type Log = Arc<Mutex<tokio::fs::File>>;
+
+/// Starts one agent, sends its bundle, and spawns the tasks that serve it.
 async fn start_one(
     i: usize,
     p: &PlannedProcess,
@@ -1011,9 +1065,8 @@ async fn start_one(
     uid: Option<u32>,
 ) -> Result<Proc, String> {
     let StartCtx { transport, ca, logs, progress } = ctx;
-    let progress = progress.clone();
     let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
-    let log = Arc::new(Mutex::new(
+    let log: Log = Arc::new(Mutex::new(
         tokio::fs::File::create(logs.join(log_name(p))).await.map_err(|e| format!("cannot create its log: {e}"))?,
     ));
     let stdin: ControlWriter = Arc::new(Mutex::new(Some(spawned.stdin)));
@@ -1022,76 +1075,24 @@ async fn start_one(
         .map_err(|e| format!("cannot send the bundle: {e}"))?;
 
     // stderr -> log file, and the terminal with the process's label.
-    {
-        let log = log.clone();
-        let label = p.label();
-        let mut lines = BufReader::new(spawned.stderr).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                progress.log_line(&label, &line);
-                let mut f = log.lock().await;
-                let _ = f.write_all(format!("{line}\n").as_bytes()).await;
-            }
-        });
-    }
-    let exit_log = log.clone();
+    tokio::spawn(copy_stderr(BufReader::new(spawned.stderr), log.clone(), p.label(), progress.clone()));
     // stdout -> events; the CSR is answered here.
     let (events_done_tx, events_done_rx) = oneshot::channel::<()>();
-    {
-        let stdin = stdin.clone();
-        let ca = ca.clone();
-        let who = Identity { job: ca.job().clone(), role: p.role, rank: p.rank };
-        let address = p.address;
-        let tx = tx.clone();
-        let mut reader = BufReader::new(spawned.stdout);
-        tokio::spawn(async move {
-            // Dropped on every return: tells the exit task that all events are in.
-            let _events_done = events_done_tx;
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let n = match (&mut reader).take(MAX_CONTROL_LINE as u64 + 1).read_until(b'\n', &mut line).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.send(Report::Broken(i, format!("reading its events: {e}"))).await;
-                        return;
-                    }
-                };
-                if n == 0 {
-                    return;
-                }
-                let _ = log.lock().await.write_all(&[b"[event] ", &line[..]].concat()).await;
-                let ev: Event = match serde_json::from_slice(&line) {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        let _ = tx.send(Report::Broken(i, format!("sent an unreadable event: {e}"))).await;
-                        return;
-                    }
-                };
-                if let Event::Csr { pem } = &ev {
-                    let answer = match ca.sign_csr(pem, &who, Some(address)) {
-                        Ok(cert_pem) => Control::Certificate { cert_pem, ca_pem: ca.cert_pem().to_string() },
-                        Err(e) => {
-                            let _ = tx.send(Report::Broken(i, format!("enrolment failed: {e}"))).await;
-                            return;
-                        }
-                    };
-                    if let Err(e) = send_control(&stdin, &answer).await {
-                        let _ = tx.send(Report::Broken(i, format!("cannot send its certificate: {e}"))).await;
-                        return;
-                    }
-                }
-                if tx.send(Report::Event(i, ev)).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    let events = EventReader {
+        i,
+        who: Identity { job: ca.job().clone(), role: p.role, rank: p.rank },
+        address: p.address,
+        ca: ca.clone(),
+        stdin: stdin.clone(),
+        tx: tx.clone(),
+        log: log.clone(),
+    };
+    tokio::spawn(events.run(BufReader::new(spawned.stdout), events_done_tx));
     // exit status; a kill request ends it early.
     let (kill_tx, kill_rx) = oneshot::channel::<Option<(u32, u64)>>();
     {
         let mut handle = spawned.handle;
-        let (label, log) = (p.label(), exit_log);
+        let label = p.label();
         tokio::spawn(async move {
             let code = tokio::select! {
                 r = handle.wait() => r,
@@ -1111,6 +1112,88 @@ async fn start_one(
         });
     }
     Ok(Proc { planned: p.clone(), stdin, kill: Some(kill_tx), group: None, exit: None, failed: false })
+}
+
+/// Copies an agent's stderr into its log and to the terminal, labelled.
+async fn copy_stderr(
+    stderr: BufReader<Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+    log: Log,
+    label: String,
+    progress: Arc<Progress>,
+) {
+    let mut lines = stderr.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        progress.log_line(&label, &line);
+        let mut f = log.lock().await;
+        let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+    }
+}
+
+/// The task that reads one agent's events: each is logged, a CSR is
+/// answered with a certificate from the job's CA, and each is reported as
+/// plan index `i`.
+struct EventReader {
+    i: usize,
+    who: Identity,
+    address: std::net::IpAddr,
+    ca: Arc<JobCa>,
+    stdin: ControlWriter,
+    tx: mpsc::Sender<Report>,
+    log: Log,
+}
+
+impl EventReader {
+    /// Until the agent's stdout ends, the channel breaks or nobody listens.
+    async fn run(
+        self,
+        mut reader: BufReader<Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+        events_done: oneshot::Sender<()>,
+    ) {
+        // Dropped on every return: tells the exit task that all events are in.
+        let _events_done = events_done;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match self.next_event(&mut reader, &mut line).await {
+                Ok(None) => return,
+                Ok(Some(ev)) => {
+                    if self.tx.send(Report::Event(self.i, ev)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(why) => {
+                    let _ = self.tx.send(Report::Broken(self.i, why)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads, logs and parses the next event, answering it if it is a CSR;
+    /// `None` at the end of the stream, an error when the channel broke.
+    async fn next_event(
+        &self,
+        reader: &mut BufReader<Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+        line: &mut Vec<u8>,
+    ) -> Result<Option<Event>, String> {
+        let n = (&mut *reader)
+            .take(MAX_CONTROL_LINE as u64 + 1)
+            .read_until(b'\n', line)
+            .await
+            .map_err(|e| format!("reading its events: {e}"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let _ = self.log.lock().await.write_all(&[b"[event] ", &line[..]].concat()).await;
+        let ev: Event = serde_json::from_slice(line).map_err(|e| format!("sent an unreadable event: {e}"))?;
+        if let Event::Csr { pem } = &ev {
+            let cert_pem =
+                self.ca.sign_csr(pem, &self.who, Some(self.address)).map_err(|e| format!("enrolment failed: {e}"))?;
+            let answer = Control::Certificate { cert_pem, ca_pem: self.ca.cert_pem().to_string() };
+            send_control(&self.stdin, &answer).await.map_err(|e| format!("cannot send its certificate: {e}"))?;
+        }
+        Ok(Some(ev))
+    }
 }
 
 async fn send_control(stdin: &ControlWriter, msg: &Control) -> std::io::Result<()> {

@@ -1,16 +1,17 @@
 //! The agent process: read the bundle, enrol, run one role, report.
 //!
 //! Order matters. Everything that needs privileges or must happen before
-//! any thread exists (issue 5's privilege drop) happens in [`prepare`],
+//! any thread exists (the privilege drop) happens in [`prepare`],
 //! single-threaded. Only then is the async runtime built, by hand.
 
 use std::io::{BufRead, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
 use crate::identity::{Identity, Role};
 use crate::pki::NodeKey;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlannedProcess};
 use crate::roles::{self, EventSink, RoleCtx, RoleError};
 use crate::spec::JobSpec;
 use crate::tls::TlsIdentity;
@@ -54,49 +55,19 @@ pub struct Prepared {
 /// Single-threaded set-up: bundle, spec, plan, key, CSR, certificate,
 /// listening socket, data.
 pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, String> {
-    let bundle: Bundle = match read_control(input)? {
-        Some(Control::Bundle(b)) => *b,
-        Some(_) => return Err("the first control message must be the bundle".into()),
-        None => return Err("the launcher closed the control channel before sending the bundle".into()),
-    };
+    let bundle = read_bundle(input)?;
     let spec = JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, bundle.hosts.as_deref())
         .map_err(|e| e.to_string())?;
     let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
     let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();
-    // `ps` and /proc/PID/comm show which process this is (wd-worker-3);
-    // threads started later inherit the name.
-    let comm = match me.role {
-        Role::Scheduler => "wd-scheduler".to_string(),
-        role => format!("wd-{role}-{}", me.rank),
-    };
-    if let Ok(comm) = std::ffi::CString::new(comm) {
-        let _ = nix::sys::prctl::set_name(&comm);
-    }
+    set_process_name(&me);
 
     // Who training runs as: the job's own uid when we are root, else ourselves.
     let root = crate::harden::started_as_root();
-    let user = if root {
-        Some(job_user(&spec, &bundle)?)
-    } else {
-        let message = format!(
-            "warden-agent is not running as root: no firewall for this job on this host and no uid of its own; \
-             training runs as uid {} with no_new_privs and the seccomp filter",
-            nix::unistd::Uid::current()
-        );
-        tracing::warn!("{message}");
-        events(Event::Warning { message });
-        None
-    };
+    let user = if root { Some(job_user(&spec, &bundle)?) } else { warn_not_root(&events) };
 
-    let key = NodeKey::generate().map_err(|e| e.to_string())?;
-    events(Event::Csr { pem: key.csr_pem(&me).map_err(|e| e.to_string())? });
-    let (cert_pem, ca_pem) = match read_control(input)? {
-        Some(Control::Certificate { cert_pem, ca_pem }) => (cert_pem, ca_pem),
-        Some(Control::Stop) | None => return Err("stopped by the launcher during enrolment".into()),
-        Some(_) => return Err("expected a certificate from the launcher".into()),
-    };
-    let tls = TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())?;
+    let tls = enrol(input, &me, &events)?;
 
     let owner = user.map(|u| crate::privfs::Owner { uid: u.uid, gid: u.gid });
     crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(|e| format!("job directory: {e}"))?;
@@ -107,22 +78,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
-    // An external worker starts the user's program between the identity
-    // drop and the filter: the job user, no capabilities, no_new_privs.
-    let external = match (me.role, &spec.worker) {
-        (Role::Worker, Some(_)) => {
-            crate::harden::drop_identity(user).map_err(|e| e.to_string())?;
-            let socket = crate::kv::bind(&bundle.workdir)?;
-            let workers = plan.count(Role::Worker);
-            let child = crate::kv::spawn_program(&spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
-            crate::harden::install_seccomp_with_child(Some(child.id())).map_err(|e| e.to_string())?;
-            Some((socket, child))
-        }
-        _ => {
-            crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
-            None
-        }
-    };
+    let external = drop_privileges(&spec, &plan, &bundle, &me, user)?;
     let status = crate::harden::verify(root).map_err(|e| e.to_string())?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
@@ -131,38 +87,8 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     );
 
     // Bind before anything slow, so a taken port fails the job at once.
-    let listener = match planned.socket() {
-        Some(addr) => {
-            let l = std::net::TcpListener::bind(addr).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AddrInUse {
-                    format!(
-                        "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
-                        addr.port(),
-                        planned.host
-                    )
-                } else {
-                    format!("cannot listen on {addr}: {e}")
-                }
-            })?;
-            l.set_nonblocking(true).map_err(|e| e.to_string())?;
-            events(Event::Listening { addr: addr.to_string() });
-            Some(l)
-        }
-        None => None,
-    };
-    // Fail now, not at the end of training, if the job user cannot write
-    // where it must (a parent directory it cannot enter, say).
-    let dirs = std::iter::once(("job directory", &bundle.workdir))
-        .chain(checkpoint.iter().map(|ck| ("checkpoint directory", &ck.series_dir)));
-    for (what, dir) in dirs {
-        let probe = dir.join(format!(".probe-{}", std::process::id()));
-        std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe)).map_err(|e| {
-            format!(
-                "{what} {} is not writable by the job user: {e}; every parent directory must be enterable by it (chmod o+x)",
-                dir.display()
-            )
-        })?;
-    }
+    let listener = listen(&planned, &events)?;
+    check_writable(&bundle.workdir, checkpoint.as_ref())?;
     let ctx = RoleCtx {
         spec,
         plan,
@@ -179,6 +105,117 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         _ => None,
     };
     Ok(Prepared { ctx, listener, worker_data, external })
+}
+
+/// The first control message, which must be the bundle.
+fn read_bundle<R: BufRead>(input: &mut R) -> Result<Bundle, String> {
+    match read_control(input)? {
+        Some(Control::Bundle(b)) => Ok(*b),
+        Some(_) => Err("the first control message must be the bundle".into()),
+        None => Err("the launcher closed the control channel before sending the bundle".into()),
+    }
+}
+
+/// `ps` and /proc/PID/comm show which process this is (wd-worker-3);
+/// threads started later inherit the name.
+fn set_process_name(me: &Identity) {
+    let comm = match me.role {
+        Role::Scheduler => "wd-scheduler".to_string(),
+        role => format!("wd-{role}-{}", me.rank),
+    };
+    if let Ok(comm) = std::ffi::CString::new(comm) {
+        let _ = nix::sys::prctl::set_name(&comm);
+    }
+}
+
+/// Not root: training runs as this process's own uid, which the launcher
+/// is told. Returns no job user.
+fn warn_not_root(events: &EventSink) -> Option<crate::harden::JobUser> {
+    let message = format!(
+        "warden-agent is not running as root: no firewall for this job on this host and no uid of its own; \
+         training runs as uid {} with no_new_privs and the seccomp filter",
+        nix::unistd::Uid::current()
+    );
+    tracing::warn!("{message}");
+    events(Event::Warning { message });
+    None
+}
+
+/// Makes a key here, sends its CSR and reads the certificate the launcher's
+/// job CA signed.
+fn enrol<R: BufRead>(input: &mut R, me: &Identity, events: &EventSink) -> Result<TlsIdentity, String> {
+    let key = NodeKey::generate().map_err(|e| e.to_string())?;
+    events(Event::Csr { pem: key.csr_pem(me).map_err(|e| e.to_string())? });
+    let (cert_pem, ca_pem) = match read_control(input)? {
+        Some(Control::Certificate { cert_pem, ca_pem }) => (cert_pem, ca_pem),
+        Some(Control::Stop) | None => return Err("stopped by the launcher during enrolment".into()),
+        Some(_) => return Err("expected a certificate from the launcher".into()),
+    };
+    TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())
+}
+
+/// Drops to the job user for good, with the seccomp filter. Must run while
+/// no thread exists. An external worker starts the user's program between
+/// the identity drop and the filter: the job user, no capabilities,
+/// no_new_privs; its KV socket and program are returned.
+fn drop_privileges(
+    spec: &JobSpec,
+    plan: &Plan,
+    bundle: &Bundle,
+    me: &Identity,
+    user: Option<crate::harden::JobUser>,
+) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, String> {
+    match (me.role, &spec.worker) {
+        (Role::Worker, Some(_)) => {
+            crate::harden::drop_identity(user).map_err(|e| e.to_string())?;
+            let socket = crate::kv::bind(&bundle.workdir)?;
+            let workers = plan.count(Role::Worker);
+            let child = crate::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
+            crate::harden::install_seccomp_with_child(Some(child.id())).map_err(|e| e.to_string())?;
+            Ok(Some((socket, child)))
+        }
+        _ => {
+            crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+    }
+}
+
+/// Binds the process's listening socket, if its role has one, and tells the
+/// launcher where.
+fn listen(planned: &PlannedProcess, events: &EventSink) -> Result<Option<std::net::TcpListener>, String> {
+    let Some(addr) = planned.socket() else { return Ok(None) };
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
+                addr.port(),
+                planned.host
+            )
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        }
+    })?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    events(Event::Listening { addr: addr.to_string() });
+    Ok(Some(l))
+}
+
+/// Fail now, not at the end of training, if the job user cannot write
+/// where it must (a parent directory it cannot enter, say).
+fn check_writable(workdir: &Path, checkpoint: Option<&roles::CheckpointCtx>) -> Result<(), String> {
+    let dirs = std::iter::once(("job directory", workdir))
+        .chain(checkpoint.iter().map(|ck| ("checkpoint directory", ck.series_dir.as_path())));
+    for (what, dir) in dirs {
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe)).map_err(|e| {
+            format!(
+                "{what} {} is not writable by the job user: {e}; every parent directory must be enterable by it (chmod o+x)",
+                dir.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The job's identity on this host: the uid the launcher leased to the job

@@ -592,64 +592,14 @@ pub fn read_shard_from<R: Read + Send>(
     shape: Shape,
 ) -> Result<(ShardState, String), CheckpointError> {
     let mut hash = digest::Context::new(&digest::SHA256);
-    let mut head = [0u8; HEADER_LEN + 8 + HEADER_MAC_LEN];
-    if let Err(e) = r.read_exact(&mut head) {
-        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-            if actual < 8 || head[..8] == MAGIC[..] {
-                CheckpointError::Truncated { path: path.to_path_buf(), expected: head.len() as u64, actual }
-            } else {
-                CheckpointError::NotCheckpoint { path: path.to_path_buf() }
-            }
-        } else {
-            CheckpointError::Io { path: path.to_path_buf(), source: e }
-        });
-    }
+    let head = read_head(&mut r, actual, path)?;
     hash.update(&head);
-    let fixed: &[u8; HEADER_LEN] = head[..HEADER_LEN].try_into().expect("64 bytes");
-    let len_bytes: &[u8; 8] = head[HEADER_LEN..HEADER_LEN + 8].try_into().expect("8 bytes");
-    let header = Header::decode(fixed, len_bytes, path)?;
-    if header.key_id != key.id {
-        return Err(CheckpointError::WrongKey {
-            path: path.to_path_buf(),
-            file_key: hex(&header.key_id),
-            our_key: key.id_hex(),
-        });
-    }
-    let aad = &head[..HEADER_LEN + 8];
-    if hmac::verify(&key.mac, aad, &head[HEADER_LEN + 8..]).is_err() || aad != aad_bytes(&header) {
-        return Err(CheckpointError::HeaderTampered { path: path.to_path_buf() });
-    }
+    let header = check_header(&head, path, key)?;
     if let Some(at) = at {
-        let misplaced = |what, expected: String, found: String| CheckpointError::Misplaced {
-            path: path.to_path_buf(),
-            what,
-            expected,
-            found,
-        };
-        if header.job != job_bytes(&at.job) {
-            return Err(misplaced("job", at.job.to_string(), hex(&header.job)));
-        }
-        if header.step != at.step {
-            return Err(misplaced("step", at.step.to_string(), header.step.to_string()));
-        }
-        if header.shard != at.shard || header.shards != at.shards {
-            return Err(misplaced(
-                "shard",
-                format!("{} of {}", at.shard, at.shards),
-                format!("{} of {}", header.shard, header.shards),
-            ));
-        }
+        check_placement(&header, at, path)?;
     }
-    let expected = header.file_len();
-    if actual < expected {
-        return Err(CheckpointError::Truncated { path: path.to_path_buf(), expected, actual });
-    }
-    if actual > expected {
-        return Err(CheckpointError::Extended { path: path.to_path_buf(), expected, actual });
-    }
-    if header.chunk < 64 || !header.chunk.is_multiple_of(4) || header.plain_len < STATE_HEADER as u64 {
-        return Err(CheckpointError::Contents { path: path.to_path_buf(), detail: "impossible chunk layout".into() });
-    }
+    let expected = check_layout(&header, actual, path)?;
+    let aad = &head[..HEADER_LEN + 8];
 
     // One thread reads and hashes, this one decrypts and fills the state.
     let mut sink = StateSink::new(path, shape);
@@ -685,6 +635,86 @@ pub fn read_shard_from<R: Read + Send>(
     }
     let state = sink.finish()?;
     Ok((state, hex(hash.finish().as_ref())))
+}
+
+/// The fixed header, the plaintext length and the header's MAC, as read.
+type Head = [u8; HEADER_LEN + 8 + HEADER_MAC_LEN];
+
+/// Reads the head of a shard file; a short one is truncated if it starts
+/// like a checkpoint, and not a checkpoint otherwise.
+fn read_head<R: Read>(r: &mut R, actual: u64, path: &Path) -> Result<Head, CheckpointError> {
+    let mut head = [0u8; HEADER_LEN + 8 + HEADER_MAC_LEN];
+    if let Err(e) = r.read_exact(&mut head) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+            if actual < 8 || head[..8] == MAGIC[..] {
+                CheckpointError::Truncated { path: path.to_path_buf(), expected: head.len() as u64, actual }
+            } else {
+                CheckpointError::NotCheckpoint { path: path.to_path_buf() }
+            }
+        } else {
+            CheckpointError::Io { path: path.to_path_buf(), source: e }
+        });
+    }
+    Ok(head)
+}
+
+/// Decodes the header and checks that it is for `key` and untouched.
+fn check_header(head: &Head, path: &Path, key: &CheckpointKey) -> Result<Header, CheckpointError> {
+    let fixed: &[u8; HEADER_LEN] = head[..HEADER_LEN].try_into().expect("64 bytes");
+    let len_bytes: &[u8; 8] = head[HEADER_LEN..HEADER_LEN + 8].try_into().expect("8 bytes");
+    let header = Header::decode(fixed, len_bytes, path)?;
+    if header.key_id != key.id {
+        return Err(CheckpointError::WrongKey {
+            path: path.to_path_buf(),
+            file_key: hex(&header.key_id),
+            our_key: key.id_hex(),
+        });
+    }
+    let aad = &head[..HEADER_LEN + 8];
+    if hmac::verify(&key.mac, aad, &head[HEADER_LEN + 8..]).is_err() || aad != aad_bytes(&header) {
+        return Err(CheckpointError::HeaderTampered { path: path.to_path_buf() });
+    }
+    Ok(header)
+}
+
+/// Checks that the header names the job, step and shard the file should hold.
+fn check_placement(header: &Header, at: &Placement, path: &Path) -> Result<(), CheckpointError> {
+    let misplaced = |what, expected: String, found: String| CheckpointError::Misplaced {
+        path: path.to_path_buf(),
+        what,
+        expected,
+        found,
+    };
+    if header.job != job_bytes(&at.job) {
+        return Err(misplaced("job", at.job.to_string(), hex(&header.job)));
+    }
+    if header.step != at.step {
+        return Err(misplaced("step", at.step.to_string(), header.step.to_string()));
+    }
+    if header.shard != at.shard || header.shards != at.shards {
+        return Err(misplaced(
+            "shard",
+            format!("{} of {}", at.shard, at.shards),
+            format!("{} of {}", header.shard, header.shards),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the file's length and the header's chunk layout; returns the
+/// length the header implies.
+fn check_layout(header: &Header, actual: u64, path: &Path) -> Result<u64, CheckpointError> {
+    let expected = header.file_len();
+    if actual < expected {
+        return Err(CheckpointError::Truncated { path: path.to_path_buf(), expected, actual });
+    }
+    if actual > expected {
+        return Err(CheckpointError::Extended { path: path.to_path_buf(), expected, actual });
+    }
+    if header.chunk < 64 || !header.chunk.is_multiple_of(4) || header.plain_len < STATE_HEADER as u64 {
+        return Err(CheckpointError::Contents { path: path.to_path_buf(), detail: "impossible chunk layout".into() });
+    }
+    Ok(expected)
 }
 
 /// One stage of a [`pipeline`], run on its own thread.

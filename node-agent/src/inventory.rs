@@ -211,6 +211,22 @@ struct Group {
     line: usize,
 }
 
+/// What the lines under a header are: host lines, `key=value` lines or
+/// child group names, of the named group.
+enum Section {
+    Hosts(String),
+    Vars(String),
+    Children(String),
+}
+
+/// An inventory as written: its groups and its hosts, before variables are
+/// resolved.
+struct Inventory {
+    groups: BTreeMap<String, Group>,
+    /// Host -> (first line, own vars), in file order.
+    hosts: Vec<(String, usize, BTreeMap<String, String>)>,
+}
+
 /// Reads an Ansible INI inventory and returns the hosts of `group` (every
 /// host when `None`; `all` works too), in file order.
 ///
@@ -223,134 +239,178 @@ struct Group {
 /// and are left to it (SSH options come from `[cluster] ssh_config` or
 /// `~/.ssh/config`).
 pub fn parse_inventory(text: &str, group: Option<&str>) -> Result<Vec<Entry>, ListError> {
-    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-    // Host -> (first line, own vars), in file order.
-    let mut hosts: Vec<(String, usize, BTreeMap<String, String>)> = Vec::new();
-    enum Section {
-        Hosts(String),
-        Vars(String),
-        Children(String),
-    }
-    // Hosts above the first header are in Ansible's `ungrouped`.
-    groups.insert("ungrouped".into(), Group { line: 1, ..Group::default() });
-    let mut section = Section::Hosts("ungrouped".into());
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let trimmed = raw.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
-            continue;
+    Inventory::read(text)?.entries(group)
+}
+
+impl Inventory {
+    /// Reads every line into groups and hosts, and checks that each child
+    /// group named exists.
+    fn read(text: &str) -> Result<Self, ListError> {
+        let mut inventory = Inventory { groups: BTreeMap::new(), hosts: Vec::new() };
+        // Hosts above the first header are in Ansible's `ungrouped`.
+        inventory.groups.insert("ungrouped".into(), Group { line: 1, ..Group::default() });
+        let mut section = Section::Hosts("ungrouped".into());
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+                continue;
+            }
+            if let Some(head) = trimmed.strip_prefix('[') {
+                section = inventory.open_section(line, trimmed, head)?;
+                continue;
+            }
+            let w = words(line, trimmed)?;
+            if w.is_empty() {
+                continue;
+            }
+            match &section {
+                Section::Vars(g) => inventory.add_var(line, g, trimmed)?,
+                Section::Children(g) => inventory.add_child(line, g, trimmed, &w)?,
+                Section::Hosts(g) => inventory.add_hosts(line, g, &w)?,
+            }
         }
-        if let Some(head) = trimmed.strip_prefix('[') {
-            let Some(head) = head.strip_suffix(']') else {
+        inventory.check_children()?;
+        Ok(inventory)
+    }
+
+    /// Reads a `[group]`, `[group:vars]` or `[group:children]` header
+    /// (`head` is the text after `[`) and creates the group if it is new.
+    fn open_section(&mut self, line: usize, trimmed: &str, head: &str) -> Result<Section, ListError> {
+        let Some(head) = head.strip_suffix(']') else {
+            return fail(
+                line,
+                format!("`{trimmed}` is not a section header"),
+                "write [group], [group:vars] or [group:children]",
+            );
+        };
+        let (name, kind) = head.split_once(':').unwrap_or((head, ""));
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return fail(line, format!("`{head}` is not a group name"), "group names have no spaces");
+        }
+        self.groups.entry(name.to_string()).or_insert_with(|| Group { line, ..Group::default() });
+        match kind {
+            "" => Ok(Section::Hosts(name.into())),
+            "vars" => Ok(Section::Vars(name.into())),
+            "children" => Ok(Section::Children(name.into())),
+            other => {
+                fail(line, format!("unknown section kind `:{other}`"), "use [group], [group:vars] or [group:children]")
+            }
+        }
+    }
+
+    fn group_mut(&mut self, name: &str) -> &mut Group {
+        self.groups.get_mut(name).expect("section's group exists")
+    }
+
+    /// A `[group:vars]` line: `key=value`, the value read as words.
+    fn add_var(&mut self, line: usize, group: &str, trimmed: &str) -> Result<(), ListError> {
+        let joined = trimmed.split_once('=');
+        let Some((key, _)) = joined else {
+            return fail(line, format!("`{trimmed}` is not key=value"), "a [group:vars] line is key=value");
+        };
+        let value = words(line, &trimmed[key.len() + 1..])?.join(" ");
+        self.group_mut(group).vars.insert(key.trim().to_string(), value);
+        Ok(())
+    }
+
+    /// A `[group:children]` line: one group name.
+    fn add_child(&mut self, line: usize, group: &str, trimmed: &str, w: &[String]) -> Result<(), ListError> {
+        if w.len() != 1 {
+            return fail(line, format!("`{trimmed}` is not a group name"), "a [group:children] line names one group");
+        }
+        self.group_mut(group).children.push(w[0].clone());
+        Ok(())
+    }
+
+    /// A host line: a host pattern, then its own `key=value` pairs. A host
+    /// listed again keeps its first line and gains the new pairs.
+    fn add_hosts(&mut self, line: usize, group: &str, w: &[String]) -> Result<(), ListError> {
+        let mut vars = BTreeMap::new();
+        for word in &w[1..] {
+            let Some((k, v)) = word.split_once('=') else {
                 return fail(
                     line,
-                    format!("`{trimmed}` is not a section header"),
-                    "write [group], [group:vars] or [group:children]",
+                    format!("`{word}` is not key=value"),
+                    "host variables are key=value, e.g. ansible_host=10.0.0.5",
                 );
             };
-            let (name, kind) = head.split_once(':').unwrap_or((head, ""));
-            if name.is_empty() || name.contains(char::is_whitespace) {
-                return fail(line, format!("`{head}` is not a group name"), "group names have no spaces");
-            }
-            groups.entry(name.to_string()).or_insert_with(|| Group { line, ..Group::default() });
-            section = match kind {
-                "" => Section::Hosts(name.into()),
-                "vars" => Section::Vars(name.into()),
-                "children" => Section::Children(name.into()),
-                other => {
-                    return fail(
-                        line,
-                        format!("unknown section kind `:{other}`"),
-                        "use [group], [group:vars] or [group:children]",
-                    );
-                }
-            };
-            continue;
+            vars.insert(k.to_string(), v.to_string());
         }
-        let w = words(line, trimmed)?;
-        let Some(first) = w.first() else { continue };
-        match &section {
-            Section::Vars(g) => {
-                let joined = trimmed.split_once('=');
-                let Some((key, _)) = joined else {
-                    return fail(line, format!("`{trimmed}` is not key=value"), "a [group:vars] line is key=value");
-                };
-                let value = words(line, &trimmed[key.len() + 1..])?.join(" ");
-                groups.get_mut(g).expect("section's group exists").vars.insert(key.trim().to_string(), value);
+        let expanded = expand(line, &w[0])?;
+        if self.hosts.len() + expanded.len() > 4096 {
+            return fail(line, "the inventory lists more than 4096 hosts", "a job runs on at most 4096 hosts");
+        }
+        for name in expanded {
+            match self.hosts.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, own)) => own.extend(vars.clone()),
+                None => self.hosts.push((name.clone(), line, vars.clone())),
             }
-            Section::Children(g) => {
-                if w.len() != 1 {
-                    return fail(
-                        line,
-                        format!("`{trimmed}` is not a group name"),
-                        "a [group:children] line names one group",
-                    );
-                }
-                groups.get_mut(g).expect("section's group exists").children.push(first.clone());
-            }
-            Section::Hosts(g) => {
-                let mut vars = BTreeMap::new();
-                for word in &w[1..] {
-                    let Some((k, v)) = word.split_once('=') else {
-                        return fail(
-                            line,
-                            format!("`{word}` is not key=value"),
-                            "host variables are key=value, e.g. ansible_host=10.0.0.5",
-                        );
-                    };
-                    vars.insert(k.to_string(), v.to_string());
-                }
-                let expanded = expand(line, first)?;
-                if hosts.len() + expanded.len() > 4096 {
-                    return fail(line, "the inventory lists more than 4096 hosts", "a job runs on at most 4096 hosts");
-                }
-                for name in expanded {
-                    match hosts.iter_mut().find(|(n, _, _)| *n == name) {
-                        Some((_, _, own)) => own.extend(vars.clone()),
-                        None => hosts.push((name.clone(), line, vars.clone())),
-                    }
-                    let members = &mut groups.get_mut(g).expect("section's group exists").hosts;
-                    if !members.contains(&name) {
-                        members.push(name);
-                    }
-                }
+            let members = &mut self.group_mut(group).hosts;
+            if !members.contains(&name) {
+                members.push(name);
             }
         }
+        Ok(())
     }
-    for (name, g) in &groups {
-        if let Some(missing) = g.children.iter().find(|c| !groups.contains_key(c.as_str())) {
+
+    fn check_children(&self) -> Result<(), ListError> {
+        for (name, g) in &self.groups {
+            if let Some(missing) = g.children.iter().find(|c| !self.groups.contains_key(c.as_str())) {
+                return fail(
+                    g.line,
+                    format!("group `{name}` names a child group `{missing}` that does not exist"),
+                    "define the group or remove the line",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The hosts of `group` (all when `None` or `all`) with their variables
+    /// resolved, in file order.
+    fn entries(&self, group: Option<&str>) -> Result<Vec<Entry>, ListError> {
+        let parents = self.parents();
+        let wanted = group.filter(|g| *g != "all");
+        if let Some(g) = wanted.filter(|g| !self.groups.contains_key(*g)) {
+            let known: Vec<&str> = self.groups.keys().map(String::as_str).filter(|k| *k != "ungrouped").collect();
+            return fail(1, format!("the inventory has no group `{g}`"), format!("its groups: {}", known.join(", ")));
+        }
+        let mut out = Vec::new();
+        for (name, line, own) in &self.hosts {
+            if wanted.is_some_and(|g| !self.contains(g, name)) {
+                continue;
+            }
+            out.push(entry_from_vars(name, *line, &self.vars_of(name, own, &parents))?);
+        }
+        if out.is_empty() {
             return fail(
-                g.line,
-                format!("group `{name}` names a child group `{missing}` that does not exist"),
-                "define the group or remove the line",
+                1,
+                format!("the inventory lists no host{}", group.map(|g| format!(" in `{g}`")).unwrap_or_default()),
+                "add host lines under a [group] header",
             );
         }
+        Ok(out)
     }
-    // Depth of each group below `all` (the longest chain of parents, as
-    // Ansible counts it), so that nearer groups' vars win.
-    let parents: BTreeMap<&str, Vec<&str>> = groups.iter().fold(BTreeMap::new(), |mut m, (name, g)| {
-        for c in &g.children {
-            m.entry(c.as_str()).or_default().push(name.as_str());
-        }
-        m
-    });
-    fn depth<'a>(g: &'a str, parents: &BTreeMap<&'a str, Vec<&'a str>>, path: &mut Vec<&'a str>) -> usize {
-        if path.contains(&g) {
-            return 0; // a cycle: Ansible refuses it, here it just stops counting
-        }
-        path.push(g);
-        let d = parents.get(g).map_or(0, |ps| ps.iter().map(|p| 1 + depth(p, parents, path)).max().unwrap_or(0));
-        path.pop();
-        d
+
+    /// Each group's parents, from the `[group:children]` sections.
+    fn parents(&self) -> BTreeMap<&str, Vec<&str>> {
+        self.groups.iter().fold(BTreeMap::new(), |mut m, (name, g)| {
+            for c in &g.children {
+                m.entry(c.as_str()).or_default().push(name.as_str());
+            }
+            m
+        })
     }
-    // Groups a host belongs to, directly or through children.
-    let contains = |group: &str, host: &str| -> bool {
+
+    /// Whether `host` belongs to `group`, directly or through children.
+    fn contains(&self, group: &str, host: &str) -> bool {
         let (mut stack, mut seen) = (vec![group], BTreeSet::new());
         while let Some(g) = stack.pop() {
             if !seen.insert(g) {
                 continue;
             }
-            if let Some(gr) = groups.get(g) {
+            if let Some(gr) = self.groups.get(g) {
                 if gr.hosts.iter().any(|h| h == host) {
                     return true;
                 }
@@ -358,36 +418,38 @@ pub fn parse_inventory(text: &str, group: Option<&str>) -> Result<Vec<Entry>, Li
             }
         }
         false
-    };
-    let wanted = group.filter(|g| *g != "all");
-    if let Some(g) = wanted.filter(|g| !groups.contains_key(*g)) {
-        let known: Vec<&str> = groups.keys().map(String::as_str).filter(|k| *k != "ungrouped").collect();
-        return fail(1, format!("the inventory has no group `{g}`"), format!("its groups: {}", known.join(", ")));
     }
-    let mut out = Vec::new();
-    for (name, line, own) in &hosts {
-        if wanted.is_some_and(|g| !contains(g, name)) {
-            continue;
-        }
-        // all:vars, then groups from the farthest to the nearest, then the host.
-        let mut vars: BTreeMap<String, String> = groups.get("all").map(|g| g.vars.clone()).unwrap_or_default();
+
+    /// A host's variables: all:vars, then groups from the farthest to the
+    /// nearest, then the host's own.
+    fn vars_of(
+        &self,
+        name: &str,
+        own: &BTreeMap<String, String>,
+        parents: &BTreeMap<&str, Vec<&str>>,
+    ) -> BTreeMap<String, String> {
+        let mut vars: BTreeMap<String, String> = self.groups.get("all").map(|g| g.vars.clone()).unwrap_or_default();
         let mut mine: Vec<&str> =
-            groups.keys().map(String::as_str).filter(|g| *g != "all" && contains(g, name)).collect();
-        mine.sort_by_key(|g| (depth(g, &parents, &mut Vec::new()), *g));
+            self.groups.keys().map(String::as_str).filter(|g| *g != "all" && self.contains(g, name)).collect();
+        mine.sort_by_key(|g| (depth(g, parents, &mut Vec::new()), *g));
         for g in mine {
-            vars.extend(groups[g].vars.clone());
+            vars.extend(self.groups[g].vars.clone());
         }
         vars.extend(own.clone());
-        out.push(entry_from_vars(name, *line, &vars)?);
+        vars
     }
-    if out.is_empty() {
-        return fail(
-            1,
-            format!("the inventory lists no host{}", group.map(|g| format!(" in `{g}`")).unwrap_or_default()),
-            "add host lines under a [group] header",
-        );
+}
+
+/// Depth of a group below `all` (the longest chain of parents, as Ansible
+/// counts it), so that nearer groups' vars win.
+fn depth<'a>(g: &'a str, parents: &BTreeMap<&'a str, Vec<&'a str>>, path: &mut Vec<&'a str>) -> usize {
+    if path.contains(&g) {
+        return 0; // a cycle: Ansible refuses it, here it just stops counting
     }
-    Ok(out)
+    path.push(g);
+    let d = parents.get(g).map_or(0, |ps| ps.iter().map(|p| 1 + depth(p, parents, path)).max().unwrap_or(0));
+    path.pop();
+    d
 }
 
 fn entry_from_vars(name: &str, line: usize, vars: &BTreeMap<String, String>) -> Result<Entry, ListError> {
