@@ -1,4 +1,4 @@
-//! Bring your own training program (issue 11): the user's program runs per
+//! Bring your own training program: the user's program runs per
 //! worker rank as the job user and reaches the servers only through the
 //! agent's local KV socket.
 //!

@@ -1,4 +1,4 @@
-//! Encrypted checkpoints (issue 7): the format detects every kind of
+//! Encrypted checkpoints: the format detects every kind of
 //! tampering with its own error, keys are handled strictly, retention keeps
 //! what it should, a server killed mid-write never yields a checkpoint, and
 //! a resumed run ends with the same weights as an uninterrupted one.

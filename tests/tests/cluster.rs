@@ -584,7 +584,7 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Issue 12: `playbooks/node-prep.yml` prepares the namespace hosts over
+/// `playbooks/node-prep.yml` prepares the namespace hosts over
 /// real SSH (Ansible through the same ssh_config the launcher uses), and a
 /// warden job then runs on them from the prepared `remote_dir`. The hosts
 /// share this machine's filesystem, so the sshd drop-in is left out here

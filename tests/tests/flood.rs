@@ -1,6 +1,6 @@
-//! Attacks during training (issue 10). Unauthenticated: the listeners take
-//! a bounded number of connections per source and in total, close the rest
-//! before reading a byte, refuse other CAs in the handshake, log refusals at
+//! Attacks during training. Unauthenticated: the listeners take a bounded
+//! number of connections per source and in total, close the rest before
+//! reading a byte, refuse other CAs in the handshake, log refusals at
 //! a bounded rate, and the job trains to the end. Authenticated but wrong
 //! (a certificate of the job's CA for the wrong role, or a worker sending
 //! what only servers send): refused per connection while honest training

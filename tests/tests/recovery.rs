@@ -1,4 +1,4 @@
-//! Recovery from node failures (issue 10): with `on_failure = "fail"` a
+//! Recovery from node failures: with `on_failure = "fail"` a
 //! killed process ends the job promptly and by name; with `"restart"` the
 //! launcher starts the job again from the newest committed checkpoint, as
 //! often as `max_restarts` allows, and records every restart.
