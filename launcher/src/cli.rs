@@ -1,5 +1,11 @@
-//! Command-line interface: one subcommand per file in `commands/`, each with
-//! its arguments and an `exec` that returns the process exit code.
+//! Command-line interface: the arguments of every subcommand, and [`main`],
+//! which runs the one given and returns the process exit code.
+//!
+//! Most subcommands are an `exec` function in a module of `commands/`, one
+//! module per group (`launch.rs` has `launch` and `doctor`, `run_dir.rs` has
+//! `status`, `logs` and `stop`, `signing.rs` has `keygen`, `sign` and
+//! `verify`). `serve` and `apikey` call [`crate::serve`]; `completions` and
+//! `man` are answered here from the clap definition.
 
 use std::path::PathBuf;
 

@@ -1,8 +1,9 @@
 //! The agent process: read the bundle, enrol, run one role, report.
 //!
 //! Order matters. Everything that needs privileges or must happen before
-//! any thread exists (the privilege drop) happens in [`prepare`],
-//! single-threaded. Only then is the async runtime built, by hand.
+//! any thread exists (the privilege drop of [`crate::harden`], which acts on
+//! the calling thread only) happens in [`prepare`], single-threaded. Only
+//! then is the async runtime built, by hand.
 
 use std::io::{BufRead, Write};
 use std::path::Path;

@@ -537,8 +537,8 @@ mod seccomp_tests {
             .env(CHILD, "1")
             .output()
             .unwrap();
-        // A signal here was seen once in a loaded full run and never again:
-        // name it, so the next one can be explained.
+        // The message names the signal that killed the child, if one did,
+        // so that such a failure can be explained from the test's output.
         let signal = std::os::unix::process::ExitStatusExt::signal(&out.status);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let said = stderr.lines().find(|l| l.starts_with("wrong: ")).unwrap_or("");

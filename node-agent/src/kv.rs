@@ -434,7 +434,7 @@ pub async fn serve_conn(
     if peer.uid() != me {
         let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": "only the job user may use this socket"}), &[])
             .await;
-        return Err(format!("refused a KV connection from uid {} (the job user is {me})", peer.uid()));
+        return Err(format!("refused a KV connection from uid {} (the job's uid is {me})", peer.uid()));
     }
     let mut payload = Vec::new();
     let mut out = Vec::new();

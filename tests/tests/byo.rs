@@ -1,4 +1,4 @@
-//! Bring your own training program (issue 11): the user's program runs per
+//! Bring your own training program: the user's program runs per
 //! worker rank as the job user and reaches the servers only through the
 //! agent's local KV socket.
 //!
@@ -210,23 +210,11 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
     // The programs (children of the worker agents; they start with a clean
     // environment, so without the test's tag) run as the job's own uid with
     // no capabilities and no_new_privs.
-    let agents = warden_tests::agent_pids(&tag);
-    let programs: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-            ppid.is_some_and(|p| agents.contains(&p))
-                && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python"))
-        })
-        .collect();
+    let agents = warden_tests::Procs::agents(&tag).pids();
+    let programs = warden_tests::Procs::all().children_of(&agents).exe_contains("python").pids();
     assert_eq!(programs.len(), 2, "one program per worker");
-    let job_uid = {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", agents[0])).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap().to_string()
-    };
+    let job_uid = warden_tests::procs::status_field(agents[0], "Uid:").unwrap();
+    let job_uid = job_uid.split_whitespace().next().unwrap().to_string();
     let warden = nix::unistd::User::from_name("warden").unwrap().unwrap().uid.as_raw();
     assert_ne!(job_uid, warden.to_string(), "the job runs under a uid of its own");
     for pid in programs {

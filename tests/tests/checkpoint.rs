@@ -1,4 +1,4 @@
-//! Encrypted checkpoints (issue 7): the format detects every kind of
+//! Encrypted checkpoints: the format detects every kind of
 //! tampering with its own error, keys are handled strictly, retention keeps
 //! what it should, a server killed mid-write never yields a checkpoint, and
 //! a resumed run ends with the same weights as an uninterrupted one.
@@ -11,7 +11,7 @@ use warden_agent::checkpoint::{
     self as ck, CheckpointError, CheckpointKey, CheckpointSecret, Manifest, Placement, Shape, ShardState,
 };
 use warden_agent::identity::JobId;
-use warden_tests::{bin, fresh_tag, job_in, scratch, wait_gone};
+use warden_tests::{JobFile, bin, fresh_tag, scratch, wait_gone};
 
 fn state(len: usize, slots: usize) -> ShardState {
     let v = |k: f32| (0..len).map(|i| (i as f32).mul_add(0.25, k)).collect::<Vec<f32>>();
@@ -259,18 +259,18 @@ fn weights(run: &Path) -> Vec<f32> {
 }
 
 fn checkpoint_job(dir: &Path, ports: (u16, u16), epochs: u32, after_job: u32, key: &Path) -> PathBuf {
-    let path = job_in(dir, ports, &[("epochs = 5", &format!("epochs = {epochs}"))]);
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&format!(
-        "\n[checkpoint]\ndir = \"{}\"\nevery_steps = 20\nkeep_last = 2\nkeep_last_after_job = {after_job}\nkey_file = \"{}\"\n",
-        dir.join("ckpt").display(),
-        key.display()
-    ));
-    // Dropout and momentum make the state worth resuming exactly.
-    text = text.replace("kind = \"softmax\"", "kind = \"mlp\"\nhidden = [32]\ndropout = 0.2");
-    let out = dir.join(format!("job-{epochs}-{after_job}.toml"));
-    std::fs::write(&out, text).unwrap();
-    out
+    JobFile::local()
+        .ports(ports.0, ports.1)
+        .epochs(epochs)
+        .checkpoint(&dir.join("ckpt"), Some(key))
+        .set("checkpoint", "every_steps", 20)
+        .set("checkpoint", "keep_last", 2)
+        .set("checkpoint", "keep_last_after_job", after_job)
+        // Dropout and momentum make the state worth resuming exactly.
+        .set("model", "kind", "mlp")
+        .set("model", "hidden", [32])
+        .set("model", "dropout", 0.2)
+        .write(dir.join(format!("job-{epochs}-{after_job}.toml")))
 }
 
 #[test]

@@ -152,7 +152,7 @@ fn a_node_killed_mid_job_fails_it_cleanly_and_leaves_no_table() {
         return;
     }
     let ClusterJob { net, dir, agents_tag, launcher } = start_cluster_job(100_000);
-    let agents = warden_tests::agent_pids(&agents_tag);
+    let agents = warden_tests::Procs::agents(&agents_tag).pids();
     assert_eq!(agents.len(), 5, "{agents:?}");
     let victim = agents[agents.len() - 1];
     assert!(std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
@@ -406,17 +406,7 @@ fn wait_no_agents_under(remote_bin: &std::path::Path, secs: u64, what: &str) {
 
 /// The processes that run an agent binary from `remote_bin`.
 fn agents_under(remote_bin: &std::path::Path) -> Vec<u32> {
-    pids_where(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.starts_with(remote_bin)))
-}
-
-/// The processes of this machine for which `keep` holds.
-fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-        .filter(|pid| keep(*pid))
-        .collect()
+    warden_tests::Procs::all().exe_under(remote_bin).pids()
 }
 
 /// A job of [`ssh_job`] over 3 namespace hosts that runs until stopped,
@@ -584,7 +574,7 @@ fn a_host_whose_link_is_cut_fails_the_job_and_the_others_are_left_clean() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Issue 12: `playbooks/node-prep.yml` prepares the namespace hosts over
+/// `playbooks/node-prep.yml` prepares the namespace hosts over
 /// real SSH (Ansible through the same ssh_config the launcher uses), and a
 /// warden job then runs on them from the prepared `remote_dir`. The hosts
 /// share this machine's filesystem, so the sshd drop-in is left out here
@@ -681,10 +671,7 @@ fn agents_over_ssh_stop_when_the_launcher_is_killed() {
     // each exits 15 s after its last channel closed.
     let until = Instant::now() + Duration::from_secs(40);
     loop {
-        let masters = pids_where(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(control.to_str().unwrap()))
-        });
+        let masters = warden_tests::Procs::all().cmdline_contains(control.to_str().unwrap()).pids();
         if masters.is_empty() {
             break;
         }

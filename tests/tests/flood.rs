@@ -1,6 +1,6 @@
-//! Attacks during training (issue 10). Unauthenticated: the listeners take
-//! a bounded number of connections per source and in total, close the rest
-//! before reading a byte, refuse other CAs in the handshake, log refusals at
+//! Attacks during training. Unauthenticated: the listeners take a bounded
+//! number of connections per source and in total, close the rest before
+//! reading a byte, refuse other CAs in the handshake, log refusals at
 //! a bounded rate, and the job trains to the end. Authenticated but wrong
 //! (a certificate of the job's CA for the wrong role, or a worker sending
 //! what only servers send): refused per connection while honest training
@@ -8,14 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use warden_tests::{agent_pids, fresh_tag, job_in, scratch, wait_gone};
+use warden_tests::{Procs, fresh_tag, job_in, scratch, wait_gone};
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    warden_tests::procs::status_field(pid, "VmRSS:")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -51,7 +48,7 @@ fn a_flood_of_garbage_connections_does_not_stop_training() {
         let id = attack.id();
         let waiter = std::thread::spawn(move || attack.wait_with_output().unwrap());
         while !waiter.is_finished() {
-            peak = peak.max(agent_pids(&tag).iter().map(|p| rss_kib(*p)).max().unwrap_or(0));
+            peak = peak.max(Procs::agents(&tag).pids().iter().map(|p| rss_kib(*p)).max().unwrap_or(0));
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = waiter.join().unwrap();

@@ -1,4 +1,4 @@
-//! Fuzzing on every test run (issue 10): the seed corpus and every saved
+//! Fuzzing on every test run: the seed corpus and every saved
 //! crash in `fuzz/` replay through `warden_agent::fuzz`, then a bounded
 //! mutation run feeds each target tens of thousands of inputs derived from
 //! its corpus. The coverage-guided runs are `scripts/fuzz` (cargo-fuzz).

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use warden_tests::{bin, fresh_tag, scratch, spawn_launch, wait_for, wait_gone};
+use warden_tests::procs::alive;
+use warden_tests::{JobFile, Procs, Raw, bin, fresh_tag, scratch, spawn_launch, wait_for, wait_gone};
 
 fn need_root() {
     assert!(
@@ -21,54 +22,23 @@ fn need_root() {
     );
 }
 
-/// A job of one scheduler, server and worker whose worker runs `script`
-/// with `env` (a TOML inline table's body), plus `extra` TOML.
-fn program_job(dir: &Path, name: &str, ports: (u16, u16), script: &str, env: &str, extra: &str) -> PathBuf {
+/// A job of one scheduler, server and worker named `name` on `ports` whose
+/// worker runs `script` with `env` (a TOML inline table's body).
+fn program_job(dir: &Path, name: &str, ports: (u16, u16), script: &str, env: &str) -> PathBuf {
     let script_path = dir.join(format!("{name}.py"));
     std::fs::write(&script_path, script).unwrap();
-    let text = format!(
-        r#"
-[job]
-name = "{name}"
-seed = 1
-
-[cluster]
-user = "warden"
-ports = [{p0}, {p1}]
-
-[[cluster.hosts]]
-name = "localhost"
-address = "127.0.0.1"
-scheduler = 1
-servers = 1
-workers = 1
-
-[model]
-kind = "external"
-
-[model.tensors]
-x = [6]
-
-[optimizer]
-kind = "sgd"
-lr = 0.5
-
-[training]
-epochs = 1
-batch_size = 1
-
-[worker]
-command = ["/usr/bin/python3", "{script}"]
-env = {{ {env} }}
-{extra}
-"#,
-        p0 = ports.0,
-        p1 = ports.1,
-        script = script_path.display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    JobFile::tiny()
+        .without("data")
+        .without("limits")
+        .without("model")
+        .set("job", "name", name)
+        .set("cluster.hosts", "name", "localhost")
+        .ports(ports.0, ports.1)
+        .set("model", "kind", "external")
+        .set("model.tensors", "x", [6])
+        .set("worker", "command", [Path::new("/usr/bin/python3"), &script_path])
+        .set("worker", "env", Raw(format!("{{ {env} }}")))
+        .write(dir.join(format!("{name}.toml")))
 }
 
 /// A directory every uid may write, as /tmp is (sticky).
@@ -94,12 +64,6 @@ fn wait_file(path: &Path, secs: u64) -> String {
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// Whether `pid` is a live process (a zombie has ended).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|s| s.lines().find_map(|l| l.strip_prefix("State:")).is_some_and(|st| !st.trim().starts_with('Z')))
 }
 
 /// Writes `value` as JSON to `X/NAME` atomically, then (optionally) waits
@@ -160,8 +124,8 @@ wait(other + "-found.json")
 "#
     );
     let env = |me: &str, other: &str| format!("X = \"{}\", ME = \"{me}\", OTHER = \"{other}\"", x.display());
-    let job_a = program_job(&dir, "a", (31800, 31809), &script, &env("a", "b"), "");
-    let job_b = program_job(&dir, "b", (31810, 31819), &script, &env("b", "a"), "");
+    let job_a = program_job(&dir, "a", (31800, 31809), &script, &env("a", "b"));
+    let job_b = program_job(&dir, "b", (31810, 31819), &script, &env("b", "a"));
     let (tag_a, tag_b) = (fresh_tag(), fresh_tag());
     let (run_a, run_b) = (dir.join("run-a"), dir.join("run-b"));
     let a = spawn_launch(&tag_a, &job_a, &run_a);
@@ -207,7 +171,7 @@ os.wait()
 wait("daemon.json")
 "#
     );
-    let job = program_job(&dir, "daemon", (31820, 31829), &script, &format!("X = \"{}\"", x.display()), "");
+    let job = program_job(&dir, "daemon", (31820, 31829), &script, &format!("X = \"{}\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -227,7 +191,7 @@ fn agents_and_programs_start_with_a_clean_environment() {
     let dir = scratch("iso-env");
     let x = exchange(&dir);
     let script = format!("{PRELUDE}{}", "\nput(\"env.json\", dict(os.environ))\nwait(\"go\")\n");
-    let job = program_job(&dir, "env", (31830, 31839), &script, &format!("X = \"{}\", MINE = \"1\"", x.display()), "");
+    let job = program_job(&dir, "env", (31830, 31839), &script, &format!("X = \"{}\", MINE = \"1\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     let stderr = std::fs::File::create(run.with_extension("stderr")).unwrap();
     let child = Command::new(bin("warden"))
@@ -240,7 +204,7 @@ fn agents_and_programs_start_with_a_clean_environment() {
         .spawn()
         .unwrap();
     let env = json(&wait_file(&x.join("env.json"), 60));
-    let agents = warden_tests::agent_pids(&tag);
+    let agents = Procs::agents(&tag).pids();
     assert_eq!(agents.len(), 3, "scheduler, server and worker agents");
     for pid in agents {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -271,7 +235,7 @@ fn a_series_replaced_by_a_link_is_refused_and_its_target_untouched() {
     let ckpt = dir.join("ckpt");
     let section =
         format!("[checkpoint]\ndir = \"{}\"\nevery_steps = 20\nkey_file = \"{}\"\n", ckpt.display(), key.display());
-    let job = warden_tests::job_in(&dir, (31840, 31849), &[("epochs = 5", "epochs = 1")]);
+    let job = JobFile::local().ports(31840, 31849).epochs(1).write(dir.join("job.toml"));
     let text = std::fs::read_to_string(&job).unwrap() + "\n" + &section;
     std::fs::write(&job, text).unwrap();
     let (tag, run) = (fresh_tag(), dir.join("run"));
@@ -337,7 +301,7 @@ fn idle_connections_from_another_local_user_do_not_stop_a_job() {
     let dir = scratch("iso-idle");
     let x = exchange(&dir);
     let script = format!("{PRELUDE}{}", "\nwait(\"go\")\n");
-    let job = program_job(&dir, "idle", (31850, 31859), &script, &format!("X = \"{}\"", x.display()), "");
+    let job = program_job(&dir, "idle", (31850, 31859), &script, &format!("X = \"{}\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     // The attacker starts first and keeps trying every port of the range
     // until the test is done, holding every connection it gets.
@@ -372,7 +336,7 @@ print(len(held), refused)
     // Training runs (the program started) while the attack goes on.
     wait_file(&run.join("plan.json"), 60);
     let until = Instant::now() + Duration::from_secs(60);
-    while warden_tests::agent_pids(&tag).len() < 3 {
+    while Procs::agents(&tag).pids().len() < 3 {
         assert!(Instant::now() < until, "the job's agents never all started");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -404,7 +368,7 @@ fn a_link_planted_in_the_model_directory_is_not_fetched() {
             secret.display().to_string()
         )
     );
-    let job = program_job(&dir, "model", (31860, 31869), &script, &format!("X = \"{}\"", x.display()), "");
+    let job = program_job(&dir, "model", (31860, 31869), &script, &format!("X = \"{}\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
     assert_ne!(status.code(), Some(0), "a model directory holding a link was fetched: {stderr}");
@@ -437,7 +401,7 @@ fn the_run_directory_is_private_to_the_launching_user() {
     let dir = scratch("iso-private");
     let x = exchange(&dir);
     let script = format!("{PRELUDE}{}", "\n");
-    let job = program_job(&dir, "private", (31870, 31879), &script, &format!("X = \"{}\"", x.display()), "");
+    let job = program_job(&dir, "private", (31870, 31879), &script, &format!("X = \"{}\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -506,7 +470,7 @@ if os.fork() == 0:
 wait("never", 600)
 "#
     );
-    let job = program_job(&dir, "stop", (31880, 31889), &script, &format!("X = \"{}\"", x.display()), "");
+    let job = program_job(&dir, "stop", (31880, 31889), &script, &format!("X = \"{}\"", x.display()));
     let (tag, run) = (fresh_tag(), dir.join("run"));
     let mut launcher = spawn_launch(&tag, &job, &run);
     let daemon = json(&wait_file(&x.join("daemon.json"), 60));

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use warden_tests::{agent_pids, bin, fresh_tag, job_in, job_table, repo_root, scratch, start_long_job, wait_gone};
+use warden_tests::{JobFile, Procs, bin, fresh_tag, job_in, job_table, repo_root, scratch, start_long_job, wait_gone};
 
 fn launch(tag: &str, args: &[&std::ffi::OsStr]) -> Output {
     Command::new(bin("warden")).arg("launch").args(args).env("WARDEN_TEST_TAG", tag).output().unwrap()
@@ -166,7 +166,7 @@ fn a_killed_worker_fails_the_job_and_nothing_is_left_running() {
     let tag = fresh_tag();
     let dir = scratch("kill-agent");
     let (child, run) = start_long_job(&tag, &dir, (29740, 29760));
-    let agents = agent_pids(&tag);
+    let agents = Procs::agents(&tag).pids();
     assert_eq!(agents.len(), 5, "{agents:?}");
     // Kill one agent by its PID (not by name).
     let victim = *agents.last().unwrap();
@@ -185,7 +185,7 @@ fn agents_stop_when_the_launcher_dies() {
     let tag = fresh_tag();
     let dir = scratch("kill-launcher");
     let (mut child, run) = start_long_job(&tag, &dir, (29780, 29799));
-    assert_eq!(agent_pids(&tag).len(), 5);
+    assert_eq!(Procs::agents(&tag).pids().len(), 5);
     // SIGKILL: the launcher gets no chance to clean up; the agents see their
     // control channel close and stop by themselves.
     assert!(Command::new("kill").args(["-9", &child.id().to_string()]).status().unwrap().success());
@@ -340,11 +340,11 @@ fn a_bare_job_file_name_launches_from_its_directory() {
 fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
     let tag = fresh_tag();
     let dir = scratch("heartbeat");
-    let job = job_in(
-        &dir,
-        (31140, 31150),
-        &[("epochs = 5", "epochs = 100000"), ("mode = \"sync\"", "mode = \"sync\"\nheartbeat_timeout = 3")],
-    );
+    let job = JobFile::local()
+        .ports(31140, 31150)
+        .epochs(100000)
+        .set("training", "heartbeat_timeout", 3)
+        .write(dir.join("job.toml"));
     let run = dir.join("run");
     let child = warden_tests::spawn_launch(&tag, &job, &run);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -352,11 +352,11 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
         assert!(std::time::Instant::now() < until, "training never started");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(agent_pids(&tag).len(), 5);
+    assert_eq!(Procs::agents(&tag).pids().len(), 5);
     // A server: its peers notice the job's end in many ways (the abort, a
     // connection closed under them), sometimes before the scheduler's own
     // report reaches the launcher; the summary must still name the silent one.
-    let victim = warden_tests::agent_pid_named(&tag, "wd-server-1").expect("server 1 runs");
+    let victim = Procs::agents(&tag).comm("wd-server-1").first().expect("server 1 runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = std::time::Instant::now();
     // Without heartbeats the job would hang here: wait_for fails it instead.

@@ -1,4 +1,4 @@
-//! The playbooks (issue 12): `ansible-lint` clean on the production profile,
+//! The playbooks: `ansible-lint` clean on the production profile,
 //! `ansible-playbook --syntax-check`, and real runs against this machine
 //! (connection local, into a scratch directory): node-prep twice (the
 //! second changes nothing), then teardown removing a crashed job's firewall

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use warden_agent::harden::parse_status;
-use warden_tests::{agent_pids, bin, fresh_tag, job_in, job_table, scratch, start_long_job, wait_gone};
+use warden_tests::{Procs, bin, fresh_tag, job_in, job_table, scratch, start_long_job, wait_gone};
 
 fn require_root() -> bool {
     if warden_agent::harden::started_as_root() {
@@ -28,7 +28,7 @@ fn every_training_process_runs_with_nothing() {
     let tag = fresh_tag();
     let dir = scratch("privilege");
     let (launcher, run) = start_long_job(&tag, &dir, (29900, 29920));
-    let pids = agent_pids(&tag);
+    let pids = Procs::agents(&tag).pids();
     assert_eq!(pids.len(), 5, "{pids:?}");
     for pid in &pids {
         // Every thread, not just the main one.

@@ -1,4 +1,4 @@
-//! Recovery from node failures (issue 10): with `on_failure = "fail"` a
+//! Recovery from node failures: with `on_failure = "fail"` a
 //! killed process ends the job promptly and by name; with `"restart"` the
 //! launcher starts the job again from the newest committed checkpoint, as
 //! often as `max_restarts` allows, and records every restart.
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use warden_tests::{agent_pid_named, fresh_tag, job_in, scratch, spawn_launch, wait_for, wait_gone};
+use warden_tests::{JobFile, Procs, fresh_tag, scratch, spawn_launch, wait_for, wait_gone};
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -27,7 +27,7 @@ fn until(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
 fn kill_agent(tag: &str, comm: &str, old: Option<u32>) -> u32 {
     let mut pid = None;
     until(60, comm, || {
-        pid = agent_pid_named(tag, comm).filter(|p| Some(*p) != old);
+        pid = Procs::agents(tag).comm(comm).first().filter(|p| Some(*p) != old);
         pid.is_some()
     });
     let pid = pid.unwrap();
@@ -52,11 +52,11 @@ fn with_on_failure_fail_a_killed_server_ends_the_job_naming_it() {
 fn killed_process_ends_the_job(comm: &str, label: &str, ports: (u16, u16)) {
     let tag = fresh_tag();
     let dir = scratch("kill-fail");
-    let job = job_in(
-        &dir,
-        ports,
-        &[("epochs = 5", "epochs = 100000"), ("mode = \"sync\"", "mode = \"sync\"\nheartbeat_timeout = 3")],
-    );
+    let job = JobFile::local()
+        .ports(ports.0, ports.1)
+        .epochs(100000)
+        .set("training", "heartbeat_timeout", 3)
+        .write(dir.join("job.toml"));
     let run = dir.join("run");
     let child = spawn_launch(&tag, &job, &run);
     until(60, "the first epoch", || {
@@ -83,17 +83,14 @@ fn with_on_failure_restart_killed_processes_resume_from_the_last_checkpoint_and_
     let dir = scratch("kill-restart");
     let key = dir.join("ck.key");
     let ck = dir.join("ckpt");
-    let job = job_in(
-        &dir,
-        (31212, 31222),
-        &[
-            ("mode = \"sync\"", "mode = \"sync\"\non_failure = \"restart\"\nmax_restarts = 2"),
-            (
-                "[training]",
-                &format!("[checkpoint]\ndir = \"{}\"\nevery_steps = 15\nkeep_last = 2\n\n[training]", ck.display()),
-            ),
-        ],
-    );
+    let job = JobFile::local()
+        .ports(31212, 31222)
+        .set("training", "on_failure", "restart")
+        .set("training", "max_restarts", 2)
+        .checkpoint(&ck, None)
+        .set("checkpoint", "every_steps", 15)
+        .set("checkpoint", "keep_last", 2)
+        .write(dir.join("job.toml"));
     // No key_file: within one launch the launcher keeps the checkpoint key
     // in memory, so restarts need no key on disk.
     assert!(!key.exists());
@@ -158,16 +155,15 @@ fn restarts_stop_at_max_restarts_and_the_failure_says_so() {
     let tag = fresh_tag();
     let dir = scratch("kill-exhaust");
     let ck = dir.join("ckpt");
-    let job = job_in(
-        &dir,
-        (31224, 31234),
-        &[
-            ("epochs = 5", "epochs = 100000"),
-            ("mode = \"sync\"", "mode = \"sync\"\non_failure = \"restart\"\nmax_restarts = 1"),
-            // No checkpoint is due before the failures.
-            ("[training]", &format!("[checkpoint]\ndir = \"{}\"\nevery_steps = 1000000\n\n[training]", ck.display())),
-        ],
-    );
+    let job = JobFile::local()
+        .ports(31224, 31234)
+        .epochs(100000)
+        .set("training", "on_failure", "restart")
+        .set("training", "max_restarts", 1)
+        .checkpoint(&ck, None)
+        // No checkpoint is due before the failures.
+        .set("checkpoint", "every_steps", 1000000)
+        .write(dir.join("job.toml"));
     let run = dir.join("run");
     let child = spawn_launch(&tag, &job, &run);
     // Killed before any checkpoint: the restart starts from the beginning.

@@ -1,4 +1,4 @@
-//! `warden serve` (issue 9): a signed model behind API keys, rounded or
+//! `warden serve`: a signed model behind API keys, rounded or
 //! label-only answers, budgets and rate limits that survive restarts, size
 //! limits, connection caps, metrics for named keys only, a private state
 //! file; and the equation-solving extraction attack of Tramer et al. run

@@ -1,4 +1,4 @@
-//! Signed models (issue 8): the OpenSSF model-signing format, a strict
+//! Signed models: the OpenSSF model-signing format, a strict
 //! verifier with a distinct error per failure, interoperability both ways
 //! with the real `model-signing` package, and the wiring into `launch`.
 

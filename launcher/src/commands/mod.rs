@@ -1,4 +1,5 @@
-//! One module per subcommand.
+//! The subcommands' `exec` functions, one module per subcommand or group of
+//! related subcommands (see [`crate::cli`]).
 
 pub mod bench;
 pub mod checkpoint;

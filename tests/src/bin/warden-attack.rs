@@ -1,5 +1,5 @@
-//! `warden-attack`: the unauthenticated attack load of issue 10, from its own
-//! process, against a job's listeners on this machine (tests and
+//! `warden-attack`: an unauthenticated attack load, from its own process,
+//! against a job's listeners on this machine (`tests/tests/flood.rs` and
 //! `scripts/bench-attack` only; it refuses any address but loopback).
 //!
 //! ```text
