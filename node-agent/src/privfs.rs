@@ -130,18 +130,59 @@ fn open_dir_at(parent: impl AsFd, name: &OsStr, path: &Path) -> Result<OwnedFd, 
     }
 }
 
-/// Makes the missing directories of `dir`, each 0711 whatever the umask:
-/// a job's uid must pass through them to its own directory, and may not
-/// list them.
-fn make_parents(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+/// Makes directory `name` in `parent` with `owner` and `mode` already set
+/// when it appears under its name, so that no other process (another agent
+/// of the job, another job) ever sees it with the mode the umask left: it
+/// is made under a temporary name, given its owner and mode, then renamed
+/// into place with `RENAME_NOREPLACE`. Returns whether this call made it
+/// (false: it existed, and is left as it is).
+fn make_dir_at(
+    parent: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    mode: u32,
+    owner: Option<Owner>,
+) -> Result<bool, PrivFsError> {
+    use nix::fcntl::{RenameFlags, renameat2};
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => return Ok(false),
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(sys("examining", path)(e)),
+    }
+    let mut temp = std::ffi::OsString::from(".warden-new-");
+    temp.push(format!("{}-{:016x}", std::process::id(), crate::secure_random::u64()));
+    mkdirat(parent, temp.as_os_str(), Mode::from_bits_truncate(0o700)).map_err(sys("creating", path))?;
+    let placed = open_dir_at(parent, &temp, path)
+        .and_then(|dir| {
+            if let Some(o) = owner {
+                let (u, g) = o.ids();
+                fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
+            }
+            fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))
+        })
+        .and_then(|()| match renameat2(parent, temp.as_os_str(), parent, name, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => Ok(false),
+            Err(e) => Err(sys("creating", path)(e)),
+        });
+    if !matches!(placed, Ok(true)) {
+        let _ = unlinkat(parent, temp.as_os_str(), UnlinkatFlags::RemoveDir);
+    }
+    placed
+}
+
+/// Makes the missing directories of `dir`, each root's and 0711: a job's
+/// uid must pass through them to its own directory, and may not list them.
+/// The directories that exist are the administrator's and opened as named.
+fn make_parents(dir: &Path) -> Result<(), PrivFsError> {
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
     for d in missing.into_iter().rev() {
-        match std::fs::DirBuilder::new().mode(0o711).create(d) {
-            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
+        let (Some(parent), Some(name)) = (d.parent(), d.file_name()) else { continue };
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let fd = nix::fcntl::open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(sys("opening", parent))?;
+        make_dir_at(&fd, name, d, 0o711, None)?;
     }
     Ok(())
 }
@@ -157,8 +198,7 @@ fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), PrivFsError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    make_parents(parent)
-        .map_err(|e| sys("creating", parent)(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    make_parents(parent)?;
     let fd = nix::fcntl::open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(sys("opening", parent))?;
     Ok((fd, name))
@@ -170,10 +210,7 @@ fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), PrivFsError> {
 /// can go on from the descriptor.
 pub fn ensure_dir(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedFd, PrivFsError> {
     let (parent, name) = parent_and_name(path)?;
-    match mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(e) => return Err(sys("creating", path)(e)),
-    }
+    make_dir_at(&parent, name, path, mode, owner)?;
     let dir = open_dir_at(&parent, name, path)?;
     if let Some(o) = owner {
         let (u, g) = o.ids();
@@ -188,20 +225,8 @@ pub fn ensure_dir(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedF
 /// directory and not a link.
 pub fn ensure_dir_if_missing(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedFd, PrivFsError> {
     let (parent, name) = parent_and_name(path)?;
-    let made = match mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
-        Ok(()) => true,
-        Err(Errno::EEXIST) => false,
-        Err(e) => return Err(sys("creating", path)(e)),
-    };
-    let dir = open_dir_at(&parent, name, path)?;
-    if made {
-        if let Some(o) = owner {
-            let (u, g) = o.ids();
-            fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
-        }
-        fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))?;
-    }
-    Ok(dir)
+    make_dir_at(&parent, name, path, mode, owner)?;
+    open_dir_at(&parent, name, path)
 }
 
 /// Gives directory `path` and everything in it to `owner`: directories
@@ -268,6 +293,36 @@ mod tests {
 
     fn scratch() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()
+    }
+
+    /// Agents of one job, and jobs on one host, make the same parents at
+    /// once; a directory visible under its name before its mode is set
+    /// shuts the job's uid out of it for that moment. Watched with inotify:
+    /// every directory appears by a rename, complete, never by a mkdir
+    /// under its own name.
+    #[test]
+    fn directories_appear_under_their_name_only_with_their_mode_set() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let tmp = scratch();
+        let watch = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        watch.add_watch(tmp.path(), AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO).unwrap();
+        let made = ensure_dir(&tmp.path().join("jobs/one/worker-0"), 0o700, None).unwrap();
+        drop(made);
+        ensure_dir_if_missing(&tmp.path().join("root"), 0o711, None).unwrap();
+        let events = watch.read_events().unwrap();
+        let names: Vec<(String, bool)> = events
+            .iter()
+            .filter_map(|e| {
+                Some((e.name.as_ref()?.to_string_lossy().into_owned(), e.mask.contains(AddWatchFlags::IN_MOVED_TO)))
+            })
+            .filter(|(n, _)| !n.starts_with(".warden-new-"))
+            .collect();
+        assert_eq!(names, [("jobs".to_string(), true), ("root".to_string(), true)]);
+        assert_eq!(std::fs::metadata(tmp.path().join("jobs")).unwrap().mode() & 0o777, 0o711);
+        assert_eq!(std::fs::metadata(tmp.path().join("jobs/one")).unwrap().mode() & 0o777, 0o711);
+        assert_eq!(std::fs::metadata(tmp.path().join("root")).unwrap().mode() & 0o777, 0o711);
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "no temporary directory is left behind: {left:?}");
     }
 
     #[test]
