@@ -47,7 +47,12 @@ pub struct Cli {
 pub enum Command {
     /// Check a job file and report the first problem with its line and column.
     #[command(after_help = "Example:\n  warden validate configs/local.toml\n\n\
-        Exit status: 0 when valid; 2 with `error: FILE:LINE:COL: ...` on stderr otherwise.\n\nDocs: docs/job-file.md")]
+        A file that parses is checked against this machine too: the data loads as the workers would load it \
+        (headers against [model] inputs and classes, images against labels, truncation, label range), the job user \
+        exists, key files are private. Every problem is listed; files a remote job's hosts hold but this machine \
+        does not are noted.\n\n\
+        Exit status: 0 when valid; 2 with `error: FILE:LINE:COL: ...` or `error: FILE: [table] key: ...` \
+        on stderr otherwise.\n\nDocs: docs/job-file.md")]
     Validate {
         /// The job file.
         job: PathBuf,

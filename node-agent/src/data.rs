@@ -113,7 +113,12 @@ fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<(Vec<usize>,
     }
     let dims = bytes[3] as usize;
     if dims != want_dims {
-        return Err(bad(format!("has {dims} dimensions, expected {want_dims}")));
+        let hint = match (dims, want_dims) {
+            (1, 3) => ": it holds labels, not images; are the images and labels files swapped?",
+            (3, 1) => ": it holds images, not labels; are the images and labels files swapped?",
+            _ => "",
+        };
+        return Err(bad(format!("has {dims} dimensions, expected {want_dims}{hint}")));
     }
     let header = 4 + 4 * dims;
     if bytes.len() < header {
@@ -259,7 +264,9 @@ pub fn load_libsvm(path: &Path, features: usize, classes: usize, scale: f32) -> 
     Ok(Dataset { features, x, y })
 }
 
-fn load_files(spec: &DataSpec, files: &DataFiles, m: &ModelSpec) -> Result<Dataset, DataError> {
+/// Loads one split's files (the training or the test set) as the job
+/// file names them.
+pub fn load_files(spec: &DataSpec, files: &DataFiles, m: &ModelSpec) -> Result<Dataset, DataError> {
     match (spec.format, files) {
         (DataFormat::Idx, DataFiles::Idx { images, labels }) => {
             load_idx(images, labels, m.inputs, m.classes, spec.scale)

@@ -42,6 +42,7 @@ pub mod model;
 pub mod optimizer;
 pub mod pki;
 pub mod plan;
+pub mod preflight;
 pub mod privfs;
 pub mod reap;
 pub mod roles;

@@ -706,3 +706,84 @@ fn hosts_come_from_a_hostfile_or_an_ansible_inventory() {
     assert_eq!((e.line, e.message.as_str()), (2, "unknown hostfile key `gpus`"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An IDX file of unsigned bytes with the given dimensions.
+fn idx(dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A job file that parses can still fail half a second into its launch:
+/// validate loads the data as the workers will, looks up the job user and
+/// checks key files, and reports every problem it finds with the key it
+/// concerns, not only the first.
+#[test]
+fn validate_finds_every_problem_a_launch_would_meet_on_this_machine() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = warden_tests::scratch("validate-preflight");
+    let write = |name: &str, bytes: Vec<u8>| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    // 10 images of 2x2 = 4 inputs, 3 classes.
+    let images = write("images", idx(&[10, 2, 2], &[7; 40]));
+    let labels = write("labels", idx(&[10], &[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]));
+    let wild_labels = write("wild-labels", idx(&[10], &[0, 1, 2, 0, 1, 2, 0, 1, 9, 0]));
+    let truncated = write("truncated", idx(&[10, 2, 2], &[7; 33]));
+    let key = dir.join("ck.key");
+    let make_key = Command::new(bin("warden")).args(["checkpoint", "keygen"]).arg(&key).output().unwrap();
+    assert!(make_key.status.success(), "{}", String::from_utf8_lossy(&make_key.stderr));
+    let job = |train: (&Path, &Path), test: (&Path, &Path)| {
+        warden_tests::JobFile::local()
+            .set("cluster", "user", "nobody")
+            .set("model", "inputs", 4)
+            .set("model", "classes", 3)
+            .set("data", "train_images", train.0)
+            .set("data", "train_labels", train.1)
+            .set("data", "test_images", test.0)
+            .set("data", "test_labels", test.1)
+            .checkpoint(&dir.join("checkpoints"), Some(&key))
+            .set("checkpoint", "every_steps", 100)
+    };
+    let validate = |file: &Path| Command::new(bin("warden")).arg("validate").arg(file).output().unwrap();
+
+    let good = job((&images, &labels), (&images, &labels)).write(dir.join("good.toml"));
+    let out = validate(&good);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Swapped training files, a test label beyond `classes`, a key file
+    // others may read and a job user that does not exist: four problems.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bad = job((&labels, &images), (&images, &wild_labels))
+        .set("cluster", "user", "no-such-warden-user")
+        .write(dir.join("bad.toml"));
+    let out = validate(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for expected in [
+        "[cluster] user: no user `no-such-warden-user` on this machine",
+        "[data] train_images: ",
+        "are the images and labels files swapped?",
+        "[data] test_labels: ",
+        "[checkpoint] key_file: ",
+        "chmod 600",
+        "4 problem(s)",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
+
+    // A truncated file and a missing one, each named with its key.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let missing = dir.join("no-such-images");
+    let out = validate(&job((&truncated, &labels), (&missing, &labels)).write(dir.join("short.toml")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("[data] train_images: ") && stderr.contains("truncated or padded"), "{stderr}");
+    assert!(stderr.contains(&format!("[data] test_images: {}: No such file", missing.display())), "{stderr}");
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+}
