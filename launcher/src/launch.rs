@@ -433,10 +433,12 @@ struct Accumulated {
     first_resumed_step: Option<u64>,
 }
 
-/// Ctrl-C and the `max_hours` deadline, which span every attempt.
+/// A requested stop (SIGINT, SIGTERM, SIGHUP) and the `max_hours`
+/// deadline, which span every attempt.
 struct Signals {
-    ctrl_c: Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>,
+    stop: Pin<Box<dyn std::future::Future<Output = &'static str> + Send>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// A stop was requested; the job is being torn down.
     interrupted: bool,
     timed_out: bool,
 }
@@ -444,12 +446,41 @@ struct Signals {
 impl Signals {
     fn new(spec: &JobSpec) -> Signals {
         Signals {
-            ctrl_c: Box::pin(tokio::signal::ctrl_c()),
+            stop: stop_requested(),
             deadline: Box::pin(tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600))),
             interrupted: false,
             timed_out: false,
         }
     }
+}
+
+/// Resolves, with the stop's description, at the first SIGINT (Ctrl-C),
+/// SIGTERM (`warden stop`, a service manager) or SIGHUP (the terminal
+/// closed). Each leads to the same orderly teardown; the handlers are
+/// installed here, at once, so that none of these signals kills the
+/// launcher with its job's processes, firewall and directories left behind.
+fn stop_requested() -> Pin<Box<dyn std::future::Future<Output = &'static str> + Send>> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let installed = |kind: SignalKind| {
+        signal(kind).map_err(|e| tracing::warn!("cannot handle signal {}: {e}", kind.as_raw_value())).ok()
+    };
+    let (int, term, hup) =
+        (installed(SignalKind::interrupt()), installed(SignalKind::terminate()), installed(SignalKind::hangup()));
+    async fn arrives(s: Option<Signal>) {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    Box::pin(async move {
+        tokio::select! {
+            () = arrives(int) => "interrupted (Ctrl-C)",
+            () = arrives(term) => "stopped by SIGTERM (as `warden stop` sends)",
+            () = arrives(hup) => "stopped by SIGHUP (the terminal closed)",
+        }
+    })
 }
 
 /// How one attempt ended.
@@ -701,9 +732,9 @@ impl<'w, 'a> Watch<'w, 'a> {
             let report = tokio::select! {
                 r = rx.recv() => match r { Some(r) => r, None => break },
                 // Guarded: a completed future must not be polled again.
-                _ = &mut signals.ctrl_c, if !signals.interrupted => {
+                why = &mut signals.stop, if !signals.interrupted => {
                     signals.interrupted = true;
-                    failure.add(Cause::Stopped, "interrupted (Ctrl-C)".to_string());
+                    failure.add(Cause::Stopped, why.to_string());
                     stop_all(procs).await;
                     continue;
                 }

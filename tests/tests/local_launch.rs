@@ -377,3 +377,40 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
     assert!(log.contains("killed with SIGKILL after the grace period"), "{log}");
     wait_gone(&tag);
 }
+
+/// SIGINT (Ctrl-C), SIGTERM (`warden stop`, a service manager) and SIGHUP
+/// (the terminal closed) each lead to the same orderly teardown: no process,
+/// firewall table or job directory is left, and the summary says which
+/// signal stopped the job.
+#[test]
+fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
+    use nix::sys::signal::Signal;
+    let cases = [
+        (Signal::SIGINT, (31900, 31919), "interrupted (Ctrl-C)"),
+        (Signal::SIGTERM, (31920, 31939), "stopped by SIGTERM"),
+        (Signal::SIGHUP, (31940, 31959), "stopped by SIGHUP"),
+    ];
+    for (signal, ports, said) in cases {
+        let tag = fresh_tag();
+        let dir = scratch(&format!("signal-{}", signal.as_str()));
+        let (launcher, run) = start_long_job(&tag, &dir, ports);
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+        let job_dir = Path::new("/var/lib/warden/jobs").join(plan["job_id"].as_str().unwrap());
+        let root = warden_agent::harden::started_as_root();
+        if root {
+            assert!(job_dir.is_dir(), "{} while the job runs", job_dir.display());
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), signal).unwrap();
+        let out = launcher.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code().is_some(), "{signal}: the launcher died of the signal instead of handling it");
+        wait_gone(&tag);
+        let s = summary(&run);
+        assert!(s["failure"].as_str().unwrap_or_default().contains(said), "{signal}: {s}\n{stderr}");
+        if root {
+            assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)), "{signal}: table left");
+            assert!(!job_dir.exists(), "{signal}: {} left", job_dir.display());
+        }
+    }
+}
