@@ -76,6 +76,13 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     // Starting weights are read (and verified) before the drop: they are the
     // launching user's, for example in a private run directory.
     let initial = roles::initial_weights(&spec, me.role, bundle.resume)?;
+    // A worker's data files are opened now, for the same reason; they are
+    // parsed after the drop.
+    if me.role == Role::Worker
+        && let Some(data) = &spec.data
+    {
+        crate::data::open_before_drop(data).map_err(|e| e.to_string())?;
+    }
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.

@@ -73,17 +73,48 @@ impl Dataset {
 /// claims absurd dimensions.
 const MAX_IDX_BYTES: u64 = 4 << 30;
 
+/// Data files the agent opened while it could (see [`open_before_drop`]),
+/// taken by [`read_all`] in place of opening them by name.
+static OPENED: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
+
+/// Opens every data file of `spec` now and keeps the descriptors for the
+/// loaders. A worker's agent calls this before it drops to the job's uid:
+/// the files are the launching user's (the repository's `data/` under a
+/// home directory only root can enter, say), and the job's uid may read
+/// exactly these, through these descriptors, without being let into the
+/// directories around them. Parsing (gzip, IDX, CSV) still happens after
+/// the drop.
+pub fn open_before_drop(spec: &DataSpec) -> Result<(), DataError> {
+    let mut files = spec.train.files("train");
+    if let Some(test) = &spec.test {
+        files.extend(test.files("test"));
+    }
+    let mut opened = Vec::new();
+    for (_, path) in files {
+        let file = std::fs::File::open(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+        opened.push((path, file));
+    }
+    OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(opened);
+    Ok(())
+}
+
 fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
+    use std::io::Seek;
     let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let kept = {
+        let opened = OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        opened.iter().find(|(p, _)| p == path).map(|(_, f)| f.try_clone())
+    };
+    let mut file = match kept {
+        Some(f) => f.map_err(io)?,
+        None => std::fs::File::open(path).map_err(io)?,
+    };
     let mut out = Vec::new();
     let mut head = [0u8; 2];
-    let gz = {
-        let mut f = &file;
-        let n = f.read(&mut head).map_err(io)?;
-        n == 2 && head == [0x1f, 0x8b]
-    };
-    let file = std::fs::File::open(path).map_err(io)?;
+    file.rewind().map_err(io)?;
+    let n = file.read(&mut head).map_err(io)?;
+    let gz = n == 2 && head == [0x1f, 0x8b];
+    file.rewind().map_err(io)?;
     let reader: Box<dyn Read> = if gz {
         Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
     } else {

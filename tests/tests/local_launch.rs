@@ -414,3 +414,36 @@ fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
         }
     }
 }
+
+/// Data under a directory only its owner may enter (a clone in root's home,
+/// say) still trains: the worker's agent opens the files before it drops
+/// to the job's uid and parses them after, through those descriptors.
+#[test]
+fn data_in_a_directory_the_job_cannot_enter_still_trains() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("private-data");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let shipped = repo_root().join("data/fashion-mnist-small");
+    let mut job = JobFile::local().ports(31960, 31979).epochs(1);
+    for (key, file) in [
+        ("train_images", "train-images-idx3-ubyte.gz"),
+        ("train_labels", "train-labels-idx1-ubyte.gz"),
+        ("test_images", "t10k-images-idx3-ubyte.gz"),
+        ("test_labels", "t10k-labels-idx1-ubyte.gz"),
+    ] {
+        std::fs::copy(shipped.join(file), data.join(file)).unwrap();
+        std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(0o600)).unwrap();
+        job = job.set("data", key, data.join(file));
+    }
+    let job = job.write(dir.join("job.toml"));
+    let run = dir.join("run");
+    let out = Command::new(bin("warden"))
+        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&run)["status"], "succeeded");
+}
