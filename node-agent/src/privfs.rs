@@ -210,13 +210,16 @@ fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), PrivFsError> {
 /// can go on from the descriptor.
 pub fn ensure_dir(path: &Path, mode: u32, owner: Option<Owner>) -> Result<OwnedFd, PrivFsError> {
     let (parent, name) = parent_and_name(path)?;
-    make_dir_at(&parent, name, path, mode, owner)?;
+    let made = make_dir_at(&parent, name, path, mode, owner)?;
     let dir = open_dir_at(&parent, name, path)?;
-    if let Some(o) = owner {
-        let (u, g) = o.ids();
-        fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
+    // One made just now already has its owner and mode.
+    if !made {
+        if let Some(o) = owner {
+            let (u, g) = o.ids();
+            fchown(&dir, u, g).map_err(sys("changing the owner of", path))?;
+        }
+        fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))?;
     }
-    fchmod(&dir, Mode::from_bits_truncate(mode)).map_err(sys("changing the mode of", path))?;
     Ok(dir)
 }
 
