@@ -196,6 +196,11 @@ pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), Launc
             }
         }
     }
+    let problems = if local { warden_agent::preflight::check_program(&spec) } else { Vec::new() };
+    if !problems.is_empty() {
+        let lines: Vec<String> = problems.iter().map(|p| format!("{}: {p}", job.display())).collect();
+        return Err(LaunchError::Input(lines.join("\nerror: ")));
+    }
     let plan = Plan::new(&spec, &JobId::generate(), local);
     Ok((spec, text, plan))
 }

@@ -1,6 +1,7 @@
 //! What can be checked about a job on this machine without starting it:
 //! the data files load as the workers would load them, the job user exists,
-//! and key files are private.
+//! the job's uid can reach the `[worker]` program, and key files are
+//! private.
 //!
 //! `warden validate` runs these after the job file parsed, and reports every
 //! problem found rather than the first. A worker's agent reads the data
@@ -43,6 +44,9 @@ pub fn check(spec: &JobSpec, local: bool) -> Findings {
     let mut out = Findings::default();
     check_user(spec, local, &mut out);
     check_data(spec, local, &mut out);
+    if local {
+        out.problems.extend(check_program(spec));
+    }
     check_keys(spec, &mut out);
     out
 }
@@ -116,6 +120,96 @@ fn check_data(spec: &JobSpec, local: bool, out: &mut Findings) {
             out.problems.push(Problem { key, message: e.to_string() });
         }
     }
+}
+
+/// What the job's uid must be allowed to do with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Enter a directory (`x`).
+    Enter,
+    /// Run a program (`x`).
+    Run,
+    /// Read a file, or list and enter a directory (`r`, and `x` for a directory).
+    Read,
+}
+
+/// Whether the job's processes on this machine can reach the `[worker]`
+/// program: its working directory, the program when named by path, and
+/// every argument and `[worker] env` value that names an existing file.
+///
+/// A root-launched job runs under a uid leased for it alone, in the primary
+/// group of `[cluster] user`; that uid owns nothing, so a path is reachable
+/// through its group bits (when the file's group is that group) or its
+/// other bits. Unlike the data, which the agent opens before it drops, the
+/// program and everything it imports are opened by the program itself.
+/// Checked by mode bits (ACLs are not consulted). Nothing to check when
+/// the job runs as the launching user (no root) or has no `[worker]`.
+pub fn check_program(spec: &JobSpec) -> Vec<Problem> {
+    let Some(w) = &spec.worker else { return Vec::new() };
+    if !nix::unistd::geteuid().is_root() {
+        return Vec::new();
+    }
+    let Ok(Some(user)) = nix::unistd::User::from_name(&spec.cluster.user) else { return Vec::new() };
+    let gid = user.gid.as_raw();
+    let mut paths: Vec<(String, PathBuf, Need)> = vec![("[worker] workdir".into(), w.workdir.clone(), Need::Enter)];
+    if w.command[0].contains('/') {
+        paths.push(("[worker] command".into(), w.workdir.join(&w.command[0]), Need::Run));
+    }
+    for arg in &w.command[1..] {
+        paths.push(("[worker] command".into(), w.workdir.join(arg), Need::Read));
+    }
+    for (k, v) in &w.env {
+        paths.extend(v.split(':').map(|p| (format!("[worker] env {k}"), w.workdir.join(p), Need::Read)));
+    }
+    let mut problems = Vec::new();
+    for (key, path, need) in paths {
+        // An argument that names no file is just an argument.
+        if need == Need::Read && !path.exists() {
+            continue;
+        }
+        if let Err(message) = reachable(&path, need, gid) {
+            let message = format!(
+                "the job's uid cannot reach {}: {message}; move it where others can read it (e.g. under /opt or /srv) or open up that directory",
+                path.display()
+            );
+            if !problems.iter().any(|p: &Problem| p.message == message) {
+                problems.push(Problem { key, message });
+            }
+        }
+    }
+    problems
+}
+
+/// Walks `path` as a uid that owns nothing, in group `gid`, would: every
+/// directory on the way (of the path as written and of its resolved form)
+/// must let it enter, and the path itself must allow `need`.
+fn reachable(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String> {
+    let lexical = std::path::absolute(path).map_err(|e| e.to_string())?;
+    let resolved = std::fs::canonicalize(&lexical).map_err(|e| e.to_string())?;
+    for p in [&lexical, &resolved] {
+        for dir in p.ancestors().skip(1) {
+            allows(dir, Need::Enter, gid)?;
+        }
+    }
+    allows(&resolved, need, gid)
+}
+
+/// Whether `path`'s mode bits give a uid that owns nothing, in group
+/// `gid`, what it needs; the error names the path, its mode and owner.
+fn allows(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String> {
+    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bits = if m.gid() == gid { (m.mode() >> 3) & 0o7 } else { m.mode() & 0o7 };
+    let wanted = match need {
+        Need::Enter | Need::Run => 0o1,
+        Need::Read if m.is_dir() => 0o5,
+        Need::Read => 0o4,
+    };
+    if bits & wanted == wanted {
+        return Ok(());
+    }
+    let owner =
+        nix::unistd::User::from_uid(m.uid().into()).ok().flatten().map_or_else(|| m.uid().to_string(), |u| u.name);
+    Err(format!("{} is mode {:04o}, owned by {owner}", path.display(), m.mode() & 0o7777))
 }
 
 /// Key files the launcher reads must be its user's alone.

@@ -787,3 +787,50 @@ fn validate_finds_every_problem_a_launch_would_meet_on_this_machine() {
     assert!(stderr.contains(&format!("[data] test_images: {}: No such file", missing.display())), "{stderr}");
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
 }
+
+/// A root-launched job runs under a uid of its own, which may not reach the
+/// user's program (a checkout in /root, mode 0700): validate and launch
+/// name the directory in the way before anything starts, and the same job
+/// is fine once the program is where others can read it.
+#[test]
+fn a_program_the_jobs_uid_cannot_reach_is_named_before_anything_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(nix::unistd::geteuid().is_root(), "needs root: the job runs under a leased uid only then");
+    let dir = warden_tests::scratch("validate-program");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = dir.join("home");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let script = private.join("train.py");
+    std::fs::write(&script, "print('hello')\n").unwrap();
+    let job = warden_tests::JobFile::tiny()
+        .without("data")
+        .without("limits")
+        .without("model")
+        .set("model", "kind", "external")
+        .set("model.tensors", "x", [6])
+        .set("worker", "command", [Path::new("/usr/bin/python3"), &script])
+        .write(dir.join("job.toml"));
+
+    let out = Command::new(bin("warden")).arg("validate").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let want = format!(
+        "[worker] command: the job's uid cannot reach {}: {} is mode 0700, owned by root",
+        script.display(),
+        private.display()
+    );
+    assert!(stderr.contains(&want), "missing `{want}` in:\n{stderr}");
+
+    let run = dir.join("run");
+    let out =
+        Command::new(bin("warden")).arg("launch").arg(&job).arg("--local").arg("--run-dir").arg(&run).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&want), "missing `{want}` in:\n{stderr}");
+    assert!(!run.exists(), "nothing started, no run directory");
+
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(bin("warden")).arg("validate").arg(&job).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
