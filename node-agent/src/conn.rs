@@ -175,11 +175,7 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
             (_, Some(d)) => timeout(d, read).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??,
         };
         if n == 0 {
-            return if got == 0 {
-                Ok(false)
-            } else {
-                Err(ConnError::Decode(DecodeError("truncated frame header".into())))
-            };
+            return if got == 0 { Ok(false) } else { Err(ConnError::Decode(DecodeError::TruncatedHeader)) };
         }
         got += n;
     }
@@ -270,9 +266,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        let tag = *self.rbuf.first().ok_or_else(|| DecodeError("empty frame".into()))?;
-        let (name, senders) =
-            crate::wire::tag_info(tag).ok_or_else(|| DecodeError(format!("unknown message tag {tag}")))?;
+        let tag = *self.rbuf.first().ok_or(DecodeError::EmptyFrame)?;
+        let (name, senders) = crate::wire::tag_info(tag).ok_or(DecodeError::UnknownTag(tag))?;
         if !senders.contains(&self.peer.role) {
             return Err(ConnError::Unauthorized { role: self.peer.role, message: name });
         }
