@@ -176,9 +176,10 @@ fn drop_privileges(
     match (me.role, &spec.worker) {
         (Role::Worker, Some(_)) => {
             crate::harden::drop_identity(user).map_err(|e| e.to_string())?;
-            let socket = crate::kv::bind(&bundle.workdir)?;
+            let socket = crate::kv::bind(&bundle.workdir).map_err(|e| e.to_string())?;
             let workers = plan.count(Role::Worker);
-            let child = crate::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
+            let child = crate::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)
+                .map_err(|e| e.to_string())?;
             crate::harden::install_seccomp_with_child(Some(child.id())).map_err(|e| e.to_string())?;
             Ok(Some((socket, child)))
         }
