@@ -97,7 +97,7 @@ impl CheckpointPlan {
             return Ok(CheckpointPlan { secret: None, series: None, seed: None });
         };
         let secret = match &ck.key_file {
-            Some(path) => CheckpointSecret::load(path).map_err(LaunchError::Input)?,
+            Some(path) => CheckpointSecret::load(path).map_err(|e| LaunchError::Input(e.to_string()))?,
             None => CheckpointSecret::generate(),
         };
         let Some(dir) = resume else {

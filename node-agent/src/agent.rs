@@ -6,7 +6,7 @@
 //! then is the async runtime built, by hand.
 
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
@@ -17,22 +17,145 @@ use crate::roles::{self, EventSink, RoleCtx, RoleError};
 use crate::spec::JobSpec;
 use crate::tls::TlsIdentity;
 
+/// The control channel failed or carried something that is not a control message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Reading stdin failed.
+    #[error("reading the control channel: {0}")]
+    Read(#[source] std::io::Error),
+    /// A line longer than [`MAX_CONTROL_LINE`].
+    #[error("control line longer than {MAX_CONTROL_LINE} bytes")]
+    TooLong,
+    /// A line that is not a control message.
+    #[error("bad control message: {0}")]
+    Bad(#[source] serde_json::Error),
+}
+
+/// Why the agent could not get ready to run its role; the launcher is told
+/// this text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrepareError {
+    /// The control channel failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The first control message was another one.
+    #[error("the first control message must be the bundle")]
+    NotBundle,
+    /// The launcher went away before the bundle.
+    #[error("the launcher closed the control channel before sending the bundle")]
+    NoBundle,
+    /// The bundle's job file does not validate.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    /// The bundle names a process the plan does not have.
+    #[error("{0} is not in the job's plan")]
+    NotInPlan(Identity),
+    /// The job user, or a step of the privilege drop.
+    #[error(transparent)]
+    Harden(#[from] crate::harden::HardenError),
+    /// Started as root, but without a uid for the job.
+    #[error("the launcher leased this job no uid on this host; a launcher of this version does")]
+    NoUid,
+    /// The uid leased is outside the job's range.
+    #[error("uid {uid} is outside the job's [cluster] uids = [{first}, {last}]")]
+    UidOutOfRange {
+        /// The uid.
+        uid: u32,
+        /// First of the range.
+        first: u32,
+        /// Last of the range.
+        last: u32,
+    },
+    /// The uid's lease is not this job's.
+    #[error(transparent)]
+    Lease(#[from] crate::jobuid::JobUidError),
+    /// The node key or its CSR.
+    #[error(transparent)]
+    Key(#[from] crate::pki::PkiError),
+    /// The launcher stopped the job while this agent enrolled.
+    #[error("stopped by the launcher during enrolment")]
+    StoppedInEnrolment,
+    /// The launcher's answer to the CSR was not a certificate.
+    #[error("expected a certificate from the launcher")]
+    NoCertificate,
+    /// The certificate or CA does not make a TLS identity.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The job directory could not be made.
+    #[error("job directory: {0}")]
+    JobDir(#[source] crate::privfs::PrivFsError),
+    /// A server's checkpoint directory could not be made.
+    #[error("checkpoint directory: {0}")]
+    CheckpointDir(#[source] crate::privfs::PrivFsError),
+    /// A server of a job with checkpoints got no key.
+    #[error("the launcher sent no checkpoint key to this server")]
+    NoCheckpointKey,
+    /// The `[model] init` weights.
+    #[error(transparent)]
+    InitialWeights(#[from] crate::artifact::ArtifactError),
+    /// A worker's data files.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// An external worker's KV socket or program.
+    #[error(transparent)]
+    Program(#[from] crate::kv::ProgramError),
+    /// The process's port is taken.
+    #[error("port {port} on {host} is already in use; stop whatever holds it or choose another [cluster] ports range")]
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// The host's name in the plan.
+        host: String,
+    },
+    /// Listening failed for another reason.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listening socket could not be made non-blocking.
+    #[error("{0}")]
+    Nonblocking(#[source] std::io::Error),
+    /// The job user cannot write a directory it must.
+    #[error(
+        "{what} {} is not writable by the job user: {source}; every parent directory must be enterable by it (chmod o+x)",
+        dir.display()
+    )]
+    NotWritable {
+        /// "job directory" or "checkpoint directory".
+        what: &'static str,
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker's data did not load.
+    #[error(transparent)]
+    WorkerData(RoleError),
+}
+
 /// Reads one control line of at most [`MAX_CONTROL_LINE`] bytes; `None` at EOF.
-pub fn read_control<R: BufRead>(input: &mut R) -> Result<Option<Control>, String> {
+pub fn read_control<R: BufRead>(input: &mut R) -> Result<Option<Control>, ControlError> {
     // The bundle may carry the checkpoint key: clear the line once parsed.
     // Room for the longest line from the start: a growing vector would
     // leave uncleared copies behind.
     let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_CONTROL_LINE + 1));
     let n = std::io::Read::take(&mut *input, MAX_CONTROL_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
-        .map_err(|e| format!("reading the control channel: {e}"))?;
+        .map_err(ControlError::Read)?;
     if n == 0 {
         return Ok(None);
     }
     if line.len() > MAX_CONTROL_LINE {
-        return Err(format!("control line longer than {MAX_CONTROL_LINE} bytes"));
+        return Err(ControlError::TooLong);
     }
-    serde_json::from_slice(&line).map(Some).map_err(|e| format!("bad control message: {e}"))
+    serde_json::from_slice(&line).map(Some).map_err(ControlError::Bad)
 }
 
 /// Writes events as JSON lines on stdout.
@@ -55,13 +178,13 @@ pub struct Prepared {
 
 /// Single-threaded set-up: bundle, spec, plan, key, CSR, certificate,
 /// listening socket, data.
-pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, String> {
+pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, PrepareError> {
     let bundle = read_bundle(input)?;
-    let spec = JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, bundle.hosts.as_deref())
-        .map_err(|e| e.to_string())?;
+    let spec =
+        JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, bundle.hosts.as_deref())?;
     let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
-    let planned = plan.get(me.role, me.rank).ok_or_else(|| format!("{me} is not in the job's plan"))?.clone();
+    let planned = plan.get(me.role, me.rank).ok_or_else(|| PrepareError::NotInPlan(me.clone()))?.clone();
     set_process_name(&me);
 
     // Who training runs as: the job's own uid when we are root, else ourselves.
@@ -71,7 +194,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let tls = enrol(input, &me, &events)?;
 
     let owner = user.map(|u| crate::privfs::Owner { uid: u.uid, gid: u.gid });
-    crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(|e| format!("job directory: {e}"))?;
+    crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(PrepareError::JobDir)?;
     let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
     // Starting weights are read (and verified) before the drop: they are the
     // launching user's, for example in a private run directory.
@@ -81,13 +204,13 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     if me.role == Role::Worker
         && let Some(data) = &spec.data
     {
-        crate::data::open_before_drop(data).map_err(|e| e.to_string())?;
+        crate::data::open_before_drop(data)?;
     }
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
     let external = drop_privileges(&spec, &plan, &bundle, &me, user)?;
-    let status = crate::harden::verify(root).map_err(|e| e.to_string())?;
+    let status = crate::harden::verify(root)?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
         status.uids[0],
@@ -109,18 +232,18 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         initial,
     };
     let worker_data = match me.role {
-        Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(|e| e.message)?),
+        Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(PrepareError::WorkerData)?),
         _ => None,
     };
     Ok(Prepared { ctx, listener, worker_data, external })
 }
 
 /// The first control message, which must be the bundle.
-fn read_bundle<R: BufRead>(input: &mut R) -> Result<Bundle, String> {
+fn read_bundle<R: BufRead>(input: &mut R) -> Result<Bundle, PrepareError> {
     match read_control(input)? {
         Some(Control::Bundle(b)) => Ok(*b),
-        Some(_) => Err("the first control message must be the bundle".into()),
-        None => Err("the launcher closed the control channel before sending the bundle".into()),
+        Some(_) => Err(PrepareError::NotBundle),
+        None => Err(PrepareError::NoBundle),
     }
 }
 
@@ -151,15 +274,15 @@ fn warn_not_root(events: &EventSink) -> Option<crate::harden::JobUser> {
 
 /// Makes a key here, sends its CSR and reads the certificate the launcher's
 /// job CA signed.
-fn enrol<R: BufRead>(input: &mut R, me: &Identity, events: &EventSink) -> Result<TlsIdentity, String> {
-    let key = NodeKey::generate().map_err(|e| e.to_string())?;
-    events(Event::Csr { pem: key.csr_pem(me).map_err(|e| e.to_string())? });
+fn enrol<R: BufRead>(input: &mut R, me: &Identity, events: &EventSink) -> Result<TlsIdentity, PrepareError> {
+    let key = NodeKey::generate()?;
+    events(Event::Csr { pem: key.csr_pem(me)? });
     let (cert_pem, ca_pem) = match read_control(input)? {
         Some(Control::Certificate { cert_pem, ca_pem }) => (cert_pem, ca_pem),
-        Some(Control::Stop) | None => return Err("stopped by the launcher during enrolment".into()),
-        Some(_) => return Err("expected a certificate from the launcher".into()),
+        Some(Control::Stop) | None => return Err(PrepareError::StoppedInEnrolment),
+        Some(_) => return Err(PrepareError::NoCertificate),
     };
-    TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem).map_err(|e| e.to_string())
+    Ok(TlsIdentity::new(me.clone(), &cert_pem, key.pkcs8_der(), &ca_pem)?)
 }
 
 /// Drops to the job user for good, with the seccomp filter. Must run while
@@ -172,18 +295,18 @@ fn drop_privileges(
     bundle: &Bundle,
     me: &Identity,
     user: Option<crate::harden::JobUser>,
-) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, String> {
+) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, PrepareError> {
     match (me.role, &spec.worker) {
         (Role::Worker, Some(_)) => {
-            crate::harden::drop_identity(user).map_err(|e| e.to_string())?;
+            crate::harden::drop_identity(user)?;
             let socket = crate::kv::bind(&bundle.workdir)?;
             let workers = plan.count(Role::Worker);
             let child = crate::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
-            crate::harden::install_seccomp_with_child(Some(child.id())).map_err(|e| e.to_string())?;
+            crate::harden::install_seccomp_with_child(Some(child.id()))?;
             Ok(Some((socket, child)))
         }
         _ => {
-            crate::harden::drop_privileges(user).map_err(|e| e.to_string())?;
+            crate::harden::drop_privileges(user)?;
             Ok(None)
         }
     }
@@ -191,37 +314,30 @@ fn drop_privileges(
 
 /// Binds the process's listening socket, if its role has one, and tells the
 /// launcher where.
-fn listen(planned: &PlannedProcess, events: &EventSink) -> Result<Option<std::net::TcpListener>, String> {
+fn listen(planned: &PlannedProcess, events: &EventSink) -> Result<Option<std::net::TcpListener>, PrepareError> {
     let Some(addr) = planned.socket() else { return Ok(None) };
-    let l = std::net::TcpListener::bind(addr).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(
-                "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
-                addr.port(),
-                planned.host
-            )
+    let l = std::net::TcpListener::bind(addr).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            PrepareError::PortInUse { port: addr.port(), host: planned.host.clone() }
         } else {
-            format!("cannot listen on {addr}: {e}")
+            PrepareError::Listen { addr, source }
         }
     })?;
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    l.set_nonblocking(true).map_err(PrepareError::Nonblocking)?;
     events(Event::Listening { addr: addr.to_string() });
     Ok(Some(l))
 }
 
 /// Fail now, not at the end of training, if the job user cannot write
 /// where it must (a parent directory it cannot enter, say).
-fn check_writable(workdir: &Path, checkpoint: Option<&roles::CheckpointCtx>) -> Result<(), String> {
+fn check_writable(workdir: &Path, checkpoint: Option<&roles::CheckpointCtx>) -> Result<(), PrepareError> {
     let dirs = std::iter::once(("job directory", workdir))
         .chain(checkpoint.iter().map(|ck| ("checkpoint directory", ck.series_dir.as_path())));
     for (what, dir) in dirs {
         let probe = dir.join(format!(".probe-{}", std::process::id()));
-        std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe)).map_err(|e| {
-            format!(
-                "{what} {} is not writable by the job user: {e}; every parent directory must be enterable by it (chmod o+x)",
-                dir.display()
-            )
-        })?;
+        std::fs::write(&probe, b"")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|source| PrepareError::NotWritable { what, dir: dir.to_path_buf(), source })?;
     }
     Ok(())
 }
@@ -229,15 +345,14 @@ fn check_writable(workdir: &Path, checkpoint: Option<&roles::CheckpointCtx>) -> 
 /// The job's identity on this host: the uid the launcher leased to the job
 /// here (checked against the lease and the job's range), with the primary
 /// group of `[cluster] user`.
-fn job_user(spec: &JobSpec, bundle: &Bundle) -> Result<crate::harden::JobUser, String> {
-    let account = crate::harden::resolve_user(&spec.cluster.user).map_err(|e| e.to_string())?;
-    let uid =
-        bundle.job_uid.ok_or("the launcher leased this job no uid on this host; a launcher of this version does")?;
+fn job_user(spec: &JobSpec, bundle: &Bundle) -> Result<crate::harden::JobUser, PrepareError> {
+    let account = crate::harden::resolve_user(&spec.cluster.user)?;
+    let uid = bundle.job_uid.ok_or(PrepareError::NoUid)?;
     let (first, last) = spec.cluster.uids;
     if !(first..=last).contains(&uid) {
-        return Err(format!("uid {uid} is outside the job's [cluster] uids = [{first}, {last}]"));
+        return Err(PrepareError::UidOutOfRange { uid, first, last });
     }
-    crate::jobuid::check_lease(uid, &bundle.job_id).map_err(|e| e.to_string())?;
+    crate::jobuid::check_lease(uid, &bundle.job_id)?;
     Ok(crate::harden::JobUser { uid, gid: account.gid })
 }
 
@@ -250,14 +365,14 @@ fn checkpoint_ctx(
     spec: &JobSpec,
     bundle: &Bundle,
     user: Option<crate::harden::JobUser>,
-) -> Result<Option<roles::CheckpointCtx>, String> {
+) -> Result<Option<roles::CheckpointCtx>, PrepareError> {
     let (Some(ck), Role::Server) = (&spec.checkpoint, bundle.role) else {
         return Ok(None);
     };
-    let secret = bundle.checkpoint_key.as_ref().ok_or("the launcher sent no checkpoint key to this server")?;
+    let secret = bundle.checkpoint_key.as_ref().ok_or(PrepareError::NoCheckpointKey)?;
     let series = bundle.checkpoint_series.clone().unwrap_or_else(|| bundle.job_id.clone());
     let series_dir = crate::checkpoint::series_dir(&ck.dir, &series);
-    let fail = |e: crate::privfs::PrivFsError| format!("checkpoint directory: {e}");
+    let fail = PrepareError::CheckpointDir;
     match user {
         Some(u) => {
             // A root made here is root's, 0711: job uids pass through it to

@@ -59,6 +59,57 @@ pub const MANIFEST: &str = "MANIFEST.json";
 const STATE_HEADER: usize = 32;
 const STATE_MAGIC: &[u8; 8] = b"WDSHARD1";
 
+/// Text that is not a checkpoint key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Not 64 hex digits.
+    #[error("a checkpoint key is 64 hexadecimal digits (256 bits); make one with `warden checkpoint keygen FILE`")]
+    NotHex,
+    /// 64 hex digits that still did not decode.
+    #[error("a checkpoint key is 64 hexadecimal digits")]
+    Undecodable,
+}
+
+/// A checkpoint key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyFileError {
+    /// Reading the file failed.
+    #[error("checkpoint key file {}: {source}", path.display())]
+    Read {
+        /// The key file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The key file is a link, directory or device.
+    #[error("checkpoint key file {} is not a regular file", .0.display())]
+    NotRegular(PathBuf),
+    /// The key file is readable by others than its owner.
+    #[error(
+        "checkpoint key file {} has mode {mode:04o}; a key must be readable by its owner only: chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    Mode {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file does not hold a key.
+    #[error("checkpoint key file {}: {source}", path.display())]
+    Contents {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: KeyError,
+    },
+}
+
 /// What went wrong with a checkpoint; every case names the file and says
 /// what to conclude.
 #[derive(Debug, thiserror::Error)]
@@ -192,17 +243,14 @@ impl CheckpointSecret {
     }
 
     /// Parses 64 hex digits (surrounding whitespace allowed).
-    pub fn from_hex(text: &str) -> Result<CheckpointSecret, String> {
+    pub fn from_hex(text: &str) -> Result<CheckpointSecret, KeyError> {
         let t = text.trim();
         if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(
-                "a checkpoint key is 64 hexadecimal digits (256 bits); make one with `warden checkpoint keygen FILE`"
-                    .into(),
-            );
+            return Err(KeyError::NotHex);
         }
         let mut out = Zeroizing::new([0u8; 32]);
         if !crate::hex::decode_into(t, &mut out[..]) {
-            return Err("a checkpoint key is 64 hexadecimal digits".into());
+            return Err(KeyError::Undecodable);
         }
         Ok(CheckpointSecret(out))
     }
@@ -218,21 +266,19 @@ impl CheckpointSecret {
     }
 
     /// Reads a key file: a regular file of mode 0600 holding 64 hex digits.
-    pub fn load(path: &Path) -> Result<CheckpointSecret, String> {
+    pub fn load(path: &Path) -> Result<CheckpointSecret, KeyFileError> {
         use std::os::unix::fs::PermissionsExt;
-        let shown = path.display();
-        let meta = fs::symlink_metadata(path).map_err(|e| format!("checkpoint key file {shown}: {e}"))?;
+        let unreadable = |source| KeyFileError::Read { path: path.to_path_buf(), source };
+        let meta = fs::symlink_metadata(path).map_err(unreadable)?;
         if !meta.file_type().is_file() {
-            return Err(format!("checkpoint key file {shown} is not a regular file"));
+            return Err(KeyFileError::NotRegular(path.to_path_buf()));
         }
         let mode = meta.permissions().mode() & 0o777;
         if mode != 0o600 {
-            return Err(format!(
-                "checkpoint key file {shown} has mode {mode:04o}; a key must be readable by its owner only: chmod 600 {shown}"
-            ));
+            return Err(KeyFileError::Mode { path: path.to_path_buf(), mode });
         }
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| format!("checkpoint key file {shown}: {e}"))?);
-        CheckpointSecret::from_hex(&text).map_err(|e| format!("checkpoint key file {shown}: {e}"))
+        let text = Zeroizing::new(fs::read_to_string(path).map_err(unreadable)?);
+        CheckpointSecret::from_hex(&text).map_err(|source| KeyFileError::Contents { path: path.to_path_buf(), source })
     }
 
     /// Writes a new key file (mode 0600); refuses to overwrite one.

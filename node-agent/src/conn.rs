@@ -70,14 +70,68 @@ pub enum ConnError {
         /// Their message.
         message: String,
     },
-    /// Something we could not set up locally.
-    #[error("{0}")]
-    Setup(String),
+    /// This process's TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The peer's certificate names no identity of this job.
+    #[error(transparent)]
+    PeerIdentity(#[from] tls::CertIdentityError),
+    /// The port to listen on is taken.
+    #[error("port {port} on {ip} is already in use; stop whatever holds it or choose another [cluster] ports range")]
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// The address it was to be bound on.
+        ip: std::net::IpAddr,
+    },
+    /// Listening failed for another reason.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer could not be reached before the patience ran out.
+    #[error("cannot reach {peer} at {addr}: {source}")]
+    Unreachable {
+        /// Who was dialled.
+        peer: Identity,
+        /// Where.
+        addr: SocketAddr,
+        /// The last attempt's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listener's first message was not its welcome.
+    #[error("expected a welcome, got `{0}`")]
+    NoWelcome(&'static str),
     /// The peer's identity already has a connection to this listener.
     #[error(
         "{0} is already connected here; a process connects once, so this second connection under its identity was refused"
     )]
     AlreadyConnected(Identity),
+}
+
+/// Why a listener closed a new connection at once: one of its caps is full.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmitError {
+    /// As many connections as `[limits] max_connections` are open.
+    #[error("{open} connections open, the limit ([limits] max_connections)")]
+    Total {
+        /// Connections open.
+        open: usize,
+    },
+    /// As many connections from this address as one source may have.
+    #[error("{open} connections open from {ip}, the limit per source")]
+    PerSource {
+        /// Connections open from `ip`.
+        open: usize,
+        /// The source address.
+        ip: std::net::IpAddr,
+    },
 }
 
 /// Limits applied to every connection.
@@ -175,11 +229,7 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
             (_, Some(d)) => timeout(d, read).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??,
         };
         if n == 0 {
-            return if got == 0 {
-                Ok(false)
-            } else {
-                Err(ConnError::Decode(DecodeError("truncated frame header".into())))
-            };
+            return if got == 0 { Ok(false) } else { Err(ConnError::Decode(DecodeError::TruncatedHeader)) };
         }
         got += n;
     }
@@ -270,9 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        let tag = *self.rbuf.first().ok_or_else(|| DecodeError("empty frame".into()))?;
-        let (name, senders) =
-            crate::wire::tag_info(tag).ok_or_else(|| DecodeError(format!("unknown message tag {tag}")))?;
+        let tag = *self.rbuf.first().ok_or(DecodeError::EmptyFrame)?;
+        let (name, senders) = crate::wire::tag_info(tag).ok_or(DecodeError::UnknownTag(tag))?;
         if !senders.contains(&self.peer.role) {
             return Err(ConnError::Unauthorized { role: self.peer.role, message: name });
         }
@@ -429,21 +478,21 @@ impl std::fmt::Debug for Acceptor {
 impl Acceptor {
     /// An acceptor for `me` admitting peers whose role is in `accept`.
     pub fn new(me: &TlsIdentity, accept: &[Role], limits: ConnLimits) -> Result<Acceptor, ConnError> {
-        let config = tls::server_config(me, accept).map_err(|e| ConnError::Setup(e.to_string()))?;
+        let config = tls::server_config(me, accept)?;
         Ok(Acceptor { tls: TlsAcceptor::from(config), limits, slots: Default::default() })
     }
 
     /// Takes a slot for a connection from `from`, or says which cap is full;
     /// the caller closes the connection at once then.
-    pub fn admit(&self, from: SocketAddr) -> Result<Slot, String> {
+    pub fn admit(&self, from: SocketAddr) -> Result<Slot, AdmitError> {
         let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = map.values().sum();
         if total >= self.limits.max_connections {
-            return Err(format!("{total} connections open, the limit ([limits] max_connections)"));
+            return Err(AdmitError::Total { open: total });
         }
         let n = map.entry(from.ip()).or_insert(0);
         if *n >= self.limits.max_per_source {
-            return Err(format!("{n} connections open from {}, the limit per source", from.ip()));
+            return Err(AdmitError::PerSource { open: *n, ip: from.ip() });
         }
         *n += 1;
         Ok(Slot { slots: self.slots.clone(), source: from.ip() })
@@ -468,7 +517,7 @@ impl Acceptor {
             .await
             .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
-        let peer = tls::peer_identity(stream.get_ref().1).map_err(ConnError::Setup)?;
+        let peer = tls::peer_identity(stream.get_ref().1)?;
         drop(slot);
         let held = self.hold(&peer);
         let mut conn = Conn::new(stream, peer.clone(), self.limits.max_frame);
@@ -499,13 +548,9 @@ impl Acceptor {
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ConnError> {
     TcpListener::bind(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            ConnError::Setup(format!(
-                "port {} on {} is already in use; stop whatever holds it or choose another [cluster] ports range",
-                addr.port(),
-                addr.ip()
-            ))
+            ConnError::PortInUse { port: addr.port(), ip: addr.ip() }
         } else {
-            ConnError::Setup(format!("cannot listen on {addr}: {e}"))
+            ConnError::Listen { addr, source: e }
         }
     })
 }
@@ -522,7 +567,7 @@ pub async fn connect(
     max_frame: u32,
     patience: Duration,
 ) -> Result<ClientConn, ConnError> {
-    let config = tls::client_config(me, expect.clone()).map_err(|e| ConnError::Setup(e.to_string()))?;
+    let config = tls::client_config(me, expect.clone())?;
     let connector = TlsConnector::from(config);
     let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(20);
@@ -533,7 +578,7 @@ pub async fn connect(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            Err(ConnError::Io(e)) => return Err(ConnError::Setup(format!("cannot reach {expect} at {addr}: {e}"))),
+            Err(ConnError::Io(source)) => return Err(ConnError::Unreachable { peer: expect, addr, source }),
             other => return other,
         }
     }
@@ -573,7 +618,7 @@ async fn connect_once(
     // welcome proves the server accepted our certificate.
     match timeout(Duration::from_secs(30), conn.recv()).await {
         Ok(Ok(Message::Welcome)) => Ok(conn),
-        Ok(Ok(other)) => Err(ConnError::Setup(format!("expected a welcome, got `{}`", other.name()))),
+        Ok(Ok(other)) => Err(ConnError::NoWelcome(other.name())),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ConnError::Timeout("waiting for the welcome")),
     }

@@ -341,27 +341,46 @@ pub struct Status {
 }
 
 /// Parses the privilege lines of a `/proc/PID/status` text.
-pub fn parse_status(text: &str) -> Result<Status, String> {
-    let field = |name: &str| {
+pub fn parse_status(text: &str) -> Result<Status, StatusError> {
+    let field = |name: &'static str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
             .map(str::trim)
-            .ok_or_else(|| format!("no {name} line in /proc status"))
+            .ok_or(StatusError::Missing(name))
     };
-    let ids = |name: &str| -> Result<Vec<u32>, String> {
-        field(name)?.split_whitespace().map(|v| v.parse().map_err(|_| format!("bad {name}"))).collect()
+    let bad = |name: &'static str| move |source| StatusError::Bad { name, source };
+    let ids = |name: &'static str| -> Result<Vec<u32>, StatusError> {
+        field(name)?.split_whitespace().map(|v| v.parse().map_err(bad(name))).collect()
     };
     let mut caps = Vec::new();
     for name in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        caps.push((name.to_string(), u64::from_str_radix(field(name)?, 16).map_err(|_| format!("bad {name}"))?));
+        caps.push((name.to_string(), u64::from_str_radix(field(name)?, 16).map_err(bad(name))?));
     }
     Ok(Status {
         uids: ids("Uid")?,
         gids: ids("Gid")?,
         caps,
-        no_new_privs: field("NoNewPrivs")?.parse().map_err(|_| "bad NoNewPrivs")?,
-        seccomp: field("Seccomp")?.parse().map_err(|_| "bad Seccomp")?,
+        no_new_privs: field("NoNewPrivs")?.parse().map_err(bad("NoNewPrivs"))?,
+        seccomp: field("Seccomp")?.parse().map_err(bad("Seccomp"))?,
     })
+}
+
+/// A `/proc/PID/status` text without the privilege lines [`parse_status`] reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatusError {
+    /// A line is missing.
+    #[error("no {0} line in /proc status")]
+    Missing(&'static str),
+    /// A line's value is not a number.
+    #[error("bad {name}")]
+    Bad {
+        /// The line's name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: std::num::ParseIntError,
+    },
 }
 
 /// Checks this process: with `dropped` (started as root), Uid/Gid not 0 and
@@ -372,7 +391,7 @@ pub fn verify(dropped: bool) -> Result<Status, HardenError> {
     // this is the thread that every later one inherits from.
     let text = std::fs::read_to_string("/proc/thread-self/status")
         .map_err(|e| HardenError::Verify(format!("cannot read /proc/thread-self/status: {e}")))?;
-    let st = parse_status(&text).map_err(HardenError::Verify)?;
+    let st = parse_status(&text).map_err(|e| HardenError::Verify(e.to_string()))?;
     let mut problems = Vec::new();
     if dropped {
         if st.uids.contains(&0) {

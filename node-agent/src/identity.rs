@@ -6,6 +6,27 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// A role name, job id or identity URI that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// Not one of the three roles.
+    #[error("unknown role `{0}` (expected scheduler, server or worker)")]
+    UnknownRole(String),
+    /// Not 32 lower-case hex digits.
+    #[error("`{0}` is not a job id (32 lower-case hex digits)")]
+    BadJobId(String),
+    /// A URI of another scheme.
+    #[error("`{0}` is not a warden identity")]
+    NotWarden(String),
+    /// A warden URI without exactly job, role and rank.
+    #[error("`{0}` is not of the form warden://JOB/ROLE/RANK")]
+    BadForm(String),
+    /// A rank that is not a number in its one spelling.
+    #[error("`{0}` has a bad rank")]
+    BadRank(String),
+}
+
 /// The three roles of a parameter-server job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,13 +57,13 @@ impl fmt::Display for Role {
 }
 
 impl FromStr for Role {
-    type Err = String;
+    type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "scheduler" => Ok(Role::Scheduler),
             "server" => Ok(Role::Server),
             "worker" => Ok(Role::Worker),
-            _ => Err(format!("unknown role `{s}` (expected scheduler, server or worker)")),
+            _ => Err(IdentityError::UnknownRole(s.to_string())),
         }
     }
 }
@@ -66,12 +87,12 @@ impl JobId {
 }
 
 impl TryFrom<String> for JobId {
-    type Error = String;
+    type Error = IdentityError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         if s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             Ok(JobId(s))
         } else {
-            Err(format!("`{s}` is not a job id (32 lower-case hex digits)"))
+            Err(IdentityError::BadJobId(s))
         }
     }
 }
@@ -108,16 +129,17 @@ impl Identity {
     }
 
     /// Parses a URI SAN; anything but the exact form is an error.
-    pub fn from_uri(uri: &str) -> Result<Identity, String> {
-        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| format!("`{uri}` is not a warden identity"))?;
+    pub fn from_uri(uri: &str) -> Result<Identity, IdentityError> {
+        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| IdentityError::NotWarden(uri.to_string()))?;
         let mut parts = rest.split('/');
         let (Some(job), Some(role), Some(rank), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(format!("`{uri}` is not of the form warden://JOB/ROLE/RANK"));
+            return Err(IdentityError::BadForm(uri.to_string()));
         };
         // Digits only, no sign and no leading zeros: one identity, one spelling.
         let canonical =
             !rank.is_empty() && rank.bytes().all(|b| b.is_ascii_digit()) && (rank == "0" || !rank.starts_with('0'));
-        let rank: u32 = rank.parse().ok().filter(|_| canonical).ok_or_else(|| format!("`{uri}` has a bad rank"))?;
+        let rank: u32 =
+            rank.parse().ok().filter(|_| canonical).ok_or_else(|| IdentityError::BadRank(uri.to_string()))?;
         Ok(Identity { job: JobId::try_from(job.to_string())?, role: role.parse()?, rank })
     }
 }

@@ -36,19 +36,19 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use crate::conn::ClientConn;
+use crate::conn::{ClientConn, ConnError};
 use crate::control::Event;
 use crate::identity::Role;
 use crate::roles::{RoleCtx, RoleError, SchedLink};
 use crate::spec::SyncMode;
-use crate::wire::{Encoding, Message};
+use crate::wire::{DecodeError, Encoding, Message};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -66,6 +66,156 @@ pub const SOCKET: &str = "kv.sock";
 /// new connection is told why and closed, so a runaway client loop cannot
 /// take the agent's file descriptors and memory.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Why a request was refused or a connection of the program closed; the
+/// program is told this text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// A dtype other than f32, f16 and bf16.
+    #[error("dtype `{0}`: use f32, f16 or bf16")]
+    Dtype(String),
+    /// An operation on a tensor without its name.
+    #[error("this operation needs `name`")]
+    NoName,
+    /// A tensor the model does not declare.
+    #[error("no tensor `{name}` in [model.tensors] (declared: {declared})")]
+    NoTensor {
+        /// The name given.
+        name: String,
+        /// The first few declared names.
+        declared: String,
+    },
+    /// An operation this endpoint does not have.
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+    /// A `report` without one of its fields.
+    #[error("report needs `{0}`")]
+    ReportNeeds(&'static str),
+    /// `init` once training has begun.
+    #[error("init after the first push or pull; initialise every tensor first")]
+    InitAfterStart,
+    /// A tensor pushed twice in one step.
+    #[error("`{name}` was already pushed in this step; a step pushes every tensor once (still missing: {missing})")]
+    PushedTwice {
+        /// The tensor.
+        name: String,
+        /// The tensors the step still lacks.
+        missing: String,
+    },
+    /// A pull while a step is half pushed.
+    #[error("pull of `{name}` in the middle of a step: push every tensor first (still missing: {missing})")]
+    PullMidStep {
+        /// The tensor.
+        name: String,
+        /// The tensors the step still lacks.
+        missing: String,
+    },
+    /// A payload of another size than the operation needs.
+    #[error("`{op}` needs {expected} payload bytes, got {got}")]
+    PayloadSize {
+        /// The operation.
+        op: String,
+        /// Bytes it needs.
+        expected: usize,
+        /// Bytes announced.
+        got: usize,
+    },
+    /// A connection to a server failed.
+    #[error(transparent)]
+    Server(#[from] ConnError),
+    /// A server's parameters did not decode.
+    #[error("from a server: {0}")]
+    ServerFrame(#[source] DecodeError),
+    /// A server's parameters are not its shard's size.
+    #[error("a server sent {got} values for a shard of {len}")]
+    ShardSize {
+        /// Values sent.
+        got: usize,
+        /// Values of the shard.
+        len: usize,
+    },
+    /// A server answered `init` with something other than its parameters.
+    #[error("unexpected `{0}` from a server after init")]
+    AfterInit(&'static str),
+    /// The link to the scheduler failed.
+    #[error(transparent)]
+    Scheduler(#[from] RoleError),
+    /// The scheduler aborted the job.
+    #[error("the job was aborted: {0}")]
+    Aborted(String),
+    /// The scheduler answered a barrier with something else.
+    #[error("unexpected `{0}` from the scheduler at a barrier")]
+    AtBarrier(&'static str),
+    /// Reading or writing the program's connection failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A connection from a uid other than the job's.
+    #[error("refused a KV connection from uid {uid} (the job's uid is {job_uid})")]
+    ForeignUid {
+        /// The peer's uid.
+        uid: u32,
+        /// The job's.
+        job_uid: u32,
+    },
+    /// A request header above [`MAX_HEADER`].
+    #[error("header of {0} bytes; at most {MAX_HEADER}")]
+    HeaderTooLong(usize),
+    /// A request header that is not a request.
+    #[error("malformed request header: {0}")]
+    BadHeader(#[source] serde_json::Error),
+    /// A payload larger than the tensor named.
+    #[error("payload of {nbytes} bytes for `{name}`, but it holds at most {max}")]
+    PayloadTooLarge {
+        /// Bytes announced.
+        nbytes: usize,
+        /// The tensor.
+        name: String,
+        /// Most bytes it holds.
+        max: usize,
+    },
+}
+
+/// Why the KV socket or the program could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgramError {
+    /// The socket could not be bound.
+    #[error("cannot bind {}: {source}", path.display())]
+    Bind {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket's mode could not be set.
+    #[error("cannot restrict {}: {source}", path.display())]
+    Restrict {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job has no `[worker] command`.
+    #[error("no [worker] command")]
+    NoCommand,
+    /// The program could not be started.
+    #[error("cannot start [worker] command `{command}` in {}: {source}", dir.display())]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Its working directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another system call failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,12 +247,12 @@ enum Dtype {
 }
 
 impl Dtype {
-    fn parse(s: Option<&str>) -> Result<Dtype, String> {
+    fn parse(s: Option<&str>) -> Result<Dtype, KvError> {
         match s.unwrap_or("f32") {
             "f32" | "float32" => Ok(Dtype::F32),
             "f16" | "float16" => Ok(Dtype::F16),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-            other => Err(format!("dtype `{other}`: use f32, f16 or bf16")),
+            other => Err(KvError::Dtype(other.to_string())),
         }
     }
     fn size(self) -> usize {
@@ -171,10 +321,6 @@ pub struct Kv {
     steps_at_report: u64,
 }
 
-fn io(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 impl Kv {
     /// Connected to every server of the job.
     pub fn new(ctx: &RoleCtx, servers: Vec<ClientConn>) -> Kv {
@@ -209,29 +355,29 @@ impl Kv {
         }
     }
 
-    fn tensor(&self, name: Option<&str>) -> Result<usize, String> {
-        let name = name.ok_or("this operation needs `name`")?;
+    fn tensor(&self, name: Option<&str>) -> Result<usize, KvError> {
+        let name = name.ok_or(KvError::NoName)?;
         self.index.get(name).copied().ok_or_else(|| {
             let known: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).take(8).collect();
-            format!("no tensor `{name}` in [model.tensors] (declared: {})", known.join(", "))
+            KvError::NoTensor { name: name.to_string(), declared: known.join(", ") }
         })
     }
 
     /// Before the first push or pull: worker 0's initial values go to the
     /// servers, then every worker meets at a barrier.
-    async fn start(&mut self, sched: &mut SchedLink) -> Result<(), String> {
+    async fn start(&mut self, sched: &mut SchedLink) -> Result<(), KvError> {
         if self.started {
             return Ok(());
         }
         if self.rank == 0 && self.inited {
             for s in &mut self.servers {
                 let data = self.init[s.range.clone()].to_vec();
-                s.conn.send(&Message::SetParams { data }).await.map_err(io)?;
+                s.conn.send(&Message::SetParams { data }).await?;
             }
             for s in &mut self.servers {
-                match s.conn.recv().await.map_err(io)? {
+                match s.conn.recv().await? {
                     Message::Params { .. } => {}
-                    m => return Err(format!("unexpected `{}` from a server after init", m.name())),
+                    m => return Err(KvError::AfterInit(m.name())),
                 }
             }
         }
@@ -240,14 +386,14 @@ impl Kv {
         Ok(())
     }
 
-    async fn barrier(&mut self, sched: &mut SchedLink) -> Result<(), String> {
+    async fn barrier(&mut self, sched: &mut SchedLink) -> Result<(), KvError> {
         self.barrier += 1;
         let id = self.barrier;
-        sched.send(&Message::Barrier { id }).await.map_err(|e| e.message)?;
-        match sched.recv().await.map_err(|e| e.message)? {
+        sched.send(&Message::Barrier { id }).await?;
+        match sched.recv().await? {
             Message::BarrierDone { id: done } if done == id => Ok(()),
-            Message::Abort { reason } => Err(format!("the job was aborted: {reason}")),
-            m => Err(format!("unexpected `{}` from the scheduler at a barrier", m.name())),
+            Message::Abort { reason } => Err(KvError::Aborted(reason)),
+            m => Err(KvError::AtBarrier(m.name())),
         }
     }
 
@@ -259,13 +405,9 @@ impl Kv {
     }
 
     /// Takes this step's gradient of tensor `i` straight from the request bytes.
-    async fn push(&mut self, i: usize, dtype: Dtype, payload: &[u8]) -> Result<(), String> {
+    async fn push(&mut self, i: usize, dtype: Dtype, payload: &[u8]) -> Result<(), KvError> {
         if self.pushed[i] {
-            return Err(format!(
-                "`{}` was already pushed in this step; a step pushes every tensor once (still missing: {})",
-                self.tensors[i].name,
-                self.missing()
-            ));
+            return Err(KvError::PushedTwice { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
         dtype.decode(payload, &mut self.grad[self.tensors[i].range.clone()]);
         self.pushed[i] = true;
@@ -281,7 +423,7 @@ impl Kv {
                     &mut [],
                     &mut frame,
                 );
-                s.conn.send_frame(&frame).await.map_err(io)?;
+                s.conn.send_frame(&frame).await?;
             }
             self.pushed.fill(false);
             self.step += 1;
@@ -289,27 +431,23 @@ impl Kv {
         Ok(())
     }
 
-    async fn pull(&mut self, i: usize) -> Result<&[f32], String> {
+    async fn pull(&mut self, i: usize) -> Result<&[f32], KvError> {
         if self.pushed.iter().any(|p| *p) {
-            return Err(format!(
-                "pull of `{}` in the middle of a step: push every tensor first (still missing: {})",
-                self.tensors[i].name,
-                self.missing()
-            ));
+            return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
         // Async values move with every worker's push: always ask.
         if self.fetched_at != Some(self.step) || self.mode == SyncMode::Async {
             let min_version = if self.mode == SyncMode::Sync { self.step } else { 0 };
             for s in &mut self.servers {
-                s.conn.send(&Message::Pull { min_version }).await.map_err(io)?;
+                s.conn.send(&Message::Pull { min_version }).await?;
             }
             for s in &mut self.servers {
                 // Straight from the frame into the values: no decoded copy.
-                let body = s.conn.recv_raw().await.map_err(io)?;
-                let (_, values) = crate::wire::vector_view(body, crate::wire::TAG_PARAMS)
-                    .map_err(|e| format!("from a server: {e}"))?;
+                let body = s.conn.recv_raw().await?;
+                let (_, values) =
+                    crate::wire::vector_view(body, crate::wire::TAG_PARAMS).map_err(KvError::ServerFrame)?;
                 if values.len() != s.range.len() * 4 {
-                    return Err(format!("a server sent {} values for a shard of {}", values.len() / 4, s.range.len()));
+                    return Err(KvError::ShardSize { got: values.len() / 4, len: s.range.len() });
                 }
                 warden_kernels::convert::copy_f32_le(&mut self.params[s.range.clone()], values);
             }
@@ -319,7 +457,7 @@ impl Kv {
     }
 
     /// The final values (after every complete step), for the model file.
-    pub async fn final_params(&mut self) -> Result<Vec<f32>, String> {
+    pub async fn final_params(&mut self) -> Result<Vec<f32>, KvError> {
         if self.tensors.is_empty() {
             return Ok(Vec::new());
         }
@@ -343,7 +481,7 @@ impl Kv {
         ctx: &RoleCtx,
         sched: &mut SchedLink,
         out: &mut Vec<u8>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, KvError> {
         use serde_json::json;
         let dtype = Dtype::parse(req.dtype.as_deref())?;
         match req.op.as_str() {
@@ -356,7 +494,7 @@ impl Kv {
             "init" => {
                 let i = self.tensor(req.name.as_deref())?;
                 if self.started {
-                    return Err("init after the first push or pull; initialise every tensor first".into());
+                    return Err(KvError::InitAfterStart);
                 }
                 if ctx.spec.init.is_some() {
                     // The servers start from the verified weights, which no worker may replace.
@@ -391,8 +529,8 @@ impl Kv {
                 Ok(json!({"ok": true}))
             }
             "report" => {
-                let epoch = req.epoch.ok_or("report needs `epoch`")?;
-                let train_loss = req.train_loss.ok_or("report needs `train_loss`")?;
+                let epoch = req.epoch.ok_or(KvError::ReportNeeds("epoch"))?;
+                let train_loss = req.train_loss.ok_or(KvError::ReportNeeds("train_loss"))?;
                 let secs = self.last_report.elapsed().as_secs_f64().max(1e-9);
                 let steps = self.step - self.steps_at_report;
                 ctx.emit(Event::Epoch {
@@ -410,7 +548,7 @@ impl Kv {
                 self.steps_at_report = self.step;
                 Ok(json!({"ok": true}))
             }
-            other => Err(format!("unknown op `{other}`")),
+            other => Err(KvError::UnknownOp(other.to_string())),
         }
     }
 
@@ -428,13 +566,13 @@ pub async fn serve_conn(
     kv: &tokio::sync::Mutex<Kv>,
     ctx: &RoleCtx,
     sched: &tokio::sync::Mutex<SchedLink>,
-) -> Result<(), String> {
+) -> Result<(), KvError> {
     let me = nix::unistd::Uid::current().as_raw();
-    let peer = s.peer_cred().map_err(io)?;
+    let peer = s.peer_cred()?;
     if peer.uid() != me {
         let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": "only the job user may use this socket"}), &[])
             .await;
-        return Err(format!("refused a KV connection from uid {} (the job's uid is {me})", peer.uid()));
+        return Err(KvError::ForeignUid { uid: peer.uid(), job_uid: me });
     }
     let mut payload = Vec::new();
     let mut out = Vec::new();
@@ -442,52 +580,52 @@ pub async fn serve_conn(
         let n = match s.read_u32_le().await {
             Ok(n) => n as usize,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         if n > MAX_HEADER {
-            let why = format!("header of {n} bytes; at most {MAX_HEADER}");
-            let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": why}), &[]).await;
-            return Err(why);
+            return Err(closing(&mut s, KvError::HeaderTooLong(n)).await);
         }
         let mut header = vec![0u8; n];
-        s.read_exact(&mut header).await.map_err(io)?;
+        s.read_exact(&mut header).await?;
         let req: Request = match serde_json::from_slice(&header) {
             Ok(r) => r,
-            Err(e) => {
-                let why = format!("malformed request header: {e}");
-                let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": why}), &[]).await;
-                return Err(why);
-            }
+            Err(e) => return Err(closing(&mut s, KvError::BadHeader(e)).await),
         };
         // Not held while the payload arrives: a client that stalls
         // mid-request must not hold up the program's other connections.
         let max = kv.lock().await.max_payload(&req);
         if req.nbytes > max {
-            let why = format!(
-                "payload of {} bytes for `{}`, but it holds at most {max}",
-                req.nbytes,
-                req.name.as_deref().unwrap_or("?")
-            );
-            let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": why}), &[]).await;
-            return Err(why);
+            let name = req.name.unwrap_or_else(|| "?".into());
+            return Err(closing(&mut s, KvError::PayloadTooLarge { nbytes: req.nbytes, name, max }).await);
         }
         payload.resize(req.nbytes, 0);
-        s.read_exact(&mut payload).await.map_err(io)?;
+        s.read_exact(&mut payload).await?;
         let expected = if matches!(req.op.as_str(), "init" | "push" | "pushpull") { max } else { 0 };
         out.clear();
         let mut kv = kv.lock().await;
         let mut sched = sched.lock().await;
         let answer = if req.nbytes != expected {
-            Err(format!("`{}` needs {expected} payload bytes, got {}", req.op, req.nbytes))
+            Err(KvError::PayloadSize { op: req.op, expected, got: req.nbytes })
         } else {
             kv.handle(req, &payload, ctx, &mut sched, &mut out).await
         };
         drop((sched, kv));
         match answer {
-            Ok(h) => reply(&mut s, &h, &out).await.map_err(io)?,
-            Err(why) => reply(&mut s, &serde_json::json!({"ok": false, "error": why}), &[]).await.map_err(io)?,
+            Ok(h) => reply(&mut s, &h, &out).await?,
+            Err(why) => reply(&mut s, &refusal(&why), &[]).await?,
         }
     }
+}
+
+/// The response header that says why a request was refused.
+fn refusal(why: &KvError) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": why.to_string()})
+}
+
+/// Tells the program why its connection closes; returns `why` to log.
+async fn closing(s: &mut UnixStream, why: KvError) -> KvError {
+    let _ = reply(s, &refusal(&why), &[]).await;
+    why
 }
 
 async fn reply(s: &mut UnixStream, header: &serde_json::Value, payload: &[u8]) -> std::io::Result<()> {
@@ -501,15 +639,18 @@ async fn reply(s: &mut UnixStream, header: &serde_json::Value, payload: &[u8]) -
 }
 
 /// Binds the socket in `dir` (mode 0600; the directory is the job user's, 0700).
-pub fn bind(dir: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+pub fn bind(dir: &Path) -> Result<std::os::unix::net::UnixListener, ProgramError> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
-    let l =
-        std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
-    l.set_nonblocking(true).map_err(io)?;
+    let l = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(source) => return Err(ProgramError::Bind { path, source }),
+    };
+    if let Err(source) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        return Err(ProgramError::Restrict { path, source });
+    }
+    l.set_nonblocking(true)?;
     Ok(l)
 }
 
@@ -534,19 +675,9 @@ impl Drop for ChildGuard {
 pub async fn run(
     ctx: RoleCtx,
     listener: std::os::unix::net::UnixListener,
-    mut child: std::process::Child,
+    child: std::process::Child,
 ) -> Result<(), RoleError> {
-    let exited = Arc::new(AtomicBool::new(false));
-    let _guard = ChildGuard { pid: child.id() as i32, exited: exited.clone() };
-    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
-    {
-        let exited = exited.clone();
-        std::thread::spawn(move || {
-            let status = child.wait();
-            exited.store(true, Ordering::SeqCst);
-            let _ = exit_tx.send(status);
-        });
-    }
+    let (_guard, exit) = watch_exit(child);
     let mut sched = ctx.scheduler_link().await?;
     crate::roles::await_start(&mut sched, false).await?;
     ctx.emit(Event::Started);
@@ -555,55 +686,14 @@ pub async fn run(
     let kv = Arc::new(tokio::sync::Mutex::new(Kv::new(&ctx, conns)));
     let sched = Arc::new(tokio::sync::Mutex::new(sched));
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError::new(e.to_string()))?;
-    let mut tasks = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let status = loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let mut s = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        // Out of descriptors, say: the program's open
-                        // connections go on; try again shortly.
-                        tracing::warn!("KV socket: cannot accept a connection: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!("refused a KV connection: {MAX_CONNECTIONS} are open already");
-                    tasks.spawn(async move {
-                        let why = format!("too many connections to the KV socket (at most {MAX_CONNECTIONS} at once); close one first");
-                        let header = serde_json::json!({"ok": false, "error": why});
-                        let answer = reply(&mut s, &header, &[]);
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
-                    });
-                    continue;
-                };
-                let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
-                tasks.spawn(async move {
-                    if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
-                        tracing::warn!("KV connection closed: {e}");
-                    }
-                    drop(slot);
-                });
-            }
-            // Finished connections are reaped as they end.
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            status = &mut exit_rx => {
-                break status.map_err(|_| RoleError::new("lost the program's exit status"))?
-                    .map_err(|e| RoleError::new(format!("waiting for the program: {e}")))?;
-            }
-        }
-    };
-    tasks.abort_all();
+    let status = serve_until_exit(listener, &kv, &ctx, &sched, exit).await?;
     let command = ctx.spec.worker.as_ref().map(|w| w.command.join(" ")).unwrap_or_default();
     if !status.success() {
         return Err(RoleError::new(format!("the program `{command}` ended with {status}; its output is in this log")));
     }
     tracing::info!("the program `{command}` finished");
     if ctx.me().rank == 0 {
-        let params = kv.lock().await.final_params().await.map_err(RoleError::new)?;
+        let params = kv.lock().await.final_params().await.map_err(|e| RoleError::new(e.to_string()))?;
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &ctx.spec.model, &params, ctx.seed)
             .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
@@ -617,6 +707,79 @@ pub async fn run(
         Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
         Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
     }
+}
+
+/// The program's exit status, from a thread that waits for it; the guard
+/// kills the program if the agent stops first.
+fn watch_exit(
+    mut child: std::process::Child,
+) -> (ChildGuard, tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>) {
+    let exited = Arc::new(AtomicBool::new(false));
+    let guard = ChildGuard { pid: child.id() as i32, exited: exited.clone() };
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        exited.store(true, Ordering::SeqCst);
+        let _ = exit_tx.send(status);
+    });
+    (guard, exit_rx)
+}
+
+/// Serves the program's connections, each on a task of its own and at most
+/// [`MAX_CONNECTIONS`] at once, until the program exits; its exit status.
+async fn serve_until_exit(
+    listener: tokio::net::UnixListener,
+    kv: &Arc<tokio::sync::Mutex<Kv>>,
+    ctx: &Arc<RoleCtx>,
+    sched: &Arc<tokio::sync::Mutex<SchedLink>>,
+    mut exit: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
+) -> Result<std::process::ExitStatus, RoleError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let status = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let s = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors, say: the program's open
+                        // connections go on; try again shortly.
+                        tracing::warn!("KV socket: cannot accept a connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("refused a KV connection: {MAX_CONNECTIONS} are open already");
+                    tasks.spawn(turn_away(s));
+                    continue;
+                };
+                let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
+                        tracing::warn!("KV connection closed: {e}");
+                    }
+                    drop(slot);
+                });
+            }
+            // Finished connections are reaped as they end.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            status = &mut exit => {
+                break status.map_err(|_| RoleError::new("lost the program's exit status"))?
+                    .map_err(|e| RoleError::new(format!("waiting for the program: {e}")))?;
+            }
+        }
+    };
+    tasks.abort_all();
+    Ok(status)
+}
+
+/// Tells a connection beyond [`MAX_CONNECTIONS`] why it is closed (within a second).
+async fn turn_away(mut s: UnixStream) {
+    let why = format!("too many connections to the KV socket (at most {MAX_CONNECTIONS} at once); close one first");
+    let header = serde_json::json!({"ok": false, "error": why});
+    let answer = reply(&mut s, &header, &[]);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
 }
 
 /// What a `[worker] command` inherits of the agent's environment.
@@ -636,10 +799,10 @@ pub fn spawn_program(
     workers: u32,
     workdir: &Path,
     seed: u64,
-) -> Result<std::process::Child, String> {
+) -> Result<std::process::Child, ProgramError> {
     use std::os::fd::AsFd;
-    let w = spec.worker.as_ref().ok_or("no [worker] command")?;
-    let log = std::io::stderr().as_fd().try_clone_to_owned().map_err(io)?;
+    let w = spec.worker.as_ref().ok_or(ProgramError::NoCommand)?;
+    let log = std::io::stderr().as_fd().try_clone_to_owned()?;
     std::process::Command::new(&w.command[0])
         .args(&w.command[1..])
         .current_dir(&w.workdir)
@@ -657,5 +820,5 @@ pub fn spawn_program(
         .stdout(std::process::Stdio::from(log))
         .stderr(std::process::Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("cannot start [worker] command `{}` in {}: {e}", w.command.join(" "), w.workdir.display()))
+        .map_err(|source| ProgramError::Spawn { command: w.command.join(" "), dir: w.workdir.clone(), source })
 }

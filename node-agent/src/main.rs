@@ -98,39 +98,60 @@ enum HostCmd {
     },
 }
 
+/// Why a `warden-agent host` command failed.
+#[derive(Debug, thiserror::Error)]
+enum HostCmdError {
+    /// `--job` is not a job id.
+    #[error(transparent)]
+    Job(#[from] warden_agent::identity::IdentityError),
+    /// The ruleset on stdin could not be read.
+    #[error("reading the ruleset: {0}")]
+    Ruleset(#[source] std::io::Error),
+    /// `--first-uid` above `--last-uid`.
+    #[error("the uid range {first}-{last} is empty")]
+    EmptyRange {
+        /// First uid.
+        first: u32,
+        /// Last uid.
+        last: u32,
+    },
+    /// The work on the host failed.
+    #[error(transparent)]
+    Host(#[from] warden_agent::host::HostError),
+    /// The answer could not be written as JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
+
 fn host(cmd: HostCmd) -> ExitCode {
     use std::io::Read;
     use warden_agent::host;
     use warden_agent::identity::JobId;
-    let job = |id: String| JobId::try_from(id).map_err(|e| e.to_string());
-    let result: Result<(), String> = match cmd {
-        HostCmd::Setup { job: id, host: name, first_uid, last_uid } => job(id).and_then(|id| {
+    let result: Result<(), HostCmdError> = (|| match cmd {
+        HostCmd::Setup { job, host: name, first_uid, last_uid } => {
+            let id = JobId::try_from(job)?;
             let mut rules = String::new();
-            std::io::stdin()
-                .take(1 << 20)
-                .read_to_string(&mut rules)
-                .map_err(|e| format!("reading the ruleset: {e}"))?;
+            std::io::stdin().take(1 << 20).read_to_string(&mut rules).map_err(HostCmdError::Ruleset)?;
             if first_uid > last_uid {
-                return Err(format!("the uid range {first_uid}-{last_uid} is empty"));
+                return Err(HostCmdError::EmptyRange { first: first_uid, last: last_uid });
             }
-            let setup = host::setup(&id, &name, (first_uid, last_uid), &rules).map_err(|e| e.to_string())?;
-            println!("{}", serde_json::to_string(&setup).map_err(|e| e.to_string())?);
+            let setup = host::setup(&id, &name, (first_uid, last_uid), &rules)?;
+            println!("{}", serde_json::to_string(&setup)?);
             Ok(())
-        }),
-        HostCmd::Teardown { job: id, uid } => job(id).and_then(|id| {
-            let said = host::teardown(&id, uid).map_err(|e| e.to_string())?;
+        }
+        HostCmd::Teardown { job, uid } => {
+            let said = host::teardown(&JobId::try_from(job)?, uid)?;
             println!("{said}");
             Ok(())
-        }),
-        HostCmd::Fetch { dir, uid, max_bytes } => (|| {
+        }
+        HostCmd::Fetch { dir, uid, max_bytes } => {
             if let Some(uid) = uid.filter(|_| warden_agent::harden::started_as_root()) {
                 host::become_uid(uid)?;
             }
             let mut out = std::io::stdout().lock();
-            host::send_files(&dir, &mut out, max_bytes)
-        })()
-        .map_err(|e| e.to_string()),
-    };
+            Ok(host::send_files(&dir, &mut out, max_bytes)?)
+        }
+    })();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -231,7 +252,8 @@ fn main() -> ExitCode {
     let mut stdin = warden_agent::control::ClearingReader::new(std::io::stdin());
     let prepared = match agent::prepare(&mut stdin, events.clone()) {
         Ok(p) => p,
-        Err(message) => {
+        Err(e) => {
+            let message = e.to_string();
             tracing::error!("{message}");
             events(Event::Failed { message, follows: false });
             return ExitCode::FAILURE;
@@ -254,7 +276,7 @@ fn main() -> ExitCode {
                 Ok(None) => break "the launcher closed the control channel".to_string(),
                 Ok(Some(Control::Stop)) => break "stopped by the launcher".to_string(),
                 Ok(Some(_)) => continue,
-                Err(e) => break e,
+                Err(e) => break e.to_string(),
             }
         };
         let _ = stop_tx.send(why);

@@ -100,6 +100,16 @@ impl OptimizerSpec {
     }
 }
 
+/// Checkpointed optimizer state that does not fit the optimizer or the shard.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the checkpoint holds {found} optimizer state slots of this shard, and this optimizer needs {want}")]
+pub struct RestoreError {
+    /// Slots in the checkpoint.
+    pub found: usize,
+    /// Slots the optimizer keeps.
+    pub want: usize,
+}
+
 /// An optimizer value outside its bounds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerError {
@@ -244,13 +254,10 @@ impl ShardOptimizer {
     }
 
     /// Rebuilds the optimizer from checkpointed state.
-    pub fn restore(spec: OptimizerSpec, len: usize, t: u64, mut slots: Vec<Vec<f32>>) -> Result<Self, String> {
+    pub fn restore(spec: OptimizerSpec, len: usize, t: u64, mut slots: Vec<Vec<f32>>) -> Result<Self, RestoreError> {
         let want = spec.state_slots();
         if slots.len() != want || slots.iter().any(|s| s.len() != len) {
-            return Err(format!(
-                "the checkpoint holds {} optimizer state slots of this shard, and this optimizer needs {want}",
-                slots.len()
-            ));
+            return Err(RestoreError { found: slots.len(), want });
         }
         let slot2 = if want >= 2 { slots.pop().unwrap_or_default() } else { Vec::new() };
         let slot1 = if want >= 1 { slots.pop().unwrap_or_default() } else { Vec::new() };

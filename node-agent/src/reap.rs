@@ -16,6 +16,33 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+/// Why a process group could not be led or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReapError {
+    /// `setsid` failed.
+    #[error("setsid: {0}")]
+    Setsid(#[source] Errno),
+    /// This process's own start time is unreadable.
+    #[error("cannot read /proc/self/stat")]
+    OwnStat,
+    /// Not an id a group of ours can have (0, 1 or beyond `i32`).
+    #[error("{0} is not a process group")]
+    NotAGroup(u32),
+    /// Signalling the group failed.
+    #[error("cannot signal process group {pgid}: {source}")]
+    Signal {
+        /// The group.
+        pgid: u32,
+        /// Cause.
+        #[source]
+        source: Errno,
+    },
+    /// Signalling the group as the job's uid failed.
+    #[error(transparent)]
+    AsJobUid(#[from] crate::jobuid::JobUidError),
+}
+
 /// How a group ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -53,14 +80,14 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 /// Makes this process the leader of a new session and process group, so
 /// that [`stop_group`] reaches it and everything it starts. Returns its PID
 /// and start time for the report to the launcher.
-pub fn lead_own_group() -> Result<(u32, u64), String> {
+pub fn lead_own_group() -> Result<(u32, u64), ReapError> {
     // EPERM means it already leads a group (a shell started it so): fine.
     match nix::unistd::setsid() {
         Ok(_) | Err(Errno::EPERM) => {}
-        Err(e) => return Err(format!("setsid: {e}")),
+        Err(e) => return Err(ReapError::Setsid(e)),
     }
     let pid = std::process::id();
-    let start = start_ticks(pid).ok_or("cannot read /proc/self/stat")?;
+    let start = start_ticks(pid).ok_or(ReapError::OwnStat)?;
     Ok((pid, start))
 }
 
@@ -107,8 +134,8 @@ fn members_any(pgid: u32) -> usize {
 /// they reach only the job's own processes in the group, whatever the
 /// reported PID has become; this process must then be single-threaded
 /// (`warden-agent stop-group` is).
-pub fn stop_group(pgid: u32, start: u64, grace: Duration, uid: Option<u32>) -> Result<Ended, String> {
-    let id = i32::try_from(pgid).ok().filter(|p| *p > 1).ok_or_else(|| format!("{pgid} is not a process group"))?;
+pub fn stop_group(pgid: u32, start: u64, grace: Duration, uid: Option<u32>) -> Result<Ended, ReapError> {
+    let id = i32::try_from(pgid).ok().filter(|p| *p > 1).ok_or(ReapError::NotAGroup(pgid))?;
     let group = Pid::from_raw(id);
     match start_ticks(pgid) {
         Some(t) if t != start => return Ok(Ended::NotOurs),
@@ -117,12 +144,12 @@ pub fn stop_group(pgid: u32, start: u64, grace: Duration, uid: Option<u32>) -> R
     if members_of(pgid, uid) == 0 {
         return Ok(Ended::AlreadyGone);
     }
-    let signal = |sig: Signal| -> Result<bool, String> {
+    let signal = |sig: Signal| -> Result<bool, ReapError> {
         match uid {
-            Some(uid) => crate::jobuid::signal_group_as(uid, pgid, sig).map_err(|e| e.to_string()),
+            Some(uid) => Ok(crate::jobuid::signal_group_as(uid, pgid, sig)?),
             None => match killpg(group, sig) {
                 Err(Errno::ESRCH) => Ok(false),
-                Err(e) => Err(format!("cannot signal process group {pgid}: {e}")),
+                Err(source) => Err(ReapError::Signal { pgid, source }),
                 Ok(()) => Ok(true),
             },
         }

@@ -148,18 +148,17 @@ pub fn generate_key() -> SigningKey {
 
 /// The private key as PKCS#8 PEM; encrypted (PBES2: PBKDF2-SHA256, AES-256-CBC)
 /// when a passphrase is given.
-pub fn private_key_pem(key: &SigningKey, passphrase: Option<&str>) -> Result<Zeroizing<String>, String> {
-    let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
+pub fn private_key_pem(key: &SigningKey, passphrase: Option<&str>) -> Result<Zeroizing<String>, pkcs8::Error> {
+    let der = key.to_pkcs8_der()?;
     let Some(pass) = passphrase else {
-        return key.to_pkcs8_pem(LineEnding::LF).map_err(|e| e.to_string());
+        return key.to_pkcs8_pem(LineEnding::LF);
     };
-    let info = p256::pkcs8::PrivateKeyInfo::try_from(der.as_bytes()).map_err(|e| e.to_string())?;
+    let info = p256::pkcs8::PrivateKeyInfo::try_from(der.as_bytes())?;
     let salt: [u8; 16] = crate::secure_random::bytes();
     let iv: [u8; 16] = crate::secure_random::bytes();
-    let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, &iv)
-        .map_err(|e| e.to_string())?;
-    let enc = info.encrypt_with_params(params, pass.as_bytes()).map_err(|e| e.to_string())?;
-    enc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF).map_err(|e| e.to_string())
+    let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, &iv)?;
+    let enc = info.encrypt_with_params(params, pass.as_bytes())?;
+    Ok(enc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)?)
 }
 
 /// The public key as SubjectPublicKeyInfo PEM (the form whose SHA-256 is the hint).
@@ -669,7 +668,8 @@ pub fn write_key_pair(dir: &Path, passphrase: Option<&str>) -> Result<(PathBuf, 
             });
         }
     }
-    let pem = private_key_pem(&key, passphrase).map_err(|detail| SignError::Key { path: private.clone(), detail })?;
+    let pem = private_key_pem(&key, passphrase)
+        .map_err(|e| SignError::Key { path: private.clone(), detail: e.to_string() })?;
     let mut f =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&private).map_err(io(&private))?;
     f.write_all(pem.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&private))?;

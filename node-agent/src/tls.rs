@@ -44,6 +44,36 @@ pub enum TlsError {
     /// The verifier could not be built.
     #[error("TLS verifier: {0}")]
     Verifier(String),
+    /// This process's own certificate names no identity.
+    #[error("bad certificate: {0}")]
+    OwnIdentity(#[source] CertIdentityError),
+}
+
+/// Why a certificate names no warden identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertIdentityError {
+    /// The peer sent no certificate at all.
+    #[error("peer presented no certificate")]
+    NoCertificate,
+    /// Not DER X.509.
+    #[error("unparseable certificate: {0}")]
+    Unparseable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The subjectAltName extension does not parse.
+    #[error("bad subjectAltName: {0}")]
+    BadSan(#[source] x509_parser::error::X509Error),
+    /// No subjectAltName extension.
+    #[error("certificate has no subjectAltName")]
+    NoSan,
+    /// No URI among the alternative names.
+    #[error("certificate has no warden URI")]
+    NoUri,
+    /// More than one URI: which one is the identity would be a guess.
+    #[error("certificate has more than one URI")]
+    SeveralUris,
+    /// The URI is not a warden identity.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// The one crypto provider of the tree (aws-lc-rs), chosen explicitly so a
@@ -86,7 +116,7 @@ impl TlsIdentity {
         let mut roots = RootCertStore::empty();
         roots.add(ca).map_err(TlsError::Config)?;
         // Our own certificate must name us: refuse to start with someone else's.
-        let named = identity_of_cert(&cert).map_err(|detail| TlsError::Pem { what: "certificate", detail })?;
+        let named = identity_of_cert(&cert).map_err(TlsError::OwnIdentity)?;
         if named != me {
             return Err(TlsError::Pem {
                 what: "certificate",
@@ -106,36 +136,45 @@ impl TlsIdentity {
 }
 
 /// Reads the warden identity from a certificate's URI SAN (exactly one).
-pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("unparseable certificate: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("certificate has no subjectAltName")?;
+pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, CertIdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(CertIdentityError::Unparseable)?;
+    let san = cert.subject_alternative_name().map_err(CertIdentityError::BadSan)?.ok_or(CertIdentityError::NoSan)?;
     let mut uris = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) => Some(*u),
         _ => None,
     });
     match (uris.next(), uris.next()) {
-        (Some(u), None) => Identity::from_uri(u),
-        (None, _) => Err("certificate has no warden URI".into()),
-        (Some(_), Some(_)) => Err("certificate has more than one URI".into()),
+        (Some(u), None) => Ok(Identity::from_uri(u)?),
+        (None, _) => Err(CertIdentityError::NoUri),
+        (Some(_), Some(_)) => Err(CertIdentityError::SeveralUris),
     }
 }
 
-fn refuse(msg: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(AuthzError(msg)))))
+fn refuse(why: impl Into<AuthzError>) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(why.into()))))
 }
 
 /// Why an otherwise valid certificate was not accepted here.
-#[derive(Debug)]
-struct AuthzError(String);
-impl std::fmt::Display for AuthzError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, thiserror::Error)]
+enum AuthzError {
+    /// It names no identity.
+    #[error(transparent)]
+    NoIdentity(#[from] CertIdentityError),
+    /// A process of another job.
+    #[error("peer {0} belongs to another job")]
+    OtherJob(String),
+    /// A role this listener does not admit.
+    #[error("a {0} may not connect here")]
+    RoleRefused(Role),
+    /// A server other than the one dialled.
+    #[error("expected {expected} but the peer is {found}")]
+    NotExpected {
+        /// The URI dialled.
+        expected: String,
+        /// The URI the certificate names.
+        found: String,
+    },
 }
-impl std::error::Error for AuthzError {}
 
 /// Accepts client certificates of this job's CA whose identity has one of `accept` roles.
 #[derive(Debug)]
@@ -164,10 +203,10 @@ impl ClientCertVerifier for RoleClientVerifier {
         let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let id = identity_of_cert(end_entity).map_err(refuse)?;
         if id.job != self.job {
-            return Err(refuse(format!("peer {} belongs to another job", id.uri())));
+            return Err(refuse(AuthzError::OtherJob(id.uri())));
         }
         if !self.accept.contains(&id.role) {
-            return Err(refuse(format!("a {} may not connect here", id.role)));
+            return Err(refuse(AuthzError::RoleRefused(id.role)));
         }
         Ok(ok)
     }
@@ -211,7 +250,7 @@ impl ServerCertVerifier for ExactServerVerifier {
         let ok = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         let id = identity_of_cert(end_entity).map_err(refuse)?;
         if id != self.expect {
-            return Err(refuse(format!("expected {} but the peer is {}", self.expect.uri(), id.uri())));
+            return Err(refuse(AuthzError::NotExpected { expected: self.expect.uri(), found: id.uri() }));
         }
         Ok(ok)
     }
@@ -271,7 +310,7 @@ pub fn server_name(addr: IpAddr) -> ServerName<'static> {
 }
 
 /// The authenticated identity of the peer of an established connection.
-pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, String> {
-    let certs = conn.peer_certificates().ok_or("peer presented no certificate")?;
-    identity_of_cert(certs.first().ok_or("peer presented no certificate")?)
+pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, CertIdentityError> {
+    let cert = conn.peer_certificates().and_then(|c| c.first()).ok_or(CertIdentityError::NoCertificate)?;
+    identity_of_cert(cert)
 }

@@ -141,10 +141,75 @@ pub struct ShardDigest {
 /// Most shard records or steps one message may carry.
 pub const MAX_LIST: usize = 4096;
 
-/// A decoding failure.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed message: {0}")]
-pub struct DecodeError(pub String);
+/// A decoding failure: one variant per way a frame can be malformed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The stream ended inside a frame's length prefix.
+    #[error("malformed message: truncated frame header")]
+    TruncatedHeader,
+    /// A frame with no body, not even a tag.
+    #[error("malformed message: empty frame")]
+    EmptyFrame,
+    /// A tag no message has.
+    #[error("malformed message: unknown message tag {0}")]
+    UnknownTag(u8),
+    /// A fast-path view was asked of a frame of another tag.
+    #[error("malformed message: expected tag {expected}, got {found}")]
+    WrongTag {
+        /// The tag the view reads.
+        expected: u8,
+        /// The frame's tag.
+        found: u8,
+    },
+    /// [`push_view`] was given a frame that is not a push.
+    #[error("malformed message: not a push")]
+    NotPush,
+    /// A field runs past the end of the body.
+    #[error("malformed message: truncated: needed {needed} more bytes at offset {offset}")]
+    Truncated {
+        /// Bytes the field needs.
+        needed: usize,
+        /// Where it starts.
+        offset: usize,
+    },
+    /// Bytes left over after the last field.
+    #[error("malformed message: {0} trailing bytes")]
+    Trailing(usize),
+    /// A value count whose byte length does not fit in memory.
+    #[error("malformed message: count overflows")]
+    CountOverflows,
+    /// A list longer than [`MAX_LIST`].
+    #[error("malformed message: a list of {0} entries; at most {MAX_LIST} are accepted")]
+    ListTooLong(usize),
+    /// A text field longer than [`MAX_TEXT`].
+    #[error("malformed message: text of {0} bytes exceeds {MAX_TEXT}")]
+    TextTooLong(usize),
+    /// A text field that is not UTF-8.
+    #[error("malformed message: text is not UTF-8")]
+    NotUtf8(#[source] std::string::FromUtf8Error),
+    /// A push's gradient encoding no [`Encoding`] has.
+    #[error("malformed message: unknown gradient encoding {0}")]
+    UnknownEncoding(u8),
+    /// A compressed push given to the general decoder.
+    #[error("malformed message: push with encoding {0} has no general form; use push_view")]
+    NoGeneralForm(u8),
+    /// A 2-bit push's threshold is not a positive number.
+    #[error("malformed message: 2-bit threshold {0} is not a positive number")]
+    BadThreshold(f32),
+    /// An optimizer kind no [`OptimizerKind`] has.
+    #[error("malformed message: unknown optimizer kind {0}")]
+    UnknownOptimizer(u8),
+    /// A momentum optimizer's nesterov flag is neither 0 nor 1.
+    #[error("malformed message: nesterov flag {0} is not 0 or 1")]
+    BadNesterov(u8),
+    /// A learning-rate schedule no [`Schedule`] has.
+    #[error("malformed message: unknown learning-rate schedule {0}")]
+    UnknownSchedule(u8),
+    /// An optimizer whose values are out of range.
+    #[error("malformed message: {0}")]
+    Optimizer(#[source] crate::optimizer::OptimizerError),
+}
 
 const ALL: &[Role] = &[Role::Scheduler, Role::Server, Role::Worker];
 
@@ -230,7 +295,7 @@ pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeE
     use warden_kernels::Grad;
     let mut r = Reader { buf: body, pos: 0 };
     if r.u8()? != TAG_PUSH {
-        return Err(DecodeError("not a push".into()));
+        return Err(DecodeError::NotPush);
     }
     let step = r.u64()?;
     let enc = r.u8()?;
@@ -242,11 +307,11 @@ pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeE
         3 => {
             let threshold = r.f32()?;
             if !(threshold.is_finite() && threshold > 0.0) {
-                return Err(DecodeError(format!("2-bit threshold {threshold} is not a positive number")));
+                return Err(DecodeError::BadThreshold(threshold));
             }
             Grad::TwoBit { packed: r.take(warden_kernels::twobit::packed_len(n))?, len: n, threshold }
         }
-        e => return Err(DecodeError(format!("unknown gradient encoding {e}"))),
+        e => return Err(DecodeError::UnknownEncoding(e)),
     };
     r.finish()?;
     Ok((step, grad))
@@ -269,11 +334,11 @@ pub fn vector_view(body: &[u8], want_tag: u8) -> Result<(u64, &[u8]), DecodeErro
     let mut r = Reader { buf: body, pos: 0 };
     let tag = r.u8()?;
     if tag != want_tag {
-        return Err(DecodeError(format!("expected tag {want_tag}, got {tag}")));
+        return Err(DecodeError::WrongTag { expected: want_tag, found: tag });
     }
     let v = r.u64()?;
     let n = r.u32()? as usize;
-    let bytes = r.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
+    let bytes = r.take(n.checked_mul(4).ok_or(DecodeError::CountOverflows)?)?;
     r.finish()?;
     Ok((v, bytes))
 }
@@ -390,7 +455,7 @@ impl Message {
                 let step = r.u64()?;
                 match r.u8()? {
                     0 => Message::Push { step, data: r.f32s()? },
-                    e => return Err(DecodeError(format!("push with encoding {e} has no general form; use push_view"))),
+                    e => return Err(DecodeError::NoGeneralForm(e)),
                 }
             }
             TAG_PULL => Message::Pull { min_version: r.u64()? },
@@ -412,7 +477,7 @@ impl Message {
             20 => Message::Heartbeat,
             21 => Message::SetParams { data: r.f32s()? },
             31 => Message::Error { message: r.text()? },
-            tag => return Err(DecodeError(format!("unknown message tag {tag}"))),
+            tag => return Err(DecodeError::UnknownTag(tag)),
         };
         r.finish()?;
         Ok(msg)
@@ -495,22 +560,22 @@ fn decode_optimizer(r: &mut Reader<'_>) -> Result<OptimizerSpec, DecodeError> {
             let nesterov = match r.u8()? {
                 0 => false,
                 1 => true,
-                b => return Err(DecodeError(format!("nesterov flag {b} is not 0 or 1"))),
+                b => return Err(DecodeError::BadNesterov(b)),
             };
             OptimizerKind::Momentum { momentum, nesterov }
         }
         OPT_ADAM => OptimizerKind::Adam { beta1: r.f32()?, beta2: r.f32()?, eps: r.f32()? },
         OPT_ADAMW => OptimizerKind::AdamW { beta1: r.f32()?, beta2: r.f32()?, eps: r.f32()? },
-        k => return Err(DecodeError(format!("unknown optimizer kind {k}"))),
+        k => return Err(DecodeError::UnknownOptimizer(k)),
     };
     let schedule = match r.u8()? {
         SCHED_CONSTANT => Schedule::Constant,
         SCHED_STEP => Schedule::Step { every: r.u64()?, gamma: r.f32()? },
         SCHED_COSINE => Schedule::Cosine { decay_steps: r.u64()?, min_lr: r.f32()? },
-        k => return Err(DecodeError(format!("unknown learning-rate schedule {k}"))),
+        k => return Err(DecodeError::UnknownSchedule(k)),
     };
     let spec = OptimizerSpec { kind, lr, weight_decay, clip_gradient, schedule, warmup_steps };
-    spec.validate().map_err(|e| DecodeError(e.to_string()))?;
+    spec.validate().map_err(DecodeError::Optimizer)?;
     Ok(spec)
 }
 
@@ -526,7 +591,7 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(n)
             .filter(|e| *e <= self.buf.len())
-            .ok_or_else(|| DecodeError(format!("truncated: needed {n} more bytes at offset {}", self.pos)))?;
+            .ok_or(DecodeError::Truncated { needed: n, offset: self.pos })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -547,7 +612,7 @@ impl<'a> Reader<'a> {
     fn count(&mut self) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
         if n > MAX_LIST {
-            return Err(DecodeError(format!("a list of {n} entries; at most {MAX_LIST} are accepted")));
+            return Err(DecodeError::ListTooLong(n));
         }
         Ok(n)
     }
@@ -562,25 +627,21 @@ impl<'a> Reader<'a> {
     fn text(&mut self) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
         if n > MAX_TEXT {
-            return Err(DecodeError(format!("text of {n} bytes exceeds {MAX_TEXT}")));
+            return Err(DecodeError::TextTooLong(n));
         }
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError("text is not UTF-8".into()))
+        String::from_utf8(self.take(n)?.to_vec()).map_err(DecodeError::NotUtf8)
     }
     fn f32s(&mut self) -> Result<Vec<f32>, DecodeError> {
         let n = self.u32()? as usize;
         // The count is checked against the bytes actually present before
         // anything is allocated.
-        let bytes = self.take(n.checked_mul(4).ok_or_else(|| DecodeError("count overflows".into()))?)?;
+        let bytes = self.take(n.checked_mul(4).ok_or(DecodeError::CountOverflows)?)?;
         let mut out = vec![0.0f32; n];
         warden_kernels::convert::copy_f32_le(&mut out, bytes);
         Ok(out)
     }
     fn finish(&self) -> Result<(), DecodeError> {
-        if self.pos == self.buf.len() {
-            Ok(())
-        } else {
-            Err(DecodeError(format!("{} trailing bytes", self.buf.len() - self.pos)))
-        }
+        if self.pos == self.buf.len() { Ok(()) } else { Err(DecodeError::Trailing(self.buf.len() - self.pos)) }
     }
 }
 
@@ -662,7 +723,8 @@ mod tests {
     fn lists_are_bounded_before_allocation() {
         let mut body = vec![14u8];
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Message::decode(&body).unwrap_err().0.contains("at most 4096"));
+        assert_eq!(Message::decode(&body).unwrap_err(), DecodeError::ListTooLong(u32::MAX as usize));
+        assert!(Message::decode(&body).unwrap_err().to_string().contains("at most 4096"));
     }
 
     #[test]
@@ -671,17 +733,18 @@ mod tests {
         Message::SetOptimizer(OptimizerSpec::sgd(0.1)).encode_frame(&mut out);
         let mut unknown = out[4..].to_vec();
         unknown[1] = 9;
-        assert_eq!(Message::decode(&unknown).unwrap_err().0, "unknown optimizer kind 9");
+        assert_eq!(Message::decode(&unknown).unwrap_err(), DecodeError::UnknownOptimizer(9));
+        assert_eq!(Message::decode(&unknown).unwrap_err().to_string(), "malformed message: unknown optimizer kind 9");
         let mut huge_lr = out[4..].to_vec();
         huge_lr[2..6].copy_from_slice(&1e9f32.to_le_bytes());
-        assert!(Message::decode(&huge_lr).unwrap_err().0.contains("lr"));
+        assert!(matches!(Message::decode(&huge_lr).unwrap_err(), DecodeError::Optimizer(e) if e.field == "lr"));
         let mut nan = out[4..].to_vec();
         nan[2..6].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(Message::decode(&nan).is_err());
         let mut schedule = out[4..].to_vec();
         let last = schedule.len() - 1;
         schedule[last] = 7;
-        assert_eq!(Message::decode(&schedule).unwrap_err().0, "unknown learning-rate schedule 7");
+        assert_eq!(Message::decode(&schedule).unwrap_err(), DecodeError::UnknownSchedule(7));
     }
 
     #[test]
@@ -716,11 +779,11 @@ mod tests {
         }
         let mut bad = a[4..].to_vec();
         bad[9] = 7;
-        assert_eq!(push_view(&bad).unwrap_err().0, "unknown gradient encoding 7");
+        assert_eq!(push_view(&bad).unwrap_err(), DecodeError::UnknownEncoding(7));
         for t in 0..=255u8 {
             assert_eq!(
                 tag_info(t).is_some(),
-                Message::decode(&[t]).map(|_| true).unwrap_or_else(|e| !e.0.starts_with("unknown message tag"))
+                Message::decode(&[t]).map(|_| true).unwrap_or_else(|e| e != DecodeError::UnknownTag(t))
             );
         }
     }
@@ -731,11 +794,11 @@ mod tests {
         body.extend_from_slice(&0u64.to_le_bytes());
         body.push(0);
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Message::decode(&body).unwrap_err().0.contains("truncated"));
-        assert!(push_view(&body).unwrap_err().0.contains("truncated"));
+        assert!(matches!(Message::decode(&body).unwrap_err(), DecodeError::Truncated { .. }));
+        assert!(matches!(push_view(&body).unwrap_err(), DecodeError::Truncated { .. }));
         let mut params = vec![TAG_PARAMS];
         params.extend_from_slice(&0u64.to_le_bytes());
         params.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Message::decode(&params).unwrap_err().0.contains("truncated"));
+        assert!(matches!(Message::decode(&params).unwrap_err(), DecodeError::Truncated { .. }));
     }
 }

@@ -214,12 +214,12 @@ fn key_files_must_be_private_and_well_formed() {
     let loaded = CheckpointSecret::load(&path).unwrap();
     assert_eq!(CheckpointKey::new(&loaded).id_hex(), CheckpointKey::new(&secret).id_hex());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = CheckpointSecret::load(&path).unwrap_err();
+    let e = CheckpointSecret::load(&path).unwrap_err().to_string();
     assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
     let bad = dir.join("bad.key");
     std::fs::write(&bad, "not hex\n").unwrap();
     std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(CheckpointSecret::load(&bad).unwrap_err().contains("64 hexadecimal digits"));
+    assert!(CheckpointSecret::load(&bad).unwrap_err().to_string().contains("64 hexadecimal digits"));
     // The CLI makes the same kind of file.
     let made = dir.join("cli.key");
     let out = Command::new(bin("warden")).args(["checkpoint", "keygen"]).arg(&made).output().unwrap();

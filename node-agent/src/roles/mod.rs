@@ -86,7 +86,11 @@ pub struct RoleCtx {
 /// The starting weights a process of `role` holds: a server of a job with
 /// `[model] init` that does not resume gets them, verified; anyone else
 /// none. The agent calls this before it drops privileges.
-pub fn initial_weights(spec: &JobSpec, role: Role, resume: bool) -> Result<Option<Vec<f32>>, String> {
+pub fn initial_weights(
+    spec: &JobSpec,
+    role: Role,
+    resume: bool,
+) -> Result<Option<Vec<f32>>, crate::artifact::ArtifactError> {
     match (&spec.init, role, resume) {
         (Some(init), Role::Server, false) => {
             crate::artifact::load_verified(&init.dir, &init.trusted_keys, &spec.model).map(Some)

@@ -25,6 +25,65 @@ use crate::conn::{Acceptor, SendHalf, ServerConn};
 use crate::identity::{Identity, Role};
 use crate::wire::Message;
 
+/// Why the scheduler refuses a worker's request (the worker is told this
+/// text; training goes on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Refusal {
+    /// A barrier id not after the last released one.
+    #[error("barrier {id} asked for, but barrier {last} was released already; barrier ids increase")]
+    BarrierReleased {
+        /// The id asked for.
+        id: u64,
+        /// The last released.
+        last: u64,
+    },
+    /// A barrier id other than the one the workers wait at.
+    #[error("barrier {id} asked for while the workers wait at barrier {open}")]
+    OtherBarrier {
+        /// The id asked for.
+        id: u64,
+        /// The open barrier's.
+        open: u64,
+    },
+    /// A worker that waits at the barrier already.
+    #[error("worker[{rank}] already waits at barrier {id}")]
+    AlreadyWaiting {
+        /// The worker.
+        rank: u32,
+        /// The barrier.
+        id: u64,
+    },
+    /// A checkpoint of a step not after the last one asked for.
+    #[error("checkpoint of step {step} asked for, but step {last} came before it; each checkpoint is of a later step")]
+    CheckpointNotLater {
+        /// The step asked for.
+        step: u64,
+        /// The last asked for.
+        last: u64,
+    },
+    /// More checkpoints in flight than honest training can have.
+    #[error("{CHECKPOINTS_IN_FLIGHT} checkpoints are in flight already, more than honest training can have")]
+    TooManyCheckpoints,
+}
+
+/// No checkpoint step every server can resume from: each server's steps.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no checkpoint step is complete and valid on every server, so there is nothing to resume from ({}); the warnings above say why each was skipped",
+    each_server(.0)
+)]
+struct NothingToResume(BTreeMap<u32, Vec<u64>>);
+
+fn each_server(resumable: &BTreeMap<u32, Vec<u64>>) -> String {
+    let each: Vec<String> = resumable
+        .iter()
+        .map(|(rank, steps)| {
+            format!("server[{rank}]: {}", if steps.is_empty() { "none".into() } else { format!("{steps:?}") })
+        })
+        .collect();
+    each.join("; ")
+}
+
 type Writer = SendHalf<tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
 
 enum Input {
@@ -219,7 +278,7 @@ impl Scheduler {
         if self.ctx.resume {
             let step = match choose_resume_step(resumable) {
                 Ok(step) => step,
-                Err(reason) => return Err(self.fail(reason).await),
+                Err(e) => return Err(self.fail(e.to_string()).await),
             };
             tracing::info!("resuming from checkpoint step {step}");
             for w in self.writers.values_mut() {
@@ -331,7 +390,7 @@ struct Training {
 }
 
 /// The newest step every server can resume from.
-fn choose_resume_step(resumable: &BTreeMap<u32, Vec<u64>>) -> Result<u64, String> {
+fn choose_resume_step(resumable: &BTreeMap<u32, Vec<u64>>) -> Result<u64, NothingToResume> {
     let mut common: Option<BTreeSet<u64>> = None;
     for steps in resumable.values() {
         let these: BTreeSet<u64> = steps.iter().copied().collect();
@@ -340,23 +399,14 @@ fn choose_resume_step(resumable: &BTreeMap<u32, Vec<u64>>) -> Result<u64, String
             Some(c) => c.intersection(&these).copied().collect(),
         });
     }
-    common.and_then(|c| c.last().copied()).ok_or_else(|| {
-        let each: Vec<String> = resumable
-            .iter()
-            .map(|(rank, steps)| format!("server[{rank}]: {}", if steps.is_empty() { "none".into() } else { format!("{steps:?}") }))
-            .collect();
-        format!(
-            "no checkpoint step is complete and valid on every server, so there is nothing to resume from ({}); the warnings above say why each was skipped",
-            each.join("; ")
-        )
-    })
+    common.and_then(|c| c.last().copied()).ok_or_else(|| NothingToResume(resumable.clone()))
 }
 
 /// Tells a peer what it asked for is refused (and logs it, at a bounded rate).
-async fn refuse(writers: &mut BTreeMap<(Role, u32), Writer>, id: &Identity, why: String, log: &RateLimitedLog) {
+async fn refuse(writers: &mut BTreeMap<(Role, u32), Writer>, id: &Identity, why: Refusal, log: &RateLimitedLog) {
     log.warn(&format!("refused a request of {id}: {why}"));
     if let Some(w) = writers.get_mut(&(id.role, id.rank)) {
-        let _ = w.send(&Message::Error { message: why }).await;
+        let _ = w.send(&Message::Error { message: why.to_string() }).await;
     }
 }
 
@@ -374,20 +424,18 @@ impl Barrier {
     /// Worker `rank` reaches barrier `id`: `Ok(true)` when it is the last of
     /// `workers` to arrive (the barrier is released), `Err` for an id other
     /// than the one the workers wait at or a worker already waiting.
-    fn arrive(&mut self, rank: u32, id: u64, workers: u32) -> Result<bool, String> {
+    fn arrive(&mut self, rank: u32, id: u64, workers: u32) -> Result<bool, Refusal> {
         if let Some(last) = self.last
             && id <= last
         {
-            return Err(format!(
-                "barrier {id} asked for, but barrier {last} was released already; barrier ids increase"
-            ));
+            return Err(Refusal::BarrierReleased { id, last });
         }
         let (at, waiting) = self.open.get_or_insert_with(|| (id, BTreeSet::new()));
         if *at != id {
-            return Err(format!("barrier {id} asked for while the workers wait at barrier {at}"));
+            return Err(Refusal::OtherBarrier { id, open: *at });
         }
         if !waiting.insert(rank) {
-            return Err(format!("worker[{rank}] already waits at barrier {id}"));
+            return Err(Refusal::AlreadyWaiting { rank, id });
         }
         if waiting.len() < workers as usize {
             return Ok(false);
@@ -422,13 +470,11 @@ struct Checkpoints {
 impl Checkpoints {
     /// Worker 0 asks for checkpoint `step`: a later step than the last it
     /// asked for, with fewer than [`CHECKPOINTS_IN_FLIGHT`] in flight.
-    fn requested(&mut self, step: u64) -> Result<(), String> {
+    fn requested(&mut self, step: u64) -> Result<(), Refusal> {
         if let Some(last) = self.last_requested
             && step <= last
         {
-            return Err(format!(
-                "checkpoint of step {step} asked for, but step {last} came before it; each checkpoint is of a later step"
-            ));
+            return Err(Refusal::CheckpointNotLater { step, last });
         }
         if !self.settled.contains(&step) {
             self.pending_at(step)?;
@@ -438,11 +484,9 @@ impl Checkpoints {
     }
 
     /// The shards reported for `step` so far, making room for it if there is some.
-    fn pending_at(&mut self, step: u64) -> Result<&mut BTreeMap<u32, crate::wire::ShardDigest>, String> {
+    fn pending_at(&mut self, step: u64) -> Result<&mut BTreeMap<u32, crate::wire::ShardDigest>, Refusal> {
         if !self.pending.contains_key(&step) && self.pending.len() >= CHECKPOINTS_IN_FLIGHT {
-            return Err(format!(
-                "{CHECKPOINTS_IN_FLIGHT} checkpoints are in flight already, more than honest training can have"
-            ));
+            return Err(Refusal::TooManyCheckpoints);
         }
         Ok(self.pending.entry(step).or_default())
     }
@@ -555,9 +599,11 @@ mod tests {
         let mut b = Barrier::default();
         assert_eq!(b.arrive(1, 1, 2), Ok(false));
         for id in 2..1000 {
-            assert!(b.arrive(1, id, 2).unwrap_err().contains("while the workers wait at barrier 1"));
+            assert_eq!(b.arrive(1, id, 2), Err(Refusal::OtherBarrier { id, open: 1 }));
         }
-        assert!(b.arrive(1, 1, 2).unwrap_err().contains("already waits"));
+        assert_eq!(b.arrive(1, 1, 2), Err(Refusal::AlreadyWaiting { rank: 1, id: 1 }));
+        let why = b.arrive(1, 2, 2).unwrap_err().to_string();
+        assert_eq!(why, "barrier 2 asked for while the workers wait at barrier 1");
         assert_eq!(b.open.as_ref().map(|(id, w)| (*id, w.len())), Some((1, 1)));
         assert_eq!(b.arrive(0, 1, 2), Ok(true));
         assert!(b.open.is_none());

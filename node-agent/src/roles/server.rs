@@ -12,6 +12,7 @@
 //! a later step than the last. Version and step counters from the wire are
 //! checked, so a value at the end of the range is refused, never wrapped.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,12 +20,176 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
-use crate::checkpoint::{Manifest, Placement, ShardRecord};
+use crate::checkpoint::{CheckpointError, Manifest, Placement, ShardRecord};
 use crate::conn::{Acceptor, ConnError, ServerConn};
 use crate::identity::Role;
 use crate::optimizer::{OptimizerSpec, ShardOptimizer};
 use crate::spec::SyncMode;
-use crate::wire::{Message, ShardDigest, TAG_PUSH, push_view};
+use crate::wire::{DecodeError, Message, ShardDigest, TAG_PUSH, push_view};
+
+/// Why a server refuses a worker's request (and closes its connection);
+/// the worker is told this text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum Refusal {
+    /// The request did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A message only other roles' peers are sent.
+    #[error("`{0}` is not something a server accepts")]
+    NotAccepted(&'static str),
+    /// A gradient of another length than the shard.
+    #[error("push of {got} values, but this shard holds {holds}")]
+    PushLength {
+        /// Values pushed.
+        got: usize,
+        /// Values of the shard.
+        holds: usize,
+    },
+    /// The shard's version cannot grow any more.
+    #[error("the shard is at version {0}, the last there is; no update can follow")]
+    LastVersion(u64),
+    /// Sync mode: a push for another step than the shard's.
+    #[error("push for step {step}, but the shard is at step {at}")]
+    PushStep {
+        /// The push's step.
+        step: u64,
+        /// The shard's.
+        at: u64,
+    },
+    /// A worker rank beyond the plan's workers.
+    #[error("worker rank {0} is not in the plan")]
+    NotInPlan(u32),
+    /// Sync mode: a second push of one worker for one step.
+    #[error("worker {rank} pushed twice for step {step}")]
+    PushedTwice {
+        /// The worker.
+        rank: u32,
+        /// The step.
+        step: u64,
+    },
+    /// Initial values in a job that starts from signed weights.
+    #[error(
+        "this job starts from the signed weights of [model] init; a worker may not replace them \
+         (a program's `init` values are ignored in such a job)"
+    )]
+    SignedInit,
+    /// Initial values from a worker other than 0.
+    #[error("only worker 0 sets initial values")]
+    InitNotWorker0,
+    /// Initial values after training began.
+    #[error("initial values after {0} update(s); init comes before training")]
+    InitAfterUpdates(u64),
+    /// Initial values of another length than the shard.
+    #[error("initial values for {got} parameters, but this shard holds {holds}")]
+    InitLength {
+        /// Values given.
+        got: usize,
+        /// Values of the shard.
+        holds: usize,
+    },
+    /// A pull for a version more than one update ahead.
+    #[error("pull for version {min_version}, but the shard is at {current}")]
+    PullAhead {
+        /// The version asked for.
+        min_version: u64,
+        /// The shard's.
+        current: u64,
+    },
+    /// A checkpoint asked for by a worker other than 0.
+    #[error("only worker 0 may ask for a checkpoint")]
+    CheckpointNotWorker0,
+    /// A checkpoint in a job without `[checkpoint]`.
+    #[error("this job takes no checkpoints ([checkpoint] is not set)")]
+    NoCheckpoints,
+    /// A checkpoint of a step not after the last one's.
+    #[error("checkpoint of step {step} asked for, but step {last} came before it; each checkpoint is of a later step")]
+    CheckpointNotLater {
+        /// The step asked for.
+        step: u64,
+        /// The last checkpoint's.
+        last: u64,
+    },
+    /// Sync mode: a checkpoint of another step than the shard's.
+    #[error("checkpoint of step {step} asked for, but the shard is at step {at}")]
+    CheckpointStep {
+        /// The step asked for.
+        step: u64,
+        /// The shard's.
+        at: u64,
+    },
+    /// A checkpoint of another step than worker 0 pushed.
+    #[error("checkpoint of step {step} asked for, but worker 0 has pushed {pushed} steps")]
+    CheckpointNotPushed {
+        /// The step asked for.
+        step: u64,
+        /// Steps worker 0 pushed.
+        pushed: u64,
+    },
+    /// The checkpoint writer is gone.
+    #[error("the checkpoint writer stopped")]
+    WriterStopped,
+}
+
+/// Why this server could not write its part of a checkpoint; the
+/// scheduler is told this text, and training goes on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum CheckpointWriteError {
+    /// The step's directory could not be made.
+    #[error("{}: {source}", dir.display())]
+    StepDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A manifest an abandoned run left in the step could not be removed.
+    #[error("{0}")]
+    StaleManifest(#[source] std::io::Error),
+    /// The shard file could not be written.
+    #[error(transparent)]
+    Shard(#[from] CheckpointError),
+    /// The blocking task writing it failed.
+    #[error("the checkpoint writer failed: {0}")]
+    Writer(#[source] tokio::task::JoinError),
+    /// The step number cannot grow any more.
+    #[error("checkpoint step {0} is the last there is")]
+    LastStep(u64),
+    /// The step's manifest could not be written.
+    #[error("checkpoint step {step}: {source}")]
+    Manifest {
+        /// The step.
+        step: u64,
+        /// Cause.
+        #[source]
+        source: CheckpointError,
+    },
+    /// Older steps could not be deleted.
+    #[error("checkpoint retention in {}: {source}", dir.display())]
+    Retention {
+        /// The series directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking task committing it failed.
+    #[error("{0}")]
+    Committer(#[source] tokio::task::JoinError),
+}
+
+/// Why a worker's connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    /// The connection failed.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The server refused a request.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
 
 /// The shard and its update state.
 ///
@@ -87,14 +252,14 @@ impl Shard {
     /// In sync mode the body is kept until every worker's is in: it is
     /// swapped into the shard, and `body` comes back holding a spare
     /// buffer (no copy of the gradient).
-    fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), String> {
-        let (step, grad) = push_view(body).map_err(|e| e.to_string())?;
+    fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), Refusal> {
+        let (step, grad) = push_view(body)?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if grad.len() != st.params.len() {
-            return Err(format!("push of {} values, but this shard holds {}", grad.len(), st.params.len()));
+            return Err(Refusal::PushLength { got: grad.len(), holds: st.params.len() });
         }
         let Some(next) = st.version.checked_add(1) else {
-            return Err(format!("the shard is at version {}, the last there is; no update can follow", st.version));
+            return Err(Refusal::LastVersion(st.version));
         };
         match self.mode {
             SyncMode::Async => {
@@ -104,14 +269,14 @@ impl Shard {
             }
             SyncMode::Sync => {
                 if step != st.version {
-                    return Err(format!("push for step {step}, but the shard is at step {}", st.version));
+                    return Err(Refusal::PushStep { step, at: st.version });
                 }
                 let r = rank as usize;
                 if r >= st.pushed.len() {
-                    return Err(format!("worker rank {rank} is not in the plan"));
+                    return Err(Refusal::NotInPlan(rank));
                 }
                 if st.pushed[r] {
-                    return Err(format!("worker {rank} pushed twice for step {step}"));
+                    return Err(Refusal::PushedTwice { rank, step });
                 }
                 st.pushed[r] = true;
                 st.count_step_of(rank);
@@ -134,25 +299,19 @@ impl Shard {
     }
 
     /// Worker 0's initial values (an external model's `init`), before any update.
-    fn set_params(&self, rank: u32, data: Vec<f32>) -> Result<(), String> {
+    fn set_params(&self, rank: u32, data: Vec<f32>) -> Result<(), Refusal> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.signed_init {
-            return Err("this job starts from the signed weights of [model] init; a worker may not replace them \
-                        (a program's `init` values are ignored in such a job)"
-                .into());
+            return Err(Refusal::SignedInit);
         }
         if rank != 0 {
-            return Err("only worker 0 sets initial values".into());
+            return Err(Refusal::InitNotWorker0);
         }
         if st.version != 0 || st.count != 0 {
-            return Err(format!("initial values after {} update(s); init comes before training", st.version));
+            return Err(Refusal::InitAfterUpdates(st.version));
         }
         if data.len() != st.params.len() {
-            return Err(format!(
-                "initial values for {} parameters, but this shard holds {}",
-                data.len(),
-                st.params.len()
-            ));
+            return Err(Refusal::InitLength { got: data.len(), holds: st.params.len() });
         }
         st.params = data;
         drop(st);
@@ -167,26 +326,33 @@ impl Shard {
     /// `step` is the number of steps worker 0 pushed, and later than the
     /// last checkpoint's: one checkpoint per step at most, so worker 0
     /// cannot make the server copy and write its state faster than it trains.
-    fn snapshot(&self, step: u64) -> Result<crate::checkpoint::ShardState, String> {
+    fn snapshot(&self, step: u64) -> Result<crate::checkpoint::ShardState, Refusal> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if step <= st.last_checkpoint {
-            return Err(format!(
-                "checkpoint of step {step} asked for, but step {} came before it; each checkpoint is of a later step",
-                st.last_checkpoint
-            ));
+            return Err(Refusal::CheckpointNotLater { step, last: st.last_checkpoint });
         }
         if self.mode == SyncMode::Sync && st.version != step {
-            return Err(format!("checkpoint of step {step} asked for, but the shard is at step {}", st.version));
+            return Err(Refusal::CheckpointStep { step, at: st.version });
         }
         if st.worker0_steps != step {
-            return Err(format!(
-                "checkpoint of step {step} asked for, but worker 0 has pushed {} steps",
-                st.worker0_steps
-            ));
+            return Err(Refusal::CheckpointNotPushed { step, pushed: st.worker0_steps });
         }
         st.last_checkpoint = step;
         let (t, slots) = st.opt.state();
         Ok(crate::checkpoint::ShardState { t, params: st.params.clone(), slots })
+    }
+
+    /// Waits until the shard reaches `min_version`; a pull more than one
+    /// update ahead could wait forever and is refused.
+    async fn reach(&self, min_version: u64) -> Result<(), Refusal> {
+        let mut rx = self.version.subscribe();
+        let current = *rx.borrow();
+        if min_version > current.saturating_add(1) {
+            return Err(Refusal::PullAhead { min_version, current });
+        }
+        // The sender lives as long as the shard, so this only ends on success.
+        let _ = rx.wait_for(|v| *v >= min_version).await;
+        Ok(())
     }
 
     /// The encoded params frame of the current version.
@@ -221,9 +387,39 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
         sched.send(&Message::Resumable { steps }).await?;
     }
     let (spec, restored) = await_start(&ctx, &mut from_sched, silence, place).await?;
+    let shard = Arc::new(starting_shard(&ctx, place, spec, restored, initial)?);
+    tracing::info!("serving parameters {:?} with {spec:?}", ctx.plan.shard(place.rank));
+    ctx.emit(crate::control::Event::Started);
+
+    let (writer, snapshots, mut saved_rx) = start_writer(&ctx, place);
+    let accept = accept_workers(&ctx, listener, shard, snapshots)?;
+    let result = follow_scheduler(&ctx, &sched, &mut from_sched, &mut saved_rx, silence, place.shards).await;
+    accept.abort();
+    if let Some(w) = writer {
+        // The scheduler waits for every requested checkpoint to commit
+        // before the shutdown: a write still going on means the job failed,
+        // and its temporary file never counts.
+        w.abort();
+    }
+    if result.is_ok() {
+        end_of_job_retention(&ctx).await;
+    }
+    result
+}
+
+/// The shard training starts from: a checkpoint's state when resuming,
+/// else the initial weights (signed ones, or the model's from the seed).
+fn starting_shard(
+    ctx: &RoleCtx,
+    place: ShardPlace,
+    spec: OptimizerSpec,
+    restored: Option<(u64, crate::checkpoint::ShardState)>,
+    initial: Option<Vec<f32>>,
+) -> Result<Shard, RoleError> {
     let (version, params, opt) = match restored {
         Some((step, st)) => {
-            let opt = ShardOptimizer::restore(spec, place.len, st.t, st.slots).map_err(RoleError::new)?;
+            let opt =
+                ShardOptimizer::restore(spec, place.len, st.t, st.slots).map_err(|e| RoleError::new(e.to_string()))?;
             tracing::info!("resumed from checkpoint step {step}");
             (step, st.params, opt)
         }
@@ -233,26 +429,40 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
         }
     };
     let workers = ctx.plan.count(Role::Worker) as usize;
-    let shard = Arc::new(Shard {
+    Ok(Shard {
         state: Mutex::new(ShardState::new(params, workers, version, opt)),
         version: watch::Sender::new(version),
         workers,
         mode: ctx.spec.training.mode,
         signed_init: ctx.spec.init.is_some(),
         frame: Mutex::new(None),
-    });
-    tracing::info!("serving parameters {:?} with {spec:?}", ctx.plan.shard(place.rank));
-    ctx.emit(crate::control::Event::Started);
+    })
+}
 
-    // Checkpoints: connection tasks snapshot the state and queue it (at most
-    // one waiting: a slow disk slows training rather than filling memory);
-    // one writer encrypts and writes them in turn.
+/// What the checkpoint writer reports: each step's record, or why it failed.
+type Saved = mpsc::Receiver<(u64, Result<ShardRecord, CheckpointWriteError>)>;
+
+/// Starts the checkpoint writer of a job with `[checkpoint]`: connection
+/// tasks snapshot the state and queue it (at most one waiting: a slow disk
+/// slows training rather than filling memory); the writer encrypts and
+/// writes them in turn and reports each.
+fn start_writer(ctx: &RoleCtx, place: ShardPlace) -> (Option<tokio::task::JoinHandle<()>>, Snapshots, Saved) {
     let (snap_tx, snap_rx) = mpsc::channel::<(u64, crate::checkpoint::ShardState)>(1);
-    let (saved_tx, mut saved_rx) = mpsc::channel::<(u64, Result<ShardRecord, String>)>(4);
+    let (saved_tx, saved_rx) = mpsc::channel(4);
     let (rank, shards) = (place.rank, place.shards);
     let writer = ctx.checkpoint.clone().map(|ck| tokio::spawn(write_loop(ck, rank, shards, snap_rx, saved_tx)));
     let snapshots = writer.as_ref().map(|_| snap_tx);
+    (writer, snapshots, saved_rx)
+}
 
+/// Serves the workers on `listener`, each connection on a task of its own;
+/// one that fails is logged (at a bounded rate) and dropped.
+fn accept_workers(
+    ctx: &RoleCtx,
+    listener: TcpListener,
+    shard: Arc<Shard>,
+    snapshots: Snapshots,
+) -> Result<tokio::task::JoinHandle<()>, RoleError> {
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Worker], ctx.limits())?;
     let log = Arc::new(RateLimitedLog::default());
     let serve = {
@@ -267,46 +477,44 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
             }
         }
     };
-    let accept = tokio::spawn(super::accept_loop(listener, acceptor, log, serve));
-    let result = loop {
+    Ok(tokio::spawn(super::accept_loop(listener, acceptor, log, serve)))
+}
+
+/// Until the scheduler ends the job: commits the checkpoints it announces
+/// and tells it what the writer saved or failed to save.
+async fn follow_scheduler(
+    ctx: &RoleCtx,
+    sched: &super::SchedLink,
+    from_sched: &mut mpsc::Receiver<Result<Message, RoleError>>,
+    saved: &mut Saved,
+    silence: Duration,
+    shards: u32,
+) -> Result<(), RoleError> {
+    let lost = |e: RoleError| RoleError::new(format!("lost the scheduler: {e}"));
+    loop {
         tokio::select! {
-            m = next(&mut from_sched, silence) => match m {
-                Ok(Message::Shutdown) => break Ok(()),
-                Ok(Message::Abort { reason }) => break Err(RoleError::aborted(&reason)),
+            m = next(from_sched, silence) => match m {
+                Ok(Message::Shutdown) => return Ok(()),
+                Ok(Message::Abort { reason }) => return Err(RoleError::aborted(&reason)),
                 Ok(Message::CheckpointCommit { step, shards: records }) => {
-                    let Some(reply) = commit_step(&ctx, step, shards, records).await else { continue };
-                    if let Err(e) = sched.send(&reply).await {
-                        break Err(RoleError::new(format!("lost the scheduler: {e}")));
-                    }
+                    let Some(reply) = commit_step(ctx, step, shards, records).await else { continue };
+                    sched.send(&reply).await.map_err(lost)?;
                 }
                 Ok(Message::SetOptimizer(_)) => {
-                    break Err(RoleError::new("changing the optimizer during training is not supported"));
+                    return Err(RoleError::new("changing the optimizer during training is not supported"));
                 }
                 Ok(m) => tracing::warn!("ignoring unexpected `{}` from the scheduler", m.name()),
-                Err(e) => break Err(RoleError { message: format!("lost the scheduler: {}", e.message), ..e }),
+                Err(e) => return Err(RoleError { message: format!("lost the scheduler: {}", e.message), ..e }),
             },
-            Some((step, outcome)) = saved_rx.recv() => {
+            Some((step, outcome)) = saved.recv() => {
                 let msg = match outcome {
                     Ok(r) => Message::CheckpointSaved { step, record: to_digest(&r) },
-                    Err(reason) => Message::CheckpointFailed { step, reason },
+                    Err(e) => Message::CheckpointFailed { step, reason: e.to_string() },
                 };
-                if let Err(e) = sched.send(&msg).await {
-                    break Err(RoleError::new(format!("lost the scheduler: {e}")));
-                }
+                sched.send(&msg).await.map_err(lost)?;
             }
         }
-    };
-    accept.abort();
-    if let Some(w) = writer {
-        // The scheduler waits for every requested checkpoint to commit
-        // before the shutdown: a write still going on means the job failed,
-        // and its temporary file never counts.
-        w.abort();
     }
-    if result.is_ok() {
-        end_of_job_retention(&ctx).await;
-    }
-    result
 }
 
 /// Where this server's shard sits in the job.
@@ -388,11 +596,12 @@ async fn commit_step(ctx: &RoleCtx, step: u64, shards: u32, records: Vec<ShardDi
     let keep = ctx.spec.checkpoint.as_ref().map_or(1, |c| c.keep_last);
     let done = tokio::task::spawn_blocking(move || commit(&ck, step, shards, &records, keep))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(CheckpointWriteError::Committer)
         .and_then(|r| r);
     Some(match done {
         Ok(()) => Message::CheckpointCommitted { step },
-        Err(reason) => {
+        Err(e) => {
+            let reason = e.to_string();
             tracing::warn!("{reason}");
             Message::CheckpointFailed { step, reason }
         }
@@ -440,25 +649,27 @@ async fn write_loop(
     rank: u32,
     shards: u32,
     mut rx: mpsc::Receiver<(u64, crate::checkpoint::ShardState)>,
-    done: mpsc::Sender<(u64, Result<ShardRecord, String>)>,
+    done: mpsc::Sender<(u64, Result<ShardRecord, CheckpointWriteError>)>,
 ) {
     while let Some((step, state)) = rx.recv().await {
         let ck = ck.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let dir = crate::checkpoint::step_dir(&ck.series_dir, step);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| CheckpointWriteError::StepDir { dir: dir.clone(), source })?;
             // A manifest left by an abandoned run of this series no longer describes this step.
             match std::fs::remove_file(dir.join(crate::checkpoint::MANIFEST)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.to_string()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(CheckpointWriteError::StaleManifest(e));
+                }
                 _ => {}
             }
             let at = Placement { job: ck.series.clone(), step, shard: rank, shards };
             let path = dir.join(crate::checkpoint::shard_file(rank));
-            crate::checkpoint::write_shard(&path, &ck.key, &at, &state, crate::checkpoint::DEFAULT_CHUNK)
-                .map_err(|e| e.to_string())
+            Ok(crate::checkpoint::write_shard(&path, &ck.key, &at, &state, crate::checkpoint::DEFAULT_CHUNK)?)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("the checkpoint writer failed: {e}")));
+        .unwrap_or_else(|e| Err(CheckpointWriteError::Writer(e)));
         if let Err(e) = &outcome {
             tracing::warn!("checkpoint step {step}: {e}");
         }
@@ -469,9 +680,15 @@ async fn write_loop(
 }
 
 /// Writes the manifest of a committed step, then applies `keep_last`.
-fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], keep: usize) -> Result<(), String> {
+fn commit(
+    ck: &CheckpointCtx,
+    step: u64,
+    shards: u32,
+    records: &[ShardDigest],
+    keep: usize,
+) -> Result<(), CheckpointWriteError> {
     // Retention spares the steps after this one, which may still be written.
-    let after = step.checked_add(1).ok_or_else(|| format!("checkpoint step {step} is the last there is"))?;
+    let after = step.checked_add(1).ok_or(CheckpointWriteError::LastStep(step))?;
     let files = records
         .iter()
         .map(|d| ShardRecord {
@@ -483,9 +700,10 @@ fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], k
         .collect();
     let m = Manifest { format: 1, job_id: ck.series.clone(), step, shards, key_id: ck.key.id_hex(), files };
     let dir = crate::checkpoint::step_dir(&ck.series_dir, step);
-    crate::checkpoint::write_manifest(&dir, &ck.key, &m).map_err(|e| format!("checkpoint step {step}: {e}"))?;
+    crate::checkpoint::write_manifest(&dir, &ck.key, &m)
+        .map_err(|source| CheckpointWriteError::Manifest { step, source })?;
     let deleted = crate::checkpoint::prune(&ck.series_dir, keep, Some(after))
-        .map_err(|e| format!("checkpoint retention in {}: {e}", ck.series_dir.display()))?;
+        .map_err(|source| CheckpointWriteError::Retention { dir: ck.series_dir.clone(), source })?;
     if !deleted.is_empty() {
         tracing::info!("checkpoint step {step} complete; deleted steps {deleted:?} (keep_last = {keep})");
     }
@@ -494,112 +712,126 @@ fn commit(ck: &CheckpointCtx, step: u64, shards: u32, records: &[ShardDigest], k
 
 type Snapshots = Option<mpsc::Sender<(u64, crate::checkpoint::ShardState)>>;
 
+/// Serves one worker until it closes its connection; a refused request
+/// ends the connection (the worker is told why).
 async fn serve_worker(
     mut conn: ServerConn,
     first: Message,
     shard: &Shard,
     snapshots: Snapshots,
-) -> Result<(), ConnError> {
+) -> Result<(), ServeError> {
     let rank = conn.peer().rank;
     // The first message arrived decoded (it came through the deadline check).
     let mut pending = Some(first);
     let mut spare = Vec::new();
     loop {
-        let outcome = match pending.take() {
-            Some(Message::Push { step, data }) => {
-                let mut raw = Vec::new();
-                crate::wire::encode_push(step, &data, crate::wire::Encoding::F32, 0.0, &mut [], &mut raw);
-                Action::Push(raw.split_off(crate::wire::HEADER_LEN))
-            }
-            Some(Message::Pull { min_version }) => Action::Pull(min_version),
-            Some(Message::Checkpoint { step }) => Action::Checkpoint(step),
-            Some(Message::SetParams { data }) => Action::SetParams(data),
-            Some(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
-            None => match conn.recv_raw().await {
-                Ok(body) => match body[0] {
-                    // Hot path: straight from the received bytes, which
-                    // change places with a spare buffer instead of being copied.
-                    TAG_PUSH => {
-                        conn.swap_frame(&mut spare);
-                        let pushed = shard.push(rank, &mut spare);
-                        conn.swap_frame(&mut spare);
-                        match pushed {
-                            Ok(()) => continue,
-                            Err(why) => Action::Refuse(why),
-                        }
-                    }
-                    _ => match Message::decode(body) {
-                        Ok(Message::Pull { min_version }) => Action::Pull(min_version),
-                        Ok(Message::Checkpoint { step }) => Action::Checkpoint(step),
-                        Ok(Message::SetParams { data }) => Action::SetParams(data),
-                        Ok(other) => Action::Refuse(format!("`{}` is not something a server accepts", other.name())),
-                        Err(e) => Action::Refuse(e.to_string()),
-                    },
-                },
-                Err(ConnError::Closed(_)) => return Ok(()),
+        let action = match pending.take() {
+            Some(m) => Action::of(m),
+            None => match receive(&mut conn, shard, rank, &mut spare).await {
+                Ok(Some(action)) => action,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     conn.refuse_for(&e).await;
-                    return Err(e);
+                    return Err(e.into());
                 }
             },
         };
-        match outcome {
-            Action::Push(mut body) => {
-                if let Err(why) = shard.push(rank, &mut body) {
-                    conn.refuse(&why).await;
-                    return Err(ConnError::Setup(why));
-                }
+        let reply = match act(shard, rank, &snapshots, action).await {
+            Ok(reply) => reply,
+            Err(why) => {
+                conn.refuse(&why.to_string()).await;
+                return Err(why.into());
             }
-            Action::Pull(min_version) => {
-                let mut rx = shard.version.subscribe();
-                let current = *rx.borrow();
-                if min_version > current.saturating_add(1) {
-                    let why = format!("pull for version {min_version}, but the shard is at {current}");
-                    conn.refuse(&why).await;
-                    return Err(ConnError::Setup(why));
-                }
-                // The sender lives as long as the shard, so this only ends on success.
-                let _ = rx.wait_for(|v| *v >= min_version).await;
-                let frame = shard.params_frame();
-                conn.send_frame(&frame).await?;
-            }
-            Action::SetParams(data) => {
-                if let Err(why) = shard.set_params(rank, data) {
-                    conn.refuse(&why).await;
-                    return Err(ConnError::Setup(why));
-                }
-                let frame = shard.params_frame();
-                conn.send_frame(&frame).await?;
-            }
-            Action::Checkpoint(step) => {
-                let why = match (&snapshots, rank) {
-                    (_, r) if r != 0 => Some("only worker 0 may ask for a checkpoint".to_string()),
-                    (None, _) => Some("this job takes no checkpoints ([checkpoint] is not set)".to_string()),
-                    (Some(tx), _) => match shard.snapshot(step) {
-                        // Waits while an earlier checkpoint is still queued.
-                        Ok(state) => tx.send((step, state)).await.err().map(|_| "the checkpoint writer stopped".into()),
-                        Err(why) => Some(why),
-                    },
-                };
-                if let Some(why) = why {
-                    conn.refuse(&why).await;
-                    return Err(ConnError::Setup(why));
-                }
-            }
-            Action::Refuse(why) => {
-                conn.refuse(&why).await;
-                return Err(ConnError::Setup(why));
-            }
+        };
+        if reply == Reply::Params {
+            let frame = shard.params_frame();
+            conn.send_frame(&frame).await?;
         }
     }
 }
 
+/// The worker's next request, `None` once it closed the connection, or why
+/// it could not be received (the caller tells the worker). A push
+/// is applied here, straight from the received bytes, which change places
+/// with a spare buffer instead of being copied (the hot path).
+async fn receive(
+    conn: &mut ServerConn,
+    shard: &Shard,
+    rank: u32,
+    spare: &mut Vec<u8>,
+) -> Result<Option<Action>, ConnError> {
+    match conn.recv_raw().await {
+        Ok(body) if body[0] == TAG_PUSH => {
+            conn.swap_frame(spare);
+            let pushed = shard.push(rank, spare);
+            conn.swap_frame(spare);
+            Ok(Some(pushed.map_or_else(Action::Refuse, |()| Action::Pushed)))
+        }
+        Ok(body) => Ok(Some(Message::decode(body).map_or_else(|e| Action::Refuse(e.into()), Action::of))),
+        Err(ConnError::Closed(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Carries out one request of worker `rank`: what to send back, or why it
+/// is refused.
+async fn act(shard: &Shard, rank: u32, snapshots: &Snapshots, action: Action) -> Result<Reply, Refusal> {
+    match action {
+        Action::Pushed => Ok(Reply::Nothing),
+        Action::Push(mut body) => shard.push(rank, &mut body).map(|()| Reply::Nothing),
+        Action::Pull(min_version) => shard.reach(min_version).await.map(|()| Reply::Params),
+        Action::SetParams(data) => shard.set_params(rank, data).map(|()| Reply::Params),
+        Action::Checkpoint(step) => queue_checkpoint(shard, rank, snapshots, step).await.map(|()| Reply::Nothing),
+        Action::Refuse(why) => Err(why),
+    }
+}
+
+/// Worker 0's request for checkpoint `step`: the shard's state is copied
+/// and queued for the writer (waiting while an earlier one is still queued).
+async fn queue_checkpoint(shard: &Shard, rank: u32, snapshots: &Snapshots, step: u64) -> Result<(), Refusal> {
+    if rank != 0 {
+        return Err(Refusal::CheckpointNotWorker0);
+    }
+    let Some(tx) = snapshots else { return Err(Refusal::NoCheckpoints) };
+    let state = shard.snapshot(step)?;
+    tx.send((step, state)).await.map_err(|_| Refusal::WriterStopped)
+}
+
+/// A worker's request.
 enum Action {
+    /// A push already applied (see [`receive`]).
+    Pushed,
+    /// A push body to apply.
     Push(Vec<u8>),
     Pull(u64),
     Checkpoint(u64),
     SetParams(Vec<f32>),
-    Refuse(String),
+    Refuse(Refusal),
+}
+
+impl Action {
+    /// What a decoded message asks of the server.
+    fn of(m: Message) -> Action {
+        match m {
+            Message::Push { step, data } => {
+                let mut raw = Vec::new();
+                crate::wire::encode_push(step, &data, crate::wire::Encoding::F32, 0.0, &mut [], &mut raw);
+                Action::Push(raw.split_off(crate::wire::HEADER_LEN))
+            }
+            Message::Pull { min_version } => Action::Pull(min_version),
+            Message::Checkpoint { step } => Action::Checkpoint(step),
+            Message::SetParams { data } => Action::SetParams(data),
+            other => Action::Refuse(Refusal::NotAccepted(other.name())),
+        }
+    }
+}
+
+/// What a server sends back for a request it carried out.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Nothing,
+    /// The shard's current parameters.
+    Params,
 }
 
 #[cfg(test)]
@@ -629,19 +861,19 @@ mod tests {
     #[test]
     fn worker_0_asks_for_one_checkpoint_per_step_it_pushed() {
         let s = shard(SyncMode::Async, 2, 0);
-        assert!(s.snapshot(5).unwrap_err().contains("worker 0 has pushed 0 steps"));
+        assert!(s.snapshot(5).unwrap_err().to_string().contains("worker 0 has pushed 0 steps"));
         s.push(1, &mut push_body(0)).unwrap();
         assert!(s.snapshot(1).is_err(), "worker 1's push is not worker 0's step");
         s.push(0, &mut push_body(0)).unwrap();
         s.snapshot(1).unwrap();
-        assert!(s.snapshot(1).unwrap_err().contains("each checkpoint is of a later step"));
+        assert!(s.snapshot(1).unwrap_err().to_string().contains("each checkpoint is of a later step"));
         assert!(s.snapshot(2).is_err());
         s.push(0, &mut push_body(1)).unwrap();
         s.snapshot(2).unwrap();
         // Sync mode: worker 0's push counts when it arrives, the step when all are in.
         let s = shard(SyncMode::Sync, 2, 0);
         s.push(0, &mut push_body(0)).unwrap();
-        assert!(s.snapshot(1).unwrap_err().contains("the shard is at step 0"));
+        assert!(s.snapshot(1).unwrap_err().to_string().contains("the shard is at step 0"));
         s.push(1, &mut push_body(0)).unwrap();
         s.snapshot(1).unwrap();
         s.push(1, &mut push_body(1)).unwrap();
@@ -656,7 +888,7 @@ mod tests {
         for mode in [SyncMode::Async, SyncMode::Sync] {
             let s = shard(mode, 1, u64::MAX);
             let why = s.push(0, &mut push_body(u64::MAX)).unwrap_err();
-            assert!(why.contains("the last there is"), "{why}");
+            assert!(why.to_string().contains("the last there is"), "{why}");
             assert_eq!(*s.version.borrow(), u64::MAX);
         }
         let dir = std::env::temp_dir().join(format!("warden-commit-wrap-{}", std::process::id()));
@@ -666,7 +898,7 @@ mod tests {
             series_dir: dir.clone(),
         };
         let why = commit(&ck, u64::MAX, 1, &[], 1).unwrap_err();
-        assert!(why.contains("the last there is"), "{why}");
+        assert!(why.to_string().contains("the last there is"), "{why}");
         assert!(!dir.exists(), "nothing written for a step that cannot be committed");
     }
 }

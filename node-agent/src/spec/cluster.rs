@@ -535,9 +535,20 @@ fn is_host_name(name: &str) -> bool {
 
 const HOST_NAME_HELP: &str = "host names are 1-64 letters, digits, '-', '_', '.' or ':'";
 
+/// Why a host name has no address here.
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    /// The resolver failed.
+    #[error("{0}")]
+    Lookup(#[source] std::io::Error),
+    /// The resolver knows the name but gave no address.
+    #[error("no address")]
+    NoAddress,
+}
+
 /// A host name's address as this machine resolves it (IPv4 first).
-fn resolve(name: &str) -> Result<IpAddr, String> {
+fn resolve(name: &str) -> Result<IpAddr, ResolveError> {
     use std::net::ToSocketAddrs;
-    let addrs: Vec<IpAddr> = (name, 22).to_socket_addrs().map_err(|e| e.to_string())?.map(|a| a.ip()).collect();
-    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| "no address".to_string())
+    let addrs: Vec<IpAddr> = (name, 22).to_socket_addrs().map_err(ResolveError::Lookup)?.map(|a| a.ip()).collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(ResolveError::NoAddress)
 }
