@@ -26,6 +26,7 @@ use crate::rundir::{EpochRow, RunDir, Summary};
 macro_rules! say_fmt {
     ($($arg:tt)*) => { say(&format!($($arg)*)) };
 }
+use crate::error::Chain;
 use crate::transport::Transport;
 
 /// A launch failure before the job ran.
@@ -38,9 +39,28 @@ pub enum LaunchError {
     /// Something the user must fix before launching (missing data, run directory in use).
     #[error("{0}")]
     Input(String),
-    /// Local set-up failed.
-    #[error("{0}")]
-    Setup(String),
+    /// The run directory cannot be made (or holds a run already).
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
+    /// `--resume` names no run directory that can be read.
+    #[error("--resume")]
+    Resume(#[source] crate::rundir::RunDirError),
+    /// Local set-up failed: what was being done, and why.
+    #[error("{what}")]
+    Setup {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: crate::error::BoxError,
+    },
+}
+
+impl LaunchError {
+    /// A failed local set-up step.
+    fn setup(what: impl Into<String>, source: impl Into<crate::error::BoxError>) -> Self {
+        LaunchError::Setup { what: what.into(), source: source.into() }
+    }
 }
 
 /// Options of `warden launch`.
@@ -110,7 +130,7 @@ impl CheckpointPlan {
                     .into(),
             ));
         }
-        let run = crate::rundir::RunRecord::load(dir).map_err(|e| LaunchError::Input(format!("--resume: {e}")))?;
+        let run = crate::rundir::RunRecord::load(dir).map_err(LaunchError::Resume)?;
         let series = run.checkpoint_series.unwrap_or(run.job_id);
         let old_seed = run.seed;
         if let Some(seed) = spec.seed
@@ -216,13 +236,13 @@ pub async fn launch(
     let checkpoints = CheckpointPlan::new(&spec, &plan.job_id, opts.resume.as_deref())?;
     let signer = spec.signing.as_ref().map(load_signer).transpose()?;
     let seed = checkpoints.seed.or(spec.seed).unwrap_or_else(warden_agent::secure_random::u64);
-    let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
+    let run = RunDir::create(opts.run_dir.clone(), &spec.name)?;
     let resumed_from = opts.resume.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
     let lineage = crate::rundir::Lineage {
         checkpoint_series: checkpoints.series.as_ref(),
         resumed_from: resumed_from.as_deref(),
     };
-    run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| written(&run, e))?;
     let transport = transport_for(&run);
     if opts.epoch_lines {
         announce(&spec, &plan, &run);
@@ -261,11 +281,16 @@ fn announce(spec: &JobSpec, plan: &Plan, run: &RunDir) {
     );
 }
 
+/// A file of the run directory could not be written.
+fn written(run: &RunDir, e: std::io::Error) -> LaunchError {
+    LaunchError::setup(format!("cannot write to {}", run.path().display()), e)
+}
+
 /// The job file's directory, absolute: relative paths in it start there.
 fn job_base_dir(job: &Path) -> Result<PathBuf, LaunchError> {
     // `job.toml` has the parent "", which is the current directory.
     let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::path::absolute(parent).map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))
+    std::path::absolute(parent).map_err(|e| LaunchError::setup("cannot resolve the job file's directory", e))
 }
 
 /// Runs attempts until one ends for good: a process failure under
@@ -290,11 +315,11 @@ async fn run_attempts(
         let resume = resuming || !acc.saved.is_empty() || acc.resumed;
         let logs = if number == 0 { run.logs() } else { run.logs().join(format!("restart-{number}")) };
         std::fs::create_dir_all(&logs)
-            .map_err(|e| LaunchError::Setup(format!("cannot create {}: {e}", logs.display())))?;
+            .map_err(|e| LaunchError::setup(format!("cannot create {}", logs.display()), e))?;
         let end = run_attempt(ctx, &logs, resume, acc, &mut signals).await?;
         if let Some(last) = restarts.last_mut() {
             last.resumed_from_step = end.resumed_step;
-            run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+            run.write_restarts(&restarts).map_err(|e| written(run, e))?;
         }
         match &end.failure {
             Some(cause) if end.restartable && number < max_restarts => {
@@ -316,7 +341,7 @@ async fn run_attempts(
                     processes: end.processes.clone(),
                     resumed_from_step: None,
                 });
-                run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                run.write_restarts(&restarts).map_err(|e| written(run, e))?;
             }
             _ => return Ok((end, restarts)),
         }
@@ -378,7 +403,7 @@ fn conclude(
         restarts,
         processes: end.processes,
     };
-    run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    run.write_summary(&summary).map_err(|e| written(run, e))?;
     Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
 }
 
@@ -577,7 +602,7 @@ async fn run_attempt(
     // processes are worthless to the next one.
     let ca = Arc::new(
         JobCa::new(&ctx.plan.job_id, Duration::from_secs(u64::from(ctx.spec.max_hours) * 3600))
-            .map_err(|e| LaunchError::Setup(e.to_string()))?,
+            .map_err(|e| LaunchError::setup("cannot make the job's CA", e))?,
     );
     let mut failure = Failures::default();
     // Every host first: the job's uid and firewall table, so that no
@@ -920,9 +945,9 @@ impl<'w, 'a> Watch<'w, 'a> {
             if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
                 acc.rows.retain(|r| r.epoch < row.epoch);
                 acc.rows.push(row);
-                self.ctx.run.write_metrics(&acc.rows).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.write_metrics(&acc.rows).map_err(|e| written(self.ctx.run, e))?;
             } else {
-                self.ctx.run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.append_metrics(&row).map_err(|e| written(self.ctx.run, e))?;
                 acc.rows.push(row);
             }
             self.epochs.pop_first();
@@ -945,7 +970,10 @@ impl<'w, 'a> Watch<'w, 'a> {
             match self.ctx.transport.fetch_dir(&procs[i].planned, &path, &self.ctx.run.model_dir(), limits).await {
                 Ok(()) => self.model_fetched = true,
                 Err(e) => {
-                    failure.add(Cause::Setup, format!("cannot fetch the model from {}: {e}", procs[i].planned.label()));
+                    failure.add(
+                        Cause::Setup,
+                        format!("cannot fetch the model from {}: {}", procs[i].planned.label(), Chain(&e)),
+                    );
                     stop_all(procs).await;
                 }
             }
@@ -991,7 +1019,9 @@ async fn set_up_hosts(
                 }
                 set_up.insert(name, setup.uid);
             }
-            Ok((name, Err(e))) => errors.push(format!("{name}: cannot set up the job's uid and firewall: {e}")),
+            Ok((name, Err(e))) => {
+                errors.push(format!("{name}: cannot set up the job's uid and firewall: {}", Chain(&e)))
+            }
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -1043,7 +1073,9 @@ async fn tear_down_hosts(
                         tracing::warn!("cleanup on {}: {e}", p.label());
                     }
                 }
-                torn.map_err(|e| format!("cannot end the job's processes and remove firewall table {table}: {e}"))
+                torn.map_err(|e| {
+                    format!("cannot end the job's processes and remove firewall table {table}: {}", Chain(&e))
+                })
             };
             let result = tokio::time::timeout(TEARDOWN_DEADLINE, work).await.unwrap_or_else(|_| {
                 Err(format!(
