@@ -688,7 +688,7 @@ async fn start_processes(
     while let Some(joined) = starts.join_next().await {
         match joined {
             Ok((i, _, Ok(proc_))) => started.push((i, proc_)),
-            Ok((_, p, Err(e))) => failure.add(Cause::Setup, format!("{}: {e}", p.label())),
+            Ok((_, p, Err(e))) => failure.add(Cause::Setup, format!("{}: {}", p.label(), Chain(&e))),
             Err(e) => failure.add(Cause::Setup, e.to_string()),
         }
     }
@@ -1118,6 +1118,20 @@ struct StartCtx {
 /// A process's log file, shared by the tasks that serve it.
 type Log = Arc<Mutex<tokio::fs::File>>;
 
+/// Why an agent could not be started.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The transport could not start it.
+    #[error(transparent)]
+    Spawn(std::io::Error),
+    /// Its log file cannot be made.
+    #[error("cannot create its log")]
+    Log(#[source] std::io::Error),
+    /// It did not take its bundle.
+    #[error("cannot send the bundle")]
+    Bundle(#[source] std::io::Error),
+}
+
 /// Starts one agent, sends its bundle, and spawns the tasks that serve it.
 async fn start_one(
     i: usize,
@@ -1126,16 +1140,13 @@ async fn start_one(
     ctx: &StartCtx,
     tx: mpsc::Sender<Report>,
     uid: Option<u32>,
-) -> Result<Proc, String> {
+) -> Result<Proc, StartError> {
     let StartCtx { transport, ca, logs, progress } = ctx;
-    let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
-    let log: Log = Arc::new(Mutex::new(
-        tokio::fs::File::create(logs.join(log_name(p))).await.map_err(|e| format!("cannot create its log: {e}"))?,
-    ));
+    let spawned = transport.spawn_agent(p).await.map_err(StartError::Spawn)?;
+    let log: Log =
+        Arc::new(Mutex::new(tokio::fs::File::create(logs.join(log_name(p))).await.map_err(StartError::Log)?));
     let stdin: ControlWriter = Arc::new(Mutex::new(Some(spawned.stdin)));
-    send_control(&stdin, &Control::Bundle(Box::new(bundle)))
-        .await
-        .map_err(|e| format!("cannot send the bundle: {e}"))?;
+    send_control(&stdin, &Control::Bundle(Box::new(bundle))).await.map_err(StartError::Bundle)?;
 
     // stderr -> log file, and the terminal with the process's label.
     tokio::spawn(copy_stderr(BufReader::new(spawned.stderr), log.clone(), p.label(), progress.clone()));
