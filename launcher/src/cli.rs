@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::error::{CliError, Context};
+
 /// Exit code for success.
 pub const EXIT_OK: u8 = 0;
 /// Exit code for a job that ran and failed.
@@ -322,7 +324,8 @@ pub enum BenchCommand {
     Checkpoint(crate::commands::bench::CheckpointArgs),
 }
 
-/// Parses arguments and runs the command; returns the exit code.
+/// Parses arguments and runs the command; returns the exit code. A
+/// command's error is printed here, and only here, with its causes.
 pub fn main() -> u8 {
     // Everything warden writes (run directories, logs, models, keys, state)
     // is its user's alone unless they share it.
@@ -334,83 +337,82 @@ pub fn main() -> u8 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    init_tracing();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprint!("{}", e.report());
+            e.code()
+        }
+    }
+}
+
+/// Logs to stderr at the level `WARDEN_LOG` names (default: warnings).
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
-    match cli.command {
+}
+
+/// Runs `command`: its exit code, or why it failed.
+fn run(command: Command) -> Result<u8, CliError> {
+    use crate::commands::{bench, checkpoint, firewall, launch, plan, run_dir, signing, validate};
+    match command {
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "warden", &mut std::io::stdout());
-            EXIT_OK
+            Ok(EXIT_OK)
         }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
-                Ok(()) => EXIT_OK,
-                Err(e) => {
-                    eprintln!("error: cannot write the manual page: {e}");
-                    EXIT_FAILED
-                }
-            }
-        }
-        Command::Validate { job } => crate::commands::validate::exec(&job),
-        Command::Plan { job, json, local } => crate::commands::plan::exec(&job, json, local),
+        Command::Man => man(),
+        Command::Validate { job } => validate::exec(&job),
+        Command::Plan { job, json, local } => plan::exec(&job, json, local),
         Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys, resume } => {
-            crate::commands::launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys, resume)
+            launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys, resume)
         }
-        Command::Doctor { job, accept_new_host_keys } => {
-            crate::commands::launch::exec_doctor(&job, accept_new_host_keys)
-        }
-        Command::Status { dir } => crate::commands::run_dir::exec_status(&dir),
-        Command::Logs { dir, follow, host, role } => {
-            crate::commands::run_dir::exec_logs(&dir, host.as_deref(), role.as_deref(), follow)
-        }
-        Command::Stop { dir } => crate::commands::run_dir::exec_stop(&dir),
-        Command::Bench(BenchCommand::Ps(args)) => crate::commands::bench::exec_ps(&args),
-        Command::Bench(BenchCommand::Worker(args)) => crate::commands::bench::exec_worker(&args),
-        Command::Bench(BenchCommand::Checkpoint(args)) => crate::commands::bench::exec_checkpoint(&args),
-        Command::Firewall(FirewallCommand::List) => crate::commands::firewall::exec_list(),
-        Command::Firewall(FirewallCommand::Clean { table }) => crate::commands::firewall::exec_clean(table.as_deref()),
+        Command::Doctor { job, accept_new_host_keys } => launch::exec_doctor(&job, accept_new_host_keys),
+        Command::Status { dir } => run_dir::exec_status(&dir),
+        Command::Logs { dir, follow, host, role } => run_dir::exec_logs(&dir, host.as_deref(), role.as_deref(), follow),
+        Command::Stop { dir } => run_dir::exec_stop(&dir),
+        Command::Bench(BenchCommand::Ps(args)) => bench::exec_ps(&args),
+        Command::Bench(BenchCommand::Worker(args)) => bench::exec_worker(&args),
+        Command::Bench(BenchCommand::Checkpoint(args)) => bench::exec_checkpoint(&args),
+        Command::Firewall(FirewallCommand::List) => firewall::exec_list(),
+        Command::Firewall(FirewallCommand::Clean { table }) => firewall::exec_clean(table.as_deref()),
         Command::Serve { model, pubkey, listen, config, tls_cert, tls_key } => {
-            let opts = crate::serve::ServeOptions { model, pubkey, listen, config, tls: tls_cert.zip(tls_key) };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return EXIT_FAILED;
-                }
-            };
-            match runtime.block_on(crate::serve::serve(opts)) {
-                Ok(()) => EXIT_OK,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    EXIT_USAGE
-                }
-            }
+            serve(crate::serve::ServeOptions { model, pubkey, listen, config, tls: tls_cert.zip(tls_key) })
         }
         Command::Apikey { id } => {
             let (key, entry) = crate::serve::new_api_key(&id);
             eprintln!("API key for `{id}` (shown once; give it to its user): {key}");
             print!("{entry}");
-            EXIT_OK
+            Ok(EXIT_OK)
         }
-        Command::Keygen { out, passphrase_env } => {
-            crate::commands::signing::exec_keygen(&out, passphrase_env.as_deref())
-        }
+        Command::Keygen { out, passphrase_env } => signing::exec_keygen(&out, passphrase_env.as_deref()),
         Command::Sign { model, key, signature, passphrase_env } => {
-            crate::commands::signing::exec_sign(&model, &key, signature.as_deref(), passphrase_env.as_deref())
+            signing::exec_sign(&model, &key, signature.as_deref(), passphrase_env.as_deref())
         }
-        Command::Verify { model, pubkey, signature } => {
-            crate::commands::signing::exec_verify(&model, &pubkey, signature.as_deref())
-        }
-        Command::Checkpoint(CheckpointCommand::Keygen { file }) => crate::commands::checkpoint::exec_keygen(&file),
-        Command::Checkpoint(CheckpointCommand::List { dir }) => crate::commands::checkpoint::exec_list(&dir),
-        Command::Checkpoint(CheckpointCommand::Verify { dir, key_file }) => {
-            crate::commands::checkpoint::exec_verify(&dir, &key_file)
-        }
-        Command::Checkpoint(CheckpointCommand::Prune { dir, keep }) => {
-            crate::commands::checkpoint::exec_prune(&dir, keep)
-        }
+        Command::Verify { model, pubkey, signature } => signing::exec_verify(&model, &pubkey, signature.as_deref()),
+        Command::Checkpoint(CheckpointCommand::Keygen { file }) => checkpoint::exec_keygen(&file),
+        Command::Checkpoint(CheckpointCommand::List { dir }) => checkpoint::exec_list(&dir),
+        Command::Checkpoint(CheckpointCommand::Verify { dir, key_file }) => checkpoint::exec_verify(&dir, &key_file),
+        Command::Checkpoint(CheckpointCommand::Prune { dir, keep }) => checkpoint::exec_prune(&dir, keep),
     }
+}
+
+/// `warden man`: the manual page on stdout.
+fn man() -> Result<u8, CliError> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd)
+        .render(&mut std::io::stdout())
+        .map_err(|e| CliError::failed(Context::new("cannot write the manual page", e)))?;
+    Ok(EXIT_OK)
+}
+
+/// `warden serve`: serves until stopped. A model, key or setting that does
+/// not work is bad input.
+fn serve(opts: crate::serve::ServeOptions) -> Result<u8, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::failed)?;
+    runtime.block_on(crate::serve::serve(opts)).map_err(CliError::usage)?;
+    Ok(EXIT_OK)
 }

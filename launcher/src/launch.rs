@@ -26,6 +26,7 @@ use crate::rundir::{EpochRow, RunDir, Summary};
 macro_rules! say_fmt {
     ($($arg:tt)*) => { say(&format!($($arg)*)) };
 }
+use crate::error::Chain;
 use crate::transport::Transport;
 
 /// A launch failure before the job ran.
@@ -38,9 +39,28 @@ pub enum LaunchError {
     /// Something the user must fix before launching (missing data, run directory in use).
     #[error("{0}")]
     Input(String),
-    /// Local set-up failed.
-    #[error("{0}")]
-    Setup(String),
+    /// The run directory cannot be made (or holds a run already).
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
+    /// `--resume` names no run directory that can be read.
+    #[error("--resume")]
+    Resume(#[source] crate::rundir::RunDirError),
+    /// Local set-up failed: what was being done, and why.
+    #[error("{what}")]
+    Setup {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: crate::error::BoxError,
+    },
+}
+
+impl LaunchError {
+    /// A failed local set-up step.
+    fn setup(what: impl Into<String>, source: impl Into<crate::error::BoxError>) -> Self {
+        LaunchError::Setup { what: what.into(), source: source.into() }
+    }
 }
 
 /// Options of `warden launch`.
@@ -110,7 +130,7 @@ impl CheckpointPlan {
                     .into(),
             ));
         }
-        let run = crate::rundir::RunRecord::load(dir).map_err(|e| LaunchError::Input(format!("--resume: {e}")))?;
+        let run = crate::rundir::RunRecord::load(dir).map_err(LaunchError::Resume)?;
         let series = run.checkpoint_series.unwrap_or(run.job_id);
         let old_seed = run.seed;
         if let Some(seed) = spec.seed
@@ -221,13 +241,13 @@ pub async fn launch(
     let checkpoints = CheckpointPlan::new(&spec, &plan.job_id, opts.resume.as_deref())?;
     let signer = spec.signing.as_ref().map(load_signer).transpose()?;
     let seed = checkpoints.seed.or(spec.seed).unwrap_or_else(warden_agent::secure_random::u64);
-    let run = RunDir::create(opts.run_dir.clone(), &spec.name).map_err(LaunchError::Input)?;
+    let run = RunDir::create(opts.run_dir.clone(), &spec.name)?;
     let resumed_from = opts.resume.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
     let lineage = crate::rundir::Lineage {
         checkpoint_series: checkpoints.series.as_ref(),
         resumed_from: resumed_from.as_deref(),
     };
-    run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    run.write_start(&spec, &text, &plan, seed, job, lineage).map_err(|e| written(&run, e))?;
     let transport = transport_for(&run);
     if opts.epoch_lines {
         announce(&spec, &plan, &run);
@@ -266,11 +286,16 @@ fn announce(spec: &JobSpec, plan: &Plan, run: &RunDir) {
     );
 }
 
+/// A file of the run directory could not be written.
+fn written(run: &RunDir, e: std::io::Error) -> LaunchError {
+    LaunchError::setup(format!("cannot write to {}", run.path().display()), e)
+}
+
 /// The job file's directory, absolute: relative paths in it start there.
 fn job_base_dir(job: &Path) -> Result<PathBuf, LaunchError> {
     // `job.toml` has the parent "", which is the current directory.
     let parent = job.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::path::absolute(parent).map_err(|e| LaunchError::Setup(format!("cannot resolve the job file's directory: {e}")))
+    std::path::absolute(parent).map_err(|e| LaunchError::setup("cannot resolve the job file's directory", e))
 }
 
 /// Runs attempts until one ends for good: a process failure under
@@ -295,11 +320,11 @@ async fn run_attempts(
         let resume = resuming || !acc.saved.is_empty() || acc.resumed;
         let logs = if number == 0 { run.logs() } else { run.logs().join(format!("restart-{number}")) };
         std::fs::create_dir_all(&logs)
-            .map_err(|e| LaunchError::Setup(format!("cannot create {}: {e}", logs.display())))?;
+            .map_err(|e| LaunchError::setup(format!("cannot create {}", logs.display()), e))?;
         let end = run_attempt(ctx, &logs, resume, acc, &mut signals).await?;
         if let Some(last) = restarts.last_mut() {
             last.resumed_from_step = end.resumed_step;
-            run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+            run.write_restarts(&restarts).map_err(|e| written(run, e))?;
         }
         match &end.failure {
             Some(cause) if end.restartable && number < max_restarts => {
@@ -321,7 +346,7 @@ async fn run_attempts(
                     processes: end.processes.clone(),
                     resumed_from_step: None,
                 });
-                run.write_restarts(&restarts).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                run.write_restarts(&restarts).map_err(|e| written(run, e))?;
             }
             _ => return Ok((end, restarts)),
         }
@@ -383,7 +408,7 @@ fn conclude(
         restarts,
         processes: end.processes,
     };
-    run.write_summary(&summary).map_err(|e| LaunchError::Setup(e.to_string()))?;
+    run.write_summary(&summary).map_err(|e| written(run, e))?;
     Ok(Outcome { run_dir: run.path().to_path_buf(), summary, epochs: rows })
 }
 
@@ -582,7 +607,7 @@ async fn run_attempt(
     // processes are worthless to the next one.
     let ca = Arc::new(
         JobCa::new(&ctx.plan.job_id, Duration::from_secs(u64::from(ctx.spec.max_hours) * 3600))
-            .map_err(|e| LaunchError::Setup(e.to_string()))?,
+            .map_err(|e| LaunchError::setup("cannot make the job's CA", e))?,
     );
     let mut failure = Failures::default();
     // Every host first: the job's uid and firewall table, so that no
@@ -668,7 +693,7 @@ async fn start_processes(
     while let Some(joined) = starts.join_next().await {
         match joined {
             Ok((i, _, Ok(proc_))) => started.push((i, proc_)),
-            Ok((_, p, Err(e))) => failure.add(Cause::Setup, format!("{}: {e}", p.label())),
+            Ok((_, p, Err(e))) => failure.add(Cause::Setup, format!("{}: {}", p.label(), Chain(&e))),
             Err(e) => failure.add(Cause::Setup, e.to_string()),
         }
     }
@@ -925,9 +950,9 @@ impl<'w, 'a> Watch<'w, 'a> {
             if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
                 acc.rows.retain(|r| r.epoch < row.epoch);
                 acc.rows.push(row);
-                self.ctx.run.write_metrics(&acc.rows).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.write_metrics(&acc.rows).map_err(|e| written(self.ctx.run, e))?;
             } else {
-                self.ctx.run.append_metrics(&row).map_err(|e| LaunchError::Setup(e.to_string()))?;
+                self.ctx.run.append_metrics(&row).map_err(|e| written(self.ctx.run, e))?;
                 acc.rows.push(row);
             }
             self.epochs.pop_first();
@@ -950,7 +975,10 @@ impl<'w, 'a> Watch<'w, 'a> {
             match self.ctx.transport.fetch_dir(&procs[i].planned, &path, &self.ctx.run.model_dir(), limits).await {
                 Ok(()) => self.model_fetched = true,
                 Err(e) => {
-                    failure.add(Cause::Setup, format!("cannot fetch the model from {}: {e}", procs[i].planned.label()));
+                    failure.add(
+                        Cause::Setup,
+                        format!("cannot fetch the model from {}: {}", procs[i].planned.label(), Chain(&e)),
+                    );
                     stop_all(procs).await;
                 }
             }
@@ -996,7 +1024,9 @@ async fn set_up_hosts(
                 }
                 set_up.insert(name, setup.uid);
             }
-            Ok((name, Err(e))) => errors.push(format!("{name}: cannot set up the job's uid and firewall: {e}")),
+            Ok((name, Err(e))) => {
+                errors.push(format!("{name}: cannot set up the job's uid and firewall: {}", Chain(&e)))
+            }
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -1048,7 +1078,9 @@ async fn tear_down_hosts(
                         tracing::warn!("cleanup on {}: {e}", p.label());
                     }
                 }
-                torn.map_err(|e| format!("cannot end the job's processes and remove firewall table {table}: {e}"))
+                torn.map_err(|e| {
+                    format!("cannot end the job's processes and remove firewall table {table}: {}", Chain(&e))
+                })
             };
             let result = tokio::time::timeout(TEARDOWN_DEADLINE, work).await.unwrap_or_else(|_| {
                 Err(format!(
@@ -1091,6 +1123,20 @@ struct StartCtx {
 /// A process's log file, shared by the tasks that serve it.
 type Log = Arc<Mutex<tokio::fs::File>>;
 
+/// Why an agent could not be started.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The transport could not start it.
+    #[error(transparent)]
+    Spawn(std::io::Error),
+    /// Its log file cannot be made.
+    #[error("cannot create its log")]
+    Log(#[source] std::io::Error),
+    /// It did not take its bundle.
+    #[error("cannot send the bundle")]
+    Bundle(#[source] std::io::Error),
+}
+
 /// Starts one agent, sends its bundle, and spawns the tasks that serve it.
 async fn start_one(
     i: usize,
@@ -1099,16 +1145,13 @@ async fn start_one(
     ctx: &StartCtx,
     tx: mpsc::Sender<Report>,
     uid: Option<u32>,
-) -> Result<Proc, String> {
+) -> Result<Proc, StartError> {
     let StartCtx { transport, ca, logs, progress } = ctx;
-    let spawned = transport.spawn_agent(p).await.map_err(|e| e.to_string())?;
-    let log: Log = Arc::new(Mutex::new(
-        tokio::fs::File::create(logs.join(log_name(p))).await.map_err(|e| format!("cannot create its log: {e}"))?,
-    ));
+    let spawned = transport.spawn_agent(p).await.map_err(StartError::Spawn)?;
+    let log: Log =
+        Arc::new(Mutex::new(tokio::fs::File::create(logs.join(log_name(p))).await.map_err(StartError::Log)?));
     let stdin: ControlWriter = Arc::new(Mutex::new(Some(spawned.stdin)));
-    send_control(&stdin, &Control::Bundle(Box::new(bundle)))
-        .await
-        .map_err(|e| format!("cannot send the bundle: {e}"))?;
+    send_control(&stdin, &Control::Bundle(Box::new(bundle))).await.map_err(StartError::Bundle)?;
 
     // stderr -> log file, and the terminal with the process's label.
     tokio::spawn(copy_stderr(BufReader::new(spawned.stderr), log.clone(), p.label(), progress.clone()));

@@ -2,7 +2,8 @@
 //! training -> model and summary.
 //!
 //! # Layout
-//! - [`cli`] parses arguments; [`commands`] has one module per subcommand.
+//! - [`cli`] parses arguments and prints a command's [`error::CliError`];
+//!   [`commands`] has one module per subcommand.
 //! - [`launch`] orchestrates a job over a [`transport::Transport`]: local
 //!   processes, or [`ssh`] to lab machines.
 //! - [`rundir`] writes what a run leaves behind; [`plot`] draws it.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod error;
 pub mod launch;
 pub mod plot;
 pub mod rundir;

@@ -35,14 +35,19 @@ fn font_ready() -> bool {
     })
 }
 
+/// Why a plot could not be drawn: plotters' error, as it says it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PlotError(#[from] DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>);
+
 /// Draws train/test loss and test accuracy per epoch into `path`.
-pub fn draw(path: &Path, rows: &[EpochRow]) -> Result<(), String> {
+pub fn draw(path: &Path, rows: &[EpochRow]) -> Result<(), PlotError> {
     if rows.is_empty() {
         return Ok(());
     }
     let text = font_ready();
     let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
     let last = rows.last().map_or(1, |r| r.epoch).max(2);
     let max_loss = rows.iter().flat_map(|r| [r.train_loss, r.test_loss]).fold(0.0f64, f64::max).max(1e-3) * 1.1;
@@ -52,16 +57,14 @@ pub fn draw(path: &Path, rows: &[EpochRow]) -> Result<(), String> {
     if text {
         chart.caption("loss", ("sans-serif", 20));
     }
-    let mut loss = chart.build_cartesian_2d(1u32..last, 0f64..max_loss).map_err(|e| e.to_string())?;
+    let mut loss = chart.build_cartesian_2d(1u32..last, 0f64..max_loss)?;
     if text {
-        loss.configure_mesh().x_desc("epoch").draw().map_err(|e| e.to_string())?;
+        loss.configure_mesh().x_desc("epoch").draw()?;
     }
-    loss.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.train_loss)), BLUE.stroke_width(2)))
-        .map_err(|e| e.to_string())?
+    loss.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.train_loss)), BLUE.stroke_width(2)))?
         .label("train")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    loss.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.test_loss)), RED.stroke_width(2)))
-        .map_err(|e| e.to_string())?
+    loss.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.test_loss)), RED.stroke_width(2)))?
         .label("test")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     if text {
@@ -69,8 +72,7 @@ pub fn draw(path: &Path, rows: &[EpochRow]) -> Result<(), String> {
             .border_style(BLACK)
             .background_style(WHITE.mix(0.9))
             .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
     }
 
     let mut chart = ChartBuilder::on(&right);
@@ -78,11 +80,11 @@ pub fn draw(path: &Path, rows: &[EpochRow]) -> Result<(), String> {
     if text {
         chart.caption("test accuracy", ("sans-serif", 20));
     }
-    let mut acc = chart.build_cartesian_2d(1u32..last, 0f64..1f64).map_err(|e| e.to_string())?;
+    let mut acc = chart.build_cartesian_2d(1u32..last, 0f64..1f64)?;
     if text {
-        acc.configure_mesh().x_desc("epoch").draw().map_err(|e| e.to_string())?;
+        acc.configure_mesh().x_desc("epoch").draw()?;
     }
-    acc.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.test_accuracy)), GREEN.stroke_width(2)))
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    acc.draw_series(LineSeries::new(rows.iter().map(|r| (r.epoch, r.test_accuracy)), GREEN.stroke_width(2)))?;
+    root.present()?;
+    Ok(())
 }

@@ -170,13 +170,53 @@ impl Summary {
     }
 }
 
+/// Why a run directory cannot be read or made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunDirError {
+    /// `DIR/run.json` cannot be read.
+    #[error("{} is not a warden run directory ({}: {source})", .dir.display(), .record.display())]
+    NotARun {
+        /// The directory.
+        dir: PathBuf,
+        /// Its run.json.
+        record: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `DIR/run.json` is not a record this warden wrote.
+    #[error("{}: not a run record of this warden", .record.display())]
+    Unreadable {
+        /// The run.json.
+        record: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The directory for a new run holds an earlier one.
+    #[error("run directory {} already holds a run; choose another with --run-dir or remove it", .0.display())]
+    InUse(PathBuf),
+    /// The directory for a new run (or one inside it) cannot be made.
+    #[error("cannot create {}", .path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl RunRecord {
     /// Reads `DIR/run.json`, saying what is wrong in a way a user can act on.
-    pub fn load(dir: &Path) -> Result<RunRecord, String> {
-        let path = dir.join("run.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("{} is not a warden run directory ({}: {e})", dir.display(), path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: not a run record of this warden: {e}", path.display()))
+    pub fn load(dir: &Path) -> Result<RunRecord, RunDirError> {
+        let record = dir.join("run.json");
+        let text = match std::fs::read_to_string(&record) {
+            Ok(t) => t,
+            Err(source) => return Err(RunDirError::NotARun { dir: dir.to_path_buf(), record, source }),
+        };
+        serde_json::from_str(&text).map_err(|source| RunDirError::Unreadable { record, source })
     }
 }
 
@@ -189,7 +229,7 @@ pub struct RunDir {
 impl RunDir {
     /// Creates `path`, or `runs/NAME-YYYYMMDD-HHMMSS`. Refuses a non-empty
     /// directory, so no earlier run is ever overwritten.
-    pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, String> {
+    pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, RunDirError> {
         let path = path.unwrap_or_else(|| {
             let t = time::OffsetDateTime::now_utc();
             PathBuf::from("runs").join(format!(
@@ -203,10 +243,7 @@ impl RunDir {
             ))
         });
         if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
-            return Err(format!(
-                "run directory {} already holds a run; choose another with --run-dir or remove it",
-                path.display()
-            ));
+            return Err(RunDirError::InUse(path));
         }
         // Private to the user who launched: logs, the plan and the model are
         // theirs to share (the launcher's umask makes every file 0600).
@@ -216,12 +253,13 @@ impl RunDir {
             .mode(0o700)
             .create(&path)
             .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|source| RunDirError::Create { path: path.clone(), source })?;
         for sub in ["logs", "model"] {
+            let path = path.join(sub);
             std::fs::DirBuilder::new()
                 .mode(0o700)
-                .create(path.join(sub))
-                .map_err(|e| format!("cannot create {}: {e}", path.join(sub).display()))?;
+                .create(&path)
+                .map_err(|source| RunDirError::Create { path: path.clone(), source })?;
         }
         Ok(RunDir { path })
     }

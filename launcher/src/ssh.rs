@@ -35,9 +35,103 @@ use warden_agent::plan::{HostPlan, PlannedProcess};
 use warden_agent::spec::{Become, JobSpec};
 
 use crate::transport::{
-    AgentCmd, BoxFuture, FetchLimits, HostJob, ProcessHandle, Spawned, Transport, fetch_with, parse_setup,
+    AgentCmd, AgentError, BoxFuture, FetchLimits, HostJob, ProcessHandle, Spawned, Transport, fetch_with, parse_setup,
 };
 use warden_agent::host::Setup;
+
+/// Why connecting to a job's hosts failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SshError {
+    /// The control directory cannot be made.
+    #[error("cannot create the SSH control directory in {}", .tmp.display())]
+    ControlDir {
+        /// Where it was to be made.
+        tmp: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The control directory cannot be looked at.
+    #[error("SSH control directory {}", .dir.display())]
+    ControlDirGone {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The control directory is not this user's alone.
+    #[error(
+        "SSH control directory {} must be a directory owned by uid {uid} with mode 0700 \
+         (it is {}, uid {owner}, mode {mode:o})",
+        .dir.display(),
+        if *.is_dir { "a directory" } else { "not a directory" }
+    )]
+    ControlDirNotPrivate {
+        /// The directory.
+        dir: PathBuf,
+        /// This user.
+        uid: u32,
+        /// Whether it is a directory at all.
+        is_dir: bool,
+        /// Its owner.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The local agent binary cannot be read for uploading.
+    #[error("cannot read {}", .path.display())]
+    ReadAgent {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Hosts that failed, each with its reason, sorted by name.
+    #[error("{}", hosts_failed(.0))]
+    Hosts(Vec<(String, HostError)>),
+}
+
+/// `NAME: REASON; NAME: REASON`, each reason with its causes.
+fn hosts_failed(hosts: &[(String, HostError)]) -> String {
+    let each: Vec<String> = hosts.iter().map(|(name, e)| format!("{name}: {}", crate::error::Chain(e))).collect();
+    each.join("; ")
+}
+
+/// Why one host could not be made ready.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// No SSH session to it.
+    #[error("cannot connect over SSH to `{dest}`")]
+    Connect {
+        /// The destination as the job file names it.
+        dest: String,
+        /// Why.
+        #[source]
+        source: openssh::Error,
+    },
+    /// The check script did not run.
+    #[error("host checks failed")]
+    Checks(#[source] AgentError),
+    /// Uploading the agent failed.
+    #[error("cannot install warden-agent")]
+    Install(#[source] AgentError),
+    /// What was just installed does not check out.
+    #[error("{0} is not the binary just installed, or others can write it, after installing it")]
+    NotInstalled(String),
+    /// The checks ran and some failed (`check: detail; ...`).
+    #[error("{0}")]
+    NotReady(String),
+    /// Connecting and checking took too long.
+    #[error("timed out after {0}s")]
+    Timeout(u64),
+    /// Its task ended without an answer (it panicked).
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// Name prefix of the launchers' SSH control directories in the system's
 /// temporary directory: `warden-ssh-PID-RANDOM`.
@@ -50,7 +144,7 @@ const CONTROL_PREFIX: &str = "warden-ssh-";
 /// would put the sockets, and with them the SSH sessions to every host, in
 /// that user's hands. Directories that launchers of this user left behind
 /// when they were killed are removed first.
-pub fn make_control_dir() -> Result<PathBuf, String> {
+pub fn make_control_dir() -> Result<PathBuf, SshError> {
     let tmp = std::env::temp_dir();
     sweep_stale_control_dirs(&tmp);
     // tempfile creates it exclusively with a random suffix (its default mode
@@ -62,7 +156,7 @@ pub fn make_control_dir() -> Result<PathBuf, String> {
         .rand_bytes(16)
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&tmp)
-        .map_err(|e| format!("cannot create the SSH control directory in {}: {e}", tmp.display()))?
+        .map_err(|source| SshError::ControlDir { tmp: tmp.clone(), source })?
         .keep();
     check_private_dir(&dir)?;
     Ok(dir)
@@ -70,19 +164,19 @@ pub fn make_control_dir() -> Result<PathBuf, String> {
 
 /// Refuses a control directory that is not a directory of this user that
 /// only this user can enter (what [`make_control_dir`] makes).
-fn check_private_dir(dir: &Path) -> Result<(), String> {
+fn check_private_dir(dir: &Path) -> Result<(), SshError> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("SSH control directory {}: {e}", dir.display()))?;
+    let m =
+        std::fs::symlink_metadata(dir).map_err(|source| SshError::ControlDirGone { dir: dir.to_path_buf(), source })?;
     let uid = nix::unistd::geteuid().as_raw();
     if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
-        return Err(format!(
-            "SSH control directory {} must be a directory owned by uid {uid} with mode 0700 \
-             (it is {}, uid {}, mode {:o})",
-            dir.display(),
-            if m.is_dir() { "a directory" } else { "not a directory" },
-            m.uid(),
-            m.mode() & 0o7777
-        ));
+        return Err(SshError::ControlDirNotPrivate {
+            dir: dir.to_path_buf(),
+            uid,
+            is_dir: m.is_dir(),
+            owner: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
     }
     Ok(())
 }
@@ -305,33 +399,28 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, String> {
+async fn run(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<String, AgentError> {
     run_bytes(host, cmd, stdin).await.map(|out| String::from_utf8_lossy(&out).into_owned())
 }
 
 /// `warden-agent ARGS` on `host` (as root where the host needs sudo).
-async fn run_agent(host: &Host, cmd: &AgentCmd<'_>, stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
+async fn run_agent(host: &Host, cmd: &AgentCmd<'_>, stdin: Option<&[u8]>) -> Result<Vec<u8>, AgentError> {
     let words: Vec<String> = std::iter::once(host.agent.clone()).chain(cmd.args()).map(|w| sh_quote(&w)).collect();
     run_bytes(host, &words.join(" "), stdin).await
 }
 
-async fn run_bytes(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
+async fn run_bytes(host: &Host, cmd: &str, stdin: Option<&[u8]>) -> Result<Vec<u8>, AgentError> {
     let full = if host.sudo { format!("sudo -n sh -c {}", sh_quote(cmd)) } else { cmd.to_string() };
     let mut c = host.session.clone().arc_command("sh");
     c.arg("-c").arg(&full).stdout(Stdio::piped()).stderr(Stdio::piped());
     c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = c.spawn().await.map_err(|e| e.to_string())?;
+    let mut child = c.spawn().await?;
     if let (Some(data), Some(mut w)) = (stdin, child.stdin().take()) {
-        w.write_all(data).await.map_err(|e| e.to_string())?;
-        w.shutdown().await.map_err(|e| e.to_string())?;
+        w.write_all(data).await?;
+        w.shutdown().await?;
     }
-    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string())
-    }
+    let out = child.wait_with_output().await?;
+    if out.status.success() { Ok(out.stdout) } else { Err(AgentError::failed(&out.stderr)) }
 }
 
 impl SshTransport {
@@ -346,128 +435,39 @@ impl SshTransport {
         accept_new_host_keys: bool,
         control_dir: &Path,
         keep_going: bool,
-    ) -> Result<SshTransport, String> {
+    ) -> Result<SshTransport, SshError> {
         let plan = warden_agent::plan::Plan::new(spec, job, false);
-        let plan_ports: BTreeMap<String, Vec<u16>> =
-            plan.hosts.iter().map(|h| (h.name.clone(), h.ports.clone())).collect();
-        let binary = std::fs::read(agent).map_err(|e| format!("cannot read {}: {e}", agent.display()))?;
+        let binary =
+            std::fs::read(agent).map_err(|source| SshError::ReadAgent { path: agent.to_path_buf(), source })?;
         let sha = Sha256::digest(&binary).iter().map(|b| format!("{b:02x}")).collect::<String>();
         let remote_dir = spec.cluster.remote_dir.clone();
         let agent_path = remote_dir.join("bin").join(format!("warden-agent-{}", &sha[..16]));
-        let binary = Arc::new(binary);
+        let upload = Arc::new(Upload { binary, sha, keep_going });
         check_private_dir(control_dir)?;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut names = std::collections::HashMap::new();
         for h in &spec.cluster.hosts {
-            let mut b = SessionBuilder::default();
-            b.known_hosts_check(if accept_new_host_keys { KnownHosts::Add } else { KnownHosts::Strict })
-                .connect_timeout(CONNECT_TIMEOUT)
-                .server_alive_interval(Duration::from_secs(5))
-                // A master outlives a killed launcher only briefly: it exits
-                // once no command or agent has used it for this long.
-                .control_persist(ControlPersist::IdleFor(MASTER_IDLE_EXIT))
-                .control_directory(control_dir);
-            if let Some(cfg) = &spec.cluster.ssh_config {
-                b.config_file(cfg);
-            }
-            if let Some(key) = &h.identity_file {
-                b.keyfile(key);
-            }
-            let (name, dest, become_) = (h.name.clone(), h.ssh.clone(), spec.cluster.become_);
-            let (agent_path, binary, sha) = (agent_path.clone(), binary.clone(), sha.clone());
-            let ports: Vec<u16> = plan_ports.get(&h.name).cloned().unwrap_or_default();
-            let script = check_script(
-                &spec.cluster.user,
-                &ports,
-                &remote_dir.display().to_string(),
-                &agent_path.display().to_string(),
-                spec.cluster.become_,
-            );
-            let name2 = h.name.clone();
-            tasks.spawn(async move {
-                let result = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
-                    let session =
-                        b.connect_mux(&dest).await.map_err(|e| format!("cannot connect over SSH to `{dest}`: {e}"))?;
-                    let session = Arc::new(session);
-                    let mut host =
-                        Host { name: name.clone(), session, sudo: false, agent: agent_path.display().to_string() };
-                    let out = run(&host, &script, None).await.map_err(|e| format!("host checks failed: {e}"))?;
-                    let me = said(&out, "me");
-                    host.sudo = match become_ {
-                        Become::Sudo => true,
-                        Become::None => false,
-                        Become::Auto => me != "0",
-                    };
-                    let runs_as = if host.sudo { Some(0) } else { me.parse().ok() };
-                    let spot = AgentSpot { path: &host.agent, sha256: &sha, runs_as };
-                    let now =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    let mut report = evaluate(&name2, &out, now, spot);
-                    // Never write into a directory others control, not even for `doctor`.
-                    let dir_ok = agent_dir_check(&out, spot).1;
-                    if !agent_in_place(&out, spot) && dir_ok && (report.failures().is_none() || keep_going) {
-                        install_agent(&host, &binary).await?;
-                        let out = run(&host, &script, None).await.map_err(|e| format!("host checks failed: {e}"))?;
-                        report = evaluate(&name2, &out, now, spot);
-                        if report.failures().is_none() && !agent_in_place(&out, spot) {
-                            return Err(format!(
-                                "{} is not the binary just installed, or others can write it, after installing it",
-                                host.agent
-                            ));
-                        }
-                    }
-                    Ok::<_, String>((host, report))
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("timed out after {}s", (CONNECT_TIMEOUT * 2).as_secs())));
-                (name, result)
-            });
+            let ports = plan.hosts.iter().find(|p| p.name == h.name).map(|p| p.ports.clone()).unwrap_or_default();
+            let target = HostTarget {
+                name: h.name.clone(),
+                dest: h.ssh.clone(),
+                builder: session_builder(spec, h, accept_new_host_keys, control_dir),
+                become_: spec.cluster.become_,
+                script: check_script(
+                    &spec.cluster.user,
+                    &ports,
+                    &remote_dir.display().to_string(),
+                    &agent_path.display().to_string(),
+                    spec.cluster.become_,
+                ),
+                agent: agent_path.display().to_string(),
+            };
+            let upload = upload.clone();
+            names.insert(tasks.spawn(async move { target.ready(&upload).await }).id(), h.name.clone());
         }
-        let mut hosts = BTreeMap::new();
-        let mut reports = Vec::new();
-        let mut errors = Vec::new();
-        let (total, t0, mut done) = (spec.cluster.hosts.len(), std::time::Instant::now(), 0);
-        while let Some(joined) = tasks.join_next().await {
-            done += 1;
-            match joined {
-                Ok((name, Ok((host, report)))) => {
-                    if !keep_going && report.failures().is_none() {
-                        // The launch's first phase, a line per host as it is ready.
-                        eprintln!(
-                            "  {name}: connected, checked, agent in place ({done}/{total}, {:.2}s)",
-                            t0.elapsed().as_secs_f64()
-                        );
-                    }
-                    if let (Some(f), false) = (report.failures(), keep_going) {
-                        errors.push(format!("{name}: {f}"));
-                    }
-                    reports.push(report);
-                    hosts.insert(name, host);
-                }
-                Ok((name, Err(e))) => errors.push(format!("{name}: {e}")),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        if !errors.is_empty() {
-            errors.sort();
-            return Err(errors.join("; "));
-        }
+        let (hosts, mut reports) = gather(tasks, &names, keep_going).await?;
         reports.sort_by(|a, b| a.host.cmp(&b.host));
-        // While the launcher lives, each master is used at least every few
-        // seconds, so its idle exit (MASTER_IDLE_EXIT) only ever ends the
-        // masters of a launcher that died. Weak: the task keeps no session up.
-        let sessions: Vec<std::sync::Weak<Session>> = hosts.values().map(|h| Arc::downgrade(&h.session)).collect();
-        let keepalive = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let live: Vec<Arc<Session>> = sessions.iter().filter_map(std::sync::Weak::upgrade).collect();
-                if live.is_empty() {
-                    return;
-                }
-                for s in live {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), s.check()).await;
-                }
-            }
-        });
+        let keepalive = keep_masters_alive(&hosts);
         Ok(SshTransport {
             hosts,
             reports,
@@ -483,8 +483,160 @@ impl SshTransport {
     }
 }
 
+/// An SSH master for host `h` of the job: batch mode, host keys checked
+/// (or recorded, with `accept_new_host_keys`), its socket in `control_dir`.
+fn session_builder(
+    spec: &JobSpec,
+    h: &warden_agent::spec::HostSpec,
+    accept_new_host_keys: bool,
+    control_dir: &Path,
+) -> SessionBuilder {
+    let mut b = SessionBuilder::default();
+    b.known_hosts_check(if accept_new_host_keys { KnownHosts::Add } else { KnownHosts::Strict })
+        .connect_timeout(CONNECT_TIMEOUT)
+        .server_alive_interval(Duration::from_secs(5))
+        // A master outlives a killed launcher only briefly: it exits
+        // once no command or agent has used it for this long.
+        .control_persist(ControlPersist::IdleFor(MASTER_IDLE_EXIT))
+        .control_directory(control_dir);
+    if let Some(cfg) = &spec.cluster.ssh_config {
+        b.config_file(cfg);
+    }
+    if let Some(key) = &h.identity_file {
+        b.keyfile(key);
+    }
+    b
+}
+
+/// The agent binary every host gets where its version is missing.
+struct Upload {
+    binary: Vec<u8>,
+    /// Its SHA-256, 64 hex digits.
+    sha: String,
+    /// Install even on a host whose checks failed (`warden doctor`).
+    keep_going: bool,
+}
+
+/// One host to connect to, and what its checks need.
+struct HostTarget {
+    name: String,
+    /// The SSH destination.
+    dest: String,
+    builder: SessionBuilder,
+    become_: Become,
+    /// The check script ([`check_script`]).
+    script: String,
+    /// The agent's path on the host.
+    agent: String,
+}
+
+impl HostTarget {
+    /// [`HostTarget::connect_and_check`] within its deadline.
+    async fn ready(self, upload: &Upload) -> Result<(Host, HostReport), HostError> {
+        let deadline = CONNECT_TIMEOUT * 2;
+        tokio::time::timeout(deadline, self.connect_and_check(upload))
+            .await
+            .unwrap_or(Err(HostError::Timeout(deadline.as_secs())))
+    }
+
+    /// Connects, decides `sudo`, runs the checks, and installs the agent
+    /// where it is missing (then checks again).
+    async fn connect_and_check(&self, upload: &Upload) -> Result<(Host, HostReport), HostError> {
+        let session = self
+            .builder
+            .connect_mux(&self.dest)
+            .await
+            .map_err(|source| HostError::Connect { dest: self.dest.clone(), source })?;
+        let mut host =
+            Host { name: self.name.clone(), session: Arc::new(session), sudo: false, agent: self.agent.clone() };
+        let out = run(&host, &self.script, None).await.map_err(HostError::Checks)?;
+        let me = said(&out, "me");
+        host.sudo = match self.become_ {
+            Become::Sudo => true,
+            Become::None => false,
+            Become::Auto => me != "0",
+        };
+        let runs_as = if host.sudo { Some(0) } else { me.parse().ok() };
+        let spot = AgentSpot { path: &host.agent, sha256: &upload.sha, runs_as };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut report = evaluate(&self.name, &out, now, spot);
+        // Never write into a directory others control, not even for `doctor`.
+        let dir_ok = agent_dir_check(&out, spot).1;
+        if !agent_in_place(&out, spot) && dir_ok && (report.failures().is_none() || upload.keep_going) {
+            install_agent(&host, &upload.binary).await?;
+            let out = run(&host, &self.script, None).await.map_err(HostError::Checks)?;
+            report = evaluate(&self.name, &out, now, spot);
+            if report.failures().is_none() && !agent_in_place(&out, spot) {
+                return Err(HostError::NotInstalled(host.agent.clone()));
+            }
+        }
+        Ok((host, report))
+    }
+}
+
+/// The connected hosts and their reports, as each task ends (a line per
+/// host that is ready, for a launch); or every host that failed, by name.
+/// Without `keep_going`, failed checks fail their host.
+async fn gather(
+    mut tasks: tokio::task::JoinSet<Result<(Host, HostReport), HostError>>,
+    names: &std::collections::HashMap<tokio::task::Id, String>,
+    keep_going: bool,
+) -> Result<(BTreeMap<String, Host>, Vec<HostReport>), SshError> {
+    let (mut hosts, mut reports, mut failed) = (BTreeMap::new(), Vec::new(), Vec::new());
+    let (total, t0, mut done) = (names.len(), std::time::Instant::now(), 0);
+    while let Some(joined) = tasks.join_next_with_id().await {
+        done += 1;
+        let (name, result) = match joined {
+            Ok((id, result)) => (names[&id].clone(), result),
+            Err(e) => (names[&e.id()].clone(), Err(HostError::Task(e))),
+        };
+        let (host, report) = match result {
+            Ok(ready) => ready,
+            Err(e) => {
+                failed.push((name, e));
+                continue;
+            }
+        };
+        match report.failures() {
+            // The launch's first phase, a line per host as it is ready.
+            None if !keep_going => eprintln!(
+                "  {name}: connected, checked, agent in place ({done}/{total}, {:.2}s)",
+                t0.elapsed().as_secs_f64()
+            ),
+            Some(f) if !keep_going => failed.push((name.clone(), HostError::NotReady(f))),
+            _ => {}
+        }
+        reports.push(report);
+        hosts.insert(name, host);
+    }
+    if !failed.is_empty() {
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        return Err(SshError::Hosts(failed));
+    }
+    Ok((hosts, reports))
+}
+
+/// While the launcher lives, each master is used at least every few
+/// seconds, so its idle exit (MASTER_IDLE_EXIT) only ever ends the masters
+/// of a launcher that died. Weak: the task keeps no session up.
+fn keep_masters_alive(hosts: &BTreeMap<String, Host>) -> tokio::task::JoinHandle<()> {
+    let sessions: Vec<std::sync::Weak<Session>> = hosts.values().map(|h| Arc::downgrade(&h.session)).collect();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let live: Vec<Arc<Session>> = sessions.iter().filter_map(std::sync::Weak::upgrade).collect();
+            if live.is_empty() {
+                return;
+            }
+            for s in live {
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.check()).await;
+            }
+        }
+    })
+}
+
 /// Uploads the agent (the checks found this exact version missing).
-async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
+async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), HostError> {
     let path = sh_quote(&host.agent);
     // Per host and launcher: hosts may share a filesystem; `mv` is atomic.
     let tmp = sh_quote(&format!("{}.{}.{}.tmp", host.agent, host.name, std::process::id()));
@@ -497,7 +649,7 @@ async fn install_agent(host: &Host, binary: &[u8]) -> Result<(), String> {
     )
     .await
     .map(|_| ())
-    .map_err(|e| format!("cannot install warden-agent: {e}"))
+    .map_err(HostError::Install)
 }
 
 struct RemoteChild {
@@ -525,7 +677,7 @@ impl ProcessHandle for RemoteChild {
                     match tokio::time::timeout(grace + Duration::from_secs(10), run_agent(&self.host, &cmd, None)).await
                     {
                         Ok(Ok(out)) => String::from_utf8_lossy(&out).trim().to_string(),
-                        Ok(Err(e)) => format!("stop-group failed: {e}"),
+                        Ok(Err(e)) => format!("stop-group failed: {}", crate::error::Chain(&e)),
                         Err(_) => "the host did not answer stop-group in time".to_string(),
                     }
                 }
@@ -595,9 +747,9 @@ impl Transport for SshTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, AgentError>> {
         Box::pin(async move {
-            let h = self.host(&host.name).map_err(|e| e.to_string())?;
+            let h = self.host(&host.name)?;
             let cmd = AgentCmd::Setup { job, host: &host.name };
             parse_setup(&run_agent(h, &cmd, Some(host.firewall.as_bytes())).await?)
         })
@@ -608,9 +760,9 @@ impl Transport for SshTransport {
         host: &'a HostPlan,
         job: &'a HostJob,
         uid: Option<u32>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, AgentError>> {
         Box::pin(async move {
-            let h = self.host(&host.name).map_err(|e| e.to_string())?;
+            let h = self.host(&host.name)?;
             let out = run_agent(h, &AgentCmd::Teardown { job: &job.job, uid }, None).await?;
             Ok(String::from_utf8_lossy(&out).trim().to_string())
         })
@@ -732,10 +884,11 @@ mod tests {
         }
         // A directory others can enter, or a symlink, is refused.
         std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(check_private_dir(&a).unwrap_err().contains("mode 755"), "{:?}", check_private_dir(&a));
+        let refused = |d: &Path| check_private_dir(d).unwrap_err().to_string();
+        assert!(refused(&a).contains("mode 755"), "{}", refused(&a));
         let link = a.with_extension("link");
         std::os::unix::fs::symlink(&b, &link).unwrap();
-        assert!(check_private_dir(&link).unwrap_err().contains("not a directory"));
+        assert!(refused(&link).contains("not a directory"), "{}", refused(&link));
         check_private_dir(&b).unwrap();
         for p in [&a, &b] {
             std::fs::remove_dir_all(p).unwrap();

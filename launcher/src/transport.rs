@@ -87,7 +87,7 @@ pub trait Transport: Send + Sync {
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>>;
     /// Prepares `host` before any agent starts there (`warden-agent host
     /// setup`): leases the job a uid and installs the job's firewall table.
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>>;
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, AgentError>>;
     /// Undoes [`Transport::setup_host`] (`warden-agent host teardown`): ends
     /// every process of the job's `uid` there, removes the table, releases
     /// the uid. Called however the job ended; returns what it did.
@@ -96,7 +96,7 @@ pub trait Transport: Send + Sync {
         host: &'a HostPlan,
         job: &'a HostJob,
         uid: Option<u32>,
-    ) -> BoxFuture<'a, Result<String, String>>;
+    ) -> BoxFuture<'a, Result<String, AgentError>>;
     /// Called once after every process is gone and cleaned up.
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -149,7 +149,7 @@ impl ProcessHandle for LocalChild {
                     let args = AgentCmd::StopGroup { pgid, start, grace: TERM_GRACE, uid }.args();
                     match run_agent(&self.agent, &[], &args, None).await {
                         Ok(out) => String::from_utf8_lossy(&out).trim().to_string(),
-                        Err(e) => format!("stop-group failed: {e}"),
+                        Err(e) => format!("stop-group failed: {}", crate::error::Chain(&e)),
                     }
                 }
                 None => "no process group reported; killing the agent".to_string(),
@@ -262,9 +262,45 @@ impl AgentCmd<'_> {
     }
 }
 
+/// Why a command on a host (`warden-agent host ...`, or a shell command
+/// over SSH) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The program could not be started on this machine.
+    #[error("cannot start {}", agent.display())]
+    Start {
+        /// The program.
+        agent: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Talking to it (its stdin, its exit) failed, or the SSH session did.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A command over SSH could not be run.
+    #[error(transparent)]
+    Ssh(#[from] openssh::Error),
+    /// It ran and failed: what it wrote to stderr (without its `error: `).
+    #[error("{0}")]
+    Failed(String),
+    /// `host setup` answered something that is not its JSON line.
+    #[error("unreadable answer from `warden-agent host setup`")]
+    UnreadableSetup(#[source] serde_json::Error),
+}
+
+impl AgentError {
+    /// The failure of a command that exited unsuccessfully with `stderr`.
+    pub fn failed(stderr: &[u8]) -> Self {
+        let err = String::from_utf8_lossy(stderr);
+        AgentError::Failed(err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string())
+    }
+}
+
 /// Reads the JSON line that `warden-agent host setup` prints.
-pub fn parse_setup(out: &[u8]) -> Result<Setup, String> {
-    serde_json::from_slice(out).map_err(|e| format!("unreadable answer from `warden-agent host setup`: {e}"))
+pub fn parse_setup(out: &[u8]) -> Result<Setup, AgentError> {
+    serde_json::from_slice(out).map_err(AgentError::UnreadableSetup)
 }
 
 /// Runs `PREFIX.. AGENT ARGS` on this machine with `stdin`; its stdout, or
@@ -274,7 +310,7 @@ pub async fn run_agent(
     prefix: &[&str],
     args: &[String],
     stdin: Option<&[u8]>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, AgentError> {
     use tokio::io::AsyncWriteExt;
     let mut c = match prefix.split_first() {
         Some((first, rest)) => {
@@ -291,18 +327,13 @@ pub async fn run_agent(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = c.spawn().map_err(|e| format!("cannot start {}: {e}", agent.display()))?;
+    let mut child = c.spawn().map_err(|source| AgentError::Start { agent: agent.to_path_buf(), source })?;
     if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(data).await.map_err(|e| e.to_string())?;
-        w.shutdown().await.map_err(|e| e.to_string())?;
+        w.write_all(data).await?;
+        w.shutdown().await?;
     }
-    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string())
-    }
+    let out = child.wait_with_output().await?;
+    if out.status.success() { Ok(out.stdout) } else { Err(AgentError::failed(&out.stderr)) }
 }
 
 /// The environment every agent and host command starts with on this
@@ -318,7 +349,7 @@ pub fn clean_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsStri
 /// Fetches with `host fetch` run through `run`, and unpacks into `local`.
 pub async fn fetch_with<F>(run: F, local: &Path, max_bytes: u64) -> io::Result<()>
 where
-    F: Future<Output = Result<Vec<u8>, String>>,
+    F: Future<Output = Result<Vec<u8>, AgentError>>,
 {
     let stream = run.await.map_err(io::Error::other)?;
     let local = local.to_path_buf();
@@ -373,7 +404,7 @@ impl Transport for LocalTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, AgentError>> {
         Box::pin(async move {
             let args = AgentCmd::Setup { job, host: &host.name }.args();
             parse_setup(&run_agent(&self.agent, &[], &args, Some(host.firewall.as_bytes())).await?)
@@ -385,7 +416,7 @@ impl Transport for LocalTransport {
         _host: &'a HostPlan,
         job: &'a HostJob,
         uid: Option<u32>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, AgentError>> {
         Box::pin(async move {
             let out = run_agent(&self.agent, &[], &AgentCmd::Teardown { job: &job.job, uid }.args(), None).await?;
             Ok(String::from_utf8_lossy(&out).trim().to_string())

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use warden::transport::{
-    AgentCmd, BoxFuture, FetchLimits, HostJob, Spawned, Transport, clean_env, fetch_with, parse_setup, run_agent,
+    AgentCmd, AgentError, BoxFuture, FetchLimits, HostJob, Spawned, Transport, clean_env, fetch_with, parse_setup,
+    run_agent,
 };
 use warden_agent::host::Setup;
 use warden_agent::plan::{HostPlan, PlannedProcess};
@@ -81,9 +82,9 @@ impl Transport for NetnsTransport {
         })
     }
 
-    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, String>> {
+    fn setup_host<'a>(&'a self, host: &'a HostPlan, job: &'a HostJob) -> BoxFuture<'a, Result<Setup, AgentError>> {
         Box::pin(async move {
-            let ns = self.ns(&host.name).map_err(|e| e.to_string())?;
+            let ns = self.ns(&host.name)?;
             let args = AgentCmd::Setup { job, host: &host.name }.args();
             let out =
                 run_agent(&self.agent, &["ip", "netns", "exec", ns], &args, Some(host.firewall.as_bytes())).await?;
@@ -96,9 +97,9 @@ impl Transport for NetnsTransport {
         host: &'a HostPlan,
         job: &'a HostJob,
         uid: Option<u32>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, AgentError>> {
         Box::pin(async move {
-            let ns = self.ns(&host.name).map_err(|e| e.to_string())?;
+            let ns = self.ns(&host.name)?;
             let out = run_agent(
                 &self.agent,
                 &["ip", "netns", "exec", ns],

@@ -7,9 +7,12 @@
 //! `worker_GBps` is the bytes one worker pushed plus pulled per second, and
 //! steps per second are the slowest worker's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape, ShardState};
+
+use crate::cli::EXIT_OK;
+use crate::error::{CliError, Context};
 use crate::launch::{LaunchOptions, prepare};
 
 /// Arguments of `warden bench ps`.
@@ -32,10 +35,19 @@ pub struct PsArgs {
     pub mode: String,
 }
 
-fn parse_count(s: &str) -> Result<u64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+/// A `--params` that is not a count of floats.
+#[derive(Debug, thiserror::Error)]
+enum CountError {
+    #[error("`{0}` is not a number")]
+    NotANumber(String),
+    #[error("{0} must be a whole number from 1 to 1e9")]
+    OutOfRange(String),
+}
+
+fn parse_count(s: &str) -> Result<u64, CountError> {
+    let v: f64 = s.parse().map_err(|_| CountError::NotANumber(s.to_string()))?;
     if !(1.0..=1e9).contains(&v) || v.fract() != 0.0 {
-        return Err(format!("{s} must be a whole number from 1 to 1e9"));
+        return Err(CountError::OutOfRange(s.to_string()));
     }
     Ok(v as u64)
 }
@@ -55,26 +67,19 @@ fn free_ports(count: u16) -> Option<u16> {
 }
 
 /// Runs the benchmark and prints its line.
-pub fn exec_ps(a: &PsArgs) -> u8 {
+pub fn exec_ps(a: &PsArgs) -> Result<u8, CliError> {
     if a.workers == 0 || a.servers == 0 || a.iters == 0 {
-        eprintln!("error: --workers, --servers and --iters must be at least 1");
-        return EXIT_USAGE;
+        return Err(CliError::usage("--workers, --servers and --iters must be at least 1"));
     }
-    let Some(base) = free_ports(a.servers as u16 + 1) else {
-        eprintln!("error: no free port range on 127.0.0.1");
-        return EXIT_FAILED;
-    };
+    let base = free_ports(a.servers as u16 + 1).ok_or_else(|| CliError::failed("no free port range on 127.0.0.1"))?;
     let frame_mib = ((a.params * 4).div_ceil(u64::from(a.servers)) >> 20) + 2;
     // A fresh directory with an unpredictable name (a fixed name in a shared
     // /tmp could be planted by another user, with symlinks in it), opened to
     // the job user's processes once it exists; removed when `tmp` drops.
-    let tmp = match tempfile::Builder::new().prefix("warden-bench-").tempdir() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot create a scratch directory: {e}");
-            return EXIT_FAILED;
-        }
-    };
+    let tmp = tempfile::Builder::new()
+        .prefix("warden-bench-")
+        .tempdir()
+        .map_err(|e| CliError::failed(Context::new("cannot create a scratch directory", e)))?;
     let dir = tmp.path().to_path_buf();
     let job = dir.join("bench.toml");
     let text = format!(
@@ -93,43 +98,22 @@ pub fn exec_ps(a: &PsArgs) -> u8 {
     use std::os::unix::fs::PermissionsExt;
     let prepared = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
         .and_then(|()| std::fs::write(&job, text));
-    if let Err(e) = prepared {
-        eprintln!("error: {}: {e}", dir.display());
-        return EXIT_FAILED;
-    }
+    prepared.map_err(|e| CliError::failed(Context::new(dir.display().to_string(), e)))?;
     run(&job, dir.join("run"), a)
 }
 
-fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
-    let (spec, text, plan) = match prepare(job, true) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let (agent, runtime) = match crate::commands::launch::agent_and_runtime() {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+fn run(job: &Path, run_dir: PathBuf, a: &PsArgs) -> Result<u8, CliError> {
+    let (spec, text, plan) = prepare(job, true).map_err(CliError::usage)?;
+    let (agent, runtime) = crate::commands::launch::agent_and_runtime()?;
     let opts =
         LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None, resume: None };
     let outcome = runtime.block_on(crate::commands::launch::launch_local(job, spec, text, plan, agent, opts));
-    let outcome = match outcome {
-        Ok(o) if o.summary.status == "succeeded" => o,
-        Ok(o) => {
-            eprintln!("error: the benchmark job failed: {}", o.summary.failure.unwrap_or_default());
-            return EXIT_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILED;
-        }
-    };
-    let Some(timed) = outcome.epochs.last() else {
-        eprintln!("error: the benchmark recorded no epoch");
-        return EXIT_FAILED;
-    };
+    let outcome = outcome.map_err(CliError::failed)?;
+    if outcome.summary.status != "succeeded" {
+        let failure = outcome.summary.failure.unwrap_or_default();
+        return Err(CliError::failed(format!("the benchmark job failed: {failure}")));
+    }
+    let timed = outcome.epochs.last().ok_or_else(|| CliError::failed("the benchmark recorded no epoch"))?;
     let steps_per_s = timed.slowest_worker_samples_per_s;
     let secs = timed.steps as f64 / steps_per_s.max(1e-9);
     let per_worker = (timed.bytes_pushed + timed.bytes_pulled) as f64 / f64::from(a.workers);
@@ -141,7 +125,7 @@ fn run(job: &std::path::Path, run_dir: PathBuf, a: &PsArgs) -> u8 {
         steps_per_s,
         per_worker / secs / 1e9
     );
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
 /// Arguments of `warden bench worker`.
@@ -160,12 +144,11 @@ pub struct WorkerArgs {
 
 /// Forward, backward and a local SGD step of the MLP on the shipped data,
 /// single-threaded: the compute a worker does per step, without the network.
-pub fn exec_worker(a: &WorkerArgs) -> u8 {
+pub fn exec_worker(a: &WorkerArgs) -> Result<u8, CliError> {
     use warden_agent::model::{Batch, Workspace, init, num_params};
     use warden_agent::spec::{ModelKind, ModelSpec};
     if a.batch == 0 || a.steps == 0 || a.hidden.is_empty() || a.hidden.contains(&0) {
-        eprintln!("error: --batch, --steps and every hidden width must be at least 1");
-        return EXIT_USAGE;
+        return Err(CliError::usage("--batch, --steps and every hidden width must be at least 1"));
     }
     // Shipped data when run from the repository, else synthetic pixels.
     let shipped = PathBuf::from("data/fashion-mnist-small");
@@ -219,7 +202,7 @@ pub fn exec_worker(a: &WorkerArgs) -> u8 {
         (a.steps * b) as f64 / secs,
         secs * 1e3 / a.steps as f64
     );
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
 /// Arguments of `warden bench checkpoint`.
@@ -241,95 +224,119 @@ pub struct CheckpointArgs {
 /// Writes and reads the same shard state encrypted (the checkpoint format)
 /// and as plain little-endian floats (1 MiB writes, fsync), in one run, and
 /// prints throughputs and their ratios.
-pub fn exec_checkpoint(a: &CheckpointArgs) -> u8 {
-    use std::io::{Read, Write};
-    use std::time::Instant;
-    use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape, ShardState};
+pub fn exec_checkpoint(a: &CheckpointArgs) -> Result<u8, CliError> {
     if a.mib == 0 || a.mib > 64 * 1024 || a.rounds == 0 {
-        eprintln!("error: --mib must be 1 to 65536 and --rounds at least 1");
-        return EXIT_USAGE;
+        return Err(CliError::usage("--mib must be 1 to 65536 and --rounds at least 1"));
     }
-    // A fresh private directory, in --dir (which is created if missing) or
-    // in the system's temporary directory, removed with what the bench
-    // wrote when `scratch` drops: nothing already in --dir is touched.
-    let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
-    if let Err(e) = std::fs::create_dir_all(&parent) {
-        eprintln!("error: cannot create {}: {e}", parent.display());
-        return EXIT_FAILED;
-    }
-    let scratch = match tempfile::Builder::new().prefix("warden-bench-ckpt-").tempdir_in(&parent) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot create a scratch directory in {}: {e}", parent.display());
-            return EXIT_FAILED;
+    let scratch = scratch_dir(&a.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let result = CheckpointBench::new(scratch.path(), a).run();
+    drop(scratch);
+    let [wp, we, rp, re] = result.map_err(CliError::failed)?;
+    println!(
+        "warden checkpoint: MiB={} write_plain_MBps={wp:.0} write_encrypted_MBps={we:.0} write_ratio={:.2} \
+         read_plain_MBps={rp:.0} read_encrypted_MBps={re:.0} read_ratio={:.2}",
+        a.mib,
+        we / wp,
+        re / rp
+    );
+    Ok(EXIT_OK)
+}
+
+/// A fresh private directory in `parent` (which is created if missing),
+/// removed with what the bench wrote when it drops: nothing already in
+/// `parent` is touched.
+fn scratch_dir(parent: &Path) -> Result<tempfile::TempDir, CliError> {
+    std::fs::create_dir_all(parent)
+        .map_err(|e| CliError::failed(Context::new(format!("cannot create {}", parent.display()), e)))?;
+    tempfile::Builder::new().prefix("warden-bench-ckpt-").tempdir_in(parent).map_err(|e| {
+        CliError::failed(Context::new(format!("cannot create a scratch directory in {}", parent.display()), e))
+    })
+}
+
+/// One shard state (parameters and one optimizer slot), and where it is
+/// written plain and encrypted.
+struct CheckpointBench {
+    state: ShardState,
+    /// Floats per vector.
+    len: usize,
+    key: CheckpointKey,
+    at: Placement,
+    enc_path: PathBuf,
+    plain_path: PathBuf,
+    rounds: u32,
+}
+
+impl CheckpointBench {
+    fn new(dir: &Path, a: &CheckpointArgs) -> Self {
+        let len = a.mib * (1 << 20) / 8;
+        let params: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 1e-3).collect();
+        CheckpointBench {
+            state: ShardState { t: 1, slots: vec![params.clone()], params },
+            len,
+            key: CheckpointKey::new(&CheckpointSecret::generate()),
+            at: Placement { job: warden_agent::identity::JobId::generate(), step: 1, shard: 0, shards: 1 },
+            enc_path: dir.join("bench.wck"),
+            plain_path: dir.join("bench.plain"),
+            rounds: a.rounds,
         }
-    };
-    let dir = scratch.path();
-    let len = a.mib * (1 << 20) / 8;
-    let params: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 1e-3).collect();
-    let state = ShardState { t: 1, slots: vec![params.clone()], params };
-    let bytes = (len * 8) as f64;
-    let key = CheckpointKey::new(&CheckpointSecret::generate());
-    let at = Placement { job: warden_agent::identity::JobId::generate(), step: 1, shard: 0, shards: 1 };
-    let (enc_path, plain_path) = (dir.join("bench.wck"), dir.join("bench.plain"));
-    let best = |f: &mut dyn FnMut() -> std::io::Result<()>| -> std::io::Result<f64> {
+    }
+
+    /// MB/s of writing plain, writing encrypted, reading plain, reading
+    /// encrypted (in that order: the reads read what was written).
+    fn run(&self) -> std::io::Result<[f64; 4]> {
+        let shape = Shape { len: Some(self.len), slots: Some(1) };
+        let write_enc = || {
+            ck::write_shard(&self.enc_path, &self.key, &self.at, &self.state, ck::DEFAULT_CHUNK)
+                .map(|_| ())
+                .map_err(std::io::Error::other)
+        };
+        let read_enc = || {
+            ck::read_shard(&self.enc_path, &self.key, Some(&self.at), shape).map(|_| ()).map_err(std::io::Error::other)
+        };
+        Ok([
+            self.best(|| self.write_plain())?,
+            self.best(write_enc)?,
+            self.best(|| self.read_plain())?,
+            self.best(read_enc)?,
+        ])
+    }
+
+    /// MB/s of the fastest of the rounds of `f`.
+    fn best(&self, mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<f64> {
         let mut best = f64::MAX;
-        for _ in 0..a.rounds {
-            let t = Instant::now();
+        for _ in 0..self.rounds {
+            let t = std::time::Instant::now();
             f()?;
             best = best.min(t.elapsed().as_secs_f64());
         }
-        Ok(bytes / best / 1e6)
-    };
-    let result = (|| -> std::io::Result<[f64; 4]> {
-        let write_plain = best(&mut || {
-            let mut f = std::fs::File::create(&plain_path)?;
-            let mut buf = Vec::with_capacity(1 << 20);
-            for arr in [&state.params, &state.slots[0]] {
-                for piece in arr.chunks(1 << 18) {
-                    buf.clear();
-                    warden_agent::kernels::convert::extend_f32_le(&mut buf, piece);
-                    f.write_all(&buf)?;
-                }
+        Ok((self.len * 8) as f64 / best / 1e6)
+    }
+
+    fn write_plain(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&self.plain_path)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for arr in [&self.state.params, &self.state.slots[0]] {
+            for piece in arr.chunks(1 << 18) {
+                buf.clear();
+                warden_agent::kernels::convert::extend_f32_le(&mut buf, piece);
+                f.write_all(&buf)?;
             }
-            f.sync_all()
-        })?;
-        let write_enc = best(&mut || {
-            ck::write_shard(&enc_path, &key, &at, &state, ck::DEFAULT_CHUNK).map(|_| ()).map_err(std::io::Error::other)
-        })?;
-        let read_plain = best(&mut || {
-            let mut f = std::fs::File::open(&plain_path)?;
-            let mut out = [vec![0f32; len], vec![0f32; len]];
-            let mut buf = vec![0u8; 1 << 20];
-            for arr in out.iter_mut() {
-                for piece in arr.chunks_mut(1 << 18) {
-                    f.read_exact(&mut buf[..piece.len() * 4])?;
-                    warden_agent::kernels::convert::copy_f32_le(piece, &buf[..piece.len() * 4]);
-                }
+        }
+        f.sync_all()
+    }
+
+    fn read_plain(&self) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&self.plain_path)?;
+        let mut out = [vec![0f32; self.len], vec![0f32; self.len]];
+        let mut buf = vec![0u8; 1 << 20];
+        for arr in out.iter_mut() {
+            for piece in arr.chunks_mut(1 << 18) {
+                f.read_exact(&mut buf[..piece.len() * 4])?;
+                warden_agent::kernels::convert::copy_f32_le(piece, &buf[..piece.len() * 4]);
             }
-            Ok(())
-        })?;
-        let read_enc = best(&mut || {
-            let shape = Shape { len: Some(len), slots: Some(1) };
-            ck::read_shard(&enc_path, &key, Some(&at), shape).map(|_| ()).map_err(std::io::Error::other)
-        })?;
-        Ok([write_plain, write_enc, read_plain, read_enc])
-    })();
-    drop(scratch);
-    match result {
-        Ok([wp, we, rp, re]) => {
-            println!(
-                "warden checkpoint: MiB={} write_plain_MBps={wp:.0} write_encrypted_MBps={we:.0} write_ratio={:.2} \
-                 read_plain_MBps={rp:.0} read_encrypted_MBps={re:.0} read_ratio={:.2}",
-                a.mib,
-                we / wp,
-                re / rp
-            );
-            EXIT_OK
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_FAILED
-        }
+        Ok(())
     }
 }

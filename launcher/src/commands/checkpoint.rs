@@ -5,43 +5,38 @@ use std::path::{Path, PathBuf};
 
 use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape};
 
-use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::cli::{EXIT_FAILED, EXIT_OK};
+use crate::error::{BoxError, CliError, Context};
 
 /// Writes a fresh key file.
-pub fn exec_keygen(file: &Path) -> u8 {
+pub fn exec_keygen(file: &Path) -> Result<u8, CliError> {
     let secret = CheckpointSecret::generate();
     match secret.write_new(file) {
         Ok(()) => {
             let id = CheckpointKey::new(&secret).id_hex();
             println!("wrote checkpoint key {} (key id {id}, mode 0600)", file.display());
             println!("name it in the job file: [checkpoint] key_file = \"{}\"", file.display());
-            EXIT_OK
+            Ok(EXIT_OK)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            eprintln!(
-                "error: {} already exists; a key is never overwritten (its checkpoints would be lost)",
-                file.display()
-            );
-            EXIT_USAGE
-        }
-        Err(e) => {
-            eprintln!("error: cannot write {}: {e}", file.display());
-            EXIT_FAILED
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(CliError::usage(format!(
+            "{} already exists; a key is never overwritten (its checkpoints would be lost)",
+            file.display()
+        ))),
+        Err(e) => Err(CliError::failed(Context::new(format!("cannot write {}", file.display()), e))),
     }
 }
 
 /// The series directories under `dir` (or `dir` itself when it is one).
-fn series_dirs(dir: &Path) -> Result<Vec<PathBuf>, String> {
+fn series_dirs(dir: &Path) -> Result<Vec<PathBuf>, CliError> {
     let has_steps = |d: &Path| ck::list_steps(d).map(|s| !s.is_empty()).unwrap_or(false);
     if !dir.is_dir() {
-        return Err(format!("{} is not a directory", dir.display()));
+        return Err(CliError::usage(format!("{} is not a directory", dir.display())));
     }
     if has_steps(dir) {
         return Ok(vec![dir.to_path_buf()]);
     }
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .map_err(|e| CliError::usage(Context::new(dir.display().to_string(), e)))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| has_steps(p))
         .collect();
@@ -49,23 +44,17 @@ fn series_dirs(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-fn for_each_series(dir: &Path, mut f: impl FnMut(&Path) -> u8) -> u8 {
-    let all = match series_dirs(dir) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
+/// Runs `f` on every series under `dir`: the worst of their exit codes.
+fn for_each_series(dir: &Path, f: impl FnMut(&Path) -> u8) -> Result<u8, CliError> {
+    let all = series_dirs(dir)?;
     if all.is_empty() {
         println!("no checkpoints under {}", dir.display());
-        return EXIT_OK;
     }
-    all.iter().map(|s| f(s)).max().unwrap_or(EXIT_OK)
+    Ok(all.iter().map(PathBuf::as_path).map(f).max().unwrap_or(EXIT_OK))
 }
 
 /// Lists steps without decrypting anything.
-pub fn exec_list(dir: &Path) -> u8 {
+pub fn exec_list(dir: &Path) -> Result<u8, CliError> {
     for_each_series(dir, |series| {
         println!("series {}", series.display());
         for (step, path) in ck::list_steps(series).unwrap_or_default() {
@@ -90,14 +79,8 @@ pub fn exec_list(dir: &Path) -> u8 {
 }
 
 /// Decrypts and checks every shard file present.
-pub fn exec_verify(dir: &Path, key_file: &Path) -> u8 {
-    let key = match CheckpointSecret::load(key_file) {
-        Ok(s) => CheckpointKey::new(&s),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
+pub fn exec_verify(dir: &Path, key_file: &Path) -> Result<u8, CliError> {
+    let key = CheckpointKey::new(&CheckpointSecret::load(key_file).map_err(CliError::usage)?);
     for_each_series(dir, |series| {
         println!("series {}", series.display());
         let mut worst = EXIT_OK;
@@ -142,20 +125,20 @@ pub fn exec_verify(dir: &Path, key_file: &Path) -> u8 {
     })
 }
 
-/// Applies retention by hand.
-pub fn exec_prune(dir: &Path, keep: usize) -> u8 {
-    for_each_series(dir, |series| match ck::prune(series, keep, None) {
-        Ok(deleted) if deleted.is_empty() => {
-            println!("{}: nothing to delete", series.display());
-            EXIT_OK
+/// Applies retention by hand. A series that cannot be pruned does not keep
+/// the others.
+pub fn exec_prune(dir: &Path, keep: usize) -> Result<u8, CliError> {
+    let mut errors: Vec<BoxError> = Vec::new();
+    for_each_series(dir, |series| {
+        match ck::prune(series, keep, None) {
+            Ok(deleted) if deleted.is_empty() => println!("{}: nothing to delete", series.display()),
+            Ok(deleted) => println!("{}: deleted steps {deleted:?}, kept the newest {keep} complete", series.display()),
+            Err(e) => errors.push(Context::new(series.display().to_string(), e).into()),
         }
-        Ok(deleted) => {
-            println!("{}: deleted steps {deleted:?}, kept the newest {keep} complete", series.display());
-            EXIT_OK
-        }
-        Err(e) => {
-            eprintln!("error: {}: {e}", series.display());
-            EXIT_FAILED
-        }
-    })
+        EXIT_OK
+    })?;
+    match errors.is_empty() {
+        true => Ok(EXIT_OK),
+        false => Err(CliError::several(EXIT_FAILED, errors)),
+    }
 }

@@ -2,47 +2,32 @@
 //! those a crashed job left behind (with the job uids it had leased).
 
 use crate::cli::{EXIT_FAILED, EXIT_OK};
+use crate::error::{BoxError, CliError};
 
 /// Prints the warden tables on this host.
-pub fn exec_list() -> u8 {
-    match warden_agent::firewall::list() {
-        Ok(tables) if tables.is_empty() => {
-            println!("no warden firewall tables on this host");
-            EXIT_OK
-        }
-        Ok(tables) => {
-            for t in tables {
-                println!("inet {t}");
-            }
-            EXIT_OK
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_FAILED
-        }
+pub fn exec_list() -> Result<u8, CliError> {
+    let tables = warden_agent::firewall::list().map_err(CliError::failed)?;
+    if tables.is_empty() {
+        println!("no warden firewall tables on this host");
     }
+    for t in tables {
+        println!("inet {t}");
+    }
+    Ok(EXIT_OK)
 }
 
-/// Removes `table`, or every warden table.
-pub fn exec_clean(table: Option<&str>) -> u8 {
+/// Removes `table`, or every warden table. A table that cannot be removed
+/// does not keep the others.
+pub fn exec_clean(table: Option<&str>) -> Result<u8, CliError> {
     let tables = match table {
         Some(t) => vec![t.to_string()],
-        None => match warden_agent::firewall::list() {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_FAILED;
-            }
-        },
+        None => warden_agent::firewall::list().map_err(CliError::failed)?,
     };
-    let mut code = EXIT_OK;
+    let mut errors: Vec<BoxError> = Vec::new();
     for t in &tables {
         match warden_agent::firewall::remove(t) {
             Ok(()) => println!("removed inet {t}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                code = EXIT_FAILED;
-            }
+            Err(e) => errors.push(e.into()),
         }
     }
     if tables.is_empty() {
@@ -54,11 +39,11 @@ pub fn exec_clean(table: Option<&str>) -> u8 {
         match warden_agent::jobuid::release_stale(&live) {
             Ok(uids) if !uids.is_empty() => println!("released the job uid(s) {uids:?} of ended jobs"),
             Ok(_) => {}
-            Err(e) => {
-                eprintln!("error: {e}");
-                code = EXIT_FAILED;
-            }
+            Err(e) => errors.push(e.into()),
         }
     }
-    code
+    match errors.is_empty() {
+        true => Ok(EXIT_OK),
+        false => Err(CliError::several(EXIT_FAILED, errors)),
+    }
 }

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::cli::{EXIT_FAILED, EXIT_OK};
+use crate::error::{BoxError, CliError, Context};
 use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
 use crate::transport::{LocalTransport, Transport, find_agent};
 
@@ -32,19 +33,10 @@ pub fn exec(
     progress: bool,
     accept_new_host_keys: bool,
     resume: Option<PathBuf>,
-) -> u8 {
+) -> Result<u8, CliError> {
     let started = std::time::Instant::now();
-    let (spec, text, plan) = match prepare(job, local) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let (agent, runtime) = match agent_and_runtime() {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+    let (spec, text, plan) = prepare(job, local).map_err(CliError::usage)?;
+    let (agent, runtime) = agent_and_runtime()?;
     let opts = LaunchOptions {
         run_dir,
         progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -65,10 +57,7 @@ pub fn exec(
                 );
                 Arc::new(t)
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_FAILED;
-            }
+            Err(e) => return Err(CliError::failed(e)),
         };
         runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts))
     };
@@ -92,114 +81,85 @@ pub fn exec(
                     }
                 }
                 eprintln!("  results: {dir}/summary.json, {dir}/metrics.csv, logs in {dir}/logs/");
-                EXIT_OK
+                Ok(EXIT_OK)
             } else {
                 eprintln!("failed: {}", s.failure.as_deref().unwrap_or("unknown cause"));
                 eprintln!("  details: {dir}/summary.json, logs in {dir}/logs/");
-                EXIT_FAILED
+                Ok(EXIT_FAILED)
             }
         }
-        Err(e @ (LaunchError::Spec(_) | LaunchError::Input(_))) => {
-            eprintln!("error: {e}");
-            EXIT_USAGE
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_FAILED
-        }
+        Err(e) => Err(launch_failed(e)),
+    }
+}
+
+/// A launch that did not start: bad input (the job file, its data, the run
+/// directory, `--resume`) or a failed set-up.
+fn launch_failed(e: LaunchError) -> CliError {
+    match e {
+        LaunchError::Setup { .. } => CliError::failed(e),
+        e => CliError::usage(e),
     }
 }
 
 /// Removes a job's firewall tables and job directories on every host of
 /// `job` over SSH (after its launcher died).
-pub fn clean_remote(job: &Path, job_id: &warden_agent::identity::JobId, table: &str) -> u8 {
-    let spec = match load_job(job) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn clean_remote(job: &Path, job_id: &warden_agent::identity::JobId, table: &str) -> Result<u8, CliError> {
+    let spec = load_job(job)?;
     let plan = warden_agent::plan::Plan::new(&spec, job_id, false);
-    let (agent, runtime) = match agent_and_runtime() {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    let t = match ssh_connect(&runtime, &spec, job_id, &agent, false, true) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILED;
-        }
-    };
-    runtime.block_on(async {
-        let mut code = EXIT_OK;
+    let (agent, runtime) = agent_and_runtime()?;
+    let t = ssh_connect(&runtime, &spec, job_id, &agent, false, true).map_err(CliError::failed)?;
+    let errors = runtime.block_on(async {
+        let mut errors: Vec<BoxError> = Vec::new();
         let host_job = crate::transport::HostJob { job: job_id.clone(), uids: spec.cluster.uids };
         for host in &plan.hosts {
             // Without the uid: the host finds the job's leases itself.
             match t.teardown_host(host, &host_job, None).await {
                 Ok(said) => println!("{}: firewall table {table} removed; {said}", host.name),
-                Err(e) => {
-                    eprintln!("error: {}: {e}", host.name);
-                    code = EXIT_FAILED;
-                }
+                Err(e) => errors.push(Context::new(host.name.clone(), e).into()),
             }
         }
         for p in &plan.processes {
             let _ = t.cleanup(p).await;
         }
         t.finish().await;
-        code
-    })
-}
-
-/// `warden doctor JOB`: connects to every host and reports what a job needs.
-pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> u8 {
-    let spec = match load_job(job) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let (agent, runtime) = match agent_and_runtime() {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    let id = warden_agent::identity::JobId::generate();
-    let result = ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true);
-    match result {
-        Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_FAILED
-        }
-        Ok(t) => {
-            let mut ok = true;
-            for r in &t.reports {
-                for (check, passed, detail) in &r.checks {
-                    println!("{:<12} {:<9} {:<5} {detail}", r.host, check, if *passed { "ok" } else { "FAIL" });
-                    ok &= *passed;
-                }
-            }
-            if ok { EXIT_OK } else { EXIT_FAILED }
-        }
+        errors
+    });
+    match errors.is_empty() {
+        true => Ok(EXIT_OK),
+        false => Err(CliError::several(EXIT_FAILED, errors)),
     }
 }
 
+/// `warden doctor JOB`: connects to every host and reports what a job needs.
+pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> Result<u8, CliError> {
+    let spec = load_job(job)?;
+    let (agent, runtime) = agent_and_runtime()?;
+    let id = warden_agent::identity::JobId::generate();
+    let t = ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true).map_err(CliError::failed)?;
+    let mut ok = true;
+    for r in &t.reports {
+        for (check, passed, detail) in &r.checks {
+            println!("{:<12} {:<9} {:<5} {detail}", r.host, check, if *passed { "ok" } else { "FAIL" });
+            ok &= *passed;
+        }
+    }
+    Ok(if ok { EXIT_OK } else { EXIT_FAILED })
+}
+
 /// What every command that starts agents needs: the agent binary and a
-/// runtime. Errors are printed; the exit code is returned.
-pub(crate) fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), u8> {
-    let agent = find_agent().map_err(|e| {
-        eprintln!("error: {e}");
-        EXIT_USAGE
-    })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("error: cannot start the runtime: {e}");
-        EXIT_FAILED
-    })?;
+/// runtime.
+pub(crate) fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), CliError> {
+    let agent = find_agent().map_err(CliError::usage)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(Context::new("cannot start the runtime", e)))?;
     Ok((agent, runtime))
 }
 
-/// A job file, validated; errors are printed and give the exit code.
-fn load_job(job: &Path) -> Result<warden_agent::spec::JobSpec, u8> {
-    warden_agent::spec::JobSpec::load(job).map(|(spec, _)| spec).map_err(|e| {
-        eprintln!("error: {e}");
-        EXIT_USAGE
-    })
+/// A job file, validated.
+fn load_job(job: &Path) -> Result<warden_agent::spec::JobSpec, CliError> {
+    warden_agent::spec::JobSpec::load(job).map(|(spec, _)| spec).map_err(CliError::usage)
 }
 
 /// Connects over SSH with a throw-away control directory.
@@ -210,7 +170,7 @@ fn ssh_connect(
     agent: &Path,
     accept_new_host_keys: bool,
     keep_going: bool,
-) -> Result<crate::ssh::SshTransport, String> {
+) -> Result<crate::ssh::SshTransport, crate::ssh::SshError> {
     // The transport removes the directory when it is dropped, after its
     // sessions close.
     let control = crate::ssh::make_control_dir()?;

@@ -6,24 +6,19 @@ use warden_agent::identity::JobId;
 use warden_agent::plan::Plan;
 use warden_agent::spec::JobSpec;
 
-use crate::cli::{EXIT_OK, EXIT_USAGE};
+use crate::cli::EXIT_OK;
+use crate::error::CliError;
 
 /// Prints the plan.
-pub fn exec(job: &Path, json: bool, local: bool) -> u8 {
-    let spec = match JobSpec::load(job) {
-        Ok((spec, _)) => spec,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
+pub fn exec(job: &Path, json: bool, local: bool) -> Result<u8, CliError> {
+    let (spec, _) = JobSpec::load(job).map_err(CliError::usage)?;
     let plan = Plan::new(&spec, &JobId::generate(), local);
     if json {
         println!("{}", serde_json::to_string_pretty(&plan).expect("plans serialize"));
-        return EXIT_OK;
+    } else {
+        print!("{}", render(&spec, &plan));
     }
-    print!("{}", render(&spec, &plan));
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
 /// The human-readable plan.

@@ -5,8 +5,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::cli::{EXIT_FAILED, EXIT_OK};
+use crate::error::{CliError, Context};
 use crate::rundir::RunRecord;
+use crate::transport::AgentError;
 
 /// The run's launcher PID, if that process is still a `warden` launcher.
 fn live_launcher(run: &RunRecord) -> Option<i32> {
@@ -15,19 +17,13 @@ fn live_launcher(run: &RunRecord) -> Option<i32> {
     exe.file_name().is_some_and(|n| n == "warden").then_some(pid)
 }
 
-fn load(dir: &Path) -> Result<RunRecord, u8> {
-    RunRecord::load(dir).map_err(|e| {
-        eprintln!("error: {e}");
-        EXIT_USAGE
-    })
+fn load(dir: &Path) -> Result<RunRecord, CliError> {
+    RunRecord::load(dir).map_err(CliError::usage)
 }
 
 /// Prints how the run stands.
-pub fn exec_status(dir: &Path) -> u8 {
-    let run = match load(dir) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
+pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
+    let run = load(dir)?;
     println!("job {} (id {})", run.job, run.job_id);
     if let Some(s) = crate::rundir::Summary::load(dir) {
         println!("status: {}", s.status);
@@ -38,7 +34,7 @@ pub fn exec_status(dir: &Path) -> u8 {
         if let Some(f) = &s.failure {
             println!("failure: {f}");
         }
-        return if s.status == "succeeded" { EXIT_OK } else { EXIT_FAILED };
+        return Ok(if s.status == "succeeded" { EXIT_OK } else { EXIT_FAILED });
     }
     let last = std::fs::read_to_string(dir.join("metrics.csv"))
         .ok()
@@ -52,15 +48,12 @@ pub fn exec_status(dir: &Path) -> u8 {
     if let Some(row) = last {
         println!("last epoch (epoch,train_loss,test_loss,test_accuracy,...): {row}");
     }
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
 /// The logs of the run, optionally for one host or role, optionally following.
-pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: bool) -> u8 {
-    let run = match load(dir) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
+pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: bool) -> Result<u8, CliError> {
+    let run = load(dir)?;
     let mut files: Vec<(String, PathBuf, u64)> = match std::fs::read_dir(dir.join("logs")) {
         Ok(d) => d
             .flatten()
@@ -73,15 +66,11 @@ pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: boo
                 keep.then(|| (format!("{h}/{r}[{rank}]"), e.path(), 0))
             })
             .collect(),
-        Err(e) => {
-            eprintln!("error: {}: {e}", dir.join("logs").display());
-            return EXIT_USAGE;
-        }
+        Err(e) => return Err(CliError::usage(Context::new(dir.join("logs").display().to_string(), e))),
     };
     files.sort();
     if files.is_empty() {
-        eprintln!("error: no logs match");
-        return EXIT_USAGE;
+        return Err(CliError::usage("no logs match"));
     }
     let mut out = std::io::stdout().lock();
     loop {
@@ -101,36 +90,30 @@ pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: boo
         }
         let _ = out.flush();
         if !follow || (live_launcher(&run).is_none() && dir.join("summary.json").exists()) {
-            return EXIT_OK;
+            return Ok(EXIT_OK);
         }
         if live_launcher(&run).is_none() {
-            return EXIT_OK;
+            return Ok(EXIT_OK);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
 
 /// Stops a running job, or cleans up after one whose launcher died.
-pub fn exec_stop(dir: &Path) -> u8 {
-    let run = match load(dir) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
+pub fn exec_stop(dir: &Path) -> Result<u8, CliError> {
+    let run = load(dir)?;
     if let Some(pid) = live_launcher(&run) {
         // The launcher's Ctrl-C path: stop every process, remove tables, write the summary.
-        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT) {
-            eprintln!("error: cannot signal the launcher (pid {pid}): {e}");
-            return EXIT_FAILED;
-        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT)
+            .map_err(|e| CliError::failed(Context::new(format!("cannot signal the launcher (pid {pid})"), e)))?;
         for _ in 0..300 {
             if live_launcher(&run).is_none() {
                 println!("stopped: the launcher (pid {pid}) tore the job down");
-                return EXIT_OK;
+                return Ok(EXIT_OK);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("error: the launcher (pid {pid}) did not stop within 30s");
-        return EXIT_FAILED;
+        return Err(CliError::failed(format!("the launcher (pid {pid}) did not stop within 30s")));
     }
     // The launcher is gone: its agents stopped when their control channels
     // closed; what can remain is the firewall table, the job's uid lease and
@@ -139,23 +122,15 @@ pub fn exec_stop(dir: &Path) -> u8 {
     let table = run.firewall_table.clone();
     if run.local {
         let job_id = run.job_id.clone();
-        let teardown = crate::transport::find_agent().map_err(|e| e.to_string()).and_then(|agent| {
+        let teardown = crate::transport::find_agent().map_err(AgentError::from).and_then(|agent| {
             let args = crate::transport::AgentCmd::Teardown { job: &job_id, uid: None }.args();
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(crate::transport::run_agent(&agent, &[], &args, None))
         });
-        return match teardown {
-            Ok(said) => {
-                let said = String::from_utf8_lossy(&said);
-                println!("cleaned up: no launcher was running; firewall table {table} removed; {}", said.trim());
-                EXIT_OK
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                EXIT_FAILED
-            }
-        };
+        let said = teardown.map_err(CliError::failed)?;
+        let said = String::from_utf8_lossy(&said);
+        println!("cleaned up: no launcher was running; firewall table {table} removed; {}", said.trim());
+        return Ok(EXIT_OK);
     }
     println!("no launcher is running; cleaning the hosts of {} over SSH", run.job_file.display());
     crate::commands::launch::clean_remote(&run.job_file, &run.job_id, &table)

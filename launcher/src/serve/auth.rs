@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::config::{Config, Policy, RawPolicy};
+use super::config::{Config, ConfigError, Policy, RawPolicy};
 
 /// Key hash -> (key id, policy).
 pub(super) type Keys = HashMap<[u8; 32], (String, Policy)>;
@@ -41,13 +41,16 @@ struct RawKey {
 
 /// The keys listed in the keys file at `path`, each with `defaults` and its
 /// own settings.
-pub(super) fn load_keys(path: &Path, defaults: &Policy, classes: usize) -> Result<Keys, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let parsed: KeysFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+pub(super) fn load_keys(path: &Path, defaults: &Policy, classes: usize) -> Result<Keys, ConfigError> {
+    let parsed: KeysFile = ConfigError::load(path)?;
     let mut keys = Keys::new();
     for k in parsed.key {
         let digest = unhex32(&k.sha256).ok_or_else(|| {
-            format!("{}: key `{}`: sha256 must be 64 hex digits (`warden apikey` prints it)", path.display(), k.id)
+            ConfigError::Invalid(format!(
+                "{}: key `{}`: sha256 must be 64 hex digits (`warden apikey` prints it)",
+                path.display(),
+                k.id
+            ))
         })?;
         let over = RawPolicy {
             output: k.output,
@@ -60,7 +63,7 @@ pub(super) fn load_keys(path: &Path, defaults: &Policy, classes: usize) -> Resul
         };
         let policy = over.apply(defaults, classes, &format!("{}: key `{}`", path.display(), k.id))?;
         if keys.insert(digest, (k.id.clone(), policy)).is_some() {
-            return Err(format!("{}: the same key hash is listed twice", path.display()));
+            return Err(ConfigError::Invalid(format!("{}: the same key hash is listed twice", path.display())));
         }
     }
     Ok(keys)

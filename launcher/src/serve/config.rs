@@ -11,6 +11,42 @@ use serde::Deserialize;
 use super::auth::{self, Keys};
 use super::detector::Detector;
 
+/// Why `serve.toml` or the keys file it names cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of its kind.
+    #[error("{}", .path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where and why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A setting that cannot work, and what to do instead.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// Reads and parses the TOML file at `path`.
+    pub(super) fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+    }
+}
+
 /// What a key may get, and how much.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -52,24 +88,30 @@ pub(super) struct RawPolicy {
 
 impl RawPolicy {
     /// `base` with this policy's settings, each checked; errors name `whose`.
-    pub(super) fn apply(&self, base: &Policy, classes: usize, whose: &str) -> Result<Policy, String> {
+    pub(super) fn apply(&self, base: &Policy, classes: usize, whose: &str) -> Result<Policy, ConfigError> {
         let mut p = base.clone();
         if let Some(o) = &self.output {
             p.labels_only = match o.as_str() {
                 "label" => true,
                 "probabilities" => false,
-                other => return Err(format!("{whose}: output `{other}`; use \"label\" or \"probabilities\"")),
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{whose}: output `{other}`; use \"label\" or \"probabilities\""
+                    )));
+                }
             };
         }
         if let Some(v) = self.precision {
             if v > 9 {
-                return Err(format!("{whose}: precision {v}; 0 to 9 decimals (9 is full precision, for tests only)"));
+                return Err(ConfigError::Invalid(format!(
+                    "{whose}: precision {v}; 0 to 9 decimals (9 is full precision, for tests only)"
+                )));
             }
             p.precision = v;
         }
         if let Some(v) = self.top_k {
             if v == 0 || v > classes {
-                return Err(format!("{whose}: top_k {v}; 1 to {classes} (the model's classes)"));
+                return Err(ConfigError::Invalid(format!("{whose}: top_k {v}; 1 to {classes} (the model's classes)")));
             }
             p.top_k = v;
         }
@@ -82,13 +124,13 @@ impl RawPolicy {
         }
         if let Some(v) = self.rate_per_s {
             if !(v > 0.0 && v <= 1e6) {
-                return Err(format!("{whose}: rate_per_s {v}; above 0 and at most 1e6"));
+                return Err(ConfigError::Invalid(format!("{whose}: rate_per_s {v}; above 0 and at most 1e6")));
             }
             p.rate = v;
         }
         if let Some(v) = self.burst {
             if v == 0 {
-                return Err(format!("{whose}: burst 0; at least 1"));
+                return Err(ConfigError::Invalid(format!("{whose}: burst 0; at least 1")));
             }
             p.burst = f64::from(v);
         }
@@ -129,7 +171,7 @@ struct RawDetector {
 
 impl RawDetector {
     /// The detector when enabled, its settings within their bounds.
-    fn detector(&self) -> Result<Option<Detector>, String> {
+    fn detector(&self) -> Result<Option<Detector>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -140,7 +182,11 @@ impl RawDetector {
             throttle: match self.action.as_deref() {
                 None | Some("log") => None,
                 Some("throttle") => Some(self.throttle_rate_per_s.unwrap_or(0.1)),
-                Some(other) => return Err(format!("[detector] action `{other}`; use \"log\" or \"throttle\"")),
+                Some(other) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[detector] action `{other}`; use \"log\" or \"throttle\""
+                    )));
+                }
             },
         };
         if det.window == 0
@@ -149,9 +195,11 @@ impl RawDetector {
             || !(0.0..=1.0).contains(&det.cv_below)
             || det.throttle.is_some_and(|r| r.is_nan() || r <= 0.0)
         {
-            return Err("[detector]: window 1 to 10000, min_queries at least 3, cv_below in [0, 1], \
+            return Err(ConfigError::Invalid(
+                "[detector]: window 1 to 10000, min_queries at least 3, cv_below in [0, 1], \
                         throttle_rate_per_s above 0"
-                .into());
+                    .into(),
+            ));
         }
         Ok(Some(det))
     }
@@ -191,22 +239,22 @@ struct RawMetrics {
 impl RawMetrics {
     /// Who may read `/metrics`: key ids of `keys`, and `cert:NAME` for
     /// certificate holders (only when a client CA is set).
-    fn readers(&self, keys: &Keys, client_ca: bool) -> Result<HashSet<String>, String> {
+    fn readers(&self, keys: &Keys, client_ca: bool) -> Result<HashSet<String>, ConfigError> {
         let mut readers = HashSet::new();
         for id in &self.keys {
             if !keys.values().any(|(k, _)| k == id) {
-                return Err(format!(
+                return Err(ConfigError::Invalid(format!(
                     "[metrics] keys: `{id}` is not the id of a key in [auth] api_keys; \
                      list ids of keys from that file (make one with `warden apikey --id {id}`)"
-                ));
+                )));
             }
             readers.insert(id.clone());
         }
         if let Some(name) = self.clients.first().filter(|_| !client_ca) {
-            return Err(format!(
+            return Err(ConfigError::Invalid(format!(
                 "[metrics] clients names `{name}`, a client-certificate holder, but no [auth] client_ca is set: \
                  name the CA that issues their certificates"
-            ));
+            )));
         }
         readers.extend(self.clients.iter().map(|name| format!("cert:{name}")));
         Ok(readers)
@@ -242,33 +290,37 @@ impl Default for ConnLimits {
 
 impl RawLimits {
     /// The largest body and batch accepted.
-    fn body_and_batch(&self) -> Result<(usize, usize), String> {
+    fn body_and_batch(&self) -> Result<(usize, usize), ConfigError> {
         let max_body = self.max_body_bytes.unwrap_or(1 << 20);
         let max_batch = self.max_batch.unwrap_or(64);
         if max_body < 64 || max_batch == 0 {
-            return Err("[limits] max_body_bytes must be at least 64 and max_batch at least 1".into());
+            return Err(ConfigError::Invalid(
+                "[limits] max_body_bytes must be at least 64 and max_batch at least 1".into(),
+            ));
         }
         Ok((max_body, max_batch))
     }
 
     /// The connection limits, each within its bounds.
-    fn conn_limits(&self) -> Result<ConnLimits, String> {
+    fn conn_limits(&self) -> Result<ConnLimits, ConfigError> {
         let d = ConnLimits::default();
         let max_connections = self.max_connections.unwrap_or(d.max_connections);
         if !(1..=65_536).contains(&max_connections) {
-            return Err(format!(
+            return Err(ConfigError::Invalid(format!(
                 "[limits] max_connections {max_connections}; 1 to 65536, and below the open-file limit \
                  (`ulimit -n`): each connection holds a file descriptor"
-            ));
+            )));
         }
         let max_handshakes = self.max_handshakes.unwrap_or(d.max_handshakes.min(max_connections));
         if !(1..=max_connections).contains(&max_handshakes) {
-            return Err(format!("[limits] max_handshakes {max_handshakes}; 1 to max_connections ({max_connections})"));
+            return Err(ConfigError::Invalid(format!(
+                "[limits] max_handshakes {max_handshakes}; 1 to max_connections ({max_connections})"
+            )));
         }
         let seconds = |v: Option<u64>, default: Duration, name: &str, max: u64| match v {
             None => Ok(default),
             Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
-            Some(s) => Err(format!("[limits] {name} {s}; 1 to {max} seconds")),
+            Some(s) => Err(ConfigError::Invalid(format!("[limits] {name} {s}; 1 to {max} seconds"))),
         };
         Ok(ConnLimits {
             max_connections,
@@ -302,13 +354,9 @@ pub struct Config {
 
 impl Config {
     /// Reads `serve.toml` (or the defaults) for a model of `classes` classes.
-    pub fn load(path: Option<&Path>, classes: usize) -> Result<Config, String> {
+    pub fn load(path: Option<&Path>, classes: usize) -> Result<Config, ConfigError> {
         let (raw, base): (RawConfig, PathBuf) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                let raw = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-                (raw, p.parent().map(Path::to_path_buf).unwrap_or_default())
-            }
+            Some(p) => (ConfigError::load(p)?, p.parent().map(Path::to_path_buf).unwrap_or_default()),
             None => (RawConfig::default(), PathBuf::new()),
         };
         let defaults = raw.defaults.apply(&Policy::default(), classes, "[defaults]")?;
@@ -317,26 +365,28 @@ impl Config {
             None => Keys::new(),
         };
         if keys.is_empty() && !raw.auth.anonymous && raw.auth.client_ca.is_none() {
-            return Err("no API keys, no client CA and anonymous access is off: nobody could ask. \
+            return Err(ConfigError::Invalid(
+                "no API keys, no client CA and anonymous access is off: nobody could ask. \
                  List key hashes in [auth] api_keys (make keys with `warden apikey --id NAME`), \
                  name a client_ca, or set [auth] anonymous = true knowingly"
-                .into());
+                    .into(),
+            ));
         }
         let (max_body, max_batch) = raw.limits.body_and_batch()?;
         let conn = raw.limits.conn_limits()?;
         let metrics_readers = raw.metrics.readers(&keys, raw.auth.client_ca.is_some())?;
         let detector = raw.detector.detector()?;
         if let Some(name) = raw.clients.keys().next().filter(|_| raw.auth.client_ca.is_none()) {
-            return Err(format!(
+            return Err(ConfigError::Invalid(format!(
                 "[clients.{name}] applies to holders of client certificates, but no [auth] client_ca is set: \
                  name the CA that issues them"
-            ));
+            )));
         }
         let clients = raw
             .clients
             .iter()
             .map(|(name, over)| Ok((name.clone(), over.apply(&defaults, classes, &format!("[clients.{name}]"))?)))
-            .collect::<Result<HashMap<_, _>, String>>()?;
+            .collect::<Result<HashMap<_, _>, ConfigError>>()?;
         Ok(Config {
             keys,
             clients,
@@ -357,11 +407,12 @@ mod tests {
     use super::*;
 
     /// `Config::load` of `text` as a serve.toml, for a 10-class model.
+    /// Errors as the CLI prints them, with their causes.
     fn load(text: &str) -> Result<Config, String> {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("serve.toml");
         std::fs::write(&path, text).expect("written");
-        Config::load(Some(&path), 10)
+        Config::load(Some(&path), 10).map_err(|e| crate::error::Chain(&e).to_string())
     }
 
     #[test]

@@ -76,13 +76,55 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
+/// Why `warden serve` could not start, or could not save its state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The public key cannot be read.
+    #[error(transparent)]
+    PublicKey(#[from] warden_agent::signing::SignError),
+    /// The model does not verify or load.
+    #[error("refusing to serve {}", .model.display())]
+    Refused {
+        /// The model directory.
+        model: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::error::BoxError,
+    },
+    /// `serve.toml` or the keys file cannot be used.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The state file cannot be used.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// TLS cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The address cannot be listened on.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state cannot be saved on the way out.
+    #[error("cannot save the serve state")]
+    Save(#[source] std::io::Error),
+    /// The listener or the signal handler failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Verifies, loads and serves until SIGINT or SIGTERM.
-pub async fn serve(o: ServeOptions) -> Result<(), String> {
-    let key = warden_agent::signing::load_public_key(&o.pubkey).map_err(|e| e.to_string())?;
+pub async fn serve(o: ServeOptions) -> Result<(), ServeError> {
+    let key = warden_agent::signing::load_public_key(&o.pubkey)?;
     // Verified and parsed from one read of the file: what is served is what verified.
     let warden_agent::artifact::SignedModel { verified, spec: model, params } =
         warden_agent::artifact::load_signed(&o.model, &key)
-            .map_err(|e| format!("refusing to serve {}: {e}", o.model.display()))?;
+            .map_err(|e| ServeError::Refused { model: o.model.clone(), source: e.into() })?;
     let config = Config::load(o.config.as_deref(), model.classes)?;
     let ledger = Ledger::open(config.state_file.clone())?;
     let tls = tls::server_config(o.tls.as_ref(), o.listen, config.client_ca.as_ref().map(|(p, _)| p.as_path()))?;
@@ -95,9 +137,10 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.conn.max_handshakes)),
         config,
     });
-    let listener =
-        tokio::net::TcpListener::bind(o.listen).await.map_err(|e| format!("cannot listen on {}: {e}", o.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(o.listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: o.listen, source })?;
+    let addr = listener.local_addr()?;
     eprintln!(
         "warden serve: {} verified (sha256:{}), {} inputs -> {} classes; https://{addr}/v1/predict",
         o.model.display(),
@@ -120,7 +163,7 @@ pub async fn serve(o: ServeOptions) -> Result<(), String> {
     accept_until_signal(&listener, &acceptor, &server).await?;
     saver.abort();
     server.ledger.changed();
-    server.ledger.save().map_err(|e| format!("cannot save the serve state: {e}"))?;
+    server.ledger.save().map_err(ServeError::Save)?;
     eprintln!("warden serve: stopped; usage saved");
     Ok(())
 }
@@ -131,9 +174,8 @@ async fn accept_until_signal(
     listener: &tokio::net::TcpListener,
     acceptor: &tokio_rustls::TlsAcceptor,
     server: &Arc<Server>,
-) -> Result<(), String> {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+) -> Result<(), ServeError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (tcp, _) = tokio::select! {
             a = listener.accept() => match a {

@@ -17,6 +17,30 @@ use serde::{Deserialize, Serialize};
 use super::budget::Usage;
 use super::detector::Trail;
 
+/// Why the state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// It cannot be read.
+    #[error("{}", .path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not one `warden serve` wrote.
+    #[error("{}: not a warden serve state file", .path.display())]
+    Parse {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Everything kept per key; saved as one JSON object of both parts' fields.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct KeyState {
@@ -36,12 +60,11 @@ pub(super) struct Ledger {
 
 impl Ledger {
     /// The state saved at `path` if there is one, else empty; saved there.
-    pub(super) fn open(path: Option<PathBuf>) -> Result<Ledger, String> {
+    pub(super) fn open(path: Option<PathBuf>) -> Result<Ledger, StateError> {
         let keys = match &path {
             Some(p) if p.exists() => {
-                let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                serde_json::from_slice(&text)
-                    .map_err(|e| format!("{}: not a warden serve state file: {e}", p.display()))?
+                let text = std::fs::read(p).map_err(|source| StateError::Read { path: p.clone(), source })?;
+                serde_json::from_slice(&text).map_err(|source| StateError::Parse { path: p.clone(), source })?
             }
             _ => HashMap::new(),
         };
@@ -143,7 +166,7 @@ mod tests {
         assert_eq!(saved["b"], serde_json::json!({"total": 1, "day": 1, "today": 1, "flagged": true}));
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "[]").expect("written");
-        let err = Ledger::open(Some(bad)).err().expect("refused");
+        let err = Ledger::open(Some(bad)).err().map(|e| crate::error::Chain(&e).to_string()).expect("refused");
         assert!(err.contains("not a warden serve state file"), "{err}");
     }
 }

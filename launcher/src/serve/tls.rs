@@ -14,13 +14,46 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 
+/// Why TLS cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file (certificate chain or key) cannot be read.
+    #[error("{}", .path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The certificate chain and key do not make a server configuration.
+    #[error("TLS certificate and key")]
+    CertificateAndKey(#[source] rustls::Error),
+    /// The self-signed certificate cannot be made.
+    #[error(transparent)]
+    SelfSigned(#[from] rcgen::Error),
+    /// The self-signed certificate's key is unusable.
+    #[error("{0}")]
+    SelfSignedKey(&'static str),
+    /// `[auth] client_ca` cannot be used.
+    #[error("[auth] client_ca {}", .path.display())]
+    ClientCa {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::error::BoxError,
+    },
+}
+
 /// The server's TLS configuration: TLS 1.3 or 1.2, HTTP/1.1, and client
 /// certificates from `client_ca` verified when one is given.
 pub(super) fn server_config(
     given: Option<&(PathBuf, PathBuf)>,
     listen: SocketAddr,
     client_ca: Option<&Path>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let (certs, key) = certificate(given, listen)?;
     let builder =
         rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
@@ -28,7 +61,7 @@ pub(super) fn server_config(
         None => builder.with_no_client_auth(),
         Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
     };
-    let mut cfg = builder.with_single_cert(certs, key).map_err(|e| format!("TLS certificate and key: {e}"))?;
+    let mut cfg = builder.with_single_cert(certs, key).map_err(TlsError::CertificateAndKey)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -38,22 +71,23 @@ pub(super) fn server_config(
 fn certificate(
     given: Option<&(PathBuf, PathBuf)>,
     listen: SocketAddr,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     match given {
         Some((cert, key)) => {
             let certs = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("{}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+                .map_err(|source| TlsError::Pem { path: cert.clone(), source })?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem { path: key.clone(), source })?;
             Ok((certs, key))
         }
         None => {
             let names = vec!["localhost".to_string(), listen.ip().to_string()];
-            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+            let ck = rcgen::generate_simple_self_signed(names)?;
             let der = ck.cert.der().clone();
             let fp: String = Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
             eprintln!("warden serve: self-signed certificate, SHA-256 fingerprint {fp}");
-            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(TlsError::SelfSignedKey)?;
             Ok((vec![der], key))
         }
     }
@@ -62,13 +96,16 @@ fn certificate(
 /// Verifies client certificates issued by the CA in the PEM file `ca`.
 /// Certificates from this CA identify their holders; clients without one
 /// may still come with an API key.
-fn client_verifier(ca: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
-    let bad = |e: &dyn std::fmt::Display| format!("[auth] client_ca {}: {e}", ca.display());
+fn client_verifier(ca: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let bad = |e: crate::error::BoxError| TlsError::ClientCa { path: ca.to_path_buf(), source: e };
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
-        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.into()))? {
+        roots.add(c.map_err(|e| bad(e.into()))?).map_err(|e| bad(e.into()))?;
     }
-    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| bad(&e))
+    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad(e.into()))
 }
 
 /// The TLS handshake on `io`, and the holder (subject common name) of the
