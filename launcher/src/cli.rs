@@ -19,6 +19,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code for bad input: an invalid job file, a missing file, bad flags.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a job stopped on request (a signal, `warden stop`,
+/// `max_hours`) with its work kept: 128 + SIGINT, as shells report Ctrl-C.
+pub const EXIT_STOPPED: u8 = 130;
 
 /// warden: secure-by-default parameter-server training on your own machines.
 #[derive(Debug, Parser)]
@@ -96,6 +99,18 @@ pub enum Command {
         /// No progress bar (plain lines only).
         #[arg(long)]
         no_progress: bool,
+        /// Also print every process's INFO lines as they are logged (they are
+        /// always in RUN_DIR/logs/).
+        #[arg(short, long)]
+        verbose: bool,
+        /// Run the launcher in a session of its own and return once the run has started:
+        /// the job survives logging out. Its output goes to RUN_DIR/launcher.log; follow
+        /// it with `warden logs RUN_DIR -f`, stop it with `warden stop RUN_DIR`.
+        #[arg(long)]
+        detach: bool,
+        /// Leave the caller's session first (how --detach starts the launcher).
+        #[arg(long, hide = true)]
+        own_session: bool,
         /// Continue an earlier run from its newest checkpoint that is complete and valid on
         /// every server (needs [checkpoint] with the same key_file). Results go to a new run directory.
         #[arg(long, value_name = "RUN_DIR")]
@@ -120,7 +135,7 @@ pub enum Command {
     },
     /// Print a run's logs, each line prefixed host/role[rank].
     #[command(
-        after_help = "Examples:\n  warden logs runs/RUN\n  warden logs runs/RUN -f --role worker\n  warden logs runs/RUN --host node2\n\nDocs: docs/operations.md"
+        after_help = "Examples:\n  warden logs runs/RUN\n  warden logs runs/RUN -f --role worker\n  warden logs runs/RUN --tail 20\n  warden logs runs/RUN --host node2\n\nDocs: docs/operations.md"
     )]
     Logs {
         /// The run directory.
@@ -134,6 +149,9 @@ pub enum Command {
         /// Only this role (scheduler, server, worker).
         #[arg(long)]
         role: Option<String>,
+        /// Only the last N lines of each log (then new ones, with --follow).
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Examples:\n  warden completions bash > /etc/bash_completion.d/warden\n  \
@@ -367,12 +385,32 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Man => man(),
         Command::Validate { job } => validate::exec(&job),
         Command::Plan { job, json, local } => plan::exec(&job, json, local),
-        Command::Launch { job, local, run_dir, no_progress, accept_new_host_keys, resume } => {
-            launch::exec(&job, local, run_dir, !no_progress, accept_new_host_keys, resume)
-        }
+        Command::Launch {
+            job,
+            local,
+            run_dir,
+            no_progress,
+            accept_new_host_keys,
+            resume,
+            verbose,
+            detach,
+            own_session,
+        } => launch::exec(&launch::LaunchArgs {
+            job,
+            local,
+            run_dir,
+            progress: !no_progress,
+            accept_new_host_keys,
+            resume,
+            verbose,
+            detach,
+            own_session,
+        }),
         Command::Doctor { job, accept_new_host_keys } => launch::exec_doctor(&job, accept_new_host_keys),
         Command::Status { dir } => run_dir::exec_status(&dir),
-        Command::Logs { dir, follow, host, role } => run_dir::exec_logs(&dir, host.as_deref(), role.as_deref(), follow),
+        Command::Logs { dir, follow, host, role, tail } => {
+            run_dir::exec_logs(&dir, &run_dir::LogFilter { host: host.as_deref(), role: role.as_deref(), tail }, follow)
+        }
         Command::Stop { dir } => run_dir::exec_stop(&dir),
         Command::Bench(BenchCommand::Ps(args)) => bench::exec_ps(&args),
         Command::Bench(BenchCommand::Worker(args)) => bench::exec_worker(&args),

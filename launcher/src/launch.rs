@@ -18,7 +18,7 @@ use warden_agent::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
 use warden_agent::identity::{Identity, JobId, Role};
 use warden_agent::pki::JobCa;
 use warden_agent::plan::{Plan, PlannedProcess};
-use warden_agent::spec::{JobSpec, SpecError};
+use warden_agent::spec::{JobSpec, ModelKind, SpecError};
 
 use crate::rundir::{EpochRow, RunDir, Summary};
 
@@ -70,8 +70,10 @@ pub struct LaunchOptions {
     pub run_dir: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
-    /// Print a line per epoch.
+    /// Print a line per epoch (and the processes' warnings and errors).
     pub epoch_lines: bool,
+    /// Print every line of every process's log as it is written.
+    pub verbose: bool,
     /// When the command started (connecting to hosts comes before
     /// [`launch`]); timings count from here. Default: when `launch` starts.
     pub started: Option<Instant>,
@@ -262,7 +264,7 @@ pub async fn launch(
         checkpoints: &checkpoints,
         transport: transport.clone(),
         run: &run,
-        progress: Arc::new(Progress::new(opts.progress, opts.epoch_lines)),
+        progress: Arc::new(Progress::new(opts.progress, opts.epoch_lines, opts.verbose)),
         epoch_lines: opts.epoch_lines,
         started,
     };
@@ -365,7 +367,11 @@ fn conclude(
     let (spec, run) = (ctx.spec, ctx.run);
     let max_restarts = spec.training.on_failure.max_restarts();
     let Accumulated { rows, saved, first_resumed_step, .. } = acc;
-    let mut failure = end.failure.take();
+    // A requested stop is no failure: the work done is kept.
+    let (mut failure, stopped) = match end.failure.take() {
+        Some(why) if end.stopped => (None, Some(why)),
+        f => (f, None),
+    };
     if let Some(f) = &mut failure
         && end.restartable
         && max_restarts > 0
@@ -381,12 +387,17 @@ fn conclude(
             Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
         }
     }
-    if failure.is_none() {
+    if failure.is_none() && stopped.is_none() {
         failure = incomplete(spec, &end, &rows);
     }
     let last = rows.last();
+    let status = match (&failure, &stopped) {
+        (Some(_), _) => "failed",
+        (None, Some(_)) => "stopped",
+        (None, None) => "succeeded",
+    };
     let summary = Summary {
-        status: if failure.is_none() { "succeeded" } else { "failed" }.to_string(),
+        status: status.to_string(),
         job: spec.name.clone(),
         job_id: ctx.plan.job_id.to_string(),
         seed: ctx.seed,
@@ -401,7 +412,9 @@ fn conclude(
         elapsed_s: ctx.started.elapsed().as_secs_f64(),
         startup_s: end.startup_s,
         failure,
+        stopped,
         model: end.model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        model_step: end.model_fetched.then_some(end.model_step).flatten(),
         signature,
         resumed_from_step: first_resumed_step,
         checkpoints: saved,
@@ -420,7 +433,7 @@ fn incomplete(spec: &JobSpec, end: &AttemptEnd, rows: &[EpochRow]) -> Option<Str
     // An external program reports the epochs it likes (or none).
     let all_epochs = last_epoch == spec.training.epochs
         || (end.resumed_step.is_some() && rows.is_empty())
-        || spec.model.kind == warden_agent::spec::ModelKind::External;
+        || spec.model.kind == ModelKind::External;
     (!all_epochs || !end.model_fetched).then(|| {
         format!(
             "the job ended after epoch {last_epoch} of {}{}",
@@ -463,63 +476,81 @@ struct Accumulated {
     first_resumed_step: Option<u64>,
 }
 
-/// A requested stop (SIGINT, SIGTERM, SIGHUP) and the `max_hours`
+/// Requested stops (SIGINT, SIGTERM, SIGHUP) and the `max_hours`
 /// deadline, which span every attempt.
 struct Signals {
-    stop: Pin<Box<dyn std::future::Future<Output = &'static str> + Send>>,
+    stops: StopSignals,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    /// A stop was requested; the job is being torn down.
-    interrupted: bool,
+    /// A stop was requested or the deadline passed: the job is stopping.
+    stopping: bool,
     timed_out: bool,
 }
 
 impl Signals {
     fn new(spec: &JobSpec) -> Signals {
         Signals {
-            stop: stop_requested(),
+            stops: StopSignals::install(),
             deadline: Box::pin(tokio::time::sleep(Duration::from_secs(u64::from(spec.max_hours) * 3600))),
-            interrupted: false,
+            stopping: false,
             timed_out: false,
         }
     }
 }
 
-/// Resolves, with the stop's description, at the first SIGINT (Ctrl-C),
-/// SIGTERM (`warden stop`, a service manager) or SIGHUP (the terminal
-/// closed). Each leads to the same orderly teardown; the handlers are
-/// installed here, at once, so that none of these signals kills the
-/// launcher with its job's processes, firewall and directories left behind.
-fn stop_requested() -> Pin<Box<dyn std::future::Future<Output = &'static str> + Send>> {
-    use tokio::signal::unix::{Signal, SignalKind, signal};
-    let installed = |kind: SignalKind| {
-        signal(kind).map_err(|e| tracing::warn!("cannot handle signal {}: {e}", kind.as_raw_value())).ok()
-    };
-    let (int, term, hup) =
-        (installed(SignalKind::interrupt()), installed(SignalKind::terminate()), installed(SignalKind::hangup()));
-    async fn arrives(s: Option<Signal>) {
-        match s {
-            Some(mut s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
+/// SIGINT (Ctrl-C), SIGTERM (`warden stop`, a service manager) and SIGHUP
+/// (the terminal closed). Each leads to the same orderly stop; the handlers
+/// are installed at once, so that none of these signals kills the launcher
+/// with its job's processes, firewall and directories left behind.
+struct StopSignals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let installed = |kind: SignalKind| {
+            signal(kind).map_err(|e| tracing::warn!("cannot handle signal {}: {e}", kind.as_raw_value())).ok()
+        };
+        StopSignals {
+            int: installed(SignalKind::interrupt()),
+            term: installed(SignalKind::terminate()),
+            hup: installed(SignalKind::hangup()),
         }
     }
-    Box::pin(async move {
-        tokio::select! {
-            () = arrives(int) => "interrupted (Ctrl-C)",
-            () = arrives(term) => "stopped by SIGTERM (as `warden stop` sends)",
-            () = arrives(hup) => "stopped by SIGHUP (the terminal closed)",
+
+    /// The next stop signal's description. Cancel-safe: a signal that
+    /// arrives while this is not polled is kept for the next call.
+    async fn next(&mut self) -> &'static str {
+        async fn arrives(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
         }
-    })
+        tokio::select! {
+            () = arrives(&mut self.int) => "interrupted (Ctrl-C)",
+            () = arrives(&mut self.term) => "stopped by SIGTERM (as `warden stop` sends)",
+            () = arrives(&mut self.hup) => "stopped by SIGHUP (the terminal closed)",
+        }
+    }
 }
 
 /// How one attempt ended.
 struct AttemptEnd {
+    /// What ended it early: a failure or a requested stop.
     failure: Option<String>,
+    /// `failure` is a requested stop (a signal, `warden stop`, `max_hours`).
+    stopped: bool,
     /// A process failed: `on_failure = "restart"` applies. Set-up errors
     /// (firewall, starting an agent), Ctrl-C and the deadline do not.
     restartable: bool,
     model_fetched: bool,
+    /// The training step of the model's weights.
+    model_step: Option<u64>,
     startup_s: Option<f64>,
     /// The checkpoint step this attempt resumed from.
     resumed_step: Option<u64>,
@@ -552,11 +583,16 @@ enum Cause {
 /// take before the launcher gives up on it and says what may be left there.
 const TEARDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long a requested stop waits for worker 0 to finish its step and
+/// save the model before it stops every process without it.
+const FINISH_GRACE: Duration = Duration::from_secs(60);
+
 /// The failures of one attempt, gathered for a moment after the first.
 #[derive(Default)]
 struct Failures {
     first_at: Option<Instant>,
-    seen: Vec<(Cause, String)>,
+    /// Each with the log whose last lines tell more, if any.
+    seen: Vec<(Cause, String, Option<PathBuf>)>,
 }
 
 impl Failures {
@@ -564,9 +600,16 @@ impl Failures {
     const WINDOW: Duration = Duration::from_secs(1);
 
     fn add(&mut self, cause: Cause, message: String) {
+        self.add_with_log(cause, message, None);
+    }
+
+    /// A failure whose process's log says more: its last lines are shown
+    /// with the message, read once every process has ended (and so every
+    /// log is complete).
+    fn add_with_log(&mut self, cause: Cause, message: String, log: Option<PathBuf>) {
         let first = *self.first_at.get_or_insert_with(Instant::now);
         if first.elapsed() <= Self::WINDOW || matches!(cause, Cause::Stopped) {
-            self.seen.push((cause, message));
+            self.seen.push((cause, message, log));
         }
     }
 
@@ -578,15 +621,23 @@ impl Failures {
         self.first_at.is_none()
     }
 
+    /// A requested stop came before any failure.
+    fn stopped(&self) -> bool {
+        matches!(self.seen.first(), Some((Cause::Stopped, ..)))
+    }
+
     /// The root cause, and whether `on_failure = "restart"` applies.
     fn root(self) -> (Option<String>, bool) {
-        let stopped = self.seen.iter().any(|(c, _)| matches!(c, Cause::Stopped | Cause::Setup));
-        if let Some((Cause::Stopped, _)) = self.seen.first() {
-            return (self.seen.into_iter().next().map(|(_, m)| m), false);
+        let stopped = self.seen.iter().any(|(c, ..)| matches!(c, Cause::Stopped | Cause::Setup));
+        if let Some((Cause::Stopped, ..)) = self.seen.first() {
+            return (self.seen.into_iter().next().map(|(_, m, _)| m), false);
         }
         // min_by_key keeps the earliest of equal causes.
-        match self.seen.into_iter().enumerate().min_by_key(|(i, (c, _))| (*c, *i)) {
-            Some((_, (_, message))) => (Some(message), !stopped),
+        match self.seen.into_iter().enumerate().min_by_key(|(i, (c, ..))| (*c, *i)) {
+            Some((_, (_, message, None))) => (Some(message), !stopped),
+            Some((_, (_, message, Some(log)))) => {
+                (Some(format!("{message}\n  last lines of {}:\n{}", log.display(), tail(&log, 12))), !stopped)
+            }
             None => (None, false),
         }
     }
@@ -617,16 +668,20 @@ async fn run_attempt(
     let (tx, rx) = mpsc::channel::<Report>(4096);
     let (mut procs, index) = start_processes(ctx, logs, &ca, resume, &set_up, tx, &mut failure).await;
     if failure.is_some() {
+        ctx.progress.hush();
         stop_all(&mut procs).await;
     }
     let mut watch = Watch::new(ctx, logs, index, &set_up);
     watch.run(rx, &mut procs, &mut failure, acc, signals).await?;
     tear_down_hosts(ctx, &host_job, &set_up, &procs).await;
+    let stopped = failure.stopped();
     let (failure, restartable) = failure.root();
     Ok(AttemptEnd {
         failure,
+        stopped,
         restartable,
         model_fetched: watch.model_fetched,
+        model_step: watch.model_step,
         startup_s: watch.startup_s,
         resumed_step: watch.resumed_step,
         processes: procs
@@ -716,6 +771,10 @@ struct Watch<'w, 'a> {
     epochs: BTreeMap<u32, EpochParts>,
     model_at: Option<(usize, PathBuf)>,
     model_fetched: bool,
+    /// The training step of the model's weights, as worker 0 said.
+    model_step: Option<u64>,
+    /// A requested stop waits until then for worker 0 to save the model.
+    finish_by: Option<tokio::time::Instant>,
     resumed_step: Option<u64>,
     started_count: usize,
     enrolled: usize,
@@ -738,11 +797,19 @@ impl<'w, 'a> Watch<'w, 'a> {
             epochs: BTreeMap::new(),
             model_at: None,
             model_fetched: false,
+            model_step: None,
+            finish_by: None,
             resumed_step: None,
             started_count: 0,
             enrolled: 0,
             startup_s: None,
         }
+    }
+
+    /// Stops every process; from now on what they say stays in their logs.
+    async fn stop_all(&self, procs: &mut [Proc]) {
+        self.ctx.progress.hush();
+        stop_all(procs).await;
     }
 
     fn uid_of(&self, host: &str) -> Option<u32> {
@@ -759,19 +826,27 @@ impl<'w, 'a> Watch<'w, 'a> {
         signals: &mut Signals,
     ) -> Result<(), LaunchError> {
         while procs.iter().any(|p| p.exit.is_none()) {
+            let finish_by = self.finish_by;
             let report = tokio::select! {
                 r = rx.recv() => match r { Some(r) => r, None => break },
-                // Guarded: a completed future must not be polled again.
-                why = &mut signals.stop, if !signals.interrupted => {
-                    signals.interrupted = true;
-                    failure.add(Cause::Stopped, why.to_string());
-                    stop_all(procs).await;
+                why = signals.stops.next() => {
+                    self.on_stop_request(why.to_string(), procs, failure, &mut signals.stopping).await;
                     continue;
                 }
+                // Guarded: a completed future must not be polled again.
                 _ = &mut signals.deadline, if !signals.timed_out => {
                     signals.timed_out = true;
-                    failure.add(Cause::Stopped, format!("the job ran longer than max_hours = {}", self.ctx.spec.max_hours));
-                    stop_all(procs).await;
+                    let why = format!("the job ran longer than max_hours = {}", self.ctx.spec.max_hours);
+                    self.on_stop_request(why, procs, failure, &mut signals.stopping).await;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(finish_by.unwrap_or_else(tokio::time::Instant::now)), if finish_by.is_some() => {
+                    self.finish_by = None;
+                    self.ctx.progress.println(&format!(
+                        "warden: worker[0] did not save the model within {}s; stopping without it",
+                        FINISH_GRACE.as_secs()
+                    ));
+                    self.stop_all(procs).await;
                     continue;
                 }
             };
@@ -789,8 +864,40 @@ impl<'w, 'a> Watch<'w, 'a> {
             }
             self.complete_epochs(acc)?;
             self.fetch_model(procs, failure).await;
+            if self.finish_by.is_some() && self.model_fetched {
+                // The work is kept: now the job stops.
+                self.finish_by = None;
+                self.stop_all(procs).await;
+            }
         }
         Ok(())
+    }
+
+    /// A stop was requested (a signal, `warden stop`, `max_hours`). The
+    /// first keeps the work where it can: worker 0 finishes the step under
+    /// way and saves the model, which is fetched before every process is
+    /// stopped. A second stops at once.
+    async fn on_stop_request(&mut self, why: String, procs: &mut [Proc], failure: &mut Failures, stopping: &mut bool) {
+        if std::mem::replace(stopping, true) {
+            self.ctx.progress.println(&format!("warden: {why} again: stopping at once"));
+            self.finish_by = None;
+            self.stop_all(procs).await;
+            return;
+        }
+        let healthy = failure.is_none();
+        failure.add(Cause::Stopped, why.clone());
+        let worker0 = procs.iter().find(|p| p.planned.role == Role::Worker && p.planned.rank == 0 && p.exit.is_none());
+        let keeps_work = healthy && !self.model_fetched && self.ctx.spec.model.kind != ModelKind::External;
+        if let (true, Some(w)) = (keeps_work, worker0)
+            && send_control(&w.stdin, &Control::Finish).await.is_ok()
+        {
+            self.ctx.progress.println(&format!(
+                "warden: {why}: finishing the step under way and saving the model (a second Ctrl-C stops at once)"
+            ));
+            self.finish_by = Some(tokio::time::Instant::now() + FINISH_GRACE);
+        } else {
+            self.stop_all(procs).await;
+        }
     }
 
     async fn on_event(
@@ -812,22 +919,25 @@ impl<'w, 'a> Watch<'w, 'a> {
                 self.epochs.entry(epoch).or_default().eval = Some((test_loss, test_accuracy))
             }
             // Only the job's own model directory, whatever the event says.
-            Event::Model { path } if path == self.ctx.transport.workdir(&procs[i].planned).join("model") => {
-                self.model_at = Some((i, path))
+            Event::Model { path, step } if path == self.ctx.transport.workdir(&procs[i].planned).join("model") => {
+                self.model_at = Some((i, path));
+                self.model_step = step;
             }
-            Event::Model { path } => {
+            Event::Model { path, .. } => {
                 let label = procs[i].planned.label();
                 let message = format!("{label}: named {} as its model, not its own model directory", path.display());
                 failure.add(Cause::Reported, message);
-                stop_all(procs).await;
+                self.stop_all(procs).await;
             }
             Event::Checkpoint { step, bytes } => self.on_checkpoint(step, bytes, acc),
             Event::Resumed { step } => self.on_resumed(step, acc),
             Event::Failed { message, follows } => {
                 procs[i].failed = true;
                 let cause = if follows { Cause::Follows } else { Cause::Reported };
-                failure.add(cause, format!("{}: {message}", procs[i].planned.label()));
-                stop_all(procs).await;
+                // A process that failed by itself (a user program, say) may have said why in its log.
+                let log = (!follows).then(|| self.logs.join(log_name(&procs[i].planned)));
+                failure.add_with_log(cause, format!("{}: {message}", procs[i].planned.label()), log);
+                self.stop_all(procs).await;
             }
             Event::Warning { message } => {
                 if acc.warnings.insert(message.clone()) {
@@ -903,8 +1013,8 @@ impl<'w, 'a> Watch<'w, 'a> {
             // none in the grace period); a plain non-zero exit after
             // the stop is just the process obeying it.
             let cause = if code.is_none() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
-            failure.add(cause, format!("{what}; last lines of {}:\n{}", log.display(), tail(&log, 5)));
-            stop_all(procs).await;
+            failure.add_with_log(cause, what, Some(log));
+            self.stop_all(procs).await;
         }
     }
 
@@ -912,7 +1022,7 @@ impl<'w, 'a> Watch<'w, 'a> {
         // A channel that breaks once the job is stopping is the stop's doing.
         let cause = if failure.is_none() { Cause::Broken } else { Cause::Stopping };
         failure.add(cause, format!("{}: {why}", procs[i].planned.label()));
-        stop_all(procs).await;
+        self.stop_all(procs).await;
     }
 
     /// Complete epochs become metrics rows, in order.
@@ -979,7 +1089,7 @@ impl<'w, 'a> Watch<'w, 'a> {
                         Cause::Setup,
                         format!("cannot fetch the model from {}: {}", procs[i].planned.label(), Chain(&e)),
                     );
-                    stop_all(procs).await;
+                    self.stop_all(procs).await;
                 }
             }
         }
@@ -1108,8 +1218,17 @@ pub fn log_name(p: &PlannedProcess) -> String {
 /// The last `n` lines of a log, indented, for failure reports.
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("[event] {\"event\":\"csr\"")).collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !is_chatter(l) && !l.starts_with("[event] ")).collect();
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// An agent's log line at INFO or below (`2026-12-06T02:35:17.009450Z
+/// INFO target: ...`): the per-process log's business, not the terminal's.
+/// A user program's own output and WARN/ERROR lines are not chatter.
+pub(crate) fn is_chatter(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamped = words.next().is_some_and(|w| w.len() > 20 && w.as_bytes()[0].is_ascii_digit() && w.contains('T'));
+    stamped && matches!(words.next(), Some("INFO" | "DEBUG" | "TRACE"))
 }
 
 /// What every agent's start shares.
@@ -1154,7 +1273,8 @@ async fn start_one(
     send_control(&stdin, &Control::Bundle(Box::new(bundle))).await.map_err(StartError::Bundle)?;
 
     // stderr -> log file, and the terminal with the process's label.
-    tokio::spawn(copy_stderr(BufReader::new(spawned.stderr), log.clone(), p.label(), progress.clone()));
+    let stderr_done =
+        tokio::spawn(copy_stderr(BufReader::new(spawned.stderr), log.clone(), p.label(), progress.clone()));
     // stdout -> events; the CSR is answered here.
     let (events_done_tx, events_done_rx) = oneshot::channel::<()>();
     let events = EventReader {
@@ -1185,8 +1305,10 @@ async fn start_one(
                 }
             };
             // Report the exit only after the process's last event (its
-            // reason for failing, usually), so the cause is never lost.
+            // reason for failing, usually) and the last line of its log
+            // (a program's traceback), so neither is lost.
             let _ = tokio::time::timeout(Duration::from_secs(2), events_done_rx).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), stderr_done).await;
             let _ = tx.send(Report::Exited(i, code.unwrap_or(None))).await;
         });
     }
@@ -1263,8 +1385,10 @@ impl EventReader {
         if n == 0 {
             return Ok(None);
         }
-        let _ = self.log.lock().await.write_all(&[b"[event] ", &line[..]].concat()).await;
         let ev: Event = serde_json::from_slice(line).map_err(|e| format!("sent an unreadable event: {e}"))?;
+        // A CSR's PEM text says nothing to someone reading the log.
+        let logged: &[u8] = if matches!(ev, Event::Csr { .. }) { b"{\"event\":\"csr\"}\n" } else { line };
+        let _ = self.log.lock().await.write_all(&[b"[event] ", logged].concat()).await;
         if let Event::Csr { pem } = &ev {
             let cert_pem =
                 self.ca.sign_csr(pem, &self.who, Some(self.address)).map_err(|e| format!("enrolment failed: {e}"))?;
@@ -1310,14 +1434,19 @@ fn say(line: &str) {
 /// The terminal display: a progress bar when interactive, plain lines always.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
-    /// Stream the processes' log lines to the terminal.
+    /// Stream the processes' log lines to the terminal: WARN and ERROR
+    /// lines and a program's own output, or (`-v`) every line.
     stream_logs: bool,
+    verbose: bool,
+    /// The job is stopping: what processes say now is the stop's echo
+    /// ("stopped by the launcher", connections closing), left to their logs.
+    quiet: std::sync::atomic::AtomicBool,
     /// The first step has been shown (the bar left the phase spinner).
     training: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
-    fn new(enabled: bool, stream_logs: bool) -> Progress {
+    fn new(enabled: bool, stream_logs: bool, verbose: bool) -> Progress {
         let bar = enabled.then(|| {
             let b = indicatif::ProgressBar::new(0);
             // A spinner with the phase until the first step, then the epoch bar.
@@ -1325,7 +1454,7 @@ impl Progress {
             b.enable_steady_tick(Duration::from_millis(120));
             b
         });
-        Progress { bar, stream_logs, training: std::sync::atomic::AtomicBool::new(false) }
+        Progress { bar, stream_logs, verbose, quiet: Default::default(), training: Default::default() }
     }
     /// The phase before training (starting, enrolling), on the spinner.
     fn phase(&self, what: &str) {
@@ -1337,9 +1466,16 @@ impl Progress {
     }
     /// One line of a process's log, prefixed with its label.
     fn log_line(&self, label: &str, line: &str) {
-        if self.stream_logs {
+        let shown = self.verbose
+            || (self.stream_logs && !is_chatter(line) && !self.quiet.load(std::sync::atomic::Ordering::Relaxed));
+        if shown {
             self.println(&format!("{label} {line}"));
         }
+    }
+
+    /// From now on, processes' lines go to their logs only (unless `-v`).
+    fn hush(&self) {
+        self.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     fn step(&self, epoch: u32, epochs: u32, step: u64, steps: u64) {
         if let Some(b) = &self.bar {

@@ -56,7 +56,8 @@ pub struct ProcessExit {
 /// `summary.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Summary {
-    /// "succeeded" or "failed".
+    /// "succeeded", "failed" or "stopped" (a requested stop: a signal,
+    /// `warden stop` or `max_hours`; the model holds the work done).
     pub status: String,
     /// Job name.
     pub job: String,
@@ -86,8 +87,13 @@ pub struct Summary {
     pub startup_s: Option<f64>,
     /// Why it failed.
     pub failure: Option<String>,
+    /// Why it stopped before its last epoch, when a stop was requested.
+    pub stopped: Option<String>,
     /// Where the model is.
     pub model: Option<PathBuf>,
+    /// The global training step whose weights the model holds (`None`
+    /// for a bring-your-own program's model).
+    pub model_step: Option<u64>,
     /// The model's signature (`[signing]`), beside it.
     pub signature: Option<PathBuf>,
     /// The checkpoint step this run continued from (`launch --resume`).
@@ -161,6 +167,9 @@ pub struct RunRecord {
     pub checkpoint_series: Option<warden_agent::identity::JobId>,
     /// The run directory it resumed, if any.
     pub resumed_from: Option<PathBuf>,
+    /// `[training] epochs` (0 in run directories of versions that did not record it).
+    #[serde(default)]
+    pub epochs: u32,
 }
 
 impl Summary {
@@ -220,6 +229,9 @@ impl RunRecord {
     }
 }
 
+/// A detached launcher's own output (`launch --detach`), in its run directory.
+pub const LAUNCHER_LOG: &str = "launcher.log";
+
 /// A run directory being written.
 #[derive(Debug)]
 pub struct RunDir {
@@ -227,22 +239,29 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `path`, or `runs/NAME-YYYYMMDD-HHMMSS`. Refuses a non-empty
-    /// directory, so no earlier run is ever overwritten.
+    /// The default run directory of job `name` started now:
+    /// `runs/NAME-YYYYMMDD-HHMMSS`.
+    pub fn default_path(name: &str) -> PathBuf {
+        let t = time::OffsetDateTime::now_utc();
+        PathBuf::from("runs").join(format!(
+            "{name}-{:04}{:02}{:02}-{:02}{:02}{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ))
+    }
+
+    /// Creates `path`, or [`RunDir::default_path`]. Refuses a non-empty
+    /// directory, so no earlier run is ever overwritten; the one file it
+    /// accepts is [`LAUNCHER_LOG`], which `launch --detach` opens for the
+    /// launcher it starts before that launcher makes the directory its run.
     pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, RunDirError> {
-        let path = path.unwrap_or_else(|| {
-            let t = time::OffsetDateTime::now_utc();
-            PathBuf::from("runs").join(format!(
-                "{name}-{:04}{:02}{:02}-{:02}{:02}{:02}",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            ))
-        });
-        if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
+        let path = path.unwrap_or_else(|| RunDir::default_path(name));
+        let foreign = |e: std::io::Result<std::fs::DirEntry>| e.map_or(true, |e| e.file_name() != LAUNCHER_LOG);
+        if std::fs::read_dir(&path).is_ok_and(|mut d| d.any(foreign)) {
             return Err(RunDirError::InUse(path));
         }
         // Private to the user who launched: logs, the plan and the model are
@@ -312,6 +331,7 @@ impl RunDir {
             firewall_table: warden_agent::plan::firewall_table(&plan.job_id),
             checkpoint_series: lineage.checkpoint_series.cloned(),
             resumed_from: lineage.resumed_from.map(Path::to_path_buf),
+            epochs: spec.training.epochs,
         };
         write_json(&self.path.join("run.json"), &run)?;
         std::fs::write(self.path.join("metrics.csv"), METRICS_HEADER)

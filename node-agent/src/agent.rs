@@ -176,6 +176,13 @@ pub struct Prepared {
     external: Option<(std::os::unix::net::UnixListener, std::process::Child)>,
 }
 
+impl Prepared {
+    /// The flag that [`crate::control::Control::Finish`] sets.
+    pub fn finish_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.ctx.finish.clone()
+    }
+}
+
 /// Single-threaded set-up: bundle, spec, plan, key, CSR, certificate,
 /// listening socket, data.
 pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, PrepareError> {
@@ -230,6 +237,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         checkpoint,
         resume: bundle.resume,
         initial,
+        finish: Default::default(),
     };
     let worker_data = match me.role {
         Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(PrepareError::WorkerData)?),

@@ -131,6 +131,16 @@ pub const MODEL_FILE: &str = "model.safetensors";
 
 /// Writes `dir/model.safetensors` atomically (temporary file, fsync, rename).
 pub fn write_model(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64) -> std::io::Result<()> {
+    write(dir, model, params, seed, None)
+}
+
+/// [`write_model`] for the weights after global training step `step`,
+/// which the file's metadata records as `step`.
+pub fn write_model_at(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64, step: u64) -> std::io::Result<()> {
+    write(dir, model, params, seed, Some(step))
+}
+
+fn write(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64, step: Option<u64>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = layout(model)
         .into_iter()
@@ -142,13 +152,16 @@ pub fn write_model(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64) -> 
             TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)).map_err(std::io::Error::other)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([
+    let meta = [
         ("format".to_string(), "warden".to_string()),
         ("model".to_string(), format!("{:?}", model.kind).to_lowercase()),
         ("inputs".to_string(), model.inputs.to_string()),
         ("classes".to_string(), model.classes.to_string()),
         ("seed".to_string(), seed.to_string()),
-    ]);
+    ]
+    .into_iter()
+    .chain(step.map(|s| ("step".to_string(), s.to_string())))
+    .collect::<HashMap<_, _>>();
     let data = safetensors::serialize(views, Some(meta)).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!(".{MODEL_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;

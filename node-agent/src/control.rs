@@ -35,6 +35,12 @@ pub enum Control {
         /// PEM job CA.
         ca_pem: String,
     },
+    /// Finish the step under way and keep the work: worker 0 saves the
+    /// weights it holds to its model directory, says so with
+    /// [`Event::Model`], and waits for [`Control::Stop`]. Sent on a
+    /// requested stop (a signal, `warden stop`, `max_hours`); other
+    /// processes ignore it.
+    Finish,
     /// Stop now.
     Stop,
 }
@@ -237,6 +243,10 @@ pub enum Event {
     Model {
         /// Path of the model directory.
         path: PathBuf,
+        /// The global training step whose weights it holds (`None` from a
+        /// bring-your-own program, which saves what it likes).
+        #[serde(default)]
+        step: Option<u64>,
     },
     /// The role finished cleanly.
     Done,

@@ -697,7 +697,7 @@ pub async fn run(
         let dir = ctx.workdir.join("model");
         crate::artifact::write_model(&dir, &ctx.spec.model, &params, ctx.seed)
             .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
-        ctx.emit(Event::Model { path: dir });
+        ctx.emit(Event::Model { path: dir, step: None });
     }
     kv.lock().await.close().await;
     let mut sched = sched.lock().await;

@@ -269,12 +269,15 @@ fn main() -> ExitCode {
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<String>();
     // The control channel stays open for the whole job: EOF or `stop` means
-    // the launcher is gone or wants us gone.
+    // the launcher is gone or wants us gone; `finish` asks worker 0 to save
+    // its weights first.
+    let finish = prepared.finish_flag();
     std::thread::spawn(move || {
         let why = loop {
             match agent::read_control(&mut stdin) {
                 Ok(None) => break "the launcher closed the control channel".to_string(),
                 Ok(Some(Control::Stop)) => break "stopped by the launcher".to_string(),
+                Ok(Some(Control::Finish)) => finish.store(true, std::sync::atomic::Ordering::Relaxed),
                 Ok(Some(_)) => continue,
                 Err(e) => break e.to_string(),
             }

@@ -98,6 +98,7 @@ impl RoleCluster {
             checkpoint: None,
             resume: false,
             initial: warden_agent::roles::initial_weights(&spec, role, false).unwrap(),
+            finish: Default::default(),
         };
         let mut tasks = Vec::new();
         for (l, c, is_sched) in [(l_sched, ctx(Role::Scheduler, 0), true), (l_server, ctx(Role::Server, 0), false)] {

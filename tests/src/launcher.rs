@@ -129,7 +129,12 @@ impl Drop for Launcher {
 /// background, tagged, and waits (at most 30 s) until it has finished an
 /// epoch. Returns the launcher and the run directory, `dir/run`.
 pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (Launcher, PathBuf) {
-    let job = JobFile::local().ports(ports.0, ports.1).epochs(100000).write(dir.join("job.toml"));
+    start_long(tag, dir, JobFile::local().ports(ports.0, ports.1).epochs(100000))
+}
+
+/// [`start_long_job`] with a job file of the caller's.
+pub fn start_long(tag: &str, dir: &Path, job: JobFile) -> (Launcher, PathBuf) {
+    let job = job.write(dir.join("job.toml"));
     let run = dir.join("run");
     let child = Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])

@@ -326,3 +326,31 @@ fn in_async_mode_every_push_is_applied_on_arrival() {
     }
     wait_gone(&tag);
 }
+
+/// A program that fails ends the launch with one headline: which worker,
+/// what the program said (its traceback), and the log it is in; the other
+/// processes' "stopped by the launcher" echo stays in their logs.
+#[test]
+fn a_failing_programs_traceback_ends_the_launchers_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let tag = fresh_tag();
+    let dir = scratch("byo-traceback");
+    let script = dir.join("fails.py");
+    std::fs::write(&script, "def load():\n    raise ValueError('labels file has 9 rows, expected 10')\n\nload()\n")
+        .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let job = script_job(&dir, (32020, 32030), &script, "sync");
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let headline = &stderr[stderr.rfind("failed: ").expect("a failure headline")..];
+    assert!(headline.contains("failed: localhost/worker["), "{headline}");
+    assert!(headline.contains("Traceback (most recent call last)"), "{headline}");
+    assert!(headline.contains("ValueError: labels file has 9 rows, expected 10"), "{headline}");
+    assert!(
+        headline.contains(&format!("last lines of {}", run.join("logs/localhost-worker-").display())),
+        "{headline}"
+    );
+    assert!(!stderr.contains("stopped by the launcher"), "the stop's echo reached the terminal: {stderr}");
+    wait_gone(&tag);
+}

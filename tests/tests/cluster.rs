@@ -108,8 +108,14 @@ fn start_cluster_job(epochs: u32) -> ClusterJob {
         tag: agents_tag.clone(),
     });
     let run = dir.join("run");
-    let opts =
-        LaunchOptions { run_dir: Some(run.clone()), progress: false, epoch_lines: false, started: None, resume: None };
+    let opts = LaunchOptions {
+        run_dir: Some(run.clone()),
+        progress: false,
+        epoch_lines: false,
+        verbose: false,
+        started: None,
+        resume: None,
+    };
     let launcher = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(launch(&job, spec, text, plan, move |_| transport as Arc<dyn Transport>, opts))
@@ -264,8 +270,11 @@ fn a_three_host_job_over_real_ssh_matches_the_local_run() {
     ] {
         assert!(stderr.contains(phase), "no `{phase}`: {stderr}");
     }
-    // Each process's output streams back prefixed with host/role[rank].
-    assert!(stderr.lines().any(|l| l.starts_with("h1/worker[0] ")), "{stderr}");
+    // Each process's output comes back into its log; its INFO lines stay
+    // off the terminal.
+    let log = std::fs::read_to_string(dir.join("run/logs/h1-worker-0.log")).unwrap();
+    assert!(log.contains("running as uid"), "{log}");
+    assert!(!stderr.contains("running as uid"), "{stderr}");
     let remote: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("run/summary.json")).unwrap()).unwrap();
     // The same job on this machine: same seed, ranks and shards, so the same model.
@@ -464,9 +473,12 @@ fn ctrl_c_over_ssh_leaves_every_host_clean() {
     // its process group on its host (SIGTERM, grace, SIGKILL).
     let frozen = agents_under(&remote_bin)[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(frozen as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Worker 0 cannot save the model while a peer is frozen: the stop
+    // goes on without it once the frozen agent is declared dead (or the
+    // grace for saving ends), and still exits as a stop.
     assert!(std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     wait_no_agents_under(&remote_bin, 15, "after Ctrl-C");
     let logs: String = std::fs::read_dir(run.join("logs"))
         .unwrap()

@@ -45,9 +45,11 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let at: Vec<usize> =
         phases.iter().map(|p| stderr.find(p).unwrap_or_else(|| panic!("no `{p}`: {stderr}"))).collect();
     assert!(at.windows(2).all(|w| w[0] < w[1]), "phases out of order: {stderr}");
-    // Every process's log streams to the terminal under its label.
-    for label in ["localhost/scheduler[0] ", "localhost/server[1] ", "localhost/worker[1] "] {
-        assert!(stderr.lines().any(|l| l.starts_with(label) && l.contains("running as uid")), "{label}: {stderr}");
+    // The processes' INFO lines go to their logs, not the terminal.
+    assert!(!stderr.contains("running as uid"), "{stderr}");
+    for name in ["localhost-scheduler-0.log", "localhost-server-1.log", "localhost-worker-1.log"] {
+        let log = std::fs::read_to_string(run.join("logs").join(name)).unwrap();
+        assert!(log.contains("running as uid"), "{name}: {log}");
     }
 
     let s = summary(&run);
@@ -210,6 +212,9 @@ fn status_logs_and_stop_work_from_the_run_directory() {
     let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("status: running (launcher pid"), "{text}");
+    // Read for people: the epoch out of how many, its figures, the time left.
+    assert!(text.contains("epoch ") && text.contains("/100000: train loss "), "{text}");
+    assert!(text.contains("time left: about "), "{text}");
     let logs = Command::new(bin("warden"))
         .args(["logs".as_ref(), run.as_os_str(), "--role".as_ref(), "worker".as_ref()])
         .output()
@@ -217,13 +222,26 @@ fn status_logs_and_stop_work_from_the_run_directory() {
     let text = String::from_utf8_lossy(&logs.stdout);
     assert!(text.lines().all(|l| l.starts_with("localhost/worker[")), "{text}");
     assert!(text.contains("localhost/worker[0]") && text.contains("localhost/worker[1]"), "{text}");
+    assert!(!text.contains("CERTIFICATE REQUEST"), "PEM text in the logs: {text}");
+    let tail = Command::new(bin("warden"))
+        .args(["logs".as_ref(), run.as_os_str(), "--role".as_ref(), "server".as_ref(), "--tail".as_ref(), "2".as_ref()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tail.stdout);
+    for rank in 0..2 {
+        let lines = text.lines().filter(|l| l.starts_with(&format!("localhost/server[{rank}] "))).count();
+        assert_eq!(lines, 2, "--tail 2 for server[{rank}]: {text}");
+    }
     let stop = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
     assert_eq!(stop.status.code(), Some(0), "{}", String::from_utf8_lossy(&stop.stderr));
+    let said = String::from_utf8_lossy(&stop.stdout);
+    assert!(said.contains("stopped: model saved to"), "{said}");
     let out = launcher.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
-    assert!(String::from_utf8_lossy(&status.stdout).contains("status: failed"));
-    assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted"));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("status: stopped") && text.contains("stopped by SIGTERM"), "{text}");
+    assert!(text.contains("(weights after step "), "{text}");
     wait_gone(&tag);
     let bad = Command::new(bin("warden")).arg("status").arg(dir.path()).output().unwrap();
     assert_eq!(bad.status.code(), Some(2), "not a run directory");
@@ -379,9 +397,9 @@ fn a_silent_process_is_declared_dead_after_the_heartbeat_timeout() {
 }
 
 /// SIGINT (Ctrl-C), SIGTERM (`warden stop`, a service manager) and SIGHUP
-/// (the terminal closed) each lead to the same orderly teardown: no process,
-/// firewall table or job directory is left, and the summary says which
-/// signal stopped the job.
+/// (the terminal closed) each lead to the same orderly stop: the model is
+/// saved, no process, firewall table or job directory is left, the summary
+/// says which signal stopped the job, and the launcher exits 130.
 #[test]
 fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
     use nix::sys::signal::Signal;
@@ -404,10 +422,15 @@ fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), signal).unwrap();
         let out = launcher.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.code().is_some(), "{signal}: the launcher died of the signal instead of handling it");
+        assert_eq!(out.status.code(), Some(130), "{signal}: {stderr}");
         wait_gone(&tag);
         let s = summary(&run);
-        assert!(s["failure"].as_str().unwrap_or_default().contains(said), "{signal}: {s}\n{stderr}");
+        assert_eq!(s["status"], "stopped", "{signal}: {s}\n{stderr}");
+        assert!(s["stopped"].as_str().unwrap_or_default().contains(said), "{signal}: {s}\n{stderr}");
+        assert!(s["failure"].is_null(), "{signal}: {s}");
+        assert!(run.join("model/model.safetensors").is_file(), "{signal}: no model: {stderr}");
+        assert!(s["model_step"].as_u64().is_some(), "{signal}: {s}");
+        assert!(stderr.contains("stopped: ") && stderr.contains("the model holds the weights after step"), "{stderr}");
         if root {
             assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)), "{signal}: table left");
             assert!(!job_dir.exists(), "{signal}: {} left", job_dir.display());
@@ -441,9 +464,107 @@ fn data_in_a_directory_the_job_cannot_enter_still_trains() {
     let run = dir.join("run");
     let out = Command::new(bin("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
-        .arg("--no-progress")
+        .args(["--no-progress", "-v"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(summary(&run)["status"], "succeeded");
+    // -v: every process's INFO lines stream to the terminal under its label.
+    for label in ["localhost/scheduler[0] ", "localhost/server[1] ", "localhost/worker[1] "] {
+        assert!(stderr.lines().any(|l| l.starts_with(label) && l.contains("running as uid")), "{label}: {stderr}");
+    }
+}
+
+/// A stopped job keeps exactly the work done: its model holds the weights
+/// after the step it stopped at, bit for bit those of a job that trains
+/// that many steps and ends. With one step per epoch (batch = the shard),
+/// that job is the same job with `epochs` = the step.
+#[test]
+fn a_stopped_jobs_model_holds_the_weights_of_the_step_it_stopped_at() {
+    let tag = fresh_tag();
+    let dir = scratch("stop-keeps");
+    // 8,000 samples, 2 workers: shards of 4,000, one batch of 3,000 each.
+    let job = |ports: (u16, u16), epochs: u32| {
+        JobFile::local().ports(ports.0, ports.1).epochs(epochs).set("training", "batch_size", 3000)
+    };
+    let (launcher, run) = warden_tests::start_long(&tag, &dir, job((31980, 31999), 100000));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_gone(&tag);
+    let s = summary(&run);
+    assert_eq!(s["status"], "stopped", "{s}");
+    let step = s["model_step"].as_u64().expect("the step of the saved weights");
+    assert!(step >= 1, "{s}");
+
+    let again = scratch("stop-keeps-again");
+    let job2 = job((32000, 32019), step as u32).write(again.join("job.toml"));
+    let run2 = again.join("run");
+    let out = launch(
+        &tag,
+        &[job2.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run2.as_os_str(), "--no-progress".as_ref()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = warden_agent::spec::JobSpec::load(&job2).unwrap().0.model;
+    let stopped = warden_agent::artifact::read_model(&run.join("model"), &spec).unwrap();
+    let finished = warden_agent::artifact::read_model(&run2.join("model"), &spec).unwrap();
+    assert_eq!(stopped.len(), finished.len());
+    let differ = stopped.iter().zip(&finished).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} weights differ from a run of {step} steps", stopped.len());
+}
+
+/// `launch --detach` returns once the run has started, its launcher in a
+/// session of its own: the hangup of the session it was started from (what
+/// closing a terminal sends) does not reach it; `status`, `logs` and `stop`
+/// work on it, and the stop keeps the model.
+#[test]
+fn a_detached_job_survives_its_sessions_hangup_and_stops_with_its_model() {
+    use std::os::unix::process::CommandExt;
+    let tag = fresh_tag();
+    let dir = scratch("detach");
+    let job = JobFile::local().ports(32040, 32059).epochs(100000).write(dir.join("job.toml"));
+    let run = dir.join("run");
+    // A shell in a process group of its own launches detached, says how
+    // that went, then hangs its whole group up.
+    let script = format!(
+        "'{}' launch '{}' --local --run-dir '{}' --detach; echo \"rc=$?\"; kill -HUP 0",
+        bin("warden").display(),
+        job.display(),
+        run.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).env("WARDEN_TEST_TAG", &tag).process_group(0).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rc=0"), "{stdout}{stderr}");
+    assert!(stderr.contains("detached: launcher pid ") && stderr.contains("warden stop "), "{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    let pid = nix::unistd::Pid::from_raw(record["launcher_pid"].as_i64().unwrap() as i32);
+    assert_eq!(nix::unistd::getsid(Some(pid)).unwrap(), pid, "the launcher leads a session of its own");
+    // Training goes on after the hangup: epochs keep coming.
+    let epochs = || std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count();
+    let at_hangup = epochs();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while epochs() < at_hangup + 2 {
+        assert!(
+            std::time::Instant::now() < until,
+            "no epoch after the hangup: {}",
+            std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new(bin("warden")).arg("status").arg(&run).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("status: running"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let stop = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
+    assert_eq!(stop.status.code(), Some(0), "{}", String::from_utf8_lossy(&stop.stderr));
+    wait_gone(&tag);
+    let s = summary(&run);
+    assert_eq!(s["status"], "stopped", "{s}");
+    assert!(run.join("model/model.safetensors").is_file());
+    let log = std::fs::read_to_string(run.join("launcher.log")).unwrap();
+    assert!(log.contains("stopped: stopped by SIGTERM"), "{log}");
 }

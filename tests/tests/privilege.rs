@@ -75,7 +75,7 @@ fn every_training_process_runs_with_nothing() {
     // Ctrl-C: the launcher stops everything, removes the table and says so.
     assert!(Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap().success());
     let out = launcher.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(summary.contains("interrupted"), "{summary}");
     wait_gone(&tag);

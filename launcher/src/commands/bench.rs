@@ -105,8 +105,14 @@ pub fn exec_ps(a: &PsArgs) -> Result<u8, CliError> {
 fn run(job: &Path, run_dir: PathBuf, a: &PsArgs) -> Result<u8, CliError> {
     let (spec, text, plan) = prepare(job, true).map_err(CliError::usage)?;
     let (agent, runtime) = crate::commands::launch::agent_and_runtime()?;
-    let opts =
-        LaunchOptions { run_dir: Some(run_dir), progress: false, epoch_lines: false, started: None, resume: None };
+    let opts = LaunchOptions {
+        run_dir: Some(run_dir),
+        progress: false,
+        epoch_lines: false,
+        verbose: false,
+        started: None,
+        resume: None,
+    };
     let outcome = runtime.block_on(crate::commands::launch::launch_local(job, spec, text, plan, agent, opts));
     let outcome = outcome.map_err(CliError::failed)?;
     if outcome.summary.status != "succeeded" {

@@ -1,9 +1,10 @@
 //! `warden launch JOB --local [--run-dir DIR]`.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::cli::{EXIT_FAILED, EXIT_OK};
+use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_STOPPED};
 use crate::error::{BoxError, CliError, Context};
 use crate::launch::{LaunchError, LaunchOptions, launch, prepare};
 use crate::transport::{LocalTransport, Transport, find_agent};
@@ -25,25 +26,52 @@ pub async fn launch_local(
     launch(job, spec, text, plan, transport, opts).await
 }
 
+/// What `warden launch` was asked.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchArgs {
+    /// The job file.
+    pub job: PathBuf,
+    /// Every process on this machine.
+    pub local: bool,
+    /// Where to write results.
+    pub run_dir: Option<PathBuf>,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+    /// Trust and record unknown host keys.
+    pub accept_new_host_keys: bool,
+    /// The earlier run to continue.
+    pub resume: Option<PathBuf>,
+    /// Stream every process's log lines.
+    pub verbose: bool,
+    /// Run the launcher in a session of its own and return at once.
+    pub detach: bool,
+    /// Leave the caller's session before anything else: the launcher that
+    /// `--detach` starts, so that no terminal's hangup reaches it.
+    pub own_session: bool,
+}
+
 /// Launches the job and reports how it ended.
-pub fn exec(
-    job: &Path,
-    local: bool,
-    run_dir: Option<PathBuf>,
-    progress: bool,
-    accept_new_host_keys: bool,
-    resume: Option<PathBuf>,
-) -> Result<u8, CliError> {
+pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
     let started = std::time::Instant::now();
+    if args.own_session {
+        nix::unistd::setsid().map_err(|e| CliError::failed(Context::new("cannot start a session of its own", e)))?;
+    }
+    let LaunchArgs { job, local, .. } = args;
+    let (job, local) = (job.as_path(), *local);
     let (spec, text, plan) = prepare(job, local).map_err(CliError::usage)?;
+    if args.detach {
+        return detach(args, &spec.name);
+    }
     let (agent, runtime) = agent_and_runtime()?;
     let opts = LaunchOptions {
-        run_dir,
-        progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        run_dir: args.run_dir.clone(),
+        progress: args.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         epoch_lines: true,
+        verbose: args.verbose,
         started: Some(started),
-        resume,
+        resume: args.resume.clone(),
     };
+    let accept_new_host_keys = args.accept_new_host_keys;
     let result = if local {
         runtime.block_on(launch_local(job, spec, text, plan, agent, opts))
     } else {
@@ -62,33 +90,116 @@ pub fn exec(
         runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts))
     };
     match result {
-        Ok(outcome) => {
-            let s = &outcome.summary;
-            let dir = outcome.run_dir.display();
-            if s.status == "succeeded" {
-                eprintln!(
-                    "succeeded: {} epochs, {} steps, train loss {:.4}, test accuracy {:.4}, in {:.1}s",
-                    s.epochs,
-                    s.steps,
-                    s.train_loss.unwrap_or(f64::NAN),
-                    s.test_accuracy.unwrap_or(f64::NAN),
-                    s.elapsed_s
-                );
-                if let Some(m) = &s.model {
-                    eprintln!("  model:   {}", m.display());
-                    if let Some(sig) = &s.signature {
-                        eprintln!("  signed:  {} (check with: warden verify {dir}/model --pubkey PUB)", sig.display());
-                    }
-                }
-                eprintln!("  results: {dir}/summary.json, {dir}/metrics.csv, logs in {dir}/logs/");
-                Ok(EXIT_OK)
-            } else {
-                eprintln!("failed: {}", s.failure.as_deref().unwrap_or("unknown cause"));
-                eprintln!("  details: {dir}/summary.json, logs in {dir}/logs/");
-                Ok(EXIT_FAILED)
+        Ok(outcome) => Ok(report(job, local, &outcome)),
+        Err(e) => Err(launch_failed(e)),
+    }
+}
+
+/// `launch --detach`: starts this launch again as a launcher in a session
+/// of its own (no terminal, so closing one neither stops nor hangs it),
+/// its output in `RUN_DIR/launcher.log`, and returns once it has started
+/// the run (or says why it could not).
+fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
+    let dir = args.run_dir.clone().unwrap_or_else(|| crate::rundir::RunDir::default_path(name));
+    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(CliError::usage(crate::rundir::RunDirError::InUse(dir)));
+    }
+    let made = |e| CliError::failed(Context::new(format!("cannot create {}", dir.display()), e));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(made)?;
+    let log_path = dir.join(crate::rundir::LAUNCHER_LOG);
+    let log = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&log_path).map_err(made)?;
+    let exe = std::env::current_exe().map_err(|e| CliError::failed(Context::new("cannot find this program", e)))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("launch").arg(&args.job).arg("--run-dir").arg(&dir).arg("--no-progress");
+    for (on, flag) in
+        [(args.local, "--local"), (args.accept_new_host_keys, "--accept-new-host-keys"), (args.verbose, "--verbose")]
+    {
+        if on {
+            cmd.arg(flag);
+        }
+    }
+    if let Some(r) = &args.resume {
+        cmd.arg("--resume").arg(r);
+    }
+    // It leaves this session itself, first thing (see `LaunchArgs::own_session`).
+    cmd.arg("--own-session");
+    let err = log.try_clone().map_err(made)?;
+    cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(err);
+    let mut child = cmd.spawn().map_err(|e| CliError::failed(Context::new("cannot start the launcher", e)))?;
+    // Started once its run record is written; an early exit says why in the log.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < until {
+        if dir.join("run.json").exists() {
+            let d = dir.display();
+            eprintln!("detached: launcher pid {} runs the job; its output goes to {}", child.id(), log_path.display());
+            eprintln!("  follow:  warden logs {d} -f    status: warden status {d}    stop: warden stop {d}");
+            return Ok(EXIT_OK);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(CliError::failed(format!(
+                "the launcher exited ({status}) before the run started:\n{}",
+                said.trim_end()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(CliError::failed(format!(
+        "the launcher (pid {}) has not started the run after 60s; see {}",
+        child.id(),
+        log_path.display()
+    )))
+}
+
+/// Says how the job ended and where its results are; returns the exit code.
+fn report(job: &Path, local: bool, outcome: &crate::launch::Outcome) -> u8 {
+    let s = &outcome.summary;
+    let dir = outcome.run_dir.display();
+    let results = format!("  results: {dir}/summary.json, {dir}/metrics.csv, logs in {dir}/logs/");
+    let model = |s: &crate::rundir::Summary| {
+        if let Some(m) = &s.model {
+            eprintln!("  model:   {}", m.display());
+            if let Some(sig) = &s.signature {
+                eprintln!("  signed:  {} (check with: warden verify {dir}/model --pubkey PUB)", sig.display());
             }
         }
-        Err(e) => Err(launch_failed(e)),
+    };
+    match s.status.as_str() {
+        "succeeded" => {
+            eprintln!(
+                "succeeded: {} epochs, {} steps, train loss {:.4}, test accuracy {:.4}, in {:.1}s",
+                s.epochs,
+                s.steps,
+                s.train_loss.unwrap_or(f64::NAN),
+                s.test_accuracy.unwrap_or(f64::NAN),
+                s.elapsed_s
+            );
+            model(s);
+            eprintln!("{results}");
+            EXIT_OK
+        }
+        "stopped" => {
+            let why = s.stopped.as_deref().unwrap_or("stopped on request");
+            match s.model_step {
+                Some(step) => eprintln!("stopped: {why}; the model holds the weights after step {step}"),
+                None => eprintln!("stopped: {why}; no model was saved"),
+            }
+            model(s);
+            if !s.checkpoints.is_empty() {
+                eprintln!(
+                    "  resume: warden launch {}{} --resume {dir}",
+                    job.display(),
+                    if local { " --local" } else { "" }
+                );
+            }
+            eprintln!("{results}");
+            EXIT_STOPPED
+        }
+        _ => {
+            eprintln!("failed: {}", s.failure.as_deref().unwrap_or("unknown cause"));
+            eprintln!("  details: {dir}/summary.json, logs in {dir}/logs/");
+            EXIT_FAILED
+        }
     }
 }
 

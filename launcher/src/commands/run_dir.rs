@@ -21,38 +21,126 @@ fn load(dir: &Path) -> Result<RunRecord, CliError> {
     RunRecord::load(dir).map_err(CliError::usage)
 }
 
-/// Prints how the run stands.
+/// Prints how the run stands: its status, the last epoch's figures, an
+/// estimate of the time left while it runs, and how it ended.
 pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
     let run = load(dir)?;
     println!("job {} (id {})", run.job, run.job_id);
+    let last = last_epoch(dir);
     if let Some(s) = crate::rundir::Summary::load(dir) {
         println!("status: {}", s.status);
         println!("epochs: {}, steps: {}", s.epochs, s.steps);
         if let Some(acc) = s.test_accuracy {
             println!("test accuracy: {acc:.4}");
         }
+        if let Some(why) = &s.stopped {
+            println!("stopped: {why}");
+        }
         if let Some(f) = &s.failure {
             println!("failure: {f}");
         }
-        return Ok(if s.status == "succeeded" { EXIT_OK } else { EXIT_FAILED });
+        if let Some(m) = &s.model {
+            let step = s.model_step.map(|n| format!(" (weights after step {n})")).unwrap_or_default();
+            println!("model: {}{step}", m.display());
+        }
+        return Ok(if s.status == "failed" { EXIT_FAILED } else { EXIT_OK });
     }
-    let last = std::fs::read_to_string(dir.join("metrics.csv"))
-        .ok()
-        .and_then(|m| m.lines().skip(1).last().map(str::to_string));
     match live_launcher(&run) {
-        Some(pid) => println!("status: running (launcher pid {pid})"),
+        Some(pid) => {
+            let elapsed = unix_now().saturating_sub(run.started_unix);
+            println!("status: running (launcher pid {pid}), for {}", duration(elapsed as f64));
+        }
         None => {
             println!("status: ended without a summary: the launcher died; `warden stop {}` cleans up", dir.display())
         }
     }
-    if let Some(row) = last {
-        println!("last epoch (epoch,train_loss,test_loss,test_accuracy,...): {row}");
+    match last {
+        Some(row) => {
+            let of = if run.epochs > 0 { format!("/{}", run.epochs) } else { String::new() };
+            println!(
+                "epoch {}{of}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s",
+                row.epoch, row.train_loss, row.test_loss, row.test_accuracy, row.samples_per_s
+            );
+            if let Some(left) = row.time_left(run.epochs) {
+                println!("time left: about {} (at the pace so far)", duration(left));
+            }
+        }
+        None => println!("no epoch has finished yet"),
     }
     Ok(EXIT_OK)
 }
 
-/// The logs of the run, optionally for one host or role, optionally following.
-pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: bool) -> Result<u8, CliError> {
+/// The figures of the newest complete epoch in `metrics.csv`.
+struct LastEpoch {
+    epoch: u32,
+    train_loss: f64,
+    test_loss: f64,
+    test_accuracy: f64,
+    samples_per_s: f64,
+    /// Epochs this run has trained (a resumed run starts later).
+    trained: u32,
+    elapsed_s: f64,
+}
+
+impl LastEpoch {
+    /// Seconds until epoch `total`, if this run's pace says.
+    fn time_left(&self, total: u32) -> Option<f64> {
+        (total > self.epoch && self.trained > 0)
+            .then(|| self.elapsed_s / f64::from(self.trained) * f64::from(total - self.epoch))
+    }
+}
+
+/// Reads the last row of `DIR/metrics.csv` by its header's column names.
+fn last_epoch(dir: &Path) -> Option<LastEpoch> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).ok()?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next()?.split(',').collect();
+    let rows: Vec<&str> = lines.filter(|l| !l.trim().is_empty()).collect();
+    let cells: Vec<&str> = rows.last()?.split(',').collect();
+    let get = |name: &str| -> Option<f64> { cells.get(header.iter().position(|h| *h == name)?)?.parse().ok() };
+    Some(LastEpoch {
+        epoch: get("epoch")? as u32,
+        train_loss: get("train_loss")?,
+        test_loss: get("test_loss")?,
+        test_accuracy: get("test_accuracy")?,
+        samples_per_s: get("samples_per_s")?,
+        trained: rows.len() as u32,
+        elapsed_s: get("elapsed_s")?,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `1h 02m`, `3m 07s` or `12s`.
+pub(crate) fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m {sec:02}s"),
+        (h, m, _) => format!("{h}h {m:02}m"),
+    }
+}
+
+/// How long `warden stop` waits for the launcher: worker 0's grace to
+/// save the model, then the teardown.
+const STOP_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Which log lines `warden logs` prints.
+pub struct LogFilter<'a> {
+    /// Only this host's processes.
+    pub host: Option<&'a str>,
+    /// Only this role's processes.
+    pub role: Option<&'a str>,
+    /// Only the last N lines of each log (to begin with).
+    pub tail: Option<usize>,
+}
+
+/// The logs of the run, optionally for one host or role, optionally only
+/// their last lines, optionally following. Certificate requests (PEM text
+/// in logs of older runs) are left out.
+pub fn exec_logs(dir: &Path, filter: &LogFilter<'_>, follow: bool) -> Result<u8, CliError> {
     let run = load(dir)?;
     let mut files: Vec<(String, PathBuf, u64)> = match std::fs::read_dir(dir.join("logs")) {
         Ok(d) => d
@@ -62,7 +150,7 @@ pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: boo
                 // host-role-rank, where the host may itself contain '-'.
                 let mut parts = name.rsplitn(3, '-');
                 let (rank, r, h) = (parts.next()?, parts.next()?, parts.next()?);
-                let keep = host.is_none_or(|x| x == h) && role.is_none_or(|x| x == r);
+                let keep = filter.host.is_none_or(|x| x == h) && filter.role.is_none_or(|x| x == r);
                 keep.then(|| (format!("{h}/{r}[{rank}]"), e.path(), 0))
             })
             .collect(),
@@ -71,6 +159,11 @@ pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: boo
     files.sort();
     if files.is_empty() {
         return Err(CliError::usage("no logs match"));
+    }
+    if let Some(n) = filter.tail {
+        for (_, path, offset) in files.iter_mut() {
+            *offset = std::fs::read(path).map(|bytes| start_of_last_lines(&bytes, n)).unwrap_or(0);
+        }
     }
     let mut out = std::io::stdout().lock();
     loop {
@@ -83,37 +176,60 @@ pub fn exec_logs(dir: &Path, host: Option<&str>, role: Option<&str>, follow: boo
             let _ = f.read_to_string(&mut text);
             // Only whole lines; a partial one waits for the next round.
             let end = text.rfind('\n').map_or(0, |i| i + 1);
-            for line in text[..end].lines() {
+            for line in text[..end].lines().filter(|l| !is_certificate_request(l)) {
                 let _ = writeln!(out, "{label} {line}");
             }
             *offset += end as u64;
         }
         let _ = out.flush();
-        if !follow || (live_launcher(&run).is_none() && dir.join("summary.json").exists()) {
-            return Ok(EXIT_OK);
-        }
-        if live_launcher(&run).is_none() {
+        if !follow || live_launcher(&run).is_none() {
             return Ok(EXIT_OK);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
 
+/// Where the last `n` whole lines of `bytes` begin.
+fn start_of_last_lines(bytes: &[u8], n: usize) -> u64 {
+    // The final newline ends the last line; it does not start another.
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let start =
+        body.iter().enumerate().rev().filter(|(_, b)| **b == b'\n').nth(n.saturating_sub(1)).map_or(0, |(i, _)| i + 1);
+    if n == 0 { bytes.len() as u64 } else { start as u64 }
+}
+
+/// An agent's certificate request, as logs of older runs recorded it: PEM
+/// text that tells a reader nothing.
+fn is_certificate_request(line: &str) -> bool {
+    line.starts_with("[event] {\"event\":\"csr\",")
+}
+
 /// Stops a running job, or cleans up after one whose launcher died.
 pub fn exec_stop(dir: &Path) -> Result<u8, CliError> {
     let run = load(dir)?;
     if let Some(pid) = live_launcher(&run) {
-        // The launcher's Ctrl-C path: stop every process, remove tables, write the summary.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT)
+        // The launcher's orderly stop: worker 0 saves the model, then every
+        // process stops, tables and job directories go, the summary is written.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
             .map_err(|e| CliError::failed(Context::new(format!("cannot signal the launcher (pid {pid})"), e)))?;
-        for _ in 0..300 {
+        println!("stopping: the launcher (pid {pid}) saves the model and tears the job down");
+        let until = std::time::Instant::now() + STOP_PATIENCE;
+        while std::time::Instant::now() < until {
             if live_launcher(&run).is_none() {
-                println!("stopped: the launcher (pid {pid}) tore the job down");
+                match crate::rundir::Summary::load(dir).and_then(|s| s.model.zip(s.model_step)) {
+                    Some((model, step)) => {
+                        println!("stopped: model saved to {} (weights after step {step})", model.display())
+                    }
+                    None => println!("stopped: the launcher (pid {pid}) tore the job down; no model was saved"),
+                }
                 return Ok(EXIT_OK);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        return Err(CliError::failed(format!("the launcher (pid {pid}) did not stop within 30s")));
+        return Err(CliError::failed(format!(
+            "the launcher (pid {pid}) did not stop within {}s; `warden stop` again makes it stop at once",
+            STOP_PATIENCE.as_secs()
+        )));
     }
     // The launcher is gone: its agents stopped when their control channels
     // closed; what can remain is the firewall table, the job's uid lease and
@@ -134,4 +250,29 @@ pub fn exec_stop(dir: &Path) -> Result<u8, CliError> {
     }
     println!("no launcher is running; cleaning the hosts of {} over SSH", run.job_file.display());
     crate::commands::launch::clean_remote(&run.job_file, &run.job_id, &table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_lines_start_after_the_right_newline() {
+        let text = b"a\nbb\nccc\n";
+        let from = |n| std::str::from_utf8(&text[start_of_last_lines(text, n) as usize..]).unwrap();
+        assert_eq!(from(1), "ccc\n");
+        assert_eq!(from(2), "bb\nccc\n");
+        assert_eq!(from(3), "a\nbb\nccc\n");
+        assert_eq!(from(9), "a\nbb\nccc\n");
+        assert_eq!(from(0), "");
+        // A last line still being written counts as a line.
+        assert_eq!(start_of_last_lines(b"a\nb", 1), 2);
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(duration(12.4), "12s");
+        assert_eq!(duration(187.0), "3m 07s");
+        assert_eq!(duration(3720.0), "1h 02m");
+    }
 }

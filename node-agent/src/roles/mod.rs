@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::conn::ConnLimits;
@@ -81,6 +82,10 @@ pub struct RoleCtx {
     /// drops privileges, so that the weights may sit where the job's uid
     /// cannot read, such as the launching user's private run directory.
     pub initial: Option<Vec<f32>>,
+    /// Set when the launcher asks the job to stop and keep its work
+    /// ([`crate::control::Control::Finish`]): worker 0 saves the model
+    /// after the step under way.
+    pub finish: Arc<AtomicBool>,
 }
 
 /// The starting weights a process of `role` holds: a server of a job with

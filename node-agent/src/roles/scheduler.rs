@@ -211,6 +211,14 @@ impl Scheduler {
         RoleError::new(reason)
     }
 
+    /// Aborts the job because a peer's connection closed: the peer's own
+    /// report (its error, its exit, its broken channel) says more, so this
+    /// one only follows from it.
+    async fn lost(&mut self, reason: String) -> RoleError {
+        abort(&mut self.writers, &reason).await;
+        RoleError::follows(reason)
+    }
+
     /// Until every process of the plan registered (and, when resuming,
     /// every server said which steps it can resume from). Returns those.
     async fn rendezvous(&mut self) -> Result<BTreeMap<u32, Vec<u64>>, RoleError> {
@@ -374,7 +382,7 @@ impl Scheduler {
                 let _ = w.send(&Message::Error { message: format!("{id}: the job has already started") }).await;
             }
             Input::Lost(id, _) if id.role == Role::Worker && t.finished.contains(&id.rank) => {}
-            Input::Lost(id, why) => return Err(self.fail(format!("{id} was lost: {why}")).await),
+            Input::Lost(id, why) => return Err(self.lost(format!("{id} was lost: {why}")).await),
         }
         Ok(())
     }

@@ -303,6 +303,9 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             {
                 request_checkpoint(&mut links, &mut sched, global).await?;
             }
+            if rank == 0 && ctx.finish.load(std::sync::atomic::Ordering::Relaxed) {
+                return keep_work(&ctx, &params, global).await;
+            }
             if rank == 0 && (step + 1) % 20 == 0 {
                 ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
             }
@@ -329,7 +332,27 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     }
     tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());
     close_links(links).await;
-    finish(&ctx, &mut sched, &params).await
+    finish(&ctx, &mut sched, &params, u64::from(spec.training.epochs) * steps as u64).await
+}
+
+/// A requested stop, on worker 0 after step `step`: the weights it holds
+/// (every worker's pushes of that step applied, as in sync mode they are
+/// when the pull returns) become the model. The links stay open, so that
+/// no peer takes the stop for a failure; the launcher stops every process
+/// once it has fetched the model.
+async fn keep_work(ctx: &RoleCtx, params: &[f32], step: u64) -> Result<(), RoleError> {
+    tracing::info!("stopping on request: saving the weights after step {step}");
+    save_model(ctx, params, step)?;
+    std::future::pending().await
+}
+
+/// Worker 0 writes the model and says where.
+fn save_model(ctx: &RoleCtx, params: &[f32], step: u64) -> Result<(), RoleError> {
+    let dir = ctx.workdir.join("model");
+    crate::artifact::write_model_at(&dir, &ctx.spec.model, params, ctx.seed, step)
+        .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
+    ctx.emit(Event::Model { path: dir, step: Some(step) });
+    Ok(())
 }
 
 /// The end-of-epoch barrier: every worker's pushes of `epoch` are in.
@@ -344,12 +367,9 @@ async fn barrier(sched: &mut super::SchedLink, epoch: u32) -> Result<(), RoleErr
 
 /// After training: worker 0 writes the model and says where; every worker
 /// says it finished and waits for the scheduler's shutdown.
-async fn finish(ctx: &RoleCtx, sched: &mut super::SchedLink, params: &[f32]) -> Result<(), RoleError> {
+async fn finish(ctx: &RoleCtx, sched: &mut super::SchedLink, params: &[f32], step: u64) -> Result<(), RoleError> {
     if ctx.me().rank == 0 {
-        let dir = ctx.workdir.join("model");
-        crate::artifact::write_model(&dir, &ctx.spec.model, params, ctx.seed)
-            .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
-        ctx.emit(Event::Model { path: dir });
+        save_model(ctx, params, step)?;
     }
     sched.send(&Message::Finished).await?;
     match sched.recv_or_closed().await? {
