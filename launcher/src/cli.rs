@@ -116,16 +116,22 @@ pub enum Command {
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
     },
-    /// Check every host of a job over SSH: OS, nft, job user, free ports, disk, clock.
-    #[command(after_help = "Example:\n  warden doctor configs/two-hosts.toml\n\n\
+    /// Check every host of a job over SSH (or this machine, with --local): OS, nft, job user, free ports, disk, clock.
+    #[command(
+        after_help = "Examples:\n  warden doctor configs/two-hosts.toml\n  warden doctor configs/local.toml --local\n\n\
         Prints one line per host and check; exit status 1 if any check fails. \
-        `warden launch` runs the same checks before deploying.\n\nDocs: docs/ssh.md")]
+        `warden launch` runs the same checks before deploying.\n\nDocs: docs/ssh.md"
+    )]
     Doctor {
         /// The job file.
         job: PathBuf,
         /// Trust and record host keys seen for the first time.
         #[arg(long)]
         accept_new_host_keys: bool,
+        /// Check this machine for `launch --local` instead (no SSH): the same host checks,
+        /// then the job's data, files and keys as `validate` checks them.
+        #[arg(long)]
+        local: bool,
     },
     /// How a run stands, from its directory (also after its launcher died).
     #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500\n\nDocs: docs/operations.md")]
@@ -406,7 +412,7 @@ fn run(command: Command) -> Result<u8, CliError> {
             detach,
             own_session,
         }),
-        Command::Doctor { job, accept_new_host_keys } => launch::exec_doctor(&job, accept_new_host_keys),
+        Command::Doctor { job, accept_new_host_keys, local } => launch::exec_doctor(&job, accept_new_host_keys, local),
         Command::Status { dir } => run_dir::exec_status(&dir),
         Command::Logs { dir, follow, host, role, tail } => {
             run_dir::exec_logs(&dir, &run_dir::LogFilter { host: host.as_deref(), role: role.as_deref(), tail }, follow)

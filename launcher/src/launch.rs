@@ -1477,17 +1477,21 @@ impl Progress {
     fn hush(&self) {
         self.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    /// Step `step` of `steps` in epoch `epoch` of `epochs`: the bar runs
+    /// over the whole job, so it ends full and its ETA is the job's.
     fn step(&self, epoch: u32, epochs: u32, step: u64, steps: u64) {
         if let Some(b) = &self.bar {
             if !self.training.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 b.set_style(
-                    indicatif::ProgressStyle::with_template("  {spinner} epoch {msg} [{bar:30}] {pos}/{len} steps")
-                        .expect("valid template")
-                        .progress_chars("=> "),
+                    indicatif::ProgressStyle::with_template(
+                        "  {spinner} epoch {msg} [{bar:30}] {percent:>3}%, about {eta} left",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
                 );
             }
-            b.set_length(steps);
-            b.set_position(step);
+            b.set_length(u64::from(epochs) * steps);
+            b.set_position(u64::from(epoch.saturating_sub(1)) * steps + step);
             b.set_message(format!("{epoch}/{epochs}"));
         }
     }
@@ -1543,5 +1547,25 @@ mod tests {
         let (message, restartable) = root(&[(Cause::Stopped, "interrupted"), (Cause::Crashed, "b")]);
         assert_eq!(message.as_deref(), Some("interrupted"));
         assert!(!restartable);
+    }
+
+    #[test]
+    fn the_bar_spans_the_whole_job_and_ends_full() {
+        let p = super::Progress::new(true, false, false);
+        let bar = p.bar.as_ref().unwrap();
+        p.step(1, 5, 20, 62);
+        assert_eq!((bar.position(), bar.length()), (20, Some(310)));
+        // The last step of the last epoch, which worker 0 always reports.
+        p.step(5, 5, 62, 62);
+        assert_eq!(Some(bar.position()), bar.length());
+    }
+
+    #[test]
+    fn chatter_is_info_and_below_from_the_agents_log_format() {
+        assert!(super::is_chatter("2026-12-06T02:35:17.009450Z  INFO warden_agent::agent: running as uid 2"));
+        assert!(!super::is_chatter("2026-12-06T02:35:17.009450Z  WARN warden_agent: refused"));
+        assert!(!super::is_chatter("2026-12-06T02:35:17.009450Z ERROR warden_agent: stopped"));
+        assert!(!super::is_chatter("Traceback (most recent call last):"));
+        assert!(!super::is_chatter("epoch 3: test accuracy 0.81"));
     }
 }

@@ -346,6 +346,29 @@ fn evaluate(host: &str, out: &str, local_now: u64, spot: AgentSpot<'_>) -> HostR
     }
 }
 
+/// `warden doctor JOB --local`: the checks every SSH host gets, run on
+/// this machine with `sh`, for the ports of the local plan; the agent is
+/// this build's, so of it only its directory is checked. The job user is
+/// checked only when running as root (otherwise every process runs as the
+/// caller and no job user is needed).
+pub fn check_this_machine(spec: &JobSpec, agent: &Path) -> std::io::Result<HostReport> {
+    let plan = warden_agent::plan::Plan::new(spec, &JobId::generate(), true);
+    let ports: Vec<u16> = plan.hosts.iter().flat_map(|h| h.ports.iter().copied()).collect();
+    let root = warden_agent::harden::started_as_root();
+    let dir = if root { "/var/lib/warden" } else { "." };
+    let path = agent.display().to_string();
+    let script = check_script(&spec.cluster.user, &ports, dir, &path, Become::None);
+    let out = std::process::Command::new("sh").arg("-c").arg(&script).output()?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    let sha = Sha256::digest(std::fs::read(agent)?).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let runs_as = said(&out, "me").parse().ok();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut report = evaluate("localhost", &out, now, AgentSpot { path: &path, sha256: &sha, runs_as });
+    // One machine: no clock to compare; without root, no job user is used.
+    report.checks.retain(|c| c.0 != "clock" && (root || c.0 != "job user"));
+    Ok(report)
+}
+
 /// Seconds an SSH master with nothing to carry stays up (while the launcher
 /// lives, it checks on every master every 5 s).
 const MASTER_IDLE_EXIT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(15).expect("non-zero");

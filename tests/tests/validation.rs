@@ -834,3 +834,29 @@ fn a_program_the_jobs_uid_cannot_reach_is_named_before_anything_starts() {
     let out = Command::new(bin("warden")).arg("validate").arg(&job).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `warden doctor JOB --local` checks this machine as `doctor` checks SSH
+/// hosts (no SSH involved), then the job's files as `validate` does: a port
+/// of the job in use fails it, by number, with exit status 1.
+#[test]
+fn doctor_local_checks_this_machine_like_a_host() {
+    let dir = warden_tests::scratch("doctor-local");
+    let job = warden_tests::JobFile::local().ports(32060, 32079).write(dir.join("job.toml"));
+    let doctor =
+        || Command::new(bin("warden")).args(["doctor".as_ref(), job.as_os_str(), "--local".as_ref()]).output().unwrap();
+    let out = doctor();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for check in ["os", "nft", "ports", "disk", "agent dir"] {
+        assert!(
+            text.lines().any(|l| l.starts_with("localhost") && l.contains(&format!(" {check} ")) && l.contains(" ok ")),
+            "{check}: {text}"
+        );
+    }
+    // The scheduler's port, taken.
+    let _busy = std::net::TcpListener::bind("127.0.0.1:32060").unwrap();
+    let out = doctor();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  in use:") && text.contains("32060"), "{text}");
+}

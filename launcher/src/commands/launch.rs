@@ -241,18 +241,34 @@ pub fn clean_remote(job: &Path, job_id: &warden_agent::identity::JobId, table: &
     }
 }
 
-/// `warden doctor JOB`: connects to every host and reports what a job needs.
-pub fn exec_doctor(job: &Path, accept_new_host_keys: bool) -> Result<u8, CliError> {
+/// `warden doctor JOB`: connects to every host and reports what a job
+/// needs; with `--local`, checks this machine the same way, then what
+/// `validate` checks here (data, the job's uid reaching its files, keys).
+pub fn exec_doctor(job: &Path, accept_new_host_keys: bool, local: bool) -> Result<u8, CliError> {
     let spec = load_job(job)?;
-    let (agent, runtime) = agent_and_runtime()?;
-    let id = warden_agent::identity::JobId::generate();
-    let t = ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true).map_err(CliError::failed)?;
+    let reports = if local {
+        let agent = find_agent().map_err(CliError::usage)?;
+        let report = crate::ssh::check_this_machine(&spec, &agent)
+            .map_err(|e| CliError::failed(Context::new("cannot run the checks on this machine", e)))?;
+        vec![report]
+    } else {
+        let (agent, runtime) = agent_and_runtime()?;
+        let id = warden_agent::identity::JobId::generate();
+        ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true).map_err(CliError::failed)?.reports.clone()
+    };
     let mut ok = true;
-    for r in &t.reports {
+    for r in &reports {
         for (check, passed, detail) in &r.checks {
             println!("{:<12} {:<9} {:<5} {detail}", r.host, check, if *passed { "ok" } else { "FAIL" });
             ok &= *passed;
         }
+    }
+    if local {
+        let found = warden_agent::preflight::check(&spec, true);
+        for p in &found.problems {
+            println!("{:<12} {:<9} FAIL  {p}", "localhost", "job");
+        }
+        ok &= found.problems.is_empty();
     }
     Ok(if ok { EXIT_OK } else { EXIT_FAILED })
 }

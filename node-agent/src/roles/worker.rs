@@ -306,7 +306,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             if rank == 0 && ctx.finish.load(std::sync::atomic::Ordering::Relaxed) {
                 return keep_work(&ctx, &params, global).await;
             }
-            if rank == 0 && (step + 1) % 20 == 0 {
+            // Every 20 steps and at an epoch's last, so the launcher's bar ends full.
+            if rank == 0 && ((step + 1) % 20 == 0 || step + 1 == steps) {
                 ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
             }
         }
