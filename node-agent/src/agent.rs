@@ -275,7 +275,8 @@ fn warn_not_root(events: &EventSink) -> Option<crate::harden::JobUser> {
          training runs as uid {} with no_new_privs and the seccomp filter",
         nix::unistd::Uid::current()
     );
-    tracing::warn!("{message}");
+    // The event reaches the terminal once however many agents say it, and
+    // the process's log as its `[event]` line.
     events(Event::Warning { message });
     None
 }

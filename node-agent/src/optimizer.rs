@@ -100,6 +100,39 @@ impl OptimizerSpec {
     }
 }
 
+/// As a person reads it, in the job file's words: `momentum 0.9, lr 0.1,
+/// weight_decay 0.0001`.
+impl std::fmt::Display for OptimizerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            OptimizerKind::Sgd => write!(f, "sgd")?,
+            OptimizerKind::Momentum { momentum, nesterov } => {
+                write!(f, "momentum {momentum}{}", if nesterov { " (nesterov)" } else { "" })?
+            }
+            OptimizerKind::Adam { beta1, beta2, eps } => write!(f, "adam (beta1 {beta1}, beta2 {beta2}, eps {eps})")?,
+            OptimizerKind::AdamW { beta1, beta2, eps } => write!(f, "adamw (beta1 {beta1}, beta2 {beta2}, eps {eps})")?,
+        }
+        write!(f, ", lr {}", self.lr)?;
+        if self.weight_decay > 0.0 {
+            write!(f, ", weight_decay {}", self.weight_decay)?;
+        }
+        if self.clip_gradient > 0.0 {
+            write!(f, ", clip_gradient {}", self.clip_gradient)?;
+        }
+        match self.schedule {
+            Schedule::Constant => {}
+            Schedule::Step { every, gamma } => write!(f, ", lr x {gamma} every {every} updates")?,
+            Schedule::Cosine { decay_steps, min_lr } => {
+                write!(f, ", cosine decay to {min_lr} over {decay_steps} updates")?
+            }
+        }
+        if self.warmup_steps > 0 {
+            write!(f, ", {} warm-up updates", self.warmup_steps)?;
+        }
+        Ok(())
+    }
+}
+
 /// Checkpointed optimizer state that does not fit the optimizer or the shard.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the checkpoint holds {found} optimizer state slots of this shard, and this optimizer needs {want}")]
@@ -289,6 +322,21 @@ impl ShardOptimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_optimizer_reads_in_the_job_files_words() {
+        let mut o = OptimizerSpec::sgd(0.1);
+        o.kind = OptimizerKind::Momentum { momentum: 0.9, nesterov: false };
+        o.weight_decay = 0.0001;
+        assert_eq!(o.to_string(), "momentum 0.9, lr 0.1, weight_decay 0.0001");
+        o.schedule = Schedule::Cosine { decay_steps: 1000, min_lr: 0.001 };
+        o.warmup_steps = 50;
+        assert_eq!(
+            o.to_string(),
+            "momentum 0.9, lr 0.1, weight_decay 0.0001, cosine decay to 0.001 over 1000 updates, 50 warm-up updates"
+        );
+        assert!(!o.to_string().contains('{'));
+    }
 
     #[test]
     fn bounds_are_enforced_and_name_the_field() {

@@ -125,6 +125,9 @@ fn started_without_root_the_job_runs_and_says_so() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let warnings = stderr.matches("warning: warden-agent is not running as root").count();
     assert_eq!(warnings, 1, "the warning is shown exactly once: {stderr}");
+    // ... and not again as five agents' log lines.
+    let copies = stderr.matches("warden-agent is not running as root").count();
+    assert_eq!(copies, 1, "the agents' copies reached the terminal: {stderr}");
     assert!(stderr.contains("succeeded:"));
 }
 

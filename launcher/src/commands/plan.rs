@@ -30,14 +30,14 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
         if plan.local { ", local: every process on this machine" } else { "" }
     );
     s += &format!(
-        "model: {:?} with {} parameters, sharded over {} server(s); optimizer {:?}, {} epoch(s) of batch {} ({:?})\n\n",
-        spec.model.kind,
+        "model: {} with {} parameters, sharded over {} server(s); optimizer {}; {} epoch(s) of batch {} ({})\n\n",
+        format!("{:?}", spec.model.kind).to_lowercase(),
         plan.num_params,
         plan.count(warden_agent::identity::Role::Server),
         spec.optimizer,
         spec.training.epochs,
         spec.training.batch_size,
-        spec.training.mode
+        format!("{:?}", spec.training.mode).to_lowercase()
     );
     s +=
         &format!("training processes run as user `{}` (no capabilities, no_new_privs, seccomp)\n\n", spec.cluster.user);

@@ -374,7 +374,7 @@ impl Scheduler {
             Input::Msg(id, Message::CheckpointFailed { step, reason }) if id.role == Role::Server => {
                 t.checkpoints.failed(step);
                 let message = format!("checkpoint at step {step} failed on {id}: {reason}; training goes on");
-                tracing::warn!("{message}");
+                // Logged as the event's line; the launcher shows it once.
                 self.ctx.emit(crate::control::Event::Warning { message });
             }
             Input::Msg(id, m) => tracing::warn!("ignoring unexpected `{}` from {id}", m.name()),

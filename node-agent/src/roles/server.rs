@@ -388,7 +388,8 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
     }
     let (spec, restored) = await_start(&ctx, &mut from_sched, silence, place).await?;
     let shard = Arc::new(starting_shard(&ctx, place, spec, restored, initial)?);
-    tracing::info!("serving parameters {:?} with {spec:?}", ctx.plan.shard(place.rank));
+    let range = ctx.plan.shard(place.rank);
+    tracing::info!("serving parameters {}..{} with {spec}", range.start, range.end);
     ctx.emit(crate::control::Event::Started);
 
     let (writer, snapshots, mut saved_rx) = start_writer(&ctx, place);
@@ -548,7 +549,7 @@ async fn resumable_steps(ctx: &RoleCtx, place: ShardPlace) -> Result<Vec<u64>, R
     .map_err(|e| RoleError::new(e.to_string()))?
     .map_err(|e| RoleError::new(format!("reading the checkpoint directory: {e}")))?;
     for w in warnings {
-        tracing::warn!("{w}");
+        // Logged as the event's line; the launcher shows it once.
         ctx.emit(crate::control::Event::Warning { message: format!("server[{rank}]: {w}") });
     }
     Ok(steps)
