@@ -215,6 +215,10 @@ fn status_logs_and_stop_work_from_the_run_directory() {
     // Read for people: the epoch out of how many, its figures, the time left.
     assert!(text.contains("epoch ") && text.contains("/100000: train loss "), "{text}");
     assert!(text.contains("time left: about "), "{text}");
+    // Every process, and how it stands.
+    for label in ["scheduler[0]", "server[0]", "server[1]", "worker[0]", "worker[1]"] {
+        assert!(text.contains(&format!("  localhost/{label}: running")), "{label}: {text}");
+    }
     let logs = Command::new(bin("warden"))
         .args(["logs".as_ref(), run.as_os_str(), "--role".as_ref(), "worker".as_ref()])
         .output()

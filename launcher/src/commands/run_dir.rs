@@ -67,7 +67,47 @@ pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
         }
         None => println!("no epoch has finished yet"),
     }
+    for (label, state) in process_states(dir) {
+        println!("  {label}: {state}");
+    }
     Ok(EXIT_OK)
+}
+
+/// Each process of the newest attempt and how it stands, from the last
+/// event in its log: `running`, `finished`, `failed: WHY`.
+fn process_states(dir: &Path) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(dir.join("logs")) else { return Vec::new() };
+    let mut out: Vec<(String, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let label = log_label(e.file_name().to_str()?)?;
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let last = text.lines().rev().find_map(|l| l.strip_prefix("[event] "));
+            let event: Option<serde_json::Value> = last.and_then(|l| serde_json::from_str(l).ok());
+            let state = match event.as_ref().and_then(|v| v["event"].as_str()) {
+                None => "starting".to_string(),
+                Some("done") => "finished".to_string(),
+                Some("failed") => {
+                    format!("failed: {}", event.as_ref().and_then(|v| v["message"].as_str()).unwrap_or("?"))
+                }
+                Some("model") => "saved the model".to_string(),
+                Some("process" | "csr") => "enrolling".to_string(),
+                Some(_) => "running".to_string(),
+            };
+            Some((label, state))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `host/role[rank]` of a log named `HOST-ROLE-RANK.log` (the host may
+/// itself contain '-').
+fn log_label(file: &str) -> Option<String> {
+    let name = file.strip_suffix(".log")?;
+    let mut parts = name.rsplitn(3, '-');
+    let (rank, role, host) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(format!("{host}/{role}[{rank}]"))
 }
 
 /// The figures of the newest complete epoch in `metrics.csv`.
@@ -149,9 +189,9 @@ pub fn exec_logs(dir: &Path, filter: &LogFilter<'_>, follow: bool) -> Result<u8,
                 let name = e.file_name().to_str()?.strip_suffix(".log")?.to_string();
                 // host-role-rank, where the host may itself contain '-'.
                 let mut parts = name.rsplitn(3, '-');
-                let (rank, r, h) = (parts.next()?, parts.next()?, parts.next()?);
+                let (_, r, h) = (parts.next()?, parts.next()?, parts.next()?);
                 let keep = filter.host.is_none_or(|x| x == h) && filter.role.is_none_or(|x| x == r);
-                keep.then(|| (format!("{h}/{r}[{rank}]"), e.path(), 0))
+                keep.then(|| log_label(&format!("{name}.log")).map(|l| (l, e.path(), 0))).flatten()
             })
             .collect(),
         Err(e) => return Err(CliError::usage(Context::new(dir.join("logs").display().to_string(), e))),
