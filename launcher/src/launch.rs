@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use warden_agent::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
-use warden_agent::identity::{Identity, JobId, Role};
-use warden_agent::pki::JobCa;
-use warden_agent::plan::{Plan, PlannedProcess};
-use warden_agent::spec::{JobSpec, ModelKind, SpecError};
+use warden_agent::job::plan::{Plan, PlannedProcess};
+use warden_agent::job::spec::{JobSpec, ModelKind, SpecError};
+use warden_agent::net::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
+use warden_agent::net::identity::{Identity, JobId, Role};
+use warden_agent::net::pki::JobCa;
 
 use crate::rundir::{EpochRow, RunDir, Summary};
 
@@ -82,7 +82,7 @@ pub struct LaunchOptions {
 }
 
 /// Loads `[signing] key` (and its passphrase) before anything starts.
-fn load_signer(sg: &warden_agent::spec::SigningSpec) -> Result<p256::ecdsa::SigningKey, LaunchError> {
+fn load_signer(sg: &warden_agent::job::spec::SigningSpec) -> Result<p256::ecdsa::SigningKey, LaunchError> {
     let pass = match &sg.passphrase_env {
         Some(var) => match std::env::var(var) {
             Ok(p) if !p.is_empty() => Some(zeroize::Zeroizing::new(p)),
@@ -94,13 +94,13 @@ fn load_signer(sg: &warden_agent::spec::SigningSpec) -> Result<p256::ecdsa::Sign
         },
         None => None,
     };
-    warden_agent::signing::load_private_key(&sg.key, pass.as_deref().map(String::as_str))
+    warden_agent::store::signing::load_private_key(&sg.key, pass.as_deref().map(String::as_str))
         .map_err(|e| LaunchError::Input(format!("[signing] key: {e}")))
 }
 
 /// The checkpoint side of a launch: key, series, and what is resumed.
 struct CheckpointPlan {
-    secret: Option<warden_agent::checkpoint::CheckpointSecret>,
+    secret: Option<warden_agent::store::checkpoint::CheckpointSecret>,
     series: Option<JobId>,
     /// The resumed run's seed, which data order and dropout depend on.
     seed: Option<u64>,
@@ -108,7 +108,7 @@ struct CheckpointPlan {
 
 impl CheckpointPlan {
     fn new(spec: &JobSpec, job_id: &JobId, resume: Option<&Path>) -> Result<CheckpointPlan, LaunchError> {
-        use warden_agent::checkpoint::CheckpointSecret;
+        use warden_agent::store::checkpoint::CheckpointSecret;
         let Some(ck) = &spec.checkpoint else {
             if let Some(dir) = resume {
                 return Err(LaunchError::Input(format!(
@@ -218,7 +218,7 @@ pub fn prepare(job: &Path, local: bool) -> Result<(JobSpec, String, Plan), Launc
             }
         }
     }
-    let problems = if local { warden_agent::preflight::check_program(&spec) } else { Vec::new() };
+    let problems = if local { warden_agent::job::preflight::check_program(&spec) } else { Vec::new() };
     if !problems.is_empty() {
         let lines: Vec<String> = problems.iter().map(|p| format!("{}: {p}", job.display())).collect();
         return Err(LaunchError::Input(lines.join("\nerror: ")));
@@ -382,7 +382,7 @@ fn conclude(
     // The product: signed where the job says so, before anyone copies it.
     let mut signature = None;
     if let (Some(key), true, None) = (signer, end.model_fetched, &failure) {
-        match warden_agent::signing::sign_model(&run.model_dir(), key, None) {
+        match warden_agent::store::signing::sign_model(&run.model_dir(), key, None) {
             Ok(path) => signature = Some(path),
             Err(e) => failure = Some(format!("the model was trained but cannot be signed: {e}")),
         }
@@ -413,7 +413,7 @@ fn conclude(
         startup_s: end.startup_s,
         failure,
         stopped,
-        model: end.model_fetched.then(|| run.model_dir().join(warden_agent::artifact::MODEL_FILE)),
+        model: end.model_fetched.then(|| run.model_dir().join(warden_agent::store::artifact::MODEL_FILE)),
         model_step: end.model_fetched.then_some(end.model_step).flatten(),
         signature,
         resumed_from_step: first_resumed_step,
@@ -1099,7 +1099,7 @@ impl<'w, 'a> Watch<'w, 'a> {
 /// The most a model fetch may bring back: the parameters as f32 twice
 /// over (a format's overhead is far below that), plus room for metadata.
 fn model_fetch_limit(spec: &JobSpec) -> u64 {
-    (warden_agent::model::num_params(&spec.model) as u64).saturating_mul(8).saturating_add(64 << 20)
+    (warden_agent::train::model::num_params(&spec.model) as u64).saturating_mul(8).saturating_add(64 << 20)
 }
 
 /// Sets up every host at once (one slow host must not delay the others):
@@ -1113,7 +1113,7 @@ async fn set_up_hosts(
     failure: &mut Failures,
 ) -> BTreeMap<String, Option<u32>> {
     let plan = ctx.plan;
-    let hosts: Vec<&warden_agent::plan::HostPlan> =
+    let hosts: Vec<&warden_agent::job::plan::HostPlan> =
         if plan.local { plan.hosts.iter().take(1).collect() } else { plan.hosts.iter().collect() };
     let mut setups = tokio::task::JoinSet::new();
     for host in hosts {
@@ -1163,7 +1163,7 @@ async fn tear_down_hosts(
     set_up: &BTreeMap<String, Option<u32>>,
     procs: &[Proc],
 ) {
-    let table = warden_agent::plan::firewall_table(&job.job);
+    let table = warden_agent::job::plan::firewall_table(&job.job);
     let mut cleanups = tokio::task::JoinSet::new();
     for host in &ctx.plan.hosts {
         let mine: Vec<PlannedProcess> =

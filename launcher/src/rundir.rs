@@ -16,8 +16,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use warden_agent::plan::Plan;
-use warden_agent::spec::JobSpec;
+use warden_agent::job::plan::Plan;
+use warden_agent::job::spec::JobSpec;
 
 /// One row of `metrics.csv`.
 #[derive(Debug, Clone, Serialize)]
@@ -134,7 +134,7 @@ pub struct CheckpointRow {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Lineage<'a> {
     /// The checkpoint series the run writes to.
-    pub checkpoint_series: Option<&'a warden_agent::identity::JobId>,
+    pub checkpoint_series: Option<&'a warden_agent::net::identity::JobId>,
     /// The run directory it resumed.
     pub resumed_from: Option<&'a Path>,
 }
@@ -146,7 +146,7 @@ pub struct RunRecord {
     /// `[job] name`.
     pub job: String,
     /// The job id (also in every certificate).
-    pub job_id: warden_agent::identity::JobId,
+    pub job_id: warden_agent::net::identity::JobId,
     /// The training seed in force.
     pub seed: u64,
     /// Where the seed came from: the job file or the OS CSPRNG.
@@ -164,7 +164,7 @@ pub struct RunRecord {
     /// The job's nftables table on every host.
     pub firewall_table: String,
     /// The checkpoint series the run writes to.
-    pub checkpoint_series: Option<warden_agent::identity::JobId>,
+    pub checkpoint_series: Option<warden_agent::net::identity::JobId>,
     /// The run directory it resumed, if any.
     pub resumed_from: Option<PathBuf>,
     /// `[training] epochs` (0 in run directories of versions that did not record it).
@@ -328,7 +328,7 @@ impl RunDir {
             launcher_pid: std::process::id(),
             local: plan.local,
             job_file: std::path::absolute(job_file).unwrap_or_else(|_| job_file.to_path_buf()),
-            firewall_table: warden_agent::plan::firewall_table(&plan.job_id),
+            firewall_table: warden_agent::job::plan::firewall_table(&plan.job_id),
             checkpoint_series: lineage.checkpoint_series.cloned(),
             resumed_from: lineage.resumed_from.map(Path::to_path_buf),
             epochs: spec.training.epochs,

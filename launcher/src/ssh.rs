@@ -30,9 +30,9 @@ use std::time::Duration;
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use warden_agent::identity::JobId;
-use warden_agent::plan::{HostPlan, PlannedProcess};
-use warden_agent::spec::{Become, JobSpec};
+use warden_agent::job::plan::{HostPlan, PlannedProcess};
+use warden_agent::job::spec::{Become, JobSpec};
+use warden_agent::net::identity::JobId;
 
 use crate::transport::{
     AgentCmd, AgentError, BoxFuture, FetchLimits, HostJob, ProcessHandle, Spawned, Transport, fetch_with, parse_setup,
@@ -319,7 +319,7 @@ fn evaluate(host: &str, out: &str, local_now: u64, spot: AgentSpot<'_>) -> HostR
     let now: u64 = get("now").parse().unwrap_or(0);
     let skew = now.abs_diff(local_now);
     let disk: u64 = get("disk_kb").parse().unwrap_or(0);
-    let tolerance = warden_agent::pki::CLOCK_TOLERANCE.as_secs();
+    let tolerance = warden_agent::net::pki::CLOCK_TOLERANCE.as_secs();
     HostReport {
         host: host.to_string(),
         checks: vec![
@@ -352,9 +352,9 @@ fn evaluate(host: &str, out: &str, local_now: u64, spot: AgentSpot<'_>) -> HostR
 /// checked only when running as root (otherwise every process runs as the
 /// caller and no job user is needed).
 pub fn check_this_machine(spec: &JobSpec, agent: &Path) -> std::io::Result<HostReport> {
-    let plan = warden_agent::plan::Plan::new(spec, &JobId::generate(), true);
+    let plan = warden_agent::job::plan::Plan::new(spec, &JobId::generate(), true);
     let ports: Vec<u16> = plan.hosts.iter().flat_map(|h| h.ports.iter().copied()).collect();
-    let root = warden_agent::harden::started_as_root();
+    let root = warden_agent::host::harden::started_as_root();
     let dir = if root { "/var/lib/warden" } else { "." };
     let path = agent.display().to_string();
     let script = check_script(&spec.cluster.user, &ports, dir, &path, Become::None);
@@ -459,7 +459,7 @@ impl SshTransport {
         control_dir: &Path,
         keep_going: bool,
     ) -> Result<SshTransport, SshError> {
-        let plan = warden_agent::plan::Plan::new(spec, job, false);
+        let plan = warden_agent::job::plan::Plan::new(spec, job, false);
         let binary =
             std::fs::read(agent).map_err(|source| SshError::ReadAgent { path: agent.to_path_buf(), source })?;
         let sha = Sha256::digest(&binary).iter().map(|b| format!("{b:02x}")).collect::<String>();
@@ -510,7 +510,7 @@ impl SshTransport {
 /// (or recorded, with `accept_new_host_keys`), its socket in `control_dir`.
 fn session_builder(
     spec: &JobSpec,
-    h: &warden_agent::spec::HostSpec,
+    h: &warden_agent::job::spec::HostSpec,
     accept_new_host_keys: bool,
     control_dir: &Path,
 ) -> SessionBuilder {

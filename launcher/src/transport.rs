@@ -16,8 +16,8 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use warden_agent::host::Setup;
-use warden_agent::identity::JobId;
-use warden_agent::plan::{HostPlan, PlannedProcess};
+use warden_agent::job::plan::{HostPlan, PlannedProcess};
+use warden_agent::net::identity::JobId;
 
 /// A boxed future, for object-safe async methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -121,8 +121,8 @@ impl LocalTransport {
     /// root's, which the job's uid can pass through), so the run directory
     /// can stay private to the user who launched (0700); without root, the
     /// job runs as that user, in `nodes/` of the run directory.
-    pub fn for_job(agent: PathBuf, spec: &warden_agent::spec::JobSpec, job: &JobId, run_nodes: PathBuf) -> Self {
-        let nodes_dir = match warden_agent::harden::started_as_root() {
+    pub fn for_job(agent: PathBuf, spec: &warden_agent::job::spec::JobSpec, job: &JobId, run_nodes: PathBuf) -> Self {
+        let nodes_dir = match warden_agent::host::harden::started_as_root() {
             true => spec.cluster.remote_dir.join("jobs").join(job.as_str()),
             false => run_nodes,
         };

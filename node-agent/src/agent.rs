@@ -1,7 +1,7 @@
 //! The agent process: read the bundle, enrol, run one role, report.
 //!
 //! Order matters. Everything that needs privileges or must happen before
-//! any thread exists (the privilege drop of [`crate::harden`], which acts on
+//! any thread exists (the privilege drop of [`crate::host::harden`], which acts on
 //! the calling thread only) happens in [`prepare`], single-threaded. Only
 //! then is the async runtime built, by hand.
 
@@ -9,13 +9,13 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
-use crate::identity::{Identity, Role};
-use crate::pki::NodeKey;
-use crate::plan::{Plan, PlannedProcess};
-use crate::roles::{self, EventSink, RoleCtx, RoleError};
-use crate::spec::JobSpec;
-use crate::tls::TlsIdentity;
+use crate::job::plan::{Plan, PlannedProcess};
+use crate::job::spec::JobSpec;
+use crate::net::control::{Bundle, Control, Event, MAX_CONTROL_LINE};
+use crate::net::identity::{Identity, Role};
+use crate::net::pki::NodeKey;
+use crate::net::tls::TlsIdentity;
+use crate::train::roles::{self, EventSink, RoleCtx, RoleError};
 
 /// The control channel failed or carried something that is not a control message.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +48,13 @@ pub enum PrepareError {
     NoBundle,
     /// The bundle's job file does not validate.
     #[error(transparent)]
-    Spec(#[from] crate::spec::SpecError),
+    Spec(#[from] crate::job::spec::SpecError),
     /// The bundle names a process the plan does not have.
     #[error("{0} is not in the job's plan")]
     NotInPlan(Identity),
     /// The job user, or a step of the privilege drop.
     #[error(transparent)]
-    Harden(#[from] crate::harden::HardenError),
+    Harden(#[from] crate::host::harden::HardenError),
     /// Started as root, but without a uid for the job.
     #[error("the launcher leased this job no uid on this host; a launcher of this version does")]
     NoUid,
@@ -70,10 +70,10 @@ pub enum PrepareError {
     },
     /// The uid's lease is not this job's.
     #[error(transparent)]
-    Lease(#[from] crate::jobuid::JobUidError),
+    Lease(#[from] crate::host::jobuid::JobUidError),
     /// The node key or its CSR.
     #[error(transparent)]
-    Key(#[from] crate::pki::PkiError),
+    Key(#[from] crate::net::pki::PkiError),
     /// The launcher stopped the job while this agent enrolled.
     #[error("stopped by the launcher during enrolment")]
     StoppedInEnrolment,
@@ -82,25 +82,25 @@ pub enum PrepareError {
     NoCertificate,
     /// The certificate or CA does not make a TLS identity.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::net::tls::TlsError),
     /// The job directory could not be made.
     #[error("job directory: {0}")]
-    JobDir(#[source] crate::privfs::PrivFsError),
+    JobDir(#[source] crate::host::privfs::PrivFsError),
     /// A server's checkpoint directory could not be made.
     #[error("checkpoint directory: {0}")]
-    CheckpointDir(#[source] crate::privfs::PrivFsError),
+    CheckpointDir(#[source] crate::host::privfs::PrivFsError),
     /// A server of a job with checkpoints got no key.
     #[error("the launcher sent no checkpoint key to this server")]
     NoCheckpointKey,
     /// The `[model] init` weights.
     #[error(transparent)]
-    InitialWeights(#[from] crate::artifact::ArtifactError),
+    InitialWeights(#[from] crate::store::artifact::ArtifactError),
     /// A worker's data files.
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] crate::train::data::DataError),
     /// An external worker's KV socket or program.
     #[error(transparent)]
-    Program(#[from] crate::kv::ProgramError),
+    Program(#[from] crate::train::kv::ProgramError),
     /// The process's port is taken.
     #[error("port {port} on {host} is already in use; stop whatever holds it or choose another [cluster] ports range")]
     PortInUse {
@@ -177,7 +177,7 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The flag that [`crate::control::Control::Finish`] sets.
+    /// The flag that [`crate::net::control::Control::Finish`] sets.
     pub fn finish_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         self.ctx.finish.clone()
     }
@@ -195,13 +195,13 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     set_process_name(&me);
 
     // Who training runs as: the job's own uid when we are root, else ourselves.
-    let root = crate::harden::started_as_root();
+    let root = crate::host::harden::started_as_root();
     let user = if root { Some(job_user(&spec, &bundle)?) } else { warn_not_root(&events) };
 
     let tls = enrol(input, &me, &events)?;
 
-    let owner = user.map(|u| crate::privfs::Owner { uid: u.uid, gid: u.gid });
-    crate::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(PrepareError::JobDir)?;
+    let owner = user.map(|u| crate::host::privfs::Owner { uid: u.uid, gid: u.gid });
+    crate::host::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(PrepareError::JobDir)?;
     let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
     // Starting weights are read (and verified) before the drop: they are the
     // launching user's, for example in a private run directory.
@@ -211,13 +211,13 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     if me.role == Role::Worker
         && let Some(data) = &spec.data
     {
-        crate::data::open_before_drop(data)?;
+        crate::train::data::open_before_drop(data)?;
     }
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
     let external = drop_privileges(&spec, &plan, &bundle, &me, user)?;
-    let status = crate::harden::verify(root)?;
+    let status = crate::host::harden::verify(root)?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
         status.uids[0],
@@ -269,7 +269,7 @@ fn set_process_name(me: &Identity) {
 
 /// Not root: training runs as this process's own uid, which the launcher
 /// is told. Returns no job user.
-fn warn_not_root(events: &EventSink) -> Option<crate::harden::JobUser> {
+fn warn_not_root(events: &EventSink) -> Option<crate::host::harden::JobUser> {
     let message = format!(
         "warden-agent is not running as root: no firewall for this job on this host and no uid of its own; \
          training runs as uid {} with no_new_privs and the seccomp filter",
@@ -303,19 +303,19 @@ fn drop_privileges(
     plan: &Plan,
     bundle: &Bundle,
     me: &Identity,
-    user: Option<crate::harden::JobUser>,
+    user: Option<crate::host::harden::JobUser>,
 ) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, PrepareError> {
     match (me.role, &spec.worker) {
         (Role::Worker, Some(_)) => {
-            crate::harden::drop_identity(user)?;
-            let socket = crate::kv::bind(&bundle.workdir)?;
+            crate::host::harden::drop_identity(user)?;
+            let socket = crate::train::kv::bind(&bundle.workdir)?;
             let workers = plan.count(Role::Worker);
-            let child = crate::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
-            crate::harden::install_seccomp_with_child(Some(child.id()))?;
+            let child = crate::train::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
+            crate::host::harden::install_seccomp_with_child(Some(child.id()))?;
             Ok(Some((socket, child)))
         }
         _ => {
-            crate::harden::drop_privileges(user)?;
+            crate::host::harden::drop_privileges(user)?;
             Ok(None)
         }
     }
@@ -354,48 +354,49 @@ fn check_writable(workdir: &Path, checkpoint: Option<&roles::CheckpointCtx>) -> 
 /// The job's identity on this host: the uid the launcher leased to the job
 /// here (checked against the lease and the job's range), with the primary
 /// group of `[cluster] user`.
-fn job_user(spec: &JobSpec, bundle: &Bundle) -> Result<crate::harden::JobUser, PrepareError> {
-    let account = crate::harden::resolve_user(&spec.cluster.user)?;
+fn job_user(spec: &JobSpec, bundle: &Bundle) -> Result<crate::host::harden::JobUser, PrepareError> {
+    let account = crate::host::harden::resolve_user(&spec.cluster.user)?;
     let uid = bundle.job_uid.ok_or(PrepareError::NoUid)?;
     let (first, last) = spec.cluster.uids;
     if !(first..=last).contains(&uid) {
         return Err(PrepareError::UidOutOfRange { uid, first, last });
     }
-    crate::jobuid::check_lease(uid, &bundle.job_id)?;
-    Ok(crate::harden::JobUser { uid, gid: account.gid })
+    crate::host::jobuid::check_lease(uid, &bundle.job_id)?;
+    Ok(crate::host::harden::JobUser { uid, gid: account.gid })
 }
 
 /// A server's checkpoint set-up: the series directory, made while still
 /// privileged and handed to the job's uid (mode 0700, and everything in it
 /// when the job resumes a series an earlier job wrote), and the key. Root
-/// works here by file descriptor ([`crate::privfs`]): the series may hold
+/// works here by file descriptor ([`crate::host::privfs`]): the series may hold
 /// what an earlier job's uid planted.
 fn checkpoint_ctx(
     spec: &JobSpec,
     bundle: &Bundle,
-    user: Option<crate::harden::JobUser>,
+    user: Option<crate::host::harden::JobUser>,
 ) -> Result<Option<roles::CheckpointCtx>, PrepareError> {
     let (Some(ck), Role::Server) = (&spec.checkpoint, bundle.role) else {
         return Ok(None);
     };
     let secret = bundle.checkpoint_key.as_ref().ok_or(PrepareError::NoCheckpointKey)?;
     let series = bundle.checkpoint_series.clone().unwrap_or_else(|| bundle.job_id.clone());
-    let series_dir = crate::checkpoint::series_dir(&ck.dir, &series);
+    let series_dir = crate::store::checkpoint::series_dir(&ck.dir, &series);
     let fail = PrepareError::CheckpointDir;
     match user {
         Some(u) => {
             // A root made here is root's, 0711: job uids pass through it to
             // their series and can neither list it nor plant anything in it.
-            crate::privfs::ensure_dir_if_missing(&ck.dir, 0o711, Some(crate::privfs::Owner::ROOT)).map_err(fail)?;
-            let owner = crate::privfs::Owner { uid: u.uid, gid: u.gid };
-            crate::privfs::hand_over_tree(&series_dir, owner).map_err(fail)?;
+            crate::host::privfs::ensure_dir_if_missing(&ck.dir, 0o711, Some(crate::host::privfs::Owner::ROOT))
+                .map_err(fail)?;
+            let owner = crate::host::privfs::Owner { uid: u.uid, gid: u.gid };
+            crate::host::privfs::hand_over_tree(&series_dir, owner).map_err(fail)?;
         }
         None => {
-            crate::privfs::ensure_dir_if_missing(&ck.dir, 0o700, None).map_err(fail)?;
-            crate::privfs::ensure_dir(&series_dir, 0o700, None).map_err(fail)?;
+            crate::host::privfs::ensure_dir_if_missing(&ck.dir, 0o700, None).map_err(fail)?;
+            crate::host::privfs::ensure_dir(&series_dir, 0o700, None).map_err(fail)?;
         }
     }
-    let key = std::sync::Arc::new(crate::checkpoint::CheckpointKey::new(secret));
+    let key = std::sync::Arc::new(crate::store::checkpoint::CheckpointKey::new(secret));
     Ok(Some(roles::CheckpointCtx { key, series, series_dir }))
 }
 
@@ -407,7 +408,7 @@ pub async fn run(p: Prepared) -> Result<(), RoleError> {
         Role::Scheduler => roles::scheduler::run(p.ctx, listener.expect("the scheduler listens")).await,
         Role::Server => roles::server::run(p.ctx, listener.expect("servers listen")).await,
         Role::Worker => match p.external {
-            Some((socket, child)) => crate::kv::run(p.ctx, socket, child).await,
+            Some((socket, child)) => crate::train::kv::run(p.ctx, socket, child).await,
             None => roles::worker::run(p.ctx, p.worker_data.expect("loaded in prepare")).await,
         },
     }

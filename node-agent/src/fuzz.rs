@@ -13,8 +13,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use crate::checkpoint::{CheckpointKey, CheckpointSecret, Placement, Shape};
-use crate::identity::{JobId, Role};
+use crate::net::identity::{JobId, Role};
+use crate::store::checkpoint::{CheckpointKey, CheckpointSecret, Placement, Shape};
 
 /// A fuzz entry point.
 pub type Target = fn(&[u8]);
@@ -40,9 +40,9 @@ pub fn frame(data: &[u8]) {
     rt.block_on(async {
         let mut r = data;
         let mut buf = Vec::new();
-        while let Ok(true) = crate::conn::read_frame(&mut r, 1 << 16, &mut buf).await {
+        while let Ok(true) = crate::net::conn::read_frame(&mut r, 1 << 16, &mut buf).await {
             for role in [Role::Scheduler, Role::Server, Role::Worker] {
-                let _ = crate::conn::decode_from(&buf, role);
+                let _ = crate::net::conn::decode_from(&buf, role);
             }
         }
     });
@@ -50,10 +50,10 @@ pub fn frame(data: &[u8]) {
 
 /// One frame body; a message that decodes must survive a round trip.
 pub fn message(data: &[u8]) {
-    let Ok(msg) = crate::wire::Message::decode(data) else { return };
+    let Ok(msg) = crate::net::wire::Message::decode(data) else { return };
     let mut once = Vec::new();
     msg.encode_frame(&mut once);
-    let again = crate::wire::Message::decode(&once[crate::wire::HEADER_LEN..])
+    let again = crate::net::wire::Message::decode(&once[crate::net::wire::HEADER_LEN..])
         .unwrap_or_else(|e| panic!("{msg:?} does not decode from its own encoding: {e}"));
     let mut twice = Vec::new();
     again.encode_frame(&mut twice);
@@ -64,13 +64,13 @@ pub fn message(data: &[u8]) {
 pub fn control(data: &[u8]) {
     let mut input = std::io::BufReader::new(data);
     while let Ok(Some(_)) = crate::agent::read_control(&mut input) {}
-    let _ = serde_json::from_slice::<crate::control::Event>(data);
+    let _ = serde_json::from_slice::<crate::net::control::Event>(data);
 }
 
 /// A job file.
 pub fn job_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Err(e) = crate::spec::JobSpec::parse("job.toml", text, Path::new("/nonexistent")) {
+    if let Err(e) = crate::job::spec::JobSpec::parse("job.toml", text, Path::new("/nonexistent")) {
         // Every error points into the file.
         assert!(e.line >= 1 && e.line <= text.lines().count().max(1) + 1, "{e:?} outside the file");
     }
@@ -101,22 +101,22 @@ pub fn checkpoint(data: &[u8]) {
     let path = Path::new("fuzz.wck");
     let at = fuzz_placement();
     for (place, shape) in [(Some(&at), Shape { len: Some(16), slots: Some(1) }), (None, Shape::default())] {
-        let _ = crate::checkpoint::read_shard_from(data, data.len() as u64, path, key(), place, shape);
+        let _ = crate::store::checkpoint::read_shard_from(data, data.len() as u64, path, key(), place, shape);
     }
 }
 
 /// A step's manifest, with and without the key.
 pub fn manifest(data: &[u8]) {
     let dir = Path::new("/nonexistent/step-000000000003");
-    let _ = crate::checkpoint::parse_manifest(data, dir, Some(key()));
-    let _ = crate::checkpoint::parse_manifest(data, dir, None);
+    let _ = crate::store::checkpoint::parse_manifest(data, dir, Some(key()));
+    let _ = crate::store::checkpoint::parse_manifest(data, dir, None);
 }
 
 /// A model signature (Sigstore bundle), checked against a fixed key.
 pub fn signature(data: &[u8]) {
     static KEY: OnceLock<p256::ecdsa::VerifyingKey> = OnceLock::new();
     let key = KEY.get_or_init(|| *fuzz_signing_key().verifying_key());
-    let _ = crate::signing::check_bundle(data, key);
+    let _ = crate::store::signing::check_bundle(data, key);
 }
 
 /// The fixed signing key the seed corpus's signatures were made with.

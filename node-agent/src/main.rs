@@ -1,14 +1,14 @@
 //! `warden-agent`: one process of a warden job. Started by the launcher
 //! (locally or over SSH) with the job bundle on stdin; see
-//! `warden_agent::control` for the protocol.
+//! `warden_agent::net::control` for the protocol.
 
 use std::io::BufRead;
 use std::process::ExitCode;
 
 use clap::Parser;
 use warden_agent::agent;
-use warden_agent::control::{Control, Event};
-use warden_agent::roles::RoleError;
+use warden_agent::net::control::{Control, Event};
+use warden_agent::train::roles::RoleError;
 
 #[derive(Parser)]
 #[command(
@@ -103,7 +103,7 @@ enum HostCmd {
 enum HostCmdError {
     /// `--job` is not a job id.
     #[error(transparent)]
-    Job(#[from] warden_agent::identity::IdentityError),
+    Job(#[from] warden_agent::net::identity::IdentityError),
     /// The ruleset on stdin could not be read.
     #[error("reading the ruleset: {0}")]
     Ruleset(#[source] std::io::Error),
@@ -126,7 +126,7 @@ enum HostCmdError {
 fn host(cmd: HostCmd) -> ExitCode {
     use std::io::Read;
     use warden_agent::host;
-    use warden_agent::identity::JobId;
+    use warden_agent::net::identity::JobId;
     let result: Result<(), HostCmdError> = (|| match cmd {
         HostCmd::Setup { job, host: name, first_uid, last_uid } => {
             let id = JobId::try_from(job)?;
@@ -145,7 +145,7 @@ fn host(cmd: HostCmd) -> ExitCode {
             Ok(())
         }
         HostCmd::Fetch { dir, uid, max_bytes } => {
-            if let Some(uid) = uid.filter(|_| warden_agent::harden::started_as_root()) {
+            if let Some(uid) = uid.filter(|_| warden_agent::host::harden::started_as_root()) {
                 host::become_uid(uid)?;
             }
             let mut out = std::io::stdout().lock();
@@ -163,7 +163,7 @@ fn host(cmd: HostCmd) -> ExitCode {
 
 /// `warden-agent stop-group`: only ever a warden agent's group.
 fn stop_group(pgid: u32, start: u64, grace_ms: u64, uid: Option<u32>) -> ExitCode {
-    use warden_agent::reap;
+    use warden_agent::host::reap;
     // A living leader must be an agent (its binary is warden-agent[-HASH]);
     // with the job's uid, only that uid's processes can be reached anyway.
     if let (None, Ok(exe)) = (uid, std::fs::read_link(format!("/proc/{pgid}/exe")))
@@ -202,7 +202,7 @@ enum FirewallCmd {
 
 fn firewall(cmd: FirewallCmd) -> ExitCode {
     use std::io::Read;
-    use warden_agent::firewall;
+    use warden_agent::host::firewall;
     let result = match cmd {
         FirewallCmd::Install { table } => {
             let mut rules = String::new();
@@ -245,11 +245,11 @@ fn main() -> ExitCode {
         .init();
     let events = agent::stdout_sink();
     // Its own process group first, so that whatever it starts can be ended with it.
-    match warden_agent::reap::lead_own_group() {
+    match warden_agent::host::reap::lead_own_group() {
         Ok((pid, start)) => events(Event::Process { pid, start }),
         Err(e) => tracing::warn!("cannot lead a process group ({e}); the launcher can only close its channel"),
     }
-    let mut stdin = warden_agent::control::ClearingReader::new(std::io::stdin());
+    let mut stdin = warden_agent::net::control::ClearingReader::new(std::io::stdin());
     let prepared = match agent::prepare(&mut stdin, events.clone()) {
         Ok(p) => p,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! Security randomness: only ever from the operating system's CSPRNG.
 //!
 //! Keys, job ids and nonces come from here. The training RNG (seeded, and
-//! recorded for reproducibility) lives in [`crate::train_rng`] and must never
+//! recorded for reproducibility) lives in [`crate::train::train_rng`] and must never
 //! be used for anything secret; clippy's `disallowed-methods` keeps ad-hoc
 //! generators such as `rand::rng()` out of the tree.
 

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use warden_agent::control::Event;
-use warden_agent::identity::Role;
-use warden_agent::plan::Plan;
-use warden_agent::roles::RoleCtx;
-use warden_agent::spec::JobSpec;
-use warden_agent::wire::Message;
+use warden_agent::job::plan::Plan;
+use warden_agent::job::spec::JobSpec;
+use warden_agent::net::control::Event;
+use warden_agent::net::identity::Role;
+use warden_agent::net::wire::Message;
+use warden_agent::train::roles::RoleCtx;
 
 use crate::{JobFile, TestPki};
 
@@ -55,7 +55,7 @@ pub struct RoleCluster {
     pub server_addr: SocketAddr,
     pub events: Arc<Mutex<Vec<Event>>>,
     /// The legitimate worker's scheduler connection (kept open).
-    pub worker_sched: warden_agent::conn::ClientConn,
+    pub worker_sched: warden_agent::net::conn::ClientConn,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -86,7 +86,7 @@ impl RoleCluster {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = {
             let events = events.clone();
-            Arc::new(move |e: Event| events.lock().unwrap().push(e)) as warden_agent::roles::EventSink
+            Arc::new(move |e: Event| events.lock().unwrap().push(e)) as warden_agent::train::roles::EventSink
         };
         let ctx = |role, rank| RoleCtx {
             spec: spec.clone(),
@@ -97,7 +97,7 @@ impl RoleCluster {
             workdir: std::env::temp_dir(),
             checkpoint: None,
             resume: false,
-            initial: warden_agent::roles::initial_weights(&spec, role, false).unwrap(),
+            initial: warden_agent::train::roles::initial_weights(&spec, role, false).unwrap(),
             finish: Default::default(),
         };
         let mut tasks = Vec::new();
@@ -106,9 +106,9 @@ impl RoleCluster {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             tasks.push(tokio::spawn(async move {
                 let r = if is_sched {
-                    warden_agent::roles::scheduler::run(c, l).await
+                    warden_agent::train::roles::scheduler::run(c, l).await
                 } else {
-                    warden_agent::roles::server::run(c, l).await
+                    warden_agent::train::roles::server::run(c, l).await
                 };
                 if let Err(e) = r {
                     eprintln!("role ended: {e}");
@@ -116,7 +116,7 @@ impl RoleCluster {
             }));
         }
         let worker = pki.issue(Role::Worker, 0);
-        let mut worker_sched = warden_agent::conn::connect(
+        let mut worker_sched = warden_agent::net::conn::connect(
             &worker,
             pki.id(Role::Scheduler, 0),
             plan.scheduler().socket().unwrap(),
@@ -134,18 +134,18 @@ impl RoleCluster {
     /// Connects to the server as the legitimate worker 0. A server holds
     /// one connection per identity, so this waits (up to 10 s) until it has
     /// seen the end of worker 0's previous connection.
-    pub async fn worker_conn(&self) -> warden_agent::conn::ClientConn {
+    pub async fn worker_conn(&self) -> warden_agent::net::conn::ClientConn {
         self.worker_conn_as(0).await
     }
 
     /// [`RoleCluster::worker_conn`] with a worker certificate of `rank`
     /// (the plan has only worker 0, but the handshake checks job and role).
-    pub async fn worker_conn_as(&self, rank: u32) -> warden_agent::conn::ClientConn {
+    pub async fn worker_conn_as(&self, rank: u32) -> warden_agent::net::conn::ClientConn {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             match self.try_conn(Role::Worker, rank, Role::Server).await {
                 Ok(conn) => return conn,
-                Err(warden_agent::conn::ConnError::Refused { message, .. })
+                Err(warden_agent::net::conn::ConnError::Refused { message, .. })
                     if message.contains("already connected") && Instant::now() < until =>
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await
@@ -161,9 +161,9 @@ impl RoleCluster {
         role: Role,
         rank: u32,
         to: Role,
-    ) -> Result<warden_agent::conn::ClientConn, warden_agent::conn::ConnError> {
+    ) -> Result<warden_agent::net::conn::ClientConn, warden_agent::net::conn::ConnError> {
         let addr = if to == Role::Server { self.server_addr } else { self.plan.scheduler().socket().unwrap() };
-        warden_agent::conn::connect(
+        warden_agent::net::conn::connect(
             &self.pki.issue(role, rank),
             self.pki.id(to, 0),
             addr,
@@ -186,7 +186,7 @@ impl Drop for RoleCluster {
 /// push a gradient of ones, pull the update, and check it is exactly SGD
 /// with the test job's lr 0.5 (so nothing else changed the parameters or
 /// the optimizer).
-pub async fn honest_sgd_step(w: &mut warden_agent::conn::ClientConn, step: u64) {
+pub async fn honest_sgd_step(w: &mut warden_agent::net::conn::ClientConn, step: u64) {
     w.send(&Message::Pull { min_version: step }).await.unwrap();
     let Message::Params { version, data: before } = w.recv().await.unwrap() else { panic!("no params") };
     assert_eq!(version, step);

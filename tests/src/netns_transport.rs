@@ -14,7 +14,7 @@ use warden::transport::{
     run_agent,
 };
 use warden_agent::host::Setup;
-use warden_agent::plan::{HostPlan, PlannedProcess};
+use warden_agent::job::plan::{HostPlan, PlannedProcess};
 
 /// Hosts (by name in the job file) -> namespace.
 #[derive(Debug)]

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use warden_agent::identity::{Identity, JobId, Role};
-use warden_agent::pki::{JobCa, NodeKey};
-use warden_agent::tls::TlsIdentity;
+use warden_agent::net::identity::{Identity, JobId, Role};
+use warden_agent::net::pki::{JobCa, NodeKey};
+use warden_agent::net::tls::TlsIdentity;
 
 /// A fresh job CA plus helpers to issue certificates.
 pub struct TestPki {

@@ -177,7 +177,7 @@ pub fn alive(pid: u32) -> bool {
 
 /// A fresh random tag for [`Procs::tagged`] (and [`crate::spawn_launch`]).
 pub fn fresh_tag() -> String {
-    warden_agent::identity::JobId::generate().to_string()
+    warden_agent::net::identity::JobId::generate().to_string()
 }
 
 /// Waits up to 15 s until no process carries `tag`, and fails the test

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use warden_agent::checkpoint::{
+use warden_agent::net::identity::JobId;
+use warden_agent::store::checkpoint::{
     self as ck, CheckpointError, CheckpointKey, CheckpointSecret, Manifest, Placement, Shape, ShardState,
 };
-use warden_agent::identity::JobId;
 use warden_tests::{JobFile, bin, fresh_tag, scratch, wait_gone};
 
 fn state(len: usize, slots: usize) -> ShardState {

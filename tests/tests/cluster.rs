@@ -21,7 +21,7 @@ fn require_cluster_tools() -> bool {
             .is_ok_and(|o| o.status.success())
     };
     let missing: Vec<&str> = ["ip", "nft"].into_iter().filter(|c| !have(c)).collect();
-    let root = warden_agent::harden::started_as_root();
+    let root = warden_agent::host::harden::started_as_root();
     if root && missing.is_empty() {
         return true;
     }

@@ -89,9 +89,9 @@ fn a_flood_of_garbage_connections_does_not_stop_training() {
 /// the parameters or the optimizer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_role_certificates_and_messages_are_refused_while_training_goes_on() {
-    use warden_agent::identity::Role;
-    use warden_agent::optimizer::OptimizerSpec;
-    use warden_agent::wire::Message;
+    use warden_agent::net::identity::Role;
+    use warden_agent::net::wire::Message;
+    use warden_agent::train::optimizer::OptimizerSpec;
 
     // Caps raised: this test is about what insiders send, not how many come.
     let caps = "max_connections = 1024\nmax_connections_per_source = 1024";
@@ -105,7 +105,7 @@ async fn wrong_role_certificates_and_messages_are_refused_while_training_goes_on
                 0 => {
                     let role = if i % 2 == 0 { Role::Server } else { Role::Scheduler };
                     let me = cluster.pki.issue(role, 0);
-                    let r = warden_agent::conn::connect(
+                    let r = warden_agent::net::conn::connect(
                         &me,
                         cluster.pki.id(Role::Server, 0),
                         cluster.server_addr,
@@ -129,7 +129,7 @@ async fn wrong_role_certificates_and_messages_are_refused_while_training_goes_on
                     w.send(&m).await.unwrap();
                     let got = w.recv().await;
                     assert!(
-                        matches!(got, Err(warden_agent::conn::ConnError::Refused { .. })),
+                        matches!(got, Err(warden_agent::net::conn::ConnError::Refused { .. })),
                         "`{}` from a worker was not refused: {got:?}",
                         m.name()
                     );

@@ -155,9 +155,9 @@ fn a_bounded_mutation_run_of_every_target_finds_nothing() {
 #[test]
 #[ignore = "regenerates fuzz/corpus; run by hand"]
 fn write_seed_corpus() {
-    use warden_agent::checkpoint::{self as ck, CheckpointKey, Manifest, ShardRecord, ShardState};
-    use warden_agent::optimizer::OptimizerSpec;
-    use warden_agent::wire::{Encoding, Message, ShardDigest, encode_push};
+    use warden_agent::net::wire::{Encoding, Message, ShardDigest, encode_push};
+    use warden_agent::store::checkpoint::{self as ck, CheckpointKey, Manifest, ShardRecord, ShardState};
+    use warden_agent::train::optimizer::OptimizerSpec;
 
     let root = repo_root().join("fuzz/corpus");
     let put = |target: &str, name: &str, data: &[u8]| {
@@ -264,10 +264,10 @@ fn write_seed_corpus() {
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
     std::fs::write(model.join("config.json"), b"{}").unwrap();
-    let sig = warden_agent::signing::sign_model(&model, &warden_agent::fuzz::fuzz_signing_key(), None).unwrap();
+    let sig = warden_agent::store::signing::sign_model(&model, &warden_agent::fuzz::fuzz_signing_key(), None).unwrap();
     let text = std::fs::read(&sig).unwrap();
     let key = *warden_agent::fuzz::fuzz_signing_key().verifying_key();
-    assert_eq!(warden_agent::signing::check_bundle(&text, &key).unwrap().len(), 2);
+    assert_eq!(warden_agent::store::signing::check_bundle(&text, &key).unwrap().len(), 2);
     put("signature", "seed-valid", &text);
     put("signature", "seed-empty-object", b"{}");
     put("signature", "seed-wrong-type", br#"{"mediaType":"x","verificationMaterial":{},"dsseEnvelope":{}}"#);

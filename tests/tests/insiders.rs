@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use warden_agent::conn::{ClientConn, ConnError};
-use warden_agent::identity::Role;
-use warden_agent::wire::Message;
+use warden_agent::net::conn::{ClientConn, ConnError};
+use warden_agent::net::identity::Role;
+use warden_agent::net::wire::Message;
 use warden_tests::{RoleCluster, bind_at, scratch};
 
 /// The next message other than a heartbeat, within 10 s.
@@ -35,14 +35,14 @@ async fn refusal(c: &mut ClientConn) -> String {
 #[tokio::test]
 async fn signed_initial_weights_cannot_be_replaced_by_a_worker() {
     let dir = scratch("insiders-init");
-    let (private, public) = warden_agent::signing::write_key_pair(&dir.join("keys"), None).unwrap();
-    let model = warden_agent::spec::ModelSpec::mlp(4, Vec::new(), 2);
-    let n = warden_agent::model::num_params(&model);
+    let (private, public) = warden_agent::store::signing::write_key_pair(&dir.join("keys"), None).unwrap();
+    let model = warden_agent::job::spec::ModelSpec::mlp(4, Vec::new(), 2);
+    let n = warden_agent::train::model::num_params(&model);
     let signed: Vec<f32> = (0..n).map(|i| i as f32 * 0.25).collect();
     let weights = dir.join("weights");
-    warden_agent::artifact::write_model(&weights, &model, &signed, 1).unwrap();
-    let key = warden_agent::signing::load_private_key(&private, None).unwrap();
-    warden_agent::signing::sign_model(&weights, &key, None).unwrap();
+    warden_agent::store::artifact::write_model(&weights, &model, &signed, 1).unwrap();
+    let key = warden_agent::store::signing::load_private_key(&private, None).unwrap();
+    warden_agent::store::signing::sign_model(&weights, &key, None).unwrap();
     let init = format!("classes = 2\ninit = \"{}\"\ntrusted_keys = [\"{}\"]", weights.display(), public.display());
     let cluster = RoleCluster::start_on(bind_at(31700), "", &[("classes = 2", &init)]).await;
 
@@ -86,7 +86,7 @@ async fn worker_0_cannot_keep_ever_more_checkpoints_in_flight() {
     w.send(&Message::Checkpoint { step: 1 }).await.unwrap();
     let why = refusal(w).await;
     assert!(why.contains("step 1 came before it"), "{why}");
-    let bound = warden_agent::roles::scheduler::CHECKPOINTS_IN_FLIGHT as u64;
+    let bound = warden_agent::train::roles::scheduler::CHECKPOINTS_IN_FLIGHT as u64;
     for step in 2..=bound + 1 {
         w.send(&Message::Checkpoint { step }).await.unwrap();
     }

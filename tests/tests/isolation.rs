@@ -178,7 +178,7 @@ wait("daemon.json")
     let daemon = json(&std::fs::read_to_string(x.join("daemon.json")).unwrap());
     let (pid, uid) = (daemon["pid"].as_u64().unwrap() as u32, daemon["uid"].as_u64().unwrap() as u32);
     assert!(!alive(pid), "the daemonised program {pid} outlived its job");
-    let left: Vec<u32> = warden_agent::jobuid::processes_of(uid);
+    let left: Vec<u32> = warden_agent::host::jobuid::processes_of(uid);
     assert!(left.is_empty(), "processes of the job's uid {uid} outlived it: {left:?}");
     wait_gone(&tag);
 }
@@ -430,18 +430,20 @@ fn stop_group_with_the_jobs_uid_signals_only_that_uids_processes() {
         .unwrap();
     let pgid = leader.id();
     let until = Instant::now() + Duration::from_secs(10);
-    while warden_agent::jobuid::processes_of(job).is_empty() || warden_agent::jobuid::processes_of(other).is_empty() {
+    while warden_agent::host::jobuid::processes_of(job).is_empty()
+        || warden_agent::host::jobuid::processes_of(other).is_empty()
+    {
         assert!(Instant::now() < until, "the sleepers never started");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let start = warden_agent::reap::start_ticks(pgid).unwrap();
+    let start = warden_agent::host::reap::start_ticks(pgid).unwrap();
     let out = Command::new(bin("warden-agent"))
         .args(["stop-group", &pgid.to_string(), &start.to_string(), "--grace-ms", "500", "--uid", &job.to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(warden_agent::jobuid::processes_of(job).is_empty(), "the job's process survived");
-    let others = warden_agent::jobuid::processes_of(other);
+    assert!(warden_agent::host::jobuid::processes_of(job).is_empty(), "the job's process survived");
+    let others = warden_agent::host::jobuid::processes_of(other);
     assert_eq!(others.len(), 1, "another uid's process in the group was signalled");
     assert!(alive(pgid), "the root-owned leader was signalled");
     // Clean up as root.
@@ -479,29 +481,29 @@ wait("never", 600)
     launcher.wait().unwrap();
     wait_gone(&tag);
     assert!(alive(pid), "the daemon outlives a killed launcher until the job is cleaned up");
-    let lease = Path::new(warden_agent::jobuid::LEASE_DIR).join(uid.to_string());
+    let lease = Path::new(warden_agent::host::jobuid::LEASE_DIR).join(uid.to_string());
     assert!(lease.exists(), "the uid stays leased while its processes run");
     let out = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!alive(pid), "warden stop left the daemon {pid} running");
     assert!(!lease.exists(), "warden stop left the lease of uid {uid}");
     let table = warden_tests::job_table(&run);
-    assert!(!warden_agent::firewall::list().unwrap().contains(&table), "warden stop left {table}");
+    assert!(!warden_agent::host::firewall::list().unwrap().contains(&table), "warden stop left {table}");
 }
 
 /// `warden firewall clean` releases the leases of jobs that left nothing
 /// behind (no table, no process), and only those ([`release_stale`]).
 ///
-/// [`release_stale`]: warden_agent::jobuid::release_stale
+/// [`release_stale`]: warden_agent::host::jobuid::release_stale
 #[test]
 fn firewall_clean_releases_the_uids_of_ended_jobs_only() {
     need_root();
-    let dir = std::path::Path::new(warden_agent::jobuid::LEASE_DIR);
+    let dir = std::path::Path::new(warden_agent::host::jobuid::LEASE_DIR);
     std::fs::create_dir_all(dir).unwrap();
     // Uids outside the default range, so no live job can hold them.
     let stale = dir.join("2000080001");
     let busy = dir.join("2000080002");
-    let job = warden_agent::identity::JobId::generate();
+    let job = warden_agent::net::identity::JobId::generate();
     std::fs::write(&stale, format!("job={job}\nhost=localhost\n")).unwrap();
     std::fs::write(&busy, format!("job={job}\nhost=localhost\n")).unwrap();
     let mut sleeper = Command::new("setpriv")
@@ -509,14 +511,14 @@ fn firewall_clean_releases_the_uids_of_ended_jobs_only() {
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(10);
-    while warden_agent::jobuid::processes_of(2_000_080_002).is_empty() {
+    while warden_agent::host::jobuid::processes_of(2_000_080_002).is_empty() {
         assert!(Instant::now() < until, "the sleeper never started");
         std::thread::sleep(Duration::from_millis(10));
     }
     // In-process: `warden firewall clean` would also remove the tables of
     // the other tests' live jobs.
-    let live = warden_agent::firewall::list().unwrap();
-    let released = warden_agent::jobuid::release_stale(&live);
+    let live = warden_agent::host::firewall::list().unwrap();
+    let released = warden_agent::host::jobuid::release_stale(&live);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     let released = released.unwrap();

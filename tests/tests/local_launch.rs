@@ -199,8 +199,8 @@ fn agents_stop_when_the_launcher_dies() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("ended without a summary: the launcher died"));
     let stop = Command::new(bin("warden")).arg("stop").arg(&run).output().unwrap();
     assert_eq!(stop.status.code(), Some(0), "{}", String::from_utf8_lossy(&stop.stderr));
-    if warden_agent::harden::started_as_root() {
-        assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)));
+    if warden_agent::host::harden::started_as_root() {
+        assert!(!warden_agent::host::firewall::list().unwrap().contains(&job_table(&run)));
     }
 }
 
@@ -332,8 +332,8 @@ fn a_closed_terminal_does_not_stop_the_launcher_before_teardown() {
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(summary.contains("\"status\": \"succeeded\""), "{summary}");
     wait_gone(&tag);
-    if warden_agent::harden::started_as_root() {
-        assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)));
+    if warden_agent::host::harden::started_as_root() {
+        assert!(!warden_agent::host::firewall::list().unwrap().contains(&job_table(&run)));
     }
 }
 
@@ -419,7 +419,7 @@ fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
         let plan: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
         let job_dir = Path::new("/var/lib/warden/jobs").join(plan["job_id"].as_str().unwrap());
-        let root = warden_agent::harden::started_as_root();
+        let root = warden_agent::host::harden::started_as_root();
         if root {
             assert!(job_dir.is_dir(), "{} while the job runs", job_dir.display());
         }
@@ -436,7 +436,7 @@ fn every_stop_signal_tears_the_job_down_and_writes_the_summary() {
         assert!(s["model_step"].as_u64().is_some(), "{signal}: {s}");
         assert!(stderr.contains("stopped: ") && stderr.contains("the model holds the weights after step"), "{stderr}");
         if root {
-            assert!(!warden_agent::firewall::list().unwrap().contains(&job_table(&run)), "{signal}: table left");
+            assert!(!warden_agent::host::firewall::list().unwrap().contains(&job_table(&run)), "{signal}: table left");
             assert!(!job_dir.exists(), "{signal}: {} left", job_dir.display());
         }
     }
@@ -510,9 +510,9 @@ fn a_stopped_jobs_model_holds_the_weights_of_the_step_it_stopped_at() {
         &[job2.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run2.as_os_str(), "--no-progress".as_ref()],
     );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let spec = warden_agent::spec::JobSpec::load(&job2).unwrap().0.model;
-    let stopped = warden_agent::artifact::read_model(&run.join("model"), &spec).unwrap();
-    let finished = warden_agent::artifact::read_model(&run2.join("model"), &spec).unwrap();
+    let spec = warden_agent::job::spec::JobSpec::load(&job2).unwrap().0.model;
+    let stopped = warden_agent::store::artifact::read_model(&run.join("model"), &spec).unwrap();
+    let finished = warden_agent::store::artifact::read_model(&run2.join("model"), &spec).unwrap();
     assert_eq!(stopped.len(), finished.len());
     let differ = stopped.iter().zip(&finished).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} weights differ from a run of {step} steps", stopped.len());

@@ -6,11 +6,11 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use warden_agent::harden::parse_status;
-use warden_tests::{Procs, bin, fresh_tag, job_in, job_table, scratch, start_long_job, wait_gone};
+use warden_agent::host::harden::parse_status;
+use warden_tests::{Procs, bin, fresh_tag, job_in, job_table, repo_root, scratch, start_long_job, wait_gone};
 
 fn require_root() -> bool {
-    if warden_agent::harden::started_as_root() {
+    if warden_agent::host::harden::started_as_root() {
         return true;
     }
     if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
@@ -67,7 +67,7 @@ fn every_training_process_runs_with_nothing() {
     }
     // The job's firewall table admits only the job's peers to its ports.
     let table = job_table(&run);
-    let rules = warden_agent::firewall::show(&table).unwrap();
+    let rules = warden_agent::host::firewall::show(&table).unwrap();
     assert!(rules.contains("tcp dport { 29900, 29901, 29902 } ip saddr 127.0.0.1 accept"), "{rules}");
     assert!(rules.contains("tcp dport { 29900, 29901, 29902 } drop"), "{rules}");
     // And on this host only the job's uid (or root) may connect to them.
@@ -79,7 +79,7 @@ fn every_training_process_runs_with_nothing() {
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(summary.contains("interrupted"), "{summary}");
     wait_gone(&tag);
-    assert!(!warden_agent::firewall::list().unwrap().contains(&table), "{table} left behind");
+    assert!(!warden_agent::host::firewall::list().unwrap().contains(&table), "{table} left behind");
 }
 
 #[test]
@@ -99,7 +99,7 @@ fn a_crashed_jobs_table_is_listed_and_removed_by_command() {
     assert!(String::from_utf8_lossy(&list.stdout).contains(&format!("inet {table}")));
     let clean = Command::new(bin("warden")).args(["firewall", "clean", &table]).output().unwrap();
     assert_eq!(clean.status.code(), Some(0), "{}", String::from_utf8_lossy(&clean.stderr));
-    assert!(!warden_agent::firewall::list().unwrap().contains(&table));
+    assert!(!warden_agent::host::firewall::list().unwrap().contains(&table));
     let bad = Command::new(bin("warden")).args(["firewall", "clean", "filter"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(1), "only warden tables can be removed");
 }
@@ -109,13 +109,28 @@ fn started_without_root_the_job_runs_and_says_so() {
     if !require_root() {
         return;
     }
-    // Run the launcher as `nobody` (65534) in a directory it owns.
+    // Run the launcher as `nobody` (65534) in a directory it owns, with
+    // copies of the binaries and the data there: the checkout may sit where
+    // nobody can enter (a clone in /root).
     let dir = scratch("unprivileged");
+    let data = repo_root().join("data/fashion-mnist-small");
+    let staged = dir.join("data");
+    std::fs::create_dir(&staged).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), staged.join(entry.file_name())).unwrap();
+    }
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    for name in ["warden", "warden-agent"] {
+        std::fs::copy(bin(name), bin_dir.join(name)).unwrap();
+    }
     let job = job_in(&dir, (29930, 29940), &[("epochs = 5", "epochs = 1")]);
-    nix_chown(&dir);
-    nix_chown(&job);
+    let text = std::fs::read_to_string(&job).unwrap().replace(data.to_str().unwrap(), staged.to_str().unwrap());
+    std::fs::write(&job, text).unwrap();
+    assert!(Command::new("chown").args(["-R", "65534:65534", dir.to_str().unwrap()]).status().unwrap().success());
     let run = dir.join("run");
-    let out = Command::new(bin("warden"))
+    let out = Command::new(bin_dir.join("warden"))
         .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
         .uid(65534)
         .gid(65534)
@@ -129,8 +144,4 @@ fn started_without_root_the_job_runs_and_says_so() {
     let copies = stderr.matches("warden-agent is not running as root").count();
     assert_eq!(copies, 1, "the agents' copies reached the terminal: {stderr}");
     assert!(stderr.contains("succeeded:"));
-}
-
-fn nix_chown(path: &std::path::Path) {
-    assert!(Command::new("chown").args(["65534:65534", path.to_str().unwrap()]).status().unwrap().success());
 }

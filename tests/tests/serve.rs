@@ -13,7 +13,7 @@ use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, wait_gone};
 
 /// A trained softmax model, signed by `launch` itself; returns (model dir, public key).
 fn trained_signed_model(dir: &Path, ports: (u16, u16)) -> (PathBuf, PathBuf) {
-    let (private, public) = warden_agent::signing::write_key_pair(&dir.join("keys"), None).unwrap();
+    let (private, public) = warden_agent::store::signing::write_key_pair(&dir.join("keys"), None).unwrap();
     let job = job_in(dir, ports, &[("epochs = 5", "epochs = 2")]);
     let mut text = std::fs::read_to_string(&job).unwrap();
     text.push_str(&format!("\n[signing]\nkey = \"{}\"\n", private.display()));
@@ -164,10 +164,10 @@ fn input(v: f32) -> String {
 
 /// The model's own probabilities for `x`, to compare answers against.
 fn probabilities(model: &Path, x: &[f32]) -> Vec<f32> {
-    let spec = warden_agent::artifact::model_spec_of(model).unwrap();
-    let params = warden_agent::artifact::read_model(model, &spec).unwrap();
-    let served = warden_agent::model::Predictor::new(spec, params);
-    served.predict(&mut warden_agent::model::Workspace::default(), x, 1).to_vec()
+    let spec = warden_agent::store::artifact::model_spec_of(model).unwrap();
+    let params = warden_agent::store::artifact::read_model(model, &spec).unwrap();
+    let served = warden_agent::train::model::Predictor::new(spec, params);
+    served.predict(&mut warden_agent::train::model::Workspace::default(), x, 1).to_vec()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use warden_agent::signing::{self, SignError};
+use warden_agent::store::signing::{self, SignError};
 use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, wait_gone};
 
 /// A small model directory: two files at the top, one in a subdirectory.
@@ -375,25 +375,25 @@ fn launch_signs_the_final_model_and_starts_only_from_verified_weights() {
 /// A signed model of a small MLP in `root/model` with the weights of `seed`;
 /// returns the model directory, its shape, the signed weights and the
 /// public key's path.
-fn signed_mlp(root: &Path) -> (PathBuf, warden_agent::spec::ModelSpec, Vec<f32>, PathBuf) {
+fn signed_mlp(root: &Path) -> (PathBuf, warden_agent::job::spec::ModelSpec, Vec<f32>, PathBuf) {
     let (private, public) = keys(root);
-    let spec = warden_agent::spec::ModelSpec::mlp(6, vec![4], 3);
-    let weights = warden_agent::model::init(&spec, 1);
+    let spec = warden_agent::job::spec::ModelSpec::mlp(6, vec![4], 3);
+    let weights = warden_agent::train::model::init(&spec, 1);
     let dir = root.join("model");
-    warden_agent::artifact::write_model(&dir, &spec, &weights, 1).unwrap();
+    warden_agent::store::artifact::write_model(&dir, &spec, &weights, 1).unwrap();
     signing::sign_model(&dir, &signing::load_private_key(&private, None).unwrap(), None).unwrap();
     (dir, spec, weights, public)
 }
 
 #[test]
 fn the_bytes_that_verified_are_the_bytes_that_load_after_the_file_is_replaced() {
-    use warden_agent::artifact::{self, MODEL_FILE};
+    use warden_agent::store::artifact::{self, MODEL_FILE};
     let root = scratch("sign-swap");
     let (dir, spec, signed, public) = signed_mlp(&root);
     let key = signing::load_public_key(&public).unwrap();
     let v = signing::verify_model_file(&dir, &key, None, MODEL_FILE, 1 << 20).unwrap();
     // Replaced after the check with other, well-formed weights.
-    let other = warden_agent::model::init(&spec, 2);
+    let other = warden_agent::train::model::init(&spec, 2);
     artifact::write_model(&dir, &spec, &other, 2).unwrap();
     assert!(matches!(verify(&dir, &public), Err(SignError::Modified(_))), "the file on disk did change");
     assert_eq!(artifact::read_model(&dir, &spec).unwrap(), other);
@@ -410,11 +410,17 @@ fn initial_weights_swapped_while_they_load_never_load_unverified() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let root = scratch("sign-race");
     let (dir, spec, signed, public) = signed_mlp(&root);
-    let target = dir.join(warden_agent::artifact::MODEL_FILE);
+    let target = dir.join(warden_agent::store::artifact::MODEL_FILE);
     let (a, b) = (root.join("a.safetensors"), root.join("b.safetensors"));
     std::fs::copy(&target, &a).unwrap();
-    warden_agent::artifact::write_model(&root.join("other"), &spec, &warden_agent::model::init(&spec, 2), 2).unwrap();
-    std::fs::rename(root.join("other").join(warden_agent::artifact::MODEL_FILE), &b).unwrap();
+    warden_agent::store::artifact::write_model(
+        &root.join("other"),
+        &spec,
+        &warden_agent::train::model::init(&spec, 2),
+        2,
+    )
+    .unwrap();
+    std::fs::rename(root.join("other").join(warden_agent::store::artifact::MODEL_FILE), &b).unwrap();
     // The file flips between the signed and other weights, each time
     // replaced whole (a rename), for as long as the loads go on.
     let stop = AtomicBool::new(false);
@@ -439,7 +445,7 @@ fn initial_weights_swapped_while_they_load_never_load_unverified() {
         });
         let (mut loaded, mut refused) = (0, 0);
         while loaded < 50 && loaded + refused < 50_000 {
-            match warden_agent::artifact::load_verified(&dir, std::slice::from_ref(&public), &spec) {
+            match warden_agent::store::artifact::load_verified(&dir, std::slice::from_ref(&public), &spec) {
                 Ok(weights) => {
                     assert!(weights == signed, "weights that never verified were loaded after {loaded} good loads");
                     loaded += 1;

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use warden_agent::data::Dataset;
-use warden_agent::model::{Batch, Workspace, init, layout};
-use warden_agent::optimizer::{OptimizerSpec, ShardOptimizer};
-use warden_agent::roles::worker::{epoch_order, steps_per_epoch};
-use warden_agent::spec::JobSpec;
-use warden_agent::train_rng::TrainRng;
+use warden_agent::job::spec::JobSpec;
+use warden_agent::train::data::Dataset;
+use warden_agent::train::model::{Batch, Workspace, init, layout};
+use warden_agent::train::optimizer::{OptimizerSpec, ShardOptimizer};
+use warden_agent::train::roles::worker::{epoch_order, steps_per_epoch};
+use warden_agent::train::train_rng::TrainRng;
 use warden_tests::{bin, repo_root, scratch};
 
 fn write_idx(dir: &Path, ds: &Dataset, name: &str) -> (PathBuf, PathBuf) {
@@ -58,7 +58,7 @@ fn sync_with_four_workers_equals_one_process_on_four_times_the_batch() {
     let dir = scratch("equiv");
     // 320 training samples: 80 per worker, 5 steps of batch 16 per epoch.
     let shipped = repo_root().join("data/fashion-mnist-small");
-    let full = warden_agent::data::load_idx(
+    let full = warden_agent::train::data::load_idx(
         &shipped.join("train-images-idx3-ubyte.gz"),
         &shipped.join("train-labels-idx1-ubyte.gz"),
         784,
@@ -114,7 +114,7 @@ mode = "sync"
     // The same computation in one process: every step, the four workers'
     // batches (as each worker chose them) form one batch of 64.
     let (spec, _) = JobSpec::load(&job).unwrap();
-    let (train, _) = warden_agent::data::load(spec.data.as_ref().unwrap(), &spec.model, 11, false).unwrap();
+    let (train, _) = warden_agent::train::data::load(spec.data.as_ref().unwrap(), &spec.model, 11, false).unwrap();
     let workers = 4;
     let b = 16;
     let steps = steps_per_epoch(train.len(), workers, b).unwrap();

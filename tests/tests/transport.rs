@@ -12,9 +12,9 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use warden_agent::identity::Role;
-use warden_agent::optimizer::{OptimizerKind, OptimizerSpec};
-use warden_agent::wire::Message;
+use warden_agent::net::identity::Role;
+use warden_agent::net::wire::Message;
+use warden_agent::train::optimizer::{OptimizerKind, OptimizerSpec};
 use warden_tests::{RoleCluster, TestPki};
 
 fn roots(ca_pem: &str) -> RootCertStore {
@@ -30,7 +30,7 @@ fn rogue(
     cert: Option<(String, Vec<u8>)>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> TlsConnector {
-    let b = ClientConfig::builder_with_provider(warden_agent::tls::provider())
+    let b = ClientConfig::builder_with_provider(warden_agent::net::tls::provider())
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots(ca_pem));
@@ -48,7 +48,7 @@ fn rogue(
 
 fn cert_for(pki: &TestPki, role: Role, rank: u32) -> (String, Vec<u8>) {
     let me = pki.id(role, rank);
-    let key = warden_agent::pki::NodeKey::generate().unwrap();
+    let key = warden_agent::net::pki::NodeKey::generate().unwrap();
     let cert = pki.ca.sign_csr(&key.csr_pem(&me).unwrap(), &me, Some("127.0.0.1".parse().unwrap())).unwrap();
     (cert, key.pkcs8_der().to_vec())
 }
@@ -64,7 +64,7 @@ async fn try_peer(cluster: &RoleCluster, connector: TlsConnector) -> Result<Mess
         .map_err(|e| format!("handshake: {e}"))?;
     // TLS 1.3: a refused client learns it on its first read.
     let mut buf = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(5), warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf))
+    match tokio::time::timeout(Duration::from_secs(5), warden_agent::net::conn::read_frame(&mut tls, 1 << 20, &mut buf))
         .await
     {
         Err(_) => Err("read hung".into()),
@@ -141,7 +141,7 @@ async fn a_worker_may_not_send_what_only_the_scheduler_may() {
     let evil = OptimizerSpec { kind: OptimizerKind::Sgd, ..OptimizerSpec::sgd(10.0) };
     w.send(&Message::SetOptimizer(evil)).await.unwrap();
     match w.recv().await {
-        Err(warden_agent::conn::ConnError::Refused { message, .. }) => {
+        Err(warden_agent::net::conn::ConnError::Refused { message, .. }) => {
             assert_eq!(message, "a worker may not send `set_optimizer`")
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -151,7 +151,7 @@ async fn a_worker_may_not_send_what_only_the_scheduler_may() {
     w.send(&Message::Pull { min_version: 0 }).await.unwrap();
     assert!(matches!(w.recv().await.unwrap(), Message::Params { .. }));
     w.send(&Message::Shutdown).await.unwrap();
-    assert!(matches!(w.recv().await, Err(warden_agent::conn::ConnError::Refused { .. })));
+    assert!(matches!(w.recv().await, Err(warden_agent::net::conn::ConnError::Refused { .. })));
 
     assert_serves_with_original_optimizer(&cluster, 0).await;
 }
@@ -159,12 +159,12 @@ async fn a_worker_may_not_send_what_only_the_scheduler_may() {
 /// A raw TLS stream with a legitimate worker certificate, past the welcome.
 async fn raw_worker(cluster: &RoleCluster) -> tokio_rustls::client::TlsStream<TcpStream> {
     let me = cluster.pki.issue(Role::Worker, 0);
-    let config = warden_agent::tls::client_config(&me, cluster.pki.id(Role::Server, 0)).unwrap();
+    let config = warden_agent::net::tls::client_config(&me, cluster.pki.id(Role::Server, 0)).unwrap();
     let tcp = TcpStream::connect(cluster.server_addr).await.unwrap();
     let mut tls =
         TlsConnector::from(config).connect(ServerName::IpAddress(cluster.server_addr.ip().into()), tcp).await.unwrap();
     let mut buf = Vec::new();
-    assert!(warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
+    assert!(warden_agent::net::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
     assert_eq!(Message::decode(&buf).unwrap(), Message::Welcome);
     tls
 }
@@ -172,7 +172,7 @@ async fn raw_worker(cluster: &RoleCluster) -> tokio_rustls::client::TlsStream<Tc
 /// Reads the server's last words: an error frame, then the end of the stream.
 async fn refusal(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
     let mut buf = Vec::new();
-    let got = tokio::time::timeout(Duration::from_secs(5), warden_agent::conn::read_frame(tls, 1 << 20, &mut buf))
+    let got = tokio::time::timeout(Duration::from_secs(5), warden_agent::net::conn::read_frame(tls, 1 << 20, &mut buf))
         .await
         .expect("the server answers promptly")
         .expect("a readable frame");
@@ -266,10 +266,15 @@ async fn captured_bytes_of_a_push_do_not_contain_the_gradient() {
     });
     let me = cluster.pki.issue(Role::Worker, 0);
     // The relay is at another port of 127.0.0.1, and the certificate names the IP, so TLS still verifies.
-    let mut w =
-        warden_agent::conn::connect(&me, cluster.pki.id(Role::Server, 0), relay_addr, 1 << 20, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let mut w = warden_agent::net::conn::connect(
+        &me,
+        cluster.pki.id(Role::Server, 0),
+        relay_addr,
+        1 << 20,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let len = cluster.plan.shard(0).len();
     let pattern: Vec<f32> = (0..len).map(|i| 1234.5678 + i as f32).collect();
     w.send(&Message::Push { step: 0, data: pattern.clone() }).await.unwrap();
@@ -285,19 +290,19 @@ async fn captured_bytes_of_a_push_do_not_contain_the_gradient() {
 /// its first message (so the first-message deadline no longer applies).
 async fn raw_worker_small_buffer(cluster: &RoleCluster) -> tokio_rustls::client::TlsStream<TcpStream> {
     let me = cluster.pki.issue(Role::Worker, 0);
-    let config = warden_agent::tls::client_config(&me, cluster.pki.id(Role::Server, 0)).unwrap();
+    let config = warden_agent::net::tls::client_config(&me, cluster.pki.id(Role::Server, 0)).unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let tcp = socket.connect(cluster.server_addr).await.unwrap();
     let mut tls =
         TlsConnector::from(config).connect(ServerName::IpAddress(cluster.server_addr.ip().into()), tcp).await.unwrap();
     let mut buf = Vec::new();
-    assert!(warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
+    assert!(warden_agent::net::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
     assert_eq!(Message::decode(&buf).unwrap(), Message::Welcome);
     let mut frame = Vec::new();
     Message::Pull { min_version: 0 }.encode_frame(&mut frame);
     tls.write_all(&frame).await.unwrap();
-    assert!(warden_agent::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
+    assert!(warden_agent::net::conn::read_frame(&mut tls, 1 << 20, &mut buf).await.unwrap());
     assert!(matches!(Message::decode(&buf).unwrap(), Message::Params { .. }));
     tls
 }
@@ -349,8 +354,8 @@ async fn a_peer_that_stops_reading_is_dropped_after_the_stall_timeout() {
     assert_serves_with_original_optimizer(&cluster, 0).await;
 }
 
-fn limits(max_connections: usize, max_per_source: usize) -> warden_agent::conn::ConnLimits {
-    warden_agent::conn::ConnLimits {
+fn limits(max_connections: usize, max_per_source: usize) -> warden_agent::net::conn::ConnLimits {
+    warden_agent::net::conn::ConnLimits {
         max_frame: 1 << 20,
         first_message: Duration::from_secs(10),
         max_connections,
@@ -364,7 +369,7 @@ fn limits(max_connections: usize, max_per_source: usize) -> warden_agent::conn::
 /// instead of failing the job at start-up.
 #[tokio::test]
 async fn a_client_tries_again_after_a_full_cap_cut_its_handshake_short() {
-    use warden_agent::conn::{Acceptor, connect};
+    use warden_agent::net::conn::{Acceptor, connect};
     let pki = TestPki::new();
     let acceptor = Acceptor::new(&pki.issue(Role::Server, 0), &[Role::Worker], limits(8, 8)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -389,7 +394,7 @@ async fn a_client_tries_again_after_a_full_cap_cut_its_handshake_short() {
 /// listener's caps: the job's own peers never crowd each other out.
 #[tokio::test]
 async fn authenticated_connections_do_not_count_against_the_caps() {
-    use warden_agent::conn::{Acceptor, connect};
+    use warden_agent::net::conn::{Acceptor, connect};
     let pki = TestPki::new();
     let acceptor = Acceptor::new(&pki.issue(Role::Server, 0), &[Role::Worker], limits(2, 2)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use warden_agent::spec::JobSpec;
+use warden_agent::job::spec::JobSpec;
 use warden_tests::{bin, repo_root};
 
 const BASE: &str = r#"[job]

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape, ShardState};
+use warden_agent::store::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape, ShardState};
 
 use crate::cli::EXIT_OK;
 use crate::error::{CliError, Context};
@@ -151,14 +151,14 @@ pub struct WorkerArgs {
 /// Forward, backward and a local SGD step of the MLP on the shipped data,
 /// single-threaded: the compute a worker does per step, without the network.
 pub fn exec_worker(a: &WorkerArgs) -> Result<u8, CliError> {
-    use warden_agent::model::{Batch, Workspace, init, num_params};
-    use warden_agent::spec::{ModelKind, ModelSpec};
+    use warden_agent::job::spec::{ModelKind, ModelSpec};
+    use warden_agent::train::model::{Batch, Workspace, init, num_params};
     if a.batch == 0 || a.steps == 0 || a.hidden.is_empty() || a.hidden.contains(&0) {
         return Err(CliError::usage("--batch, --steps and every hidden width must be at least 1"));
     }
     // Shipped data when run from the repository, else synthetic pixels.
     let shipped = PathBuf::from("data/fashion-mnist-small");
-    let (x, y) = match warden_agent::data::load_idx(
+    let (x, y) = match warden_agent::train::data::load_idx(
         &shipped.join("train-images-idx3-ubyte.gz"),
         &shipped.join("train-labels-idx1-ubyte.gz"),
         784,
@@ -181,15 +181,17 @@ pub fn exec_worker(a: &WorkerArgs) -> Result<u8, CliError> {
     };
     let mut params = init(&m, 1);
     let mut grad = vec![0.0; num_params(&m)];
-    let mut opt =
-        warden_agent::optimizer::ShardOptimizer::new(warden_agent::optimizer::OptimizerSpec::sgd(0.01), grad.len());
+    let mut opt = warden_agent::train::optimizer::ShardOptimizer::new(
+        warden_agent::train::optimizer::OptimizerSpec::sgd(0.01),
+        grad.len(),
+    );
     let mut ws = Workspace::default();
     let n = y.len();
     let b = a.batch.min(n);
     let mut step = |i: usize| {
         let start = (i * b) % (n - b + 1);
         let batch = Batch { x: &x[start * 784..(start + b) * 784], y: &y[start..start + b] };
-        ws.loss_and_grad::<warden_agent::train_rng::TrainRng>(&m, &params, &batch, &mut grad, None);
+        ws.loss_and_grad::<warden_agent::train::train_rng::TrainRng>(&m, &params, &batch, &mut grad, None);
         opt.apply(&mut params, &[warden_agent::kernels::Grad::F32(&grad)], 1);
     };
     for i in 0..20 {
@@ -280,7 +282,7 @@ impl CheckpointBench {
             state: ShardState { t: 1, slots: vec![params.clone()], params },
             len,
             key: CheckpointKey::new(&CheckpointSecret::generate()),
-            at: Placement { job: warden_agent::identity::JobId::generate(), step: 1, shard: 0, shards: 1 },
+            at: Placement { job: warden_agent::net::identity::JobId::generate(), step: 1, shard: 0, shards: 1 },
             enc_path: dir.join("bench.wck"),
             plain_path: dir.join("bench.plain"),
             rounds: a.rounds,

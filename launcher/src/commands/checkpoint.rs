@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use warden_agent::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape};
+use warden_agent::store::checkpoint::{self as ck, CheckpointKey, CheckpointSecret, Placement, Shape};
 
 use crate::cli::{EXIT_FAILED, EXIT_OK};
 use crate::error::{BoxError, CliError, Context};

@@ -12,9 +12,9 @@ use crate::transport::{LocalTransport, Transport, find_agent};
 /// Runs a prepared job as processes on this machine.
 pub async fn launch_local(
     job: &Path,
-    spec: warden_agent::spec::JobSpec,
+    spec: warden_agent::job::spec::JobSpec,
     text: String,
-    plan: warden_agent::plan::Plan,
+    plan: warden_agent::job::plan::Plan,
     agent: PathBuf,
     opts: LaunchOptions,
 ) -> Result<crate::launch::Outcome, LaunchError> {
@@ -214,9 +214,9 @@ fn launch_failed(e: LaunchError) -> CliError {
 
 /// Removes a job's firewall tables and job directories on every host of
 /// `job` over SSH (after its launcher died).
-pub fn clean_remote(job: &Path, job_id: &warden_agent::identity::JobId, table: &str) -> Result<u8, CliError> {
+pub fn clean_remote(job: &Path, job_id: &warden_agent::net::identity::JobId, table: &str) -> Result<u8, CliError> {
     let spec = load_job(job)?;
-    let plan = warden_agent::plan::Plan::new(&spec, job_id, false);
+    let plan = warden_agent::job::plan::Plan::new(&spec, job_id, false);
     let (agent, runtime) = agent_and_runtime()?;
     let t = ssh_connect(&runtime, &spec, job_id, &agent, false, true).map_err(CliError::failed)?;
     let errors = runtime.block_on(async {
@@ -253,7 +253,7 @@ pub fn exec_doctor(job: &Path, accept_new_host_keys: bool, local: bool) -> Resul
         vec![report]
     } else {
         let (agent, runtime) = agent_and_runtime()?;
-        let id = warden_agent::identity::JobId::generate();
+        let id = warden_agent::net::identity::JobId::generate();
         ssh_connect(&runtime, &spec, &id, &agent, accept_new_host_keys, true).map_err(CliError::failed)?.reports.clone()
     };
     let mut ok = true;
@@ -264,7 +264,7 @@ pub fn exec_doctor(job: &Path, accept_new_host_keys: bool, local: bool) -> Resul
         }
     }
     if local {
-        let found = warden_agent::preflight::check(&spec, true);
+        let found = warden_agent::job::preflight::check(&spec, true);
         for p in &found.problems {
             println!("{:<12} {:<9} FAIL  {p}", "localhost", "job");
         }
@@ -285,15 +285,15 @@ pub(crate) fn agent_and_runtime() -> Result<(PathBuf, tokio::runtime::Runtime), 
 }
 
 /// A job file, validated.
-fn load_job(job: &Path) -> Result<warden_agent::spec::JobSpec, CliError> {
-    warden_agent::spec::JobSpec::load(job).map(|(spec, _)| spec).map_err(CliError::usage)
+fn load_job(job: &Path) -> Result<warden_agent::job::spec::JobSpec, CliError> {
+    warden_agent::job::spec::JobSpec::load(job).map(|(spec, _)| spec).map_err(CliError::usage)
 }
 
 /// Connects over SSH with a throw-away control directory.
 fn ssh_connect(
     runtime: &tokio::runtime::Runtime,
-    spec: &warden_agent::spec::JobSpec,
-    job_id: &warden_agent::identity::JobId,
+    spec: &warden_agent::job::spec::JobSpec,
+    job_id: &warden_agent::net::identity::JobId,
     agent: &Path,
     accept_new_host_keys: bool,
     keep_going: bool,

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use warden_agent::identity::JobId;
-use warden_agent::plan::Plan;
-use warden_agent::spec::JobSpec;
+use warden_agent::job::plan::Plan;
+use warden_agent::job::spec::JobSpec;
+use warden_agent::net::identity::JobId;
 
 use crate::cli::EXIT_OK;
 use crate::error::CliError;
@@ -33,7 +33,7 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
         "model: {} with {} parameters, sharded over {} server(s); optimizer {}; {} epoch(s) of batch {} ({})\n\n",
         format!("{:?}", spec.model.kind).to_lowercase(),
         plan.num_params,
-        plan.count(warden_agent::identity::Role::Server),
+        plan.count(warden_agent::net::identity::Role::Server),
         spec.optimizer,
         spec.training.epochs,
         spec.training.batch_size,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use warden_agent::signing;
+use warden_agent::store::signing;
 
 use crate::cli::EXIT_OK;
 use crate::error::{CliError, Context};

@@ -2,19 +2,19 @@
 
 use std::path::Path;
 
-use warden_agent::spec::JobSpec;
+use warden_agent::job::spec::JobSpec;
 
 use crate::cli::{EXIT_OK, EXIT_USAGE};
 use crate::error::CliError;
 
 /// Validates the job file; fails with `FILE:LINE:COL: ...` when invalid.
 /// A job file that parses is then checked against this machine
-/// ([`warden_agent::preflight`]): every problem is reported, not only the
+/// ([`warden_agent::job::preflight`]): every problem is reported, not only the
 /// first.
 pub fn exec(job: &Path) -> Result<u8, CliError> {
     let (spec, _) = JobSpec::load(job).map_err(CliError::usage)?;
-    let local = warden_agent::preflight::all_hosts_local(&spec);
-    let found = warden_agent::preflight::check(&spec, local);
+    let local = warden_agent::job::preflight::all_hosts_local(&spec);
+    let found = warden_agent::job::preflight::check(&spec, local);
     for note in &found.notes {
         eprintln!("note: {note}");
     }
@@ -33,8 +33,8 @@ pub fn exec(job: &Path) -> Result<u8, CliError> {
         job.display(),
         spec.name,
         c.hosts.len(),
-        c.count(warden_agent::identity::Role::Server),
-        c.count(warden_agent::identity::Role::Worker)
+        c.count(warden_agent::net::identity::Role::Server),
+        c.count(warden_agent::net::identity::Role::Worker)
     );
     Ok(EXIT_OK)
 }

@@ -15,8 +15,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use warden_agent::model::{Predictor, Workspace};
-use warden_agent::spec::ModelSpec;
+use warden_agent::job::spec::ModelSpec;
+use warden_agent::train::model::{Predictor, Workspace};
 
 /// Where requests queue their inputs for the next forward pass.
 pub(super) struct ForwardQueue {
@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn concurrent_requests_each_get_their_own_answer() {
         let spec = ModelSpec::mlp(784, vec![256], 10);
-        let params = warden_agent::model::init(&spec, 5);
+        let params = warden_agent::train::model::init(&spec, 5);
         let input = |r: usize, rows: usize| -> Vec<f32> {
             (0..rows * 784).map(|i| ((i * 31 + r * 97) % 255) as f32 / 255.0).collect()
         };

@@ -14,7 +14,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use warden_agent::spec::ModelSpec;
+use warden_agent::job::spec::ModelSpec;
 
 use super::answer::{Predictions, answer};
 use super::auth::{self, Refused};

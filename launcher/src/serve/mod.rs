@@ -82,7 +82,7 @@ pub struct ServeOptions {
 pub enum ServeError {
     /// The public key cannot be read.
     #[error(transparent)]
-    PublicKey(#[from] warden_agent::signing::SignError),
+    PublicKey(#[from] warden_agent::store::signing::SignError),
     /// The model does not verify or load.
     #[error("refusing to serve {}", .model.display())]
     Refused {
@@ -120,10 +120,10 @@ pub enum ServeError {
 
 /// Verifies, loads and serves until SIGINT or SIGTERM.
 pub async fn serve(o: ServeOptions) -> Result<(), ServeError> {
-    let key = warden_agent::signing::load_public_key(&o.pubkey)?;
+    let key = warden_agent::store::signing::load_public_key(&o.pubkey)?;
     // Verified and parsed from one read of the file: what is served is what verified.
-    let warden_agent::artifact::SignedModel { verified, spec: model, params } =
-        warden_agent::artifact::load_signed(&o.model, &key)
+    let warden_agent::store::artifact::SignedModel { verified, spec: model, params } =
+        warden_agent::store::artifact::load_signed(&o.model, &key)
             .map_err(|e| ServeError::Refused { model: o.model.clone(), source: e.into() })?;
     let config = Config::load(o.config.as_deref(), model.classes)?;
     let ledger = Ledger::open(config.state_file.clone())?;

@@ -26,7 +26,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use warden_agent::identity::Role;
+use warden_agent::net::identity::Role;
 
 /// The attacker does not care who the server is; it wants the server to
 /// spend its verification on a certificate from the wrong CA.
@@ -69,9 +69,9 @@ impl ServerCertVerifier for AnyServer {
 fn foreign_client() -> Arc<rustls::ClientConfig> {
     let other = warden_tests::TestPki::new();
     let me = other.id(Role::Worker, 0);
-    let key = warden_agent::pki::NodeKey::generate().expect("a key");
+    let key = warden_agent::net::pki::NodeKey::generate().expect("a key");
     let cert = other.ca.sign_csr(&key.csr_pem(&me).expect("a CSR"), &me, None).expect("a certificate");
-    let provider = warden_agent::tls::provider();
+    let provider = warden_agent::net::tls::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")

@@ -1,0 +1,203 @@
+//! `[training]`: the training loop, the gradients' wire encoding, and what
+//! a failed process does to the job.
+
+use serde::Serialize;
+use toml::Spanned;
+
+use super::{ModelKind, SpecError, Src, int_in, raw};
+use crate::net::wire::Encoding;
+
+/// `[training]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingSpec {
+    /// Passes over the data.
+    pub epochs: u32,
+    /// Samples per worker step.
+    pub batch_size: usize,
+    /// Sync or async updates.
+    pub mode: SyncMode,
+    /// Steps per epoch of the synthetic model (0 otherwise: set by the data).
+    pub synthetic_steps: usize,
+    /// Wire encoding of pushed gradients.
+    pub compression: Compression,
+    /// Seconds of silence after which a process (or the scheduler) is declared dead.
+    pub heartbeat_timeout_s: u64,
+    /// What the launcher does when a process fails.
+    pub on_failure: OnFailure,
+}
+
+/// `[training] on_failure`: what a process failure does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop the whole job and report who failed and why (the default).
+    Fail,
+    /// Stop every process, then start the job again from the newest valid
+    /// checkpoint, at most `max_restarts` times.
+    Restart {
+        /// Restarts allowed over the whole run.
+        max_restarts: u32,
+    },
+}
+
+impl OnFailure {
+    /// Restarts allowed (0 with `fail`).
+    pub fn max_restarts(self) -> u32 {
+        match self {
+            OnFailure::Fail => 0,
+            OnFailure::Restart { max_restarts } => max_restarts,
+        }
+    }
+}
+
+/// `[training] compression`: how workers encode gradients on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Compression {
+    /// The encoding.
+    pub encoding: Encoding,
+    /// 2-bit only: the magnitude sent.
+    pub threshold: f32,
+}
+
+/// How servers combine pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Every step waits for every worker's gradient (MXNet `dist_sync`).
+    Sync,
+    /// Each push is applied on arrival (MXNet `dist_async`).
+    Async,
+}
+
+/// Checks `[training]`. `steps` is the synthetic model's alone, and
+/// `on_failure = "restart"` needs a `[checkpoint]` table to restart from.
+pub(super) fn convert_training(
+    src: &Src<'_>,
+    training: &Spanned<raw::Training>,
+    kind: ModelKind,
+    has_checkpoint: bool,
+) -> Result<TrainingSpec, SpecError> {
+    let t = training.get_ref();
+    let epochs = int_in(src, &t.epochs, "epochs", 1, 100_000, "how many passes over the data, for example epochs = 5")?;
+    let batch_size = int_in(
+        src,
+        &t.batch_size,
+        "batch_size",
+        1,
+        1 << 20,
+        "samples per step on each worker, for example batch_size = 64",
+    )?;
+    let mode = match t.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("sync") => SyncMode::Sync,
+        Some("async") => SyncMode::Async,
+        Some(other) => {
+            let span = t.mode.as_ref().map(|m| m.span()).unwrap_or_default();
+            return Err(src.err(span, format!("unknown training mode `{other}`"), "use \"sync\" or \"async\""));
+        }
+    };
+    let synthetic_steps = match (&t.steps, kind == ModelKind::Synthetic) {
+        (Some(v), true) => int_in(src, v, "steps", 1, 1_000_000, "timed steps per epoch, such as 100")?,
+        (None, true) => {
+            return Err(src.err(
+                training.span(),
+                "the synthetic model needs [training] steps",
+                "add for example steps = 100",
+            ));
+        }
+        (Some(v), false) => {
+            return Err(src.err(
+                v.span(),
+                "`steps` belongs to the synthetic model; real data sets the steps",
+                "remove it",
+            ));
+        }
+        (None, false) => 0,
+    };
+    let compression = convert_compression(src, t)?;
+    let heartbeat_timeout_s = match &t.heartbeat_timeout {
+        Some(v) => int_in(
+            src,
+            v,
+            "heartbeat_timeout",
+            2,
+            3600,
+            "seconds of silence before a process counts as dead; 30 suits most networks",
+        )?,
+        None => 30,
+    };
+    let on_failure = convert_on_failure(src, t, has_checkpoint)?;
+    Ok(TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression, heartbeat_timeout_s, on_failure })
+}
+
+/// `compression` and `compression_threshold` (2-bit only).
+fn convert_compression(src: &Src<'_>, t: &raw::Training) -> Result<Compression, SpecError> {
+    let encoding = match t.compression.as_ref().map(|c| c.get_ref().as_str()) {
+        None | Some("none") => Encoding::F32,
+        Some("fp16") => Encoding::F16,
+        Some("bf16") => Encoding::Bf16,
+        Some("2bit") => Encoding::TwoBit,
+        Some(other) => {
+            let span = t.compression.as_ref().map(|c| c.span()).unwrap_or_default();
+            return Err(src.err(
+                span,
+                format!("unknown compression `{other}`"),
+                "use \"none\", \"fp16\", \"bf16\" or \"2bit\"",
+            ));
+        }
+    };
+    let threshold = match (&t.compression_threshold, encoding) {
+        (Some(v), Encoding::TwoBit) => {
+            let x = *v.get_ref();
+            if !(x.is_finite() && x > 0.0 && x <= 1e6) {
+                return Err(src.err(
+                    v.span(),
+                    format!("compression_threshold must be above 0 and at most 1e6, not {x}"),
+                    "0.5 is MXNet's default",
+                ));
+            }
+            x as f32
+        }
+        (Some(v), _) => {
+            return Err(src.err(
+                v.span(),
+                "compression_threshold belongs to compression = \"2bit\"",
+                "set compression = \"2bit\", or remove it",
+            ));
+        }
+        (None, _) => 0.5,
+    };
+    Ok(Compression { encoding, threshold })
+}
+
+/// `on_failure` and `max_restarts` (restart only).
+fn convert_on_failure(src: &Src<'_>, t: &raw::Training, has_checkpoint: bool) -> Result<OnFailure, SpecError> {
+    Ok(match (t.on_failure.as_ref().map(|v| (v.get_ref().as_str(), v.span())), &t.max_restarts) {
+        (None | Some(("fail", _)), None) => OnFailure::Fail,
+        (None | Some(("fail", _)), Some(v)) => {
+            return Err(src.err(
+                v.span(),
+                "max_restarts belongs to on_failure = \"restart\"",
+                "set on_failure = \"restart\", or remove max_restarts",
+            ));
+        }
+        (Some(("restart", span)), max) => {
+            if !has_checkpoint {
+                return Err(src.err(
+                    span,
+                    "on_failure = \"restart\" resumes from the newest checkpoint, but the job file has no [checkpoint] section",
+                    "add [checkpoint] with every_steps or every_seconds (see docs/checkpoints.md)",
+                ));
+            }
+            let max_restarts = match max {
+                Some(v) => {
+                    int_in(src, v, "max_restarts", 1, 100, "how many times the job may start again; 3 is typical")?
+                }
+                None => 3,
+            };
+            OnFailure::Restart { max_restarts }
+        }
+        (Some((other, span)), _) => {
+            return Err(src.err(span, format!("unknown on_failure `{other}`"), "use \"fail\" or \"restart\""));
+        }
+    })
+}

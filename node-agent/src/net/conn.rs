@@ -1,0 +1,625 @@
+//! Authenticated connections: mutual TLS, framing with limits, deadlines and
+//! per-message authorization.
+//!
+//! [`Acceptor::accept`] and [`connect`] are the only ways to get a [`Conn`]; both end
+//! with a TLS 1.3 session whose peer identity came from a certificate of
+//! this job. On every [`Conn::recv`] the frame length is checked against the
+//! job's maximum before a byte of body is allocated, and the message is
+//! checked against the roles allowed to send it. A listener holds at most
+//! one connection per peer identity: a second one under an identity that is
+//! already connected is refused before its welcome.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::net::identity::{Identity, Role};
+use crate::net::tls::{self, TlsIdentity};
+use crate::net::wire::{DecodeError, HEADER_LEN, Message};
+
+/// A connection-level error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The TLS handshake failed (bad or missing certificate, wrong role, TLS 1.2, not TLS at all).
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        /// Remote address.
+        peer: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer announced a frame above the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+        /// Limit.
+        max: u32,
+    },
+    /// The frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The peer's role may not send this message.
+    #[error("a {role} may not send `{message}`")]
+    Unauthorized {
+        /// Sender's role.
+        role: Role,
+        /// Message name.
+        message: &'static str,
+    },
+    /// A deadline passed.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// The peer closed the connection.
+    #[error("connection closed by {0}")]
+    Closed(String),
+    /// The peer sent an error message.
+    #[error("{peer} refused: {message}")]
+    Refused {
+        /// Who.
+        peer: String,
+        /// Their message.
+        message: String,
+    },
+    /// This process's TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The peer's certificate names no identity of this job.
+    #[error(transparent)]
+    PeerIdentity(#[from] tls::CertIdentityError),
+    /// The port to listen on is taken.
+    #[error("port {port} on {ip} is already in use; stop whatever holds it or choose another [cluster] ports range")]
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// The address it was to be bound on.
+        ip: std::net::IpAddr,
+    },
+    /// Listening failed for another reason.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer could not be reached before the patience ran out.
+    #[error("cannot reach {peer} at {addr}: {source}")]
+    Unreachable {
+        /// Who was dialled.
+        peer: Identity,
+        /// Where.
+        addr: SocketAddr,
+        /// The last attempt's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listener's first message was not its welcome.
+    #[error("expected a welcome, got `{0}`")]
+    NoWelcome(&'static str),
+    /// The peer's identity already has a connection to this listener.
+    #[error(
+        "{0} is already connected here; a process connects once, so this second connection under its identity was refused"
+    )]
+    AlreadyConnected(Identity),
+}
+
+/// Why a listener closed a new connection at once: one of its caps is full.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmitError {
+    /// As many connections as `[limits] max_connections` are open.
+    #[error("{open} connections open, the limit ([limits] max_connections)")]
+    Total {
+        /// Connections open.
+        open: usize,
+    },
+    /// As many connections from this address as one source may have.
+    #[error("{open} connections open from {ip}, the limit per source")]
+    PerSource {
+        /// Connections open from `ip`.
+        open: usize,
+        /// The source address.
+        ip: std::net::IpAddr,
+    },
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Largest frame body accepted.
+    pub max_frame: u32,
+    /// Time from TCP accept to the end of the first message.
+    pub first_message: Duration,
+    /// Connections open at once, authenticated or not.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_per_source: usize,
+    /// How long an authenticated peer may stall mid-frame or stop reading.
+    pub stall: Duration,
+}
+
+/// Connection slots of one listener: every accepted TCP connection takes one
+/// before anything is read from it and gives it back when it closes, so a
+/// flood costs the listener a bounded number of sockets and tasks. Each
+/// authenticated connection also holds its peer's identity until it closes.
+#[derive(Debug, Default)]
+struct Slots {
+    by_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    peers: std::sync::Mutex<std::collections::HashSet<Identity>>,
+}
+
+/// A peer identity held by one connection; dropping it frees the identity.
+#[derive(Debug)]
+struct HeldIdentity {
+    slots: std::sync::Arc<Slots>,
+    peer: Identity,
+}
+
+impl Drop for HeldIdentity {
+    fn drop(&mut self) {
+        self.slots.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.peer);
+    }
+}
+
+/// A taken connection slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    slots: std::sync::Arc<Slots>,
+    source: std::net::IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// An authenticated, framed connection.
+#[derive(Debug)]
+pub struct Conn<S> {
+    stream: S,
+    peer: Identity,
+    max_frame: u32,
+    stall: Duration,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// On an accepted connection: its peer's identity at the listener,
+    /// held as long as the connection (or its receiving half) lives.
+    held: Option<HeldIdentity>,
+}
+
+/// Reads one frame body into `buf`, refusing lengths above `max` before
+/// allocating. `Ok(false)` is a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec<u8>) -> Result<bool, ConnError> {
+    read_frame_within(r, max, buf, None).await
+}
+
+/// [`read_frame`] that waits for the next frame as long as it takes, but
+/// once a frame has begun drops a peer that sends nothing more for `stall`
+/// (a slow-drip sender holds no buffer and no task for long).
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    buf: &mut Vec<u8>,
+    stall: Option<Duration>,
+) -> Result<bool, ConnError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let read = r.read(&mut header[got..]);
+        let n = match (got, stall) {
+            (0, _) | (_, None) => read.await?,
+            (_, Some(d)) => timeout(d, read).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??,
+        };
+        if n == 0 {
+            return if got == 0 { Ok(false) } else { Err(ConnError::Decode(DecodeError::TruncatedHeader)) };
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(header);
+    if len > max {
+        return Err(ConnError::FrameTooLarge { len: len.into(), max });
+    }
+    // Reuse the buffer without zeroing what it already holds: every byte of
+    // the frame is overwritten by the reads below before anyone looks at it,
+    // and frames of one connection tend to have one size (a push, a pull),
+    // so after the first the 16 MB memset per frame is gone.
+    let len = len as usize;
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
+    let Some(stall) = stall else {
+        r.read_exact(buf).await?;
+        return Ok(true);
+    };
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = timeout(stall, r.read(&mut buf[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
+        if n == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+const STALLED_SENDING: &str = "waiting for the rest of a frame (the peer stopped sending mid-frame)";
+const STALLED_READING: &str = "waiting for the peer to read (it stopped reading)";
+
+/// Writes all of `bytes` and flushes, dropping a peer that takes nothing
+/// for `stall` (a peer that stops reading never pins a task or a buffer).
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, mut bytes: &[u8], stall: Duration) -> Result<(), ConnError> {
+    while !bytes.is_empty() {
+        let n = timeout(stall, w.write(bytes)).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
+        if n == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        bytes = &bytes[n..];
+    }
+    timeout(stall, w.flush()).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
+    Ok(())
+}
+
+/// How long a peer may stall mid-frame or stop reading before it is
+/// dropped, unless [`Conn::set_stall`] says otherwise.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+
+/// Decodes a frame body and checks that `from` may send it.
+pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
+    let msg = Message::decode(body)?;
+    if !msg.senders().contains(&from) {
+        return Err(ConnError::Unauthorized { role: from, message: msg.name() });
+    }
+    Ok(msg)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
+        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new(), held: None }
+    }
+
+    /// The authenticated peer.
+    pub fn peer(&self) -> &Identity {
+        &self.peer
+    }
+
+    /// Receives one authorized message. A peer's `Error` becomes [`ConnError::Refused`].
+    pub async fn recv(&mut self) -> Result<Message, ConnError> {
+        if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        match decode_from(&self.rbuf, self.peer.role)? {
+            Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
+            m => Ok(m),
+        }
+    }
+
+    /// Receives one frame whose tag the peer's role may send, without
+    /// decoding its payload (for the hot push/pull path). A peer's `Error`
+    /// becomes [`ConnError::Refused`].
+    pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
+        if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        let tag = *self.rbuf.first().ok_or(DecodeError::EmptyFrame)?;
+        let (name, senders) = crate::net::wire::tag_info(tag).ok_or(DecodeError::UnknownTag(tag))?;
+        if !senders.contains(&self.peer.role) {
+            return Err(ConnError::Unauthorized { role: self.peer.role, message: name });
+        }
+        if name == "error"
+            && let Ok(Message::Error { message }) = Message::decode(&self.rbuf)
+        {
+            return Err(ConnError::Refused { peer: self.peer.to_string(), message });
+        }
+        Ok(&self.rbuf)
+    }
+
+    /// Exchanges the frame [`Conn::recv_raw`] returned last with `other`,
+    /// whose allocation the next receive reuses: a large frame leaves the
+    /// connection without a copy.
+    pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
+        std::mem::swap(&mut self.rbuf, other);
+    }
+
+    /// Sends an already encoded frame.
+    pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ConnError> {
+        write_within(&mut self.stream, frame, self.stall).await
+    }
+
+    /// How long the peer may stall mid-frame or stop reading before it is
+    /// dropped (default [`DEFAULT_STALL`]; roles use the heartbeat timeout).
+    pub fn set_stall(&mut self, stall: Duration) {
+        self.stall = stall;
+    }
+
+    /// Sends one message; returns the bytes of the frame.
+    pub async fn send(&mut self, msg: &Message) -> Result<usize, ConnError> {
+        self.wbuf.clear();
+        msg.encode_frame(&mut self.wbuf);
+        write_within(&mut self.stream, &self.wbuf, self.stall).await?;
+        Ok(self.wbuf.len())
+    }
+
+    /// Closes cleanly (TLS close_notify), best effort, within a second.
+    pub async fn close(mut self) {
+        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+
+    /// Tells the peer why we are closing, best effort, then closes.
+    pub async fn refuse(mut self, why: &str) {
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = self.send(&Message::Error { message: why.to_string() }).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Tells the peer what it did wrong when that is a protocol violation
+    /// (not when the connection is already gone), then closes.
+    pub async fn refuse_for(self, e: &ConnError) {
+        match e {
+            ConnError::Unauthorized { .. }
+            | ConnError::Decode(_)
+            | ConnError::FrameTooLarge { .. }
+            | ConnError::Timeout(_) => self.refuse(&e.to_string()).await,
+            _ => {}
+        }
+    }
+
+    /// Splits into independently usable halves (for roles that read and
+    /// write from different tasks).
+    pub fn into_split(self) -> (RecvHalf<tokio::io::ReadHalf<S>>, SendHalf<tokio::io::WriteHalf<S>>) {
+        let (r, w) = tokio::io::split(self.stream);
+        (
+            RecvHalf {
+                r,
+                peer: self.peer.clone(),
+                max_frame: self.max_frame,
+                stall: self.stall,
+                buf: self.rbuf,
+                _held: self.held,
+            },
+            SendHalf { w, stall: self.stall, buf: self.wbuf },
+        )
+    }
+}
+
+/// Reading half of a split [`Conn`]; it keeps the peer's identity held at
+/// the listener (the reading side notices when the connection ends).
+#[derive(Debug)]
+pub struct RecvHalf<R> {
+    r: R,
+    peer: Identity,
+    max_frame: u32,
+    stall: Duration,
+    buf: Vec<u8>,
+    _held: Option<HeldIdentity>,
+}
+
+impl<R: AsyncRead + Unpin> RecvHalf<R> {
+    /// As [`Conn::recv`].
+    pub async fn recv(&mut self) -> Result<Message, ConnError> {
+        if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        match decode_from(&self.buf, self.peer.role)? {
+            Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
+            m => Ok(m),
+        }
+    }
+    /// The authenticated peer.
+    pub fn peer(&self) -> &Identity {
+        &self.peer
+    }
+}
+
+/// Writing half of a split [`Conn`].
+#[derive(Debug)]
+pub struct SendHalf<W> {
+    w: W,
+    stall: Duration,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> SendHalf<W> {
+    /// A sending half over `w` that gives up when a peer stops reading
+    /// for `stall`.
+    #[cfg(test)]
+    pub(crate) fn new(w: W, stall: Duration) -> Self {
+        SendHalf { w, stall, buf: Vec::new() }
+    }
+
+    /// As [`Conn::send`].
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        self.buf.clear();
+        msg.encode_frame(&mut self.buf);
+        write_within(&mut self.w, &self.buf, self.stall).await
+    }
+}
+
+/// A server-side TLS connection.
+pub type ServerConn = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A client-side TLS connection.
+pub type ClientConn = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A listening endpoint that admits only given roles of this job.
+#[derive(Clone)]
+pub struct Acceptor {
+    tls: TlsAcceptor,
+    limits: ConnLimits,
+    slots: std::sync::Arc<Slots>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// An acceptor for `me` admitting peers whose role is in `accept`.
+    pub fn new(me: &TlsIdentity, accept: &[Role], limits: ConnLimits) -> Result<Acceptor, ConnError> {
+        let config = tls::server_config(me, accept)?;
+        Ok(Acceptor { tls: TlsAcceptor::from(config), limits, slots: Default::default() })
+    }
+
+    /// Takes a slot for a connection from `from`, or says which cap is full;
+    /// the caller closes the connection at once then.
+    pub fn admit(&self, from: SocketAddr) -> Result<Slot, AdmitError> {
+        let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().sum();
+        if total >= self.limits.max_connections {
+            return Err(AdmitError::Total { open: total });
+        }
+        let n = map.entry(from.ip()).or_insert(0);
+        if *n >= self.limits.max_per_source {
+            return Err(AdmitError::PerSource { open: *n, ip: from.ip() });
+        }
+        *n += 1;
+        Ok(Slot { slots: self.slots.clone(), source: from.ip() })
+    }
+
+    /// Holds `peer`'s identity for one connection, unless another holds it.
+    fn hold(&self, peer: &Identity) -> Option<HeldIdentity> {
+        let mut peers = self.slots.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(peer.clone()).then(|| HeldIdentity { slots: self.slots.clone(), peer: peer.clone() })
+    }
+
+    /// Completes the handshake, says welcome and reads the first message,
+    /// all within the first-message deadline. The connection's `slot` is
+    /// given back once the peer has authenticated: the caps bound what
+    /// strangers can hold, and an authenticated peer is one of the job's
+    /// processes (each of which a listener serves once).
+    pub async fn accept(&self, tcp: TcpStream, slot: Slot) -> Result<(ServerConn, Message), ConnError> {
+        let deadline = Instant::now() + self.limits.first_message;
+        let peer_addr = tcp.peer_addr()?;
+        let _ = tcp.set_nodelay(true);
+        let stream = timeout_at(deadline, self.tls.accept(tcp))
+            .await
+            .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
+            .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
+        let peer = tls::peer_identity(stream.get_ref().1)?;
+        drop(slot);
+        let held = self.hold(&peer);
+        let mut conn = Conn::new(stream, peer.clone(), self.limits.max_frame);
+        conn.set_stall(self.limits.stall);
+        if held.is_none() {
+            let e = ConnError::AlreadyConnected(peer);
+            conn.refuse(&e.to_string()).await;
+            return Err(e);
+        }
+        conn.held = held;
+        conn.send(&Message::Welcome).await?;
+        match timeout_at(deadline, conn.recv()).await {
+            Ok(Ok(first)) => Ok((conn, first)),
+            Ok(Err(e)) => {
+                conn.refuse_for(&e).await;
+                Err(e)
+            }
+            Err(_) => {
+                let e = ConnError::Timeout("waiting for the first message");
+                conn.refuse_for(&e).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Binds a listener, turning "address in use" into an error that says what to do.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ConnError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            ConnError::PortInUse { port: addr.port(), ip: addr.ip() }
+        } else {
+            ConnError::Listen { addr, source: e }
+        }
+    })
+}
+
+/// Connects to `expect` at `addr` and waits for its welcome. Peers start in
+/// any order and a listener closes connections beyond its caps before the
+/// handshake, so a refused connection or a handshake cut short is tried
+/// again with backoff until `patience` runs out; a handshake the peer
+/// refused (a certificate, a role) is not.
+pub async fn connect(
+    me: &TlsIdentity,
+    expect: Identity,
+    addr: SocketAddr,
+    max_frame: u32,
+    patience: Duration,
+) -> Result<ClientConn, ConnError> {
+    let config = tls::client_config(me, expect.clone())?;
+    let connector = TlsConnector::from(config);
+    let deadline = Instant::now() + patience;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match connect_once(&connector, &expect, addr, max_frame, deadline).await {
+            Err(e) if transient(&e) && Instant::now() + backoff < deadline => {
+                tracing::debug!("connect to {expect} at {addr}: {e}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Err(ConnError::Io(source)) => return Err(ConnError::Unreachable { peer: expect, addr, source }),
+            other => return other,
+        }
+    }
+}
+
+/// Whether a failed connection attempt is worth another: nothing listened
+/// yet, or the connection was closed before or during the handshake (a
+/// full connection cap does that), as opposed to a peer that refused us.
+fn transient(e: &ConnError) -> bool {
+    use std::io::ErrorKind::*;
+    let kind = match e {
+        ConnError::Io(e) | ConnError::Handshake { source: e, .. } => e.kind(),
+        ConnError::Closed(_) => return true,
+        _ => return false,
+    };
+    matches!(kind, ConnectionRefused | ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe | NotConnected)
+}
+
+async fn connect_once(
+    connector: &TlsConnector,
+    expect: &Identity,
+    addr: SocketAddr,
+    max_frame: u32,
+    deadline: Instant,
+) -> Result<ClientConn, ConnError> {
+    let tcp = timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| ConnError::Timeout("connecting"))??;
+    let _ = tcp.set_nodelay(true);
+    let stream = timeout_at(
+        deadline.max(Instant::now() + Duration::from_secs(10)),
+        connector.connect(tls::server_name(addr.ip()), tcp),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
+    .map_err(|source| ConnError::Handshake { peer: addr, source })?;
+    let mut conn = Conn::new(stream, expect.clone(), max_frame);
+    // TLS 1.3 lets a refused client believe its first write succeeded; the
+    // welcome proves the server accepted our certificate.
+    match timeout(Duration::from_secs(30), conn.recv()).await {
+        Ok(Ok(Message::Welcome)) => Ok(conn),
+        Ok(Ok(other)) => Err(ConnError::NoWelcome(other.name())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ConnError::Timeout("waiting for the welcome")),
+    }
+}

@@ -1,0 +1,824 @@
+//! The local KV endpoint: the user's own training program (`[worker]
+//! command`) reaches the parameter servers through this agent, over a Unix
+//! socket only the job user can open. The program never holds a
+//! certificate, a key or a network socket of the job; the agent forwards
+//! its pushes and pulls over the job's mutual-TLS connections.
+//!
+//! # Protocol (one request, one response, in order)
+//!
+//! ```text
+//! request:  u32 LE n | n bytes of JSON header | header.nbytes bytes of payload
+//! response: u32 LE n | n bytes of JSON header | header.nbytes bytes of payload
+//! ```
+//!
+//! Request headers: `{"op": OP, "name": TENSOR, "dtype": "f32"|"f16"|"bf16", "nbytes": N}`
+//! with OP one of `init`, `push`, `pull`, `pushpull`, `barrier`, `rank`,
+//! `num_workers`, `tensors`, `report`. Responses: `{"ok": true, ...}` or
+//! `{"ok": false, "error": "..."}`. Headers are at most 64 KiB; a payload is
+//! at most the named tensor's size in the given dtype. A malformed frame
+//! gets an error and the connection is closed; a refused operation gets an
+//! error and the connection stays usable. Other connections are unaffected.
+//! At most [`MAX_CONNECTIONS`] are served at once; one more is answered
+//! with an error and closed.
+//!
+//! # Semantics (MXNet's `dist_sync` / `dist_async` kvstore)
+//!
+//! Every worker calls `init` for the tensors; worker 0's values are the
+//! ones the servers start from (in a job with `[model] init` the servers
+//! start from the verified signed weights, and `init` is answered with an
+//! `ignored` note), and the first push or pull of every worker
+//! waits at a barrier until they are in place. A step is a push of every
+//! declared tensor (in any order); when the last one arrives the agent
+//! sends the gradients to the servers, which aggregate all workers' pushes
+//! (sync) or apply each on arrival (async) with the job's optimizer. A pull
+//! returns the values after this worker's newest complete step (sync) or
+//! the current values (async); pulling in the middle of a step is refused.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::job::spec::SyncMode;
+use crate::net::conn::{ClientConn, ConnError};
+use crate::net::control::Event;
+use crate::net::identity::Role;
+use crate::net::wire::{DecodeError, Encoding, Message};
+use crate::train::roles::{RoleCtx, RoleError, SchedLink};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Largest request header.
+pub const MAX_HEADER: usize = 64 << 10;
+
+/// Why `init` changes nothing in a job with `[model] init`.
+pub const INIT_IGNORED: &str =
+    "init ignored: this job starts from the signed weights of [model] init, which the servers verified";
+
+/// The socket's file name in the worker's job directory.
+pub const SOCKET: &str = "kv.sock";
+
+/// Connections served at once. A program needs one or a few; past this, a
+/// new connection is told why and closed, so a runaway client loop cannot
+/// take the agent's file descriptors and memory.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Why a request was refused or a connection of the program closed; the
+/// program is told this text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// A dtype other than f32, f16 and bf16.
+    #[error("dtype `{0}`: use f32, f16 or bf16")]
+    Dtype(String),
+    /// An operation on a tensor without its name.
+    #[error("this operation needs `name`")]
+    NoName,
+    /// A tensor the model does not declare.
+    #[error("no tensor `{name}` in [model.tensors] (declared: {declared})")]
+    NoTensor {
+        /// The name given.
+        name: String,
+        /// The first few declared names.
+        declared: String,
+    },
+    /// An operation this endpoint does not have.
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+    /// A `report` without one of its fields.
+    #[error("report needs `{0}`")]
+    ReportNeeds(&'static str),
+    /// `init` once training has begun.
+    #[error("init after the first push or pull; initialise every tensor first")]
+    InitAfterStart,
+    /// A tensor pushed twice in one step.
+    #[error("`{name}` was already pushed in this step; a step pushes every tensor once (still missing: {missing})")]
+    PushedTwice {
+        /// The tensor.
+        name: String,
+        /// The tensors the step still lacks.
+        missing: String,
+    },
+    /// A pull while a step is half pushed.
+    #[error("pull of `{name}` in the middle of a step: push every tensor first (still missing: {missing})")]
+    PullMidStep {
+        /// The tensor.
+        name: String,
+        /// The tensors the step still lacks.
+        missing: String,
+    },
+    /// A payload of another size than the operation needs.
+    #[error("`{op}` needs {expected} payload bytes, got {got}")]
+    PayloadSize {
+        /// The operation.
+        op: String,
+        /// Bytes it needs.
+        expected: usize,
+        /// Bytes announced.
+        got: usize,
+    },
+    /// A connection to a server failed.
+    #[error(transparent)]
+    Server(#[from] ConnError),
+    /// A server's parameters did not decode.
+    #[error("from a server: {0}")]
+    ServerFrame(#[source] DecodeError),
+    /// A server's parameters are not its shard's size.
+    #[error("a server sent {got} values for a shard of {len}")]
+    ShardSize {
+        /// Values sent.
+        got: usize,
+        /// Values of the shard.
+        len: usize,
+    },
+    /// A server answered `init` with something other than its parameters.
+    #[error("unexpected `{0}` from a server after init")]
+    AfterInit(&'static str),
+    /// The link to the scheduler failed.
+    #[error(transparent)]
+    Scheduler(#[from] RoleError),
+    /// The scheduler aborted the job.
+    #[error("the job was aborted: {0}")]
+    Aborted(String),
+    /// The scheduler answered a barrier with something else.
+    #[error("unexpected `{0}` from the scheduler at a barrier")]
+    AtBarrier(&'static str),
+    /// Reading or writing the program's connection failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A connection from a uid other than the job's.
+    #[error("refused a KV connection from uid {uid} (the job's uid is {job_uid})")]
+    ForeignUid {
+        /// The peer's uid.
+        uid: u32,
+        /// The job's.
+        job_uid: u32,
+    },
+    /// A request header above [`MAX_HEADER`].
+    #[error("header of {0} bytes; at most {MAX_HEADER}")]
+    HeaderTooLong(usize),
+    /// A request header that is not a request.
+    #[error("malformed request header: {0}")]
+    BadHeader(#[source] serde_json::Error),
+    /// A payload larger than the tensor named.
+    #[error("payload of {nbytes} bytes for `{name}`, but it holds at most {max}")]
+    PayloadTooLarge {
+        /// Bytes announced.
+        nbytes: usize,
+        /// The tensor.
+        name: String,
+        /// Most bytes it holds.
+        max: usize,
+    },
+}
+
+/// Why the KV socket or the program could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgramError {
+    /// The socket could not be bound.
+    #[error("cannot bind {}: {source}", path.display())]
+    Bind {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket's mode could not be set.
+    #[error("cannot restrict {}: {source}", path.display())]
+    Restrict {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job has no `[worker] command`.
+    #[error("no [worker] command")]
+    NoCommand,
+    /// The program could not be started.
+    #[error("cannot start [worker] command `{command}` in {}: {source}", dir.display())]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Its working directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another system call failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    op: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    dtype: Option<String>,
+    #[serde(default)]
+    nbytes: usize,
+    #[serde(default)]
+    epoch: Option<u32>,
+    #[serde(default)]
+    train_loss: Option<f64>,
+    #[serde(default)]
+    test_loss: Option<f64>,
+    #[serde(default)]
+    test_accuracy: Option<f64>,
+    #[serde(default)]
+    samples: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    fn parse(s: Option<&str>) -> Result<Dtype, KvError> {
+        match s.unwrap_or("f32") {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "f16" | "float16" => Ok(Dtype::F16),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            other => Err(KvError::Dtype(other.to_string())),
+        }
+    }
+    fn size(self) -> usize {
+        if self == Dtype::F32 { 4 } else { 2 }
+    }
+    fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            Dtype::F32 => warden_kernels::convert::copy_f32_le(out, bytes),
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            Dtype::Bf16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+    }
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Dtype::F32 => warden_kernels::convert::extend_f32_le(out, values),
+            Dtype::F16 => warden_kernels::convert::extend_f16_le(out, values),
+            Dtype::Bf16 => warden_kernels::convert::extend_bf16_le(out, values),
+        }
+    }
+}
+
+/// A tensor's place in the flat parameter vector.
+struct Tensor {
+    name: String,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// One server: its connection and the slice of the flat vector it holds.
+struct Server {
+    conn: ClientConn,
+    range: Range<usize>,
+}
+
+/// What the agent keeps for the program.
+pub struct Kv {
+    rank: u32,
+    workers: u32,
+    mode: SyncMode,
+    tensors: Vec<Tensor>,
+    index: HashMap<String, usize>,
+    servers: Vec<Server>,
+    /// This step's gradients, and which tensors are in.
+    grad: Vec<f32>,
+    pushed: Vec<bool>,
+    /// Complete steps this worker pushed.
+    step: u64,
+    /// Newest values pulled, and at which local step.
+    params: Vec<f32>,
+    fetched_at: Option<u64>,
+    /// Worker 0's `init` values (zeros where none was given).
+    init: Vec<f32>,
+    inited: bool,
+    /// The start barrier has been passed.
+    started: bool,
+    barrier: u64,
+    last_report: Instant,
+    steps_at_report: u64,
+}
+
+impl Kv {
+    /// Connected to every server of the job.
+    pub fn new(ctx: &RoleCtx, servers: Vec<ClientConn>) -> Kv {
+        let layout = crate::train::model::layout(&ctx.spec.model);
+        let tensors: Vec<Tensor> =
+            layout.into_iter().map(|(name, shape, range)| Tensor { name, shape, range }).collect();
+        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let n = crate::train::model::num_params(&ctx.spec.model);
+        let servers = servers
+            .into_iter()
+            .zip(ctx.plan.of_role(Role::Server))
+            .map(|(conn, p)| Server { conn, range: ctx.plan.shard(p.rank) })
+            .collect();
+        Kv {
+            rank: ctx.me().rank,
+            workers: ctx.plan.count(Role::Worker),
+            mode: ctx.spec.training.mode,
+            pushed: vec![false; tensors.len()],
+            tensors,
+            index,
+            servers,
+            grad: vec![0.0; n],
+            step: 0,
+            params: vec![0.0; n],
+            fetched_at: None,
+            init: vec![0.0; n],
+            inited: false,
+            started: false,
+            barrier: 1 << 32,
+            last_report: Instant::now(),
+            steps_at_report: 0,
+        }
+    }
+
+    fn tensor(&self, name: Option<&str>) -> Result<usize, KvError> {
+        let name = name.ok_or(KvError::NoName)?;
+        self.index.get(name).copied().ok_or_else(|| {
+            let known: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).take(8).collect();
+            KvError::NoTensor { name: name.to_string(), declared: known.join(", ") }
+        })
+    }
+
+    /// Before the first push or pull: worker 0's initial values go to the
+    /// servers, then every worker meets at a barrier.
+    async fn start(&mut self, sched: &mut SchedLink) -> Result<(), KvError> {
+        if self.started {
+            return Ok(());
+        }
+        if self.rank == 0 && self.inited {
+            for s in &mut self.servers {
+                let data = self.init[s.range.clone()].to_vec();
+                s.conn.send(&Message::SetParams { data }).await?;
+            }
+            for s in &mut self.servers {
+                match s.conn.recv().await? {
+                    Message::Params { .. } => {}
+                    m => return Err(KvError::AfterInit(m.name())),
+                }
+            }
+        }
+        self.barrier(sched).await?;
+        self.started = true;
+        Ok(())
+    }
+
+    async fn barrier(&mut self, sched: &mut SchedLink) -> Result<(), KvError> {
+        self.barrier += 1;
+        let id = self.barrier;
+        sched.send(&Message::Barrier { id }).await?;
+        match sched.recv().await? {
+            Message::BarrierDone { id: done } if done == id => Ok(()),
+            Message::Abort { reason } => Err(KvError::Aborted(reason)),
+            m => Err(KvError::AtBarrier(m.name())),
+        }
+    }
+
+    /// The tensors not yet pushed in this step.
+    fn missing(&self) -> String {
+        let names: Vec<&str> =
+            self.tensors.iter().zip(&self.pushed).filter(|(_, p)| !**p).map(|(t, _)| t.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// Takes this step's gradient of tensor `i` straight from the request bytes.
+    async fn push(&mut self, i: usize, dtype: Dtype, payload: &[u8]) -> Result<(), KvError> {
+        if self.pushed[i] {
+            return Err(KvError::PushedTwice { name: self.tensors[i].name.clone(), missing: self.missing() });
+        }
+        dtype.decode(payload, &mut self.grad[self.tensors[i].range.clone()]);
+        self.pushed[i] = true;
+        if self.pushed.iter().all(|p| *p) {
+            let mut frame = Vec::new();
+            for s in &mut self.servers {
+                frame.clear();
+                crate::net::wire::encode_push(
+                    self.step,
+                    &self.grad[s.range.clone()],
+                    Encoding::F32,
+                    0.0,
+                    &mut [],
+                    &mut frame,
+                );
+                s.conn.send_frame(&frame).await?;
+            }
+            self.pushed.fill(false);
+            self.step += 1;
+        }
+        Ok(())
+    }
+
+    async fn pull(&mut self, i: usize) -> Result<&[f32], KvError> {
+        if self.pushed.iter().any(|p| *p) {
+            return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
+        }
+        // Async values move with every worker's push: always ask.
+        if self.fetched_at != Some(self.step) || self.mode == SyncMode::Async {
+            let min_version = if self.mode == SyncMode::Sync { self.step } else { 0 };
+            for s in &mut self.servers {
+                s.conn.send(&Message::Pull { min_version }).await?;
+            }
+            for s in &mut self.servers {
+                // Straight from the frame into the values: no decoded copy.
+                let body = s.conn.recv_raw().await?;
+                let (_, values) =
+                    crate::net::wire::vector_view(body, crate::net::wire::TAG_PARAMS).map_err(KvError::ServerFrame)?;
+                if values.len() != s.range.len() * 4 {
+                    return Err(KvError::ShardSize { got: values.len() / 4, len: s.range.len() });
+                }
+                warden_kernels::convert::copy_f32_le(&mut self.params[s.range.clone()], values);
+            }
+            self.fetched_at = Some(self.step);
+        }
+        Ok(&self.params[self.tensors[i].range.clone()])
+    }
+
+    /// The final values (after every complete step), for the model file.
+    pub async fn final_params(&mut self) -> Result<Vec<f32>, KvError> {
+        if self.tensors.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.pushed.fill(false);
+        self.pull(0).await?;
+        Ok(self.params.clone())
+    }
+
+    /// Closes the server connections cleanly at the end.
+    pub async fn close(&mut self) {
+        for s in self.servers.drain(..) {
+            s.conn.close().await;
+        }
+    }
+
+    /// Serves one request; `Err` means the connection must close.
+    async fn handle(
+        &mut self,
+        req: Request,
+        payload: &[u8],
+        ctx: &RoleCtx,
+        sched: &mut SchedLink,
+        out: &mut Vec<u8>,
+    ) -> Result<serde_json::Value, KvError> {
+        use serde_json::json;
+        let dtype = Dtype::parse(req.dtype.as_deref())?;
+        match req.op.as_str() {
+            "rank" => Ok(json!({"ok": true, "rank": self.rank})),
+            "num_workers" => Ok(json!({"ok": true, "num_workers": self.workers})),
+            "tensors" => Ok(json!({
+                "ok": true,
+                "tensors": self.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape})).collect::<Vec<_>>(),
+            })),
+            "init" => {
+                let i = self.tensor(req.name.as_deref())?;
+                if self.started {
+                    return Err(KvError::InitAfterStart);
+                }
+                if ctx.spec.init.is_some() {
+                    // The servers start from the verified weights, which no worker may replace.
+                    return Ok(json!({"ok": true, "ignored": INIT_IGNORED}));
+                }
+                let range = self.tensors[i].range.clone();
+                dtype.decode(payload, &mut self.init[range]);
+                self.inited = true;
+                Ok(json!({"ok": true}))
+            }
+            "push" | "pushpull" => {
+                let i = self.tensor(req.name.as_deref())?;
+                self.start(sched).await?;
+                self.push(i, dtype, payload).await?;
+                if req.op == "push" {
+                    return Ok(json!({"ok": true, "step": self.step}));
+                }
+                let v = self.pull(i).await?;
+                dtype.encode(v, out);
+                Ok(json!({"ok": true, "step": self.step, "nbytes": out.len()}))
+            }
+            "pull" => {
+                let i = self.tensor(req.name.as_deref())?;
+                self.start(sched).await?;
+                let v = self.pull(i).await?;
+                dtype.encode(v, out);
+                Ok(json!({"ok": true, "step": self.step, "nbytes": out.len()}))
+            }
+            "barrier" => {
+                self.start(sched).await?;
+                self.barrier(sched).await?;
+                Ok(json!({"ok": true}))
+            }
+            "report" => {
+                let epoch = req.epoch.ok_or(KvError::ReportNeeds("epoch"))?;
+                let train_loss = req.train_loss.ok_or(KvError::ReportNeeds("train_loss"))?;
+                let secs = self.last_report.elapsed().as_secs_f64().max(1e-9);
+                let steps = self.step - self.steps_at_report;
+                ctx.emit(Event::Epoch {
+                    epoch,
+                    train_loss,
+                    steps,
+                    samples_per_s: req.samples.unwrap_or(0) as f64 / secs,
+                    bytes_pushed: 0,
+                    bytes_pulled: 0,
+                });
+                if let (Some(test_loss), Some(test_accuracy)) = (req.test_loss, req.test_accuracy) {
+                    ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
+                }
+                self.last_report = Instant::now();
+                self.steps_at_report = self.step;
+                Ok(json!({"ok": true}))
+            }
+            other => Err(KvError::UnknownOp(other.to_string())),
+        }
+    }
+
+    /// The most payload bytes an op on tensor `name` may carry.
+    fn max_payload(&self, req: &Request) -> usize {
+        let per = Dtype::parse(req.dtype.as_deref()).map_or(4, Dtype::size);
+        req.name.as_deref().and_then(|n| self.index.get(n)).map_or(0, |i| self.tensors[*i].range.len() * per)
+    }
+}
+
+/// Serves one connection of the program until it closes. Framing errors
+/// close it (with a reason); refused operations do not.
+pub async fn serve_conn(
+    mut s: UnixStream,
+    kv: &tokio::sync::Mutex<Kv>,
+    ctx: &RoleCtx,
+    sched: &tokio::sync::Mutex<SchedLink>,
+) -> Result<(), KvError> {
+    let me = nix::unistd::Uid::current().as_raw();
+    let peer = s.peer_cred()?;
+    if peer.uid() != me {
+        let _ = reply(&mut s, &serde_json::json!({"ok": false, "error": "only the job user may use this socket"}), &[])
+            .await;
+        return Err(KvError::ForeignUid { uid: peer.uid(), job_uid: me });
+    }
+    let mut payload = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let n = match s.read_u32_le().await {
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if n > MAX_HEADER {
+            return Err(closing(&mut s, KvError::HeaderTooLong(n)).await);
+        }
+        let mut header = vec![0u8; n];
+        s.read_exact(&mut header).await?;
+        let req: Request = match serde_json::from_slice(&header) {
+            Ok(r) => r,
+            Err(e) => return Err(closing(&mut s, KvError::BadHeader(e)).await),
+        };
+        // Not held while the payload arrives: a client that stalls
+        // mid-request must not hold up the program's other connections.
+        let max = kv.lock().await.max_payload(&req);
+        if req.nbytes > max {
+            let name = req.name.unwrap_or_else(|| "?".into());
+            return Err(closing(&mut s, KvError::PayloadTooLarge { nbytes: req.nbytes, name, max }).await);
+        }
+        payload.resize(req.nbytes, 0);
+        s.read_exact(&mut payload).await?;
+        let expected = if matches!(req.op.as_str(), "init" | "push" | "pushpull") { max } else { 0 };
+        out.clear();
+        let mut kv = kv.lock().await;
+        let mut sched = sched.lock().await;
+        let answer = if req.nbytes != expected {
+            Err(KvError::PayloadSize { op: req.op, expected, got: req.nbytes })
+        } else {
+            kv.handle(req, &payload, ctx, &mut sched, &mut out).await
+        };
+        drop((sched, kv));
+        match answer {
+            Ok(h) => reply(&mut s, &h, &out).await?,
+            Err(why) => reply(&mut s, &refusal(&why), &[]).await?,
+        }
+    }
+}
+
+/// The response header that says why a request was refused.
+fn refusal(why: &KvError) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": why.to_string()})
+}
+
+/// Tells the program why its connection closes; returns `why` to log.
+async fn closing(s: &mut UnixStream, why: KvError) -> KvError {
+    let _ = reply(s, &refusal(&why), &[]).await;
+    why
+}
+
+async fn reply(s: &mut UnixStream, header: &serde_json::Value, payload: &[u8]) -> std::io::Result<()> {
+    let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    let mut head = Vec::with_capacity(4 + h.len());
+    head.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    head.extend_from_slice(&h);
+    s.write_all(&head).await?;
+    // The tensor bytes go as they are: no copy into one buffer.
+    s.write_all(payload).await
+}
+
+/// Binds the socket in `dir` (mode 0600; the directory is the job user's, 0700).
+pub fn bind(dir: &Path) -> Result<std::os::unix::net::UnixListener, ProgramError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let l = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(source) => return Err(ProgramError::Bind { path, source }),
+    };
+    if let Err(source) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        return Err(ProgramError::Restrict { path, source });
+    }
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Kills the program if the agent stops first (a stop from the launcher, a
+/// failed job); disarmed once the program has exited.
+struct ChildGuard {
+    pid: i32,
+    exited: Arc<AtomicBool>,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.exited.load(Ordering::SeqCst) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs an external worker: serves the program's KV socket until the
+/// program exits; its exit status is the worker's result. Worker 0 then
+/// writes the final values as the job's model.
+pub async fn run(
+    ctx: RoleCtx,
+    listener: std::os::unix::net::UnixListener,
+    child: std::process::Child,
+) -> Result<(), RoleError> {
+    let (_guard, exit) = watch_exit(child);
+    let mut sched = ctx.scheduler_link().await?;
+    crate::train::roles::await_start(&mut sched, false).await?;
+    ctx.emit(Event::Started);
+    let conns = ctx.connect_servers().await?.into_iter().map(|(conn, _)| conn).collect();
+    let ctx = Arc::new(ctx);
+    let kv = Arc::new(tokio::sync::Mutex::new(Kv::new(&ctx, conns)));
+    let sched = Arc::new(tokio::sync::Mutex::new(sched));
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError::new(e.to_string()))?;
+    let status = serve_until_exit(listener, &kv, &ctx, &sched, exit).await?;
+    let command = ctx.spec.worker.as_ref().map(|w| w.command.join(" ")).unwrap_or_default();
+    if !status.success() {
+        return Err(RoleError::new(format!("the program `{command}` ended with {status}; its output is in this log")));
+    }
+    tracing::info!("the program `{command}` finished");
+    if ctx.me().rank == 0 {
+        let params = kv.lock().await.final_params().await.map_err(|e| RoleError::new(e.to_string()))?;
+        let dir = ctx.workdir.join("model");
+        crate::store::artifact::write_model(&dir, &ctx.spec.model, &params, ctx.seed)
+            .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
+        ctx.emit(Event::Model { path: dir, step: None });
+    }
+    kv.lock().await.close().await;
+    let mut sched = sched.lock().await;
+    sched.send(&Message::Finished).await?;
+    match sched.recv_or_closed().await? {
+        Some(Message::Shutdown) | None => Ok(()),
+        Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
+        Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
+    }
+}
+
+/// The program's exit status, from a thread that waits for it; the guard
+/// kills the program if the agent stops first.
+fn watch_exit(
+    mut child: std::process::Child,
+) -> (ChildGuard, tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>) {
+    let exited = Arc::new(AtomicBool::new(false));
+    let guard = ChildGuard { pid: child.id() as i32, exited: exited.clone() };
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        exited.store(true, Ordering::SeqCst);
+        let _ = exit_tx.send(status);
+    });
+    (guard, exit_rx)
+}
+
+/// Serves the program's connections, each on a task of its own and at most
+/// [`MAX_CONNECTIONS`] at once, until the program exits; its exit status.
+async fn serve_until_exit(
+    listener: tokio::net::UnixListener,
+    kv: &Arc<tokio::sync::Mutex<Kv>>,
+    ctx: &Arc<RoleCtx>,
+    sched: &Arc<tokio::sync::Mutex<SchedLink>>,
+    mut exit: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
+) -> Result<std::process::ExitStatus, RoleError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let status = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let s = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors, say: the program's open
+                        // connections go on; try again shortly.
+                        tracing::warn!("KV socket: cannot accept a connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("refused a KV connection: {MAX_CONNECTIONS} are open already");
+                    tasks.spawn(turn_away(s));
+                    continue;
+                };
+                let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
+                        tracing::warn!("KV connection closed: {e}");
+                    }
+                    drop(slot);
+                });
+            }
+            // Finished connections are reaped as they end.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            status = &mut exit => {
+                break status.map_err(|_| RoleError::new("lost the program's exit status"))?
+                    .map_err(|e| RoleError::new(format!("waiting for the program: {e}")))?;
+            }
+        }
+    };
+    tasks.abort_all();
+    Ok(status)
+}
+
+/// Tells a connection beyond [`MAX_CONNECTIONS`] why it is closed (within a second).
+async fn turn_away(mut s: UnixStream) {
+    let why = format!("too many connections to the KV socket (at most {MAX_CONNECTIONS} at once); close one first");
+    let header = serde_json::json!({"ok": false, "error": why});
+    let answer = reply(&mut s, &header, &[]);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
+}
+
+/// What a `[worker] command` inherits of the agent's environment.
+pub const PROGRAM_ENV: &[&str] = &["PATH", "LANG", "TZ"];
+
+/// Starts the `[worker] command` as the job user (the caller has dropped
+/// privileges already; the seccomp filter comes after, so the program is
+/// not bound by the agent's filter but has no capabilities and
+/// no_new_privs). Its stdout and stderr go to the agent's log.
+///
+/// Its environment is [`PROGRAM_ENV`] as the agent has it, then `[worker]
+/// env`, then the `WARDEN_*` variables below: nothing else of the agent's
+/// or the launcher's (no passphrase variable, no token of a user's shell).
+pub fn spawn_program(
+    spec: &crate::job::spec::JobSpec,
+    rank: u32,
+    workers: u32,
+    workdir: &Path,
+    seed: u64,
+) -> Result<std::process::Child, ProgramError> {
+    use std::os::fd::AsFd;
+    let w = spec.worker.as_ref().ok_or(ProgramError::NoCommand)?;
+    let log = std::io::stderr().as_fd().try_clone_to_owned()?;
+    std::process::Command::new(&w.command[0])
+        .args(&w.command[1..])
+        .current_dir(&w.workdir)
+        .env_clear()
+        .envs(PROGRAM_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (k, v))))
+        .envs(&w.env)
+        .env("WARDEN_RANK", rank.to_string())
+        .env("WARDEN_NUM_WORKERS", workers.to_string())
+        .env("WARDEN_KV", workdir.join(SOCKET))
+        .env("WARDEN_RUN_DIR", workdir)
+        .env("WARDEN_EPOCHS", spec.training.epochs.to_string())
+        .env("WARDEN_BATCH_SIZE", spec.training.batch_size.to_string())
+        .env("WARDEN_SEED", seed.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(log))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|source| ProgramError::Spawn { command: w.command.join(" "), dir: w.workdir.clone(), source })
+}

@@ -1,0 +1,11 @@
+//! Training itself: the scheduler, server and worker ([`roles`]), the
+//! update rules ([`optimizer`]), the built-in models ([`model`]) and their
+//! data ([`data`]), training randomness ([`train_rng`]), and the local KV
+//! socket through which a user's own program trains ([`kv`]).
+
+pub mod data;
+pub mod kv;
+pub mod model;
+pub mod optimizer;
+pub mod roles;
+pub mod train_rng;

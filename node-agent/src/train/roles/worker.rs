@@ -1,0 +1,465 @@
+//! A worker: reads its shard of the data, computes gradients, pushes them to
+//! every server and pulls the updated parameters, all servers concurrently.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
+
+use super::{RoleCtx, RoleError};
+use crate::job::spec::SyncMode;
+use crate::net::conn::ClientConn;
+use crate::net::control::Event;
+use crate::net::identity::Role;
+use crate::net::wire::{Message, TAG_PARAMS, vector_view};
+use crate::train::data::Dataset;
+use crate::train::model::{Batch, Workspace};
+use crate::train::train_rng::{Stream, rng};
+
+/// A worker's data, loaded before training starts.
+#[derive(Debug)]
+pub struct WorkerData {
+    /// This worker's shard of the training set.
+    pub train: Dataset,
+    /// The test set (rank 0 only).
+    pub test: Option<Dataset>,
+    /// Steps per epoch, the same on every worker so sync steps line up.
+    pub steps: usize,
+}
+
+/// Loads this worker's training shard (and, for rank 0, the test set).
+pub fn load_data(ctx: &RoleCtx) -> Result<WorkerData, RoleError> {
+    let rank = ctx.me().rank;
+    let Some(data) = &ctx.spec.data else {
+        // The synthetic model: no samples, a fixed number of steps.
+        let empty = Dataset { features: 0, x: Vec::new(), y: Vec::new() };
+        return Ok(WorkerData { train: empty, test: None, steps: ctx.spec.training.synthetic_steps });
+    };
+    let (all, test) = crate::train::data::load(data, &ctx.spec.model, ctx.seed, rank == 0)
+        .map_err(|e| RoleError::new(e.to_string()))?;
+    let workers = ctx.plan.count(Role::Worker) as usize;
+    let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError::new)?;
+    Ok(WorkerData { train: all.shard(rank as usize, workers), test, steps })
+}
+
+/// Steps per epoch for `n` training samples over `workers` workers: every
+/// worker runs the same number, set by the smallest shard.
+pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> Result<usize, String> {
+    let min_shard = n / workers;
+    if min_shard < batch {
+        return Err(format!(
+            "each worker's shard has {min_shard} samples ({n} samples / {workers} workers), fewer than batch_size = {batch}; lower batch_size or use fewer workers"
+        ));
+    }
+    Ok(min_shard / batch)
+}
+
+/// The shard-local sample indices of each step of `epoch` on worker `rank`:
+/// a permutation of the shard from the training seed, cut into batches.
+/// Exposed so tests can replay exactly what a worker trained on.
+pub fn epoch_order(seed: u64, rank: u32, epoch: u32, shard_len: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..shard_len).collect();
+    order.shuffle(&mut rng(seed, Stream::Shuffle { rank, epoch }));
+    order
+}
+
+struct LinkCmd {
+    /// Ask the server for a checkpoint of this step first (worker 0).
+    checkpoint: Option<u64>,
+    /// An encoded push frame (empty for a pull only).
+    push: Vec<u8>,
+    /// Pull once the shard reaches this version (`None`: no pull).
+    pull: Option<u64>,
+    /// Receives the params frame body; handed back in the reply.
+    body: Vec<u8>,
+}
+
+struct LinkReply {
+    push: Vec<u8>,
+    body: Vec<u8>,
+    bytes_out: u64,
+}
+
+/// One server connection, driven by its own task so that every server is
+/// pushed to and pulled from at the same time (and TLS work spreads over the
+/// runtime's threads). Buffers travel with the commands and come back with
+/// the replies, so the steady state allocates nothing.
+struct Link {
+    range: Range<usize>,
+    version: u64,
+    tx: mpsc::Sender<LinkCmd>,
+    /// A broken connection arrives as a [`RoleError`] that knows whether it
+    /// follows from another process's failure (the server closed it).
+    rx: mpsc::Receiver<Result<LinkReply, RoleError>>,
+    push: Vec<u8>,
+    body: Vec<u8>,
+    /// 2-bit error feedback: what was not yet sent.
+    residual: Vec<f32>,
+    /// The task that owns the connection.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Closes every link cleanly (TLS close_notify): the servers see an orderly
+/// goodbye at the end of training, not a vanished peer.
+async fn close_links(links: Vec<Link>) {
+    for Link { tx, task, .. } in links {
+        drop(tx);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
+}
+
+fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
+    let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
+    let (reply_tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        while let Some(LinkCmd { checkpoint, push, pull, mut body }) = cmd_rx.recv().await {
+            let result = async {
+                let mut bytes_out = push.len() as u64;
+                if let Some(step) = checkpoint {
+                    bytes_out += conn.send(&Message::Checkpoint { step }).await? as u64;
+                }
+                if !push.is_empty() {
+                    conn.send_frame(&push).await?;
+                }
+                if let Some(min_version) = pull {
+                    bytes_out += conn.send(&Message::Pull { min_version }).await? as u64;
+                    conn.recv_raw().await?;
+                    conn.swap_frame(&mut body);
+                }
+                Ok::<_, RoleError>(LinkReply { push, body, bytes_out })
+            }
+            .await;
+            let failed = result.is_err();
+            if reply_tx.send(result).await.is_err() || failed {
+                return;
+            }
+        }
+        // The worker is done with this server.
+        conn.close().await;
+    });
+    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new(), residual: Vec::new(), task }
+}
+
+/// Running totals for the metrics.
+#[derive(Debug, Default)]
+struct Traffic {
+    pushed: u64,
+    pulled: u64,
+}
+
+/// Pushes `grad` (if any) and pulls every shard, all servers at once.
+async fn exchange(
+    links: &mut [Link],
+    params: &mut [f32],
+    grad: Option<&[f32]>,
+    mode: SyncMode,
+    compression: crate::job::spec::Compression,
+    t: &mut Traffic,
+) -> Result<(), RoleError> {
+    for link in links.iter_mut() {
+        let mut push = std::mem::take(&mut link.push);
+        push.clear();
+        if let Some(g) = grad {
+            if link.residual.len() != link.range.len() && compression.encoding == crate::net::wire::Encoding::TwoBit {
+                link.residual = vec![0.0; link.range.len()];
+            }
+            crate::net::wire::encode_push(
+                link.version,
+                &g[link.range.clone()],
+                compression.encoding,
+                compression.threshold,
+                &mut link.residual,
+                &mut push,
+            );
+        }
+        // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
+        let min_version = match (grad.is_some(), mode) {
+            (true, SyncMode::Sync) => link.version.checked_add(1).ok_or_else(|| {
+                RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
+            })?,
+            _ => 0,
+        };
+        let body = std::mem::take(&mut link.body);
+        let cmd = LinkCmd { checkpoint: None, push, pull: Some(min_version), body };
+        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
+    }
+    for link in links.iter_mut() {
+        let reply = link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))??;
+        let (version, values) =
+            vector_view(&reply.body, TAG_PARAMS).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
+        if values.len() != link.range.len() * 4 {
+            return Err(RoleError::new(format!(
+                "server sent {} values for a shard of {}",
+                values.len() / 4,
+                link.range.len()
+            )));
+        }
+        warden_kernels::convert::copy_f32_le(&mut params[link.range.clone()], values);
+        link.version = version;
+        t.pushed += reply.bytes_out;
+        t.pulled += (reply.body.len() + crate::net::wire::HEADER_LEN) as u64;
+        link.push = reply.push;
+        link.body = reply.body;
+    }
+    Ok(())
+}
+
+/// Worker 0 asks every server (and the scheduler, which then waits for the
+/// commit before ending the job) for a checkpoint of the state after `step`
+/// steps. Sent before this worker's next push, so in sync mode every server
+/// is exactly at `step` when the request arrives.
+async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink, step: u64) -> Result<(), RoleError> {
+    sched.send(&Message::Checkpoint { step }).await?;
+    for link in links.iter_mut() {
+        // No push, no pull: the link's buffers stay where they are.
+        let cmd = LinkCmd { checkpoint: Some(step), push: Vec::new(), pull: None, body: Vec::new() };
+        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
+    }
+    for link in links.iter_mut() {
+        link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))??;
+    }
+    Ok(())
+}
+
+/// When worker 0 asks for checkpoints.
+struct CheckpointClock {
+    every_steps: Option<u64>,
+    every: Option<std::time::Duration>,
+    last: Instant,
+}
+
+impl CheckpointClock {
+    /// Worker 0's clock, for a job with `[checkpoint]`; other workers ask for none.
+    fn of_worker(ctx: &RoleCtx) -> Option<CheckpointClock> {
+        let c = ctx.spec.checkpoint.as_ref().filter(|_| ctx.me().rank == 0)?;
+        Some(CheckpointClock {
+            every_steps: c.every_steps,
+            every: c.every_seconds.map(std::time::Duration::from_secs),
+            last: Instant::now(),
+        })
+    }
+
+    fn due(&mut self, step: u64) -> bool {
+        let by_steps = self.every_steps.is_some_and(|n| step.is_multiple_of(n));
+        let by_time = self.every.is_some_and(|d| self.last.elapsed() >= d);
+        if by_steps || by_time {
+            self.last = Instant::now();
+        }
+        by_steps || by_time
+    }
+}
+
+/// One step's local work: a batch of this worker's shard, its loss and
+/// gradient, in buffers reused from step to step.
+struct LocalStep {
+    grad: Vec<f32>,
+    xb: Vec<f32>,
+    yb: Vec<u8>,
+    ws: Workspace,
+}
+
+impl LocalStep {
+    fn new(ctx: &RoleCtx, train: &Dataset, num_params: usize) -> LocalStep {
+        let batch = ctx.spec.training.batch_size;
+        LocalStep {
+            grad: vec![0.0; num_params],
+            xb: vec![0.0; batch * train.features],
+            yb: vec![0; batch],
+            ws: Workspace::default(),
+        }
+    }
+
+    /// The loss of step `step` of `epoch` (whose sample order is `order`),
+    /// its gradient left in `self.grad`; a loss that is not finite ends
+    /// the job with advice.
+    fn gradient(
+        &mut self,
+        ctx: &RoleCtx,
+        train: &Dataset,
+        params: &[f32],
+        order: &[usize],
+        (epoch, step): (u32, usize),
+    ) -> Result<f32, RoleError> {
+        let (spec, rank, batch) = (&ctx.spec, ctx.me().rank, ctx.spec.training.batch_size);
+        let loss = if spec.model.kind == crate::job::spec::ModelKind::Synthetic {
+            // A small constant gradient: the parameters drift, nothing else.
+            self.grad.fill(1e-6);
+            0.0
+        } else {
+            fill_batch(train, &order[step * batch..(step + 1) * batch], &mut self.xb, &mut self.yb);
+            // Dropout masks from a stream per step, so a resumed run draws the same ones.
+            let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch, step: step as u64 });
+            let b = Batch { x: &self.xb, y: &self.yb };
+            self.ws.loss_and_grad(&spec.model, params, &b, &mut self.grad, Some(&mut dropout))
+        };
+        if !loss.is_finite() {
+            return Err(RoleError::new(format!(
+                "the training loss became {loss} at epoch {epoch}, step {}; lower [optimizer] lr or set clip_gradient",
+                step + 1
+            )));
+        }
+        Ok(loss)
+    }
+}
+
+/// Runs worker `ctx.me().rank` with its data until training is done.
+pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
+    let WorkerData { train, test, steps } = data;
+    let mut sched = ctx.scheduler_link().await?;
+    let resumed_at = super::await_start(&mut sched, ctx.resume).await?;
+    ctx.emit(Event::Started);
+    let mut links: Vec<Link> =
+        ctx.connect_servers().await?.into_iter().map(|(conn, range)| spawn_link(conn, range)).collect();
+    let spec = &ctx.spec;
+    let mode = spec.training.mode;
+    let compression = spec.training.compression;
+    let mut params = vec![0.0f32; ctx.plan.num_params];
+    let mut traffic = Traffic::default();
+    exchange(&mut links, &mut params, None, mode, compression, &mut traffic).await?;
+
+    let rank = ctx.me().rank;
+    let batch = spec.training.batch_size;
+    let mut local = LocalStep::new(&ctx, &train, params.len());
+    let synthetic = spec.model.kind == crate::job::spec::ModelKind::Synthetic;
+    let started = Instant::now();
+    let mut clock = CheckpointClock::of_worker(&ctx);
+    // Resuming at global step R continues with step R % steps of epoch R / steps + 1.
+    let first_epoch = (resumed_at / steps as u64) as u32 + 1;
+    for epoch in first_epoch..=spec.training.epochs {
+        let epoch_start = Instant::now();
+        let before = (traffic.pushed, traffic.pulled);
+        let order = epoch_order(ctx.seed, rank, epoch, train.len());
+        let mut loss_sum = 0.0f64;
+        let first_step = if epoch == first_epoch { (resumed_at % steps as u64) as usize } else { 0 };
+        for step in first_step..steps {
+            loss_sum += f64::from(local.gradient(&ctx, &train, &params, &order, (epoch, step))?);
+            exchange(&mut links, &mut params, Some(&local.grad), mode, compression, &mut traffic).await?;
+            let global = u64::from(epoch - 1) * steps as u64 + step as u64 + 1;
+            if let Some(clock) = clock.as_mut()
+                && clock.due(global)
+            {
+                request_checkpoint(&mut links, &mut sched, global).await?;
+            }
+            if rank == 0 && ctx.finish.load(std::sync::atomic::Ordering::Relaxed) {
+                return keep_work(&ctx, &params, global).await;
+            }
+            // Every 20 steps and at an epoch's last, so the launcher's bar ends full.
+            if rank == 0 && ((step + 1) % 20 == 0 || step + 1 == steps) {
+                ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
+            }
+        }
+        let secs = epoch_start.elapsed().as_secs_f64();
+        let ran = (steps - first_step).max(1);
+        ctx.emit(Event::Epoch {
+            epoch,
+            train_loss: loss_sum / ran as f64,
+            steps: ran as u64,
+            samples_per_s: (ran * if synthetic { 1 } else { batch }) as f64 / secs.max(1e-9),
+            bytes_pushed: traffic.pushed - before.0,
+            bytes_pulled: traffic.pulled - before.1,
+        });
+        barrier(&mut sched, epoch).await?;
+        if let Some(test) = &test {
+            // After the barrier every push of the epoch is in: evaluate the result.
+            exchange(&mut links, &mut params, None, mode, compression, &mut traffic).await?;
+            let (test_loss, test_accuracy) = evaluate(&ctx, &mut local.ws, &params, test);
+            ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
+        } else if synthetic && rank == 0 {
+            ctx.emit(Event::Eval { epoch, test_loss: 0.0, test_accuracy: 0.0 });
+        }
+    }
+    tracing::info!("trained {} epochs in {:.1}s", spec.training.epochs, started.elapsed().as_secs_f64());
+    close_links(links).await;
+    finish(&ctx, &mut sched, &params, u64::from(spec.training.epochs) * steps as u64).await
+}
+
+/// A requested stop, on worker 0 after step `step`: the weights it holds
+/// (every worker's pushes of that step applied, as in sync mode they are
+/// when the pull returns) become the model. The links stay open, so that
+/// no peer takes the stop for a failure; the launcher stops every process
+/// once it has fetched the model.
+async fn keep_work(ctx: &RoleCtx, params: &[f32], step: u64) -> Result<(), RoleError> {
+    tracing::info!("stopping on request: saving the weights after step {step}");
+    save_model(ctx, params, step)?;
+    std::future::pending().await
+}
+
+/// Worker 0 writes the model and says where.
+fn save_model(ctx: &RoleCtx, params: &[f32], step: u64) -> Result<(), RoleError> {
+    let dir = ctx.workdir.join("model");
+    crate::store::artifact::write_model_at(&dir, &ctx.spec.model, params, ctx.seed, step)
+        .map_err(|e| RoleError::new(format!("cannot write the model: {e}")))?;
+    ctx.emit(Event::Model { path: dir, step: Some(step) });
+    Ok(())
+}
+
+/// The end-of-epoch barrier: every worker's pushes of `epoch` are in.
+async fn barrier(sched: &mut super::SchedLink, epoch: u32) -> Result<(), RoleError> {
+    sched.send(&Message::Barrier { id: u64::from(epoch) }).await?;
+    match sched.recv().await? {
+        Message::BarrierDone { id } if id == u64::from(epoch) => Ok(()),
+        Message::Abort { reason } => Err(RoleError::aborted(&reason)),
+        m => Err(RoleError::new(format!("unexpected `{}` from the scheduler at a barrier", m.name()))),
+    }
+}
+
+/// After training: worker 0 writes the model and says where; every worker
+/// says it finished and waits for the scheduler's shutdown.
+async fn finish(ctx: &RoleCtx, sched: &mut super::SchedLink, params: &[f32], step: u64) -> Result<(), RoleError> {
+    if ctx.me().rank == 0 {
+        save_model(ctx, params, step)?;
+    }
+    sched.send(&Message::Finished).await?;
+    match sched.recv_or_closed().await? {
+        Some(Message::Shutdown) | None => Ok(()),
+        Some(Message::Abort { reason }) => Err(RoleError::aborted(&reason)),
+        Some(m) => Err(RoleError::new(format!("unexpected `{}` from the scheduler at the end", m.name()))),
+    }
+}
+
+/// Copies the samples `picked` of `train` into the batch buffers.
+fn fill_batch(train: &Dataset, picked: &[usize], xb: &mut [f32], yb: &mut [u8]) {
+    let f = train.features;
+    for (j, &i) in picked.iter().enumerate() {
+        xb[j * f..(j + 1) * f].copy_from_slice(&train.x[i * f..(i + 1) * f]);
+        yb[j] = train.y[i];
+    }
+}
+
+/// Mean test loss and accuracy.
+fn evaluate(ctx: &RoleCtx, ws: &mut Workspace, params: &[f32], test: &Dataset) -> (f64, f64) {
+    let f = test.features;
+    let (mut loss, mut correct) = (0.0, 0);
+    for start in (0..test.len()).step_by(1024) {
+        let end = (start + 1024).min(test.len());
+        let (l, c) =
+            ws.evaluate(&ctx.spec.model, params, &Batch { x: &test.x[start * f..end * f], y: &test.y[start..end] });
+        loss += l;
+        correct += c;
+    }
+    let n = test.len().max(1) as f64;
+    (loss / n, correct as f64 / n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn checkpoints_fall_due_by_steps_and_by_time() {
+        let mut by_steps = CheckpointClock { every_steps: Some(20), every: None, last: Instant::now() };
+        let due: Vec<u64> = (1..=100).filter(|s| by_steps.due(*s)).collect();
+        assert_eq!(due, vec![20, 40, 60, 80, 100]);
+
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        let mut by_time = CheckpointClock { every_steps: None, every: Some(Duration::from_secs(60)), last: long_ago };
+        assert!(by_time.due(7), "a minute has passed since the last one");
+        assert!(!by_time.due(8), "the clock restarts at each checkpoint");
+        // Both: whichever comes first.
+        let mut both =
+            CheckpointClock { every_steps: Some(1000), every: Some(Duration::from_secs(60)), last: long_ago };
+        assert!(both.due(3) && !both.due(4) && both.due(1000));
+    }
+}
