@@ -39,20 +39,35 @@ pub fn load_data(ctx: &RoleCtx) -> Result<WorkerData, RoleError> {
     let (all, test) = crate::train::data::load(data, &ctx.spec.model, ctx.seed, rank == 0)
         .map_err(|e| RoleError::new(e.to_string()))?;
     let workers = ctx.plan.count(Role::Worker) as usize;
-    let steps = steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(RoleError::new)?;
+    let steps =
+        steps_per_epoch(all.len(), workers, ctx.spec.training.batch_size).map_err(|e| RoleError::new(e.to_string()))?;
     Ok(WorkerData { train: all.shard(rank as usize, workers), test, steps })
 }
 
 /// Steps per epoch for `n` training samples over `workers` workers: every
 /// worker runs the same number, set by the smallest shard.
-pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> Result<usize, String> {
-    let min_shard = n / workers;
-    if min_shard < batch {
-        return Err(format!(
-            "each worker's shard has {min_shard} samples ({n} samples / {workers} workers), fewer than batch_size = {batch}; lower batch_size or use fewer workers"
-        ));
+pub fn steps_per_epoch(n: usize, workers: usize, batch: usize) -> Result<usize, ShardTooSmall> {
+    let shard = n / workers;
+    if shard < batch {
+        return Err(ShardTooSmall { shard, n, workers, batch });
     }
-    Ok(min_shard / batch)
+    Ok(shard / batch)
+}
+
+/// A worker's shard holds fewer samples than one batch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "each worker's shard has {shard} samples ({n} samples / {workers} workers), fewer than batch_size = {batch}; lower batch_size or use fewer workers"
+)]
+pub struct ShardTooSmall {
+    /// Samples in the smallest shard.
+    pub shard: usize,
+    /// Training samples in all.
+    pub n: usize,
+    /// Workers of the job.
+    pub workers: usize,
+    /// `[training] batch_size`.
+    pub batch: usize,
 }
 
 /// The shard-local sample indices of each step of `epoch` on worker `rank`:
