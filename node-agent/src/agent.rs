@@ -309,8 +309,8 @@ fn drop_privileges(
         (Role::Worker, Some(_)) => {
             crate::host::harden::drop_identity(user)?;
             let socket = crate::train::kv::bind(&bundle.workdir)?;
-            let workers = plan.count(Role::Worker);
-            let child = crate::train::kv::spawn_program(spec, me.rank, workers, &bundle.workdir, bundle.seed)?;
+            let ranks = crate::train::kv::WorkerRanks::of(plan, me.rank);
+            let child = crate::train::kv::spawn_program(spec, ranks, &bundle.workdir, bundle.seed)?;
             crate::host::harden::install_seccomp_with_child(Some(child.id()))?;
             Ok(Some((socket, child)))
         }

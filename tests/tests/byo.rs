@@ -292,6 +292,7 @@ import json, os, time
 import numpy as np
 from warden import kv
 rank = int(os.environ["WARDEN_RANK"])
+print("TORCHRUN", *(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")), flush=True)
 store = kv.connect()
 store.init("x", np.arange(1, 7, dtype=np.float32))
 store.push("x", np.full(6, 2.0 if rank == 0 else 4.0, dtype=np.float32))
@@ -323,6 +324,8 @@ fn in_async_mode_every_push_is_applied_on_arrival() {
         let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
         // Each push applied alone (lr 0.5): x0 - 0.5 * 2 - 0.5 * 4.
         assert_eq!(line, "[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]", "rank {rank}");
+        // torchrun's variables, for programs written against it: both workers on one host.
+        assert!(log.contains(&format!("TORCHRUN {rank} 2 {rank} 2")), "rank {rank}: {log}");
     }
     wait_gone(&tag);
 }

@@ -313,4 +313,19 @@ batch_size = 1
         let ports: Vec<_> = local.processes.iter().filter_map(|p| p.port).collect();
         assert_eq!(ports, vec![29500, 29501, 29502, 29503]);
     }
+
+    #[test]
+    fn a_workers_local_rank_counts_the_workers_on_its_host() {
+        use crate::train::kv::WorkerRanks;
+        let spec = JobSpec::parse("p.toml", JOB, std::path::Path::new(".")).unwrap();
+        let plan = Plan::new(&spec, &JobId::generate(), false);
+        let of = |rank| {
+            let r = WorkerRanks::of(&plan, rank);
+            (r.rank, r.workers, r.local_rank, r.local_workers)
+        };
+        // Workers 0 and 1 on the first host, worker 2 alone on the second.
+        assert_eq!(of(0), (0, 3, 0, 2));
+        assert_eq!(of(1), (1, 3, 1, 2));
+        assert_eq!(of(2), (2, 3, 0, 1));
+    }
 }

@@ -785,6 +785,40 @@ async fn turn_away(mut s: UnixStream) {
 /// What a `[worker] command` inherits of the agent's environment.
 pub const PROGRAM_ENV: &[&str] = &["PATH", "LANG", "TZ"];
 
+/// A worker's place among the job's workers, and among those on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerRanks {
+    /// Its rank among all workers.
+    pub rank: u32,
+    /// Workers of the job.
+    pub workers: u32,
+    /// Its place among the workers on its host, by rank.
+    pub local_rank: u32,
+    /// Workers on its host.
+    pub local_workers: u32,
+}
+
+impl WorkerRanks {
+    /// Worker `rank`'s place in `plan`.
+    pub fn of(plan: &crate::job::plan::Plan, rank: u32) -> WorkerRanks {
+        use crate::net::identity::Role;
+        let host = plan.processes.iter().find(|p| p.role == Role::Worker && p.rank == rank).map(|p| p.host.as_str());
+        let mut here: Vec<u32> = plan
+            .processes
+            .iter()
+            .filter(|p| p.role == Role::Worker && Some(p.host.as_str()) == host)
+            .map(|p| p.rank)
+            .collect();
+        here.sort_unstable();
+        WorkerRanks {
+            rank,
+            workers: plan.count(Role::Worker),
+            local_rank: here.iter().position(|r| *r == rank).unwrap_or(0) as u32,
+            local_workers: here.len().max(1) as u32,
+        }
+    }
+}
+
 /// Starts the `[worker] command` as the job user (the caller has dropped
 /// privileges already; the seccomp filter comes after, so the program is
 /// not bound by the agent's filter but has no capabilities and
@@ -795,11 +829,11 @@ pub const PROGRAM_ENV: &[&str] = &["PATH", "LANG", "TZ"];
 /// or the launcher's (no passphrase variable, no token of a user's shell).
 pub fn spawn_program(
     spec: &crate::job::spec::JobSpec,
-    rank: u32,
-    workers: u32,
+    ranks: WorkerRanks,
     workdir: &Path,
     seed: u64,
 ) -> Result<std::process::Child, ProgramError> {
+    let WorkerRanks { rank, workers, local_rank, local_workers } = ranks;
     use std::os::fd::AsFd;
     let w = spec.worker.as_ref().ok_or(ProgramError::NoCommand)?;
     let log = std::io::stderr().as_fd().try_clone_to_owned()?;
@@ -811,6 +845,11 @@ pub fn spawn_program(
         .envs(&w.env)
         .env("WARDEN_RANK", rank.to_string())
         .env("WARDEN_NUM_WORKERS", workers.to_string())
+        // What torchrun sets, for programs written against it.
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", workers.to_string())
+        .env("LOCAL_RANK", local_rank.to_string())
+        .env("LOCAL_WORLD_SIZE", local_workers.to_string())
         .env("WARDEN_KV", workdir.join(SOCKET))
         .env("WARDEN_RUN_DIR", workdir)
         .env("WARDEN_EPOCHS", spec.training.epochs.to_string())
