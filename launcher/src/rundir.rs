@@ -260,6 +260,9 @@ impl RunDir {
     /// launcher it starts before that launcher makes the directory its run.
     pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, RunDirError> {
         let path = path.unwrap_or_else(|| RunDir::default_path(name));
+        // Absolute, so every path the launcher prints works from any directory
+        // (`train-local` runs from the checkout, its user from elsewhere).
+        let path = std::path::absolute(&path).unwrap_or(path);
         let foreign = |e: std::io::Result<std::fs::DirEntry>| e.map_or(true, |e| e.file_name() != LAUNCHER_LOG);
         if std::fs::read_dir(&path).is_ok_and(|mut d| d.any(foreign)) {
             return Err(RunDirError::InUse(path));

@@ -101,6 +101,7 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
 /// the run (or says why it could not).
 fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
     let dir = args.run_dir.clone().unwrap_or_else(|| crate::rundir::RunDir::default_path(name));
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
     if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(CliError::usage(crate::rundir::RunDirError::InUse(dir)));
     }
