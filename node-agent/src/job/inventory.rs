@@ -54,10 +54,11 @@ fn count(line: usize, key: &str, value: &str, hi: u32) -> Result<u32, ListError>
     }
 }
 
-/// Reads an MPI/DeepSpeed-style hostfile: one host per line, `host slots=N`,
-/// `#` comments. `slots` (default 1) is the host's workers; warden also reads
-/// `servers=N`, `scheduler=1` and `address=IP`; `max_slots` is accepted and
-/// ignored (warden never oversubscribes).
+/// Reads an MPI/DeepSpeed-style hostfile: one host per line, `host slots=N`
+/// (Open MPI, DeepSpeed) or `host:N` (MPICH), `#` comments. The slots
+/// (default 1) are the host's workers; warden also reads `servers=N`,
+/// `scheduler=1` and `address=IP`; `max_slots` is accepted and ignored
+/// (warden never oversubscribes).
 pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
     let mut entries: Vec<Entry> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -67,7 +68,12 @@ pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
             continue;
         }
         let mut words = content.split_whitespace();
-        let host = words.next().unwrap_or_default();
+        let first = words.next().unwrap_or_default();
+        // MPICH's `host:N`; one colon only, so an IPv6 address is left alone.
+        let (host, mpich_slots) = match first.split_once(':') {
+            Some((h, n)) if !n.contains(':') => (h, Some(count(line, "slots", n, 1024)?)),
+            _ => (first, None),
+        };
         let name = host.rsplit('@').next().unwrap_or(host).to_string();
         if name.is_empty() || host.contains('=') {
             return fail(
@@ -76,12 +82,19 @@ pub fn parse_hostfile(text: &str) -> Result<Vec<Entry>, ListError> {
                 "write one host per line: node1 slots=2",
             );
         }
-        let mut e = Entry { name, line, ssh: host.to_string(), ..Entry::default() };
+        let mut e = Entry { name, line, ssh: host.to_string(), workers: mpich_slots, ..Entry::default() };
         for word in words {
             let Some((key, value)) = word.split_once('=') else {
                 return fail(line, format!("`{word}` is not key=value"), "for example: node1 slots=2");
             };
             match key {
+                "slots" if mpich_slots.is_some() => {
+                    return fail(
+                        line,
+                        format!("`{first}` and `{word}` both give the slots"),
+                        "write one: node1:2 or node1 slots=2",
+                    );
+                }
                 "slots" => e.workers = Some(count(line, key, value, 1024)?),
                 "max_slots" => {
                     count(line, key, value, u32::MAX)?;
@@ -493,6 +506,28 @@ mod tests {
         assert_eq!((e[0].name.as_str(), e[0].ssh.as_str(), e[0].workers, e[0].line), ("node1", "node1", Some(4), 2));
         assert_eq!((e[1].name.as_str(), e[1].ssh.as_str(), e[1].servers), ("node2", "lab@node2", Some(2)));
         assert_eq!((e[2].scheduler, e[2].address.as_deref(), e[2].workers), (Some(1), Some("10.0.0.7"), None));
+    }
+
+    #[test]
+    fn mpich_hostfiles_give_slots_after_a_colon() {
+        let e = parse_hostfile(
+            "10.0.0.11:2
+lab@node2:1 servers=1
+fe80::1
+",
+        )
+        .unwrap();
+        assert_eq!((e[0].name.as_str(), e[0].workers), ("10.0.0.11", Some(2)));
+        assert_eq!(
+            (e[1].name.as_str(), e[1].ssh.as_str(), e[1].workers, e[1].servers),
+            ("node2", "lab@node2", Some(1), Some(1))
+        );
+        // An IPv6 address is a host, not host:N.
+        assert_eq!((e[2].name.as_str(), e[2].workers), ("fe80::1", None));
+        for (text, needle) in [("a:x\n", "not a whole number"), ("a:2 slots=2\n", "both give the slots")] {
+            let err = parse_hostfile(text).unwrap_err();
+            assert!(err.message.contains(needle), "{text:?}: {err:?}");
+        }
     }
 
     #[test]
