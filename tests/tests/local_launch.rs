@@ -146,6 +146,8 @@ fn bad_input_is_refused_before_anything_starts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("localhost: cannot connect over SSH to `ssh://127.0.0.1:9`"), "{stderr}");
+    // Every host is this machine: the way out is named.
+    assert!(stderr.contains("to run it without SSH, `warden launch") && stderr.contains(" --local`"), "{stderr}");
 
     let used = dir.join("used");
     std::fs::create_dir_all(&used).unwrap();

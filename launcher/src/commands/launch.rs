@@ -85,6 +85,13 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
                 );
                 Arc::new(t)
             }
+            Err(e) if warden_agent::job::preflight::all_hosts_local(&spec) => {
+                let hint = format!(
+                    "every host of this job is this machine: to run it without SSH, `warden launch {} --local`",
+                    job.display()
+                );
+                return Err(CliError::failed(e).with_trailer(hint));
+            }
             Err(e) => return Err(CliError::failed(e)),
         };
         runtime.block_on(launch(job, spec.clone(), text, plan, move |_| transport as Arc<dyn Transport>, opts))
