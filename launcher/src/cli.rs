@@ -133,6 +133,14 @@ pub enum Command {
         #[arg(long)]
         local: bool,
     },
+    /// List the runs in a directory (default ./runs): status, start, duration, epochs, accuracy.
+    #[command(after_help = "Examples:\n  warden runs\n  warden status runs/latest\n\n\
+        runs/latest points at the newest run started in ./runs.\n\nDocs: docs/operations.md")]
+    Runs {
+        /// Where the runs are.
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+    },
     /// How a run stands, from its directory (also after its launcher died).
     #[command(after_help = "Example:\n  warden status runs/fashion-local-20261126-101500\n\nDocs: docs/operations.md")]
     Status {
@@ -413,6 +421,7 @@ fn run(command: Command) -> Result<u8, CliError> {
             own_session,
         }),
         Command::Doctor { job, accept_new_host_keys, local } => launch::exec_doctor(&job, accept_new_host_keys, local),
+        Command::Runs { dir } => run_dir::exec_runs(&dir),
         Command::Status { dir } => run_dir::exec_status(&dir),
         Command::Logs { dir, follow, host, role, tail } => {
             run_dir::exec_logs(&dir, &run_dir::LogFilter { host: host.as_deref(), role: role.as_deref(), tail }, follow)

@@ -229,6 +229,13 @@ impl RunRecord {
     }
 }
 
+/// Where runs go unless `--run-dir` says otherwise (relative to the
+/// current directory).
+pub const RUNS: &str = "runs";
+
+/// The link in [`RUNS`] to the newest run started there.
+pub const LATEST: &str = "latest";
+
 /// A detached launcher's own output (`launch --detach`), in its run directory.
 pub const LAUNCHER_LOG: &str = "launcher.log";
 
@@ -240,10 +247,11 @@ pub struct RunDir {
 
 impl RunDir {
     /// The default run directory of job `name` started now:
-    /// `runs/NAME-YYYYMMDD-HHMMSS`.
+    /// `runs/NAME-YYYYMMDD-HHMMSS`, or `...-2`, `...-3` when a run of the
+    /// same second has that name.
     pub fn default_path(name: &str) -> PathBuf {
         let t = time::OffsetDateTime::now_utc();
-        PathBuf::from("runs").join(format!(
+        let stem = format!(
             "{name}-{:04}{:02}{:02}-{:02}{:02}{:02}",
             t.year(),
             u8::from(t.month()),
@@ -251,7 +259,22 @@ impl RunDir {
             t.hour(),
             t.minute(),
             t.second()
-        ))
+        );
+        let runs = PathBuf::from(RUNS);
+        (1..)
+            .map(|n| runs.join(if n == 1 { stem.clone() } else { format!("{stem}-{n}") }))
+            .find(|p| !p.exists())
+            .expect("some name is free")
+    }
+
+    /// Points `runs/latest` at this run, replacing the link atomically (a
+    /// run directory of the default place only).
+    fn mark_latest(&self) -> std::io::Result<()> {
+        let (Some(parent), Some(name)) = (self.path.parent(), self.path.file_name()) else { return Ok(()) };
+        let tmp = parent.join(format!(".latest-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(name, &tmp)?;
+        std::fs::rename(&tmp, parent.join(LATEST))
     }
 
     /// Creates `path`, or [`RunDir::default_path`]. Refuses a non-empty
@@ -259,6 +282,7 @@ impl RunDir {
     /// accepts is [`LAUNCHER_LOG`], which `launch --detach` opens for the
     /// launcher it starts before that launcher makes the directory its run.
     pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, RunDirError> {
+        let default = path.is_none();
         let path = path.unwrap_or_else(|| RunDir::default_path(name));
         // Absolute, so every path the launcher prints works from any directory
         // (`train-local` runs from the checkout, its user from elsewhere).
@@ -283,7 +307,11 @@ impl RunDir {
                 .create(&path)
                 .map_err(|source| RunDirError::Create { path: path.clone(), source })?;
         }
-        Ok(RunDir { path })
+        let run = RunDir { path };
+        if default && let Err(e) = run.mark_latest() {
+            tracing::warn!("cannot point {RUNS}/{LATEST} at {}: {e}", run.path.display());
+        }
+        Ok(run)
     }
 
     /// The directory.

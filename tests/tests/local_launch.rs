@@ -574,3 +574,46 @@ fn a_detached_job_survives_its_sessions_hangup_and_stops_with_its_model() {
     let log = std::fs::read_to_string(run.join("launcher.log")).unwrap();
     assert!(log.contains("stopped: stopped by SIGTERM"), "{log}");
 }
+
+/// Runs launched without `--run-dir` go to `./runs`, each under a name of
+/// its own even within one second; `runs/latest` points at the newest and
+/// `warden runs` lists them all with their status.
+#[test]
+fn runs_are_listed_and_latest_points_at_the_newest() {
+    let tag = fresh_tag();
+    let dir = scratch("runs-list");
+    let job = JobFile::local().ports(32080, 32099).epochs(1).write(dir.join("job.toml"));
+    let launch_here = || {
+        Command::new(bin("warden"))
+            .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--no-progress".as_ref()])
+            .current_dir(&*dir)
+            .env("WARDEN_TEST_TAG", &tag)
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let out = launch_here();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut runs: Vec<_> = std::fs::read_dir(dir.join("runs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "latest")
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let newest = summary(&dir.join("runs").join(&runs[1]));
+    let latest = summary(&dir.join("runs/latest"));
+    assert_eq!(latest["job_id"], newest["job_id"], "runs/latest is not the newest run");
+    let out = Command::new(bin("warden")).arg("runs").current_dir(&*dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.starts_with("RUN "), "{text}");
+    for name in &runs {
+        let row = text.lines().find(|l| l.starts_with(name.as_str())).unwrap_or_else(|| panic!("{name}: {text}"));
+        assert!(row.contains("succeeded") && row.contains("1/1"), "{row}");
+    }
+    assert!(!text.lines().any(|l| l.starts_with("latest")), "{text}");
+    wait_gone(&tag);
+}

@@ -110,6 +110,60 @@ fn log_label(file: &str) -> Option<String> {
     Some(format!("{host}/{role}[{rank}]"))
 }
 
+/// `warden runs [DIR]`: every run directory in `DIR` (default `runs`),
+/// oldest first, with its status, start, duration, epochs and accuracy;
+/// `DIR/latest` names the newest.
+pub fn exec_runs(dir: &Path) -> Result<u8, CliError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        CliError::usage(Context::new(
+            format!("{} (runs go to ./runs unless --run-dir says otherwise)", dir.display()),
+            e,
+        ))
+    })?;
+    let mut rows: Vec<(u64, [String; 6])> = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
+        let Ok(run) = RunRecord::load(&path) else { continue };
+        if is_link {
+            continue;
+        }
+        let summary = crate::rundir::Summary::load(&path);
+        let (status, secs) = match (&summary, live_launcher(&run)) {
+            (Some(s), _) => (s.status.clone(), s.elapsed_s),
+            (None, Some(_)) => ("running".to_string(), unix_now().saturating_sub(run.started_unix) as f64),
+            (None, None) => ("died".to_string(), f64::NAN),
+        };
+        let epochs = summary.as_ref().map(|s| s.epochs).or_else(|| last_epoch(&path).map(|l| l.epoch)).unwrap_or(0);
+        let accuracy = summary
+            .as_ref()
+            .and_then(|s| s.test_accuracy)
+            .or_else(|| last_epoch(&path).map(|l| l.test_accuracy))
+            .map_or("-".to_string(), |a| format!("{a:.4}"));
+        let started = time::OffsetDateTime::from_unix_timestamp(run.started_unix as i64)
+            .map(|t| {
+                format!("{:04}-{:02}-{:02} {:02}:{:02}", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
+            })
+            .unwrap_or_default();
+        let name = e.file_name().to_string_lossy().to_string();
+        let took = if secs.is_nan() { "-".to_string() } else { duration(secs) };
+        let of = if run.epochs > 0 { format!("{epochs}/{}", run.epochs) } else { epochs.to_string() };
+        rows.push((run.started_unix, [name, status, started, took, of, accuracy]));
+    }
+    rows.sort_by(|a, b| (a.0, &a.1[0]).cmp(&(b.0, &b.1[0])));
+    let header = ["RUN", "STATUS", "STARTED (UTC)", "TOOK", "EPOCHS", "ACCURACY"].map(String::from);
+    let width = |i: usize| rows.iter().map(|r| r.1[i].len()).chain([header[i].len()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..6).map(width).collect();
+    for cells in std::iter::once(&header).chain(rows.iter().map(|r| &r.1)) {
+        let line: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    if rows.is_empty() {
+        println!("(no runs in {})", dir.display());
+    }
+    Ok(EXIT_OK)
+}
+
 /// The figures of the newest complete epoch in `metrics.csv`.
 struct LastEpoch {
     epoch: u32,
