@@ -68,6 +68,16 @@ fn json(text: &str) -> serde_json::Value {
 
 /// Writes `value` as JSON to `X/NAME` atomically, then (optionally) waits
 /// for `X/WAIT`; shared by the scripts below.
+/// Writes `X/name` for a program to read, whole at once (written aside,
+/// then renamed): a program polling for the name never reads it half made.
+fn put(x: &Path, name: &str, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = x.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, x.join(name)).unwrap();
+}
+
 const PRELUDE: &str = r#"
 import json, os, socket, sys, time
 X = os.environ["X"]
@@ -211,7 +221,7 @@ fn agents_and_programs_start_with_a_clean_environment() {
         let text = String::from_utf8_lossy(&environ);
         assert!(!text.contains("do-not-leak") && !text.contains("hunter2"), "agent {pid} inherited: {text}");
     }
-    std::fs::write(x.join("go"), "{}").unwrap();
+    put(&x, "go", "{}");
     let (status, stderr) = wait_for(child, &run, 60);
     assert_eq!(status.code(), Some(0), "{stderr}");
     let keys: Vec<&str> = env.as_object().unwrap().keys().map(String::as_str).collect();
@@ -340,7 +350,7 @@ print(len(held), refused)
         assert!(Instant::now() < until, "the job's agents never all started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::fs::write(x.join("go"), "{}").unwrap();
+    put(&x, "go", "{}");
     let (status, stderr) = wait_for(launcher, &run, 120);
     let attack = attack.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&attack.stdout);

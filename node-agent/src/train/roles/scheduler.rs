@@ -594,7 +594,8 @@ async fn serve_peer(
                 }
             }
             Err(e) => {
-                let _ = tx.send(Input::Lost(id.clone(), e.to_string())).await;
+                // In words a person reads: a closed connection, not TLS's text.
+                let _ = tx.send(Input::Lost(id.clone(), RoleError::from(e).message)).await;
                 return;
             }
         }
