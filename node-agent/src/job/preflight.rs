@@ -168,9 +168,9 @@ pub fn check_program(spec: &JobSpec) -> Vec<Problem> {
         if need == Need::Read && !path.exists() {
             continue;
         }
-        if let Err(message) = reachable(&path, need, gid) {
+        if let Err(blocked) = reachable(&path, need, gid) {
             let message = format!(
-                "the job's uid cannot reach {}: {message}; move it where others can read it (e.g. under /opt or /srv) or open up that directory",
+                "the job's uid cannot reach {}: {blocked}; move it where others can read it (e.g. under /opt or /srv) or open up that directory",
                 path.display()
             );
             if !problems.iter().any(|p: &Problem| p.message == message) {
@@ -181,12 +181,24 @@ pub fn check_program(spec: &JobSpec) -> Vec<Problem> {
     problems
 }
 
+/// What keeps a job's uid from a path.
+#[derive(Debug, thiserror::Error)]
+enum Blocked {
+    /// The path cannot be looked at (it vanished, say).
+    #[error("{}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    /// Its mode bits keep others (or the job's group) out.
+    #[error("{} is mode {mode:04o}, owned by {owner}", path.display())]
+    Mode { path: PathBuf, mode: u32, owner: String },
+}
+
 /// Walks `path` as a uid that owns nothing, in group `gid`, would: every
 /// directory on the way (of the path as written and of its resolved form)
 /// must let it enter, and the path itself must allow `need`.
-fn reachable(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String> {
-    let lexical = std::path::absolute(path).map_err(|e| e.to_string())?;
-    let resolved = std::fs::canonicalize(&lexical).map_err(|e| e.to_string())?;
+fn reachable(path: &std::path::Path, need: Need, gid: u32) -> Result<(), Blocked> {
+    let unreadable = |source| Blocked::Unreadable { path: path.to_path_buf(), source };
+    let lexical = std::path::absolute(path).map_err(unreadable)?;
+    let resolved = std::fs::canonicalize(&lexical).map_err(unreadable)?;
     for p in [&lexical, &resolved] {
         for dir in p.ancestors().skip(1) {
             allows(dir, Need::Enter, gid)?;
@@ -197,8 +209,8 @@ fn reachable(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String>
 
 /// Whether `path`'s mode bits give a uid that owns nothing, in group
 /// `gid`, what it needs; the error names the path, its mode and owner.
-fn allows(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String> {
-    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn allows(path: &std::path::Path, need: Need, gid: u32) -> Result<(), Blocked> {
+    let m = std::fs::metadata(path).map_err(|source| Blocked::Unreadable { path: path.to_path_buf(), source })?;
     let bits = if m.gid() == gid { (m.mode() >> 3) & 0o7 } else { m.mode() & 0o7 };
     let wanted = match need {
         Need::Enter | Need::Run => 0o1,
@@ -210,7 +222,7 @@ fn allows(path: &std::path::Path, need: Need, gid: u32) -> Result<(), String> {
     }
     let owner =
         nix::unistd::User::from_uid(m.uid().into()).ok().flatten().map_or_else(|| m.uid().to_string(), |u| u.name);
-    Err(format!("{} is mode {:04o}, owned by {owner}", path.display(), m.mode() & 0o7777))
+    Err(Blocked::Mode { path: path.to_path_buf(), mode: m.mode() & 0o7777, owner })
 }
 
 /// Key files the launcher reads must be its user's alone.
