@@ -241,7 +241,7 @@ pub enum Command {
         after_help = "Example:\n  warden serve runs/RUN/model --pubkey keys/public.pem --listen 127.0.0.1:8443 --config serve.toml\n  \
         curl --cacert cert.pem -H 'Authorization: Bearer KEY' -d '{\"input\": [...784 numbers...]}' https://127.0.0.1:8443/v1/predict\n\n\
         The signature is verified before the model is loaded. Without --tls-cert/--tls-key a self-signed certificate \
-        is made and its fingerprint printed. docs/serving.md explains every setting."
+        is made, written to serve-cert.pem (beside the state file) for curl --cacert, and its key's pin printed. docs/serving.md explains every setting."
     )]
     Serve {
         /// The signed model directory (model.safetensors and model.sig).
@@ -261,6 +261,10 @@ pub enum Command {
         /// TLS private key (PEM).
         #[arg(long, value_name = "PEM", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Without --tls-cert: where to write the self-signed certificate for clients
+        /// (default: serve-cert.pem beside the state file, or in the current directory).
+        #[arg(long, value_name = "PEM", conflicts_with = "tls_cert")]
+        tls_cert_out: Option<PathBuf>,
     },
     /// Make an API key for `warden serve`: prints the key once, and the entry for the keys file.
     #[command(
@@ -432,8 +436,15 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Bench(BenchCommand::Checkpoint(args)) => bench::exec_checkpoint(&args),
         Command::Firewall(FirewallCommand::List) => firewall::exec_list(),
         Command::Firewall(FirewallCommand::Clean { table }) => firewall::exec_clean(table.as_deref()),
-        Command::Serve { model, pubkey, listen, config, tls_cert, tls_key } => {
-            serve(crate::serve::ServeOptions { model, pubkey, listen, config, tls: tls_cert.zip(tls_key) })
+        Command::Serve { model, pubkey, listen, config, tls_cert, tls_key, tls_cert_out } => {
+            serve(crate::serve::ServeOptions {
+                model,
+                pubkey,
+                listen,
+                config,
+                tls: tls_cert.zip(tls_key),
+                tls_cert_out,
+            })
         }
         Command::Apikey { id } => {
             let (key, entry) = crate::serve::new_api_key(&id);

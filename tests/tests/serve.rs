@@ -51,6 +51,8 @@ fn api_keys(dir: &Path, keys: &[(&str, &str)]) -> Vec<String> {
 struct Served {
     child: Child,
     port: u16,
+    /// What it printed while starting.
+    said: String,
 }
 
 impl Served {
@@ -80,7 +82,7 @@ impl Served {
             }
         }
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        Served { child, port }
+        Served { child, port, said: seen }
     }
 
     /// POSTs `body`; returns (status, lower-cased headers, body).
@@ -549,6 +551,28 @@ fn metrics_need_a_key_named_for_them_and_the_state_file_is_private() {
     let (code, metrics) = s.metrics(Some(&keys[1]));
     assert_eq!(code, 200, "{metrics}");
     assert!(metrics.contains("warden_predictions_total 2"), "{metrics}");
+    // The self-signed certificate is beside the state file, for curl as is:
+    // trusted with --cacert, or its key pinned with the printed pin.
+    let cert = dir.join("serve-cert.pem");
+    let pin = s.said.split_whitespace().find(|w| w.starts_with("sha256//")).expect("a printed pin").to_string();
+    let curl = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(format!("https://localhost:{}/metrics", s.port))
+            .output()
+            .expect("curl is installed");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    assert_eq!(curl(&["--cacert", cert.to_str().unwrap()]), (Some(0), "401".to_string()), "{}", s.said);
+    assert_eq!(curl(&["--cacert", cert.to_str().unwrap(), "--pinnedpubkey", &pin]).0, Some(0));
+    let wrong = format!("sha256//{}", "A".repeat(43) + "=");
+    assert_eq!(
+        curl(&["--cacert", cert.to_str().unwrap(), "--pinnedpubkey", &wrong]).0,
+        Some(90),
+        "a wrong pin must fail"
+    );
+    assert_eq!(curl(&[]).0, Some(60), "without the certificate curl must not trust the server");
     s.stop();
     use std::os::unix::fs::PermissionsExt;
     let state = std::fs::symlink_metadata(dir.join("state.json")).unwrap();

@@ -74,6 +74,9 @@ pub struct ServeOptions {
     pub config: Option<PathBuf>,
     /// TLS certificate and key (PEM); a self-signed pair when absent.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where a self-signed certificate goes (default: `serve-cert.pem`
+    /// beside the state file, or in the current directory).
+    pub tls_cert_out: Option<PathBuf>,
 }
 
 /// Why `warden serve` could not start, or could not save its state.
@@ -118,6 +121,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The self-signed certificate's file name, when no place is given.
+const CERT_FILE: &str = "serve-cert.pem";
+
 /// Verifies, loads and serves until SIGINT or SIGTERM.
 pub async fn serve(o: ServeOptions) -> Result<(), ServeError> {
     let key = warden_agent::store::signing::load_public_key(&o.pubkey)?;
@@ -127,7 +133,11 @@ pub async fn serve(o: ServeOptions) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Refused { model: o.model.clone(), source: e.into() })?;
     let config = Config::load(o.config.as_deref(), model.classes)?;
     let ledger = Ledger::open(config.state_file.clone())?;
-    let tls = tls::server_config(o.tls.as_ref(), o.listen, config.client_ca.as_ref().map(|(p, _)| p.as_path()))?;
+    let cert_out = o.tls_cert_out.clone().unwrap_or_else(|| {
+        config.state_file.as_ref().map_or_else(|| PathBuf::from(CERT_FILE), |f| f.with_file_name(CERT_FILE))
+    });
+    let client_ca = config.client_ca.as_ref().map(|(p, _)| p.as_path());
+    let tls = tls::server_config(o.tls.as_ref(), o.listen, client_ca, &cert_out)?;
     let server = Arc::new(Server {
         forward: ForwardQueue::start(model.clone(), params),
         model,

@@ -36,6 +36,15 @@ pub enum TlsError {
     /// The self-signed certificate's key is unusable.
     #[error("{0}")]
     SelfSignedKey(&'static str),
+    /// The self-signed certificate cannot be written for clients.
+    #[error("cannot write the certificate to {} (choose another place with --tls-cert-out)", .path.display())]
+    CertOut {
+        /// Where it was to go.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `[auth] client_ca` cannot be used.
     #[error("[auth] client_ca {}", .path.display())]
     ClientCa {
@@ -53,8 +62,9 @@ pub(super) fn server_config(
     given: Option<&(PathBuf, PathBuf)>,
     listen: SocketAddr,
     client_ca: Option<&Path>,
+    cert_out: &Path,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let (certs, key) = certificate(given, listen)?;
+    let (certs, key) = certificate(given, listen, cert_out)?;
     let builder =
         rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
     let builder = match client_ca {
@@ -67,10 +77,13 @@ pub(super) fn server_config(
 }
 
 /// The certificate chain and key from `given` (PEM files), or a self-signed
-/// pair for `localhost` and the listening address.
+/// pair for `localhost` and the listening address, whose certificate is
+/// written to `cert_out` for clients to trust (`curl --cacert`), with the
+/// pin of its public key (`curl --pinnedpubkey`) printed.
 fn certificate(
     given: Option<&(PathBuf, PathBuf)>,
     listen: SocketAddr,
+    cert_out: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     match given {
         Some((cert, key)) => {
@@ -86,11 +99,35 @@ fn certificate(
             let ck = rcgen::generate_simple_self_signed(names)?;
             let der = ck.cert.der().clone();
             let fp: String = Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
-            eprintln!("warden serve: self-signed certificate, SHA-256 fingerprint {fp}");
+            write_public(cert_out, ck.cert.pem().as_bytes())
+                .map_err(|source| TlsError::CertOut { path: cert_out.to_path_buf(), source })?;
+            let pin = {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .encode(Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&ck.signing_key)))
+            };
+            eprintln!("warden serve: self-signed certificate {}, SHA-256 fingerprint {fp}", cert_out.display());
+            eprintln!("  trust it: curl --cacert {} https://localhost:{}/ ...", cert_out.display(), listen.port());
+            eprintln!("  or pin its key: curl --pinnedpubkey sha256//{pin} --cacert {} ...", cert_out.display());
             let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(TlsError::SelfSignedKey)?;
             Ok((vec![der], key))
         }
     }
+}
+
+/// Writes a public file (mode 0644) whole: aside under a fresh name, then
+/// renamed over `path`, so a reader never sees half of it and a link
+/// planted at the temporary name is not followed.
+fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Verifies client certificates issued by the CA in the PEM file `ca`.
