@@ -32,6 +32,15 @@ fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("epoch 5/5") && stderr.contains("succeeded:"), "{stderr}");
+    // The job's lifetime is said up front, not found out at hour 24.
+    assert!(stderr.contains("for at most 24 h (max_hours)"), "{stderr}");
+    let plan = Command::new(bin("warden"))
+        .args(["plan".as_ref(), repo_root().join("configs/local.toml").as_os_str(), "--local".as_ref()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains("lifetime: at most 24 h (max_hours)"), "{text}");
+    assert!(text.contains("optimizer momentum 0.9, lr 0.1") && !text.contains("OptimizerSpec"), "{text}");
     // A run that succeeds has nothing to warn about: workers say goodbye to
     // their servers (TLS close_notify) instead of vanishing.
     assert!(!stderr.contains("dropped worker"), "a server saw a worker vanish: {stderr}");

@@ -39,6 +39,10 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
         spec.training.batch_size,
         format!("{:?}", spec.training.mode).to_lowercase()
     );
+    s += &format!(
+        "lifetime: at most {} h (max_hours): certificates expire then, and the job is stopped with its model kept\n",
+        spec.max_hours
+    );
     s +=
         &format!("training processes run as user `{}` (no capabilities, no_new_privs, seccomp)\n\n", spec.cluster.user);
     if let Some(list) = &spec.cluster.hosts_from {

@@ -290,12 +290,13 @@ pub async fn launch(
 /// The job's first line on the terminal: what runs where, and the run directory.
 fn announce(spec: &JobSpec, plan: &Plan, run: &RunDir) {
     say_fmt!(
-        "warden: job {} (id {}), {} processes on {} host(s){}; run directory {}",
+        "warden: job {} (id {}), {} processes on {} host(s){}, for at most {} h (max_hours); run directory {}",
         spec.name,
         plan.job_id,
         plan.processes.len(),
         plan.hosts.len(),
         if plan.local { ", all local" } else { "" },
+        spec.max_hours,
         run.path().display()
     );
 }
