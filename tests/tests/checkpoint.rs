@@ -259,6 +259,18 @@ fn weights(run: &Path) -> Vec<f32> {
 }
 
 fn checkpoint_job(dir: &Path, ports: (u16, u16), epochs: u32, after_job: u32, key: &Path) -> PathBuf {
+    checkpoint_job_file(dir, ports, epochs, after_job, key).write(dir.join(format!("job-{epochs}-{after_job}.toml")))
+}
+
+/// A scratch directory holding a fresh checkpoint key file, `job.key`.
+fn scratch_with_key(name: &str) -> (warden_tests::Scratch, PathBuf) {
+    let dir = scratch(name);
+    let key = dir.join("job.key");
+    CheckpointSecret::generate().write_new(&key).unwrap();
+    (dir, key)
+}
+
+fn checkpoint_job_file(dir: &Path, ports: (u16, u16), epochs: u32, after_job: u32, key: &Path) -> JobFile {
     JobFile::local()
         .ports(ports.0, ports.1)
         .epochs(epochs)
@@ -270,15 +282,70 @@ fn checkpoint_job(dir: &Path, ports: (u16, u16), epochs: u32, after_job: u32, ke
         .set("model", "kind", "mlp")
         .set("model", "hidden", [32])
         .set("model", "dropout", 0.2)
-        .write(dir.join(format!("job-{epochs}-{after_job}.toml")))
+}
+
+/// A stopped job with checkpoints prints the command that resumes it, and
+/// that command, run as printed from the same directory, resumes from the
+/// newest checkpoint the stopped run committed.
+#[test]
+fn a_stopped_job_prints_the_resume_command_and_it_resumes() {
+    let tag = fresh_tag();
+    let (dir, key) = scratch_with_key("ck-resume-line");
+    let job = checkpoint_job_file(&dir, (32120, 32139), 100000, 2, &key);
+    let (launcher, run) = warden_tests::start_long(&tag, &dir, job);
+    let until = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_dir(dir.join("ckpt")).is_ok_and(|mut d| d.next().is_some())
+        || !steps_in(&dir.join("ckpt")).iter().any(|(_, complete)| *complete)
+    {
+        assert!(Instant::now() < until, "no checkpoint was committed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sigint = |pid: u32| {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    };
+    sigint(launcher.id());
+    let out = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let newest = summary(&run)["checkpoints"].as_array().unwrap().last().expect("a committed checkpoint")["step"]
+        .as_u64()
+        .unwrap();
+    let line = stderr.lines().find_map(|l| l.trim().strip_prefix("resume: ")).unwrap_or_else(|| panic!("{stderr}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[..2], ["warden", "launch"], "{line}");
+    assert!(words.ends_with(&["--resume", &run.to_string_lossy()]), "{line}");
+
+    let resumed = Command::new(bin("warden"))
+        .args(&words[1..])
+        .current_dir(&*dir)
+        .env("WARDEN_TEST_TAG", &tag)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let resumed = warden_tests::Launcher::drained(resumed);
+    let latest = dir.join("runs/latest");
+    let until = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(latest.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < until, "the resumed run never finished an epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sigint(resumed.id());
+    let out = resumed.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains(&format!("resuming from checkpoint step {newest}")), "{stderr}");
+    let again = summary(&latest);
+    assert_eq!(again["resumed_from_step"], newest, "{again}");
+    assert_eq!(again["status"], "stopped", "{again}");
+    wait_gone(&tag);
 }
 
 #[test]
 fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_and_retention_holds() {
     let tag = fresh_tag();
-    let base = scratch("ck-resume");
-    let key = base.join("job.key");
-    CheckpointSecret::generate().write_new(&key).unwrap();
+    let (base, key) = scratch_with_key("ck-resume");
 
     // Uninterrupted: 3 epochs; afterwards only keep_last_after_job = 1 step remains.
     let full_dir = base.join("full");

@@ -15,19 +15,34 @@ fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
 
+/// The README's first command, `./scripts/train-local`, run from `/` on a
+/// copy of the repository inside a directory only root can enter (a clone in
+/// `/root` on Debian): the shipped job trains and leaves a complete run
+/// directory under `runs/`. `WARDEN` points the script at the binaries this
+/// suite built, so the test does not build a release of its own.
 #[test]
-fn the_shipped_job_trains_and_leaves_a_complete_run_directory() {
+fn the_readme_command_trains_the_shipped_job_from_a_directory_only_root_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
     let tag = fresh_tag();
     let base = scratch("run");
-    let run = base.join("run");
-    let out = launch(
-        &tag,
-        &[
-            repo_root().join("configs/local.toml").as_os_str(),
-            "--local".as_ref(),
-            "--run-dir".as_ref(),
-            run.as_os_str(),
-        ],
+    std::fs::set_permissions(&*base, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let clone = base.join("warden");
+    std::fs::create_dir_all(&clone).unwrap();
+    for part in ["scripts", "configs", "data"] {
+        let cp = Command::new("cp").arg("-a").arg(repo_root().join(part)).arg(clone.join(part)).status().unwrap();
+        assert!(cp.success(), "cannot copy {part} into {}", clone.display());
+    }
+    let out = Command::new(clone.join("scripts/train-local"))
+        .current_dir("/")
+        .env("WARDEN", bin("warden"))
+        .env("WARDEN_TEST_TAG", &tag)
+        .output()
+        .unwrap();
+    let run = std::fs::canonicalize(clone.join("runs/latest")).unwrap_or_else(|e| {
+        panic!("no runs/latest ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert!(
+        run.starts_with(clone.join("runs")) && run.file_name().unwrap().to_string_lossy().starts_with("fashion-local-")
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
