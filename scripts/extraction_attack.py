@@ -38,6 +38,7 @@ def load_model(model_dir):
         data = f.read()
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
+    torch_layout = header.get("__metadata__", {}).get("layout") == "torch"
     body = data[8 + n :]
 
     def tensor(name):
@@ -47,7 +48,9 @@ def load_model(model_dir):
 
     if "fc1.weight" in header:
         sys.exit("the equation-solving attack targets logistic regression (a softmax model)")
-    return tensor("fc0.weight").astype(np.float64), tensor("fc0.bias").astype(np.float64)
+    w = tensor("fc0.weight").astype(np.float64)
+    # The file keeps weights [out, in] like torch.nn.Linear (older files: [in, out]).
+    return (w.T if torch_layout else w), tensor("fc0.bias").astype(np.float64)
 
 
 def load_idx_images(path, limit):

@@ -109,7 +109,7 @@ fn the_readme_command_trains_the_shipped_job_from_a_directory_only_root_can_ente
     let model = std::fs::read(run.join("model/model.safetensors")).unwrap();
     let n = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&model[8..8 + n]).unwrap();
-    assert_eq!(header["fc0.weight"]["shape"], serde_json::json!([784, 10]));
+    assert_eq!(header["fc0.weight"]["shape"], serde_json::json!([10, 784]));
     assert_eq!(header["fc0.bias"]["dtype"], "F32");
     assert_eq!(model.len(), 8 + n + (784 * 10 + 10) * 4);
 

@@ -13,8 +13,14 @@ use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, wait_gone};
 
 /// A trained softmax model, signed by `launch` itself; returns (model dir, public key).
 fn trained_signed_model(dir: &Path, ports: (u16, u16)) -> (PathBuf, PathBuf) {
+    trained_signed(dir, ports, &[])
+}
+
+/// [`trained_signed_model`] with more replacements in the job file's text.
+fn trained_signed(dir: &Path, ports: (u16, u16), replace: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let (private, public) = warden_agent::store::signing::write_key_pair(&dir.join("keys"), None).unwrap();
-    let job = job_in(dir, ports, &[("epochs = 5", "epochs = 2")]);
+    let all: Vec<(&str, &str)> = [("epochs = 5", "epochs = 2")].into_iter().chain(replace.iter().copied()).collect();
+    let job = job_in(dir, ports, &all);
     let mut text = std::fs::read_to_string(&job).unwrap();
     text.push_str(&format!("\n[signing]\nkey = \"{}\"\n", private.display()));
     std::fs::write(&job, text).unwrap();
@@ -329,6 +335,48 @@ fn the_equation_solving_attack_steals_full_precision_but_not_the_defaults() {
     assert_eq!(capped["answered"], 1000, "{capped}");
     assert!(capped["stopped"].as_str().unwrap().contains("429"), "{capped}");
     assert!(capped["agreement"].as_f64().unwrap() < 0.99, "the defaults must not give the model away: {capped}");
+    served.stop();
+}
+
+/// The model file is an ordinary PyTorch MLP: scripts/predict_numpy.py,
+/// which knows only the file and `torch.nn.Linear`'s convention
+/// (`x @ W.T + b`, W `[out, in]`), computes exactly the probabilities
+/// `warden serve` answers for a trained two-layer MLP.
+#[test]
+fn numpy_with_torch_linears_convention_reproduces_the_served_predictions_from_the_file_alone() {
+    let Some(py) = python() else { return };
+    let dir = scratch("serve-numpy");
+    let mlp = "kind = \"mlp\"\nhidden = [24]\ndropout = 0.1";
+    let (model, public) = trained_signed(&dir, (32140, 32145), &[("kind = \"softmax\"", mlp)]);
+    let keys = api_keys(&dir, &[("full", "precision = 9\ntop_k = 10")]);
+    let config = dir.join("serve.toml");
+    std::fs::write(&config, "[auth]\napi_keys = \"keys.toml\"\n").unwrap();
+    let served = Served::start(&model, &public, &config, 32146);
+    let inputs: Vec<Vec<f32>> =
+        (0..4).map(|k| (0..784).map(|i| ((i * 7 + k * 13) % 17) as f32 / 16.0).collect()).collect();
+    let mut numpy = Command::new(&py)
+        .arg(repo_root().join("scripts/predict_numpy.py"))
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(numpy.stdin.take().unwrap(), &inputs).unwrap();
+    let out = numpy.wait_with_output().unwrap();
+    assert!(out.status.success(), "predict_numpy.py failed");
+    let expected: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    for (x, want) in inputs.iter().zip(&expected) {
+        let body = serde_json::json!({ "input": x }).to_string();
+        let (code, _, answer) = served.post(Some(&keys[0]), &body);
+        assert_eq!(code, 200, "{answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let top = v["predictions"][0]["top"].as_array().unwrap();
+        assert_eq!(top.len(), 10, "{answer}");
+        for t in top {
+            let (class, p) = (t["class"].as_u64().unwrap() as usize, t["probability"].as_f64().unwrap());
+            assert!((p - want[class]).abs() < 1e-5, "class {class}: served {p}, numpy {}", want[class]);
+        }
+    }
     served.stop();
 }
 

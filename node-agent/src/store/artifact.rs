@@ -1,5 +1,13 @@
 //! Model artifacts: the trained parameters as safetensors (no pickle, no
 //! code), with the model's shape and seed in the file's metadata.
+//!
+//! Built-in models are stored the way PyTorch stores them: layer `i` is
+//! `fc{i}.weight` of shape `[out, in]` and `fc{i}.bias` of shape `[out]`,
+//! the state dict of the `nn.Sequential` that `docs/model-format.md` shows,
+//! so `load_state_dict(strict=True)` takes the file as it is. Training keeps
+//! each weight `[in, out]` in its flat vector (the layout its SGEMM wants);
+//! the transposition happens here, on write and on read. Files from before
+//! the PyTorch layout (no `layout` entry in their metadata) are still read.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -129,6 +137,72 @@ fn in_file(path: &Path) -> impl FnOnce(ModelFileError) -> ArtifactError + '_ {
 /// File name of the model inside a model directory.
 pub const MODEL_FILE: &str = "model.safetensors";
 
+/// The metadata entry naming how built-in models' weights are laid out.
+pub const LAYOUT_KEY: &str = "layout";
+/// Its value: weights `[out, in]`, as `torch.nn.Linear` keeps them.
+pub const TORCH_LAYOUT: &str = "torch";
+
+/// One tensor of a model file: its name and shape in the file, where its
+/// values sit in the flat vector, and, for a built-in model's weight, the
+/// vector's `[in, out]` shape it is the transpose of.
+struct FileTensor {
+    name: String,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+    transposed_from: Option<(usize, usize)>,
+}
+
+/// The tensors of `model` as a file of the given layout holds them
+/// (`torch`: built-in weights `[out, in]`; otherwise as in the vector).
+fn file_tensors(model: &ModelSpec, torch: bool) -> Vec<FileTensor> {
+    let builtin = matches!(model.kind, crate::job::spec::ModelKind::Softmax | crate::job::spec::ModelKind::Mlp);
+    layout(model)
+        .into_iter()
+        .map(|(name, shape, range)| match shape[..] {
+            [fan_in, fan_out] if builtin && torch => {
+                FileTensor { name, shape: vec![fan_out, fan_in], range, transposed_from: Some((fan_in, fan_out)) }
+            }
+            _ => FileTensor { name, shape, range, transposed_from: None },
+        })
+        .collect()
+}
+
+/// The little-endian bytes of one tensor in the file's order.
+fn tensor_bytes(t: &FileTensor, params: &[f32]) -> Vec<u8> {
+    let values = &params[t.range.clone()];
+    match t.transposed_from {
+        None => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Some((fan_in, fan_out)) => {
+            let mut out = Vec::with_capacity(values.len() * 4);
+            for o in 0..fan_out {
+                for i in 0..fan_in {
+                    out.extend_from_slice(&values[i * fan_out + o].to_le_bytes());
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Copies one tensor's file bytes into its place in the flat vector.
+fn copy_into(t: &FileTensor, out: &mut [f32], data: &[u8]) {
+    let dst = &mut out[t.range.clone()];
+    match t.transposed_from {
+        None => crate::kernels::convert::copy_f32_le(dst, data),
+        Some((fan_in, fan_out)) => {
+            for (k, b) in data.chunks_exact(4).enumerate() {
+                let (o, i) = (k / fan_in, k % fan_in);
+                dst[i * fan_out + o] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// Whether a file's metadata says built-in weights are `[out, in]`.
+fn is_torch_layout(meta: Option<&HashMap<String, String>>) -> bool {
+    meta.and_then(|m| m.get(LAYOUT_KEY)).is_some_and(|v| v == TORCH_LAYOUT)
+}
+
 /// Writes `dir/model.safetensors` atomically (temporary file, fsync, rename).
 pub fn write_model(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64) -> std::io::Result<()> {
     write(dir, model, params, seed, None)
@@ -142,9 +216,12 @@ pub fn write_model_at(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64, 
 
 fn write(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64, step: Option<u64>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = layout(model)
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file_tensors(model, true)
         .into_iter()
-        .map(|(name, shape, range)| (name, shape, params[range].iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|t| {
+            let bytes = tensor_bytes(&t, params);
+            (t.name, t.shape, bytes)
+        })
         .collect();
     let views = tensors
         .iter()
@@ -158,6 +235,7 @@ fn write(dir: &Path, model: &ModelSpec, params: &[f32], seed: u64, step: Option<
         ("inputs".to_string(), model.inputs.to_string()),
         ("classes".to_string(), model.classes.to_string()),
         ("seed".to_string(), seed.to_string()),
+        (LAYOUT_KEY.to_string(), TORCH_LAYOUT.to_string()),
     ]
     .into_iter()
     .chain(step.map(|s| ("step".to_string(), s.to_string())))
@@ -197,22 +275,23 @@ pub fn params_of(bytes: &[u8], model: &ModelSpec) -> Result<Vec<f32>, ModelFileE
     if bytes.len() as u64 > max_bytes(model) {
         return Err(ModelFileError::TooLarge { bytes: bytes.len(), params: n });
     }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(ModelFileError::Safetensors)?;
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(ModelFileError::Safetensors)?;
-    let wanted = layout(model);
+    let wanted = file_tensors(model, is_torch_layout(meta.metadata().as_ref()));
     if st.len() != wanted.len() {
         return Err(ModelFileError::TensorCount { found: st.len(), wanted: wanted.len() });
     }
     let mut out = vec![0.0f32; n];
-    for (name, shape, range) in wanted {
-        let t = match st.tensor(&name) {
+    for w in wanted {
+        let t = match st.tensor(&w.name) {
             Ok(t) => t,
-            Err(source) => return Err(ModelFileError::NoTensor { name, source }),
+            Err(source) => return Err(ModelFileError::NoTensor { name: w.name, source }),
         };
-        if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
+        if t.dtype() != Dtype::F32 || t.shape() != w.shape.as_slice() {
             let (dtype, found) = (t.dtype(), t.shape().to_vec());
-            return Err(ModelFileError::TensorShape { name, dtype, shape: found, wanted: shape });
+            return Err(ModelFileError::TensorShape { name: w.name, dtype, shape: found, wanted: w.shape });
         }
-        crate::kernels::convert::copy_f32_le(&mut out[range], t.data());
+        copy_into(&w, &mut out, t.data());
     }
     Ok(out)
 }
@@ -286,10 +365,12 @@ pub fn spec_of(bytes: &[u8]) -> Result<ModelSpec, ModelFileError> {
         |key: &'static str| get(key)?.parse::<usize>().map_err(|source| ModelFileError::NotANumber { key, source });
     let (inputs, classes) = (num("inputs")?, num("classes")?);
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(ModelFileError::Safetensors)?;
+    // A layer's width is its weight's `out`: first under the torch layout.
+    let out_axis = if is_torch_layout(Some(&md)) { 0 } else { 1 };
     let mut hidden = Vec::new();
     for i in 0.. {
         match st.tensor(&format!("fc{i}.weight")) {
-            Ok(t) if t.shape().len() == 2 => hidden.push(t.shape()[1]),
+            Ok(t) if t.shape().len() == 2 => hidden.push(t.shape()[out_axis]),
             _ => break,
         }
     }
@@ -297,4 +378,70 @@ pub fn spec_of(bytes: &[u8]) -> Result<ModelSpec, ModelFileError> {
         return Err(ModelFileError::Classes(classes));
     }
     Ok(ModelSpec { kind, inputs, classes, hidden, dropout: 0.0, params: 0, tensors: Vec::new() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::spec::ModelKind;
+
+    fn mlp() -> ModelSpec {
+        ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 3,
+            classes: 4,
+            hidden: vec![2],
+            dropout: 0.0,
+            params: 0,
+            tensors: Vec::new(),
+        }
+    }
+
+    fn tensor(bytes: &[u8], name: &str) -> (Vec<usize>, Vec<f32>) {
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+    }
+
+    /// Each weight is `[out, in]` in the file: element `(o, i)` is the
+    /// vector's `(i, o)`, as `torch.nn.Linear` computes `x @ W.T + b`.
+    #[test]
+    fn built_in_weights_are_stored_out_by_in_like_torch_linear() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = mlp();
+        let params: Vec<f32> = (0..spec.num_params()).map(|v| v as f32).collect();
+        write_model(dir.path(), &spec, &params, 7).unwrap();
+        let bytes = std::fs::read(dir.path().join(MODEL_FILE)).unwrap();
+        // fc0: in 3, out 2 at 0..6, bias 6..8; fc1: in 2, out 4 at 8..16, bias 16..20.
+        let (shape, w0) = tensor(&bytes, "fc0.weight");
+        assert_eq!(shape, [2, 3]);
+        for (o, i) in (0..2).flat_map(|o| (0..3).map(move |i| (o, i))) {
+            assert_eq!(w0[o * 3 + i], params[i * 2 + o], "fc0.weight[{o}][{i}]");
+        }
+        assert_eq!(tensor(&bytes, "fc1.weight").0, [4, 2]);
+        assert_eq!(tensor(&bytes, "fc1.bias"), (vec![4], params[16..20].to_vec()));
+        assert_eq!(read_model(dir.path(), &spec).unwrap(), params);
+        assert_eq!(spec_of(&bytes).unwrap().hidden, [2]);
+    }
+
+    /// A file written before the torch layout (weights `[in, out]`, no
+    /// `layout` entry) reads into the same vector.
+    #[test]
+    fn files_in_the_earlier_in_by_out_layout_still_read() {
+        let spec = mlp();
+        let params: Vec<f32> = (0..spec.num_params()).map(|v| v as f32 * 0.5).collect();
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = layout(&spec)
+            .into_iter()
+            .map(|(name, shape, range)| (name, shape, params[range].iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> =
+            tensors.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+        let meta: HashMap<String, String> = [("format", "warden"), ("model", "mlp"), ("inputs", "3"), ("classes", "4")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+        assert_eq!(params_of(&bytes, &spec).unwrap(), params);
+        assert_eq!(spec_of(&bytes).unwrap().hidden, [2]);
+    }
 }
