@@ -415,10 +415,80 @@ impl RunDir {
 const METRICS_HEADER: &str =
     "epoch,train_loss,test_loss,test_accuracy,steps,samples_per_s,bytes_pushed,bytes_pulled,elapsed_s\n";
 
+/// The epochs in `dir/metrics.csv`, read by its header's column names (an
+/// earlier run's, for the plot of a run that resumes it). Rows that do not
+/// parse are left out; a missing file is no rows.
+pub fn read_metrics(dir: &Path) -> Vec<EpochRow> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap_or_default();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    lines
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            let f = |name: &str| -> Option<f64> { cells.get(column(name)?)?.parse().ok() };
+            let n = |name: &str| -> Option<u64> { cells.get(column(name)?)?.parse().ok() };
+            Some(EpochRow {
+                epoch: u32::try_from(n("epoch")?).ok()?,
+                train_loss: f("train_loss")?,
+                test_loss: f("test_loss").unwrap_or(f64::NAN),
+                test_accuracy: f("test_accuracy").unwrap_or(f64::NAN),
+                steps: n("steps").unwrap_or(0),
+                samples_per_s: f("samples_per_s").unwrap_or(0.0),
+                slowest_worker_samples_per_s: 0.0,
+                bytes_pushed: n("bytes_pushed").unwrap_or(0),
+                bytes_pulled: n("bytes_pulled").unwrap_or(0),
+                elapsed_s: f("elapsed_s").unwrap_or(0.0),
+            })
+        })
+        .collect()
+}
+
 fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     text.push(b'\n');
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(epoch: u32, test_accuracy: f64) -> EpochRow {
+        EpochRow {
+            epoch,
+            train_loss: 1.0 / f64::from(epoch),
+            test_loss: 0.5,
+            test_accuracy,
+            steps: 10,
+            samples_per_s: 100.0,
+            slowest_worker_samples_per_s: 0.0,
+            bytes_pushed: 4096,
+            bytes_pulled: 8192,
+            elapsed_s: f64::from(epoch),
+        }
+    }
+
+    /// What `metrics.csv` holds reads back (a resumed run's plot continues
+    /// from it), test figures a program did not report included.
+    #[test]
+    fn metrics_read_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(Some(dir.path().join("run")), "t").unwrap();
+        let rows = [row(1, 0.5), row(2, f64::NAN), row(3, 0.75)];
+        run.write_metrics(&rows).unwrap();
+        let back = read_metrics(run.path());
+        assert_eq!(back.len(), 3);
+        for (a, b) in rows.iter().zip(&back) {
+            assert_eq!(
+                (a.epoch, a.steps, a.bytes_pushed, a.bytes_pulled),
+                (b.epoch, b.steps, b.bytes_pushed, b.bytes_pulled)
+            );
+            assert!((a.train_loss - b.train_loss).abs() < 1e-6);
+            assert!(a.test_accuracy.is_nan() == b.test_accuracy.is_nan());
+        }
+        assert!(read_metrics(&dir.path().join("none")).is_empty());
+    }
 }

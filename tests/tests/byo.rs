@@ -201,6 +201,26 @@ out["still_serving"] = store.pull("x").tolist()
 print("RESULT " + json.dumps(out), flush=True)
 "#;
 
+/// Launches `program` (Python source) as the job's worker program and
+/// waits (2 min) for the job to succeed; the tag, scratch, run directory
+/// and the launcher's stderr.
+fn run_script(
+    name: &str,
+    program: &str,
+    ports: (u16, u16),
+    mode: &str,
+) -> (String, warden_tests::Scratch, PathBuf, String) {
+    let tag = fresh_tag();
+    let dir = scratch(name);
+    let script = dir.join(format!("{name}.py"));
+    std::fs::write(&script, program).unwrap();
+    let job = script_job(&dir, ports, &script, mode);
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    (tag, dir, run, stderr)
+}
+
 #[test]
 fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
     let tag = fresh_tag();
@@ -311,14 +331,7 @@ print("RESULT " + json.dumps(x), flush=True)
 
 #[test]
 fn in_async_mode_every_push_is_applied_on_arrival() {
-    let tag = fresh_tag();
-    let dir = scratch("byo-async");
-    let script = dir.join("async.py");
-    std::fs::write(&script, ASYNC).unwrap();
-    let job = script_job(&dir, (31274, 31284), &script, "async");
-    let run = dir.join("run");
-    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (tag, _dir, run, _) = run_script("byo-async", ASYNC, (31274, 31284), "async");
     for rank in 0..2 {
         let log = std::fs::read_to_string(run.join(format!("logs/localhost-worker-{rank}.log"))).unwrap();
         let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
@@ -327,6 +340,44 @@ fn in_async_mode_every_push_is_applied_on_arrival() {
         // torchrun's variables, for programs written against it: both workers on one host.
         assert!(log.contains(&format!("TORCHRUN {rank} 2 {rank} 2")), "rank {rank}: {log}");
     }
+    wait_gone(&tag);
+}
+
+const LOSS_ONLY: &str = r#"
+import os
+import numpy as np
+from warden import kv
+
+store = kv.connect()
+store.init("x", np.zeros(6, dtype=np.float32))
+g, zeros = np.ones(6, dtype=np.float32), np.zeros((2, 3), dtype=np.float32)
+for epoch in range(1, int(os.environ["WARDEN_EPOCHS"]) + 1):
+    for step in range(5):
+        store.push("x", g)
+        store.push("y", zeros)
+        store.pull("x")
+    store.report(epoch, 1.0 / epoch, samples=5)
+"#;
+
+/// A program that reports only its training loss still gets a row per
+/// epoch with the bytes it moved through the KV socket, a plot, and no
+/// made-up test figures.
+#[test]
+fn a_program_reporting_only_its_loss_gets_metrics_bytes_and_a_plot() {
+    let (tag, _dir, run, stderr) = run_script("byo-loss-only", LOSS_ONLY, (32150, 32160), "sync");
+    assert!(stderr.contains("epoch 3/3: train loss 0.3333,") && !stderr.contains("test loss"), "{stderr}");
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = metrics.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3, "{metrics}");
+    for row in &rows {
+        // 5 steps a worker, both workers: at least 6 floats each way per step.
+        let (pushed, pulled): (u64, u64) = (row[6].parse().unwrap(), row[7].parse().unwrap());
+        assert!(pushed >= 2 * 5 * 12 * 4 && pulled >= 2 * 5 * 6 * 4, "{metrics}");
+        assert_eq!(row[3], "NaN", "no test accuracy was reported: {metrics}");
+    }
+    let summary = json(&run.join("summary.json"));
+    assert!(summary["test_accuracy"].is_null() && summary["bytes_pushed"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(&std::fs::read(run.join("plot.png")).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     wait_gone(&tag);
 }
 

@@ -71,6 +71,9 @@ impl Served {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--config")
             .arg(config)
+            // Without a state file, serve writes its certificate in the
+            // working directory: the test's own, not the source tree.
+            .current_dir(config.parent().unwrap())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

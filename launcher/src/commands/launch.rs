@@ -174,12 +174,12 @@ fn report(job: &Path, local: bool, outcome: &crate::launch::Outcome) -> u8 {
     };
     match s.status.as_str() {
         "succeeded" => {
+            let accuracy = s.test_accuracy.map(|a| format!(", test accuracy {a:.4}")).unwrap_or_default();
             eprintln!(
-                "succeeded: {} epochs, {} steps, train loss {:.4}, test accuracy {:.4}, in {:.1}s",
+                "succeeded: {} epochs, {} steps, train loss {:.4}{accuracy}, in {:.1}s",
                 s.epochs,
                 s.steps,
                 s.train_loss.unwrap_or(f64::NAN),
-                s.test_accuracy.unwrap_or(f64::NAN),
                 s.elapsed_s
             );
             model(s);

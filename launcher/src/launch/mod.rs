@@ -280,7 +280,10 @@ pub async fn launch(
         epoch_lines: opts.epoch_lines,
         started,
     };
-    let mut acc = Accumulated::default();
+    let mut acc = Accumulated {
+        earlier: opts.resume.as_deref().map(crate::rundir::read_metrics).unwrap_or_default(),
+        ..Accumulated::default()
+    };
     let (end, restarts) = run_attempts(&ctx, opts.resume.is_some(), &mut acc).await?;
     ctx.progress.finish();
     transport.finish().await;
@@ -417,8 +420,9 @@ fn conclude(
         epochs: rows.len() as u32,
         steps: rows.iter().map(|r| r.steps).sum(),
         train_loss: last.map(|r| r.train_loss),
-        test_loss: last.map(|r| r.test_loss),
-        test_accuracy: last.map(|r| r.test_accuracy),
+        // A program of the user's may report no test figures.
+        test_loss: last.map(|r| r.test_loss).filter(|v| v.is_finite()),
+        test_accuracy: last.map(|r| r.test_accuracy).filter(|v| v.is_finite()),
         samples_per_s: last.map(|r| r.samples_per_s),
         bytes_pushed: rows.iter().map(|r| r.bytes_pushed).sum(),
         bytes_pulled: rows.iter().map(|r| r.bytes_pulled).sum(),
@@ -477,6 +481,8 @@ struct AttemptCtx<'a> {
 struct Accumulated {
     /// Complete epochs, in order (a restart replaces those it runs again).
     rows: Vec<EpochRow>,
+    /// With `--resume`: the resumed run's epochs, which the plot continues.
+    earlier: Vec<EpochRow>,
     /// Checkpoints committed, over every attempt.
     saved: Vec<crate::rundir::CheckpointRow>,
     /// Warnings already shown.

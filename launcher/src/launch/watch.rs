@@ -280,10 +280,17 @@ impl<'w, 'a> Watch<'w, 'a> {
     /// Complete epochs become metrics rows, in order.
     pub(super) fn complete_epochs(&mut self, acc: &mut Accumulated) -> Result<(), LaunchError> {
         while let Some((&epoch, parts)) = self.epochs.first_key_value() {
-            let Some((test_loss, test_accuracy)) = parts.eval else { break };
             if parts.losses.len() < self.workers {
                 break;
             }
+            // A program of the user's may report no test figures (they come
+            // before its loss when it does); built-in workers always do.
+            let external = self.ctx.spec.model.kind == warden_agent::job::spec::ModelKind::External;
+            let (test_loss, test_accuracy) = match parts.eval {
+                Some(eval) => eval,
+                None if external => (f64::NAN, f64::NAN),
+                None => break,
+            };
             let row = EpochRow {
                 epoch,
                 train_loss: parts.losses.iter().sum::<f64>() / parts.losses.len() as f64,
@@ -297,16 +304,7 @@ impl<'w, 'a> Watch<'w, 'a> {
                 elapsed_s: self.ctx.started.elapsed().as_secs_f64(),
             };
             if self.ctx.epoch_lines {
-                self.ctx.progress.println(&format!(
-                    "  epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s ({:.1}s)",
-                    row.epoch,
-                    self.ctx.spec.training.epochs,
-                    row.train_loss,
-                    row.test_loss,
-                    row.test_accuracy,
-                    row.samples_per_s,
-                    row.elapsed_s
-                ));
+                self.ctx.progress.println(&epoch_line(&row, self.ctx.spec.training.epochs));
             }
             // After a restart, an epoch run again replaces what the failed attempt wrote.
             if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
@@ -318,13 +316,28 @@ impl<'w, 'a> Watch<'w, 'a> {
                 acc.rows.push(row);
             }
             self.epochs.pop_first();
-            if self.ctx.spec.data.is_some()
-                && let Err(e) = crate::plot::draw(&self.ctx.run.path().join("plot.png"), &acc.rows)
-            {
-                tracing::warn!("cannot draw plot.png: {e}");
-            }
+            self.draw_plot(acc);
         }
         Ok(())
+    }
+
+    /// Redraws `plot.png`: the resumed run's epochs before this run's
+    /// first, then this run's (synthetic jobs have nothing to plot).
+    fn draw_plot(&self, acc: &Accumulated) {
+        if self.ctx.spec.model.kind == warden_agent::job::spec::ModelKind::Synthetic {
+            return;
+        }
+        let first = acc.rows.first().map_or(u32::MAX, |r| r.epoch);
+        let earlier: Vec<EpochRow> = acc.earlier.iter().filter(|r| r.epoch < first).cloned().collect();
+        let chart = crate::plot::Chart {
+            title: &self.ctx.spec.name,
+            resumed_at: (!earlier.is_empty()).then_some(first),
+            total_epochs: self.ctx.spec.training.epochs,
+        };
+        let rows: Vec<EpochRow> = earlier.into_iter().chain(acc.rows.iter().cloned()).collect();
+        if let Err(e) = crate::plot::draw(&self.ctx.run.path().join("plot.png"), &chart, &rows) {
+            tracing::warn!("cannot draw plot.png: {e}");
+        }
     }
 
     /// The model, once worker 0 said where it is.
@@ -352,4 +365,17 @@ impl<'w, 'a> Watch<'w, 'a> {
 /// over (a format's overhead is far below that), plus room for metadata.
 pub(super) fn model_fetch_limit(spec: &JobSpec) -> u64 {
     (warden_agent::train::model::num_params(&spec.model) as u64).saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// The terminal's line for a complete epoch (test figures when there are).
+fn epoch_line(row: &EpochRow, epochs: u32) -> String {
+    let test = if row.test_loss.is_nan() {
+        String::new()
+    } else {
+        format!(", test loss {:.4}, test accuracy {:.4}", row.test_loss, row.test_accuracy)
+    };
+    format!(
+        "  epoch {}/{epochs}: train loss {:.4}{test}, {:.0} samples/s ({:.1}s)",
+        row.epoch, row.train_loss, row.samples_per_s, row.elapsed_s
+    )
 }

@@ -319,6 +319,9 @@ pub struct Kv {
     barrier: u64,
     last_report: Instant,
     steps_at_report: u64,
+    /// Bytes sent to and received from the servers, and at the last report.
+    traffic: (u64, u64),
+    traffic_at_report: (u64, u64),
 }
 
 impl Kv {
@@ -352,6 +355,8 @@ impl Kv {
             barrier: 1 << 32,
             last_report: Instant::now(),
             steps_at_report: 0,
+            traffic: (0, 0),
+            traffic_at_report: (0, 0),
         }
     }
 
@@ -424,6 +429,7 @@ impl Kv {
                     &mut frame,
                 );
                 s.conn.send_frame(&frame).await?;
+                self.traffic.0 += frame.len() as u64;
             }
             self.pushed.fill(false);
             self.step += 1;
@@ -444,6 +450,7 @@ impl Kv {
             for s in &mut self.servers {
                 // Straight from the frame into the values: no decoded copy.
                 let body = s.conn.recv_raw().await?;
+                self.traffic.1 += body.len() as u64;
                 let (_, values) =
                     crate::net::wire::vector_view(body, crate::net::wire::TAG_PARAMS).map_err(KvError::ServerFrame)?;
                 if values.len() != s.range.len() * 4 {
@@ -533,17 +540,21 @@ impl Kv {
                 let train_loss = req.train_loss.ok_or(KvError::ReportNeeds("train_loss"))?;
                 let secs = self.last_report.elapsed().as_secs_f64().max(1e-9);
                 let steps = self.step - self.steps_at_report;
+                // The test figures go first: the launcher completes an
+                // epoch of a program of the user's once every worker's
+                // loss is in, and takes the figures that came before.
+                if let (Some(test_loss), Some(test_accuracy)) = (req.test_loss, req.test_accuracy) {
+                    ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
+                }
                 ctx.emit(Event::Epoch {
                     epoch,
                     train_loss,
                     steps,
                     samples_per_s: req.samples.unwrap_or(0) as f64 / secs,
-                    bytes_pushed: 0,
-                    bytes_pulled: 0,
+                    bytes_pushed: self.traffic.0 - self.traffic_at_report.0,
+                    bytes_pulled: self.traffic.1 - self.traffic_at_report.1,
                 });
-                if let (Some(test_loss), Some(test_accuracy)) = (req.test_loss, req.test_accuracy) {
-                    ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
-                }
+                self.traffic_at_report = self.traffic;
                 self.last_report = Instant::now();
                 self.steps_at_report = self.step;
                 Ok(json!({"ok": true}))
