@@ -7,7 +7,7 @@
 //! `verify`). `serve` and `apikey` call [`crate::serve`]; `completions` and
 //! `man` are answered here from the clap definition.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -174,11 +174,15 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), generated from this CLI.
-    #[command(
-        after_help = "Example:\n  warden man > /usr/local/share/man/man1/warden.1 && man warden\n\nDocs: docs/operations.md"
-    )]
-    Man,
+    /// Print the manual page (roff), or write one page per subcommand.
+    #[command(after_help = "Examples:\n  warden man > /usr/local/share/man/man1/warden.1 && man warden\n  \
+        warden man --dir /usr/local/share/man/man1 && man warden-launch\n\nDocs: docs/operations.md")]
+    Man {
+        /// Write warden.1 and a page for every subcommand (warden-launch.1,
+        /// warden-checkpoint-list.1, ...) into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Stop a running job; after a launcher crash, remove what it left on the hosts.
     #[command(after_help = "Example:\n  warden stop runs/RUN\n\nDocs: docs/operations.md")]
     Stop {
@@ -400,7 +404,7 @@ fn run(command: Command) -> Result<u8, CliError> {
             clap_complete::generate(shell, &mut cmd, "warden", &mut std::io::stdout());
             Ok(EXIT_OK)
         }
-        Command::Man => man(),
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Validate { job } => validate::exec(&job),
         Command::Plan { job, json, local } => plan::exec(&job, json, local),
         Command::Launch {
@@ -464,12 +468,27 @@ fn run(command: Command) -> Result<u8, CliError> {
     }
 }
 
-/// `warden man`: the manual page on stdout.
-fn man() -> Result<u8, CliError> {
+/// `warden man`: the manual page on stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<u8, CliError> {
     let cmd = <Cli as clap::CommandFactory>::command();
-    clap_mangen::Man::new(cmd)
-        .render(&mut std::io::stdout())
-        .map_err(|e| CliError::failed(Context::new("cannot write the manual page", e)))?;
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|e| CliError::failed(Context::new("cannot write the manual page", e)))?;
+        return Ok(EXIT_OK);
+    };
+    let cannot = |e| CliError::failed(Context::new(format!("cannot write the manual pages into {}", dir.display()), e));
+    std::fs::create_dir_all(dir).map_err(cannot)?;
+    clap_mangen::generate_to(cmd, dir).map_err(cannot)?;
+    let pages = std::fs::read_dir(dir)
+        .map_err(cannot)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("warden") && n.ends_with(".1"))
+        .count();
+    let d = dir.display();
+    eprintln!(
+        "wrote {pages} manual pages into {d} (warden.1, warden-launch.1, ...); read one: man -l {d}/warden-launch.1"
+    );
     Ok(EXIT_OK)
 }
 

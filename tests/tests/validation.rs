@@ -546,6 +546,22 @@ fn completions_man_page_and_help_come_from_the_cli() {
     let man = run(&["man"]);
     assert!(man.starts_with(".ie") || man.contains(".TH warden"), "{}", &man[..200.min(man.len())]);
     assert!(man.contains("launch") && man.contains("serve"));
+    // --dir: a page for every page the top-level one links to.
+    let dir = warden_tests::scratch("man-pages");
+    run(&["man", "--dir", dir.to_str().unwrap()]);
+    for page in ["warden.1", "warden-launch.1", "warden-serve.1", "warden-checkpoint-list.1", "warden-runs.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        let name = page.trim_end_matches(".1");
+        assert!(text.contains(&format!(".TH {name} 1")), "{page}: {}", &text[..200.min(text.len())]);
+    }
+    let top = std::fs::read_to_string(dir.join("warden.1")).unwrap();
+    for linked in top.split("warden\\-").skip(1).filter_map(|t| t.split_once("(1)").map(|(n, _)| n.replace("\\-", "-")))
+    {
+        assert!(
+            dir.join(format!("warden-{linked}.1")).is_file(),
+            "warden.1 links warden-{linked}(1), which was not written"
+        );
+    }
     let help = run(&["--help"]);
     for doc in ["job-file.md", "security.md", "byo.md", "ssh.md"] {
         assert!(help.contains(doc), "--help does not point to {doc}");
