@@ -118,3 +118,99 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
     assert_eq!(kept, ["step-000000000003", "step-000000000004"]);
     assert_eq!(play("teardown.yml"), (0, 0), "a second teardown run changed something");
 }
+
+const YAML_INVENTORY: &str = "\
+all:
+  children:
+    lab:
+      hosts:
+        n1:
+          ansible_host: 10.0.5.1
+          warden_workers: 2
+        n2:
+          ansible_host: 10.0.5.2
+          ansible_port: 2222
+          warden_scheduler: 1
+    other:
+      hosts:
+        x1:
+          ansible_host: 10.0.5.9
+";
+
+const DYNAMIC_INVENTORY: &str = r#"#!/usr/bin/env python3
+import json, sys
+if sys.argv[1:] == ["--list"]:
+    print(json.dumps({
+        "gpu": {"hosts": ["d1", "d2"], "vars": {"warden_workers": 3}},
+        "_meta": {"hostvars": {"d1": {"ansible_host": "10.0.6.1"}, "d2": {"ansible_host": "10.0.6.2"}}},
+    }))
+else:
+    print("{}")
+"#;
+
+/// `warden plan --json` of a job whose hosts come from `inventory`, with
+/// `path` as PATH: (exit code, plan or stderr).
+fn plan_with_inventory(dir: &std::path::Path, inventory: &str, group: Option<&str>, path: &str) -> (i32, String) {
+    let mut job = warden_tests::JobFile::local().without("cluster.hosts").set("cluster", "inventory", inventory);
+    if let Some(g) = group {
+        job = job.set("cluster", "inventory_group", g);
+    }
+    let file = job.write(dir.join("job.toml"));
+    let out = Command::new(bin("warden"))
+        .args(["plan".as_ref(), file.as_os_str(), "--json".as_ref()])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let text = if out.status.success() { out.stdout } else { out.stderr };
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&text).into_owned())
+}
+
+/// (host, role) of every process in a plan.
+fn roles(plan: &str) -> Vec<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(plan).unwrap();
+    v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["host"].as_str().unwrap().into(), p["role"].as_str().unwrap().into()))
+        .collect()
+}
+
+/// Inventories only Ansible reads, a YAML file and a dynamic inventory
+/// script, give their hosts and variables through `ansible-inventory
+/// --list`; without Ansible, one line says what to install.
+#[test]
+fn yaml_and_dynamic_inventories_are_read_through_ansible_inventory() {
+    let dir = scratch("inventories");
+    std::fs::write(dir.join("hosts.yml"), YAML_INVENTORY).unwrap();
+    let script = dir.join("inventory.py");
+    std::fs::write(&script, DYNAMIC_INVENTORY).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let with_ansible = format!("{}:{}", ansible("").display(), std::env::var("PATH").unwrap_or_default());
+
+    let (code, plan) = plan_with_inventory(&dir, "hosts.yml", Some("lab"), &with_ansible);
+    assert_eq!(code, 0, "{plan}");
+    let r = roles(&plan);
+    let on = |host: &str, role: &str| r.iter().filter(|(h, x)| h == host && x == role).count();
+    assert_eq!(
+        (on("n1", "worker"), on("n2", "worker"), on("n2", "scheduler"), on("n1", "scheduler")),
+        (2, 1, 1, 0),
+        "{plan}"
+    );
+    assert!(!r.iter().any(|(h, _)| h == "x1"), "x1 is not in the lab group: {plan}");
+    assert!(plan.contains("10.0.5.1") && plan.contains("10.0.5.2"), "{plan}");
+
+    let (code, plan) = plan_with_inventory(&dir, "inventory.py", None, &with_ansible);
+    assert_eq!(code, 0, "{plan}");
+    let r = roles(&plan);
+    assert_eq!(r.iter().filter(|(h, x)| h == "d2" && x == "worker").count(), 3, "{plan}");
+    assert!(plan.contains("10.0.6.1"), "{plan}");
+
+    let (code, said) = plan_with_inventory(&dir, "hosts.yml", None, "/nonexistent");
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("only Ansible reads") && said.contains("pip install ansible-core"), "{said}");
+    let (code, said) = plan_with_inventory(&dir, "hosts.yml", Some("gpu"), &with_ansible);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("no group `gpu`") && said.contains("lab"), "{said}");
+}

@@ -1,9 +1,13 @@
-//! Host lists users already keep: MPI/DeepSpeed hostfiles and Ansible INI
-//! inventories, read into the entries of `[cluster]` (see `docs/job-file.md`).
+//! Host lists users already keep: MPI/DeepSpeed hostfiles, Ansible INI
+//! inventories, and any other Ansible inventory (YAML, scripts, plugins) as
+//! `ansible-inventory --list` prints it, read into the entries of
+//! `[cluster]` (see `docs/job-file.md`).
 //!
 //! Written by hand: no well-kept crate parses Ansible's INI dialect (host
 //! lines with `key=value` pairs, `[group:vars]`, `[group:children]`, host
 //! ranges such as `node[01:04]`), and a hostfile is a few lines of text.
+//! Other inventory formats are left to Ansible itself, whose JSON output
+//! has every host's variables already resolved.
 //! Both parsers only read; turning an entry into a host (its address, its
 //! roles) is `spec/cluster.rs`'s job, so the rules stay in one place.
 
@@ -253,6 +257,83 @@ struct Inventory {
 /// `~/.ssh/config`).
 pub fn parse_inventory(text: &str, group: Option<&str>) -> Result<Vec<Entry>, ListError> {
     Inventory::read(text)?.entries(group)
+}
+
+/// Whether an inventory file is one only Ansible can read: YAML (by its
+/// name or its first line) or JSON; an executable (a dynamic inventory
+/// script) is checked by the caller.
+pub fn needs_ansible(path: &std::path::Path, text: &str) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    if matches!(ext, "yml" | "yaml" | "json") {
+        return true;
+    }
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'));
+    first.is_some_and(|l| l == "---" || l.starts_with('{') || (l.ends_with(':') && !l.starts_with('[')))
+}
+
+/// Reads the output of `ansible-inventory --list` (hosts and variables as
+/// Ansible resolved them, from any inventory source) and returns the hosts
+/// of `group` (every host when `None` or `all`), in the order Ansible lists
+/// them. Variables are read as [`parse_inventory`] reads them.
+pub fn parse_inventory_json(json: &str, group: Option<&str>) -> Result<Vec<Entry>, ListError> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| ListError {
+        line: 1,
+        message: format!("ansible-inventory printed no inventory: {e}"),
+        help: "run `ansible-inventory -i FILE --list` and fix what it reports".into(),
+    })?;
+    let want = group.unwrap_or("all");
+    if v.get(want).is_none() {
+        let known: Vec<&str> = v
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).filter(|k| !k.starts_with('_') && *k != "ungrouped").collect())
+            .unwrap_or_default();
+        return fail(1, format!("the inventory has no group `{want}`"), format!("its groups: {}", known.join(", ")));
+    }
+    // Hosts of the group and, depth first, of its children, each once.
+    let (mut names, mut seen, mut stack) = (Vec::<String>::new(), BTreeSet::new(), vec![want.to_string()]);
+    let mut groups_seen = BTreeSet::new();
+    while let Some(g) = stack.pop() {
+        if !groups_seen.insert(g.clone()) {
+            continue;
+        }
+        let list = |key: &str| -> Vec<String> {
+            v[&g][key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                .unwrap_or_default()
+        };
+        for h in list("hosts") {
+            if seen.insert(h.clone()) {
+                names.push(h);
+            }
+        }
+        stack.extend(list("children").into_iter().rev());
+    }
+    if names.is_empty() {
+        return fail(1, format!("the inventory lists no host in `{want}`"), "add hosts to the group");
+    }
+    names
+        .iter()
+        .map(|name| {
+            let vars: BTreeMap<String, String> = v["_meta"]["hostvars"][name]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, x)| {
+                            let text = match x {
+                                serde_json::Value::String(s) => s.clone(),
+                                serde_json::Value::Number(n) => n.to_string(),
+                                serde_json::Value::Bool(b) => b.to_string(),
+                                _ => return None,
+                            };
+                            Some((k.clone(), text))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            entry_from_vars(name, 1, &vars)
+        })
+        .collect()
 }
 
 impl Inventory {
@@ -571,6 +652,47 @@ warden_workers=1
 [all:vars]
 ansible_port=22
 "#;
+
+    /// `ansible-inventory --list` output: groups by children, variables
+    /// resolved per host (numbers as numbers).
+    const LISTED: &str = r#"{
+        "_meta": {"hostvars": {
+            "a": {"ansible_host": "10.0.0.1", "ansible_port": 2222, "ansible_user": "ops", "warden_workers": 2},
+            "b": {"ansible_host": "10.0.0.2", "warden_scheduler": 1},
+            "c": {}
+        }},
+        "all": {"children": ["ungrouped", "lab"]},
+        "lab": {"children": ["gpu"], "hosts": ["b"]},
+        "gpu": {"hosts": ["a"]},
+        "ungrouped": {"hosts": ["c"]}
+    }"#;
+
+    #[test]
+    fn ansible_inventory_json_gives_hosts_of_a_group_with_their_variables() {
+        let all = parse_inventory_json(LISTED, None).unwrap();
+        assert_eq!(all.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["c", "b", "a"]);
+        let lab = parse_inventory_json(LISTED, Some("lab")).unwrap();
+        assert_eq!(lab.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        let a = &lab[1];
+        assert_eq!(
+            (a.ssh.as_str(), a.workers, a.address.as_deref()),
+            ("ssh://ops@10.0.0.1:2222", Some(2), Some("10.0.0.1"))
+        );
+        assert_eq!(lab[0].scheduler, Some(1));
+        let e = parse_inventory_json(LISTED, Some("cpu")).unwrap_err();
+        assert!(e.message.contains("no group `cpu`") && e.help.contains("gpu"), "{e:?}");
+        assert!(parse_inventory_json("not json", None).unwrap_err().message.contains("ansible-inventory"));
+    }
+
+    #[test]
+    fn yaml_json_and_ini_inventories_are_told_apart() {
+        let p = std::path::Path::new;
+        assert!(needs_ansible(p("hosts.yml"), "[lab]\n"));
+        assert!(needs_ansible(p("hosts"), "# lab\nall:\n  hosts:\n"));
+        assert!(needs_ansible(p("hosts"), "---\nall:\n"));
+        assert!(!needs_ansible(p("hosts.ini"), "[lab]\nnode1 ansible_host=10.0.0.1\n"));
+        assert!(!needs_ansible(p("hosts"), "node1\n"));
+    }
 
     #[test]
     fn inventories_expand_ranges_and_apply_vars_nearest_first() {

@@ -454,13 +454,13 @@ fn hosts_from_list(
         ListKind::Hostfile => "hostfile",
         ListKind::Inventory(_) => "inventory",
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         src.err(
             key.span(),
             format!("cannot read the {what} {}: {e}", path.display()),
             "paths are relative to the job file's directory",
         )
-    })?;
+    };
     let at = |line: usize, message: String, help: &str| SpecError {
         file: path.display().to_string(),
         line,
@@ -469,8 +469,23 @@ fn hosts_from_list(
         help: (!help.is_empty()).then(|| help.to_string()),
     };
     let entries = match kind {
-        ListKind::Hostfile => crate::job::inventory::parse_hostfile(&text),
-        ListKind::Inventory(group) => crate::job::inventory::parse_inventory(&text, group),
+        ListKind::Hostfile => {
+            crate::job::inventory::parse_hostfile(&std::fs::read_to_string(path).map_err(cannot_read)?)
+        }
+        ListKind::Inventory(group) => {
+            let meta = std::fs::metadata(path).map_err(cannot_read)?;
+            let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+            if meta.is_dir() || executable {
+                ansible_inventory(path, group)
+            } else {
+                let text = std::fs::read_to_string(path).map_err(cannot_read)?;
+                if crate::job::inventory::needs_ansible(path, &text) {
+                    ansible_inventory(path, group)
+                } else {
+                    crate::job::inventory::parse_inventory(&text, group)
+                }
+            }
+        }
     }
     .map_err(|e| at(e.line, e.message, &e.help))?;
     if entries.is_empty() {
@@ -547,6 +562,89 @@ enum ResolveError {
 }
 
 /// A host name's address as this machine resolves it (IPv4 first).
+/// Longest wait for `ansible-inventory` (a dynamic inventory may ask a
+/// cloud API): two minutes.
+const ANSIBLE_INVENTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The hosts of an inventory only Ansible reads (YAML, a directory, a
+/// dynamic inventory script or plugin), through `ansible-inventory -i PATH
+/// --list` from `PATH`. It runs as the user who runs warden, as Ansible
+/// would: a dynamic inventory is the user's own program.
+fn ansible_inventory(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<Vec<crate::job::inventory::Entry>, crate::job::inventory::ListError> {
+    use crate::job::inventory::ListError;
+    let err = |message: String, help: &str| ListError { line: 1, message, help: help.to_string() };
+    let mut child = std::process::Command::new("ansible-inventory")
+        .arg("-i")
+        .arg(path)
+        .arg("--list")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            err(
+                format!("this inventory is YAML, a directory or a script, which only Ansible reads, and ansible-inventory cannot be run: {e}"),
+                "install Ansible (pip install ansible-core, or apt-get install ansible-core) so ansible-inventory is on PATH, or write the inventory as INI",
+            )
+        })?;
+    // Read both pipes while waiting: a large inventory would fill one.
+    let pipe = |p: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut all);
+            }
+            all
+        })
+    };
+    let out = pipe(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let errs = pipe(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let until = std::time::Instant::now() + ANSIBLE_INVENTORY_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < until => std::thread::sleep(std::time::Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(
+                    format!(
+                        "ansible-inventory -i {} --list did not finish in {} s",
+                        path.display(),
+                        ANSIBLE_INVENTORY_TIMEOUT.as_secs()
+                    ),
+                    "run it by hand to see what it waits for",
+                ));
+            }
+        }
+    };
+    let (stdout, stderr) = (out.join().unwrap_or_default(), errs.join().unwrap_or_default());
+    if !status.success() {
+        let said = String::from_utf8_lossy(&stderr);
+        let last: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+        return Err(err(
+            format!(
+                "ansible-inventory -i {} --list failed ({status}): {}",
+                path.display(),
+                last[last.len().saturating_sub(3)..].join(" / ")
+            ),
+            "run it by hand and fix what it reports",
+        ));
+    }
+    // Ansible warns and lists nothing for a source it cannot parse: say why.
+    crate::job::inventory::parse_inventory_json(&String::from_utf8_lossy(&stdout), group).map_err(|mut e| {
+        let said = String::from_utf8_lossy(&stderr);
+        let warnings: Vec<&str> = said.lines().map(str::trim).filter(|l| l.starts_with("[WARNING]")).take(3).collect();
+        if !warnings.is_empty() {
+            e.message = format!("{}; ansible-inventory said: {}", e.message, warnings.join(" / "));
+        }
+        e
+    })
+}
+
 fn resolve(name: &str) -> Result<IpAddr, ResolveError> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<IpAddr> = (name, 22).to_socket_addrs().map_err(ResolveError::Lookup)?.map(|a| a.ip()).collect();
