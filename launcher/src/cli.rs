@@ -115,6 +115,11 @@ pub enum Command {
         /// every server (needs [checkpoint] with the same key_file). Results go to a new run directory.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Serve the job's figures for Prometheus at http://ADDR/metrics while it runs
+        /// (step, loss, learning rate, samples/s, bytes, test accuracy). ADDR is HOST:PORT,
+        /// or a port alone for 127.0.0.1:PORT. Plain HTTP, no authentication: keep it on loopback.
+        #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Check every host of a job over SSH (or this machine, with --local): OS, nft, job user, free ports, disk, clock.
     #[command(
@@ -417,6 +422,7 @@ fn run(command: Command) -> Result<u8, CliError> {
             verbose,
             detach,
             own_session,
+            metrics_listen,
         } => launch::exec(&launch::LaunchArgs {
             job,
             local,
@@ -427,6 +433,7 @@ fn run(command: Command) -> Result<u8, CliError> {
             verbose,
             detach,
             own_session,
+            metrics_listen,
         }),
         Command::Doctor { job, accept_new_host_keys, local } => launch::exec_doctor(&job, accept_new_host_keys, local),
         Command::Runs { dir } => run_dir::exec_runs(&dir),
@@ -466,6 +473,14 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Checkpoint(CheckpointCommand::Verify { dir, key_file }) => checkpoint::exec_verify(&dir, &key_file),
         Command::Checkpoint(CheckpointCommand::Prune { dir, keep }) => checkpoint::exec_prune(&dir, keep),
     }
+}
+
+/// `--metrics-listen`: `HOST:PORT`, or a port alone on loopback.
+fn parse_metrics_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| format!("`{text}` is not HOST:PORT or a port, e.g. 127.0.0.1:9464 or 9464"))
 }
 
 /// `warden man`: the manual page on stdout, or every page into `dir`.

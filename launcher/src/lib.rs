@@ -6,7 +6,9 @@
 //!   [`commands`] has one module per subcommand.
 //! - [`launch`] orchestrates a job over a [`transport::Transport`]: local
 //!   processes, or [`ssh`] to lab machines.
-//! - [`rundir`] writes what a run leaves behind; [`plot`] draws it.
+//! - [`rundir`] writes what a run leaves behind; [`plot`] draws it;
+//!   [`telemetry`] writes step-level figures (`steps.csv`, [`tensorboard`]
+//!   event files) and serves them to Prometheus.
 //!
 //! The job spec, plan and identities come from the agent's library
 //! (`warden_agent`), never re-implemented here.
@@ -20,4 +22,6 @@ pub mod plot;
 pub mod rundir;
 pub mod serve;
 pub mod ssh;
+pub mod telemetry;
+pub mod tensorboard;
 pub mod transport;

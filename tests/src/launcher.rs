@@ -83,6 +83,20 @@ impl Launcher {
         Launcher { child, stderr }
     }
 
+    /// Runs `warden ARGS` in `cwd`, tagged for [`crate::wait_gone`], its
+    /// stderr drained.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(tag: &str, args: &[S], cwd: &Path) -> Launcher {
+        let child = Command::new(bin("warden"))
+            .args(args)
+            .current_dir(cwd)
+            .env("WARDEN_TEST_TAG", tag)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Launcher::drained(child)
+    }
+
     /// The launcher's PID.
     pub fn id(&self) -> u32 {
         self.child.id()
@@ -136,14 +150,8 @@ pub fn start_long_job(tag: &str, dir: &Path, ports: (u16, u16)) -> (Launcher, Pa
 pub fn start_long(tag: &str, dir: &Path, job: JobFile) -> (Launcher, PathBuf) {
     let job = job.write(dir.join("job.toml"));
     let run = dir.join("run");
-    let child = Command::new(bin("warden"))
-        .args(["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()])
-        .env("WARDEN_TEST_TAG", tag)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = Launcher::drained(child);
+    let args = ["launch".as_ref(), job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()];
+    let child = Launcher::start(tag, &args, dir);
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default();
@@ -162,4 +170,23 @@ pub fn job_table(run: &std::path::Path) -> String {
         serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
     let id = plan["job_id"].as_str().unwrap();
     format!("warden_{}", &id[..12])
+}
+
+/// The python of the interoperability venv `scripts/test-all` makes
+/// (model-signing, numpy, tensorboard), if it can import `module`; `None`
+/// only when `WARDEN_SKIP_INTEROP` is set, otherwise a missing venv fails
+/// the test with what to run.
+pub fn interop_python(module: &str) -> Option<PathBuf> {
+    let tool = std::env::var_os("WARDEN_MODEL_SIGNING")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/model-signing-venv/bin/model_signing"));
+    let py = tool.parent().expect("a bin directory").join("python");
+    let has = Command::new(&py).args(["-c", &format!("import {module}")]).status().is_ok_and(|s| s.success());
+    if has {
+        return Some(py);
+    }
+    if std::env::var_os("WARDEN_SKIP_INTEROP").is_some() {
+        return None;
+    }
+    panic!("{} with {module} is missing: run ./scripts/test-all (WARDEN_SKIP_INTEROP=1 skips this test)", py.display());
 }

@@ -316,15 +316,7 @@ fn a_stopped_job_prints_the_resume_command_and_it_resumes() {
     assert_eq!(words[..2], ["warden", "launch"], "{line}");
     assert!(words.ends_with(&["--resume", &run.to_string_lossy()]), "{line}");
 
-    let resumed = Command::new(bin("warden"))
-        .args(&words[1..])
-        .current_dir(&*dir)
-        .env("WARDEN_TEST_TAG", &tag)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let resumed = warden_tests::Launcher::drained(resumed);
+    let resumed = warden_tests::Launcher::start(&tag, &words[1..], &dir);
     let latest = dir.join("runs/latest");
     let until = Instant::now() + Duration::from_secs(120);
     while std::fs::read_to_string(latest.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {

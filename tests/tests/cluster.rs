@@ -115,6 +115,7 @@ fn start_cluster_job(epochs: u32) -> ClusterJob {
         verbose: false,
         started: None,
         resume: None,
+        metrics_listen: None,
     };
     let launcher = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();

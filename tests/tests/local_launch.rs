@@ -641,3 +641,74 @@ fn runs_are_listed_and_latest_points_at_the_newest() {
     assert!(!text.lines().any(|l| l.starts_with("latest")), "{text}");
     wait_gone(&tag);
 }
+
+/// Reads a run's TensorBoard events with the `tensorboard` package's own
+/// reader: every scalar tag with its (step, value) points.
+const READ_EVENTS: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+
+/// While a job runs, `--metrics-listen` serves its figures for Prometheus;
+/// the run directory gets step-level figures in `steps.csv` and TensorBoard
+/// event files that TensorBoard's own reader reads back, epoch figures
+/// equal to `metrics.csv`'s.
+#[test]
+fn a_job_serves_prometheus_figures_and_writes_steps_and_tensorboard_events() {
+    let Some(py) = warden_tests::interop_python("tensorboard") else { return };
+    let tag = fresh_tag();
+    let dir = scratch("telemetry");
+    let job = JobFile::local().ports(32170, 32189).epochs(100000).write(dir.join("job.toml"));
+    let run = dir.join("run");
+    let args = [job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()];
+    let metrics = ["--metrics-listen".as_ref(), "32190".as_ref()];
+    let launch_args: Vec<&std::ffi::OsStr> = ["launch".as_ref()].into_iter().chain(args).chain(metrics).collect();
+    let launcher = warden_tests::Launcher::start(&tag, &launch_args, &dir);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let scraped = loop {
+        let out = Command::new("curl").args(["-s", "http://127.0.0.1:32190/metrics"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("warden_test_accuracy{") && text.contains("warden_step{") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < until, "no figures at /metrics: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    for name in ["warden_train_loss", "warden_learning_rate", "warden_samples_per_second", "warden_epochs"] {
+        assert!(
+            scraped.contains(&format!("# TYPE {name} gauge\n{name}{{job=\"fashion-local\"}} ")),
+            "{name}: {scraped}"
+        );
+    }
+    assert!(scraped.contains("warden_learning_rate{job=\"fashion-local\"} 0.1\n"), "{scraped}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("metrics for Prometheus: http://127.0.0.1:32190/metrics"), "{stderr}");
+    wait_gone(&tag);
+
+    let steps = std::fs::read_to_string(run.join("steps.csv")).unwrap();
+    assert!(
+        steps.starts_with("step,epoch,wall_time,elapsed_s,train_loss,lr,samples_per_s,bytes_pushed,bytes_pulled\n")
+    );
+    let numbers: Vec<u64> = steps.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert!(numbers.len() >= 2 && numbers.windows(2).all(|w| w[0] < w[1]), "{steps}");
+
+    let read = Command::new(&py).args(["-c", READ_EVENTS]).arg(run.join("tensorboard")).output().unwrap();
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let events: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let points = |tag: &str| events[tag].as_array().unwrap_or_else(|| panic!("no `{tag}`: {events}")).clone();
+    assert_eq!(points("train/loss").len(), numbers.len(), "one point per steps.csv row");
+    assert_eq!(points("train/learning_rate")[0][1].as_f64().map(|v| v as f32), Some(0.1));
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let accuracy: Vec<f64> = metrics.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    let tb: Vec<f64> = points("epoch/test_accuracy").iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(tb.len(), accuracy.len(), "{events}");
+    for (a, b) in accuracy.iter().zip(&tb) {
+        assert!((a - b).abs() < 1e-5, "metrics.csv {a}, TensorBoard {b}");
+    }
+}

@@ -286,20 +286,9 @@ fn answers_keys_budgets_limits_and_restarts_behave_as_configured() {
     );
 }
 
-/// The python of the venv scripts/test-all makes (model-signing, numpy).
+/// The interoperability venv's python, with numpy.
 fn python() -> Option<PathBuf> {
-    let tool = std::env::var_os("WARDEN_MODEL_SIGNING")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/model-signing-venv/bin/model_signing"));
-    let py = tool.parent().unwrap().join("python");
-    let has_numpy = Command::new(&py).args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
-    if has_numpy {
-        return Some(py);
-    }
-    if std::env::var_os("WARDEN_SKIP_INTEROP").is_some() {
-        return None;
-    }
-    panic!("{} with numpy is missing: run ./scripts/test-all (WARDEN_SKIP_INTEROP=1 skips this test)", py.display());
+    warden_tests::interop_python("numpy")
 }
 
 /// Runs scripts/extraction_attack.py against the server on `port`; its JSON line.

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use warden_agent::job::spec::JobSpec;
 use warden_agent::train::data::Dataset;
-use warden_agent::train::model::{Batch, Workspace, init, layout};
+use warden_agent::train::model::{Batch, Workspace, init};
 use warden_agent::train::optimizer::{OptimizerSpec, ShardOptimizer};
 use warden_agent::train::roles::worker::{epoch_order, steps_per_epoch};
 use warden_agent::train::train_rng::TrainRng;
@@ -29,19 +29,10 @@ fn write_idx(dir: &Path, ds: &Dataset, name: &str) -> (PathBuf, PathBuf) {
     (i, l)
 }
 
+/// The flat parameter vector of the model file at `path` (stored in
+/// PyTorch's layout, read back by warden's reader).
 fn read_model(path: &Path, spec: &JobSpec) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
-    let mut out = Vec::new();
-    for (name, _, range) in layout(&spec.model) {
-        let offs = &header[&name]["data_offsets"];
-        let (a, b) = (offs[0].as_u64().unwrap() as usize, offs[1].as_u64().unwrap() as usize);
-        assert_eq!((b - a) / 4, range.len(), "{name}");
-        out.extend(data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())));
-    }
-    out
+    warden_agent::store::artifact::read_model(path.parent().unwrap(), &spec.model).unwrap()
 }
 
 fn launch(job: &Path, run: &Path) -> serde_json::Value {

@@ -112,6 +112,7 @@ fn run(job: &Path, run_dir: PathBuf, a: &PsArgs) -> Result<u8, CliError> {
         verbose: false,
         started: None,
         resume: None,
+        metrics_listen: None,
     };
     let outcome = runtime.block_on(crate::commands::launch::launch_local(job, spec, text, plan, agent, opts));
     let outcome = outcome.map_err(CliError::failed)?;

@@ -48,6 +48,8 @@ pub struct LaunchArgs {
     /// Leave the caller's session before anything else: the launcher that
     /// `--detach` starts, so that no terminal's hangup reaches it.
     pub own_session: bool,
+    /// Serve Prometheus figures here while the job runs.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Launches the job and reports how it ended.
@@ -70,6 +72,7 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
         verbose: args.verbose,
         started: Some(started),
         resume: args.resume.clone(),
+        metrics_listen: args.metrics_listen,
     };
     let accept_new_host_keys = args.accept_new_host_keys;
     let result = if local {
@@ -128,6 +131,9 @@ fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
     }
     if let Some(r) = &args.resume {
         cmd.arg("--resume").arg(r);
+    }
+    if let Some(addr) = args.metrics_listen {
+        cmd.arg("--metrics-listen").arg(addr.to_string());
     }
     // It leaves this session itself, first thing (see `LaunchArgs::own_session`).
     cmd.arg("--own-session");

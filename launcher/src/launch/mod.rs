@@ -91,6 +91,8 @@ pub struct LaunchOptions {
     pub started: Option<Instant>,
     /// Continue the checkpoints of this earlier run directory.
     pub resume: Option<PathBuf>,
+    /// Serve the job's figures for Prometheus here while it runs.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Loads `[signing] key` (and its passphrase) before anything starts.
@@ -279,6 +281,26 @@ pub async fn launch(
         progress: Arc::new(Progress::new(opts.progress, opts.epoch_lines, opts.verbose)),
         epoch_lines: opts.epoch_lines,
         started,
+        telemetry: Arc::new(crate::telemetry::Telemetry::new(Some(run.path()), &spec.name, spec.training.epochs)),
+    };
+    let metrics = match opts.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                LaunchError::Input(format!(
+                    "--metrics-listen {addr}: {e}; choose a free port, e.g. --metrics-listen 9464"
+                ))
+            })?;
+            if !addr.ip().is_loopback() {
+                ctx.progress.println(&format!(
+                    "  warning: --metrics-listen {addr} serves the job's figures without authentication beyond this machine"
+                ));
+            }
+            if opts.epoch_lines {
+                ctx.progress.println(&format!("  metrics for Prometheus: http://{addr}/metrics"));
+            }
+            Some(tokio::spawn(crate::telemetry::serve_metrics(listener, ctx.telemetry.clone())))
+        }
+        None => None,
     };
     let mut acc = Accumulated {
         earlier: opts.resume.as_deref().map(crate::rundir::read_metrics).unwrap_or_default(),
@@ -286,6 +308,9 @@ pub async fn launch(
     };
     let (end, restarts) = run_attempts(&ctx, opts.resume.is_some(), &mut acc).await?;
     ctx.progress.finish();
+    if let Some(task) = metrics {
+        task.abort();
+    }
     transport.finish().await;
     conclude(&ctx, signer.as_ref(), end, acc, restarts)
 }
@@ -474,6 +499,8 @@ struct AttemptCtx<'a> {
     progress: Arc<Progress>,
     epoch_lines: bool,
     started: Instant,
+    /// steps.csv, TensorBoard events and the Prometheus figures.
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// What the attempts of a launch add up to.

@@ -161,8 +161,11 @@ impl<'w, 'a> Watch<'w, 'a> {
         acc: &mut Accumulated,
     ) {
         match ev {
-            Event::Progress { epoch, step, steps } => {
-                self.ctx.progress.step(epoch, self.ctx.spec.training.epochs, step, steps)
+            Event::Progress { epoch, step, steps, scalars } => {
+                self.ctx.progress.step(epoch, self.ctx.spec.training.epochs, step, steps);
+                if let Some(s) = scalars {
+                    self.ctx.telemetry.step(epoch, &s);
+                }
             }
             Event::Epoch { epoch, train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled } => {
                 self.epochs.entry(epoch).or_default().add(train_loss, steps, samples_per_s, bytes_pushed, bytes_pulled)
@@ -316,6 +319,9 @@ impl<'w, 'a> Watch<'w, 'a> {
                 acc.rows.push(row);
             }
             self.epochs.pop_first();
+            if let Some(row) = acc.rows.last() {
+                self.ctx.telemetry.epoch(row);
+            }
             self.draw_plot(acc);
         }
         Ok(())

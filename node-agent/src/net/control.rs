@@ -163,6 +163,25 @@ pub struct Bundle {
     pub checkpoint_key: Option<crate::store::checkpoint::CheckpointSecret>,
 }
 
+/// Step-level training figures of worker 0 over the steps since its
+/// previous progress event, for `steps.csv`, TensorBoard and the
+/// launcher's Prometheus endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepScalars {
+    /// The global step the figures end at (from 1).
+    pub global_step: u64,
+    /// Mean training loss over those steps.
+    pub train_loss: f64,
+    /// The learning rate of the last of them.
+    pub lr: f64,
+    /// Worker 0's training samples per second over them.
+    pub samples_per_s: f64,
+    /// Bytes worker 0 pushed to the servers over them.
+    pub bytes_pushed: u64,
+    /// Bytes worker 0 pulled from the servers over them.
+    pub bytes_pulled: u64,
+}
+
 /// Agent to launcher.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -202,6 +221,9 @@ pub enum Event {
         step: u64,
         /// Steps per epoch.
         steps: u64,
+        /// Worker 0's figures since its previous progress event.
+        #[serde(default)]
+        scalars: Option<StepScalars>,
     },
     /// A worker finished an epoch.
     Epoch {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::{RoleCtx, RoleError};
 use crate::job::spec::SyncMode;
 use crate::net::conn::ClientConn;
-use crate::net::control::Event;
+use crate::net::control::{Event, StepScalars};
 use crate::net::identity::Role;
 use crate::net::wire::{Message, TAG_PARAMS, vector_view};
 use crate::train::data::Dataset;
@@ -318,6 +318,41 @@ impl LocalStep {
     }
 }
 
+/// Worker 0's figures since its previous progress event.
+struct StepWindow {
+    steps: u64,
+    loss: f64,
+    since: Instant,
+    traffic: (u64, u64),
+}
+
+impl StepWindow {
+    fn new(traffic: &Traffic) -> StepWindow {
+        StepWindow { steps: 0, loss: 0.0, since: Instant::now(), traffic: (traffic.pushed, traffic.pulled) }
+    }
+
+    fn add(&mut self, loss: f64) {
+        self.steps += 1;
+        self.loss += loss;
+    }
+
+    /// The figures up to global step `global`, and a fresh window.
+    fn take(&mut self, global: u64, spec: &crate::job::spec::JobSpec, batch: usize, traffic: &Traffic) -> StepScalars {
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let scalars = StepScalars {
+            global_step: global,
+            train_loss: self.loss / self.steps.max(1) as f64,
+            // The f32 rate as written (0.1, not 0.10000000149).
+            lr: spec.optimizer.lr_at(global).to_string().parse().unwrap_or(f64::NAN),
+            samples_per_s: (self.steps as usize * batch) as f64 / secs,
+            bytes_pushed: traffic.pushed - self.traffic.0,
+            bytes_pulled: traffic.pulled - self.traffic.1,
+        };
+        *self = StepWindow::new(traffic);
+        scalars
+    }
+}
+
 /// Runs worker `ctx.me().rank` with its data until training is done.
 pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let WorkerData { train, test, steps } = data;
@@ -341,6 +376,7 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let mut clock = CheckpointClock::of_worker(&ctx);
     // Resuming at global step R continues with step R % steps of epoch R / steps + 1.
     let first_epoch = (resumed_at / steps as u64) as u32 + 1;
+    let mut window = StepWindow::new(&traffic);
     for epoch in first_epoch..=spec.training.epochs {
         let epoch_start = Instant::now();
         let before = (traffic.pushed, traffic.pulled);
@@ -348,7 +384,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         let mut loss_sum = 0.0f64;
         let first_step = if epoch == first_epoch { (resumed_at % steps as u64) as usize } else { 0 };
         for step in first_step..steps {
-            loss_sum += f64::from(local.gradient(&ctx, &train, &params, &order, (epoch, step))?);
+            let loss = f64::from(local.gradient(&ctx, &train, &params, &order, (epoch, step))?);
+            loss_sum += loss;
             exchange(&mut links, &mut params, Some(&local.grad), mode, compression, &mut traffic).await?;
             let global = u64::from(epoch - 1) * steps as u64 + step as u64 + 1;
             if let Some(clock) = clock.as_mut()
@@ -360,8 +397,17 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
                 return keep_work(&ctx, &params, global).await;
             }
             // Every 20 steps and at an epoch's last, so the launcher's bar ends full.
-            if rank == 0 && ((step + 1) % 20 == 0 || step + 1 == steps) {
-                ctx.emit(Event::Progress { epoch, step: step as u64 + 1, steps: steps as u64 });
+            if rank == 0 {
+                window.add(loss);
+                if (step + 1) % 20 == 0 || step + 1 == steps {
+                    let scalars = window.take(global, spec, if synthetic { 1 } else { batch }, &traffic);
+                    ctx.emit(Event::Progress {
+                        epoch,
+                        step: step as u64 + 1,
+                        steps: steps as u64,
+                        scalars: Some(scalars),
+                    });
+                }
             }
         }
         let secs = epoch_start.elapsed().as_secs_f64();
