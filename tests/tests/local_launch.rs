@@ -652,7 +652,8 @@ acc.Reload()
 print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
 "#;
 
-/// While a job runs, `--metrics-listen` serves its figures for Prometheus;
+/// While a job runs, `--metrics-listen` serves its figures for Prometheus
+/// (and a job whose epochs cannot fit its `max_hours` is told so);
 /// the run directory gets step-level figures in `steps.csv` and TensorBoard
 /// event files that TensorBoard's own reader reads back, epoch figures
 /// equal to `metrics.csv`'s.
@@ -661,7 +662,14 @@ fn a_job_serves_prometheus_figures_and_writes_steps_and_tensorboard_events() {
     let Some(py) = warden_tests::interop_python("tensorboard") else { return };
     let tag = fresh_tag();
     let dir = scratch("telemetry");
-    let job = JobFile::local().ports(32170, 32189).epochs(100000).write(dir.join("job.toml"));
+    // Small batches and a one-hour lifetime: 100,000 epochs cannot fit, and
+    // the launcher says so after the first.
+    let job = JobFile::local()
+        .ports(32170, 32189)
+        .epochs(100000)
+        .set("training", "batch_size", 8)
+        .set("job", "max_hours", 1)
+        .write(dir.join("job.toml"));
     let run = dir.join("run");
     let args = [job.as_os_str(), "--local".as_ref(), "--run-dir".as_ref(), run.as_os_str()];
     let metrics = ["--metrics-listen".as_ref(), "32190".as_ref()];
@@ -689,6 +697,12 @@ fn a_job_serves_prometheus_figures_and_writes_steps_and_tensorboard_events() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("metrics for Prometheus: http://127.0.0.1:32190/metrics"), "{stderr}");
+    assert!(
+        stderr.contains("warning: at this pace the 100000 epochs need about")
+            && stderr.contains("but the job ends at 1 h ([job] max_hours"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("at this pace").count(), 1, "said once: {stderr}");
     wait_gone(&tag);
 
     let steps = std::fs::read_to_string(run.join("steps.csv")).unwrap();

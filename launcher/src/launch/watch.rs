@@ -309,6 +309,7 @@ impl<'w, 'a> Watch<'w, 'a> {
             if self.ctx.epoch_lines {
                 self.ctx.progress.println(&epoch_line(&row, self.ctx.spec.training.epochs));
             }
+            self.warn_if_epochs_outlast_the_job(&row, acc);
             // After a restart, an epoch run again replaces what the failed attempt wrote.
             if acc.rows.last().is_some_and(|r| r.epoch >= row.epoch) {
                 acc.rows.retain(|r| r.epoch < row.epoch);
@@ -325,6 +326,32 @@ impl<'w, 'a> Watch<'w, 'a> {
             self.draw_plot(acc);
         }
         Ok(())
+    }
+
+    /// After this run's first epoch: if the epochs left at that pace end
+    /// after `max_hours` (when the job's certificates expire and it is
+    /// stopped), says so once, with what to change.
+    fn warn_if_epochs_outlast_the_job(&self, row: &EpochRow, acc: &mut Accumulated) {
+        let (total, max_hours) = (self.ctx.spec.training.epochs, self.ctx.spec.max_hours);
+        let trained = acc.rows.len() + 1;
+        if trained != 1 || row.epoch >= total {
+            return;
+        }
+        let training_s = (row.elapsed_s - self.startup_s.unwrap_or(0.0)).max(1e-3);
+        let needed = row.elapsed_s + training_s * f64::from(total - row.epoch);
+        let limit = f64::from(max_hours) * 3600.0;
+        if needed <= limit {
+            return;
+        }
+        let message = format!(
+            "at this pace the {total} epochs need about {:.1} h, but the job ends at {max_hours} h ([job] max_hours, \
+             when its certificates expire); raise max_hours (at most 720) or lower [training] epochs, \
+             and with [checkpoint] a stopped job can be resumed",
+            needed / 3600.0
+        );
+        if acc.warnings.insert(message.clone()) && self.ctx.epoch_lines {
+            self.ctx.progress.println(&format!("  warning: {message}"));
+        }
     }
 
     /// Redraws `plot.png`: the resumed run's epochs before this run's
