@@ -94,10 +94,39 @@ pub enum SshError {
     Hosts(Vec<(String, HostError)>),
 }
 
-/// `NAME: REASON; NAME: REASON`, each reason with its causes.
+/// `NAME: REASON; NAME: REASON`, each reason with its causes (ssh's own
+/// words included) and, when ssh's reason is a familiar one, what to try.
 fn hosts_failed(hosts: &[(String, HostError)]) -> String {
-    let each: Vec<String> = hosts.iter().map(|(name, e)| format!("{name}: {}", crate::error::Chain(e))).collect();
+    let each: Vec<String> = hosts
+        .iter()
+        .map(|(name, e)| {
+            let reason = crate::error::Chain(e).to_string();
+            match advice(&reason) {
+                Some(try_this) => format!("{name}: {reason} (try: {try_this})"),
+                None => format!("{name}: {reason}"),
+            }
+        })
+        .collect();
     each.join("; ")
+}
+
+/// What to try for an SSH failure, from ssh's own words.
+fn advice(reason: &str) -> Option<&'static str> {
+    const ADVICE: &[(&str, &str)] = &[
+        ("Connection refused", "no sshd answers on that port: start sshd there, or fix the port in the host's `ssh`"),
+        (
+            "Permission denied",
+            "the host does not accept your key: `ssh-copy-id USER@HOST`, or name the key as the host's identity_file (or in ~/.ssh/config)",
+        ),
+        (
+            "Host key verification failed",
+            "an unknown or changed host key: check it, then `--accept-new-host-keys` (or ssh-keyscan it into ~/.ssh/known_hosts)",
+        ),
+        ("Could not resolve hostname", "the name does not resolve: use an IP address, or fix DNS or /etc/hosts"),
+        ("No route to host", "the host is unreachable: check the address and the network"),
+        ("timed out", "the host does not answer: check the address, the network and its firewall"),
+    ];
+    ADVICE.iter().find(|(said, _)| reason.contains(said)).map(|(_, try_this)| *try_this)
 }
 
 /// Why one host could not be made ready.
@@ -806,6 +835,15 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
+
+    #[test]
+    fn familiar_ssh_failures_come_with_what_to_try() {
+        let said = "failed to connect to the remote host: connect to host 10.0.0.1 port 22: Connection refused";
+        assert!(advice(said).unwrap().contains("start sshd"));
+        assert!(advice("user@h: Permission denied (publickey).").unwrap().contains("ssh-copy-id"));
+        assert!(advice("Host key verification failed.").unwrap().contains("--accept-new-host-keys"));
+        assert_eq!(advice("something else entirely"), None);
+    }
 
     /// Runs the check script here, as a host would, for `agent`.
     fn check_here(agent: &Path) -> String {

@@ -876,3 +876,22 @@ fn doctor_local_checks_this_machine_like_a_host() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("FAIL  in use:") && text.contains("32060"), "{text}");
 }
+
+/// An SSH failure keeps ssh's own reason and says what to try; a job whose
+/// hosts are all this machine also points at `--local`.
+#[test]
+fn ssh_failures_keep_ssh_reason_and_say_what_to_try() {
+    let dir = warden_tests::scratch("ssh-refused");
+    // Nothing listens on port 1 of the loopback address.
+    let job = warden_tests::JobFile::local()
+        .set("cluster.hosts", "ssh", "ssh://nobody@127.0.0.1:1")
+        .write(dir.join("job.toml"));
+    let doctor = Command::new(bin("warden")).arg("doctor").arg(&job).output().unwrap();
+    let said = String::from_utf8_lossy(&doctor.stderr);
+    assert!(!doctor.status.success(), "{said}");
+    assert!(said.contains("Connection refused") && said.contains("(try: no sshd answers on that port"), "{said}");
+    let launch = Command::new(bin("warden")).arg("launch").arg(&job).output().unwrap();
+    let said = String::from_utf8_lossy(&launch.stderr);
+    assert_eq!(launch.status.code(), Some(1), "{said}");
+    assert!(said.contains("Connection refused") && said.contains("--local"), "{said}");
+}
