@@ -535,32 +535,36 @@ impl Kv {
                 self.barrier(sched).await?;
                 Ok(json!({"ok": true}))
             }
-            "report" => {
-                let epoch = req.epoch.ok_or(KvError::ReportNeeds("epoch"))?;
-                let train_loss = req.train_loss.ok_or(KvError::ReportNeeds("train_loss"))?;
-                let secs = self.last_report.elapsed().as_secs_f64().max(1e-9);
-                let steps = self.step - self.steps_at_report;
-                // The test figures go first: the launcher completes an
-                // epoch of a program of the user's once every worker's
-                // loss is in, and takes the figures that came before.
-                if let (Some(test_loss), Some(test_accuracy)) = (req.test_loss, req.test_accuracy) {
-                    ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
-                }
-                ctx.emit(Event::Epoch {
-                    epoch,
-                    train_loss,
-                    steps,
-                    samples_per_s: req.samples.unwrap_or(0) as f64 / secs,
-                    bytes_pushed: self.traffic.0 - self.traffic_at_report.0,
-                    bytes_pulled: self.traffic.1 - self.traffic_at_report.1,
-                });
-                self.traffic_at_report = self.traffic;
-                self.last_report = Instant::now();
-                self.steps_at_report = self.step;
-                Ok(json!({"ok": true}))
-            }
+            "report" => self.report(ctx, &req),
             other => Err(KvError::UnknownOp(other.to_string())),
         }
+    }
+
+    /// `report`: the epoch's figures to the launcher, with the steps,
+    /// samples and bytes since the previous report.
+    fn report(&mut self, ctx: &RoleCtx, req: &Request) -> Result<serde_json::Value, KvError> {
+        let epoch = req.epoch.ok_or(KvError::ReportNeeds("epoch"))?;
+        let train_loss = req.train_loss.ok_or(KvError::ReportNeeds("train_loss"))?;
+        let secs = self.last_report.elapsed().as_secs_f64().max(1e-9);
+        let steps = self.step - self.steps_at_report;
+        // The test figures go first: the launcher completes an epoch of a
+        // program of the user's once every worker's loss is in, and takes
+        // the figures that came before.
+        if let (Some(test_loss), Some(test_accuracy)) = (req.test_loss, req.test_accuracy) {
+            ctx.emit(Event::Eval { epoch, test_loss, test_accuracy });
+        }
+        ctx.emit(Event::Epoch {
+            epoch,
+            train_loss,
+            steps,
+            samples_per_s: req.samples.unwrap_or(0) as f64 / secs,
+            bytes_pushed: self.traffic.0 - self.traffic_at_report.0,
+            bytes_pulled: self.traffic.1 - self.traffic_at_report.1,
+        });
+        self.traffic_at_report = self.traffic;
+        self.last_report = Instant::now();
+        self.steps_at_report = self.step;
+        Ok(serde_json::json!({"ok": true}))
     }
 
     /// The most payload bytes an op on tensor `name` may carry.

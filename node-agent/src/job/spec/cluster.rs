@@ -432,6 +432,7 @@ fn convert_uids(src: &Src<'_>, uids: Option<&Spanned<Vec<Spanned<i64>>>>) -> Res
 }
 
 /// Which kind of host list `[cluster]` names.
+#[derive(Clone, Copy)]
 enum ListKind<'a> {
     Hostfile,
     /// With the group to take (every host when `None`).
@@ -468,26 +469,10 @@ fn hosts_from_list(
         message,
         help: (!help.is_empty()).then(|| help.to_string()),
     };
-    let entries = match kind {
-        ListKind::Hostfile => {
-            crate::job::inventory::parse_hostfile(&std::fs::read_to_string(path).map_err(cannot_read)?)
-        }
-        ListKind::Inventory(group) => {
-            let meta = std::fs::metadata(path).map_err(cannot_read)?;
-            let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
-            if meta.is_dir() || executable {
-                ansible_inventory(path, group)
-            } else {
-                let text = std::fs::read_to_string(path).map_err(cannot_read)?;
-                if crate::job::inventory::needs_ansible(path, &text) {
-                    ansible_inventory(path, group)
-                } else {
-                    crate::job::inventory::parse_inventory(&text, group)
-                }
-            }
-        }
-    }
-    .map_err(|e| at(e.line, e.message, &e.help))?;
+    let entries = read_list(path, kind).map_err(|e| match e {
+        ListRead::Io(e) => cannot_read(e),
+        ListRead::List(e) => at(e.line, e.message, &e.help),
+    })?;
     if entries.is_empty() {
         return Err(at(1, format!("the {what} lists no host"), "add a line per host: node1 slots=2"));
     }
@@ -562,6 +547,36 @@ enum ResolveError {
 }
 
 /// A host name's address as this machine resolves it (IPv4 first).
+/// Why a host list gave no entries: it could not be read, or what it says
+/// is wrong.
+enum ListRead {
+    Io(std::io::Error),
+    List(crate::job::inventory::ListError),
+}
+
+/// The entries of a hostfile or inventory: INI inventories and hostfiles
+/// by warden's readers, any other inventory through Ansible.
+fn read_list(path: &Path, kind: ListKind<'_>) -> Result<Vec<crate::job::inventory::Entry>, ListRead> {
+    let text = |path: &Path| std::fs::read_to_string(path).map_err(ListRead::Io);
+    let group = match kind {
+        ListKind::Hostfile => return crate::job::inventory::parse_hostfile(&text(path)?).map_err(ListRead::List),
+        ListKind::Inventory(group) => group,
+    };
+    let meta = std::fs::metadata(path).map_err(ListRead::Io)?;
+    let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+    let parsed = if meta.is_dir() || executable {
+        ansible_inventory(path, group)
+    } else {
+        let text = text(path)?;
+        if crate::job::inventory::needs_ansible(path, &text) {
+            ansible_inventory(path, group)
+        } else {
+            crate::job::inventory::parse_inventory(&text, group)
+        }
+    };
+    parsed.map_err(ListRead::List)
+}
+
 /// Longest wait for `ansible-inventory` (a dynamic inventory may ask a
 /// cloud API): two minutes.
 const ANSIBLE_INVENTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
