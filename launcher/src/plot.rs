@@ -91,7 +91,8 @@ pub fn draw(path: &Path, chart: &Chart<'_>, rows: &[EpochRow]) -> Result<(), Plo
     let test = finite(rows.iter().map(|r| (r.epoch, r.test_loss)).collect());
     let accuracy = finite(rows.iter().map(|r| (r.epoch, r.test_accuracy)).collect());
 
-    let loss_axis = scaled(train.iter().chain(&test).map(|p| p.1), (0.0, f64::INFINITY));
+    // A program of the user's may have a loss below zero.
+    let loss_axis = scaled(train.iter().chain(&test).map(|p| p.1), (f64::NEG_INFINITY, f64::INFINITY));
     let mut chart_l = ChartBuilder::on(&left);
     chart_l.margin(15).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
     if text {

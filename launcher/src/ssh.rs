@@ -101,7 +101,9 @@ fn hosts_failed(hosts: &[(String, HostError)]) -> String {
         .iter()
         .map(|(name, e)| {
             let reason = crate::error::Chain(e).to_string();
-            match advice(&reason) {
+            // ssh's words only: sudo or a slow check say other things.
+            let said = if matches!(e, HostError::Connect { .. }) { advice(&reason) } else { None };
+            match said {
                 Some(try_this) => format!("{name}: {reason} (try: {try_this})"),
                 None => format!("{name}: {reason}"),
             }

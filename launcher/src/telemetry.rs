@@ -36,6 +36,9 @@ struct Inner {
     tensorboard: Option<EventWriter>,
     last_step: Option<(u32, StepScalars)>,
     last_epoch: Option<EpochRow>,
+    /// Steps of the epochs so far: where an epoch's points go when no
+    /// step figures came (a program of the user's).
+    epoch_steps: u64,
     bytes_pushed: u64,
     bytes_pulled: u64,
 }
@@ -98,7 +101,8 @@ impl Telemetry {
     /// A complete epoch (the job's figures, `metrics.csv`'s row).
     pub fn epoch(&self, row: &EpochRow) {
         let mut inner = self.lock();
-        let step = inner.last_step.map_or(0, |(_, s)| s.global_step);
+        inner.epoch_steps += row.steps;
+        let step = inner.last_step.map_or(inner.epoch_steps, |(_, s)| s.global_step);
         inner.last_epoch = Some(row.clone());
         let values = [
             ("epoch/train_loss", row.train_loss),
@@ -110,7 +114,8 @@ impl Telemetry {
         inner.write_tensorboard(unix_now(), step, &values);
     }
 
-    /// The figures in Prometheus' text format, labelled with the job.
+    /// The figures in Prometheus' text format, labelled `warden_job` (not
+    /// `job`, which Prometheus sets to the scrape job's name).
     pub fn prometheus(&self) -> String {
         let inner = self.lock();
         let job = self.job.replace('\\', "\\\\").replace('"', "\\\"");
@@ -134,7 +139,7 @@ impl Telemetry {
         ];
         for (name, kind, help, value) in figures {
             if let Some(v) = value.filter(|v| v.is_finite()) {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {v}");
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{warden_job=\"{job}\"}} {v}");
             }
         }
         out
@@ -159,7 +164,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, telemetry: std::sy
     use http_body_util::Full;
     use hyper::body::Bytes;
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -211,8 +220,8 @@ mod tests {
         assert_eq!(csv.lines().count(), 3);
         assert!(csv.lines().nth(2).unwrap().starts_with("40,1,"), "{csv}");
         let text = t.prometheus();
-        assert!(text.contains("warden_step{job=\"lab\\\"job\"} 40\n"), "{text}");
-        assert!(text.contains("warden_worker0_pushed_bytes_total{job=\"lab\\\"job\"} 8192\n"), "{text}");
+        assert!(text.contains("warden_step{warden_job=\"lab\\\"job\"} 40\n"), "{text}");
+        assert!(text.contains("warden_worker0_pushed_bytes_total{warden_job=\"lab\\\"job\"} 8192\n"), "{text}");
         assert!(!text.contains("warden_test_accuracy"), "no epoch yet: {text}");
         let tb = std::fs::read_dir(dir.path().join("tensorboard")).unwrap().count();
         assert_eq!(tb, 1);

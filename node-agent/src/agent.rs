@@ -187,8 +187,11 @@ impl Prepared {
 /// listening socket, data.
 pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared, PrepareError> {
     let bundle = read_bundle(input)?;
-    let spec =
-        JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, bundle.hosts.as_deref())?;
+    // An agent never reads a hostfile or inventory itself (reading one may
+    // run an inventory script, and agents run as root): no hosts sent with
+    // a list-based job is an error, not a cue to read the list.
+    let given = bundle.hosts.as_deref().unwrap_or(&[]);
+    let spec = JobSpec::parse_with_hosts(&bundle.job_file, &bundle.job_toml, &bundle.base_dir, Some(given))?;
     let plan = Plan::new(&spec, &bundle.job_id, bundle.local);
     let me = Identity { job: bundle.job_id.clone(), role: bundle.role, rank: bundle.rank };
     let planned = plan.get(me.role, me.rank).ok_or_else(|| PrepareError::NotInPlan(me.clone()))?.clone();

@@ -687,11 +687,11 @@ fn a_job_serves_prometheus_figures_and_writes_steps_and_tensorboard_events() {
     };
     for name in ["warden_train_loss", "warden_learning_rate", "warden_samples_per_second", "warden_epochs"] {
         assert!(
-            scraped.contains(&format!("# TYPE {name} gauge\n{name}{{job=\"fashion-local\"}} ")),
+            scraped.contains(&format!("# TYPE {name} gauge\n{name}{{warden_job=\"fashion-local\"}} ")),
             "{name}: {scraped}"
         );
     }
-    assert!(scraped.contains("warden_learning_rate{job=\"fashion-local\"} 0.1\n"), "{scraped}");
+    assert!(scraped.contains("warden_learning_rate{warden_job=\"fashion-local\"} 0.1\n"), "{scraped}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = launcher.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -57,9 +57,15 @@ pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
     match last {
         Some(row) => {
             let of = if run.epochs > 0 { format!("/{}", run.epochs) } else { String::new() };
+            // A program of the user's may report no test figures.
+            let test = if row.test_loss.is_finite() {
+                format!(", test loss {:.4}, test accuracy {:.4}", row.test_loss, row.test_accuracy)
+            } else {
+                String::new()
+            };
             println!(
-                "epoch {}{of}: train loss {:.4}, test loss {:.4}, test accuracy {:.4}, {:.0} samples/s",
-                row.epoch, row.train_loss, row.test_loss, row.test_accuracy, row.samples_per_s
+                "epoch {}{of}: train loss {:.4}{test}, {:.0} samples/s",
+                row.epoch, row.train_loss, row.samples_per_s
             );
             if let Some(left) = row.time_left(run.epochs) {
                 println!("time left: about {} (at the pace so far)", duration(left));
@@ -139,6 +145,7 @@ pub fn exec_runs(dir: &Path) -> Result<u8, CliError> {
             .as_ref()
             .and_then(|s| s.test_accuracy)
             .or_else(|| last_epoch(&path).map(|l| l.test_accuracy))
+            .filter(|a| a.is_finite())
             .map_or("-".to_string(), |a| format!("{a:.4}"));
         let started = time::OffsetDateTime::from_unix_timestamp(run.started_unix as i64)
             .map(|t| {

@@ -257,6 +257,13 @@ pub async fn launch(
     let checkpoints = CheckpointPlan::new(&spec, &plan.job_id, opts.resume.as_deref())?;
     let signer = spec.signing.as_ref().map(load_signer).transpose()?;
     let seed = checkpoints.seed.or(spec.seed).unwrap_or_else(warden_agent::secure_random::u64);
+    // Bound before anything is made, so a port in use leaves nothing behind.
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            LaunchError::Input(format!("--metrics-listen {addr}: {e}; choose a free port, e.g. --metrics-listen 9464"))
+        })?),
+        None => None,
+    };
     let run = RunDir::create(opts.run_dir.clone(), &spec.name)?;
     let resumed_from = opts.resume.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
     let lineage = crate::rundir::Lineage {
@@ -283,13 +290,8 @@ pub async fn launch(
         started,
         telemetry: Arc::new(crate::telemetry::Telemetry::new(Some(run.path()), &spec.name, spec.training.epochs)),
     };
-    let metrics = match opts.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                LaunchError::Input(format!(
-                    "--metrics-listen {addr}: {e}; choose a free port, e.g. --metrics-listen 9464"
-                ))
-            })?;
+    let metrics = match (opts.metrics_listen, metrics_listener) {
+        (Some(addr), Some(listener)) => {
             if !addr.ip().is_loopback() {
                 ctx.progress.println(&format!(
                     "  warning: --metrics-listen {addr} serves the job's figures without authentication beyond this machine"
@@ -300,7 +302,7 @@ pub async fn launch(
             }
             Some(tokio::spawn(crate::telemetry::serve_metrics(listener, ctx.telemetry.clone())))
         }
-        None => None,
+        _ => None,
     };
     let mut acc = Accumulated {
         earlier: opts.resume.as_deref().map(crate::rundir::read_metrics).unwrap_or_default(),

@@ -331,6 +331,17 @@ pub fn parse_inventory_json(json: &str, group: Option<&str>) -> Result<Vec<Entry
                         .collect()
                 })
                 .unwrap_or_default();
+            // `--list` leaves Jinja templates unexpanded: a literal
+            // `{{ ... }}` is no address, user or port.
+            if let Some((key, value)) =
+                vars.iter().find(|(k, v)| (k.starts_with("ansible_") || k.starts_with("warden_")) && v.contains("{{"))
+            {
+                return fail(
+                    1,
+                    format!("host `{name}`: {key} = {value} is a template, which ansible-inventory does not expand"),
+                    "give warden's hosts literal values (or an INI inventory)",
+                );
+            }
             entry_from_vars(name, 1, &vars)
         })
         .collect()
@@ -682,6 +693,9 @@ ansible_port=22
         let e = parse_inventory_json(LISTED, Some("cpu")).unwrap_err();
         assert!(e.message.contains("no group `cpu`") && e.help.contains("gpu"), "{e:?}");
         assert!(parse_inventory_json("not json", None).unwrap_err().message.contains("ansible-inventory"));
+        let templated = LISTED.replace("\"10.0.0.2\"", "\"{{ lookup('env', 'IP') }}\"");
+        let e = parse_inventory_json(&templated, Some("lab")).unwrap_err();
+        assert!(e.message.contains("host `b`: ansible_host") && e.message.contains("template"), "{e:?}");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! the state dict of the `nn.Sequential` that `docs/model-format.md` shows,
 //! so `load_state_dict(strict=True)` takes the file as it is. Training keeps
 //! each weight `[in, out]` in its flat vector (the layout its SGEMM wants);
-//! the transposition happens here, on write and on read. Files from before
-//! the PyTorch layout (no `layout` entry in their metadata) are still read.
+//! the transposition happens here, on write and on read. Files an earlier
+//! warden wrote (`format = warden` without a `layout` entry) are still read
+//! in their `[in, out]` layout; any other file is taken to be PyTorch's.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -198,9 +199,13 @@ fn copy_into(t: &FileTensor, out: &mut [f32], data: &[u8]) {
     }
 }
 
-/// Whether a file's metadata says built-in weights are `[out, in]`.
+/// Whether built-in weights in a file are `[out, in]`: every file but one
+/// an earlier warden wrote (`format = warden` and no `layout` entry), so a
+/// state dict PyTorch saved itself reads in its own layout.
 fn is_torch_layout(meta: Option<&HashMap<String, String>>) -> bool {
-    meta.and_then(|m| m.get(LAYOUT_KEY)).is_some_and(|v| v == TORCH_LAYOUT)
+    let get = |k: &str| meta.and_then(|m| m.get(k)).map(String::as_str);
+    let earlier_warden = get("format") == Some("warden") && get(LAYOUT_KEY).is_none();
+    !earlier_warden
 }
 
 /// Writes `dir/model.safetensors` atomically (temporary file, fsync, rename).
@@ -424,8 +429,9 @@ mod tests {
         assert_eq!(spec_of(&bytes).unwrap().hidden, [2]);
     }
 
-    /// A file written before the torch layout (weights `[in, out]`, no
-    /// `layout` entry) reads into the same vector.
+    /// A file an earlier warden wrote (weights `[in, out]`, no `layout`
+    /// entry) reads into the same vector; a state dict without warden's
+    /// metadata is PyTorch's `[out, in]`.
     #[test]
     fn files_in_the_earlier_in_by_out_layout_still_read() {
         let spec = mlp();
@@ -443,5 +449,12 @@ mod tests {
         let bytes = safetensors::serialize(views, Some(meta)).unwrap();
         assert_eq!(params_of(&bytes, &spec).unwrap(), params);
         assert_eq!(spec_of(&bytes).unwrap().hidden, [2]);
+        let torch_saved = safetensors::serialize(
+            tensors.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())),
+            None,
+        )
+        .unwrap();
+        let e = params_of(&torch_saved, &spec).unwrap_err();
+        assert!(matches!(e, ModelFileError::TensorShape { ref wanted, .. } if wanted == &[2, 3]), "{e}");
     }
 }

@@ -356,7 +356,14 @@ fn hosts_from_file(
             // list itself would have been refused for.
             let names: BTreeSet<&str> = h.iter().map(|x| x.name.as_str()).collect();
             let addresses: BTreeSet<IpAddr> = h.iter().map(|x| x.address).collect();
-            if h.is_empty() || names.len() != h.len() || addresses.len() != h.len() {
+            if h.is_empty() {
+                return Err(src.err(
+                    key.span(),
+                    "no hosts were sent with the job, and agents do not read host lists",
+                    "",
+                ));
+            }
+            if names.len() != h.len() || addresses.len() != h.len() {
                 return Err(src.err(key.span(), "the hosts sent with the job repeat a name or address", ""));
             }
             if let Some(bad) = h.iter().find(|x| !is_host_name(&x.name)) {
@@ -546,7 +553,6 @@ enum ResolveError {
     NoAddress,
 }
 
-/// A host name's address as this machine resolves it (IPv4 first).
 /// Why a host list gave no entries: it could not be read, or what it says
 /// is wrong.
 enum ListRead {
@@ -563,12 +569,14 @@ fn read_list(path: &Path, kind: ListKind<'_>) -> Result<Vec<crate::job::inventor
         ListKind::Inventory(group) => group,
     };
     let meta = std::fs::metadata(path).map_err(ListRead::Io)?;
-    let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
-    let parsed = if meta.is_dir() || executable {
+    let parsed = if meta.is_dir() {
         ansible_inventory(path, group)
     } else {
         let text = text(path)?;
-        if crate::job::inventory::needs_ansible(path, &text) {
+        // A script is executable and says how to run it; an INI file with
+        // an execute bit (a checkout, a Windows mount) is still INI.
+        let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+        if (executable && text.starts_with("#!")) || crate::job::inventory::needs_ansible(path, &text) {
             ansible_inventory(path, group)
         } else {
             crate::job::inventory::parse_inventory(&text, group)
@@ -591,7 +599,10 @@ fn ansible_inventory(
 ) -> Result<Vec<crate::job::inventory::Entry>, crate::job::inventory::ListError> {
     use crate::job::inventory::ListError;
     let err = |message: String, help: &str| ListError { line: 1, message, help: help.to_string() };
-    let mut child = std::process::Command::new("ansible-inventory")
+    let mut child = std::process::Command::new("ansible-inventory");
+    // A group of its own, so that a timeout ends the inventory script too.
+    std::os::unix::process::CommandExt::process_group(&mut child, 0);
+    let mut child = child
         .arg("-i")
         .arg(path)
         .arg("--list")
@@ -622,8 +633,10 @@ fn ansible_inventory(
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if std::time::Instant::now() < until => std::thread::sleep(std::time::Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
+            Err(e) => return Err(err(format!("cannot wait for ansible-inventory: {e}"), "run it by hand")),
+            Ok(None) => {
+                let group = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 return Err(err(
                     format!(
@@ -660,6 +673,7 @@ fn ansible_inventory(
     })
 }
 
+/// A host name's address as this machine resolves it (IPv4 first).
 fn resolve(name: &str) -> Result<IpAddr, ResolveError> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<IpAddr> = (name, 22).to_socket_addrs().map_err(ResolveError::Lookup)?.map(|a| a.ip()).collect();

@@ -331,9 +331,19 @@ impl StepWindow {
         StepWindow { steps: 0, loss: 0.0, since: Instant::now(), traffic: (traffic.pushed, traffic.pulled) }
     }
 
-    fn add(&mut self, loss: f64) {
+    /// Adds step `done` of `steps` in `epoch` and, every 20 steps and at
+    /// the epoch's last (so the launcher's bar ends full), sends progress
+    /// with the window's figures.
+    fn after_step(&mut self, ctx: &RoleCtx, loss: f64, (epoch, done, steps): (u32, usize, usize), traffic: &Traffic) {
         self.steps += 1;
         self.loss += loss;
+        if done % 20 == 0 || done == steps {
+            let global = u64::from(epoch - 1) * steps as u64 + done as u64;
+            let synthetic = ctx.spec.model.kind == crate::job::spec::ModelKind::Synthetic;
+            let batch = if synthetic { 1 } else { ctx.spec.training.batch_size };
+            let scalars = self.take(global, &ctx.spec, batch, traffic);
+            ctx.emit(Event::Progress { epoch, step: done as u64, steps: steps as u64, scalars: Some(scalars) });
+        }
     }
 
     /// The figures up to global step `global`, and a fresh window.
@@ -379,6 +389,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let mut window = StepWindow::new(&traffic);
     for epoch in first_epoch..=spec.training.epochs {
         let epoch_start = Instant::now();
+        // The barrier, evaluation and checkpoint between epochs are not steps.
+        window.since = epoch_start;
         let before = (traffic.pushed, traffic.pulled);
         let order = epoch_order(ctx.seed, rank, epoch, train.len());
         let mut loss_sum = 0.0f64;
@@ -396,18 +408,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
             if rank == 0 && ctx.finish.load(std::sync::atomic::Ordering::Relaxed) {
                 return keep_work(&ctx, &params, global).await;
             }
-            // Every 20 steps and at an epoch's last, so the launcher's bar ends full.
             if rank == 0 {
-                window.add(loss);
-                if (step + 1) % 20 == 0 || step + 1 == steps {
-                    let scalars = window.take(global, spec, if synthetic { 1 } else { batch }, &traffic);
-                    ctx.emit(Event::Progress {
-                        epoch,
-                        step: step as u64 + 1,
-                        steps: steps as u64,
-                        scalars: Some(scalars),
-                    });
-                }
+                window.after_step(&ctx, loss, (epoch, step + 1, steps), &traffic);
             }
         }
         let secs = epoch_start.elapsed().as_secs_f64();
