@@ -15,9 +15,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::net::identity::{Identity, Role};
+use crate::net::record::{self, TlsStream};
 use crate::net::tls::{self, TlsIdentity};
 use crate::net::wire::{DecodeError, HEADER_LEN, Message};
 
@@ -457,14 +457,14 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
 }
 
 /// A server-side TLS connection.
-pub type ServerConn = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ServerConn = Conn<TlsStream>;
 /// A client-side TLS connection.
-pub type ClientConn = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ClientConn = Conn<TlsStream>;
 
 /// A listening endpoint that admits only given roles of this job.
 #[derive(Clone)]
 pub struct Acceptor {
-    tls: TlsAcceptor,
+    tls: std::sync::Arc<rustls::ServerConfig>,
     limits: ConnLimits,
     slots: std::sync::Arc<Slots>,
 }
@@ -479,7 +479,7 @@ impl Acceptor {
     /// An acceptor for `me` admitting peers whose role is in `accept`.
     pub fn new(me: &TlsIdentity, accept: &[Role], limits: ConnLimits) -> Result<Acceptor, ConnError> {
         let config = tls::server_config(me, accept)?;
-        Ok(Acceptor { tls: TlsAcceptor::from(config), limits, slots: Default::default() })
+        Ok(Acceptor { tls: config, limits, slots: Default::default() })
     }
 
     /// Takes a slot for a connection from `from`, or says which cap is full;
@@ -513,11 +513,11 @@ impl Acceptor {
         let deadline = Instant::now() + self.limits.first_message;
         let peer_addr = tcp.peer_addr()?;
         let _ = tcp.set_nodelay(true);
-        let stream = timeout_at(deadline, self.tls.accept(tcp))
+        let (stream, certs) = timeout_at(deadline, record::accept(tcp, self.tls.clone()))
             .await
             .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
-        let peer = tls::peer_identity(stream.get_ref().1)?;
+        let peer = tls::peer_identity(&certs)?;
         drop(slot);
         let held = self.hold(&peer);
         let mut conn = Conn::new(stream, peer.clone(), self.limits.max_frame);
@@ -568,11 +568,10 @@ pub async fn connect(
     patience: Duration,
 ) -> Result<ClientConn, ConnError> {
     let config = tls::client_config(me, expect.clone())?;
-    let connector = TlsConnector::from(config);
     let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(20);
     loop {
-        match connect_once(&connector, &expect, addr, max_frame, deadline).await {
+        match connect_once(&config, &expect, addr, max_frame, deadline).await {
             Err(e) if transient(&e) && Instant::now() + backoff < deadline => {
                 tracing::debug!("connect to {expect} at {addr}: {e}; retrying");
                 tokio::time::sleep(backoff).await;
@@ -598,7 +597,7 @@ fn transient(e: &ConnError) -> bool {
 }
 
 async fn connect_once(
-    connector: &TlsConnector,
+    config: &std::sync::Arc<rustls::ClientConfig>,
     expect: &Identity,
     addr: SocketAddr,
     max_frame: u32,
@@ -608,7 +607,7 @@ async fn connect_once(
     let _ = tcp.set_nodelay(true);
     let stream = timeout_at(
         deadline.max(Instant::now() + Duration::from_secs(10)),
-        connector.connect(tls::server_name(addr.ip()), tcp),
+        record::connect(tcp, config.clone(), tls::server_name(addr.ip())),
     )
     .await
     .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?

@@ -82,6 +82,18 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The provider of the job's own connections: [`provider`] limited to the
+/// TLS 1.3 AES-GCM suites, the ones [`crate::net::record`] seals and opens
+/// (with AES instructions, the fastest everywhere warden runs).
+fn record_provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(p)
+}
+
 /// A process's credentials: its identity, certificate, key and the job CA.
 ///
 /// The key is held only as aws-lc's signing key, which aws-lc clears when
@@ -282,10 +294,14 @@ pub fn server_config(id: &TlsIdentity, accept: &[Role]) -> Result<Arc<ServerConf
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let verifier = Arc::new(RoleClientVerifier { inner, job: id.me.job.clone(), accept: accept.to_vec() });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(record_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(id.cert_and_key());
+    // The record layer after the handshake is warden's own (crate::net::record).
+    config.enable_secret_extraction = true;
+    // Nothing resumes sessions: no tickets to send, none to store.
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -296,11 +312,13 @@ pub fn client_config(id: &TlsIdentity, expect: Identity) -> Result<Arc<ClientCon
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let verifier = Arc::new(ExactServerVerifier { inner, expect });
-    let config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(record_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // only to install our verifier, which wraps webpki's own
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(id.cert_and_key());
+    config.enable_secret_extraction = true;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -310,7 +328,7 @@ pub fn server_name(addr: IpAddr) -> ServerName<'static> {
 }
 
 /// The authenticated identity of the peer of an established connection.
-pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, CertIdentityError> {
-    let cert = conn.peer_certificates().and_then(|c| c.first()).ok_or(CertIdentityError::NoCertificate)?;
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, CertIdentityError> {
+    let cert = chain.first().ok_or(CertIdentityError::NoCertificate)?;
     identity_of_cert(cert)
 }

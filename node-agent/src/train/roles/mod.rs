@@ -237,7 +237,7 @@ impl RoleCtx {
     }
 }
 
-type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+type ClientTls = crate::net::record::TlsStream;
 
 /// A server's or worker's connection to the scheduler: a sender shared with
 /// the heartbeat task that says "still here" every quarter of the timeout,

@@ -84,7 +84,7 @@ fn each_server(resumable: &BTreeMap<u32, Vec<u64>>) -> String {
     each.join("; ")
 }
 
-type Writer = SendHalf<tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+type Writer = SendHalf<tokio::io::WriteHalf<crate::net::record::TlsStream>>;
 
 enum Input {
     Joined(Identity, Writer),
