@@ -59,7 +59,7 @@ impl<'a> Grad<'a> {
     }
 
     /// Values `start..end`; for 2-bit, `start` must be a multiple of 4.
-    pub(crate) fn range(&self, start: usize, end: usize) -> Grad<'a> {
+    pub fn range(&self, start: usize, end: usize) -> Grad<'a> {
         match *self {
             Grad::F32(s) => Grad::F32(&s[start..end]),
             Grad::F32Le(b) => Grad::F32Le(&b[start * 4..end * 4]),

@@ -286,11 +286,12 @@ fn bench_commands_print_their_figures() {
     let out = Command::new(bin("warden"))
         .env("TMPDIR", tmp.path())
         .args(["bench", "ps", "--workers", "2", "--servers", "2", "--params", "1e4", "--iters", "3"])
+        .args(["--compression", "2bit", "--chunk-kib", "4"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("warden ps: W=2 S=2 P=10000 steps_per_s="), "{stdout}");
+    assert!(stdout.starts_with("warden ps: W=2 S=2 P=10000 compression=2bit steps_per_s="), "{stdout}");
     let gbps: f64 = stdout.trim().rsplit("worker_GBps=").next().unwrap().parse().unwrap();
     assert!(gbps > 0.0);
 

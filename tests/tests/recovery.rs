@@ -87,6 +87,9 @@ fn with_on_failure_restart_killed_processes_resume_from_the_last_checkpoint_and_
         .ports(31212, 31222)
         .set("training", "on_failure", "restart")
         .set("training", "max_restarts", 2)
+        // 4 chunks per shard: a process killed mid-step leaves chunks of
+        // two versions behind, and the restart must come from a whole step.
+        .set("training", "chunk_kib", 4)
         .checkpoint(&ck, None)
         .set("checkpoint", "every_steps", 15)
         .set("checkpoint", "keep_last", 2)

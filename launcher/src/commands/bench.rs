@@ -3,9 +3,10 @@
 //! Runs a local job of the synthetic model: every worker pushes a gradient of
 //! P floats to the servers and pulls the result, K untimed warm-up steps
 //! (one epoch) and then K timed ones, and prints one line:
-//! `warden ps: W=.. S=.. P=.. steps_per_s=.. worker_GBps=..` where
-//! `worker_GBps` is the bytes one worker pushed plus pulled per second, and
-//! steps per second are the slowest worker's.
+//! `warden ps: W=.. S=.. P=.. compression=.. steps_per_s=.. worker_GBps=..`
+//! where `worker_GBps` is the bytes one worker pushed plus pulled per second
+//! (on the wire: compressed pushes count what they take), and steps per
+//! second are the slowest worker's.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,15 @@ pub struct PsArgs {
     /// `sync` or `async`.
     #[arg(long, default_value = "sync")]
     pub mode: String,
+    /// Wire encoding of the pushes: `none` (f32), `fp16`, `bf16` or `2bit`
+    /// (as `[training] compression`; 2bit with threshold 0.5, as MXNet's
+    /// default).
+    #[arg(long, default_value = "none")]
+    pub compression: String,
+    /// KiB per pipelined chunk (`[training] chunk_kib`); the job file's
+    /// default when not given.
+    #[arg(long)]
+    pub chunk_kib: Option<u32>,
 }
 
 /// A `--params` that is not a count of floats.
@@ -86,13 +96,15 @@ pub fn exec_ps(a: &PsArgs) -> Result<u8, CliError> {
         "[job]\nname = \"bench-ps\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [{base}, {}]\n\n\
          [[cluster.hosts]]\nname = \"localhost\"\naddress = \"127.0.0.1\"\nscheduler = 1\nservers = {}\nworkers = {}\n\n\
          [model]\nkind = \"synthetic\"\nparams = {}\n\n[optimizer]\nkind = \"sgd\"\nlr = 0.001\n\n\
-         [training]\nepochs = 2\nbatch_size = 1\nsteps = {}\nmode = \"{}\"\n\n[limits]\nmax_frame_mib = {}\n",
+         [training]\nepochs = 2\nbatch_size = 1\nsteps = {}\nmode = \"{}\"\ncompression = \"{}\"\n{}\n[limits]\nmax_frame_mib = {}\n",
         base + a.servers as u16,
         a.servers,
         a.workers,
         a.params,
         a.iters,
         a.mode,
+        a.compression,
+        a.chunk_kib.map(|k| format!("chunk_kib = {k}\n")).unwrap_or_default(),
         frame_mib.min(1024),
     );
     use std::os::unix::fs::PermissionsExt;
@@ -125,10 +137,11 @@ fn run(job: &Path, run_dir: PathBuf, a: &PsArgs) -> Result<u8, CliError> {
     let secs = timed.steps as f64 / steps_per_s.max(1e-9);
     let per_worker = (timed.bytes_pushed + timed.bytes_pulled) as f64 / f64::from(a.workers);
     println!(
-        "warden ps: W={} S={} P={} steps_per_s={:.2} worker_GBps={:.3}",
+        "warden ps: W={} S={} P={} compression={} steps_per_s={:.2} worker_GBps={:.3}",
         a.workers,
         a.servers,
         a.params,
+        a.compression,
         steps_per_s,
         per_worker / secs / 1e9
     );

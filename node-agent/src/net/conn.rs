@@ -134,6 +134,20 @@ pub enum AdmitError {
     },
 }
 
+impl ConnError {
+    /// Whether the peer broke the protocol (and is worth telling so before
+    /// closing), rather than the connection failing or ending.
+    pub fn is_peers_fault(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Unauthorized { .. }
+                | ConnError::Decode(_)
+                | ConnError::FrameTooLarge { .. }
+                | ConnError::Timeout(_)
+        )
+    }
+}
+
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -292,6 +306,22 @@ pub fn decode_from(body: &[u8], from: Role) -> Result<Message, ConnError> {
     Ok(msg)
 }
 
+/// Checks that `peer` may send the frame `body` without decoding its
+/// payload; a peer's `Error` becomes [`ConnError::Refused`].
+fn check_raw(body: &[u8], peer: &Identity) -> Result<(), ConnError> {
+    let tag = *body.first().ok_or(DecodeError::EmptyFrame)?;
+    let (name, senders) = crate::net::wire::tag_info(tag).ok_or(DecodeError::UnknownTag(tag))?;
+    if !senders.contains(&peer.role) {
+        return Err(ConnError::Unauthorized { role: peer.role, message: name });
+    }
+    if name == "error"
+        && let Ok(Message::Error { message }) = Message::decode(body)
+    {
+        return Err(ConnError::Refused { peer: peer.to_string(), message });
+    }
+    Ok(())
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
         Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new(), held: None }
@@ -320,16 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        let tag = *self.rbuf.first().ok_or(DecodeError::EmptyFrame)?;
-        let (name, senders) = crate::net::wire::tag_info(tag).ok_or(DecodeError::UnknownTag(tag))?;
-        if !senders.contains(&self.peer.role) {
-            return Err(ConnError::Unauthorized { role: self.peer.role, message: name });
-        }
-        if name == "error"
-            && let Ok(Message::Error { message }) = Message::decode(&self.rbuf)
-        {
-            return Err(ConnError::Refused { peer: self.peer.to_string(), message });
-        }
+        check_raw(&self.rbuf, &self.peer)?;
         Ok(&self.rbuf)
     }
 
@@ -376,12 +397,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Tells the peer what it did wrong when that is a protocol violation
     /// (not when the connection is already gone), then closes.
     pub async fn refuse_for(self, e: &ConnError) {
-        match e {
-            ConnError::Unauthorized { .. }
-            | ConnError::Decode(_)
-            | ConnError::FrameTooLarge { .. }
-            | ConnError::Timeout(_) => self.refuse(&e.to_string()).await,
-            _ => {}
+        if e.is_peers_fault() {
+            self.refuse(&e.to_string()).await;
         }
     }
 
@@ -430,6 +447,20 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     pub fn peer(&self) -> &Identity {
         &self.peer
     }
+
+    /// As [`Conn::recv_raw`].
+    pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
+        if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        check_raw(&self.buf, &self.peer)?;
+        Ok(&self.buf)
+    }
+
+    /// As [`Conn::swap_frame`].
+    pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
+        std::mem::swap(&mut self.buf, other);
+    }
 }
 
 /// Writing half of a split [`Conn`].
@@ -453,6 +484,26 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
         self.buf.clear();
         msg.encode_frame(&mut self.buf);
         write_within(&mut self.w, &self.buf, self.stall).await
+    }
+
+    /// As [`Conn::send_frame`] (any number of whole frames).
+    pub async fn send_frame(&mut self, frames: &[u8]) -> Result<(), ConnError> {
+        write_within(&mut self.w, frames, self.stall).await
+    }
+
+    /// Closes the sending side cleanly (TLS close_notify), best effort,
+    /// within a second.
+    pub async fn close(mut self) {
+        let _ = timeout(Duration::from_secs(1), self.w.shutdown()).await;
+    }
+
+    /// As [`Conn::refuse`].
+    pub async fn refuse(mut self, why: &str) {
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = self.send(&Message::Error { message: why.to_string() }).await;
+            let _ = self.w.shutdown().await;
+        })
+        .await;
     }
 }
 

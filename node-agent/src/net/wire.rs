@@ -114,6 +114,32 @@ pub enum Message {
     /// "Still here": between the scheduler and every process, every
     /// quarter of `[training] heartbeat_timeout`.
     Heartbeat,
+    /// A worker's gradient for one chunk of this server's shard (chunks of
+    /// `[training] chunk_kib`; see [`chunk_ranges`]).
+    PushChunk {
+        /// The parameter version the gradient was computed at.
+        step: u64,
+        /// Chunk index.
+        chunk: u32,
+        /// Gradient values of the chunk.
+        data: Vec<f32>,
+    },
+    /// A worker asks for one chunk once its version reaches `min_version`.
+    PullChunk {
+        /// Chunk index.
+        chunk: u32,
+        /// Lowest acceptable version.
+        min_version: u64,
+    },
+    /// One chunk's parameters (server only).
+    ParamsChunk {
+        /// Version of the chunk.
+        version: u64,
+        /// Chunk index.
+        chunk: u32,
+        /// Values.
+        data: Vec<f32>,
+    },
     /// Worker 0 sets the shard's initial values (an external model's
     /// `kv.init`); accepted only before the first update.
     SetParams {
@@ -219,6 +245,28 @@ pub const TAG_PUSH: u8 = 16;
 pub const TAG_PULL: u8 = 17;
 /// Tag of [`Message::Params`].
 pub const TAG_PARAMS: u8 = 18;
+/// Tag of [`Message::PushChunk`].
+pub const TAG_PUSH_CHUNK: u8 = 23;
+/// Tag of [`Message::PullChunk`].
+pub const TAG_PULL_CHUNK: u8 = 24;
+/// Tag of [`Message::ParamsChunk`].
+pub const TAG_PARAMS_CHUNK: u8 = 25;
+
+/// Floats per chunk are a multiple of this, so that a chunk boundary is a
+/// boundary of every kernel's vector body and of 2-bit bytes: an element
+/// is computed the same whichever chunk it is in.
+pub const CHUNK_ALIGN: usize = 64;
+
+/// The chunks of a shard of `len` floats in chunks of `chunk` floats
+/// (rounded down to [`CHUNK_ALIGN`], at least one alignment unit); the last
+/// may be shorter. A shard of no more than one chunk is one chunk.
+pub fn chunk_ranges(len: usize, chunk: usize) -> Vec<std::ops::Range<usize>> {
+    let chunk = (chunk / CHUNK_ALIGN).max(1) * CHUNK_ALIGN;
+    if len == 0 {
+        return std::iter::once(0..0).collect();
+    }
+    (0..len).step_by(chunk).map(|s| s..(s + chunk).min(len)).collect()
+}
 
 /// Name and allowed senders of each tag: the one table authorization reads.
 pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
@@ -238,6 +286,9 @@ pub fn tag_info(tag: u8) -> Option<(&'static str, &'static [Role])> {
         TAG_PUSH => ("push", WORKER),
         TAG_PULL => ("pull", WORKER),
         TAG_PARAMS => ("params", SERVER),
+        TAG_PUSH_CHUNK => ("push_chunk", WORKER),
+        TAG_PULL_CHUNK => ("pull_chunk", WORKER),
+        TAG_PARAMS_CHUNK => ("params_chunk", SERVER),
         10 => ("checkpoint", WORKER),
         11 => ("checkpoint_saved", SERVER),
         12 => ("checkpoint_failed", SERVER),
@@ -270,10 +321,38 @@ pub enum Encoding {
 /// Encodes a push frame straight from a gradient slice. For 2-bit,
 /// `residual` carries the error feedback between steps.
 pub fn encode_push(step: u64, data: &[f32], enc: Encoding, threshold: f32, residual: &mut [f32], out: &mut Vec<u8>) {
+    encode_any_push(step, None, data, enc, threshold, residual, out)
+}
+
+/// [`encode_push`] of chunk `chunk` ([`Message::PushChunk`]).
+pub fn encode_push_chunk(
+    step: u64,
+    chunk: u32,
+    data: &[f32],
+    enc: Encoding,
+    threshold: f32,
+    residual: &mut [f32],
+    out: &mut Vec<u8>,
+) {
+    encode_any_push(step, Some(chunk), data, enc, threshold, residual, out)
+}
+
+fn encode_any_push(
+    step: u64,
+    chunk: Option<u32>,
+    data: &[f32],
+    enc: Encoding,
+    threshold: f32,
+    residual: &mut [f32],
+    out: &mut Vec<u8>,
+) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    out.push(TAG_PUSH);
+    out.push(if chunk.is_some() { TAG_PUSH_CHUNK } else { TAG_PUSH });
     out.extend_from_slice(&step.to_le_bytes());
+    if let Some(c) = chunk {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
     out.push(enc as u8);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     match enc {
@@ -292,12 +371,22 @@ pub fn encode_push(step: u64, data: &[f32], enc: Encoding, threshold: f32, resid
 /// The step and gradient of a push body, borrowed from it; every length is
 /// checked against the bytes present and nothing is allocated.
 pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeError> {
+    let (step, _, grad) = any_push_view(body)?;
+    Ok((step, grad))
+}
+
+/// The step, chunk (`None` for a whole-shard push) and gradient of a push
+/// or push_chunk body, as [`push_view`].
+pub fn any_push_view(body: &[u8]) -> Result<(u64, Option<u32>, warden_kernels::Grad<'_>), DecodeError> {
     use warden_kernels::Grad;
     let mut r = Reader { buf: body, pos: 0 };
-    if r.u8()? != TAG_PUSH {
-        return Err(DecodeError::NotPush);
-    }
+    let chunked = match r.u8()? {
+        TAG_PUSH => false,
+        TAG_PUSH_CHUNK => true,
+        _ => return Err(DecodeError::NotPush),
+    };
     let step = r.u64()?;
+    let chunk = if chunked { Some(r.u32()?) } else { None };
     let enc = r.u8()?;
     let n = r.u32()? as usize;
     let grad = match enc {
@@ -314,7 +403,7 @@ pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeE
         e => return Err(DecodeError::UnknownEncoding(e)),
     };
     r.finish()?;
-    Ok((step, grad))
+    Ok((step, chunk, grad))
 }
 
 /// Encodes a params frame straight from a parameter slice.
@@ -326,6 +415,48 @@ pub fn encode_params(version: u64, data: &[f32], out: &mut Vec<u8>) {
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     warden_kernels::convert::extend_f32_le(out, data);
+}
+
+/// Encodes a params frame from the shard's parts in order (its chunks).
+pub fn encode_params_parts(version: u64, parts: &[&[f32]], out: &mut Vec<u8>) {
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    let body = 1 + 8 + 4 + n * 4;
+    out.reserve(HEADER_LEN + body);
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.push(TAG_PARAMS);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for p in parts {
+        warden_kernels::convert::extend_f32_le(out, p);
+    }
+}
+
+/// Encodes a params_chunk frame straight from a chunk's parameters.
+pub fn encode_params_chunk(version: u64, chunk: u32, data: &[f32], out: &mut Vec<u8>) {
+    let body = 1 + 8 + 4 + 4 + data.len() * 4;
+    out.reserve(HEADER_LEN + body);
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.push(TAG_PARAMS_CHUNK);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&chunk.to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    warden_kernels::convert::extend_f32_le(out, data);
+}
+
+/// The version, chunk and raw little-endian values of a params_chunk body,
+/// the count checked against the bytes present; no allocation.
+pub fn params_chunk_view(body: &[u8]) -> Result<(u64, u32, &[u8]), DecodeError> {
+    let mut r = Reader { buf: body, pos: 0 };
+    let tag = r.u8()?;
+    if tag != TAG_PARAMS_CHUNK {
+        return Err(DecodeError::WrongTag { expected: TAG_PARAMS_CHUNK, found: tag });
+    }
+    let v = r.u64()?;
+    let chunk = r.u32()?;
+    let n = r.u32()? as usize;
+    let bytes = r.take(n.checked_mul(4).ok_or(DecodeError::CountOverflows)?)?;
+    r.finish()?;
+    Ok((v, chunk, bytes))
 }
 
 /// Splits a push or params body into its number and its raw little-endian
@@ -378,6 +509,9 @@ impl Message {
             Message::ResumeFrom { .. } => 15,
             Message::Heartbeat => 20,
             Message::SetParams { .. } => 21,
+            Message::PushChunk { .. } => TAG_PUSH_CHUNK,
+            Message::PullChunk { .. } => TAG_PULL_CHUNK,
+            Message::ParamsChunk { .. } => TAG_PARAMS_CHUNK,
             Message::Error { .. } => 31,
         }
     }
@@ -429,6 +563,23 @@ impl Message {
                 warden_kernels::convert::extend_f32_le(out, data);
             }
             Message::Pull { min_version } => out.extend_from_slice(&min_version.to_le_bytes()),
+            Message::PushChunk { step, chunk, data } => {
+                out.extend_from_slice(&step.to_le_bytes());
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.push(Encoding::F32 as u8);
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                warden_kernels::convert::extend_f32_le(out, data);
+            }
+            Message::PullChunk { chunk, min_version } => {
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&min_version.to_le_bytes());
+            }
+            Message::ParamsChunk { version, chunk, data } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                warden_kernels::convert::extend_f32_le(out, data);
+            }
             Message::SetParams { data } => {
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
                 warden_kernels::convert::extend_f32_le(out, data);
@@ -459,6 +610,16 @@ impl Message {
                 }
             }
             TAG_PULL => Message::Pull { min_version: r.u64()? },
+            TAG_PUSH_CHUNK => {
+                let step = r.u64()?;
+                let chunk = r.u32()?;
+                match r.u8()? {
+                    0 => Message::PushChunk { step, chunk, data: r.f32s()? },
+                    e => return Err(DecodeError::NoGeneralForm(e)),
+                }
+            }
+            TAG_PULL_CHUNK => Message::PullChunk { chunk: r.u32()?, min_version: r.u64()? },
+            TAG_PARAMS_CHUNK => Message::ParamsChunk { version: r.u64()?, chunk: r.u32()?, data: r.f32s()? },
             TAG_PARAMS => Message::Params { version: r.u64()?, data: r.f32s()? },
             10 => Message::Checkpoint { step: r.u64()? },
             11 => Message::CheckpointSaved { step: r.u64()?, record: r.digest()? },
@@ -698,6 +859,9 @@ mod tests {
             Message::Push { step: 3, data: vec![1.0, -2.5] },
             Message::Pull { min_version: 4 },
             Message::Params { version: 4, data: vec![0.5; 3] },
+            Message::PushChunk { step: 3, chunk: 7, data: vec![1.0, -2.5] },
+            Message::PullChunk { chunk: 2, min_version: 11 },
+            Message::ParamsChunk { version: 4, chunk: 1, data: vec![0.25; 5] },
             Message::Error { message: "no".into() },
             Message::Checkpoint { step: 300 },
             Message::CheckpointSaved { step: 300, record: ShardDigest { shard: 1, bytes: 4096, sha256: [7; 32] } },

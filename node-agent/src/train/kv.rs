@@ -47,8 +47,13 @@ use crate::job::spec::SyncMode;
 use crate::net::conn::{ClientConn, ConnError};
 use crate::net::control::Event;
 use crate::net::identity::Role;
-use crate::net::wire::{DecodeError, Encoding, Message};
+use crate::net::wire::{Encoding, Message};
+use crate::train::roles::link::{self, Link, Traffic};
 use crate::train::roles::{RoleCtx, RoleError, SchedLink};
+
+/// Pushes of a program of the user's travel as f32 (it chose the precision
+/// of what it hands over).
+const F32: crate::job::spec::Compression = crate::job::spec::Compression { encoding: Encoding::F32, threshold: 0.5 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -124,20 +129,9 @@ pub enum KvError {
     /// A connection to a server failed.
     #[error(transparent)]
     Server(#[from] ConnError),
-    /// A server's parameters did not decode.
-    #[error("from a server: {0}")]
-    ServerFrame(#[source] DecodeError),
-    /// A server's parameters are not its shard's size.
-    #[error("a server sent {got} values for a shard of {len}")]
-    ShardSize {
-        /// Values sent.
-        got: usize,
-        /// Values of the shard.
-        len: usize,
-    },
-    /// A server answered `init` with something other than its parameters.
-    #[error("unexpected `{0}` from a server after init")]
-    AfterInit(&'static str),
+    /// A server link failed, or a server sent what it should not.
+    #[error(transparent)]
+    ServerLink(RoleError),
     /// The link to the scheduler failed.
     #[error(transparent)]
     Scheduler(#[from] RoleError),
@@ -289,12 +283,6 @@ struct Tensor {
     range: Range<usize>,
 }
 
-/// One server: its connection and the slice of the flat vector it holds.
-struct Server {
-    conn: ClientConn,
-    range: Range<usize>,
-}
-
 /// What the agent keeps for the program.
 pub struct Kv {
     rank: u32,
@@ -302,7 +290,9 @@ pub struct Kv {
     mode: SyncMode,
     tensors: Vec<Tensor>,
     index: HashMap<String, usize>,
-    servers: Vec<Server>,
+    /// One per server, as the built-in worker has: a step's chunks go out
+    /// and come back at once.
+    links: Vec<Link>,
     /// This step's gradients, and which tensors are in.
     grad: Vec<f32>,
     pushed: Vec<bool>,
@@ -320,8 +310,8 @@ pub struct Kv {
     last_report: Instant,
     steps_at_report: u64,
     /// Bytes sent to and received from the servers, and at the last report.
-    traffic: (u64, u64),
-    traffic_at_report: (u64, u64),
+    traffic: Traffic,
+    traffic_at_report: Traffic,
 }
 
 impl Kv {
@@ -332,10 +322,11 @@ impl Kv {
             layout.into_iter().map(|(name, shape, range)| Tensor { name, shape, range }).collect();
         let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let n = crate::train::model::num_params(&ctx.spec.model);
-        let servers = servers
+        let chunk = ctx.spec.training.chunk_floats();
+        let links = servers
             .into_iter()
             .zip(ctx.plan.of_role(Role::Server))
-            .map(|(conn, p)| Server { conn, range: ctx.plan.shard(p.rank) })
+            .map(|(conn, p)| Link::spawn(conn, ctx.plan.shard(p.rank), chunk))
             .collect();
         Kv {
             rank: ctx.me().rank,
@@ -344,7 +335,7 @@ impl Kv {
             pushed: vec![false; tensors.len()],
             tensors,
             index,
-            servers,
+            links,
             grad: vec![0.0; n],
             step: 0,
             params: vec![0.0; n],
@@ -355,8 +346,8 @@ impl Kv {
             barrier: 1 << 32,
             last_report: Instant::now(),
             steps_at_report: 0,
-            traffic: (0, 0),
-            traffic_at_report: (0, 0),
+            traffic: Traffic::default(),
+            traffic_at_report: Traffic::default(),
         }
     }
 
@@ -375,18 +366,17 @@ impl Kv {
             return Ok(());
         }
         if self.rank == 0 && self.inited {
-            for s in &mut self.servers {
-                let data = self.init[s.range.clone()].to_vec();
-                s.conn.send(&Message::SetParams { data }).await?;
-            }
-            for s in &mut self.servers {
-                match s.conn.recv().await? {
-                    Message::Params { .. } => {}
-                    m => return Err(KvError::AfterInit(m.name())),
-                }
+            for link in &mut self.links {
+                link.set_params(&self.init).await.map_err(KvError::ServerLink)?;
             }
         }
         self.barrier(sched).await?;
+        // Where the servers are (a resumed job's are past step 0): the
+        // links learn the version their first push is for.
+        link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
+            .await
+            .map_err(KvError::ServerLink)?;
+        self.fetched_at = Some(self.step);
         self.started = true;
         Ok(())
     }
@@ -417,20 +407,11 @@ impl Kv {
         dtype.decode(payload, &mut self.grad[self.tensors[i].range.clone()]);
         self.pushed[i] = true;
         if self.pushed.iter().all(|p| *p) {
-            let mut frame = Vec::new();
-            for s in &mut self.servers {
-                frame.clear();
-                crate::net::wire::encode_push(
-                    self.step,
-                    &self.grad[s.range.clone()],
-                    Encoding::F32,
-                    0.0,
-                    &mut [],
-                    &mut frame,
-                );
-                s.conn.send_frame(&frame).await?;
-                self.traffic.0 += frame.len() as u64;
-            }
+            // A step the program never pulled is collected first.
+            self.collect().await?;
+            // The step goes out now; its chunks come back while the
+            // program goes on, and the next pull takes them.
+            link::send_step(&mut self.links, Some(&self.grad), self.mode, F32).await.map_err(KvError::ServerLink)?;
             self.pushed.fill(false);
             self.step += 1;
         }
@@ -441,26 +422,26 @@ impl Kv {
         if self.pushed.iter().any(|p| *p) {
             return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
+        self.collect().await?;
         // Async values move with every worker's push: always ask.
         if self.fetched_at != Some(self.step) || self.mode == SyncMode::Async {
-            let min_version = if self.mode == SyncMode::Sync { self.step } else { 0 };
-            for s in &mut self.servers {
-                s.conn.send(&Message::Pull { min_version }).await?;
-            }
-            for s in &mut self.servers {
-                // Straight from the frame into the values: no decoded copy.
-                let body = s.conn.recv_raw().await?;
-                self.traffic.1 += body.len() as u64;
-                let (_, values) =
-                    crate::net::wire::vector_view(body, crate::net::wire::TAG_PARAMS).map_err(KvError::ServerFrame)?;
-                if values.len() != s.range.len() * 4 {
-                    return Err(KvError::ShardSize { got: values.len() / 4, len: s.range.len() });
-                }
-                warden_kernels::convert::copy_f32_le(&mut self.params[s.range.clone()], values);
-            }
+            link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
+                .await
+                .map_err(KvError::ServerLink)?;
             self.fetched_at = Some(self.step);
         }
         Ok(&self.params[self.tensors[i].range.clone()])
+    }
+
+    /// Takes the answer to the step sent last, if it is still out.
+    async fn collect(&mut self) -> Result<(), KvError> {
+        if link::step_outstanding(&self.links) {
+            link::finish_step(&mut self.links, &mut self.params, &mut self.traffic)
+                .await
+                .map_err(KvError::ServerLink)?;
+            self.fetched_at = Some(self.step);
+        }
+        Ok(())
     }
 
     /// The final values (after every complete step), for the model file.
@@ -475,9 +456,7 @@ impl Kv {
 
     /// Closes the server connections cleanly at the end.
     pub async fn close(&mut self) {
-        for s in self.servers.drain(..) {
-            s.conn.close().await;
-        }
+        link::close_links(std::mem::take(&mut self.links)).await;
     }
 
     /// Serves one request; `Err` means the connection must close.
@@ -558,8 +537,8 @@ impl Kv {
             train_loss,
             steps,
             samples_per_s: req.samples.unwrap_or(0) as f64 / secs,
-            bytes_pushed: self.traffic.0 - self.traffic_at_report.0,
-            bytes_pulled: self.traffic.1 - self.traffic_at_report.1,
+            bytes_pushed: self.traffic.pushed - self.traffic_at_report.pushed,
+            bytes_pulled: self.traffic.pulled - self.traffic_at_report.pulled,
         });
         self.traffic_at_report = self.traffic;
         self.last_report = Instant::now();

@@ -286,6 +286,12 @@ impl ShardOptimizer {
         (self.t, slots[..self.slots()].iter().map(|s| s.to_vec()).collect())
     }
 
+    /// The optimizer's state slots, borrowed (as many as [`Self::slots`]).
+    pub fn slot_values(&self) -> Vec<&[f32]> {
+        let slots = [self.slot1.as_slice(), self.slot2.as_slice()];
+        slots[..self.slots()].to_vec()
+    }
+
     /// Rebuilds the optimizer from checkpointed state.
     pub fn restore(spec: OptimizerSpec, len: usize, t: u64, mut slots: Vec<Vec<f32>>) -> Result<Self, RestoreError> {
         let want = spec.state_slots();

@@ -22,6 +22,10 @@ pub struct TrainingSpec {
     pub compression: Compression,
     /// Seconds of silence after which a process (or the scheduler) is declared dead.
     pub heartbeat_timeout_s: u64,
+    /// Size of the chunks a shard is pushed, aggregated and pulled in: a
+    /// chunk's update starts once every worker's copy of it is in, and
+    /// goes back while later chunks are still arriving.
+    pub chunk_kib: usize,
     /// What the launcher does when a process fails.
     pub on_failure: OnFailure,
 }
@@ -38,6 +42,13 @@ pub enum OnFailure {
         /// Restarts allowed over the whole run.
         max_restarts: u32,
     },
+}
+
+impl TrainingSpec {
+    /// Floats per pipelined chunk (`chunk_kib` of f32 values).
+    pub fn chunk_floats(&self) -> usize {
+        self.chunk_kib * 1024 / 4
+    }
 }
 
 impl OnFailure {
@@ -68,6 +79,10 @@ pub enum SyncMode {
     /// Each push is applied on arrival (MXNet `dist_async`).
     Async,
 }
+
+/// `[training] chunk_kib` unless set: 2 MiB, between MXNet's big-array
+/// bound (1e6 floats) and BytePS' partition size (4 MB).
+pub const DEFAULT_CHUNK_KIB: usize = 2048;
 
 /// Checks `[training]`. `steps` is the synthetic model's alone, and
 /// `on_failure = "restart"` needs a `[checkpoint]` table to restart from.
@@ -125,8 +140,28 @@ pub(super) fn convert_training(
         )?,
         None => 30,
     };
+    let chunk_kib = match &t.chunk_kib {
+        Some(v) => int_in(
+            src,
+            v,
+            "chunk_kib",
+            4,
+            1 << 20,
+            "KiB per pipelined chunk of a shard; 2048 (2 MiB) suits most networks, smaller overlaps more but costs a frame per chunk",
+        )?,
+        None => DEFAULT_CHUNK_KIB,
+    };
     let on_failure = convert_on_failure(src, t, has_checkpoint)?;
-    Ok(TrainingSpec { epochs, batch_size, mode, synthetic_steps, compression, heartbeat_timeout_s, on_failure })
+    Ok(TrainingSpec {
+        epochs,
+        batch_size,
+        mode,
+        synthetic_steps,
+        compression,
+        heartbeat_timeout_s,
+        chunk_kib,
+        on_failure,
+    })
 }
 
 /// `compression` and `compression_threshold` (2-bit only).

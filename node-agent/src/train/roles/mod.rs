@@ -13,8 +13,10 @@ use crate::net::control::Event;
 use crate::net::identity::{Identity, Role};
 use crate::net::tls::TlsIdentity;
 
+pub mod link;
 pub mod scheduler;
 pub mod server;
+mod shard;
 pub mod worker;
 
 /// Where a role reports events (stdout JSON lines in the agent; a channel in tests).

@@ -13,123 +13,19 @@
 //! checked, so a value at the end of the range is refused, never wrapped.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
+use super::shard::{Refusal, Shard, ShardStart};
 use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
-use crate::job::spec::SyncMode;
-use crate::net::conn::{Acceptor, ConnError, ServerConn};
+use crate::net::conn::{Acceptor, ConnError, RecvHalf, SendHalf, ServerConn};
 use crate::net::identity::Role;
-use crate::net::wire::{DecodeError, Message, ShardDigest, TAG_PUSH, push_view};
+use crate::net::wire::{Message, ShardDigest, TAG_PULL_CHUNK, TAG_PUSH, TAG_PUSH_CHUNK};
 use crate::store::checkpoint::{CheckpointError, Manifest, Placement, ShardRecord};
 use crate::train::optimizer::{OptimizerSpec, ShardOptimizer};
-
-/// Why a server refuses a worker's request (and closes its connection);
-/// the worker is told this text.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-enum Refusal {
-    /// The request did not decode.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// A message only other roles' peers are sent.
-    #[error("`{0}` is not something a server accepts")]
-    NotAccepted(&'static str),
-    /// A gradient of another length than the shard.
-    #[error("push of {got} values, but this shard holds {holds}")]
-    PushLength {
-        /// Values pushed.
-        got: usize,
-        /// Values of the shard.
-        holds: usize,
-    },
-    /// The shard's version cannot grow any more.
-    #[error("the shard is at version {0}, the last there is; no update can follow")]
-    LastVersion(u64),
-    /// Sync mode: a push for another step than the shard's.
-    #[error("push for step {step}, but the shard is at step {at}")]
-    PushStep {
-        /// The push's step.
-        step: u64,
-        /// The shard's.
-        at: u64,
-    },
-    /// A worker rank beyond the plan's workers.
-    #[error("worker rank {0} is not in the plan")]
-    NotInPlan(u32),
-    /// Sync mode: a second push of one worker for one step.
-    #[error("worker {rank} pushed twice for step {step}")]
-    PushedTwice {
-        /// The worker.
-        rank: u32,
-        /// The step.
-        step: u64,
-    },
-    /// Initial values in a job that starts from signed weights.
-    #[error(
-        "this job starts from the signed weights of [model] init; a worker may not replace them \
-         (a program's `init` values are ignored in such a job)"
-    )]
-    SignedInit,
-    /// Initial values from a worker other than 0.
-    #[error("only worker 0 sets initial values")]
-    InitNotWorker0,
-    /// Initial values after training began.
-    #[error("initial values after {0} update(s); init comes before training")]
-    InitAfterUpdates(u64),
-    /// Initial values of another length than the shard.
-    #[error("initial values for {got} parameters, but this shard holds {holds}")]
-    InitLength {
-        /// Values given.
-        got: usize,
-        /// Values of the shard.
-        holds: usize,
-    },
-    /// A pull for a version more than one update ahead.
-    #[error("pull for version {min_version}, but the shard is at {current}")]
-    PullAhead {
-        /// The version asked for.
-        min_version: u64,
-        /// The shard's.
-        current: u64,
-    },
-    /// A checkpoint asked for by a worker other than 0.
-    #[error("only worker 0 may ask for a checkpoint")]
-    CheckpointNotWorker0,
-    /// A checkpoint in a job without `[checkpoint]`.
-    #[error("this job takes no checkpoints ([checkpoint] is not set)")]
-    NoCheckpoints,
-    /// A checkpoint of a step not after the last one's.
-    #[error("checkpoint of step {step} asked for, but step {last} came before it; each checkpoint is of a later step")]
-    CheckpointNotLater {
-        /// The step asked for.
-        step: u64,
-        /// The last checkpoint's.
-        last: u64,
-    },
-    /// Sync mode: a checkpoint of another step than the shard's.
-    #[error("checkpoint of step {step} asked for, but the shard is at step {at}")]
-    CheckpointStep {
-        /// The step asked for.
-        step: u64,
-        /// The shard's.
-        at: u64,
-    },
-    /// A checkpoint of another step than worker 0 pushed.
-    #[error("checkpoint of step {step} asked for, but worker 0 has pushed {pushed} steps")]
-    CheckpointNotPushed {
-        /// The step asked for.
-        step: u64,
-        /// Steps worker 0 pushed.
-        pushed: u64,
-    },
-    /// The checkpoint writer is gone.
-    #[error("the checkpoint writer stopped")]
-    WriterStopped,
-}
 
 /// Why this server could not write its part of a checkpoint; the
 /// scheduler is told this text, and training goes on.
@@ -191,189 +87,6 @@ enum ServeError {
     Refused(#[from] Refusal),
 }
 
-/// The shard and its update state.
-///
-/// A `std::sync::Mutex`, not a tokio one: nothing awaits while holding it,
-/// and the critical sections are short loops over memory.
-struct Shard {
-    state: Mutex<ShardState>,
-    version: watch::Sender<u64>,
-    workers: usize,
-    mode: SyncMode,
-    /// The job starts from verified signed weights (`[model] init`), which
-    /// no worker may replace.
-    signed_init: bool,
-    /// The encoded params frame of the newest version, made by the first
-    /// puller and shared by the rest: encode once, send W times.
-    frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-}
-
-struct ShardState {
-    params: Vec<f32>,
-    /// Sync mode: each worker's push body for the current step, until all
-    /// are in; then one fused pass sums them and applies the optimizer.
-    pending: Vec<Vec<u8>>,
-    pushed: Vec<bool>,
-    count: usize,
-    version: u64,
-    opt: ShardOptimizer,
-    /// Steps worker 0 has pushed (counted from the version training started at).
-    worker0_steps: u64,
-    /// The step of the newest checkpoint asked for (or where training started).
-    last_checkpoint: u64,
-}
-
-impl ShardState {
-    /// Training starts at `version` with `params`.
-    fn new(params: Vec<f32>, workers: usize, version: u64, opt: ShardOptimizer) -> ShardState {
-        ShardState {
-            params,
-            pending: vec![Vec::new(); workers],
-            pushed: vec![false; workers],
-            count: 0,
-            version,
-            opt,
-            worker0_steps: version,
-            last_checkpoint: version,
-        }
-    }
-
-    /// Counts an accepted push of worker `rank`'s.
-    fn count_step_of(&mut self, rank: u32) {
-        if rank == 0 {
-            // At most the version plus one, which exists (`push` checks it first).
-            self.worker0_steps = self.worker0_steps.saturating_add(1);
-        }
-    }
-}
-
-impl Shard {
-    /// Takes a push body (any encoding, see [`crate::net::wire::push_view`]).
-    /// In sync mode the body is kept until every worker's is in: it is
-    /// swapped into the shard, and `body` comes back holding a spare
-    /// buffer (no copy of the gradient).
-    fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), Refusal> {
-        let (step, grad) = push_view(body)?;
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if grad.len() != st.params.len() {
-            return Err(Refusal::PushLength { got: grad.len(), holds: st.params.len() });
-        }
-        let Some(next) = st.version.checked_add(1) else {
-            return Err(Refusal::LastVersion(st.version));
-        };
-        match self.mode {
-            SyncMode::Async => {
-                let ShardState { params, opt, .. } = &mut *st;
-                opt.apply(params, &[grad], 1);
-                st.count_step_of(rank);
-            }
-            SyncMode::Sync => {
-                if step != st.version {
-                    return Err(Refusal::PushStep { step, at: st.version });
-                }
-                let r = rank as usize;
-                if r >= st.pushed.len() {
-                    return Err(Refusal::NotInPlan(rank));
-                }
-                if st.pushed[r] {
-                    return Err(Refusal::PushedTwice { rank, step });
-                }
-                st.pushed[r] = true;
-                st.count_step_of(rank);
-                std::mem::swap(&mut st.pending[r], body);
-                st.count += 1;
-                if st.count < self.workers {
-                    return Ok(());
-                }
-                let ShardState { params, pending, opt, .. } = &mut *st;
-                // Validated on arrival above; the views cannot fail now.
-                let grads: Vec<_> = pending.iter().filter_map(|b| push_view(b).ok().map(|(_, g)| g)).collect();
-                opt.apply(params, &grads, self.workers);
-                st.pushed.fill(false);
-                st.count = 0;
-            }
-        }
-        st.version = next;
-        self.version.send_replace(st.version);
-        Ok(())
-    }
-
-    /// Worker 0's initial values (an external model's `init`), before any update.
-    fn set_params(&self, rank: u32, data: Vec<f32>) -> Result<(), Refusal> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if self.signed_init {
-            return Err(Refusal::SignedInit);
-        }
-        if rank != 0 {
-            return Err(Refusal::InitNotWorker0);
-        }
-        if st.version != 0 || st.count != 0 {
-            return Err(Refusal::InitAfterUpdates(st.version));
-        }
-        if data.len() != st.params.len() {
-            return Err(Refusal::InitLength { got: data.len(), holds: st.params.len() });
-        }
-        st.params = data;
-        drop(st);
-        // The cached frame of version 0 is stale now.
-        *self.frame.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(())
-    }
-
-    /// A copy of the state for checkpoint `step`. In sync mode the shard is
-    /// exactly at that step when worker 0 asks (its next push has not been
-    /// sent), so the copy is the state after `step` updates. In either mode
-    /// `step` is the number of steps worker 0 pushed, and later than the
-    /// last checkpoint's: one checkpoint per step at most, so worker 0
-    /// cannot make the server copy and write its state faster than it trains.
-    fn snapshot(&self, step: u64) -> Result<crate::store::checkpoint::ShardState, Refusal> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if step <= st.last_checkpoint {
-            return Err(Refusal::CheckpointNotLater { step, last: st.last_checkpoint });
-        }
-        if self.mode == SyncMode::Sync && st.version != step {
-            return Err(Refusal::CheckpointStep { step, at: st.version });
-        }
-        if st.worker0_steps != step {
-            return Err(Refusal::CheckpointNotPushed { step, pushed: st.worker0_steps });
-        }
-        st.last_checkpoint = step;
-        let (t, slots) = st.opt.state();
-        Ok(crate::store::checkpoint::ShardState { t, params: st.params.clone(), slots })
-    }
-
-    /// Waits until the shard reaches `min_version`; a pull more than one
-    /// update ahead could wait forever and is refused.
-    async fn reach(&self, min_version: u64) -> Result<(), Refusal> {
-        let mut rx = self.version.subscribe();
-        let current = *rx.borrow();
-        if min_version > current.saturating_add(1) {
-            return Err(Refusal::PullAhead { min_version, current });
-        }
-        // The sender lives as long as the shard, so this only ends on success.
-        let _ = rx.wait_for(|v| *v >= min_version).await;
-        Ok(())
-    }
-
-    /// The encoded params frame of the current version.
-    fn params_frame(&self) -> Arc<Vec<u8>> {
-        let mut cache = self.frame.lock().unwrap_or_else(|p| p.into_inner());
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, frame)) = cache.as_ref()
-            && *v == st.version
-        {
-            return frame.clone();
-        }
-        // Reuse the old buffer when no connection still holds it.
-        let mut buf = cache.take().and_then(|(_, f)| Arc::try_unwrap(f).ok()).unwrap_or_default();
-        buf.clear();
-        crate::net::wire::encode_params(st.version, &st.params, &mut buf);
-        let frame = Arc::new(buf);
-        *cache = Some((st.version, frame.clone()));
-        frame
-    }
-}
-
 /// Runs server `ctx.me().rank` on an already bound listener until the job ends.
 pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
     // Signed initial weights are verified before this server joins the job.
@@ -417,27 +130,27 @@ fn starting_shard(
     restored: Option<(u64, crate::store::checkpoint::ShardState)>,
     initial: Option<Vec<f32>>,
 ) -> Result<Shard, RoleError> {
-    let (version, params, opt) = match restored {
+    let (version, params, restored) = match restored {
         Some((step, st)) => {
-            let opt =
-                ShardOptimizer::restore(spec, place.len, st.t, st.slots).map_err(|e| RoleError::new(e.to_string()))?;
             tracing::info!("resumed from checkpoint step {step}");
-            (step, st.params, opt)
+            (step, st.params, Some((st.t, st.slots)))
         }
         None => {
             let all = initial.unwrap_or_else(|| crate::train::model::init(&ctx.spec.model, ctx.seed));
-            (0, all[ctx.plan.shard(place.rank)].to_vec(), ShardOptimizer::new(spec, place.len))
+            (0, all[ctx.plan.shard(place.rank)].to_vec(), None)
         }
     };
-    let workers = ctx.plan.count(Role::Worker) as usize;
-    Ok(Shard {
-        state: Mutex::new(ShardState::new(params, workers, version, opt)),
-        version: watch::Sender::new(version),
-        workers,
+    Shard::new(ShardStart {
+        params,
+        version,
+        spec,
+        restored,
+        workers: ctx.plan.count(Role::Worker) as usize,
         mode: ctx.spec.training.mode,
         signed_init: ctx.spec.init.is_some(),
-        frame: Mutex::new(None),
+        chunk: ctx.spec.training.chunk_floats(),
     })
+    .map_err(|e| RoleError::new(e.to_string()))
 }
 
 /// What the checkpoint writer reports: each step's record, or why it failed.
@@ -523,7 +236,6 @@ async fn follow_scheduler(
 struct ShardPlace {
     rank: u32,
     shards: u32,
-    len: usize,
     shape: crate::store::checkpoint::Shape,
 }
 
@@ -533,7 +245,7 @@ impl ShardPlace {
         let len = ctx.plan.shard(rank).len();
         let slots = ShardOptimizer::new(ctx.spec.optimizer, 0).slots();
         let shape = crate::store::checkpoint::Shape { len: Some(len), slots: Some(slots) };
-        ShardPlace { rank, shards: ctx.plan.count(Role::Server), len, shape }
+        ShardPlace { rank, shards: ctx.plan.count(Role::Server), shape }
     }
 }
 
@@ -721,39 +433,134 @@ type Snapshots = Option<mpsc::Sender<(u64, crate::store::checkpoint::ShardState)
 
 /// Serves one worker until it closes its connection; a refused request
 /// ends the connection (the worker is told why).
-async fn serve_worker(
-    mut conn: ServerConn,
+///
+/// Reading and answering run at once: the reader applies pushes as they
+/// arrive and queues what must be answered; the writer waits for each
+/// answer's chunk to update and sends it. A worker sends a whole step
+/// (every chunk's push and pull) before it reads, so a server that read
+/// one request and answered it before reading the next would stop reading
+/// while its answer waits behind that worker's unread pushes.
+async fn serve_worker(conn: ServerConn, first: Message, shard: &Shard, snapshots: Snapshots) -> Result<(), ServeError> {
+    let (recv, send) = conn.into_split();
+    let rank = recv.peer().rank;
+    // A worker has at most one step of pulls outstanding; a peer asking for
+    // more waits for the writer (its own reads stop, nobody else's).
+    let (out_tx, out_rx) = mpsc::channel(shard.chunks() + 2);
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
+    let reading = read_requests(recv, first, shard, rank, &snapshots, out_tx, fatal_tx);
+    let writing = write_answers(send, shard, out_rx, fatal_rx);
+    tokio::pin!(reading, writing);
+    tokio::select! {
+        // The writer ends first only when it failed or refused: stop reading.
+        w = &mut writing => w,
+        // The reader ended (the worker closed, or broke a rule and the
+        // writer tells it why): the writer finishes at once.
+        r = &mut reading => {
+            let w = writing.await;
+            r.and(w)
+        }
+    }
+}
+
+/// What the writer sends, in the order the worker asked.
+enum Answer {
+    /// The whole shard at `min_version` or later.
+    Pull(u64),
+    /// One chunk at `min_version` or later.
+    Chunk(u32, u64),
+    /// The whole shard as it is now (after worker 0 set it).
+    Params,
+}
+
+/// The reading side of [`serve_worker`]: applies pushes, checkpoints and
+/// initial values in arrival order, queues answers for the writer. On a
+/// refusal the writer is handed the reason (it drops any queued answer).
+async fn read_requests(
+    mut recv: RecvHalf<tokio::io::ReadHalf<crate::net::record::TlsStream>>,
     first: Message,
     shard: &Shard,
-    snapshots: Snapshots,
+    rank: u32,
+    snapshots: &Snapshots,
+    answers: mpsc::Sender<Answer>,
+    fatal: tokio::sync::oneshot::Sender<String>,
 ) -> Result<(), ServeError> {
-    let rank = conn.peer().rank;
     // The first message arrived decoded (it came through the deadline check).
     let mut pending = Some(first);
     let mut spare = Vec::new();
     loop {
         let action = match pending.take() {
             Some(m) => Action::of(m),
-            None => match receive(&mut conn, shard, rank, &mut spare).await {
+            None => match receive(&mut recv, shard, rank, &mut spare).await {
                 Ok(Some(action)) => action,
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    conn.refuse_for(&e).await;
+                    if e.is_peers_fault() {
+                        let _ = fatal.send(e.to_string());
+                    }
                     return Err(e.into());
                 }
             },
         };
-        let reply = match act(shard, rank, &snapshots, action).await {
-            Ok(reply) => reply,
+        match act(shard, rank, snapshots, action).await {
+            Ok(Some(answer)) => {
+                if answers.send(answer).await.is_err() {
+                    // The writer ended; it says why.
+                    return Ok(());
+                }
+            }
+            Ok(None) => {}
             Err(why) => {
-                conn.refuse(&why.to_string()).await;
+                let _ = fatal.send(why.to_string());
                 return Err(why.into());
             }
-        };
-        if reply == Reply::Params {
-            let frame = shard.params_frame();
-            conn.send_frame(&frame).await?;
         }
+    }
+}
+
+/// The writing side of [`serve_worker`]: answers in order, each once its
+/// chunk reaches the version asked for. A refusal from the reader is sent
+/// at once, before queued answers (never in the middle of a frame); when
+/// the reader ends without one, so does the writer.
+async fn write_answers(
+    mut send: SendHalf<tokio::io::WriteHalf<crate::net::record::TlsStream>>,
+    shard: &Shard,
+    mut answers: mpsc::Receiver<Answer>,
+    mut fatal: tokio::sync::oneshot::Receiver<String>,
+) -> Result<(), ServeError> {
+    loop {
+        let ready = tokio::select! {
+            biased;
+            why = &mut fatal => {
+                if let Ok(why) = why {
+                    send.refuse(&why).await;
+                }
+                return Ok(());
+            }
+            next = async {
+                let answer = answers.recv().await?;
+                Some(ready_frame(shard, answer).await)
+            } => next,
+        };
+        match ready {
+            None => return Ok(()),
+            Some(Ok(frame)) => send.send_frame(&frame).await?,
+            Some(Err(why)) => {
+                send.refuse(&why.to_string()).await;
+                return Err(why.into());
+            }
+        }
+    }
+}
+
+/// The frame answering `answer`, once the shard can give it.
+async fn ready_frame(shard: &Shard, answer: Answer) -> Result<Arc<Vec<u8>>, Refusal> {
+    match answer {
+        Answer::Pull(min_version) => shard.reach(min_version).await.map(|()| shard.params_frame()),
+        Answer::Chunk(chunk, min_version) => {
+            shard.reach_chunk(chunk, min_version).await?;
+            shard.chunk_frame(chunk)
+        }
+        Answer::Params => Ok(shard.params_frame()),
     }
 }
 
@@ -762,33 +569,39 @@ async fn serve_worker(
 /// is applied here, straight from the received bytes, which change places
 /// with a spare buffer instead of being copied (the hot path).
 async fn receive(
-    conn: &mut ServerConn,
+    recv: &mut RecvHalf<tokio::io::ReadHalf<crate::net::record::TlsStream>>,
     shard: &Shard,
     rank: u32,
     spare: &mut Vec<u8>,
 ) -> Result<Option<Action>, ConnError> {
-    match conn.recv_raw().await {
-        Ok(body) if body[0] == TAG_PUSH => {
-            conn.swap_frame(spare);
+    match recv.recv_raw().await {
+        Ok(body) if body[0] == TAG_PUSH || body[0] == TAG_PUSH_CHUNK => {
+            recv.swap_frame(spare);
             let pushed = shard.push(rank, spare);
-            conn.swap_frame(spare);
+            recv.swap_frame(spare);
             Ok(Some(pushed.map_or_else(Action::Refuse, |()| Action::Pushed)))
         }
+        Ok(body) if body[0] == TAG_PULL_CHUNK => Ok(Some(match Message::decode(body) {
+            Ok(Message::PullChunk { chunk, min_version }) => Action::PullChunk(chunk, min_version),
+            Ok(other) => Action::Refuse(Refusal::NotAccepted(other.name())),
+            Err(e) => Action::Refuse(e.into()),
+        })),
         Ok(body) => Ok(Some(Message::decode(body).map_or_else(|e| Action::Refuse(e.into()), Action::of))),
         Err(ConnError::Closed(_)) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Carries out one request of worker `rank`: what to send back, or why it
-/// is refused.
-async fn act(shard: &Shard, rank: u32, snapshots: &Snapshots, action: Action) -> Result<Reply, Refusal> {
+/// Carries out one request of worker `rank`: what to answer, if anything,
+/// or why it is refused.
+async fn act(shard: &Shard, rank: u32, snapshots: &Snapshots, action: Action) -> Result<Option<Answer>, Refusal> {
     match action {
-        Action::Pushed => Ok(Reply::Nothing),
-        Action::Push(mut body) => shard.push(rank, &mut body).map(|()| Reply::Nothing),
-        Action::Pull(min_version) => shard.reach(min_version).await.map(|()| Reply::Params),
-        Action::SetParams(data) => shard.set_params(rank, data).map(|()| Reply::Params),
-        Action::Checkpoint(step) => queue_checkpoint(shard, rank, snapshots, step).await.map(|()| Reply::Nothing),
+        Action::Pushed => Ok(None),
+        Action::Push(mut body) => shard.push(rank, &mut body).map(|()| None),
+        Action::Pull(min_version) => Ok(Some(Answer::Pull(min_version))),
+        Action::PullChunk(chunk, min_version) => Ok(Some(Answer::Chunk(chunk, min_version))),
+        Action::SetParams(data) => shard.set_params(rank, data).map(|()| Some(Answer::Params)),
+        Action::Checkpoint(step) => queue_checkpoint(shard, rank, snapshots, step).await.map(|()| None),
         Action::Refuse(why) => Err(why),
     }
 }
@@ -811,6 +624,8 @@ enum Action {
     /// A push body to apply.
     Push(Vec<u8>),
     Pull(u64),
+    /// A chunk's pull: chunk, lowest version.
+    PullChunk(u32, u64),
     Checkpoint(u64),
     SetParams(Vec<f32>),
     Refuse(Refusal),
@@ -826,6 +641,20 @@ impl Action {
                 Action::Push(raw.split_off(crate::net::wire::HEADER_LEN))
             }
             Message::Pull { min_version } => Action::Pull(min_version),
+            Message::PullChunk { chunk, min_version } => Action::PullChunk(chunk, min_version),
+            Message::PushChunk { step, chunk, data } => {
+                let mut raw = Vec::new();
+                crate::net::wire::encode_push_chunk(
+                    step,
+                    chunk,
+                    &data,
+                    crate::net::wire::Encoding::F32,
+                    0.0,
+                    &mut [],
+                    &mut raw,
+                );
+                Action::Push(raw.split_off(crate::net::wire::HEADER_LEN))
+            }
             Message::Checkpoint { step } => Action::Checkpoint(step),
             Message::SetParams { data } => Action::SetParams(data),
             other => Action::Refuse(Refusal::NotAccepted(other.name())),
@@ -833,71 +662,14 @@ impl Action {
     }
 }
 
-/// What a server sends back for a request it carried out.
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Nothing,
-    /// The shard's current parameters.
-    Params,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn shard(mode: SyncMode, workers: usize, version: u64) -> Shard {
-        let opt = ShardOptimizer::new(OptimizerSpec::sgd(0.5), 2);
-        Shard {
-            state: Mutex::new(ShardState::new(vec![0.0; 2], workers, version, opt)),
-            version: watch::Sender::new(version),
-            workers,
-            mode,
-            signed_init: false,
-            frame: Mutex::new(None),
-        }
-    }
-
-    fn push_body(step: u64) -> Vec<u8> {
-        let mut raw = Vec::new();
-        crate::net::wire::encode_push(step, &[1.0, 1.0], crate::net::wire::Encoding::F32, 0.0, &mut [], &mut raw);
-        raw.split_off(crate::net::wire::HEADER_LEN)
-    }
-
-    /// Async mode: worker 0 gets one checkpoint per step it pushed, each of
-    /// a later step; other workers' pushes earn it none.
+    /// A checkpoint step at the last number there is is refused, not
+    /// wrapped, and nothing is written for it.
     #[test]
-    fn worker_0_asks_for_one_checkpoint_per_step_it_pushed() {
-        let s = shard(SyncMode::Async, 2, 0);
-        assert!(s.snapshot(5).unwrap_err().to_string().contains("worker 0 has pushed 0 steps"));
-        s.push(1, &mut push_body(0)).unwrap();
-        assert!(s.snapshot(1).is_err(), "worker 1's push is not worker 0's step");
-        s.push(0, &mut push_body(0)).unwrap();
-        s.snapshot(1).unwrap();
-        assert!(s.snapshot(1).unwrap_err().to_string().contains("each checkpoint is of a later step"));
-        assert!(s.snapshot(2).is_err());
-        s.push(0, &mut push_body(1)).unwrap();
-        s.snapshot(2).unwrap();
-        // Sync mode: worker 0's push counts when it arrives, the step when all are in.
-        let s = shard(SyncMode::Sync, 2, 0);
-        s.push(0, &mut push_body(0)).unwrap();
-        assert!(s.snapshot(1).unwrap_err().to_string().contains("the shard is at step 0"));
-        s.push(1, &mut push_body(0)).unwrap();
-        s.snapshot(1).unwrap();
-        s.push(1, &mut push_body(1)).unwrap();
-        s.push(0, &mut push_body(1)).unwrap();
-        s.snapshot(2).unwrap();
-    }
-
-    /// A shard at the last version there is refuses the next update
-    /// instead of wrapping around (or panicking).
-    #[test]
-    fn the_version_never_wraps() {
-        for mode in [SyncMode::Async, SyncMode::Sync] {
-            let s = shard(mode, 1, u64::MAX);
-            let why = s.push(0, &mut push_body(u64::MAX)).unwrap_err();
-            assert!(why.to_string().contains("the last there is"), "{why}");
-            assert_eq!(*s.version.borrow(), u64::MAX);
-        }
+    fn the_last_checkpoint_step_is_never_committed() {
         let dir = std::env::temp_dir().join(format!("warden-commit-wrap-{}", std::process::id()));
         let ck = CheckpointCtx {
             key: Arc::new(crate::store::checkpoint::CheckpointKey::new(

@@ -1,21 +1,17 @@
 //! A worker: reads its shard of the data, computes gradients, pushes them to
 //! every server and pulls the updated parameters, all servers concurrently.
 
-use std::ops::Range;
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use tokio::sync::mpsc;
-
+use super::link::{Link, Traffic, close_links, exchange, request_checkpoint};
 use super::{RoleCtx, RoleError};
-use crate::job::spec::SyncMode;
-use crate::net::conn::ClientConn;
 use crate::net::control::{Event, StepScalars};
 use crate::net::identity::Role;
-use crate::net::wire::{Message, TAG_PARAMS, vector_view};
+use crate::net::wire::Message;
 use crate::train::data::Dataset;
 use crate::train::model::{Batch, Workspace};
 use crate::train::train_rng::{Stream, rng};
+use rand::seq::SliceRandom;
 
 /// A worker's data, loaded before training starts.
 #[derive(Debug)]
@@ -77,164 +73,6 @@ pub fn epoch_order(seed: u64, rank: u32, epoch: u32, shard_len: usize) -> Vec<us
     let mut order: Vec<usize> = (0..shard_len).collect();
     order.shuffle(&mut rng(seed, Stream::Shuffle { rank, epoch }));
     order
-}
-
-struct LinkCmd {
-    /// Ask the server for a checkpoint of this step first (worker 0).
-    checkpoint: Option<u64>,
-    /// An encoded push frame (empty for a pull only).
-    push: Vec<u8>,
-    /// Pull once the shard reaches this version (`None`: no pull).
-    pull: Option<u64>,
-    /// Receives the params frame body; handed back in the reply.
-    body: Vec<u8>,
-}
-
-struct LinkReply {
-    push: Vec<u8>,
-    body: Vec<u8>,
-    bytes_out: u64,
-}
-
-/// One server connection, driven by its own task so that every server is
-/// pushed to and pulled from at the same time (and TLS work spreads over the
-/// runtime's threads). Buffers travel with the commands and come back with
-/// the replies, so the steady state allocates nothing.
-struct Link {
-    range: Range<usize>,
-    version: u64,
-    tx: mpsc::Sender<LinkCmd>,
-    /// A broken connection arrives as a [`RoleError`] that knows whether it
-    /// follows from another process's failure (the server closed it).
-    rx: mpsc::Receiver<Result<LinkReply, RoleError>>,
-    push: Vec<u8>,
-    body: Vec<u8>,
-    /// 2-bit error feedback: what was not yet sent.
-    residual: Vec<f32>,
-    /// The task that owns the connection.
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Closes every link cleanly (TLS close_notify): the servers see an orderly
-/// goodbye at the end of training, not a vanished peer.
-async fn close_links(links: Vec<Link>) {
-    for Link { tx, task, .. } in links {
-        drop(tx);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
-    }
-}
-
-fn spawn_link(mut conn: ClientConn, range: Range<usize>) -> Link {
-    let (tx, mut cmd_rx) = mpsc::channel::<LinkCmd>(1);
-    let (reply_tx, rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
-        while let Some(LinkCmd { checkpoint, push, pull, mut body }) = cmd_rx.recv().await {
-            let result = async {
-                let mut bytes_out = push.len() as u64;
-                if let Some(step) = checkpoint {
-                    bytes_out += conn.send(&Message::Checkpoint { step }).await? as u64;
-                }
-                if !push.is_empty() {
-                    conn.send_frame(&push).await?;
-                }
-                if let Some(min_version) = pull {
-                    bytes_out += conn.send(&Message::Pull { min_version }).await? as u64;
-                    conn.recv_raw().await?;
-                    conn.swap_frame(&mut body);
-                }
-                Ok::<_, RoleError>(LinkReply { push, body, bytes_out })
-            }
-            .await;
-            let failed = result.is_err();
-            if reply_tx.send(result).await.is_err() || failed {
-                return;
-            }
-        }
-        // The worker is done with this server.
-        conn.close().await;
-    });
-    Link { range, version: 0, tx, rx, push: Vec::new(), body: Vec::new(), residual: Vec::new(), task }
-}
-
-/// Running totals for the metrics.
-#[derive(Debug, Default)]
-struct Traffic {
-    pushed: u64,
-    pulled: u64,
-}
-
-/// Pushes `grad` (if any) and pulls every shard, all servers at once.
-async fn exchange(
-    links: &mut [Link],
-    params: &mut [f32],
-    grad: Option<&[f32]>,
-    mode: SyncMode,
-    compression: crate::job::spec::Compression,
-    t: &mut Traffic,
-) -> Result<(), RoleError> {
-    for link in links.iter_mut() {
-        let mut push = std::mem::take(&mut link.push);
-        push.clear();
-        if let Some(g) = grad {
-            if link.residual.len() != link.range.len() && compression.encoding == crate::net::wire::Encoding::TwoBit {
-                link.residual = vec![0.0; link.range.len()];
-            }
-            crate::net::wire::encode_push(
-                link.version,
-                &g[link.range.clone()],
-                compression.encoding,
-                compression.threshold,
-                &mut link.residual,
-                &mut push,
-            );
-        }
-        // Sync: wait for this step's aggregate. Async (or a plain pull): take what is there.
-        let min_version = match (grad.is_some(), mode) {
-            (true, SyncMode::Sync) => link.version.checked_add(1).ok_or_else(|| {
-                RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
-            })?,
-            _ => 0,
-        };
-        let body = std::mem::take(&mut link.body);
-        let cmd = LinkCmd { checkpoint: None, push, pull: Some(min_version), body };
-        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
-    }
-    for link in links.iter_mut() {
-        let reply = link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))??;
-        let (version, values) =
-            vector_view(&reply.body, TAG_PARAMS).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
-        if values.len() != link.range.len() * 4 {
-            return Err(RoleError::new(format!(
-                "server sent {} values for a shard of {}",
-                values.len() / 4,
-                link.range.len()
-            )));
-        }
-        warden_kernels::convert::copy_f32_le(&mut params[link.range.clone()], values);
-        link.version = version;
-        t.pushed += reply.bytes_out;
-        t.pulled += (reply.body.len() + crate::net::wire::HEADER_LEN) as u64;
-        link.push = reply.push;
-        link.body = reply.body;
-    }
-    Ok(())
-}
-
-/// Worker 0 asks every server (and the scheduler, which then waits for the
-/// commit before ending the job) for a checkpoint of the state after `step`
-/// steps. Sent before this worker's next push, so in sync mode every server
-/// is exactly at `step` when the request arrives.
-async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink, step: u64) -> Result<(), RoleError> {
-    sched.send(&Message::Checkpoint { step }).await?;
-    for link in links.iter_mut() {
-        // No push, no pull: the link's buffers stay where they are.
-        let cmd = LinkCmd { checkpoint: Some(step), push: Vec::new(), pull: None, body: Vec::new() };
-        link.tx.send(cmd).await.map_err(|_| RoleError::follows("lost a server link"))?;
-    }
-    for link in links.iter_mut() {
-        link.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))??;
-    }
-    Ok(())
 }
 
 /// When worker 0 asks for checkpoints.
@@ -369,8 +207,9 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
     let mut sched = ctx.scheduler_link().await?;
     let resumed_at = super::await_start(&mut sched, ctx.resume).await?;
     ctx.emit(Event::Started);
+    let chunk_floats = ctx.spec.training.chunk_floats();
     let mut links: Vec<Link> =
-        ctx.connect_servers().await?.into_iter().map(|(conn, range)| spawn_link(conn, range)).collect();
+        ctx.connect_servers().await?.into_iter().map(|(conn, range)| Link::spawn(conn, range, chunk_floats)).collect();
     let spec = &ctx.spec;
     let mode = spec.training.mode;
     let compression = spec.training.compression;

@@ -1,0 +1,331 @@
+//! A worker's connections to the servers, one task each, shared by the
+//! built-in worker and the KV endpoint of a program of the user's.
+//!
+//! A step goes out to every server at once ([`send_step`]): per chunk of
+//! the server's shard, a push and a pull request, all written without
+//! waiting, while the link's task reads the chunks' updates as they come
+//! back ([`finish_step`] collects them into the parameters). Buffers travel
+//! with the commands and come back with the replies, so the steady state
+//! allocates nothing.
+
+use std::ops::Range;
+
+use tokio::sync::mpsc;
+
+use super::RoleError;
+use crate::job::spec::{Compression, SyncMode};
+use crate::net::conn::ClientConn;
+use crate::net::wire::{Encoding, Message, TAG_PARAMS, params_chunk_view, vector_view};
+
+struct LinkCmd {
+    /// Ask the server for a checkpoint of this step first (worker 0).
+    checkpoint: Option<u64>,
+    /// Encoded frames to send: pushes and pull requests.
+    frames: Vec<u8>,
+    /// Frames the server answers with (params or params_chunk).
+    replies: usize,
+    /// Receive the replies' bodies; handed back in the reply.
+    bodies: Vec<Vec<u8>>,
+}
+
+struct LinkReply {
+    frames: Vec<u8>,
+    bodies: Vec<Vec<u8>>,
+    bytes_out: u64,
+}
+
+/// What a link's outstanding command will be answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Nothing is outstanding.
+    Nothing,
+    /// The whole shard (one params frame).
+    Whole,
+    /// Every chunk of the shard, in order.
+    Chunks,
+    /// One params frame after initial values.
+    AfterInit,
+    /// Only the acknowledgement of a checkpoint request.
+    Ack,
+}
+
+/// One server connection, driven by its own task so that every server is
+/// pushed to and pulled from at the same time (and TLS work spreads over the
+/// runtime's threads). Within a link, sending and receiving run at once: a
+/// step's chunks go out while the first chunks' updates come back.
+pub struct Link {
+    range: Range<usize>,
+    /// The shard's chunks, relative to `range` (the server cuts it alike).
+    chunks: Vec<Range<usize>>,
+    version: u64,
+    tx: mpsc::Sender<LinkCmd>,
+    /// A broken connection arrives as a [`RoleError`] that knows whether it
+    /// follows from another process's failure (the server closed it).
+    rx: mpsc::Receiver<Result<LinkReply, RoleError>>,
+    frames: Vec<u8>,
+    bodies: Vec<Vec<u8>>,
+    /// 2-bit error feedback: what was not yet sent.
+    residual: Vec<f32>,
+    due: Due,
+    /// The task that owns the connection.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Running totals for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Bytes sent to the servers.
+    pub pushed: u64,
+    /// Bytes received from them.
+    pub pulled: u64,
+}
+
+/// Closes every link cleanly (TLS close_notify): the servers see an orderly
+/// goodbye at the end of training, not a vanished peer.
+pub async fn close_links(links: Vec<Link>) {
+    for Link { tx, task, .. } in links {
+        drop(tx);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
+}
+
+impl Link {
+    /// A link over `conn` to the server holding `range`, whose shard is cut
+    /// into chunks of `chunk_floats`.
+    pub fn spawn(conn: ClientConn, range: Range<usize>, chunk_floats: usize) -> Link {
+        let (tx, cmd_rx) = mpsc::channel::<LinkCmd>(1);
+        let (reply_tx, rx) = mpsc::channel(1);
+        let chunks = crate::net::wire::chunk_ranges(range.len(), chunk_floats);
+        let task = tokio::spawn(drive(conn, cmd_rx, reply_tx));
+        Link {
+            range,
+            chunks,
+            version: 0,
+            tx,
+            rx,
+            frames: Vec::new(),
+            bodies: Vec::new(),
+            residual: Vec::new(),
+            due: Due::Nothing,
+            task,
+        }
+    }
+
+    /// The slice of the flat parameter vector this link's server holds.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    async fn send(&mut self, checkpoint: Option<u64>, replies: usize, due: Due) -> Result<(), RoleError> {
+        let frames = std::mem::take(&mut self.frames);
+        let bodies = std::mem::take(&mut self.bodies);
+        self.tx
+            .send(LinkCmd { checkpoint, frames, replies, bodies })
+            .await
+            .map_err(|_| RoleError::follows("lost a server link"))?;
+        self.due = due;
+        Ok(())
+    }
+
+    async fn reply(&mut self) -> Result<LinkReply, RoleError> {
+        self.due = Due::Nothing;
+        self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?
+    }
+
+    /// Sends worker 0's initial values of this server's shard and waits for
+    /// the server's answer.
+    pub async fn set_params(&mut self, all: &[f32]) -> Result<(), RoleError> {
+        self.frames.clear();
+        Message::SetParams { data: all[self.range.clone()].to_vec() }.encode_frame(&mut self.frames);
+        self.send(None, 1, Due::AfterInit).await?;
+        let reply = self.reply().await?;
+        let answer = reply.bodies.first().map(|b| b.first().copied());
+        self.frames = reply.frames;
+        self.bodies = reply.bodies;
+        match answer {
+            Some(Some(TAG_PARAMS)) => Ok(()),
+            _ => Err(RoleError::new("the server answered initial values with something other than its values")),
+        }
+    }
+}
+
+/// The link's task: sends each command's frames while reading its replies.
+async fn drive(
+    conn: ClientConn,
+    mut cmd_rx: mpsc::Receiver<LinkCmd>,
+    reply_tx: mpsc::Sender<Result<LinkReply, RoleError>>,
+) {
+    let (mut recv, mut send) = conn.into_split();
+    while let Some(LinkCmd { checkpoint, frames, replies, mut bodies }) = cmd_rx.recv().await {
+        let result = async {
+            let mut bytes_out = frames.len() as u64;
+            if let Some(step) = checkpoint {
+                let mut f = Vec::new();
+                Message::Checkpoint { step }.encode_frame(&mut f);
+                send.send_frame(&f).await?;
+                bytes_out += f.len() as u64;
+            }
+            bodies.resize_with(bodies.len().max(replies), Vec::new);
+            let sending = async { send.send_frame(&frames).await };
+            let receiving = async {
+                for body in bodies.iter_mut().take(replies) {
+                    recv.recv_raw().await?;
+                    recv.swap_frame(body);
+                }
+                Ok(())
+            };
+            tokio::try_join!(sending, receiving)?;
+            Ok::<_, RoleError>(LinkReply { frames, bodies, bytes_out })
+        }
+        .await;
+        let failed = result.is_err();
+        if reply_tx.send(result).await.is_err() || failed {
+            return;
+        }
+    }
+    // The worker is done with this server.
+    send.close().await;
+}
+
+/// What a step sends each server: with a gradient, a push and a pull per
+/// chunk, interleaved (each chunk comes back once every worker's copy of
+/// it is in); without, one pull of the whole shard. Returns the replies due.
+fn encode_step(
+    link: &mut Link,
+    grad: Option<&[f32]>,
+    mode: SyncMode,
+    compression: Compression,
+) -> Result<(usize, Due), RoleError> {
+    let frames = &mut link.frames;
+    frames.clear();
+    let Some(g) = grad else {
+        Message::Pull { min_version: 0 }.encode_frame(frames);
+        return Ok((1, Due::Whole));
+    };
+    // Sync: wait for this step's aggregate. Async: take what is there.
+    let min_version = match mode {
+        SyncMode::Sync => link.version.checked_add(1).ok_or_else(|| {
+            RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
+        })?,
+        SyncMode::Async => 0,
+    };
+    if link.residual.len() != link.range.len() && compression.encoding == Encoding::TwoBit {
+        link.residual = vec![0.0; link.range.len()];
+    }
+    let g = &g[link.range.clone()];
+    for (c, r) in link.chunks.iter().enumerate() {
+        let residual = link.residual.get_mut(r.clone()).unwrap_or_default();
+        let (chunk, (data, enc)) = (c as u32, (&g[r.clone()], compression.encoding));
+        crate::net::wire::encode_push_chunk(link.version, chunk, data, enc, compression.threshold, residual, frames);
+        Message::PullChunk { chunk, min_version }.encode_frame(frames);
+    }
+    Ok((link.chunks.len(), Due::Chunks))
+}
+
+/// Starts a step on every server at once: pushes `grad` (the whole flat
+/// vector; if any) and asks for the result. [`finish_step`] collects it.
+pub async fn send_step(
+    links: &mut [Link],
+    grad: Option<&[f32]>,
+    mode: SyncMode,
+    compression: Compression,
+) -> Result<(), RoleError> {
+    for link in links.iter_mut() {
+        let (replies, due) = encode_step(link, grad, mode, compression)?;
+        link.send(None, replies, due).await?;
+    }
+    Ok(())
+}
+
+/// Waits for every server's answer to [`send_step`] and copies it into
+/// `params` (the whole flat vector).
+pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic) -> Result<(), RoleError> {
+    for link in links.iter_mut() {
+        let due = link.due;
+        let reply = link.reply().await?;
+        let shard = &mut params[link.range.clone()];
+        let replies = match due {
+            Due::Chunks => {
+                link.version = take_chunks(&link.chunks, &reply.bodies, shard)?;
+                link.chunks.len()
+            }
+            Due::Whole => {
+                link.version = take_whole(&reply.bodies[0], shard)?;
+                1
+            }
+            Due::Nothing | Due::AfterInit | Due::Ack => 0,
+        };
+        t.pushed += reply.bytes_out;
+        t.pulled +=
+            reply.bodies.iter().take(replies).map(|b| (b.len() + crate::net::wire::HEADER_LEN) as u64).sum::<u64>();
+        link.frames = reply.frames;
+        link.bodies = reply.bodies;
+    }
+    Ok(())
+}
+
+/// Whether a step sent with [`send_step`] still waits for [`finish_step`].
+pub fn step_outstanding(links: &[Link]) -> bool {
+    links.iter().any(|l| matches!(l.due, Due::Whole | Due::Chunks))
+}
+
+/// Pushes `grad` (if any) and pulls every shard, all servers at once.
+pub async fn exchange(
+    links: &mut [Link],
+    params: &mut [f32],
+    grad: Option<&[f32]>,
+    mode: SyncMode,
+    compression: Compression,
+    t: &mut Traffic,
+) -> Result<(), RoleError> {
+    send_step(links, grad, mode, compression).await?;
+    finish_step(links, params, t).await
+}
+
+/// Copies a whole-shard params body into `shard`; returns its version.
+fn take_whole(body: &[u8], shard: &mut [f32]) -> Result<u64, RoleError> {
+    let (version, values) = vector_view(body, TAG_PARAMS).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
+    if values.len() != shard.len() * 4 {
+        return Err(RoleError::new(format!("server sent {} values for a shard of {}", values.len() / 4, shard.len())));
+    }
+    warden_kernels::convert::copy_f32_le(shard, values);
+    Ok(version)
+}
+
+/// Copies the params_chunk bodies of every chunk into `shard`; returns
+/// the oldest chunk's version. Each body must be its chunk's, in order.
+fn take_chunks(chunks: &[Range<usize>], bodies: &[Vec<u8>], shard: &mut [f32]) -> Result<u64, RoleError> {
+    let mut version = u64::MAX;
+    for (c, (r, body)) in chunks.iter().zip(bodies).enumerate() {
+        let (v, chunk, values) = params_chunk_view(body).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
+        if chunk as usize != c || values.len() != r.len() * 4 {
+            return Err(RoleError::new(format!(
+                "server sent chunk {chunk} of {} values where chunk {c} of {} was due",
+                values.len() / 4,
+                r.len()
+            )));
+        }
+        warden_kernels::convert::copy_f32_le(&mut shard[r.clone()], values);
+        version = version.min(v);
+    }
+    Ok(version)
+}
+
+/// Worker 0 asks every server (and the scheduler, which then waits for the
+/// commit before ending the job) for a checkpoint of the state after `step`
+/// steps. Sent before this worker's next push, so in sync mode every server
+/// is exactly at `step` when the request arrives.
+pub async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink, step: u64) -> Result<(), RoleError> {
+    sched.send(&Message::Checkpoint { step }).await?;
+    for link in links.iter_mut() {
+        // No push, no pull.
+        link.frames.clear();
+        link.send(Some(step), 0, Due::Ack).await?;
+    }
+    for link in links.iter_mut() {
+        let reply = link.reply().await?;
+        link.frames = reply.frames;
+        link.bodies = reply.bodies;
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Pipelined chunks against a real server role: a shard cut into 4 KiB
+//! chunks takes a push and answers a pull per chunk, refuses chunk frames a
+//! worker may not send or that name no chunk of its shard, and a connection
+//! cut in the middle of a chunk leaves nothing half applied: the chunks
+//! pushed whole are updated once, the cut one not at all, and the step can
+//! be finished from a new connection with exactly one update per chunk.
+
+use warden_agent::net::conn::{ClientConn, ConnError};
+use warden_agent::net::wire::{Message, chunk_ranges};
+use warden_tests::{RoleCluster, bind_two};
+
+/// Parameters of the test job: a softmax of 3000 inputs and 2 classes.
+const LEN: usize = 3000 * 2 + 2;
+/// Floats per 4 KiB chunk.
+const CHUNK: usize = 1024;
+
+/// A one-server, one-worker job whose shard is 6 chunks of 4 KiB (the last
+/// shorter), with plain SGD at lr 0.5.
+async fn chunked_cluster() -> RoleCluster {
+    let cluster = RoleCluster::start_on(
+        bind_two(),
+        "",
+        &[("inputs = 4", "inputs = 3000"), ("batch_size = 1", "batch_size = 1\nchunk_kib = 4")],
+    )
+    .await;
+    assert_eq!(cluster.spec.training.chunk_floats(), CHUNK);
+    cluster
+}
+
+/// The refusal `w` receives next.
+async fn refusal(w: &mut ClientConn) -> String {
+    match w.recv().await {
+        Err(ConnError::Refused { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The whole shard at `min_version` or later.
+async fn pull(w: &mut ClientConn, min_version: u64) -> (u64, Vec<f32>) {
+    w.send(&Message::Pull { min_version }).await.unwrap();
+    match w.recv().await.unwrap() {
+        Message::Params { version, data } => (version, data),
+        m => panic!("expected params, got `{}`", m.name()),
+    }
+}
+
+/// Chunk `chunk` at `min_version` or later.
+async fn pull_chunk(w: &mut ClientConn, chunk: u32, min_version: u64) -> (u64, Vec<f32>) {
+    w.send(&Message::PullChunk { chunk, min_version }).await.unwrap();
+    match w.recv().await.unwrap() {
+        Message::ParamsChunk { version, chunk: got, data } => {
+            assert_eq!(got, chunk, "the answer is the chunk asked for");
+            (version, data)
+        }
+        m => panic!("expected params_chunk, got `{}`", m.name()),
+    }
+}
+
+fn push_chunk_frame(step: u64, chunk: u32, len: usize) -> Vec<u8> {
+    let mut f = Vec::new();
+    Message::PushChunk { step, chunk, data: vec![1.0; len] }.encode_frame(&mut f);
+    f
+}
+
+#[tokio::test]
+async fn chunk_frames_a_worker_may_not_send_or_that_name_no_chunk_are_refused() {
+    let cluster = chunked_cluster().await;
+    let chunks = chunk_ranges(LEN, CHUNK);
+    assert_eq!(chunks.len(), 6);
+
+    // A server's answer, sent by a worker.
+    let mut w = cluster.worker_conn().await;
+    w.send(&Message::ParamsChunk { version: 7, chunk: 0, data: vec![0.0; CHUNK] }).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "a worker may not send `params_chunk`");
+
+    // A push to a chunk the shard does not have, and one of the wrong length.
+    let mut w = cluster.worker_conn().await;
+    w.send_frame(&push_chunk_frame(0, 6, 10)).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "chunk 6 asked for, but this shard has 6 chunks");
+    let mut w = cluster.worker_conn().await;
+    w.send_frame(&push_chunk_frame(0, 1, CHUNK - 1)).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "push of 1023 values, but this shard holds 1024");
+
+    // A pull of a chunk the shard does not have (refused by the answering
+    // side), and one more than an update ahead (it could wait for ever).
+    let mut w = cluster.worker_conn().await;
+    w.send(&Message::PullChunk { chunk: 99, min_version: 0 }).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "chunk 99 asked for, but this shard has 6 chunks");
+    let mut w = cluster.worker_conn().await;
+    w.send(&Message::PullChunk { chunk: 0, min_version: 2 }).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "pull for version 2, but the shard is at 0");
+
+    // Nothing of it changed the shard: an honest whole-shard step is exact SGD.
+    let mut w = cluster.worker_conn().await;
+    warden_tests::honest_sgd_step(&mut w, 0).await;
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_chunk_leaves_no_half_applied_update() {
+    let cluster = chunked_cluster().await;
+    let chunks = chunk_ranges(LEN, CHUNK);
+    let mut w = cluster.worker_conn().await;
+    let (_, before) = pull(&mut w, 0).await;
+    assert_eq!(before.len(), LEN);
+
+    // Chunk 0 whole, then half of chunk 1's frame, and the connection is
+    // gone without a goodbye.
+    let mut frames = push_chunk_frame(0, 0, CHUNK);
+    let second = push_chunk_frame(0, 1, CHUNK);
+    frames.extend_from_slice(&second[..second.len() / 2]);
+    w.send_frame(&frames).await.unwrap();
+    drop(w);
+
+    // Chunk 0 took its one update (one worker: each chunk updates when its
+    // push is in); chunk 1 was not touched by the half that arrived.
+    let mut w = cluster.worker_conn().await;
+    let (v0, c0) = pull_chunk(&mut w, 0, 1).await;
+    assert_eq!(v0, 1);
+    for (b, a) in before[chunks[0].clone()].iter().zip(&c0) {
+        assert_eq!((b - 0.5).to_bits(), a.to_bits(), "chunk 0: one SGD step");
+    }
+    let (v1, c1) = pull_chunk(&mut w, 1, 0).await;
+    assert_eq!(v1, 0, "the cut chunk is at the old version");
+    assert_eq!(c1, before[chunks[1].clone()], "the cut chunk holds the old values");
+    // The whole shard is not at step 1 until every chunk is.
+    let (v, _) = pull(&mut w, 0).await;
+    assert_eq!(v, 0);
+
+    // Chunk 0 cannot take a second update for the same step...
+    w.send_frame(&push_chunk_frame(0, 0, CHUNK)).await.unwrap();
+    assert_eq!(refusal(&mut w).await, "push for step 0, but the shard is at step 1");
+
+    // ...and the rest of the step finishes it: every value moved exactly once.
+    let mut w = cluster.worker_conn().await;
+    let mut frames = Vec::new();
+    for (c, r) in chunks.iter().enumerate().skip(1) {
+        frames.extend_from_slice(&push_chunk_frame(0, c as u32, r.len()));
+    }
+    w.send_frame(&frames).await.unwrap();
+    let (v, after) = pull(&mut w, 1).await;
+    assert_eq!(v, 1);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_eq!((b - 0.5).to_bits(), a.to_bits(), "value {i}: one SGD step");
+    }
+    warden_tests::honest_sgd_step(&mut w, 1).await;
+}
