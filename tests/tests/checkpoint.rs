@@ -175,10 +175,36 @@ fn manifests_are_authenticated_and_bind_the_files() {
     let files: Vec<_> = (0..2)
         .map(|shard| ck::write_shard(&dir.join(ck::shard_file(shard)), &key, &at(&job, 10, shard), &s, 64).unwrap())
         .collect();
-    let m = Manifest { format: 1, job_id: job.clone(), step: 10, shards: 2, key_id: key.id_hex(), files };
+    let m = Manifest {
+        format: ck::MANIFEST_FORMAT,
+        job_id: job.clone(),
+        step: 10,
+        shards: 2,
+        key_id: key.id_hex(),
+        files: files.clone(),
+    };
     ck::write_manifest(&dir, &key, &m).unwrap();
     let shape = Shape { len: Some(50), slots: Some(0) };
     assert_eq!(ck::load_step(&series, &key, &at(&job, 10, 1), shape).unwrap(), s);
+
+    // A format 1 manifest (an earlier warden's) names each file's SHA-256,
+    // as sha256sum prints it, and is still checked against it.
+    let sha256sum = |p: &Path| {
+        let out = std::process::Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let whole: Vec<_> =
+        files.iter().map(|r| ck::ShardRecord { sha256: sha256sum(&dir.join(&r.file)), ..r.clone() }).collect();
+    let old = Manifest { format: 1, files: whole, ..m.clone() };
+    ck::write_manifest(&dir, &key, &old).unwrap();
+    assert_eq!(ck::load_step(&series, &key, &at(&job, 10, 1), shape).unwrap(), s);
+    let old = Manifest { format: 1, ..m.clone() };
+    ck::write_manifest(&dir, &key, &old).unwrap();
+    assert!(
+        matches!(ck::load_step(&series, &key, &at(&job, 10, 1), shape), Err(CheckpointError::Digest { .. })),
+        "a format 1 manifest is not satisfied by the head-and-tags digest"
+    );
+    ck::write_manifest(&dir, &key, &m).unwrap();
 
     // A file replaced by another authentic one for the same place (an older
     // write, say) no longer matches the manifest's digest.

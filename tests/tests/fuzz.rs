@@ -245,7 +245,7 @@ fn write_seed_corpus() {
     let step_dir = scratch.join("step-000000000003");
     std::fs::create_dir_all(&step_dir).unwrap();
     let manifest = Manifest {
-        format: 1,
+        format: ck::MANIFEST_FORMAT,
         job_id: at.job.clone(),
         step: 3,
         shards: 1,

@@ -105,9 +105,11 @@ pub fn exec_verify(dir: &Path, key_file: &Path) -> Result<u8, CliError> {
                 }
                 here += 1;
                 let at = Placement { job: m.job_id.clone(), step, shard: rec.shard, shards: m.shards };
-                match ck::read_shard(&file, &key, Some(&at), Shape::default()) {
-                    Ok((_, sha)) if sha == rec.sha256 => {}
-                    Ok(_) => {
+                match ck::read_shard(&file, &key, Some(&at), Shape::default())
+                    .and_then(|(_, digest)| ck::matches_manifest(&m, rec, &file, &digest))
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
                         println!("  step {step}: FAILED: {}", ck::CheckpointError::Digest { path: file.clone() });
                         worst = EXIT_FAILED;
                     }

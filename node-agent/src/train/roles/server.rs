@@ -417,7 +417,14 @@ fn commit(
             sha256: d.sha256.iter().map(|b| format!("{b:02x}")).collect(),
         })
         .collect();
-    let m = Manifest { format: 1, job_id: ck.series.clone(), step, shards, key_id: ck.key.id_hex(), files };
+    let m = Manifest {
+        format: crate::store::checkpoint::MANIFEST_FORMAT,
+        job_id: ck.series.clone(),
+        step,
+        shards,
+        key_id: ck.key.id_hex(),
+        files,
+    };
     let dir = crate::store::checkpoint::step_dir(&ck.series_dir, step);
     crate::store::checkpoint::write_manifest(&dir, &ck.key, &m)
         .map_err(|source| CheckpointWriteError::Manifest { step, source })?;
