@@ -3,8 +3,10 @@
 //!
 //! Every figure counts each byte read and each byte written once. Sizes are
 //! per gradient (4 KiB, 1 MiB, 64 MiB, 512 MiB) with N = 1, 2, 4, 8 workers.
-//! `WARDEN_BENCH_MAX_MIB` caps the largest size (default 512). Last, the
+//! `WARDEN_BENCH_MAX_MIB` caps the largest size (default 512). Then the
+//! other kernels, the robust combinations (trimmed mean, median) and the
 //! few-row matrix products of serving (`sgemm` against `sgemm_packed`).
+//! Names after `--` (fused, others, robust, products) run those sections only.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -99,6 +101,26 @@ fn naive_sgd(params: &mut [f32], acc: &mut [f32], grads: &[Vec<f32>], lr: f32, s
 fn main() {
     let max_mib: usize = std::env::var("WARDEN_BENCH_MAX_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // `cargo bench -p warden-kernels -- robust` runs the sections named
+    // (fused, others, robust, products); no name runs them all.
+    let names: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let run = |section: &str| names.is_empty() || names.iter().any(|n| n == section);
+    if run("fused") {
+        fused(max_mib, threads);
+    }
+    if run("others") {
+        others(max_mib);
+    }
+    if run("robust") {
+        robust(max_mib, threads);
+    }
+    if run("products") {
+        products();
+    }
+}
+
+/// The fused aggregate-and-update kernel against a copy and a naive loop.
+fn fused(max_mib: usize, threads: usize) {
     let isa = Isa::best();
     println!("warden-kernels bench: isa={isa:?} threads=1 and {threads}; GB/s count bytes read + written");
     for isa in Isa::ALL {
@@ -187,8 +209,62 @@ fn main() {
             }
         }
     }
-    others(max_mib);
-    products();
+}
+
+/// The robust combinations (`trimmed_mean` with trim 1, `median`) inside
+/// the fused SGD update, against the mean through the same kernel and a
+/// copy of the same traffic, N = 3 to 8 full-precision gradients of 64 MiB
+/// (or `WARDEN_BENCH_MAX_MIB`), on every thread. Target: each robust rule at
+/// least 0.5 of copy.
+fn robust(max_mib: usize, threads: usize) {
+    use warden_kernels::{Combine, combine_update_with};
+    let bytes = (64usize << 20).min(max_mib << 20);
+    let n = bytes / 4;
+    println!();
+    println!(
+        "robust aggregation, SGD, {} MiB per gradient, {threads} threads; GB/s count bytes read + written",
+        bytes >> 20
+    );
+    println!(
+        "{:>2} | {:>8} | {:>8} {:>6} | {:>8} {:>6} {:>6} | {:>8} {:>6} {:>6}",
+        "N", "copy", "mean", "/copy", "trimmed", "/copy", "/mean", "median", "/copy", "/mean"
+    );
+    let isa = Isa::best();
+    for workers in [3usize, 4, 5, 8] {
+        let grads: Vec<Vec<f32>> =
+            (0..workers).map(|k| (0..n).map(|i| ((i * (k + 3)) % 1000) as f32 * 1e-6).collect()).collect();
+        let views: Vec<Grad<'_>> = grads.iter().map(|g| Grad::F32(g)).collect();
+        let mut params = vec![0.5f32; n];
+        let u = Update {
+            lr: 1e-6,
+            prep: GradPrep { scale: 1.0 / workers as f32, clip: 0.0, weight_decay: 0.0 },
+            rule: Rule::Sgd,
+        };
+        let traffic = (workers + 2) * bytes;
+        let (src, mut dst) = copy_buffers(traffic / 2);
+        let combines = [Combine::Mean, Combine::TrimmedMean { trim: 1 }, Combine::Median];
+        let times = time_all(Duration::from_millis(400), 4, |i| {
+            if i == 0 {
+                dst.copy(black_box(&src));
+            } else {
+                let c = combines[i - 1];
+                combine_update_with(isa, threads, black_box(&mut params), &mut [], &mut [], black_box(&views), u, c);
+            }
+        });
+        let gbs: Vec<f64> = times.iter().map(|t| traffic as f64 / t / 1e9).collect();
+        println!(
+            "{workers:>2} | {:>8.2} | {:>8.2} {:>6.2} | {:>8.2} {:>6.2} {:>6.2} | {:>8.2} {:>6.2} {:>6.2}",
+            gbs[0],
+            gbs[1],
+            gbs[1] / gbs[0],
+            gbs[2],
+            gbs[2] / gbs[0],
+            gbs[2] / gbs[1],
+            gbs[3],
+            gbs[3] / gbs[0],
+            gbs[3] / gbs[1],
+        );
+    }
 }
 
 /// The forward pass of a served model: a few rows (inputs that arrived

@@ -26,13 +26,17 @@ pub mod grad;
 pub mod isa;
 pub mod packed;
 pub mod parallel;
+pub mod robust;
 pub mod twobit;
 pub mod update;
 
 pub use grad::Grad;
 pub use isa::Isa;
 pub use packed::{PackedB, sgemm_packed};
-pub use update::{GradPrep, Rule, Update, aggregate_update, aggregate_update_with, state_slots, sum, sum_with};
+pub use robust::Combine;
+pub use update::{
+    GradPrep, Rule, Update, aggregate_update, aggregate_update_with, combine_update_with, state_slots, sum, sum_with,
+};
 
 /// Strides of a matrix operand: element (i, j) is at `i * row + j * col`.
 #[derive(Debug, Clone, Copy)]

@@ -11,6 +11,7 @@
 
 use crate::grad::{BLOCK, Grad, decode_block};
 use crate::isa::{Isa, multiversion};
+use crate::robust::{Combine, combine_block};
 
 /// Per-element gradient preprocessing shared by every update rule: the
 /// summed gradient is scaled (1 / workers), clipped to `[-clip, clip]` when
@@ -256,8 +257,53 @@ fn add_n<const M: usize>(acc: &mut [f32], g: &[&[[u8; 4]]; 4], overwrite: bool) 
     }
 }
 
+/// How a robust update combines each block's gradients.
+struct Robust<'a> {
+    combine: Combine,
+    network: &'a [(usize, usize)],
+}
+
+/// The robust path of [`aggregate_update_body`]: each block's gradients
+/// combined by [`combine_block`] (already an average: the update's scale
+/// is not applied again), then the rule applied to that block.
 #[inline(always)]
-fn aggregate_update_body(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update) {
+fn robust_update_body(
+    p: &mut [f32],
+    s1: &mut [f32],
+    s2: &mut [f32],
+    grads: &[Grad<'_>],
+    offset: usize,
+    u: &Update,
+    r: &Robust<'_>,
+) {
+    let u = Update { prep: GradPrep { scale: 1.0, ..u.prep }, ..*u };
+    let mut rows = ROWS.with(|s| s.take());
+    rows.resize(BLOCK.min(p.len()) * grads.len(), 0.0);
+    by_blocks(
+        p,
+        s1,
+        s2,
+        &u,
+        BLOCK,
+        #[inline(always)]
+        |acc, start| combine_block(acc, &mut rows, grads, offset + start, r.combine, r.network),
+    );
+    ROWS.with(|s| s.set(rows));
+}
+
+#[inline(always)]
+fn aggregate_update_body(
+    p: &mut [f32],
+    s1: &mut [f32],
+    s2: &mut [f32],
+    grads: &[Grad<'_>],
+    offset: usize,
+    u: &Update,
+    robust: Option<&Robust<'_>>,
+) {
+    if let Some(r) = robust {
+        return robust_update_body(p, s1, s2, grads, offset, u, r);
+    }
     let n = p.len();
     // Up to eight gradients all in full precision are summed as the update
     // reads them: one pass with every stream in flight at once, and no
@@ -278,17 +324,41 @@ fn aggregate_update_body(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &
             _ => {}
         }
     }
-    // The block buffer is written before it is read (`sum_blocks` starts
-    // with an overwrite), so it is not zeroed: a fresh 16 KiB array per call
-    // would be, and at cache-resident sizes that memset cost as much as the
-    // update itself.
+    // The closures are inlined on purpose: only then is their code compiled
+    // for the caller's instruction set (a closure does not inherit it).
+    by_blocks(
+        p,
+        s1,
+        s2,
+        u,
+        BLOCK,
+        #[inline(always)]
+        |acc, start| sum_blocks(acc, grads, offset + start),
+    );
+}
+
+/// The update of `p` (and its state) block by block, each block's
+/// gradient made by `fill(block, start)` into an L1-resident buffer first.
+/// The buffer is written before it is read (`fill` overwrites), so it is
+/// not zeroed: a fresh 16 KiB array per call would be, and at
+/// cache-resident sizes that memset cost as much as the update itself.
+#[inline(always)]
+fn by_blocks(
+    p: &mut [f32],
+    s1: &mut [f32],
+    s2: &mut [f32],
+    u: &Update,
+    block: usize,
+    mut fill: impl FnMut(&mut [f32], usize),
+) {
+    let n = p.len();
     let mut acc = SCRATCH.with(|s| s.take());
-    acc.resize(BLOCK.min(n), 0.0);
+    acc.resize(block.min(n), 0.0);
     let mut start = 0;
     while start < n {
-        let len = BLOCK.min(n - start);
+        let len = block.min(n - start);
         let a = &mut acc[..len];
-        sum_blocks(a, grads, offset + start);
+        fill(a, start);
         let end = start + len;
         let (b1, b2): (&mut [f32], &mut [f32]) = (
             if s1.is_empty() { &mut [] } else { &mut s1[start..end] },
@@ -304,6 +374,8 @@ thread_local! {
     /// Each thread's block buffer for [`aggregate_update_body`], kept
     /// between calls.
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's decoded rows for [`robust_update_body`].
+    static ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[inline(always)]
@@ -317,7 +389,7 @@ fn sum_body(out: &mut [f32], grads: &[Grad<'_>], offset: usize) {
     }
 }
 
-multiversion!(fn aggregate_update_isa(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update) => aggregate_update_body);
+multiversion!(fn aggregate_update_isa(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update, robust: Option<&Robust<'_>>) => aggregate_update_body);
 multiversion!(fn sum_isa(out: &mut [f32], grads: &[Grad<'_>], offset: usize) => sum_body);
 
 fn check(n: usize, grads: &[Grad<'_>]) {
@@ -353,15 +425,43 @@ pub fn aggregate_update_with(
     grads: &[Grad<'_>],
     u: Update,
 ) {
+    combine_update_with(isa, threads, params, state1, state2, grads, u, Combine::Mean)
+}
+
+/// [`aggregate_update_with`] with the gradients combined by `combine`
+/// instead of summed: for [`Combine::TrimmedMean`] and [`Combine::Median`]
+/// the update's `scale` is not used (the combination is an average
+/// already); clipping, decay and the rule apply as always.
+///
+/// # Panics
+/// As [`aggregate_update_with`], and if `combine` does not admit this many
+/// gradients ([`Combine::admits`]).
+#[allow(clippy::too_many_arguments)]
+pub fn combine_update_with(
+    isa: Isa,
+    threads: usize,
+    params: &mut [f32],
+    state1: &mut [f32],
+    state2: &mut [f32],
+    grads: &[Grad<'_>],
+    u: Update,
+    combine: Combine,
+) {
     let n = params.len();
     check(n, grads);
+    assert!(combine.admits(grads.len()), "{combine:?} needs more than {} gradients", grads.len());
+    let network = match combine {
+        Combine::Mean => Vec::new(),
+        _ => crate::robust::sorting_network(grads.len()),
+    };
+    let robust = (combine != Combine::Mean).then_some(Robust { combine, network: &network });
     let slots = state_slots(&u.rule);
     assert!(slots < 1 || state1.len() == n, "this rule needs state1 as long as the parameters");
     assert!(slots < 2 || state2.len() == n, "this rule needs state2 as long as the parameters");
     let (state1, state2) =
         (if slots >= 1 { state1 } else { &mut [][..] }, if slots >= 2 { state2 } else { &mut [][..] });
     crate::parallel::split3(threads, params, state1, state2, |p, s1, s2, offset| {
-        aggregate_update_isa(isa, p, s1, s2, grads, offset, &u)
+        aggregate_update_isa(isa, p, s1, s2, grads, offset, &u, robust.as_ref())
     });
 }
 

@@ -473,3 +473,71 @@ fn malformed_gradients_are_refused() {
     });
     assert!(bad.is_err(), "a gradient of the wrong length must not be applied");
 }
+
+/// The robust combinations on every instruction-set path, against the plain
+/// reference (`robust::reference`: decode, sort each column with
+/// `total_cmp`, add the kept values in order), to the bit: every encoding
+/// mixed, odd lengths, one to nine gradients, with negative zeros and ties
+/// among the values, then one update with the combined gradient.
+#[test]
+fn trimmed_mean_and_median_equal_the_scalar_reference_bit_for_bit() {
+    use warden_kernels::{Combine, combine_update_with, robust};
+    for len in [1, 7, 1003, 4096 * 3 + 5, (1 << 19) + 4099] {
+        let all = encodings(len, 300);
+        let zeros = vec![-0.0f32; len];
+        let ties: Vec<f32> = values(len, 300).iter().map(|v| v.round()).collect();
+        let mut grads: Vec<Grad<'_>> = all.iter().map(Encoded::grad).collect();
+        grads.extend([Grad::F32(&zeros), Grad::F32(&ties), Grad::F32(&ties)]);
+        for n in 1..=grads.len() {
+            let gs = &grads[..n];
+            let mut combines = vec![Combine::Median];
+            combines.extend((0..=(n - 1) / 2).map(|trim| Combine::TrimmedMean { trim }));
+            for combine in combines {
+                let want = robust::reference(gs, combine);
+                for isa in isas() {
+                    for threads in [1, 2] {
+                        let u = Update {
+                            lr: 0.05,
+                            prep: GradPrep { scale: 99.0, clip: 0.7, weight_decay: 1e-3 },
+                            rule: Rule::Momentum { momentum: 0.9, nesterov: false },
+                        };
+                        let (mut p, mut s1, mut s2) = start_state(len, 7);
+                        let (mut rp, mut rs1, mut rs2) = (p.clone(), s1.clone(), s2.clone());
+                        combine_update_with(isa, threads, &mut p, &mut s1, &mut s2, gs, u, combine);
+                        // The reference's gradient, applied with the scale of an average.
+                        let u1 = Update { prep: GradPrep { scale: 1.0, ..u.prep }, ..u };
+                        aggregate_update_with(Isa::Scalar, 1, &mut rp, &mut rs1, &mut rs2, &[Grad::F32(&want)], u1);
+                        let differ = p.iter().zip(&rp).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                        assert_eq!(differ, 0, "{combine:?} of {n} at {len} on {isa:?}, {threads} threads");
+                        assert_eq!(
+                            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            rs1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the rules are for: one gradient of five pushed at -100x moves the
+/// mean far off, and neither the trimmed mean nor the median.
+#[test]
+fn one_hostile_gradient_of_five_moves_the_mean_and_not_the_robust_rules() {
+    use warden_kernels::{Combine, robust};
+    let honest: Vec<Vec<f32>> =
+        (0..4).map(|k| values(1000, 500 + k).iter().map(|v| v * 0.01 + 0.5).collect()).collect();
+    let hostile: Vec<f32> = honest[0].iter().map(|v| v * -100.0).collect();
+    let mut grads: Vec<Grad<'_>> = honest.iter().map(|v| Grad::F32(v)).collect();
+    grads.push(Grad::F32(&hostile));
+    let mean: Vec<f32> = robust::reference(&grads, Combine::Mean).iter().map(|s| s / 5.0).collect();
+    for (combine, name) in [(Combine::TrimmedMean { trim: 1 }, "trimmed mean"), (Combine::Median, "median")] {
+        let got = robust::reference(&grads, combine);
+        for i in 0..1000 {
+            let lo = honest.iter().map(|v| v[i]).fold(f32::INFINITY, f32::min);
+            let hi = honest.iter().map(|v| v[i]).fold(f32::NEG_INFINITY, f32::max);
+            assert!((lo..=hi).contains(&got[i]), "{name}: {} outside the honest range [{lo}, {hi}]", got[i]);
+        }
+    }
+    assert!(mean.iter().all(|m| *m < -3.0), "the mean follows the hostile worker");
+}

@@ -408,3 +408,98 @@ fn a_failing_programs_traceback_ends_the_launchers_output() {
     assert!(!stderr.contains("stopped by the launcher"), "the stop's echo reached the terminal: {stderr}");
     wait_gone(&tag);
 }
+
+/// configs/byo-numpy.toml with five workers whose rank 4 runs `behaviour`
+/// (`honest`, `scaled`: it pushes -100 times its gradients, or `nan`) and
+/// the servers combining gradients by `aggregation` (TOML lines).
+fn five_worker_job(dir: &Path, ports: (u16, u16), behaviour: &str, aggregation: &str) -> PathBuf {
+    let mut text = std::fs::read_to_string(numpy_job(dir, ports)).unwrap();
+    let program = dir.join("stage/byo/train_numpy.py");
+    let wrapper = dir.join("stage/byo/rank4.py");
+    // The program of configs/byo with rank 4 changed: a worker whose
+    // certificate is valid and whose gradients are not.
+    std::fs::write(
+        &wrapper,
+        format!(
+            r#"import os, sys
+import numpy as np
+sys.path.insert(0, {dir:?})
+import train_numpy as t
+if os.environ["WARDEN_RANK"] == "4" and {behaviour:?} != "honest":
+    honest = t.loss_and_grads
+    def hostile(*a):
+        loss, gw, gb = honest(*a)
+        if {behaviour:?} == "nan":
+            gw = gw.copy()
+            gw[3, 3] = np.nan
+            return loss, gw, gb
+        return loss, -100 * gw, -100 * gb
+    t.loss_and_grads = hostile
+t.main()
+"#,
+            dir = program.parent().unwrap().display().to_string(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    text = text
+        .replace("workers = 2", "workers = 5")
+        .replace(&program.display().to_string(), &wrapper.display().to_string())
+        .replace("mode = \"sync\"", &format!("mode = \"sync\"\n{aggregation}"));
+    assert!(text.contains("rank4.py") && text.contains("workers = 5"));
+    let job = dir.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+/// Launches `job`; the summary and the launcher's stderr.
+fn run_job(job: &Path, run: &Path) -> (Option<i32>, serde_json::Value, String) {
+    let tag = fresh_tag();
+    let (status, stderr) = wait_for(spawn_launch(&tag, job, run), run, 300);
+    wait_gone(&tag);
+    (status.code(), json(&run.join("summary.json")), stderr)
+}
+
+/// One worker of five pushing -100 times its gradient: with the mean the
+/// job does not learn; with the trimmed mean (trim 1) and the median it
+/// reaches within two points of the honest job. A worker pushing a NaN is
+/// refused by name and the job stops.
+#[test]
+fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
+    let acc = |s: &serde_json::Value| s["test_accuracy"].as_f64().unwrap();
+    let mut results = Vec::new();
+    for (i, (behaviour, aggregation)) in [
+        ("honest", ""),
+        ("scaled", ""),
+        ("scaled", "aggregation = \"trimmed_mean\"\ntrim = 1"),
+        ("scaled", "aggregation = \"median\""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = scratch(&format!("byo-robust-{i}"));
+        let base = 32200 + 10 * i as u16;
+        let job = five_worker_job(&dir, (base, base + 9), behaviour, aggregation);
+        let (code, summary, stderr) = run_job(&job, &dir.join("run"));
+        assert_eq!(code, Some(0), "{behaviour} with {aggregation:?}: {stderr}");
+        results.push(acc(&summary));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let [honest, mean, trimmed, median] = results[..] else { unreachable!() };
+    eprintln!("test accuracy: honest {honest}, mean {mean}, trimmed mean {trimmed}, median {median}");
+    assert!(honest >= 0.75, "the honest job learns: {honest}");
+    assert!(mean < 0.70, "one hostile worker ruins the mean: {mean}");
+    assert!(trimmed >= honest - 0.02, "trimmed mean {trimmed}, honest {honest}");
+    assert!(median >= honest - 0.02, "median {median}, honest {honest}");
+
+    let dir = scratch("byo-robust-nan");
+    let job = five_worker_job(&dir, (32240, 32249), "nan", "aggregation = \"median\"");
+    let (code, summary, stderr) = run_job(&job, &dir.join("run"));
+    assert_ne!(code, Some(0));
+    assert_eq!(summary["status"], "failed");
+    assert!(
+        stderr.contains("worker 4 pushed a gradient with a value that is not finite"),
+        "the refusal names the worker: {stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

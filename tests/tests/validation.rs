@@ -406,6 +406,46 @@ const CASES: &[Case] = &[
         message: "max_restarts must be between 1 and 100, not 1000",
         help: Some("how many times the job may start again; 3 is typical"),
     },
+    Case {
+        name: "trimmed mean without trim",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\naggregation = \"trimmed_mean\"\n",
+        at: "aggregation = ^\"trimmed_mean\"",
+        message: "aggregation = \"trimmed_mean\" needs `trim`, the workers dropped at each end",
+        help: Some("add trim = 1 to withstand one misbehaving worker (it needs at least 3 workers)"),
+    },
+    Case {
+        name: "trim leaving nothing",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\naggregation = \"trimmed_mean\"\ntrim = 1\n",
+        at: "trim = ^1",
+        message: "trim = 1 drops 2 values of 2 workers: nothing would be left",
+        help: Some("use at least 2 x trim + 1 workers, or aggregation = \"median\""),
+    },
+    Case {
+        name: "robust aggregation in async mode",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\nmode = \"async\"\naggregation = \"median\"\n",
+        at: "aggregation = ^\"median\"",
+        message: "robust aggregation needs every worker's gradient of a step at once, which async mode never has",
+        help: Some("use mode = \"sync\", or aggregation = \"mean\""),
+    },
+    Case {
+        name: "unknown aggregation",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\naggregation = \"krum\"\n",
+        at: "aggregation = ^\"krum\"",
+        message: "unknown aggregation `krum`",
+        help: Some("use \"mean\", \"trimmed_mean\" (with trim) or \"median\""),
+    },
+    Case {
+        name: "trim without trimmed mean",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\naggregation = \"median\"\ntrim = 1\n",
+        at: "trim = ^1",
+        message: "`trim` belongs to aggregation = \"trimmed_mean\"",
+        help: Some("remove it"),
+    },
 ];
 
 #[test]

@@ -306,6 +306,18 @@ impl ShardOptimizer {
     /// Applies one update from `count` workers' gradients (their mean is
     /// what the rule sees), summing and updating in one fused pass.
     pub fn apply(&mut self, params: &mut [f32], grads: &[Grad<'_>], count: usize) {
+        self.apply_combined(params, grads, count, warden_kernels::Combine::Mean);
+    }
+
+    /// [`ShardOptimizer::apply`] with the gradients combined by `combine`
+    /// (the mean, a trimmed mean or the median, per coordinate).
+    pub fn apply_combined(
+        &mut self,
+        params: &mut [f32],
+        grads: &[Grad<'_>],
+        count: usize,
+        combine: warden_kernels::Combine,
+    ) {
         self.t += 1;
         let s = self.spec;
         let coupled = if matches!(s.kind, OptimizerKind::AdamW { .. }) { 0.0 } else { s.weight_decay };
@@ -321,7 +333,8 @@ impl ShardOptimizer {
             }
         };
         let u = Update { lr: s.lr_at(self.t), prep, rule };
-        warden_kernels::aggregate_update(params, &mut self.slot1, &mut self.slot2, grads, u);
+        let (isa, threads) = (warden_kernels::Isa::best(), warden_kernels::parallel::threads());
+        warden_kernels::combine_update_with(isa, threads, params, &mut self.slot1, &mut self.slot2, grads, u, combine);
     }
 }
 

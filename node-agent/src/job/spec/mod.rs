@@ -62,7 +62,7 @@ pub use data::{DataFiles, DataFormat, DataSpec};
 pub use limits::LimitsSpec;
 pub use model::{InitSpec, ModelKind, ModelSpec};
 pub use signing::SigningSpec;
-pub use training::{Compression, OnFailure, SyncMode, TrainingSpec};
+pub use training::{Aggregation, Compression, OnFailure, SyncMode, TrainingSpec};
 pub use worker::WorkerSpec;
 
 /// A job-file error with its location and the fix.
@@ -263,7 +263,8 @@ fn convert(
     let init = model::convert_init(src, m, base_dir)?;
     let data = data::convert_data(src, raw.data.as_ref(), model.kind, base_dir)?;
     let optimizer = optimizer::convert_optimizer(src, &raw.optimizer)?;
-    let training = training::convert_training(src, &raw.training, model.kind, raw.checkpoint.is_some())?;
+    let workers = cluster.count(Role::Worker);
+    let training = training::convert_training(src, &raw.training, model.kind, raw.checkpoint.is_some(), workers)?;
     let limits = limits::convert_limits(src, raw.limits.as_ref())?;
     let checkpoint = raw.checkpoint.as_ref().map(|c| checkpoint::convert_checkpoint(src, c, base_dir)).transpose()?;
     let signing = raw.signing.as_ref().map(|sg| signing::convert_signing(sg, base_dir));

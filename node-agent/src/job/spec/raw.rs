@@ -140,6 +140,8 @@ pub struct Training {
     pub compression_threshold: Option<Spanned<f64>>,
     pub heartbeat_timeout: Option<Spanned<i64>>,
     pub chunk_kib: Option<Spanned<i64>>,
+    pub aggregation: Option<Spanned<String>>,
+    pub trim: Option<Spanned<i64>>,
     pub on_failure: Option<Spanned<String>>,
     pub max_restarts: Option<Spanned<i64>>,
 }

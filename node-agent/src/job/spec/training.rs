@@ -26,8 +26,38 @@ pub struct TrainingSpec {
     /// chunk's update starts once every worker's copy of it is in, and
     /// goes back while later chunks are still arriving.
     pub chunk_kib: usize,
+    /// How servers combine the workers' gradients of a step.
+    pub aggregation: Aggregation,
     /// What the launcher does when a process fails.
     pub on_failure: OnFailure,
+}
+
+/// `[training] aggregation`: how a server combines a step's gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Their mean (the default; what every parameter server does).
+    Mean,
+    /// Per coordinate, the mean after dropping the `trim` smallest and
+    /// largest values: tolerates `trim` workers pushing anything.
+    TrimmedMean {
+        /// Values dropped at each end.
+        trim: u32,
+    },
+    /// Per coordinate, the median: tolerates fewer than half the workers
+    /// pushing anything.
+    Median,
+}
+
+impl Aggregation {
+    /// The kernels' name for it.
+    pub fn combine(self) -> warden_kernels::Combine {
+        match self {
+            Aggregation::Mean => warden_kernels::Combine::Mean,
+            Aggregation::TrimmedMean { trim } => warden_kernels::Combine::TrimmedMean { trim: trim as usize },
+            Aggregation::Median => warden_kernels::Combine::Median,
+        }
+    }
 }
 
 /// `[training] on_failure`: what a process failure does to the job.
@@ -91,6 +121,7 @@ pub(super) fn convert_training(
     training: &Spanned<raw::Training>,
     kind: ModelKind,
     has_checkpoint: bool,
+    workers: u32,
 ) -> Result<TrainingSpec, SpecError> {
     let t = training.get_ref();
     let epochs = int_in(src, &t.epochs, "epochs", 1, 100_000, "how many passes over the data, for example epochs = 5")?;
@@ -152,6 +183,7 @@ pub(super) fn convert_training(
         None => DEFAULT_CHUNK_KIB,
     };
     let on_failure = convert_on_failure(src, t, has_checkpoint)?;
+    let aggregation = convert_aggregation(src, training, mode, workers)?;
     Ok(TrainingSpec {
         epochs,
         batch_size,
@@ -160,8 +192,71 @@ pub(super) fn convert_training(
         compression,
         heartbeat_timeout_s,
         chunk_kib,
+        aggregation,
         on_failure,
     })
+}
+
+/// `aggregation` and `trim` (trimmed_mean only), against the mode and the
+/// job's worker count.
+fn convert_aggregation(
+    src: &Src<'_>,
+    training: &Spanned<raw::Training>,
+    mode: SyncMode,
+    workers: u32,
+) -> Result<Aggregation, SpecError> {
+    let t = training.get_ref();
+    let span = t.aggregation.as_ref().map_or_else(|| training.span(), |a| a.span());
+    let aggregation = match t.aggregation.as_ref().map(|a| a.get_ref().as_str()) {
+        None | Some("mean") => Aggregation::Mean,
+        Some("median") => Aggregation::Median,
+        Some("trimmed_mean") => {
+            let Some(v) = &t.trim else {
+                return Err(src.err(
+                    span,
+                    "aggregation = \"trimmed_mean\" needs `trim`, the workers dropped at each end",
+                    "add trim = 1 to withstand one misbehaving worker (it needs at least 3 workers)",
+                ));
+            };
+            let most = workers.saturating_sub(1) / 2;
+            let trim = int_in(
+                src,
+                v,
+                "trim",
+                1,
+                i64::from(most.max(1)),
+                &format!(
+                    "the workers dropped at each end; with {workers} workers at most {most} (2 x trim + 1 <= workers)"
+                ),
+            )?;
+            if 2 * trim + 1 > workers {
+                return Err(src.err(
+                    v.span(),
+                    format!("trim = {trim} drops {} values of {workers} workers: nothing would be left", 2 * trim),
+                    "use at least 2 x trim + 1 workers, or aggregation = \"median\"",
+                ));
+            }
+            Aggregation::TrimmedMean { trim }
+        }
+        Some(other) => {
+            return Err(src.err(
+                span,
+                format!("unknown aggregation `{other}`"),
+                "use \"mean\", \"trimmed_mean\" (with trim) or \"median\"",
+            ));
+        }
+    };
+    if let (Some(v), false) = (&t.trim, matches!(aggregation, Aggregation::TrimmedMean { .. })) {
+        return Err(src.err(v.span(), "`trim` belongs to aggregation = \"trimmed_mean\"", "remove it"));
+    }
+    if aggregation != Aggregation::Mean && mode == SyncMode::Async {
+        return Err(src.err(
+            span,
+            "robust aggregation needs every worker's gradient of a step at once, which async mode never has",
+            "use mode = \"sync\", or aggregation = \"mean\"",
+        ));
+    }
+    Ok(aggregation)
 }
 
 /// `compression` and `compression_threshold` (2-bit only).

@@ -149,6 +149,7 @@ fn starting_shard(
         mode: ctx.spec.training.mode,
         signed_init: ctx.spec.init.is_some(),
         chunk: ctx.spec.training.chunk_floats(),
+        combine: ctx.spec.training.aggregation.combine(),
     })
     .map_err(|e| RoleError::new(e.to_string()))
 }

@@ -41,6 +41,12 @@ pub(super) enum Refusal {
         /// Values of the shard (or of the chunk).
         holds: usize,
     },
+    /// A gradient with a NaN or an infinity in it.
+    #[error("worker {rank} pushed a gradient with a value that is not finite (NaN or infinity); refused")]
+    NotFinite {
+        /// The worker.
+        rank: u32,
+    },
     /// A chunk index beyond the shard's chunks.
     #[error("chunk {chunk} asked for, but this shard has {chunks} chunks")]
     NoSuchChunk {
@@ -190,6 +196,8 @@ pub(super) struct Shard {
     /// The job starts from verified signed weights (`[model] init`), which
     /// no worker may replace.
     signed_init: bool,
+    /// How a step's gradients are combined (sync mode).
+    combine: warden_kernels::Combine,
     meta: Mutex<Meta>,
     /// The whole-shard params frame of the newest version.
     frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -217,12 +225,14 @@ pub(super) struct ShardStart {
     pub signed_init: bool,
     /// Floats per chunk.
     pub chunk: usize,
+    /// How a step's gradients are combined.
+    pub combine: warden_kernels::Combine,
 }
 
 impl Shard {
     /// A shard cut into chunks of `start.chunk` floats.
     pub fn new(start: ShardStart) -> Result<Shard, RestoreError> {
-        let ShardStart { params, version, spec, restored, workers, mode, signed_init, chunk } = start;
+        let ShardStart { params, version, spec, restored, workers, mode, signed_init, chunk, combine } = start;
         let len = params.len();
         let mut chunks = Vec::new();
         for range in chunk_ranges(len, chunk) {
@@ -253,6 +263,7 @@ impl Shard {
             workers,
             mode,
             signed_init,
+            combine,
             meta: Mutex::new(Meta { worker0_steps: version, last_checkpoint: version }),
             frame: Mutex::new(None),
         })
@@ -278,6 +289,9 @@ impl Shard {
     /// (no copy of the gradient); a whole-shard push is shared by all chunks.
     pub fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), Refusal> {
         let (step, chunk, grad) = any_push_view(body)?;
+        if !grad.all_finite() {
+            return Err(Refusal::NotFinite { rank });
+        }
         let Some(c) = chunk else {
             return self.push_whole(rank, step, grad.len(), body);
         };
@@ -364,7 +378,7 @@ impl Shard {
                 let ChunkState { params, pending, opt, .. } = &mut *st;
                 // Validated on arrival; the views cannot fail now. Worker order.
                 let grads: Vec<_> = pending.iter().filter_map(|p| view(p, &ch.range)).collect();
-                opt.apply(params, &grads, self.workers);
+                opt.apply_combined(params, &grads, self.workers, self.combine);
                 for p in pending.iter_mut() {
                     *p = match std::mem::take(p) {
                         Pending::Own(v) | Pending::Spent(v) => Pending::Spent(v),
@@ -541,8 +555,33 @@ mod tests {
             mode,
             signed_init: false,
             chunk,
+            combine: warden_kernels::Combine::Mean,
         })
         .unwrap()
+    }
+
+    /// A push with a NaN or an infinity is refused, naming the worker, and
+    /// leaves the shard as it was.
+    #[test]
+    fn a_gradient_that_is_not_finite_is_refused_by_name() {
+        let s = shard(SyncMode::Sync, 2, 0, 100, 64, OptimizerSpec::sgd(0.1));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for enc in [Encoding::F32, Encoding::F16, Encoding::Bf16] {
+                let mut g = vec![0.5f32; 64];
+                g[17] = bad;
+                let mut f = Vec::new();
+                encode_push_chunk(0, 0, &g, enc, 0.5, &mut [], &mut f);
+                let why = s.push(1, &mut body(f)).unwrap_err();
+                assert_eq!(
+                    why.to_string(),
+                    "worker 1 pushed a gradient with a value that is not finite (NaN or infinity); refused"
+                );
+            }
+        }
+        // The slot is still free: an honest push of worker 1 is taken.
+        let mut f = Vec::new();
+        encode_push_chunk(0, 0, &[0.5; 64], Encoding::F32, 0.5, &mut [], &mut f);
+        s.push(1, &mut body(f)).unwrap();
     }
 
     fn body(mut frame: Vec<u8>) -> Vec<u8> {
