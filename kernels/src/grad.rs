@@ -58,6 +58,14 @@ impl<'a> Grad<'a> {
         }
     }
 
+    /// The sum of the squared values (the squared L2 norm), or `None` when
+    /// a value is not finite (NaN or infinity). One pass over the values
+    /// at memory speed, on the best instruction set of this CPU.
+    pub fn finite_sum_squares(&self) -> Option<f64> {
+        let (finite, sum) = sum_squares_isa(crate::isa::Isa::best(), self);
+        finite.then_some(sum)
+    }
+
     /// Whether every value is finite (no NaN, no infinity). Reads every
     /// byte without stopping early: a pass at memory speed.
     pub fn all_finite(&self) -> bool {
@@ -209,3 +217,48 @@ thread_local! {
 pub fn to_bf16(v: f32) -> bf16 {
     bf16::from_f32(v)
 }
+
+/// Whether all of `g` is finite, and the sum of its squares (in f32 lanes,
+/// then f64: a norm for comparing workers, not an exact figure).
+#[inline(always)]
+fn sum_squares_body(g: &Grad<'_>) -> (bool, f64) {
+    let mut lanes = [0f32; LANES];
+    let mut ok = true;
+    match *g {
+        Grad::F32(s) => add_squares(&mut lanes, &mut ok, s),
+        _ => {
+            // Other encodings are decoded a block at a time first.
+            let mut buf = [0f32; 1024];
+            let n = g.len();
+            let mut start = 0;
+            while start < n {
+                let end = (start + buf.len()).min(n);
+                let b = &mut buf[..end - start];
+                decode_block(b, &g.range(start, end), true);
+                add_squares(&mut lanes, &mut ok, b);
+                start = end;
+            }
+        }
+    }
+    (ok, lanes.iter().map(|&l| f64::from(l)).sum())
+}
+
+const LANES: usize = 16;
+
+/// Adds the squares of `v` into `lanes`, and whether all are finite into `ok`.
+#[inline(always)]
+fn add_squares(lanes: &mut [f32; LANES], ok: &mut bool, v: &[f32]) {
+    let (whole, rest) = v.as_chunks::<LANES>();
+    for c in whole {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *ok &= x.is_finite();
+            *l += x * x;
+        }
+    }
+    for (l, x) in lanes.iter_mut().zip(rest) {
+        *ok &= x.is_finite();
+        *l += x * x;
+    }
+}
+
+crate::isa::multiversion!(fn sum_squares_isa(g: &Grad<'_>) -> (bool, f64) => sum_squares_body);

@@ -541,3 +541,24 @@ fn one_hostile_gradient_of_five_moves_the_mean_and_not_the_robust_rules() {
     }
     assert!(mean.iter().all(|m| *m < -3.0), "the mean follows the hostile worker");
 }
+
+/// The squared norm of every encoding against the f64 sum of its exact
+/// values, on every instruction-set path, and `None` for a NaN or an
+/// infinity anywhere.
+#[test]
+fn sum_of_squares_matches_the_reference_and_refuses_what_is_not_finite() {
+    for len in [1usize, 7, 1003, 70_001] {
+        for e in encodings(len, 900) {
+            let want: f64 = e.exact.iter().map(|v| v * v).sum();
+            let got = e.grad().finite_sum_squares().expect("finite values");
+            assert!((got - want).abs() <= 1e-4 * want.max(1.0), "{len}: {got} vs {want}");
+        }
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut v = values(1003, 5);
+        v[1001] = bad;
+        for enc in [Enc::F32, Enc::F32Le, Enc::F16, Enc::Bf16] {
+            assert_eq!(Encoded::new(&v, enc).grad().finite_sum_squares(), None);
+        }
+    }
+}

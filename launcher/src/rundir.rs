@@ -102,6 +102,10 @@ pub struct Summary {
     pub checkpoints: Vec<CheckpointRow>,
     /// Restarts after process failures (`[training] on_failure = "restart"`).
     pub restarts: Vec<RestartRow>,
+    /// Workers a server found suspect (`[training] suspect_ratio`), each
+    /// time it did.
+    #[serde(default)]
+    pub suspect_workers: Vec<SuspectRow>,
     /// Every process of the last attempt and how it exited.
     pub processes: Vec<ProcessExit>,
 }
@@ -119,6 +123,21 @@ pub struct RestartRow {
     pub processes: Vec<ProcessExit>,
     /// The checkpoint step the restart resumed from (none: from the beginning).
     pub resumed_from_step: Option<u64>,
+}
+
+/// A worker a server found suspect, for the summary.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SuspectRow {
+    /// The worker's rank.
+    pub worker: u32,
+    /// The server that found it (`host server[rank]`).
+    pub server: String,
+    /// Its gradient norm over the median of the workers', in the last step.
+    pub ratio: f64,
+    /// Steps in a row it stood out.
+    pub steps: u32,
+    /// The step that made it suspect.
+    pub step: u64,
 }
 
 /// A committed checkpoint, for the summary.

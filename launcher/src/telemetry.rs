@@ -41,6 +41,8 @@ struct Inner {
     epoch_steps: u64,
     bytes_pushed: u64,
     bytes_pulled: u64,
+    /// Suspect-worker events so far.
+    suspects: u64,
 }
 
 fn unix_now() -> f64 {
@@ -98,6 +100,11 @@ impl Telemetry {
         inner.write_tensorboard(wall, s.global_step, &values);
     }
 
+    /// A server found a worker suspect.
+    pub fn suspect(&self) {
+        self.lock().suspects += 1;
+    }
+
     /// A complete epoch (the job's figures, `metrics.csv`'s row).
     pub fn epoch(&self, row: &EpochRow) {
         let mut inner = self.lock();
@@ -123,7 +130,7 @@ impl Telemetry {
         let step = inner.last_step.map(|(_, s)| s);
         let epoch = inner.last_epoch.as_ref();
         let (gauge, counter) = ("gauge", "counter");
-        let figures: [(&str, &str, &str, Option<f64>); 12] = [
+        let figures: [(&str, &str, &str, Option<f64>); 13] = [
             ("warden_step", gauge, "Global step worker 0 reached.", step.map(|s| s.global_step as f64)),
             ("warden_epochs", gauge, "Epochs the job file asks for.", Some(f64::from(self.epochs))),
             ("warden_epoch", gauge, "Epoch under way.", inner.last_step.map(|(e, _)| f64::from(e))),
@@ -136,6 +143,12 @@ impl Telemetry {
             ("warden_test_loss", gauge, "Test loss after the last epoch.", epoch.map(|r| r.test_loss)),
             ("warden_test_accuracy", gauge, "Test accuracy after the last epoch.", epoch.map(|r| r.test_accuracy)),
             ("warden_elapsed_seconds", gauge, "Seconds since the launch.", Some(self.started.elapsed().as_secs_f64())),
+            (
+                "warden_suspect_worker_events_total",
+                counter,
+                "Times a server found a worker's gradients standing out ([training] suspect_ratio).",
+                Some(inner.suspects as f64),
+            ),
         ];
         for (name, kind, help, value) in figures {
             if let Some(v) = value.filter(|v| v.is_finite()) {

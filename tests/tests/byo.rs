@@ -483,6 +483,19 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
         let (code, summary, stderr) = run_job(&job, &dir.join("run"));
         assert_eq!(code, Some(0), "{behaviour} with {aggregation:?}: {stderr}");
         results.push(acc(&summary));
+        // Every server names rank 4 once (its norm is about 100x the
+        // median's, for 5 steps in a row), and nobody else, ever.
+        let suspects = summary["suspect_workers"].as_array().unwrap();
+        if behaviour == "honest" {
+            assert!(suspects.is_empty(), "{suspects:?}");
+        } else {
+            assert_eq!(suspects.len(), 2, "once per server: {suspects:?}");
+            for s in suspects {
+                assert_eq!(s["worker"], 4, "{s}");
+                assert!(s["ratio"].as_f64().unwrap() > 10.0, "{s}");
+            }
+            assert!(stderr.contains("warning: worker 4 is suspect"), "{stderr}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
     let [honest, mean, trimmed, median] = results[..] else { unreachable!() };
@@ -491,6 +504,15 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
     assert!(mean < 0.70, "one hostile worker ruins the mean: {mean}");
     assert!(trimmed >= honest - 0.02, "trimmed mean {trimmed}, honest {honest}");
     assert!(median >= honest - 0.02, "median {median}, honest {honest}");
+
+    // With on_suspect = "fail" the job stops naming the worker.
+    let dir = scratch("byo-robust-fail");
+    let job = five_worker_job(&dir, (32250, 32259), "scaled", "aggregation = \"median\"\non_suspect = \"fail\"");
+    let (code, summary, stderr) = run_job(&job, &dir.join("run"));
+    assert_ne!(code, Some(0));
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["failure"].as_str().unwrap().contains("worker 4 is suspect"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 
     let dir = scratch("byo-robust-nan");
     let job = five_worker_job(&dir, (32240, 32249), "nan", "aggregation = \"median\"");

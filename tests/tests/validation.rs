@@ -439,6 +439,22 @@ const CASES: &[Case] = &[
         help: Some("use \"mean\", \"trimmed_mean\" (with trim) or \"median\""),
     },
     Case {
+        name: "unknown on_suspect",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\non_suspect = \"ignore\"\n",
+        at: "on_suspect = ^\"ignore\"",
+        message: "unknown on_suspect `ignore`",
+        help: Some("use \"warn\" or \"fail\""),
+    },
+    Case {
+        name: "suspect ratio of one",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\nsuspect_ratio = 1.0\n",
+        at: "suspect_ratio = ^1.0",
+        message: "suspect_ratio must be above 1 and at most 1e6, not 1",
+        help: Some("times the median gradient norm that makes a worker suspect; 10 is the default"),
+    },
+    Case {
         name: "trim without trimmed mean",
         from: "batch_size = 32\n",
         to: "batch_size = 32\naggregation = \"median\"\ntrim = 1\n",

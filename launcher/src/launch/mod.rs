@@ -409,7 +409,7 @@ fn conclude(
 ) -> Result<Outcome, LaunchError> {
     let (spec, run) = (ctx.spec, ctx.run);
     let max_restarts = spec.training.on_failure.max_restarts();
-    let Accumulated { rows, saved, first_resumed_step, .. } = acc;
+    let Accumulated { rows, saved, first_resumed_step, suspects, .. } = acc;
     // A requested stop is no failure: the work done is kept.
     let (mut failure, stopped) = match end.failure.take() {
         Some(why) if end.stopped => (None, Some(why)),
@@ -463,6 +463,7 @@ fn conclude(
         resumed_from_step: first_resumed_step,
         checkpoints: saved,
         restarts,
+        suspect_workers: suspects,
         processes: end.processes,
     };
     run.write_summary(&summary).map_err(|e| written(run, e))?;
@@ -516,6 +517,8 @@ struct Accumulated {
     saved: Vec<crate::rundir::CheckpointRow>,
     /// Warnings already shown.
     warnings: std::collections::BTreeSet<String>,
+    /// Suspect workers the servers reported.
+    suspects: Vec<crate::rundir::SuspectRow>,
     /// Some attempt resumed from a checkpoint.
     resumed: bool,
     /// The newest step an attempt resumed from.

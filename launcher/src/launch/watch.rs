@@ -194,6 +194,14 @@ impl<'w, 'a> Watch<'w, 'a> {
                 failure.add_with_log(cause, format!("{}: {message}", procs[i].planned.label()), log);
                 self.stop_all(procs).await;
             }
+            Event::SuspectWorker { worker, ratio, steps, step } => {
+                let server = procs[i].planned.label();
+                self.ctx.progress.println(&format!(
+                    "warning: worker {worker} is suspect: its gradient norm on {server}'s shard was {ratio:.1}x the median of the workers' for {steps} steps in a row (to step {step})"
+                ));
+                self.ctx.telemetry.suspect();
+                acc.suspects.push(crate::rundir::SuspectRow { worker, server, ratio, steps, step });
+            }
             Event::Warning { message } => {
                 if acc.warnings.insert(message.clone()) {
                     self.ctx.progress.println(&format!("warning: {message}"));

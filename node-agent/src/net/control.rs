@@ -240,6 +240,18 @@ pub enum Event {
         /// Bytes this worker received from servers in the epoch.
         bytes_pulled: u64,
     },
+    /// A server found a worker's gradients standing out (`[training]
+    /// suspect_ratio` times the median norm for `suspect_steps` steps).
+    SuspectWorker {
+        /// The worker's rank.
+        worker: u32,
+        /// Its norm over the workers' median in the last of those steps.
+        ratio: f64,
+        /// Steps in a row.
+        steps: u32,
+        /// The step that made it suspect.
+        step: u64,
+    },
     /// Worker 0's evaluation after an epoch.
     Eval {
         /// Epoch from 1.

@@ -62,7 +62,7 @@ pub use data::{DataFiles, DataFormat, DataSpec};
 pub use limits::LimitsSpec;
 pub use model::{InitSpec, ModelKind, ModelSpec};
 pub use signing::SigningSpec;
-pub use training::{Aggregation, Compression, OnFailure, SyncMode, TrainingSpec};
+pub use training::{Aggregation, Compression, OnFailure, SuspectRule, SyncMode, TrainingSpec};
 pub use worker::WorkerSpec;
 
 /// A job-file error with its location and the fix.

@@ -142,6 +142,9 @@ pub struct Training {
     pub chunk_kib: Option<Spanned<i64>>,
     pub aggregation: Option<Spanned<String>>,
     pub trim: Option<Spanned<i64>>,
+    pub suspect_ratio: Option<Spanned<f64>>,
+    pub suspect_steps: Option<Spanned<i64>>,
+    pub on_suspect: Option<Spanned<String>>,
     pub on_failure: Option<Spanned<String>>,
     pub max_restarts: Option<Spanned<i64>>,
 }

@@ -28,6 +28,8 @@ pub struct TrainingSpec {
     pub chunk_kib: usize,
     /// How servers combine the workers' gradients of a step.
     pub aggregation: Aggregation,
+    /// When a worker counts as suspect, and what then happens.
+    pub suspect: SuspectRule,
     /// What the launcher does when a process fails.
     pub on_failure: OnFailure,
 }
@@ -58,6 +60,19 @@ impl Aggregation {
             Aggregation::Median => warden_kernels::Combine::Median,
         }
     }
+}
+
+/// `[training] suspect_ratio`, `suspect_steps` and `on_suspect`: a worker
+/// whose gradient norm on a server's shard is above `ratio` times the
+/// median of the workers' for `steps` sync steps in a row is suspect.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SuspectRule {
+    /// Times the median norm.
+    pub ratio: f64,
+    /// Steps in a row.
+    pub steps: u32,
+    /// Stop the job (else: warn and go on).
+    pub fail: bool,
 }
 
 /// `[training] on_failure`: what a process failure does to the job.
@@ -184,6 +199,7 @@ pub(super) fn convert_training(
     };
     let on_failure = convert_on_failure(src, t, has_checkpoint)?;
     let aggregation = convert_aggregation(src, training, mode, workers)?;
+    let suspect = convert_suspect(src, t)?;
     Ok(TrainingSpec {
         epochs,
         batch_size,
@@ -193,8 +209,42 @@ pub(super) fn convert_training(
         heartbeat_timeout_s,
         chunk_kib,
         aggregation,
+        suspect,
         on_failure,
     })
+}
+
+/// `suspect_ratio`, `suspect_steps` and `on_suspect`.
+fn convert_suspect(src: &Src<'_>, t: &raw::Training) -> Result<SuspectRule, SpecError> {
+    let ratio = match &t.suspect_ratio {
+        Some(v) => {
+            let x = *v.get_ref();
+            if !(x.is_finite() && x > 1.0 && x <= 1e6) {
+                return Err(src.err(
+                    v.span(),
+                    format!("suspect_ratio must be above 1 and at most 1e6, not {x}"),
+                    "times the median gradient norm that makes a worker suspect; 10 is the default",
+                ));
+            }
+            x
+        }
+        None => 10.0,
+    };
+    let steps = match &t.suspect_steps {
+        Some(v) => {
+            int_in(src, v, "suspect_steps", 1, 1_000_000, "steps in a row above suspect_ratio; 5 is the default")?
+        }
+        None => 5,
+    };
+    let fail = match t.on_suspect.as_ref().map(|o| o.get_ref().as_str()) {
+        None | Some("warn") => false,
+        Some("fail") => true,
+        Some(other) => {
+            let span = t.on_suspect.as_ref().map(|o| o.span()).unwrap_or_default();
+            return Err(src.err(span, format!("unknown on_suspect `{other}`"), "use \"warn\" or \"fail\""));
+        }
+    };
+    Ok(SuspectRule { ratio, steps, fail })
 }
 
 /// `aggregation` and `trim` (trimmed_mean only), against the mode and the

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::shard::{Refusal, Shard, ShardStart};
+use super::shard::{Refusal, Shard, ShardStart, Suspect};
 use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
 use crate::net::conn::{Acceptor, ConnError, RecvHalf, SendHalf, ServerConn};
 use crate::net::identity::Role;
@@ -106,8 +106,16 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
     ctx.emit(crate::net::control::Event::Started);
 
     let (writer, snapshots, mut saved_rx) = start_writer(&ctx, place);
-    let accept = accept_workers(&ctx, listener, shard, snapshots)?;
-    let result = follow_scheduler(&ctx, &sched, &mut from_sched, &mut saved_rx, silence, place.shards).await;
+    let (suspect_tx, mut suspect_rx) = mpsc::channel(1);
+    let report = SuspectReport {
+        events: ctx.events.clone(),
+        server: place.rank,
+        fail: ctx.spec.training.suspect.fail.then(|| suspect_tx.clone()),
+    };
+    let accept = accept_workers(&ctx, listener, shard, snapshots, report)?;
+    let mut watch = Watch { saved: &mut saved_rx, suspects: &mut suspect_rx };
+    let result = follow_scheduler(&ctx, &sched, &mut from_sched, &mut watch, silence, place.shards).await;
+    drop(suspect_tx);
     accept.abort();
     if let Some(w) = writer {
         // The scheduler waits for every requested checkpoint to commit
@@ -150,6 +158,7 @@ fn starting_shard(
         signed_init: ctx.spec.init.is_some(),
         chunk: ctx.spec.training.chunk_floats(),
         combine: ctx.spec.training.aggregation.combine(),
+        suspect: Some(ctx.spec.training.suspect),
     })
     .map_err(|e| RoleError::new(e.to_string()))
 }
@@ -177,16 +186,17 @@ fn accept_workers(
     listener: TcpListener,
     shard: Arc<Shard>,
     snapshots: Snapshots,
+    report: SuspectReport,
 ) -> Result<tokio::task::JoinHandle<()>, RoleError> {
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Worker], ctx.limits())?;
     let log = Arc::new(RateLimitedLog::default());
     let serve = {
         let log = log.clone();
         move |conn: ServerConn, first, from| {
-            let (shard, snapshots, log) = (shard.clone(), snapshots.clone(), log.clone());
+            let (shard, snapshots, log, report) = (shard.clone(), snapshots.clone(), log.clone(), report.clone());
             async move {
                 let peer = conn.peer().clone();
-                if let Err(e) = serve_worker(conn, first, &shard, snapshots).await {
+                if let Err(e) = serve_worker(conn, first, &shard, snapshots, &report).await {
                     log.warn(&format!("dropped {peer} from {from}: {e}"));
                 }
             }
@@ -201,7 +211,7 @@ async fn follow_scheduler(
     ctx: &RoleCtx,
     sched: &super::SchedLink,
     from_sched: &mut mpsc::Receiver<Result<Message, RoleError>>,
-    saved: &mut Saved,
+    watch: &mut Watch<'_>,
     silence: Duration,
     shards: u32,
 ) -> Result<(), RoleError> {
@@ -221,12 +231,53 @@ async fn follow_scheduler(
                 Ok(m) => tracing::warn!("ignoring unexpected `{}` from the scheduler", m.name()),
                 Err(e) => return Err(RoleError { message: format!("lost the scheduler: {}", e.message), ..e }),
             },
-            Some((step, outcome)) = saved.recv() => {
+            Some(why) = watch.suspects.recv() => {
+                return Err(RoleError::new(format!("{why}; on_suspect = \"fail\" stops the job")));
+            }
+            Some((step, outcome)) = watch.saved.recv() => {
                 let msg = match outcome {
                     Ok(r) => Message::CheckpointSaved { step, record: to_digest(&r) },
                     Err(e) => Message::CheckpointFailed { step, reason: e.to_string() },
                 };
                 sched.send(&msg).await.map_err(lost)?;
+            }
+        }
+    }
+}
+
+/// What a server watches besides the scheduler: the checkpoint writer's
+/// reports, and (with `on_suspect = "fail"`) suspect workers.
+struct Watch<'a> {
+    saved: &'a mut Saved,
+    suspects: &'a mut mpsc::Receiver<String>,
+}
+
+/// What a server does with the workers its steps find suspect: tells the
+/// launcher (which logs it and counts it in the run's metrics), and with
+/// `on_suspect = "fail"` ends the job naming the worker.
+#[derive(Clone)]
+struct SuspectReport {
+    events: super::EventSink,
+    server: u32,
+    fail: Option<mpsc::Sender<String>>,
+}
+
+impl SuspectReport {
+    fn found(&self, found: &[Suspect]) {
+        for s in found {
+            let text = format!(
+                "worker {} is suspect: its gradient norm on server {}'s shard was {:.1}x the median of the workers' for {} steps in a row (to step {})",
+                s.worker, self.server, s.ratio, s.steps, s.step
+            );
+            tracing::warn!("{text}");
+            (self.events)(crate::net::control::Event::SuspectWorker {
+                worker: s.worker,
+                ratio: s.ratio,
+                steps: s.steps,
+                step: s.step,
+            });
+            if let Some(tx) = &self.fail {
+                let _ = tx.try_send(text);
             }
         }
     }
@@ -448,14 +499,20 @@ type Snapshots = Option<mpsc::Sender<(u64, crate::store::checkpoint::ShardState)
 /// (every chunk's push and pull) before it reads, so a server that read
 /// one request and answered it before reading the next would stop reading
 /// while its answer waits behind that worker's unread pushes.
-async fn serve_worker(conn: ServerConn, first: Message, shard: &Shard, snapshots: Snapshots) -> Result<(), ServeError> {
+async fn serve_worker(
+    conn: ServerConn,
+    first: Message,
+    shard: &Shard,
+    snapshots: Snapshots,
+    report: &SuspectReport,
+) -> Result<(), ServeError> {
     let (recv, send) = conn.into_split();
     let rank = recv.peer().rank;
     // A worker has at most one step of pulls outstanding; a peer asking for
     // more waits for the writer (its own reads stop, nobody else's).
     let (out_tx, out_rx) = mpsc::channel(shard.chunks() + 2);
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
-    let reading = read_requests(recv, first, shard, rank, &snapshots, out_tx, fatal_tx);
+    let reading = read_requests(recv, first, (shard, rank), (&snapshots, report), out_tx, fatal_tx);
     let writing = write_answers(send, shard, out_rx, fatal_rx);
     tokio::pin!(reading, writing);
     tokio::select! {
@@ -486,9 +543,8 @@ enum Answer {
 async fn read_requests(
     mut recv: RecvHalf<tokio::io::ReadHalf<crate::net::record::TlsStream>>,
     first: Message,
-    shard: &Shard,
-    rank: u32,
-    snapshots: &Snapshots,
+    (shard, rank): (&Shard, u32),
+    (snapshots, report): (&Snapshots, &SuspectReport),
     answers: mpsc::Sender<Answer>,
     fatal: tokio::sync::oneshot::Sender<String>,
 ) -> Result<(), ServeError> {
@@ -509,7 +565,7 @@ async fn read_requests(
                 }
             },
         };
-        match act(shard, rank, snapshots, action).await {
+        match act(shard, rank, snapshots, report, action).await {
             Ok(Some(answer)) => {
                 if answers.send(answer).await.is_err() {
                     // The writer ended; it says why.
@@ -587,7 +643,7 @@ async fn receive(
             recv.swap_frame(spare);
             let pushed = shard.push(rank, spare);
             recv.swap_frame(spare);
-            Ok(Some(pushed.map_or_else(Action::Refuse, |()| Action::Pushed)))
+            Ok(Some(pushed.map_or_else(Action::Refuse, Action::Pushed)))
         }
         Ok(body) if body[0] == TAG_PULL_CHUNK => Ok(Some(match Message::decode(body) {
             Ok(Message::PullChunk { chunk, min_version }) => Action::PullChunk(chunk, min_version),
@@ -602,10 +658,22 @@ async fn receive(
 
 /// Carries out one request of worker `rank`: what to answer, if anything,
 /// or why it is refused.
-async fn act(shard: &Shard, rank: u32, snapshots: &Snapshots, action: Action) -> Result<Option<Answer>, Refusal> {
+async fn act(
+    shard: &Shard,
+    rank: u32,
+    snapshots: &Snapshots,
+    report: &SuspectReport,
+    action: Action,
+) -> Result<Option<Answer>, Refusal> {
     match action {
-        Action::Pushed => Ok(None),
-        Action::Push(mut body) => shard.push(rank, &mut body).map(|()| None),
+        Action::Pushed(found) => {
+            report.found(&found);
+            Ok(None)
+        }
+        Action::Push(mut body) => shard.push(rank, &mut body).map(|found| {
+            report.found(&found);
+            None
+        }),
         Action::Pull(min_version) => Ok(Some(Answer::Pull(min_version))),
         Action::PullChunk(chunk, min_version) => Ok(Some(Answer::Chunk(chunk, min_version))),
         Action::SetParams(data) => shard.set_params(rank, data).map(|()| Some(Answer::Params)),
@@ -627,8 +695,9 @@ async fn queue_checkpoint(shard: &Shard, rank: u32, snapshots: &Snapshots, step:
 
 /// A worker's request.
 enum Action {
-    /// A push already applied (see [`receive`]).
-    Pushed,
+    /// A push already applied (see [`receive`]), and the workers its step
+    /// found suspect.
+    Pushed(Vec<Suspect>),
     /// A push body to apply.
     Push(Vec<u8>),
     Pull(u64),

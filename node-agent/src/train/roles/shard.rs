@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::job::spec::SyncMode;
+use crate::job::spec::{SuspectRule, SyncMode};
 use crate::net::wire::{DecodeError, any_push_view, chunk_ranges};
 use crate::train::optimizer::{OptimizerSpec, RestoreError, ShardOptimizer};
 
@@ -183,6 +183,72 @@ struct Meta {
     last_checkpoint: u64,
 }
 
+/// A worker whose gradients stood out: its norm on this shard was above
+/// `ratio` times the median of the workers' for `steps` steps in a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suspect {
+    /// The worker's rank.
+    pub worker: u32,
+    /// Its norm over the median, in the last of those steps.
+    pub ratio: f64,
+    /// Steps in a row.
+    pub steps: u32,
+    /// The step that made it suspect (the version it produced).
+    pub step: u64,
+}
+
+/// The workers' gradient norms on this shard, step by step.
+struct Tracker {
+    rule: SuspectRule,
+    /// Squared norms of each worker's pushes of the step under way.
+    norms: Vec<f64>,
+    /// Chunks of the step under way that updated.
+    updated: usize,
+    /// Steps in a row each worker stood out.
+    streaks: Vec<u32>,
+}
+
+impl Tracker {
+    fn new(rule: SuspectRule, workers: usize) -> Tracker {
+        Tracker { rule, norms: vec![0.0; workers], updated: 0, streaks: vec![0; workers] }
+    }
+
+    /// A chunk's update of step `step` ran; once every chunk's has, the
+    /// step's norms are judged: the workers who just reached the rule's
+    /// streak.
+    fn chunk_updated(&mut self, chunks: usize, step: u64) -> Vec<Suspect> {
+        self.updated += 1;
+        if self.updated < chunks {
+            return Vec::new();
+        }
+        self.updated = 0;
+        let norms: Vec<f64> = self.norms.iter().map(|n| n.sqrt()).collect();
+        self.norms.fill(0.0);
+        let mut sorted = norms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let mut found = Vec::new();
+        for (w, n) in norms.iter().enumerate() {
+            let ratio = if median > 0.0 {
+                n / median
+            } else if *n > 0.0 {
+                f64::INFINITY
+            } else {
+                1.0
+            };
+            if ratio > self.rule.ratio {
+                self.streaks[w] += 1;
+                if self.streaks[w] == self.rule.steps {
+                    found.push(Suspect { worker: w as u32, ratio, steps: self.rule.steps, step });
+                }
+            } else {
+                self.streaks[w] = 0;
+            }
+        }
+        found
+    }
+}
+
 /// The shard and its update state.
 ///
 /// `std::sync::Mutex`es, not tokio ones: nothing awaits while holding
@@ -198,6 +264,9 @@ pub(super) struct Shard {
     signed_init: bool,
     /// How a step's gradients are combined (sync mode).
     combine: warden_kernels::Combine,
+    /// Sync mode: the workers' gradient norms, for the suspect rule. Locked
+    /// only while a chunk's lock is held (never the other way round).
+    tracker: Option<Mutex<Tracker>>,
     meta: Mutex<Meta>,
     /// The whole-shard params frame of the newest version.
     frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -227,12 +296,14 @@ pub(super) struct ShardStart {
     pub chunk: usize,
     /// How a step's gradients are combined.
     pub combine: warden_kernels::Combine,
+    /// When a worker is suspect (sync mode).
+    pub suspect: Option<SuspectRule>,
 }
 
 impl Shard {
     /// A shard cut into chunks of `start.chunk` floats.
     pub fn new(start: ShardStart) -> Result<Shard, RestoreError> {
-        let ShardStart { params, version, spec, restored, workers, mode, signed_init, chunk, combine } = start;
+        let ShardStart { params, version, spec, restored, workers, mode, signed_init, chunk, combine, suspect } = start;
         let len = params.len();
         let mut chunks = Vec::new();
         for range in chunk_ranges(len, chunk) {
@@ -264,6 +335,7 @@ impl Shard {
             mode,
             signed_init,
             combine,
+            tracker: suspect.filter(|_| mode == SyncMode::Sync).map(|rule| Mutex::new(Tracker::new(rule, workers))),
             meta: Mutex::new(Meta { worker0_steps: version, last_checkpoint: version }),
             frame: Mutex::new(None),
         })
@@ -287,26 +359,38 @@ impl Shard {
     /// [`crate::net::wire::push_view`]). A chunk's body is swapped into
     /// the chunk in sync mode, and `body` comes back holding a spare buffer
     /// (no copy of the gradient); a whole-shard push is shared by all chunks.
-    pub fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<(), Refusal> {
+    ///
+    /// Returns the workers this push's step found suspect (see
+    /// [`SuspectRule`]), if it completed a step.
+    pub fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<Vec<Suspect>, Refusal> {
         let (step, chunk, grad) = any_push_view(body)?;
-        if !grad.all_finite() {
-            return Err(Refusal::NotFinite { rank });
-        }
+        let norm2 = grad.finite_sum_squares().ok_or(Refusal::NotFinite { rank })?;
+        let mut found = Vec::new();
         let Some(c) = chunk else {
-            return self.push_whole(rank, step, grad.len(), body);
+            self.push_whole(rank, step, grad.len(), body, norm2, &mut found)?;
+            return Ok(found);
         };
         let ch = self.chunk(c)?;
         if grad.len() != ch.range.len() {
             return Err(Refusal::PushLength { got: grad.len(), holds: ch.range.len() });
         }
         let last = c as usize + 1 == self.chunks.len();
-        if let Some(spare) = self.push_chunk(ch, rank, step, last, Pending::Own(std::mem::take(body)))? {
+        let incoming = Pending::Own(std::mem::take(body));
+        if let Some(spare) = self.push_chunk(ch, (rank, step, last), incoming, norm2, &mut found)? {
             *body = spare;
         }
-        Ok(())
+        Ok(found)
     }
 
-    fn push_whole(&self, rank: u32, step: u64, len: usize, body: &mut Vec<u8>) -> Result<(), Refusal> {
+    fn push_whole(
+        &self,
+        rank: u32,
+        step: u64,
+        len: usize,
+        body: &mut Vec<u8>,
+        norm2: f64,
+        found: &mut Vec<Suspect>,
+    ) -> Result<(), Refusal> {
         if len != self.len {
             return Err(Refusal::PushLength { got: len, holds: self.len });
         }
@@ -316,7 +400,10 @@ impl Shard {
         }
         let shared = Arc::new(std::mem::take(body));
         for (i, ch) in self.chunks.iter().enumerate() {
-            self.push_chunk(ch, rank, step, i + 1 == self.chunks.len(), Pending::Part(shared.clone()))?;
+            // The whole push's norm counts once, with its first chunk.
+            let part = if i == 0 { norm2 } else { 0.0 };
+            let last = i + 1 == self.chunks.len();
+            self.push_chunk(ch, (rank, step, last), Pending::Part(shared.clone()), part, found)?;
         }
         Ok(())
     }
@@ -343,16 +430,22 @@ impl Shard {
     /// chunk's update once every worker's is in. `last`: the shard's last
     /// chunk, whose push completes a step of worker `rank`'s. Returns a
     /// spare buffer for the worker's next receive, if one is free.
+    /// `norm2`: the push's squared norm, counted for the suspect rule in
+    /// sync mode (under the chunk's lock, so a step's norms are all in
+    /// before its last chunk's update can be pulled).
     fn push_chunk(
         &self,
         ch: &Chunk,
-        rank: u32,
-        step: u64,
-        last: bool,
+        (rank, step, last): (u32, u64, bool),
         incoming: Pending,
+        norm2: f64,
+        found: &mut Vec<Suspect>,
     ) -> Result<Option<Vec<u8>>, Refusal> {
         let mut st = lock(&ch.state);
         self.admit(&st, rank, step)?;
+        if let (SyncMode::Sync, Some(t)) = (self.mode, &self.tracker) {
+            lock(t).norms[rank as usize] += norm2;
+        }
         let spare = match self.mode {
             SyncMode::Async => {
                 let ChunkState { params, opt, .. } = &mut *st;
@@ -386,6 +479,9 @@ impl Shard {
                     };
                 }
                 st.count = 0;
+                if let Some(t) = &self.tracker {
+                    found.extend(lock(t).chunk_updated(self.chunks.len(), st.version + 1));
+                }
                 spare
             }
         };
@@ -556,8 +652,33 @@ mod tests {
             signed_init: false,
             chunk,
             combine: warden_kernels::Combine::Mean,
+            suspect: None,
         })
         .unwrap()
+    }
+
+    /// A worker whose norm is above the ratio for the rule's steps in a row
+    /// is reported once; one normal step starts its count again.
+    #[test]
+    fn a_worker_standing_out_for_steps_in_a_row_is_suspect_once() {
+        let rule = SuspectRule { ratio: 10.0, steps: 3, fail: false };
+        let mut t = Tracker::new(rule, 3);
+        let step = |scales: [f64; 3], t: &mut Tracker| {
+            for (w, s) in scales.iter().enumerate() {
+                t.norms[w] += s * s;
+            }
+            // Two chunks: judged after the second.
+            assert!(t.chunk_updated(2, 0).is_empty());
+            t.chunk_updated(2, 7)
+        };
+        assert!(step([1.0, 1.0, 20.0], &mut t).is_empty());
+        assert!(step([1.0, 1.0, 20.0], &mut t).is_empty());
+        assert!(step([1.0, 1.0, 5.0], &mut t).is_empty(), "below the ratio: the count starts again");
+        assert!(step([1.0, 1.2, 20.0], &mut t).is_empty());
+        assert!(step([1.0, 1.0, 20.0], &mut t).is_empty());
+        let found = step([1.0, 2.0, 30.0], &mut t);
+        assert_eq!(found, vec![Suspect { worker: 2, ratio: 15.0, steps: 3, step: 7 }]);
+        assert!(step([1.0, 1.0, 20.0], &mut t).is_empty(), "reported once per streak");
     }
 
     /// A push with a NaN or an infinity is refused, naming the worker, and
