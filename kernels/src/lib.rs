@@ -35,7 +35,8 @@ pub use isa::Isa;
 pub use packed::{PackedB, sgemm_packed};
 pub use robust::Combine;
 pub use update::{
-    GradPrep, Rule, Update, aggregate_update, aggregate_update_with, combine_update_with, state_slots, sum, sum_with,
+    GradPrep, Rule, Update, aggregate_update, aggregate_update_with, centered_clip_update_with, combine_update_with,
+    state_slots, sum, sum_with,
 };
 
 /// Strides of a matrix operand: element (i, j) is at `i * row + j * col`.

@@ -197,6 +197,99 @@ pub fn reference(grads: &[Grad<'_>], combine: Combine) -> Vec<f32> {
         .collect()
 }
 
+/// Centered clipping (Karimireddy, He and Jaggi, ICML 2021), one
+/// iteration: with `center` the previous step's combined gradient,
+///
+/// `combined = center + (1 / N) * sum_k s_k * (g_k - center)`,
+/// `s_k = min(1, radius / |g_k - center|)`,
+///
+/// so a gradient far from the center moves the result by at most
+/// `radius / N`. This computes the `s_k` (norms over the whole slice, in
+/// f64, in index order: the same bits on every instruction set and thread
+/// count); [`centered_block`] then combines block by block.
+pub fn centered_weights(grads: &[Grad<'_>], center: &[f32], radius: f32) -> Vec<f32> {
+    let n = grads.len();
+    let mut row = vec![0f32; BLOCK.min(center.len())];
+    grads
+        .iter()
+        .map(|g| {
+            let mut norm2 = 0f64;
+            for start in (0..center.len()).step_by(BLOCK) {
+                let end = (start + BLOCK).min(center.len());
+                let r = &mut row[..end - start];
+                decode_block(r, &g.range(start, end), true);
+                for (v, c) in r.iter().zip(&center[start..end]) {
+                    let d = f64::from(*v - *c);
+                    norm2 += d * d;
+                }
+            }
+            let norm = norm2.sqrt();
+            let s = if norm > f64::from(radius) { f64::from(radius) / norm } else { 1.0 };
+            (s / n as f64) as f32
+        })
+        .collect()
+}
+
+/// One block of centered clipping: `acc = center + sum_k w_k * (g_k -
+/// center)` with the weights of [`centered_weights`], added in gradient
+/// order; `row` is scratch of at least `acc.len()` values.
+#[inline(always)]
+pub(crate) fn centered_block(
+    acc: &mut [f32],
+    row: &mut [f32],
+    center: &[f32],
+    grads: &[Grad<'_>],
+    start: usize,
+    weights: &[f32],
+) {
+    let len = acc.len();
+    let row = &mut row[..len];
+    acc.fill(0.0);
+    for (g, w) in grads.iter().zip(weights) {
+        decode_block(row, &g.range(start, start + len), true);
+        for ((a, v), c) in acc.iter_mut().zip(row.iter()).zip(center) {
+            *a += *w * (*v - *c);
+        }
+    }
+    for (a, c) in acc.iter_mut().zip(center) {
+        *a += *c;
+    }
+}
+
+/// The plain reference of centered clipping, element by element.
+pub fn centered_reference(grads: &[Grad<'_>], center: &[f32], radius: f32) -> Vec<f32> {
+    let len = center.len();
+    let decoded: Vec<Vec<f32>> = grads
+        .iter()
+        .map(|g| {
+            let mut v = vec![0.0; len];
+            for start in (0..len).step_by(BLOCK) {
+                let end = (start + BLOCK).min(len);
+                decode_block(&mut v[start..end], &g.range(start, end), true);
+            }
+            v
+        })
+        .collect();
+    let n = grads.len() as f64;
+    let weights: Vec<f32> = decoded
+        .iter()
+        .map(|v| {
+            let norm = v.iter().zip(center).map(|(x, c)| f64::from(x - c) * f64::from(x - c)).sum::<f64>().sqrt();
+            let s = if norm > f64::from(radius) { f64::from(radius) / norm } else { 1.0 };
+            (s / n) as f32
+        })
+        .collect();
+    (0..len)
+        .map(|i| {
+            let mut a = 0f32;
+            for (v, w) in decoded.iter().zip(&weights) {
+                a += w * (v[i] - center[i]);
+            }
+            a + center[i]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

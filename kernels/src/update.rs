@@ -11,7 +11,7 @@
 
 use crate::grad::{BLOCK, Grad, decode_block};
 use crate::isa::{Isa, multiversion};
-use crate::robust::{Combine, combine_block};
+use crate::robust::{Combine, centered_block, combine_block};
 
 /// Per-element gradient preprocessing shared by every update rule: the
 /// summed gradient is scaled (1 / workers), clipped to `[-clip, clip]` when
@@ -391,6 +391,61 @@ fn sum_body(out: &mut [f32], grads: &[Grad<'_>], offset: usize) {
 
 multiversion!(fn aggregate_update_isa(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], grads: &[Grad<'_>], offset: usize, u: &Update, robust: Option<&Robust<'_>>) => aggregate_update_body);
 multiversion!(fn sum_isa(out: &mut [f32], grads: &[Grad<'_>], offset: usize) => sum_body);
+
+/// `center` becomes the centered-clipping combination of the gradients'
+/// values `offset..offset + center.len()`, block by block.
+#[inline(always)]
+fn centered_body(center: &mut [f32], grads: &[Grad<'_>], offset: usize, weights: &[f32]) {
+    let n = center.len();
+    let mut acc = SCRATCH.with(|s| s.take());
+    let mut row = ROWS.with(|s| s.take());
+    acc.resize(BLOCK.min(n), 0.0);
+    row.resize(BLOCK.min(n), 0.0);
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let c = &mut center[start..start + len];
+        centered_block(&mut acc[..len], &mut row, c, grads, offset + start, weights);
+        c.copy_from_slice(&acc[..len]);
+        start += len;
+    }
+    SCRATCH.with(|s| s.set(acc));
+    ROWS.with(|s| s.set(row));
+}
+
+multiversion!(fn centered_isa(center: &mut [f32], grads: &[Grad<'_>], offset: usize, weights: &[f32]) => centered_body);
+
+/// Centered clipping ([`crate::robust::centered_weights`]) and the update:
+/// `center` (the previous step's combined gradient, zeros at the start)
+/// becomes this step's, then `u` is applied with it as the gradient (its
+/// `scale` unused: the combination is an average already). Two passes over
+/// the gradients (their distances to the center, then the combination) and
+/// one update pass.
+///
+/// # Panics
+/// As [`aggregate_update_with`], and if `center` is not as long as `params`.
+#[allow(clippy::too_many_arguments)]
+pub fn centered_clip_update_with(
+    isa: Isa,
+    threads: usize,
+    params: &mut [f32],
+    state1: &mut [f32],
+    state2: &mut [f32],
+    center: &mut [f32],
+    grads: &[Grad<'_>],
+    u: Update,
+    radius: f32,
+) {
+    let n = params.len();
+    check(n, grads);
+    assert_eq!(center.len(), n, "the center is as long as the parameters");
+    let weights = crate::robust::centered_weights(grads, center, radius);
+    crate::parallel::split3(threads, center, &mut [], &mut [], |c, _, _, offset| {
+        centered_isa(isa, c, grads, offset, &weights)
+    });
+    let u = Update { prep: GradPrep { scale: 1.0, ..u.prep }, ..u };
+    aggregate_update_with(isa, threads, params, state1, state2, &[Grad::F32(center)], u);
+}
 
 fn check(n: usize, grads: &[Grad<'_>]) {
     for (k, g) in grads.iter().enumerate() {

@@ -562,3 +562,49 @@ fn sum_of_squares_matches_the_reference_and_refuses_what_is_not_finite() {
         }
     }
 }
+
+/// Centered clipping on every instruction-set path and thread count equals
+/// its plain reference to the bit (then one update with that gradient), and
+/// a gradient far from the center moves the result by at most radius / N.
+#[test]
+fn centered_clipping_equals_its_reference_and_bounds_an_outlier() {
+    use warden_kernels::{centered_clip_update_with, robust};
+    for len in [1usize, 7, 1003, (1 << 19) + 4099] {
+        let all = encodings(len, 700);
+        let grads: Vec<Grad<'_>> = all.iter().map(Encoded::grad).collect();
+        let start_center: Vec<f32> = values(len, 701).iter().map(|v| v * 0.1).collect();
+        for radius in [0.01f32, 1.0, 1e6] {
+            let want = robust::centered_reference(&grads, &start_center, radius);
+            for isa in isas() {
+                for threads in [1, 2] {
+                    let u = Update {
+                        lr: 0.05,
+                        prep: GradPrep { scale: 99.0, clip: 0.0, weight_decay: 1e-3 },
+                        rule: Rule::Sgd,
+                    };
+                    let (mut p, mut s1, mut s2) = start_state(len, 9);
+                    let mut rp = p.clone();
+                    let mut center = start_center.clone();
+                    centered_clip_update_with(isa, threads, &mut p, &mut s1, &mut s2, &mut center, &grads, u, radius);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&center),
+                        bits(&want),
+                        "center at {len}, radius {radius}, {isa:?}, {threads} threads"
+                    );
+                    let u1 = Update { prep: GradPrep { scale: 1.0, ..u.prep }, ..u };
+                    aggregate_update_with(Isa::Scalar, 1, &mut rp, &mut [], &mut [], &[Grad::F32(&want)], u1);
+                    assert_eq!(bits(&p), bits(&rp));
+                }
+            }
+        }
+    }
+    // Four gradients at the center and one 1e6 away: the result moves by radius / 5.
+    let center = vec![0.5f32; 1000];
+    let far: Vec<f32> = center.iter().map(|c| c + 1e6 / (1000f32).sqrt()).collect();
+    let mut grads: Vec<Grad<'_>> = (0..4).map(|_| Grad::F32(&center)).collect();
+    grads.push(Grad::F32(&far));
+    let got = robust::centered_reference(&grads, &center, 2.0);
+    let moved: f64 = got.iter().zip(&center).map(|(g, c)| f64::from(g - c).powi(2)).sum::<f64>().sqrt();
+    assert!((moved - 2.0 / 5.0).abs() < 1e-3, "moved {moved}");
+}

@@ -410,7 +410,9 @@ fn a_failing_programs_traceback_ends_the_launchers_output() {
 }
 
 /// configs/byo-numpy.toml with five workers whose rank 4 runs `behaviour`
-/// (`honest`, `scaled`: it pushes -100 times its gradients, or `nan`) and
+/// (`honest`, `scaled`: it pushes -100 times its gradients, or `nan`;
+/// `scaled+momentum`: every rank pushes its momentum, rank 4 times -100,
+/// and the servers apply plain SGD) and
 /// the servers combining gradients by `aggregation` (TOML lines).
 fn five_worker_job(dir: &Path, ports: (u16, u16), behaviour: &str, aggregation: &str) -> PathBuf {
     let mut text = std::fs::read_to_string(numpy_job(dir, ports)).unwrap();
@@ -425,11 +427,22 @@ fn five_worker_job(dir: &Path, ports: (u16, u16), behaviour: &str, aggregation: 
 import numpy as np
 sys.path.insert(0, {dir:?})
 import train_numpy as t
-if os.environ["WARDEN_RANK"] == "4" and {behaviour:?} != "honest":
+behaviour = {behaviour:?}
+if behaviour.endswith("+momentum"):
+    # Every rank pushes its momentum (beta 0.9) instead of its gradient,
+    # as centered clipping assumes.
+    plain, state = t.loss_and_grads, {{}}
+    def with_momentum(*a):
+        loss, gw, gb = plain(*a)
+        mw, mb = state.get("m", (0 * gw, 0 * gb))
+        state["m"] = (0.9 * mw + gw, 0.9 * mb + gb)
+        return (loss, *state["m"])
+    t.loss_and_grads = with_momentum
+if os.environ["WARDEN_RANK"] == "4" and behaviour != "honest":
     honest = t.loss_and_grads
     def hostile(*a):
         loss, gw, gb = honest(*a)
-        if {behaviour:?} == "nan":
+        if behaviour == "nan":
             gw = gw.copy()
             gw[3, 3] = np.nan
             return loss, gw, gb
@@ -442,6 +455,12 @@ t.main()
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    if behaviour.ends_with("+momentum") {
+        // The workers' momentum takes the place of the servers'.
+        let server_momentum = "kind = \"momentum\"\nlr = 0.1\nmomentum = 0.9";
+        assert!(text.contains(server_momentum));
+        text = text.replace(server_momentum, "kind = \"sgd\"\nlr = 0.1");
+    }
     text = text
         .replace("workers = 2", "workers = 5")
         .replace(&program.display().to_string(), &wrapper.display().to_string())
@@ -462,7 +481,8 @@ fn run_job(job: &Path, run: &Path) -> (Option<i32>, serde_json::Value, String) {
 
 /// One worker of five pushing -100 times its gradient: with the mean the
 /// job does not learn; with the trimmed mean (trim 1) and the median it
-/// reaches within two points of the honest job. A worker pushing a NaN is
+/// reaches within two points of the honest job; centered clipping (radius
+/// 3, the workers pushing momentum) above 70%. A worker pushing a NaN is
 /// refused by name and the job stops.
 #[test]
 fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
@@ -473,12 +493,13 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
         ("scaled", ""),
         ("scaled", "aggregation = \"trimmed_mean\"\ntrim = 1"),
         ("scaled", "aggregation = \"median\""),
+        ("scaled+momentum", "aggregation = \"centered_clip\"\nclip_radius = 3.0"),
     ]
     .into_iter()
     .enumerate()
     {
         let dir = scratch(&format!("byo-robust-{i}"));
-        let base = 32200 + 10 * i as u16;
+        let base = if i < 4 { 32200 + 10 * i as u16 } else { 32260 };
         let job = five_worker_job(&dir, (base, base + 9), behaviour, aggregation);
         let (code, summary, stderr) = run_job(&job, &dir.join("run"));
         assert_eq!(code, Some(0), "{behaviour} with {aggregation:?}: {stderr}");
@@ -498,12 +519,17 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    let [honest, mean, trimmed, median] = results[..] else { unreachable!() };
-    eprintln!("test accuracy: honest {honest}, mean {mean}, trimmed mean {trimmed}, median {median}");
+    let [honest, mean, trimmed, median, centered] = results[..] else { unreachable!() };
+    eprintln!(
+        "test accuracy: honest {honest}, mean {mean}, trimmed mean {trimmed}, median {median}, centered clip {centered}"
+    );
     assert!(honest >= 0.75, "the honest job learns: {honest}");
     assert!(mean < 0.70, "one hostile worker ruins the mean: {mean}");
     assert!(trimmed >= honest - 0.02, "trimmed mean {trimmed}, honest {honest}");
     assert!(median >= honest - 0.02, "median {median}, honest {honest}");
+    // Centered clipping (one iteration, as the paper; its radius tuned to
+    // the workers' momentum here) holds off most of the attack, not all.
+    assert!(centered >= 0.70, "centered clipping {centered}, honest {honest}");
 
     // With on_suspect = "fail" the job stops naming the worker.
     let dir = scratch("byo-robust-fail");

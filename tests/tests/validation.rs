@@ -436,7 +436,15 @@ const CASES: &[Case] = &[
         to: "batch_size = 32\naggregation = \"krum\"\n",
         at: "aggregation = ^\"krum\"",
         message: "unknown aggregation `krum`",
-        help: Some("use \"mean\", \"trimmed_mean\" (with trim) or \"median\""),
+        help: Some("use \"mean\", \"trimmed_mean\" (with trim), \"median\" or \"centered_clip\" (with clip_radius)"),
+    },
+    Case {
+        name: "centered clipping without a radius",
+        from: "batch_size = 32\n",
+        to: "batch_size = 32\naggregation = \"centered_clip\"\n",
+        at: "aggregation = ^\"centered_clip\"",
+        message: "aggregation = \"centered_clip\" needs `clip_radius`, the L2 norm a worker's gradient may differ from the last step's by",
+        help: Some("set it near the norm of a typical gradient on a server's chunk, for example clip_radius = 1.0"),
     },
     Case {
         name: "unknown on_suspect",

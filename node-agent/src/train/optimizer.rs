@@ -318,6 +318,22 @@ impl ShardOptimizer {
         count: usize,
         combine: warden_kernels::Combine,
     ) {
+        let u = self.next_update(count);
+        let (isa, threads) = (warden_kernels::Isa::best(), warden_kernels::parallel::threads());
+        warden_kernels::combine_update_with(isa, threads, params, &mut self.slot1, &mut self.slot2, grads, u, combine);
+    }
+
+    /// [`ShardOptimizer::apply`] with the gradients combined by centered
+    /// clipping around `center` (which becomes this step's combination).
+    pub fn apply_centered(&mut self, params: &mut [f32], center: &mut [f32], grads: &[Grad<'_>], radius: f32) {
+        let u = self.next_update(grads.len());
+        let (isa, threads) = (warden_kernels::Isa::best(), warden_kernels::parallel::threads());
+        let (s1, s2) = (&mut self.slot1, &mut self.slot2);
+        warden_kernels::centered_clip_update_with(isa, threads, params, s1, s2, center, grads, u, radius);
+    }
+
+    /// Counts an update and says what it is (`count` gradients averaged).
+    fn next_update(&mut self, count: usize) -> Update {
         self.t += 1;
         let s = self.spec;
         let coupled = if matches!(s.kind, OptimizerKind::AdamW { .. }) { 0.0 } else { s.weight_decay };
@@ -332,9 +348,7 @@ impl ShardOptimizer {
                 Rule::Adam { beta1, beta2, eps, decoupled_decay: s.weight_decay, t: self.t }
             }
         };
-        let u = Update { lr: s.lr_at(self.t), prep, rule };
-        let (isa, threads) = (warden_kernels::Isa::best(), warden_kernels::parallel::threads());
-        warden_kernels::combine_update_with(isa, threads, params, &mut self.slot1, &mut self.slot2, grads, u, combine);
+        Update { lr: s.lr_at(self.t), prep, rule }
     }
 }
 

@@ -142,6 +142,7 @@ pub struct Training {
     pub chunk_kib: Option<Spanned<i64>>,
     pub aggregation: Option<Spanned<String>>,
     pub trim: Option<Spanned<i64>>,
+    pub clip_radius: Option<Spanned<f64>>,
     pub suspect_ratio: Option<Spanned<f64>>,
     pub suspect_steps: Option<Spanned<i64>>,
     pub on_suspect: Option<Spanned<String>>,

@@ -35,7 +35,7 @@ pub struct TrainingSpec {
 }
 
 /// `[training] aggregation`: how a server combines a step's gradients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     /// Their mean (the default; what every parameter server does).
@@ -49,15 +49,31 @@ pub enum Aggregation {
     /// Per coordinate, the median: tolerates fewer than half the workers
     /// pushing anything.
     Median,
+    /// Centered clipping: each worker's difference from the previous
+    /// step's combined gradient is clipped to L2 norm `radius` (over a
+    /// server's chunk) before they are averaged.
+    CenteredClip {
+        /// The clipping radius.
+        radius: f32,
+    },
 }
 
 impl Aggregation {
-    /// The kernels' name for it.
+    /// The kernels' name for a per-coordinate rule (centered clipping has
+    /// a kernel of its own: [`Aggregation::radius`]).
     pub fn combine(self) -> warden_kernels::Combine {
         match self {
-            Aggregation::Mean => warden_kernels::Combine::Mean,
+            Aggregation::Mean | Aggregation::CenteredClip { .. } => warden_kernels::Combine::Mean,
             Aggregation::TrimmedMean { trim } => warden_kernels::Combine::TrimmedMean { trim: trim as usize },
             Aggregation::Median => warden_kernels::Combine::Median,
+        }
+    }
+
+    /// Centered clipping's radius.
+    pub fn radius(self) -> Option<f32> {
+        match self {
+            Aggregation::CenteredClip { radius } => Some(radius),
+            _ => None,
         }
     }
 }
@@ -288,14 +304,35 @@ fn convert_aggregation(
             }
             Aggregation::TrimmedMean { trim }
         }
+        Some("centered_clip") => {
+            let Some(v) = &t.clip_radius else {
+                return Err(src.err(
+                    span,
+                    "aggregation = \"centered_clip\" needs `clip_radius`, the L2 norm a worker's gradient may differ from the last step's by",
+                    "set it near the norm of a typical gradient on a server's chunk, for example clip_radius = 1.0",
+                ));
+            };
+            let x = *v.get_ref();
+            if !(x.is_finite() && x > 0.0 && x <= 1e6) {
+                return Err(src.err(
+                    v.span(),
+                    format!("clip_radius must be above 0 and at most 1e6, not {x}"),
+                    "set it near the norm of a typical gradient on a server's chunk",
+                ));
+            }
+            Aggregation::CenteredClip { radius: x as f32 }
+        }
         Some(other) => {
             return Err(src.err(
                 span,
                 format!("unknown aggregation `{other}`"),
-                "use \"mean\", \"trimmed_mean\" (with trim) or \"median\"",
+                "use \"mean\", \"trimmed_mean\" (with trim), \"median\" or \"centered_clip\" (with clip_radius)",
             ));
         }
     };
+    if let (Some(v), false) = (&t.clip_radius, matches!(aggregation, Aggregation::CenteredClip { .. })) {
+        return Err(src.err(v.span(), "`clip_radius` belongs to aggregation = \"centered_clip\"", "remove it"));
+    }
     if let (Some(v), false) = (&t.trim, matches!(aggregation, Aggregation::TrimmedMean { .. })) {
         return Err(src.err(v.span(), "`trim` belongs to aggregation = \"trimmed_mean\"", "remove it"));
     }

@@ -158,6 +158,7 @@ fn starting_shard(
         signed_init: ctx.spec.init.is_some(),
         chunk: ctx.spec.training.chunk_floats(),
         combine: ctx.spec.training.aggregation.combine(),
+        centered: ctx.spec.training.aggregation.radius(),
         suspect: Some(ctx.spec.training.suspect),
     })
     .map_err(|e| RoleError::new(e.to_string()))

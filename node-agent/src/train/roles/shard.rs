@@ -159,6 +159,9 @@ enum Pending {
 /// One chunk: its parameters, optimizer state and the step under way.
 struct ChunkState {
     params: Vec<f32>,
+    /// Centered clipping: the previous step's combined gradient (zeros at
+    /// the start and after a resume); empty for the other rules.
+    center: Vec<f32>,
     opt: ShardOptimizer,
     /// Sync mode: each worker's push for the current step.
     pending: Vec<Pending>,
@@ -264,6 +267,8 @@ pub(super) struct Shard {
     signed_init: bool,
     /// How a step's gradients are combined (sync mode).
     combine: warden_kernels::Combine,
+    /// Centered clipping's radius, when that is the rule instead.
+    centered: Option<f32>,
     /// Sync mode: the workers' gradient norms, for the suspect rule. Locked
     /// only while a chunk's lock is held (never the other way round).
     tracker: Option<Mutex<Tracker>>,
@@ -296,6 +301,8 @@ pub(super) struct ShardStart {
     pub chunk: usize,
     /// How a step's gradients are combined.
     pub combine: warden_kernels::Combine,
+    /// Centered clipping's radius, when that is the rule instead.
+    pub centered: Option<f32>,
     /// When a worker is suspect (sync mode).
     pub suspect: Option<SuspectRule>,
 }
@@ -303,7 +310,19 @@ pub(super) struct ShardStart {
 impl Shard {
     /// A shard cut into chunks of `start.chunk` floats.
     pub fn new(start: ShardStart) -> Result<Shard, RestoreError> {
-        let ShardStart { params, version, spec, restored, workers, mode, signed_init, chunk, combine, suspect } = start;
+        let ShardStart {
+            params,
+            version,
+            spec,
+            restored,
+            workers,
+            mode,
+            signed_init,
+            chunk,
+            combine,
+            centered,
+            suspect,
+        } = start;
         let len = params.len();
         let mut chunks = Vec::new();
         for range in chunk_ranges(len, chunk) {
@@ -316,6 +335,7 @@ impl Shard {
             };
             let state = ChunkState {
                 params: params[range.clone()].to_vec(),
+                center: if centered.is_some() { vec![0.0; range.len()] } else { Vec::new() },
                 opt,
                 pending: (0..workers).map(|_| Pending::None).collect(),
                 count: 0,
@@ -335,6 +355,7 @@ impl Shard {
             mode,
             signed_init,
             combine,
+            centered,
             tracker: suspect.filter(|_| mode == SyncMode::Sync).map(|rule| Mutex::new(Tracker::new(rule, workers))),
             meta: Mutex::new(Meta { worker0_steps: version, last_checkpoint: version }),
             frame: Mutex::new(None),
@@ -468,10 +489,13 @@ impl Shard {
                     self.count_step(rank, last);
                     return Ok(spare);
                 }
-                let ChunkState { params, pending, opt, .. } = &mut *st;
+                let ChunkState { params, pending, opt, center, .. } = &mut *st;
                 // Validated on arrival; the views cannot fail now. Worker order.
                 let grads: Vec<_> = pending.iter().filter_map(|p| view(p, &ch.range)).collect();
-                opt.apply_combined(params, &grads, self.workers, self.combine);
+                match self.centered {
+                    Some(radius) => opt.apply_centered(params, center, &grads, radius),
+                    None => opt.apply_combined(params, &grads, self.workers, self.combine),
+                }
                 for p in pending.iter_mut() {
                     *p = match std::mem::take(p) {
                         Pending::Own(v) | Pending::Spent(v) => Pending::Spent(v),
@@ -652,6 +676,7 @@ mod tests {
             signed_init: false,
             chunk,
             combine: warden_kernels::Combine::Mean,
+            centered: None,
             suspect: None,
         })
         .unwrap()
