@@ -160,12 +160,9 @@ fn combine_columns(acc: &mut [f32], rows: &[f32], len: usize, n: usize, t0: usiz
     }
 }
 
-/// The plain reference: column by column, the values decoded one at a
-/// time, sorted with `total_cmp` and combined as [`Combine`] says, adding
-/// in sorted order. What the kernels must equal to the bit.
-pub fn reference(grads: &[Grad<'_>], combine: Combine) -> Vec<f32> {
-    let len = grads.first().map_or(0, |g| g.len());
-    let decoded: Vec<Vec<f32>> = grads
+/// Every gradient decoded, one value at a time per block (for the references).
+fn decode_all(grads: &[Grad<'_>], len: usize) -> Vec<Vec<f32>> {
+    grads
         .iter()
         .map(|g| {
             let mut v = vec![0.0; len];
@@ -175,7 +172,15 @@ pub fn reference(grads: &[Grad<'_>], combine: Combine) -> Vec<f32> {
             }
             v
         })
-        .collect();
+        .collect()
+}
+
+/// The plain reference: column by column, the values decoded one at a
+/// time, sorted with `total_cmp` and combined as [`Combine`] says, adding
+/// in sorted order. What the kernels must equal to the bit.
+pub fn reference(grads: &[Grad<'_>], combine: Combine) -> Vec<f32> {
+    let len = grads.first().map_or(0, |g| g.len());
+    let decoded = decode_all(grads, len);
     let n = grads.len();
     (0..len)
         .map(|i| {
@@ -259,17 +264,7 @@ pub(crate) fn centered_block(
 /// The plain reference of centered clipping, element by element.
 pub fn centered_reference(grads: &[Grad<'_>], center: &[f32], radius: f32) -> Vec<f32> {
     let len = center.len();
-    let decoded: Vec<Vec<f32>> = grads
-        .iter()
-        .map(|g| {
-            let mut v = vec![0.0; len];
-            for start in (0..len).step_by(BLOCK) {
-                let end = (start + BLOCK).min(len);
-                decode_block(&mut v[start..end], &g.range(start, end), true);
-            }
-            v
-        })
-        .collect();
+    let decoded = decode_all(grads, len);
     let n = grads.len() as f64;
     let weights: Vec<f32> = decoded
         .iter()
