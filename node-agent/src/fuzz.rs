@@ -101,7 +101,7 @@ pub fn checkpoint(data: &[u8]) {
     let path = Path::new("fuzz.wck");
     let at = fuzz_placement();
     for (place, shape) in [(Some(&at), Shape { len: Some(16), slots: Some(1) }), (None, Shape::default())] {
-        let _ = crate::store::checkpoint::read_shard_from(data, data.len() as u64, path, key(), place, shape);
+        let _ = crate::store::checkpoint::read_shard_from(data, data.len() as u64, path, key(), place, shape, false);
     }
 }
 

@@ -551,3 +551,52 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A program whose worker 0 asks for a pull and exits without reading the
+/// answer, while worker 1 has not pushed yet: the agent's pull is cut off
+/// mid-wait when the program's connection ends, and the model must still
+/// hold the step's full result (every server's shard of it), not hang or
+/// keep a shard from before the step.
+#[test]
+fn a_program_that_exits_with_a_pull_outstanding_still_gets_the_whole_model() {
+    use std::os::unix::fs::PermissionsExt;
+    let tag = fresh_tag();
+    let dir = scratch("byo-exit-mid-pull");
+    let script = dir.join("exit_mid_pull.py");
+    std::fs::write(
+        &script,
+        r#"import json, os, struct, time
+import numpy as np
+from warden import kv
+store = kv.connect()
+rank = int(os.environ["WARDEN_RANK"])
+store.init("x", np.zeros(6, dtype=np.float32))
+store.init("y", np.zeros((2, 3), dtype=np.float32))
+for step in range(2):
+    if rank == 1 and step == 1:
+        time.sleep(2)  # worker 0 is gone, its agent waiting for this step
+    store.push("x", np.ones(6, dtype=np.float32))
+    store.push("y", np.ones((2, 3), dtype=np.float32))
+    if step == 0:
+        store.pull("x")
+if rank == 0:
+    h = json.dumps({"op": "pull", "name": "x", "dtype": "f32", "nbytes": 0}).encode()
+    store._sock.sendall(struct.pack("<I", len(h)) + h)
+    time.sleep(0.2)  # the agent is inside the pull
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let job = script_job(&dir, (32270, 32280), &script, "sync");
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // Two steps of SGD with lr 0.5 from zeros on the mean gradient 1: every
+    // value -1, on both servers' shards.
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let values: Vec<f32> = bytes[8 + n..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(values.len(), 12);
+    assert!(values.iter().all(|v| *v == -1.0), "{values:?}");
+    wait_gone(&tag);
+}

@@ -640,19 +640,34 @@ pub struct Shape {
 }
 
 /// Decrypts and checks a shard file against where it should be; returns the
-/// state and the file's SHA-256 (hex).
+/// state and its digest as manifests of format 2 name it (SHA-256 of the
+/// head and the chunk tags, hex).
 pub fn read_shard(
     path: &Path,
     key: &CheckpointKey,
     at: Option<&Placement>,
     shape: Shape,
 ) -> Result<(ShardState, String), CheckpointError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let actual = file.metadata().map_err(io_err(path))?.len();
-    read_shard_from(file, actual, path, key, at, shape)
+    read_shard_digest(path, key, at, shape, false)
 }
 
-/// [`read_shard`] from any reader of `actual` bytes; `path` names it in errors.
+/// [`read_shard`], with the digest of the whole file instead (what
+/// manifests of format 1 name) when `whole_file`: computed from the very
+/// bytes decrypted, in the same pass.
+fn read_shard_digest(
+    path: &Path,
+    key: &CheckpointKey,
+    at: Option<&Placement>,
+    shape: Shape,
+    whole_file: bool,
+) -> Result<(ShardState, String), CheckpointError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let actual = file.metadata().map_err(io_err(path))?.len();
+    read_shard_from(file, actual, path, key, at, shape, whole_file)
+}
+
+/// [`read_shard`] from any reader of `actual` bytes; `path` names it in
+/// errors; `whole_file` as in [`read_shard_digest`].
 pub fn read_shard_from<R: Read + Send>(
     mut r: R,
     actual: u64,
@@ -660,6 +675,7 @@ pub fn read_shard_from<R: Read + Send>(
     key: &CheckpointKey,
     at: Option<&Placement>,
     shape: Shape,
+    whole_file: bool,
 ) -> Result<(ShardState, String), CheckpointError> {
     let mut hash = digest::Context::new(&digest::SHA256);
     let head = read_head(&mut r, actual, path)?;
@@ -686,7 +702,7 @@ pub fn read_shard_from<R: Read + Send>(
                 CheckpointError::Io { path: path.to_path_buf(), source: e }
             }
         })?;
-        hash.update(&buf[buf.len() - TAG_LEN..]);
+        hash.update(if whole_file { &buf[..] } else { &buf[buf.len() - TAG_LEN..] });
         Ok(())
     };
     let open = |parity: u64| {
@@ -1135,35 +1151,25 @@ pub fn load_step(
     }
     let record = &m.files[at.shard as usize];
     let path = dir.join(&record.file);
-    let (state, digest) = read_shard(&path, key, Some(at), shape)?;
-    if !matches_manifest(&m, record, &path, &digest)? {
-        return Err(CheckpointError::Digest { path });
-    }
-    Ok(state)
+    read_for_manifest(&m, record, &path, key, Some(at), shape)
 }
 
-/// Whether the shard file at `path`, which [`read_shard`] read with
-/// `digest`, is the one `record` of manifest `m` names. A format 1
-/// manifest names the SHA-256 of the whole file, which is read again.
-pub fn matches_manifest(
+/// Reads shard `record` of manifest `m` from `path` and checks it against
+/// the manifest's digest (of the head and tags for format 2, of the whole
+/// file for format 1), computed from the very bytes decrypted.
+pub fn read_for_manifest(
     m: &Manifest,
     record: &ShardRecord,
     path: &Path,
-    digest: &str,
-) -> Result<bool, CheckpointError> {
-    if m.format >= 2 {
-        return Ok(digest == record.sha256);
+    key: &CheckpointKey,
+    at: Option<&Placement>,
+    shape: Shape,
+) -> Result<ShardState, CheckpointError> {
+    let (state, digest) = read_shard_digest(path, key, at, shape, m.format < 2)?;
+    if digest != record.sha256 {
+        return Err(CheckpointError::Digest { path: path.to_path_buf() });
     }
-    let mut file = File::open(path).map_err(io_err(path))?;
-    let mut hash = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            return Ok(hex(hash.finish().as_ref()) == record.sha256);
-        }
-        hash.update(&buf[..n]);
-    }
+    Ok(state)
 }
 
 /// The steps of a series that shard `shard` can resume from, newest first,

@@ -51,7 +51,7 @@ pub enum Aggregation {
     Median,
     /// Centered clipping: each worker's difference from the previous
     /// step's combined gradient is clipped to L2 norm `radius` (over a
-    /// server's chunk) before they are averaged.
+    /// server's shard, shared among its chunks) before they are averaged.
     CenteredClip {
         /// The clipping radius.
         radius: f32,

@@ -127,9 +127,13 @@ impl Link {
         Ok(())
     }
 
+    /// The answer to the command sent last. `due` is cleared only once it
+    /// is in: a caller cancelled while waiting (a KV connection ended, say)
+    /// leaves the link still owed its answer.
     async fn reply(&mut self) -> Result<LinkReply, RoleError> {
+        let reply = self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?;
         self.due = Due::Nothing;
-        self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?
+        reply
     }
 
     /// Sends worker 0's initial values of this server's shard and waits for
@@ -242,6 +246,10 @@ pub async fn send_step(
 pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic) -> Result<(), RoleError> {
     for link in links.iter_mut() {
         let due = link.due;
+        if due == Due::Nothing {
+            // Answered already (an earlier call was cancelled after it).
+            continue;
+        }
         let reply = link.reply().await?;
         let shard = &mut params[link.range.clone()];
         let replies = match due {

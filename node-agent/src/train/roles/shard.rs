@@ -493,7 +493,12 @@ impl Shard {
                 // Validated on arrival; the views cannot fail now. Worker order.
                 let grads: Vec<_> = pending.iter().filter_map(|p| view(p, &ch.range)).collect();
                 match self.centered {
-                    Some(radius) => opt.apply_centered(params, center, &grads, radius),
+                    // The radius bounds a worker's difference over the whole
+                    // shard: each chunk gets its share (the squares add up).
+                    Some(radius) => {
+                        let share = (ch.range.len() as f64 / self.len.max(1) as f64).sqrt() as f32;
+                        opt.apply_centered(params, center, &grads, radius * share)
+                    }
                     None => opt.apply_combined(params, &grads, self.workers, self.combine),
                 }
                 for p in pending.iter_mut() {
@@ -680,6 +685,35 @@ mod tests {
             suspect: None,
         })
         .unwrap()
+    }
+
+    impl Shard {
+        /// Every parameter, in order.
+        fn params_values(&self) -> Vec<f32> {
+            self.chunks.iter().flat_map(|c| lock(&c.state).params.clone()).collect()
+        }
+    }
+
+    /// Centered clipping bounds a worker's pull on the whole shard by
+    /// radius / workers, however many chunks the shard is cut into.
+    #[test]
+    fn centered_clipping_bounds_a_worker_over_the_whole_shard() {
+        let mut s = shard(SyncMode::Sync, 2, 0, 256, 64, OptimizerSpec::sgd(1.0));
+        s.centered = Some(1.0);
+        for st in s.chunks.iter().map(|c| &c.state) {
+            let mut st = lock(st);
+            st.center = vec![0.0; st.params.len()];
+        }
+        assert_eq!(s.chunks(), 4);
+        let before = s.params_values();
+        for (rank, v) in [(0, 0.0f32), (1, 1000.0)] {
+            let mut f = Vec::new();
+            encode_push(0, &[v; 256], Encoding::F32, 0.5, &mut [], &mut f);
+            s.push(rank, &mut body(f)).unwrap();
+        }
+        let moved: f64 =
+            s.params_values().iter().zip(&before).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+        assert!((moved - 0.5).abs() < 1e-4, "the shard moved by {moved}, not radius / workers = 0.5");
     }
 
     /// A worker whose norm is above the ratio for the rule's steps in a row
