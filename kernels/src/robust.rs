@@ -210,30 +210,63 @@ pub fn reference(grads: &[Grad<'_>], combine: Combine) -> Vec<f32> {
 ///
 /// so a gradient far from the center moves the result by at most
 /// `radius / N`. This computes the `s_k` (norms over the whole slice, in
-/// f64, in index order: the same bits on every instruction set and thread
-/// count); [`centered_block`] then combines block by block.
-pub fn centered_weights(grads: &[Grad<'_>], center: &[f32], radius: f32) -> Vec<f32> {
+/// f64 lanes of a fixed order: the same bits on every instruction set and
+/// thread count); [`centered_block`] then combines block by block.
+pub fn centered_weights(grads: &[Grad<'_>], center: &[f32], radius: f32, threads: usize) -> Vec<f32> {
     let n = grads.len();
-    let mut row = vec![0f32; BLOCK.min(center.len())];
-    grads
-        .iter()
-        .map(|g| {
-            let mut norm2 = 0f64;
-            for start in (0..center.len()).step_by(BLOCK) {
-                let end = (start + BLOCK).min(center.len());
-                let r = &mut row[..end - start];
-                decode_block(r, &g.range(start, end), true);
-                for (v, c) in r.iter().zip(&center[start..end]) {
-                    let d = f64::from(*v - *c);
-                    norm2 += d * d;
-                }
-            }
-            let norm = norm2.sqrt();
-            let s = if norm > f64::from(radius) { f64::from(radius) / norm } else { 1.0 };
-            (s / n as f64) as f32
-        })
-        .collect()
+    let isa = crate::isa::Isa::best();
+    let weight = |g: &Grad<'_>| {
+        let norm = distance2_isa(isa, g, center).sqrt();
+        let s = if norm > f64::from(radius) { f64::from(radius) / norm } else { 1.0 };
+        (s / n as f64) as f32
+    };
+    // Each gradient's distance is one thread's work: the same bits whatever
+    // the split.
+    let per = n.div_ceil(threads.max(1)).max(1);
+    if threads <= 1 || n < 2 || center.len() < crate::parallel::MIN_PER_THREAD {
+        return grads.iter().map(weight).collect();
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> =
+            grads.chunks(per).map(|part| scope.spawn(move || part.iter().map(weight).collect::<Vec<_>>())).collect();
+        parts.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
 }
+
+/// Lanes of the squared distance: value `i` adds into lane `i % LANES`, and
+/// the lanes are added in order at the end. Fixed, so every instruction set
+/// gives the same bits (and the additions pipeline instead of waiting on
+/// each other).
+const LANES: usize = 8;
+
+/// The squared L2 distance between `g` and `center`, in f64.
+#[inline(always)]
+fn distance2_body(g: &Grad<'_>, center: &[f32]) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut row = [0f32; 1024];
+    for start in (0..center.len()).step_by(row.len()) {
+        let end = (start + row.len()).min(center.len());
+        let r = &mut row[..end - start];
+        decode_block(r, &g.range(start, end), true);
+        let c = &center[start..end];
+        let (rw, rr) = r.as_chunks::<LANES>();
+        let (cw, cr) = c.as_chunks::<LANES>();
+        for (v, c) in rw.iter().zip(cw) {
+            for l in 0..LANES {
+                let d = f64::from(v[l] - c[l]);
+                lanes[l] += d * d;
+            }
+        }
+        // A block starts at a multiple of LANES: its tail starts at lane 0.
+        for (l, (v, c)) in rr.iter().zip(cr).enumerate() {
+            let d = f64::from(*v - *c);
+            lanes[l] += d * d;
+        }
+    }
+    lanes.iter().fold(0.0, |s, l| s + l)
+}
+
+crate::isa::multiversion!(fn distance2_isa(g: &Grad<'_>, center: &[f32]) -> f64 => distance2_body);
 
 /// One block of centered clipping: `acc = center + sum_k w_k * (g_k -
 /// center)` with the weights of [`centered_weights`], added in gradient
@@ -269,7 +302,11 @@ pub fn centered_reference(grads: &[Grad<'_>], center: &[f32], radius: f32) -> Ve
     let weights: Vec<f32> = decoded
         .iter()
         .map(|v| {
-            let norm = v.iter().zip(center).map(|(x, c)| f64::from(x - c) * f64::from(x - c)).sum::<f64>().sqrt();
+            let mut lanes = [0f64; LANES];
+            for (i, (x, c)) in v.iter().zip(center).enumerate() {
+                lanes[i % LANES] += f64::from(x - c) * f64::from(x - c);
+            }
+            let norm = lanes.iter().fold(0.0, |s, l| s + l).sqrt();
             let s = if norm > f64::from(radius) { f64::from(radius) / norm } else { 1.0 };
             (s / n) as f32
         })

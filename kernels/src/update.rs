@@ -439,7 +439,7 @@ pub fn centered_clip_update_with(
     let n = params.len();
     check(n, grads);
     assert_eq!(center.len(), n, "the center is as long as the parameters");
-    let weights = crate::robust::centered_weights(grads, center, radius);
+    let weights = crate::robust::centered_weights(grads, center, radius, threads);
     crate::parallel::split3(threads, center, &mut [], &mut [], |c, _, _, offset| {
         centered_isa(isa, c, grads, offset, &weights)
     });
