@@ -66,23 +66,6 @@ impl<'a> Grad<'a> {
         finite.then_some(sum)
     }
 
-    /// Whether every value is finite (no NaN, no infinity). Reads every
-    /// byte without stopping early: a pass at memory speed.
-    pub fn all_finite(&self) -> bool {
-        let f32_ok = |c: &[u8; 4]| u32::from_le_bytes(*c) & 0x7f80_0000 != 0x7f80_0000;
-        match *self {
-            Grad::F32(s) => s.iter().fold(true, |ok, v| ok & v.is_finite()),
-            Grad::F32Le(b) => b.as_chunks::<4>().0.iter().fold(true, |ok, c| ok & f32_ok(c)),
-            Grad::F16Le(b) => {
-                b.as_chunks::<2>().0.iter().fold(true, |ok, c| ok & (u16::from_le_bytes(*c) & 0x7c00 != 0x7c00))
-            }
-            Grad::Bf16Le(b) => {
-                b.as_chunks::<2>().0.iter().fold(true, |ok, c| ok & (u16::from_le_bytes(*c) & 0x7f80 != 0x7f80))
-            }
-            Grad::TwoBit { threshold, .. } => threshold.is_finite(),
-        }
-    }
-
     /// Values `start..end`; for 2-bit, `start` must be a multiple of 4.
     pub fn range(&self, start: usize, end: usize) -> Grad<'a> {
         match *self {

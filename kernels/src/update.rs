@@ -284,7 +284,6 @@ fn robust_update_body(
         s1,
         s2,
         &u,
-        BLOCK,
         #[inline(always)]
         |acc, start| combine_block(acc, &mut rows, grads, offset + start, r.combine, r.network),
     );
@@ -331,7 +330,6 @@ fn aggregate_update_body(
         s1,
         s2,
         u,
-        BLOCK,
         #[inline(always)]
         |acc, start| sum_blocks(acc, grads, offset + start),
     );
@@ -343,20 +341,13 @@ fn aggregate_update_body(
 /// not zeroed: a fresh 16 KiB array per call would be, and at
 /// cache-resident sizes that memset cost as much as the update itself.
 #[inline(always)]
-fn by_blocks(
-    p: &mut [f32],
-    s1: &mut [f32],
-    s2: &mut [f32],
-    u: &Update,
-    block: usize,
-    mut fill: impl FnMut(&mut [f32], usize),
-) {
+fn by_blocks(p: &mut [f32], s1: &mut [f32], s2: &mut [f32], u: &Update, mut fill: impl FnMut(&mut [f32], usize)) {
     let n = p.len();
     let mut acc = SCRATCH.with(|s| s.take());
-    acc.resize(block.min(n), 0.0);
+    acc.resize(BLOCK.min(n), 0.0);
     let mut start = 0;
     while start < n {
-        let len = block.min(n - start);
+        let len = BLOCK.min(n - start);
         let a = &mut acc[..len];
         fill(a, start);
         let end = start + len;

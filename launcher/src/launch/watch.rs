@@ -196,9 +196,8 @@ impl<'w, 'a> Watch<'w, 'a> {
             }
             Event::SuspectWorker { worker, ratio, steps, step } => {
                 let server = procs[i].planned.label();
-                self.ctx.progress.println(&format!(
-                    "warning: worker {worker} is suspect: its gradient norm on {server}'s shard was {ratio:.1}x the median of the workers' for {steps} steps in a row (to step {step})"
-                ));
+                let text = warden_agent::net::control::suspect_text(&server, worker, ratio, steps, step);
+                self.ctx.progress.println(&format!("warning: {text}"));
                 self.ctx.telemetry.suspect();
                 acc.suspects.push(crate::rundir::SuspectRow { worker, server, ratio, steps, step });
             }

@@ -182,6 +182,14 @@ pub struct StepScalars {
     pub bytes_pulled: u64,
 }
 
+/// What a [`Event::SuspectWorker`] says, in words: `server` names the
+/// server whose shard it was found on.
+pub fn suspect_text(server: &str, worker: u32, ratio: f64, steps: u32, step: u64) -> String {
+    format!(
+        "worker {worker} is suspect: its gradient norm on {server}'s shard was {ratio:.1}x the median of the workers' for {steps} steps in a row (to step {step})"
+    )
+}
+
 /// Agent to launcher.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

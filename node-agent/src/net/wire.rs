@@ -368,16 +368,10 @@ fn encode_any_push(
     out[start..start + HEADER_LEN].copy_from_slice(&body.to_le_bytes());
 }
 
-/// The step and gradient of a push body, borrowed from it; every length is
-/// checked against the bytes present and nothing is allocated.
-pub fn push_view(body: &[u8]) -> Result<(u64, warden_kernels::Grad<'_>), DecodeError> {
-    let (step, _, grad) = any_push_view(body)?;
-    Ok((step, grad))
-}
-
 /// The step, chunk (`None` for a whole-shard push) and gradient of a push
-/// or push_chunk body, as [`push_view`].
-pub fn any_push_view(body: &[u8]) -> Result<(u64, Option<u32>, warden_kernels::Grad<'_>), DecodeError> {
+/// or push_chunk body, borrowed from it; every length is checked against
+/// the bytes present and nothing is allocated.
+pub fn push_view(body: &[u8]) -> Result<(u64, Option<u32>, warden_kernels::Grad<'_>), DecodeError> {
     use warden_kernels::Grad;
     let mut r = Reader { buf: body, pos: 0 };
     let chunked = match r.u8()? {
@@ -406,19 +400,9 @@ pub fn any_push_view(body: &[u8]) -> Result<(u64, Option<u32>, warden_kernels::G
     Ok((step, chunk, grad))
 }
 
-/// Encodes a params frame straight from a parameter slice.
-pub fn encode_params(version: u64, data: &[f32], out: &mut Vec<u8>) {
-    let body = 1 + 8 + 4 + data.len() * 4;
-    out.reserve(HEADER_LEN + body);
-    out.extend_from_slice(&(body as u32).to_le_bytes());
-    out.push(TAG_PARAMS);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    warden_kernels::convert::extend_f32_le(out, data);
-}
-
-/// Encodes a params frame from the shard's parts in order (its chunks).
-pub fn encode_params_parts(version: u64, parts: &[&[f32]], out: &mut Vec<u8>) {
+/// Encodes a params frame straight from the shard's parameters, given as
+/// its parts in order (its chunks).
+pub fn encode_params(version: u64, parts: &[&[f32]], out: &mut Vec<u8>) {
     let n: usize = parts.iter().map(|p| p.len()).sum();
     let body = 1 + 8 + 4 + n * 4;
     out.reserve(HEADER_LEN + body);
@@ -919,31 +903,51 @@ mod tests {
         let mut b = Vec::new();
         Message::Push { step: 9, data: data.clone() }.encode_frame(&mut b);
         assert_eq!(a, b);
-        let (step, grad) = push_view(&a[4..]).unwrap();
-        assert_eq!((step, grad.len()), (9, 3));
+        let (step, chunk, grad) = push_view(&a[4..]).unwrap();
+        assert_eq!((step, chunk, grad.len()), (9, None, 3));
         assert!(push_view(&a[4..a.len() - 1]).is_err());
         let mut p = Vec::new();
-        encode_params(4, &data, &mut p);
+        encode_params(4, &[&data[..1], &data[1..]], &mut p);
         let mut q = Vec::new();
         Message::Params { version: 4, data: data.clone() }.encode_frame(&mut q);
         assert_eq!(p, q);
         let (v, raw) = vector_view(&p[4..], TAG_PARAMS).unwrap();
         assert_eq!((v, raw.len()), (4, 12));
+        let whole = a.clone();
+        // The chunk forms alike.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_push_chunk(9, 5, &data, Encoding::F32, 0.0, &mut [], &mut a);
+        Message::PushChunk { step: 9, chunk: 5, data: data.clone() }.encode_frame(&mut b);
+        assert_eq!(a, b);
+        let (step, chunk, grad) = push_view(&a[4..]).unwrap();
+        assert_eq!((step, chunk, grad.len()), (9, Some(5), 3));
+        assert!(push_view(&a[4..a.len() - 1]).is_err());
+        let (mut p, mut q) = (Vec::new(), Vec::new());
+        encode_params_chunk(4, 5, &data, &mut p);
+        Message::ParamsChunk { version: 4, chunk: 5, data: data.clone() }.encode_frame(&mut q);
+        assert_eq!(p, q);
+        let (v, chunk, raw) = params_chunk_view(&p[4..]).unwrap();
+        assert_eq!((v, chunk, raw.len()), (4, 5, 12));
+        assert!(params_chunk_view(&p[4..p.len() - 1]).is_err());
+        assert!(params_chunk_view(&q[4..4 + 1 + 8 + 4]).is_err(), "no count");
         // Every encoding's frame is exactly as long as it says, and checked.
         for enc in [Encoding::F16, Encoding::Bf16, Encoding::TwoBit] {
             let mut residual = vec![0.0; 3];
             let mut f = Vec::new();
             encode_push(1, &data, enc, 1.0, &mut residual, &mut f);
-            let (_, g) = push_view(&f[4..]).unwrap();
+            let (_, _, g) = push_view(&f[4..]).unwrap();
             assert_eq!(g.len(), 3);
             assert!(push_view(&f[4..f.len() - 1]).is_err());
             let mut longer = f[4..].to_vec();
             longer.push(0);
             assert!(push_view(&longer).is_err());
         }
-        let mut bad = a[4..].to_vec();
-        bad[9] = 7;
-        assert_eq!(push_view(&bad).unwrap_err(), DecodeError::UnknownEncoding(7));
+        // The encoding byte after the step (and the chunk index).
+        for (frame, at) in [(&whole, 9), (&b, 13)] {
+            let mut bad = frame[4..].to_vec();
+            bad[at] = 7;
+            assert_eq!(push_view(&bad).unwrap_err(), DecodeError::UnknownEncoding(7));
+        }
         for t in 0..=255u8 {
             assert_eq!(
                 tag_info(t).is_some(),

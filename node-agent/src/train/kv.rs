@@ -422,9 +422,10 @@ impl Kv {
         if self.pushed.iter().any(|p| *p) {
             return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
-        self.collect().await?;
-        // Async values move with every worker's push: always ask.
-        if self.fetched_at != Some(self.step) || self.mode == SyncMode::Async {
+        let collected = self.collect().await?;
+        // Async values move with every worker's push: ask, unless the
+        // answer to this worker's own push just came in.
+        if self.fetched_at != Some(self.step) || (self.mode == SyncMode::Async && !collected) {
             link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
                 .await
                 .map_err(KvError::ServerLink)?;
@@ -433,15 +434,15 @@ impl Kv {
         Ok(&self.params[self.tensors[i].range.clone()])
     }
 
-    /// Takes the answer to the step sent last, if it is still out.
-    async fn collect(&mut self) -> Result<(), KvError> {
-        if link::step_outstanding(&self.links) {
-            link::finish_step(&mut self.links, &mut self.params, &mut self.traffic)
-                .await
-                .map_err(KvError::ServerLink)?;
-            self.fetched_at = Some(self.step);
+    /// Takes the answer to the step sent last, if it is still out; whether
+    /// there was one.
+    async fn collect(&mut self) -> Result<bool, KvError> {
+        if !link::step_outstanding(&self.links) {
+            return Ok(false);
         }
-        Ok(())
+        link::finish_step(&mut self.links, &mut self.params, &mut self.traffic).await.map_err(KvError::ServerLink)?;
+        self.fetched_at = Some(self.step);
+        Ok(true)
     }
 
     /// The final values (after every complete step), for the model file.

@@ -43,9 +43,8 @@ enum Due {
     Whole,
     /// Every chunk of the shard, in order.
     Chunks,
-    /// One params frame after initial values.
-    AfterInit,
-    /// Only the acknowledgement of a checkpoint request.
+    /// An answer that only acknowledges (initial values taken; or none,
+    /// for a checkpoint request), read by the call that sent it.
     Ack,
 }
 
@@ -141,7 +140,7 @@ impl Link {
     pub async fn set_params(&mut self, all: &[f32]) -> Result<(), RoleError> {
         self.frames.clear();
         Message::SetParams { data: all[self.range.clone()].to_vec() }.encode_frame(&mut self.frames);
-        self.send(None, 1, Due::AfterInit).await?;
+        self.send(None, 1, Due::Ack).await?;
         let reply = self.reply().await?;
         let answer = reply.bodies.first().map(|b| b.first().copied());
         self.frames = reply.frames;
@@ -261,7 +260,7 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
                 link.version = take_whole(&reply.bodies[0], shard)?;
                 1
             }
-            Due::Nothing | Due::AfterInit | Due::Ack => 0,
+            Due::Nothing | Due::Ack => 0,
         };
         t.pushed += reply.bytes_out;
         t.pulled +=

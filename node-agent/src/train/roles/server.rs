@@ -266,10 +266,8 @@ struct SuspectReport {
 impl SuspectReport {
     fn found(&self, found: &[Suspect]) {
         for s in found {
-            let text = format!(
-                "worker {} is suspect: its gradient norm on server {}'s shard was {:.1}x the median of the workers' for {} steps in a row (to step {})",
-                s.worker, self.server, s.ratio, s.steps, s.step
-            );
+            let server = format!("server[{}]", self.server);
+            let text = crate::net::control::suspect_text(&server, s.worker, s.ratio, s.steps, s.step);
             tracing::warn!("{text}");
             (self.events)(crate::net::control::Event::SuspectWorker {
                 worker: s.worker,

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::job::spec::{SuspectRule, SyncMode};
-use crate::net::wire::{DecodeError, any_push_view, chunk_ranges};
+use crate::net::wire::{DecodeError, chunk_ranges, push_view};
 use crate::train::optimizer::{OptimizerSpec, RestoreError, ShardOptimizer};
 
 /// Why a server refuses a worker's request (and closes its connection);
@@ -384,7 +384,7 @@ impl Shard {
     /// Returns the workers this push's step found suspect (see
     /// [`SuspectRule`]), if it completed a step.
     pub fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<Vec<Suspect>, Refusal> {
-        let (step, chunk, grad) = any_push_view(body)?;
+        let (step, chunk, grad) = push_view(body)?;
         let norm2 = grad.finite_sum_squares().ok_or(Refusal::NotFinite { rank })?;
         let mut found = Vec::new();
         let Some(c) = chunk else {
@@ -628,7 +628,7 @@ impl Shard {
         let mut buf = cache.take().and_then(|(_, f)| Arc::try_unwrap(f).ok()).unwrap_or_default();
         buf.clear();
         let parts: Vec<&[f32]> = states.iter().map(|st| st.params.as_slice()).collect();
-        crate::net::wire::encode_params_parts(version, &parts, &mut buf);
+        crate::net::wire::encode_params(version, &parts, &mut buf);
         let frame = Arc::new(buf);
         if same {
             *cache = Some((version, frame.clone()));
@@ -659,8 +659,8 @@ impl Shard {
 fn view<'a>(p: &'a Pending, range: &Range<usize>) -> Option<warden_kernels::Grad<'a>> {
     match p {
         Pending::None | Pending::Spent(_) => None,
-        Pending::Own(body) => any_push_view(body).ok().map(|(_, _, g)| g),
-        Pending::Part(body) => any_push_view(body).ok().map(|(_, _, g)| g.range(range.start, range.end)),
+        Pending::Own(body) => push_view(body).ok().map(|(_, _, g)| g),
+        Pending::Part(body) => push_view(body).ok().map(|(_, _, g)| g.range(range.start, range.end)),
     }
 }
 
