@@ -13,6 +13,12 @@ aggregate the workers' gradients and apply the job's optimizer; `pull`
 returns the values after your newest complete step (sync) or the current
 values (async). Errors from the agent are raised as `KVError` with the
 agent's message.
+
+Tensors do not travel through the socket when the agent can copy them
+straight from and into this process's memory (it can for the program it
+started; not for a child process of it, nor when the system forbids it):
+then a push or pull costs one memory copy, done by the kernel. Set
+`WARDEN_KV_DIRECT=0` to send them on the socket regardless.
 """
 
 import json
@@ -65,6 +71,20 @@ class KV:
                     raise KVError(f"no warden agent listens on {path}")
                 time.sleep(0.05)
         self._shapes = None
+        self._direct = False
+        if os.environ.get("WARDEN_KV_DIRECT", "1") != "0":
+            probe = np.zeros(1, dtype=np.uint64)
+            try:
+                answer = self._call({"op": "hello", "probe": probe.ctypes.data})[0]
+                self._direct = bool(answer.get("direct"))
+            except KVError:
+                pass  # an agent without direct copies
+
+    @property
+    def direct(self):
+        """Whether tensors go straight between this process's memory and
+        the agent (otherwise through the socket)."""
+        return self._direct
 
     def close(self):
         self._sock.close()
@@ -75,20 +95,30 @@ class KV:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, header, payload=b"", into=None):
-        """One request. The payload is sent from the caller's buffer and the
-        answer's bytes land in `into` (a C-contiguous float32 array of the
-        right size) when given: large tensors are not copied on this side."""
-        payload = memoryview(payload).cast("B")
-        header = dict(header, nbytes=payload.nbytes)
+    def _call(self, header, payload=None, into=None):
+        """One request. The payload (a C-contiguous array) and the answer
+        (into `into`, a C-contiguous float32 array of the right size, when
+        given) are copied by the agent straight from and into this
+        process's memory when it can, else sent from and received into
+        those buffers on the socket: large tensors are not copied on this
+        side either way. `payload` must stay alive until this returns."""
+        nbytes = 0 if payload is None else payload.nbytes
+        header = dict(header, nbytes=nbytes)
+        direct = self._direct
+        if direct and nbytes:
+            header["from"] = payload.ctypes.data
+        if direct and into is not None:
+            header.update(into=into.ctypes.data, into_nbytes=into.nbytes)
         h = json.dumps(header).encode()
         self._sock.sendall(struct.pack("<I", len(h)) + h)
-        if payload.nbytes:
-            self._sock.sendall(payload)
+        if nbytes and not direct:
+            self._sock.sendall(memoryview(payload).cast("B"))
         (n,) = struct.unpack("<I", _recv_exact(self._sock, 4))
         answer = json.loads(bytes(_recv_exact(self._sock, n)))
         if not answer.get("ok"):
             raise KVError(answer.get("error", "the agent refused the operation"))
+        if into is not None and answer.get("written") == into.nbytes:
+            return answer, None
         nbytes = answer.get("nbytes", 0)
         if into is not None and into.nbytes == nbytes:
             _recv_exact(self._sock, nbytes, into)
@@ -140,18 +170,24 @@ class KV:
 
     def pull(self, name, out=None):
         """The current value of `name` (into `out` if given)."""
-        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"}, into=self._into(out))
-        return self._unpack(name, data, out)
+        into = self._into(name, out)
+        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"}, into=into)
+        return self._unpack(name, data, out, into)
 
     def pushpull(self, name, grad, out=None):
         """push, then pull (the pull needs the step complete: use it for the last tensor)."""
         dtype, payload = self._bytes(name, grad)
-        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload, into=self._into(out))
-        return self._unpack(name, data, out)
+        into = self._into(name, out)
+        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload, into=into)
+        return self._unpack(name, data, out, into)
 
-    @staticmethod
-    def _into(out):
-        """`out` itself, when the answer can be received straight into it."""
+    def _into(self, name, out):
+        """Where the answer can land as it is: `out` itself when it is a
+        writable C-contiguous float32 array, a new array of the tensor's
+        shape when there is no `out`; else None (received, then converted)."""
+        if out is None:
+            shape = self.shapes().get(name)
+            return None if shape is None else np.empty(shape, dtype=np.float32)
         if isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable:
             return out
         return None
@@ -180,9 +216,9 @@ class KV:
             h["samples"] = int(samples)
         self._call(h)
 
-    def _unpack(self, name, data, out):
-        if data is None:  # received into `out` already
-            return out
+    def _unpack(self, name, data, out, into):
+        if data is None:  # received into `into` already
+            return into
         arr = np.frombuffer(data, dtype=np.float32)
         shape = self.shapes().get(name)
         if shape is not None:

@@ -130,7 +130,11 @@ fn safetensors_shapes(bytes: &[u8]) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Two workers push known arrays in sync mode and pull back exactly the
-/// optimizer's result; the agent refuses a pull in the middle of a step,
+/// optimizer's result, with tensors copied straight from and into the
+/// program's memory and through the socket alike (and as float16); only the
+/// program itself gets direct copies (not its child), a bad address is
+/// refused and leaves nothing half pushed, and the program cannot read its
+/// agent's memory; the agent refuses a pull in the middle of a step,
 /// garbage and an oversized tensor (each with its reason) and keeps serving,
 /// also while another client sits in the middle of a request;
 /// another local user cannot reach the socket, and root (not the job user)
@@ -147,11 +151,15 @@ assert store.rank == rank and store.num_workers == 2
 store.init("x", np.arange(1, 7, dtype=np.float32))
 g = np.full(6, 2.0 if rank == 0 else 4.0, dtype=np.float32)
 zeros = np.zeros((2, 3), dtype=np.float32)
-out = {}
-for step in range(2):
-    store.push("x", g)
-    store.push("y", zeros)  # a step pushes every declared tensor
-    out[step] = store.pull("x").tolist()
+out = {"direct": store.direct}
+os.environ["WARDEN_KV_DIRECT"] = "0"
+plain = kv.connect()
+del os.environ["WARDEN_KV_DIRECT"]
+out["plain_direct"] = plain.direct
+for step, client in enumerate([store, plain]):
+    client.push("x", g)
+    client.push("y", zeros)  # a step pushes every declared tensor
+    out[step] = client.pull("x").tolist()
 try:
     store.push("y", zeros)
     store.pull("x")
@@ -198,6 +206,38 @@ for _ in range(100):
         time.sleep(0.05)
 store.push("x", g)  # completes the step begun above ("y" was pushed)
 out["still_serving"] = store.pull("x").tolist()
+# A direct push from an address that is not the program's memory: refused,
+# and nothing of it counts (the float16 step below pushes "x" again).
+h = json.dumps({"op": "push", "name": "x", "dtype": "f32", "nbytes": 24, "from": 8}).encode()
+out["bad_address"] = raw(struct.pack("<I", len(h)) + h)
+store.push("y", zeros.astype(np.float16))
+out["f16"] = store.pushpull("x", g.astype(np.float16)).tolist()
+# A child of the program gets no direct copies, and is told why if it asks.
+import subprocess
+CHILD = """
+import json
+import numpy as np
+from warden import kv
+s = kv.connect()
+direct = s.direct
+s._direct = True
+try:
+    s.pull("x")
+    said = "served"
+except kv.KVError as e:
+    said = str(e)
+print(json.dumps([direct, said]))
+"""
+child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
+out["child"] = json.loads(child.stdout) if child.returncode == 0 else child.stderr
+# The program cannot read its agent's memory (where the agent's key is).
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(8)
+iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+remote = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+r = libc.process_vm_readv(os.getppid(), iov, 1, remote, 1, 0)
+out["agent_memory"] = [r, ctypes.get_errno()]
 print("RESULT " + json.dumps(out), flush=True)
 "#;
 
@@ -301,6 +341,17 @@ fn two_workers_get_exactly_the_optimizers_result_and_bad_clients_are_refused() {
         assert!(out["too_many"]["error"].as_str().unwrap().contains("too many connections"), "{out}");
         assert_eq!(out["reconnected"], rank, "{out}");
         assert_eq!(out["still_serving"], serde_json::json!([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5]), "rank {rank}");
+        assert_eq!(
+            (&out["direct"], &out["plain_direct"]),
+            (&serde_json::json!(true), &serde_json::json!(false)),
+            "{out}"
+        );
+        let bad = out["bad_address"]["error"].as_str().unwrap();
+        assert!(bad.contains("cannot read 24 bytes at 0x8 of the program's memory"), "{out}");
+        assert_eq!(out["f16"], serde_json::json!([-5.0, -4.0, -3.0, -2.0, -1.0, 0.0]), "rank {rank}");
+        assert_eq!(out["child"][0], serde_json::json!(false), "{out}");
+        assert!(out["child"][1].as_str().unwrap().contains("only for the program the agent started"), "{out}");
+        assert_eq!(out["agent_memory"], serde_json::json!([-1, nix::errno::Errno::EPERM as i32]), "{out}");
     }
     wait_gone(&tag);
 }

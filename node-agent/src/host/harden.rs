@@ -11,7 +11,9 @@
 //! 2. `setgroups([gid])`, `setresgid`, `setresuid` to the job user;
 //! 3. effective and permitted sets cleared (a safety net: the uid change
 //!    already emptied them);
-//! 4. `no_new_privs` set;
+//! 4. not dumpable (no process of the job user's, the program of
+//!    `[worker] command` included, may trace the agent or read its memory,
+//!    and no core file holds its key) and `no_new_privs` set;
 //! 5. a seccomp filter installed: an allow-list of the system calls the
 //!    roles use ([`ALLOWED`]); **any other system call fails with EPERM**
 //!    (nothing is killed, so a library probing an optional call degrades
@@ -21,13 +23,14 @@
 //!    namespace flag (a thread or a fork, never a new namespace), `socket`
 //!    only for stream and datagram sockets of IPv4, IPv6 and Unix (no raw or
 //!    packet sockets), `setsockopt` only at the socket, TCP, IPv4 and IPv6
-//!    levels. `clone3` fails with ENOSYS: its flags live in memory a filter
+//!    levels, `process_vm_readv`/`process_vm_writev` only on the program the
+//!    agent started itself (the KV endpoint's tensor copies). `clone3` fails with ENOSYS: its flags live in memory a filter
 //!    cannot read, and glibc answers ENOSYS by falling back to `clone`,
 //!    whose flags the filter checks.
 //!
 //! Then [`verify`] reads `/proc/thread-self/status` and refuses to continue unless
-//! Uid and Gid are not 0, all five capability sets are 0, NoNewPrivs is 1
-//! and Seccomp is 2.
+//! Uid and Gid are not 0, all five capability sets are 0, NoNewPrivs is 1,
+//! Seccomp is 2 and the process is not dumpable.
 //!
 //! Started without root, the agent cannot change user or drop the bounding
 //! set; it says so once, loudly, and still sets `no_new_privs` and the
@@ -120,6 +123,12 @@ pub fn drop_identity(user: Option<JobUser>) -> Result<(), HardenError> {
     } else {
         clear(CapSet::Inheritable, "clearing the inheritable capabilities")?;
     }
+    // Not dumpable: no process of the job user's (the program of
+    // `[worker] command` included) may trace this one or read its memory,
+    // where its TLS key lives, and no core file holds that key. Switching
+    // uid above does this already; an agent started as the job user needs
+    // it said.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| step("clearing the dumpable flag")(e.to_string()))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| step("setting no_new_privs")(e.to_string()))
 }
 
@@ -267,18 +276,25 @@ pub const SOCKOPT_LEVELS: &[i32] = &[libc::SOL_SOCKET, libc::IPPROTO_TCP, libc::
 /// unconditionally; `clone` without namespace flags; `socket` only for
 /// stream and datagram sockets of IPv4, IPv6 and Unix; `setsockopt` only at
 /// [`SOCKOPT_LEVELS`]; `ioctl` only for the non-blocking and close-on-exec
-/// requests; `prctl` only to name threads; everything else EPERM. Before it
-/// comes a filter that makes `clone3` fail with ENOSYS.
+/// requests; `prctl` only to name threads and read the dumpable flag;
+/// everything else EPERM. Before it comes a filter that makes `clone3` fail
+/// with ENOSYS.
 pub fn filter() -> Result<Vec<seccompiler::BpfProgram>, HardenError> {
     filter_with_child(None)
 }
 
-/// [`filter`], plus waiting for and killing (only) the process `child`.
+/// [`filter`], plus waiting for, killing, and copying memory from and to
+/// (only) the process `child`.
 pub fn filter_with_child(child: Option<u32>) -> Result<Vec<seccompiler::BpfProgram>, HardenError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
     if let Some(pid) = child {
         rules.insert(libc::SYS_wait4, arg_in(0, &[u64::from(pid)])?);
         rules.insert(libc::SYS_kill, arg_in(0, &[u64::from(pid)])?);
+        // The KV endpoint copies tensors straight from and into the
+        // program's memory (the kernel still checks that the agent may
+        // trace it): only that process, not another of the job user's.
+        rules.insert(libc::SYS_process_vm_readv, arg_in(0, &[u64::from(pid)])?);
+        rules.insert(libc::SYS_process_vm_writev, arg_in(0, &[u64::from(pid)])?);
     }
     rules.insert(libc::SYS_clone, vec![rule(vec![condition(0, SeccompCmpOp::MaskedEq(CLONE_NEW_FLAGS), 0)?])?]);
     rules.insert(libc::SYS_socket, socket_rules()?);
@@ -286,7 +302,10 @@ pub fn filter_with_child(child: Option<u32>) -> Result<Vec<seccompiler::BpfProgr
     let levels: Vec<u64> = SOCKOPT_LEVELS.iter().map(|l| *l as u64).collect();
     rules.insert(libc::SYS_setsockopt, arg_in(1, &levels)?);
     rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD, libc::TCGETS])?);
-    rules.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?);
+    rules.insert(
+        libc::SYS_prctl,
+        arg_in(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64, libc::PR_GET_DUMPABLE as u64])?,
+    );
     // `clone3` passes this filter and fails in the one installed before it:
     // every installed filter runs and the most severe action wins, so that
     // filter's ERRNO (ENOSYS) beats this ALLOW whatever the order. The
@@ -412,6 +431,9 @@ pub fn verify(dropped: bool) -> Result<Status, HardenError> {
     if st.seccomp != 2 {
         problems.push(format!("Seccomp is {}", st.seccomp));
     }
+    if nix::sys::prctl::get_dumpable() != Ok(false) {
+        problems.push("the process is dumpable".to_string());
+    }
     if problems.is_empty() { Ok(st) } else { Err(HardenError::Verify(problems.join(", "))) }
 }
 
@@ -533,6 +555,14 @@ mod seccomp_tests {
         check("an IPv6 TCP socket", tcp6 >= 0);
         check("IPV6_V6ONLY", set_int(tcp6, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == 0);
         check("reading a file", std::fs::read_to_string("/proc/self/status").is_ok());
+        check("not dumpable", nix::sys::prctl::get_dumpable().ok() == Some(false));
+        // Copies from another process's memory: only from a program the
+        // agent started (filter_with_child), so never here.
+        let mut byte = 0u8;
+        let local = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+        let remote = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 1 };
+        let vm = unsafe { libc::process_vm_readv(1, &local, 1, &remote, 1, 0) };
+        check("process_vm_readv", failed_with(vm as libc::c_long, libc::EPERM));
         if wrong.is_empty() {
             std::process::exit(0);
         }

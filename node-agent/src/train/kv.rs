@@ -12,9 +12,25 @@
 //! ```
 //!
 //! Request headers: `{"op": OP, "name": TENSOR, "dtype": "f32"|"f16"|"bf16", "nbytes": N}`
-//! with OP one of `init`, `push`, `pull`, `pushpull`, `barrier`, `rank`,
-//! `num_workers`, `tensors`, `report`. Responses: `{"ok": true, ...}` or
-//! `{"ok": false, "error": "..."}`. Headers are at most 64 KiB; a payload is
+//! with OP one of `hello`, `init`, `push`, `pull`, `pushpull`, `barrier`,
+//! `rank`, `num_workers`, `tensors`, `report`. `dtype` is the payload's (a
+//! pull's answer is in the dtype asked for; a pushpull's answer is f32).
+//! Responses: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+//!
+//! # Direct copies
+//!
+//! Tensors need not travel through the socket. The program's own process
+//! (the one the agent started, not a child of it) may name an address in its
+//! memory instead: `"from": ADDR` in place of a payload (N bytes are read
+//! there), `"into": ADDR, "into_nbytes": M` for an answer (written there
+//! when it is exactly M bytes of f32; otherwise it comes on the socket as
+//! usual, and `"written"` in the answer says which). The kernel copies
+//! (`process_vm_readv`/`process_vm_writev`): one copy each way, no trip
+//! through socket buffers, and no memory shared with the program that it
+//! could change under the agent. The kernel checks that the agent may trace
+//! the program, and the agent's seccomp filter allows the two calls only on
+//! that one process. `{"op": "hello", "probe": ADDR}` (8 readable bytes at
+//! ADDR) answers `"direct": true` when such copies work on this connection. Headers are at most 64 KiB; a payload is
 //! at most the named tensor's size in the given dtype. A malformed frame
 //! gets an error and the connection is closed; a refused operation gets an
 //! error and the connection stays usable. Other connections are unaffected.
@@ -155,6 +171,29 @@ pub enum KvError {
     /// A request header above [`MAX_HEADER`].
     #[error("header of {0} bytes; at most {MAX_HEADER}")]
     HeaderTooLong(usize),
+    /// A direct copy from a process other than the program itself.
+    #[error(
+        "direct copies (`from`/`into`) are only for the program the agent started (pid {program}), \
+         not pid {peer}; send the payload on the socket"
+    )]
+    NotDirect {
+        /// The program's pid.
+        program: u32,
+        /// The connecting process's, if known.
+        peer: String,
+    },
+    /// A direct copy the kernel refused or cut short.
+    #[error("cannot {what} {len} bytes at {addr:#x} of the program's memory: {why}")]
+    ProgramMemory {
+        /// "read" or "write".
+        what: &'static str,
+        /// Bytes to copy.
+        len: usize,
+        /// Where.
+        addr: u64,
+        /// The kernel's answer.
+        why: String,
+    },
     /// A request header that is not a request.
     #[error("malformed request header: {0}")]
     BadHeader(#[source] serde_json::Error),
@@ -231,6 +270,18 @@ struct Request {
     test_accuracy: Option<f64>,
     #[serde(default)]
     samples: Option<u64>,
+    /// The payload is in the program's memory at this address.
+    #[serde(default)]
+    from: Option<u64>,
+    /// The answer goes into the program's memory at this address...
+    #[serde(default)]
+    into: Option<u64>,
+    /// ...which has room for this many bytes.
+    #[serde(default)]
+    into_nbytes: usize,
+    /// `hello`: 8 readable bytes of the program's, to try a direct copy.
+    #[serde(default)]
+    probe: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -276,6 +327,114 @@ impl Dtype {
     }
 }
 
+/// Where a request's tensor bytes are.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// After the header, on the socket.
+    Socket(&'a [u8]),
+    /// In the program's memory (`from`).
+    Program { pid: nix::unistd::Pid, addr: u64, len: usize },
+}
+
+impl Source<'_> {
+    /// The values, as f32, into `out` (whose length the caller checked
+    /// against the payload's); `scratch` holds 16-bit values on the way.
+    fn decode(self, dtype: Dtype, out: &mut [f32], scratch: &mut Vec<u8>) -> Result<(), KvError> {
+        match self {
+            Source::Socket(bytes) => dtype.decode(bytes, out),
+            // The program's memory holds its native floats: no conversion.
+            Source::Program { pid, addr, .. } if dtype == Dtype::F32 => {
+                read_program(pid, addr, bytemuck::cast_slice_mut(out))?;
+            }
+            Source::Program { pid, addr, len } => {
+                scratch.resize(len, 0);
+                read_program(pid, addr, scratch)?;
+                dtype.decode(scratch, out);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where an answer's tensor bytes go: after its header on the socket
+/// (`out`), or into the program's memory (`into`).
+struct Sink<'a> {
+    out: &'a mut Vec<u8>,
+    program: Option<(nix::unistd::Pid, u64, usize)>,
+}
+
+/// Copies of at least this many bytes are split between two threads: the
+/// program waits for them, and so, at that point of a step, do the servers.
+const SPLIT_COPY: usize = 1 << 20;
+
+/// Copies `buf.len()` bytes at `addr` of process `pid` into `buf`.
+fn read_program(pid: nix::unistd::Pid, addr: u64, buf: &mut [u8]) -> Result<(), KvError> {
+    let len = buf.len();
+    in_halves(
+        addr,
+        len,
+        buf,
+        |b, at| b.split_at_mut(at),
+        |addr, buf: &mut [u8]| {
+            let len = buf.len();
+            let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
+            copied(
+                "read",
+                addr,
+                len,
+                nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(buf)], &remote),
+            )
+        },
+    )
+}
+
+/// Copies `buf` to `addr` of process `pid`.
+fn write_program(pid: nix::unistd::Pid, addr: u64, buf: &[u8]) -> Result<(), KvError> {
+    in_halves(
+        addr,
+        buf.len(),
+        buf,
+        |b, at| b.split_at(at),
+        |addr, buf: &[u8]| {
+            let len = buf.len();
+            let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
+            copied("write", addr, len, nix::sys::uio::process_vm_writev(pid, &[std::io::IoSlice::new(buf)], &remote))
+        },
+    )
+}
+
+/// `copy(addr, buf)`, done as two halves at once when `buf` (of `len`
+/// bytes) is large.
+fn in_halves<T: Send>(
+    addr: u64,
+    len: usize,
+    buf: T,
+    split: impl FnOnce(T, usize) -> (T, T),
+    copy: impl Fn(u64, T) -> Result<(), KvError> + Sync,
+) -> Result<(), KvError> {
+    if len < SPLIT_COPY {
+        return copy(addr, buf);
+    }
+    let (first, second) = split(buf, len / 2);
+    // A hostile address wraps nowhere: the kernel refuses the saturated one.
+    let second_addr = addr.saturating_add((len / 2) as u64);
+    std::thread::scope(|s| {
+        let other = std::thread::Builder::new().spawn_scoped(s, || copy(second_addr, second))?;
+        let mine = copy(addr, first);
+        let theirs = other.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked").into()));
+        mine.and(theirs)
+    })
+}
+
+/// A direct copy's result: all `len` bytes, or why not.
+fn copied(what: &'static str, addr: u64, len: usize, done: nix::Result<usize>) -> Result<(), KvError> {
+    match done {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(KvError::ProgramMemory { what, len, addr, why: format!("only {n} bytes are mapped there") }),
+        Err(e) => Err(KvError::ProgramMemory { what, len, addr, why: e.desc().to_string() }),
+    }
+}
+
 /// A tensor's place in the flat parameter vector.
 struct Tensor {
     name: String,
@@ -303,6 +462,8 @@ pub struct Kv {
     fetched_at: Option<u64>,
     /// Worker 0's `init` values (zeros where none was given).
     init: Vec<f32>,
+    /// 16-bit tensors copied from the program, before conversion.
+    scratch: Vec<u8>,
     inited: bool,
     /// The start barrier has been passed.
     started: bool,
@@ -341,6 +502,7 @@ impl Kv {
             params: vec![0.0; n],
             fetched_at: None,
             init: vec![0.0; n],
+            scratch: Vec::new(),
             inited: false,
             started: false,
             barrier: 1 << 32,
@@ -399,12 +561,15 @@ impl Kv {
         names.join(", ")
     }
 
-    /// Takes this step's gradient of tensor `i` straight from the request bytes.
-    async fn push(&mut self, i: usize, dtype: Dtype, payload: &[u8]) -> Result<(), KvError> {
+    /// Takes this step's gradient of tensor `i` straight from the request
+    /// bytes (or the program's memory).
+    async fn push(&mut self, i: usize, dtype: Dtype, payload: Source<'_>) -> Result<(), KvError> {
         if self.pushed[i] {
             return Err(KvError::PushedTwice { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
-        dtype.decode(payload, &mut self.grad[self.tensors[i].range.clone()]);
+        // A failed copy leaves the tensor not pushed: the next push
+        // overwrites whatever part arrived.
+        payload.decode(dtype, &mut self.grad[self.tensors[i].range.clone()], &mut self.scratch)?;
         self.pushed[i] = true;
         if self.pushed.iter().all(|p| *p) {
             // A step the program never pulled is collected first.
@@ -460,14 +625,14 @@ impl Kv {
         link::close_links(std::mem::take(&mut self.links)).await;
     }
 
-    /// Serves one request; `Err` means the connection must close.
+    /// Serves one request; a refusal's text goes back to the program.
     async fn handle(
         &mut self,
         req: Request,
-        payload: &[u8],
+        payload: Source<'_>,
         ctx: &RoleCtx,
         sched: &mut SchedLink,
-        out: &mut Vec<u8>,
+        sink: Sink<'_>,
     ) -> Result<serde_json::Value, KvError> {
         use serde_json::json;
         let dtype = Dtype::parse(req.dtype.as_deref())?;
@@ -488,7 +653,7 @@ impl Kv {
                     return Ok(json!({"ok": true, "ignored": INIT_IGNORED}));
                 }
                 let range = self.tensors[i].range.clone();
-                dtype.decode(payload, &mut self.init[range]);
+                payload.decode(dtype, &mut self.init[range], &mut self.scratch)?;
                 self.inited = true;
                 Ok(json!({"ok": true}))
             }
@@ -499,16 +664,14 @@ impl Kv {
                 if req.op == "push" {
                     return Ok(json!({"ok": true, "step": self.step}));
                 }
-                let v = self.pull(i).await?;
-                dtype.encode(v, out);
-                Ok(json!({"ok": true, "step": self.step, "nbytes": out.len()}))
+                self.pull(i).await?;
+                self.answer(i, Dtype::F32, sink)
             }
             "pull" => {
                 let i = self.tensor(req.name.as_deref())?;
                 self.start(sched).await?;
-                let v = self.pull(i).await?;
-                dtype.encode(v, out);
-                Ok(json!({"ok": true, "step": self.step, "nbytes": out.len()}))
+                self.pull(i).await?;
+                self.answer(i, dtype, sink)
             }
             "barrier" => {
                 self.start(sched).await?;
@@ -518,6 +681,21 @@ impl Kv {
             "report" => self.report(ctx, &req),
             other => Err(KvError::UnknownOp(other.to_string())),
         }
+    }
+
+    /// The values of tensor `i` just pulled, in `dtype`, to where the
+    /// program wants them.
+    fn answer(&mut self, i: usize, dtype: Dtype, sink: Sink<'_>) -> Result<serde_json::Value, KvError> {
+        let values = &self.params[self.tensors[i].range.clone()];
+        if let Some((pid, addr, room)) = sink.program
+            && dtype == Dtype::F32
+            && room == values.len() * 4
+        {
+            write_program(pid, addr, bytemuck::cast_slice(values))?;
+            return Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": 0, "written": room}));
+        }
+        dtype.encode(values, sink.out);
+        Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": sink.out.len()}))
     }
 
     /// `report`: the epoch's figures to the launcher, with the steps,
@@ -554,13 +732,15 @@ impl Kv {
     }
 }
 
-/// Serves one connection of the program until it closes. Framing errors
-/// close it (with a reason); refused operations do not.
-pub async fn serve_conn(
+/// Serves one connection of the program (whose pid is `program`) until it
+/// closes. Framing errors close it (with a reason); refused operations do
+/// not.
+async fn serve_conn(
     mut s: UnixStream,
     kv: &tokio::sync::Mutex<Kv>,
     ctx: &RoleCtx,
     sched: &tokio::sync::Mutex<SchedLink>,
+    program: u32,
 ) -> Result<(), KvError> {
     let me = nix::unistd::Uid::current().as_raw();
     let peer = s.peer_cred()?;
@@ -569,6 +749,11 @@ pub async fn serve_conn(
             .await;
         return Err(KvError::ForeignUid { uid: peer.uid(), job_uid: me });
     }
+    // Direct copies only with the program itself: the seccomp filter allows
+    // them on no other process (a child of the program, say).
+    let direct = peer.pid().filter(|p| u32::try_from(*p) == Ok(program)).map(nix::unistd::Pid::from_raw);
+    let not_direct =
+        || KvError::NotDirect { program, peer: peer.pid().map_or_else(|| "unknown".to_string(), |p| p.to_string()) };
     let mut payload = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -593,8 +778,32 @@ pub async fn serve_conn(
             let name = req.name.unwrap_or_else(|| "?".into());
             return Err(closing(&mut s, KvError::PayloadTooLarge { nbytes: req.nbytes, name, max }).await);
         }
-        payload.resize(req.nbytes, 0);
-        s.read_exact(&mut payload).await?;
+        if req.op == "hello" {
+            let answer = hello(direct, req.probe, program, &peer);
+            reply(&mut s, &answer, &[]).await?;
+            continue;
+        }
+        let source = match (req.from, direct) {
+            (None, _) => {
+                payload.resize(req.nbytes, 0);
+                s.read_exact(&mut payload).await?;
+                Source::Socket(&payload)
+            }
+            (Some(addr), Some(pid)) => Source::Program { pid, addr, len: req.nbytes },
+            // Nothing follows the header: the connection stays usable.
+            (Some(_), None) => {
+                reply(&mut s, &refusal(&not_direct()), &[]).await?;
+                continue;
+            }
+        };
+        let program_sink = match (req.into, direct) {
+            (None, _) => None,
+            (Some(addr), Some(pid)) => Some((pid, addr, req.into_nbytes)),
+            (Some(_), None) => {
+                reply(&mut s, &refusal(&not_direct()), &[]).await?;
+                continue;
+            }
+        };
         let expected = if matches!(req.op.as_str(), "init" | "push" | "pushpull") { max } else { 0 };
         out.clear();
         let mut kv = kv.lock().await;
@@ -602,12 +811,40 @@ pub async fn serve_conn(
         let answer = if req.nbytes != expected {
             Err(KvError::PayloadSize { op: req.op, expected, got: req.nbytes })
         } else {
-            kv.handle(req, &payload, ctx, &mut sched, &mut out).await
+            let sink = Sink { out: &mut out, program: program_sink };
+            kv.handle(req, source, ctx, &mut sched, sink).await
         };
         drop((sched, kv));
         match answer {
             Ok(h) => reply(&mut s, &h, &out).await?,
             Err(why) => reply(&mut s, &refusal(&why), &[]).await?,
+        }
+    }
+}
+
+/// `hello`: whether direct copies work on this connection, tried on the
+/// program's probe bytes (the kernel may still refuse: a Yama ptrace policy
+/// that forbids it, say).
+fn hello(
+    direct: Option<nix::unistd::Pid>,
+    probe: Option<u64>,
+    program: u32,
+    peer: &tokio::net::unix::UCred,
+) -> serde_json::Value {
+    let tried = match (direct, probe) {
+        (Some(pid), Some(addr)) => read_program(pid, addr, &mut [0u8; 8]).map_err(|e| e.to_string()),
+        (Some(_), None) => Err("no probe address given".to_string()),
+        (None, _) => Err(format!(
+            "pid {} is not the program the agent started (pid {program}); start the program as the \
+             [worker] command itself (or `exec` it from a wrapper script) for direct copies",
+            peer.pid().map_or_else(|| "unknown".to_string(), |p| p.to_string())
+        )),
+    };
+    match tried {
+        Ok(()) => serde_json::json!({"ok": true, "direct": true}),
+        Err(why) => {
+            tracing::info!("KV connection without direct copies (tensors go through the socket): {why}");
+            serde_json::json!({"ok": true, "direct": false, "why": why})
         }
     }
 }
@@ -672,6 +909,7 @@ pub async fn run(
     listener: std::os::unix::net::UnixListener,
     child: std::process::Child,
 ) -> Result<(), RoleError> {
+    let program = child.id();
     let (_guard, exit) = watch_exit(child);
     let mut sched = ctx.scheduler_link().await?;
     crate::train::roles::await_start(&mut sched, false).await?;
@@ -681,7 +919,7 @@ pub async fn run(
     let kv = Arc::new(tokio::sync::Mutex::new(Kv::new(&ctx, conns)));
     let sched = Arc::new(tokio::sync::Mutex::new(sched));
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| RoleError::new(e.to_string()))?;
-    let status = serve_until_exit(listener, &kv, &ctx, &sched, exit).await?;
+    let status = serve_until_exit(listener, &kv, &ctx, &sched, program, exit).await?;
     let command = ctx.spec.worker.as_ref().map(|w| w.command.join(" ")).unwrap_or_default();
     if !status.success() {
         return Err(RoleError::new(format!("the program `{command}` ended with {status}; its output is in this log")));
@@ -720,13 +958,15 @@ fn watch_exit(
     (guard, exit_rx)
 }
 
-/// Serves the program's connections, each on a task of its own and at most
+/// Serves the connections of the program (pid `program`, and any process of
+/// the job user's it lets in), each on a task of its own and at most
 /// [`MAX_CONNECTIONS`] at once, until the program exits; its exit status.
 async fn serve_until_exit(
     listener: tokio::net::UnixListener,
     kv: &Arc<tokio::sync::Mutex<Kv>>,
     ctx: &Arc<RoleCtx>,
     sched: &Arc<tokio::sync::Mutex<SchedLink>>,
+    program: u32,
     mut exit: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
 ) -> Result<std::process::ExitStatus, RoleError> {
     let mut tasks = tokio::task::JoinSet::new();
@@ -751,7 +991,7 @@ async fn serve_until_exit(
                 };
                 let (kv, ctx, sched) = (kv.clone(), ctx.clone(), sched.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = serve_conn(s, &kv, &ctx, &sched).await {
+                    if let Err(e) = serve_conn(s, &kv, &ctx, &sched, program).await {
                         tracing::warn!("KV connection closed: {e}");
                     }
                     drop(slot);
