@@ -5,7 +5,7 @@
 //! - [`cli`] parses arguments and prints a command's [`error::CliError`];
 //!   [`commands`] has one module per subcommand.
 //! - [`launch`] orchestrates a job over a [`transport::Transport`]: local
-//!   processes, or [`ssh`] to lab machines.
+//!   processes, [`ssh`] to lab machines, or [`slurm`] job steps.
 //! - [`rundir`] writes what a run leaves behind; [`plot`] draws it;
 //!   [`telemetry`] writes step-level figures (`steps.csv`, [`tensorboard`]
 //!   event files) and serves them to Prometheus.
@@ -21,6 +21,7 @@ pub mod launch;
 pub mod plot;
 pub mod rundir;
 pub mod serve;
+pub mod slurm;
 pub mod ssh;
 pub mod telemetry;
 pub mod tensorboard;

@@ -239,7 +239,7 @@ pub enum RunDirError {
 impl RunRecord {
     /// Reads `DIR/run.json`, saying what is wrong in a way a user can act on.
     pub fn load(dir: &Path) -> Result<RunRecord, RunDirError> {
-        let record = dir.join("run.json");
+        let record = dir.join(RUN_RECORD);
         let text = match std::fs::read_to_string(&record) {
             Ok(t) => t,
             Err(source) => return Err(RunDirError::NotARun { dir: dir.to_path_buf(), record, source }),
@@ -257,6 +257,9 @@ pub const LATEST: &str = "latest";
 
 /// A detached launcher's own output (`launch --detach`), in its run directory.
 pub const LAUNCHER_LOG: &str = "launcher.log";
+
+/// The run's record, written when it starts.
+pub const RUN_RECORD: &str = "run.json";
 
 /// A run directory being written.
 #[derive(Debug)]
@@ -297,16 +300,20 @@ impl RunDir {
     }
 
     /// Creates `path`, or [`RunDir::default_path`]. Refuses a non-empty
-    /// directory, so no earlier run is ever overwritten; the one file it
-    /// accepts is [`LAUNCHER_LOG`], which `launch --detach` opens for the
-    /// launcher it starts before that launcher makes the directory its run.
+    /// directory, so no earlier run is ever overwritten; the files it
+    /// accepts are [`LAUNCHER_LOG`], which `launch --detach` and a Slurm
+    /// submission open for the launcher they start before that launcher
+    /// makes the directory its run, and the submission's batch script and
+    /// record.
     pub fn create(path: Option<PathBuf>, name: &str) -> Result<RunDir, RunDirError> {
         let default = path.is_none();
         let path = path.unwrap_or_else(|| RunDir::default_path(name));
         // Absolute, so every path the launcher prints works from any directory
         // (`train-local` runs from the checkout, its user from elsewhere).
         let path = std::path::absolute(&path).unwrap_or(path);
-        let foreign = |e: std::io::Result<std::fs::DirEntry>| e.map_or(true, |e| e.file_name() != LAUNCHER_LOG);
+        let prepared = [LAUNCHER_LOG, crate::slurm::BATCH_SCRIPT, crate::slurm::SUBMITTED];
+        let foreign =
+            |e: std::io::Result<std::fs::DirEntry>| e.map_or(true, |e| !prepared.iter().any(|p| e.file_name() == *p));
         if std::fs::read_dir(&path).is_ok_and(|mut d| d.any(foreign)) {
             return Err(RunDirError::InUse(path));
         }
@@ -383,7 +390,7 @@ impl RunDir {
             resumed_from: lineage.resumed_from.map(Path::to_path_buf),
             epochs: spec.training.epochs,
         };
-        write_json(&self.path.join("run.json"), &run)?;
+        write_json(&self.path.join(RUN_RECORD), &run)?;
         std::fs::write(self.path.join("metrics.csv"), METRICS_HEADER)
     }
 

@@ -340,9 +340,9 @@ pub async fn run_agent(
 /// machine: nothing of the launcher's but a short allow-list (no
 /// passphrase variable, no token of the user's shell). `WARDEN_LOG` sets the
 /// agents' log level; `WARDEN_TEST_TAG` has no effect but lets tests find a
-/// job's processes.
+/// job's processes; `SLURM_CONF` tells `srun` where Slurm's configuration is.
 pub fn clean_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
-    const KEEP: &[&str] = &["PATH", "LANG", "TZ", "WARDEN_LOG", "WARDEN_TEST_TAG"];
+    const KEEP: &[&str] = &["PATH", "LANG", "TZ", "WARDEN_LOG", "WARDEN_TEST_TAG", "SLURM_CONF"];
     KEEP.iter().filter_map(|k| std::env::var_os(k).map(|v| (k.into(), v)))
 }
 

@@ -17,7 +17,8 @@
 //! - [`cluster`]: [`RoleCluster`], a real scheduler and server role in this
 //!   process on loopback, for attacking the server's port as a peer would.
 //! - [`netns`], [`netns_transport`]: hosts in network namespaces with sshd,
-//!   for tests of clusters over real SSH.
+//!   for tests of clusters over real SSH; [`slurm`](mod@slurm): a real Slurm
+//!   cluster on such hosts.
 #![allow(missing_docs)]
 
 pub mod cluster;
@@ -28,6 +29,7 @@ pub mod netns_transport;
 pub mod pki;
 pub mod procs;
 pub mod scratch;
+pub mod slurm;
 
 pub use cluster::{RoleCluster, bind_at, bind_two, honest_sgd_step};
 pub use jobs::{JobFile, Raw, TomlValue, job_in};

@@ -96,6 +96,31 @@ impl Drop for NetnsCluster {
 /// 10.251.0.0/24 (the uplink): only one may exist at a time.
 static UPLINK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+impl NetnsCluster {
+    /// [`NetnsCluster::new`] reachable from this (the root) namespace at
+    /// 10.251.0.1 through a veth into the bridge (`wt{tag}up`, deleted by
+    /// the caller); the guard keeps other such clusters out meanwhile.
+    pub fn with_uplink(
+        tag: &str,
+        hosts: usize,
+    ) -> Result<(NetnsCluster, String, std::sync::MutexGuard<'static, ()>), String> {
+        let guard = UPLINK.lock().unwrap_or_else(|p| p.into_inner());
+        let net = NetnsCluster::new(tag, hosts)?;
+        let uplink = format!("wt{tag}up");
+        let port = "pup".to_string();
+        ip(&["link", "add", &uplink, "type", "veth", "peer", "name", &port, "netns", &net.bridge_ns])?;
+        ip(&["-n", &net.bridge_ns, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["addr", "add", "10.251.0.1/24", "dev", &uplink])?;
+        ip(&["link", "set", &uplink, "up"])?;
+        Ok((net, uplink, guard))
+    }
+}
+
+/// Deletes an uplink made by [`NetnsCluster::with_uplink`].
+pub fn delete_link(name: &str) {
+    let _ = ip(&["link", "del", name]);
+}
+
 /// A [`NetnsCluster`] whose hosts run their own `sshd`, reachable from this
 /// (the root) namespace through an uplink at 10.251.0.1, with a client key
 /// and a known_hosts file made for the test.
@@ -127,15 +152,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
 impl SshCluster {
     /// `hosts` hosts with sshd, keys under `dir`.
     pub fn new(tag: &str, hosts: usize, dir: &std::path::Path) -> Result<SshCluster, String> {
-        let guard = UPLINK.lock().unwrap_or_else(|p| p.into_inner());
-        let net = NetnsCluster::new(tag, hosts)?;
-        // Uplink: a veth from this namespace into the bridge.
-        let uplink = format!("wt{tag}up");
-        let port = "pup".to_string();
-        ip(&["link", "add", &uplink, "type", "veth", "peer", "name", &port, "netns", &net.bridge_ns])?;
-        ip(&["-n", &net.bridge_ns, "link", "set", &port, "master", "br0", "up"])?;
-        ip(&["addr", "add", "10.251.0.1/24", "dev", &uplink])?;
-        ip(&["link", "set", &uplink, "up"])?;
+        let (net, uplink, guard) = NetnsCluster::with_uplink(tag, hosts)?;
         let mut cluster =
             SshCluster { net, ssh_config: dir.join("ssh_config"), sshd: Vec::new(), uplink, _guard: guard };
         let d = |name: &str| dir.join(name).display().to_string();

@@ -71,6 +71,40 @@ fn location(text: &str, at: &str) -> (usize, usize) {
 
 const CASES: &[Case] = &[
     Case {
+        name: "slurm nodes out of range",
+        from: "[[cluster.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = 1\nservers = 1\nworkers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
+        to: "[cluster.slurm]\nnodes = 0\n",
+        at: "nodes = ^0",
+        message: "nodes must be between 1 and 4096, not 0",
+        help: Some("the number of nodes to run on, for example nodes = 2"),
+    },
+    Case {
+        name: "slurm partition of two words",
+        from: "[[cluster.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = 1\nservers = 1\nworkers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
+        to: "[cluster.slurm]\nnodes = 2\npartition = \"gpu debug\"\n",
+        at: "\"gpu debug\"",
+        message: "partition must be one word",
+        help: Some("for example partition = \"gpu\""),
+    },
+    Case {
+        name: "slurm option in short form",
+        from: "[[cluster.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = 1\nservers = 1\nworkers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
+        to: "[cluster.slurm]\nnodes = 2\nsbatch_options = [\"-N 3\"]\n",
+        at: "\"-N 3\"",
+        message: "`-N 3` is not an sbatch option",
+        help: Some(
+            "give each option as one string in its long form, for example sbatch_options = [\"--exclusive\", \"--qos=high\"]",
+        ),
+    },
+    Case {
+        name: "slurm with servers_per_host",
+        from: "[[cluster.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = 1\nservers = 1\nworkers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
+        to: "servers_per_host = 2\n[cluster.slurm]\nnodes = 2\n",
+        at: "servers_per_host = ^2",
+        message: "servers_per_host applies to hosts from a hostfile or inventory",
+        help: Some("set servers_per_node in [cluster.slurm] instead"),
+    },
+    Case {
         name: "syntax error",
         from: "seed = 1",
         to: "seed = = 1",
@@ -570,7 +604,7 @@ fn every_key_the_parser_accepts_is_documented_in_job_file_md() {
     for section in
         ["", "[job]", "[cluster]", "[[cluster.hosts]]", "[model]", "[data]", "[optimizer]", "[training]", "[worker]"]
             .into_iter()
-            .chain(["[limits]", "[checkpoint]", "[signing]"])
+            .chain(["[limits]", "[checkpoint]", "[signing]", "[cluster.slurm]"])
     {
         let text = format!("{section}\nzzz_not_a_key = 1\n");
         let e = JobSpec::parse("job.toml", &text, Path::new(".")).expect_err("an unknown key");

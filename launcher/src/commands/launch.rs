@@ -61,6 +61,15 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
     let LaunchArgs { job, local, .. } = args;
     let (job, local) = (job.as_path(), *local);
     let (spec, text, plan) = prepare(job, local).map_err(CliError::usage)?;
+    // [cluster.slurm]: inside an allocation its nodes are the hosts (the
+    // spec read them); outside one, submit a launcher to run inside one.
+    let slurm_job = match (&spec.cluster.slurm, local) {
+        (Some(s), false) => match warden_agent::job::slurm::job_id().map_err(CliError::usage)? {
+            Some(id) => Some(id),
+            None => return submit(args, &spec.name, s),
+        },
+        _ => None,
+    };
     if args.detach {
         return detach(args, &spec.name);
     }
@@ -77,6 +86,18 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
     let accept_new_host_keys = args.accept_new_host_keys;
     let result = if local {
         runtime.block_on(launch_local(job, spec, text, plan, agent, opts))
+    } else if let Some(slurm_job) = slurm_job {
+        eprintln!(
+            "warden: inside Slurm job {slurm_job}: {} node(s), agents start as its steps",
+            spec.cluster.hosts.len()
+        );
+        let for_transport = (spec.clone(), plan.job_id.clone());
+        let transport = move |run: &crate::rundir::RunDir| {
+            let (spec, job) = &for_transport;
+            Arc::new(crate::slurm::SlurmTransport::for_job(agent, spec, job, run.nodes_dir(), slurm_job))
+                as Arc<dyn Transport>
+        };
+        runtime.block_on(launch(job, spec.clone(), text, plan, transport, opts))
     } else {
         let connected = ssh_connect(&runtime, &spec, &plan.job_id, &agent, accept_new_host_keys, false);
         let transport = match connected {
@@ -110,31 +131,11 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
 /// its output in `RUN_DIR/launcher.log`, and returns once it has started
 /// the run (or says why it could not).
 fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
-    let dir = args.run_dir.clone().unwrap_or_else(|| crate::rundir::RunDir::default_path(name));
-    let dir = std::path::absolute(&dir).unwrap_or(dir);
-    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(CliError::usage(crate::rundir::RunDirError::InUse(dir)));
-    }
+    let (dir, log_path, log) = fresh_run_dir(args, name)?;
     let made = |e| CliError::failed(Context::new(format!("cannot create {}", dir.display()), e));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(made)?;
-    let log_path = dir.join(crate::rundir::LAUNCHER_LOG);
-    let log = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&log_path).map_err(made)?;
     let exe = std::env::current_exe().map_err(|e| CliError::failed(Context::new("cannot find this program", e)))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("launch").arg(&args.job).arg("--run-dir").arg(&dir).arg("--no-progress");
-    for (on, flag) in
-        [(args.local, "--local"), (args.accept_new_host_keys, "--accept-new-host-keys"), (args.verbose, "--verbose")]
-    {
-        if on {
-            cmd.arg(flag);
-        }
-    }
-    if let Some(r) = &args.resume {
-        cmd.arg("--resume").arg(r);
-    }
-    if let Some(addr) = args.metrics_listen {
-        cmd.arg("--metrics-listen").arg(addr.to_string());
-    }
+    cmd.args(relaunch_args(args, &dir));
     // It leaves this session itself, first thing (see `LaunchArgs::own_session`).
     cmd.arg("--own-session");
     let err = log.try_clone().map_err(made)?;
@@ -143,7 +144,7 @@ fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
     // Started once its run record is written; an early exit says why in the log.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < until {
-        if dir.join("run.json").exists() {
+        if dir.join(crate::rundir::RUN_RECORD).exists() {
             let d = dir.display();
             eprintln!("detached: launcher pid {} runs the job; its output goes to {}", child.id(), log_path.display());
             eprintln!("  follow:  warden logs {d} -f    status: warden status {d}    stop: warden stop {d}");
@@ -163,6 +164,75 @@ fn detach(args: &LaunchArgs, name: &str) -> Result<u8, CliError> {
         child.id(),
         log_path.display()
     )))
+}
+
+/// The run directory a launcher started elsewhere (`--detach`, `sbatch`)
+/// will use: absolute, new or empty, made 0700 with its `launcher.log`
+/// (0600) in it; the directory, the log's path and the log.
+fn fresh_run_dir(args: &LaunchArgs, name: &str) -> Result<(PathBuf, PathBuf, std::fs::File), CliError> {
+    let dir = args.run_dir.clone().unwrap_or_else(|| crate::rundir::RunDir::default_path(name));
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(CliError::usage(crate::rundir::RunDirError::InUse(dir)));
+    }
+    let made = |e| CliError::failed(Context::new(format!("cannot create {}", dir.display()), e));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(made)?;
+    let log_path = dir.join(crate::rundir::LAUNCHER_LOG);
+    let log = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&log_path).map_err(made)?;
+    Ok((dir, log_path, log))
+}
+
+/// The arguments of this launch for a launcher started elsewhere, into `dir`.
+fn relaunch_args(args: &LaunchArgs, dir: &Path) -> Vec<std::ffi::OsString> {
+    let job = std::path::absolute(&args.job).unwrap_or_else(|_| args.job.clone());
+    let mut out: Vec<std::ffi::OsString> =
+        vec!["launch".into(), job.into(), "--run-dir".into(), dir.into(), "--no-progress".into()];
+    for (on, flag) in
+        [(args.local, "--local"), (args.accept_new_host_keys, "--accept-new-host-keys"), (args.verbose, "--verbose")]
+    {
+        if on {
+            out.push(flag.into());
+        }
+    }
+    if let Some(r) = &args.resume {
+        out.push("--resume".into());
+        out.push(std::path::absolute(r).unwrap_or_else(|_| r.clone()).into());
+    }
+    if let Some(addr) = args.metrics_listen {
+        out.push("--metrics-listen".into());
+        out.push(addr.to_string().into());
+    }
+    out
+}
+
+/// `launch` of a `[cluster.slurm]` job outside an allocation: `sbatch`
+/// runs this launch inside one (the launcher on the allocation's first
+/// node, its output in `RUN_DIR/launcher.log`), so the job survives logout
+/// and shows in `squeue`; prints the Slurm job id and returns at once. The
+/// run directory must be on a filesystem the nodes share.
+fn submit(args: &LaunchArgs, name: &str, slurm: &warden_agent::job::slurm::SlurmSpec) -> Result<u8, CliError> {
+    let (dir, log_path, log) = fresh_run_dir(args, name)?;
+    drop(log);
+    let exe = std::env::current_exe().map_err(|e| CliError::failed(Context::new("cannot find this program", e)))?;
+    let mut launch = vec![exe.into_os_string()];
+    launch.extend(relaunch_args(args, &dir));
+    let script = crate::slurm::batch_script(&launch);
+    let script_path = dir.join(crate::slurm::BATCH_SCRIPT);
+    let written = |e| CliError::failed(Context::new(format!("cannot write {}", script_path.display()), e));
+    std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o700)
+        .open(&script_path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, script.as_bytes()))
+        .map_err(written)?;
+    let id = crate::slurm::sbatch(slurm, name, &log_path, &script_path).map_err(CliError::failed)?;
+    crate::slurm::Submitted { job_id: id.clone() }.save(&dir).map_err(CliError::failed)?;
+    let d = dir.display();
+    eprintln!("submitted: Slurm job {id} runs the launcher inside its allocation (squeue -j {id})");
+    eprintln!("  its output goes to {}", log_path.display());
+    eprintln!("  follow:  warden logs {d} -f    status: warden status {d}    stop: warden stop {d}");
+    Ok(EXIT_OK)
 }
 
 /// Says how the job ended and where its results are; returns the exit code.

@@ -45,6 +45,17 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
     );
     s +=
         &format!("training processes run as user `{}` (no capabilities, no_new_privs, seccomp)\n\n", spec.cluster.user);
+    if let Some(slurm) = &spec.cluster.slurm {
+        s += &match warden_agent::job::slurm::job_id().ok().flatten() {
+            Some(id) => format!("hosts: the nodes of Slurm job {id} (agents start as its steps)\n"),
+            None => format!(
+                "hosts: {} Slurm node(s) that `warden launch` asks sbatch for; named node-1 ... here until allocated\n",
+                slurm.nodes
+            ),
+        };
+        s += "Slurm steps run as the submitting user: unless that is root, the nodes get no firewall table and \
+              no uid of the job's own (the agents keep no capabilities, no_new_privs and seccomp)\n\n";
+    }
     if let Some(list) = &spec.cluster.hosts_from {
         s += &format!("hosts from {} (reached over SSH as):\n", list.display());
         for h in &spec.cluster.hosts {

@@ -24,6 +24,15 @@ fn load(dir: &Path) -> Result<RunRecord, CliError> {
 /// Prints how the run stands: its status, the last epoch's figures, an
 /// estimate of the time left while it runs, and how it ended.
 pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
+    let submitted = crate::slurm::Submitted::load(dir);
+    if let Some(sub) = &submitted {
+        let state = crate::slurm::job_state(&sub.job_id).map_err(CliError::failed)?;
+        let state = state.as_deref().map_or_else(|| "finished (Slurm no longer lists it)".to_string(), slurm_state);
+        println!("slurm job {}: {state}", sub.job_id);
+        if !dir.join(crate::rundir::RUN_RECORD).exists() {
+            return Ok(EXIT_OK);
+        }
+    }
     let run = load(dir)?;
     println!("job {} (id {})", run.job, run.job_id);
     let last = last_epoch(dir);
@@ -49,6 +58,11 @@ pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
         Some(pid) => {
             let elapsed = unix_now().saturating_sub(run.started_unix);
             println!("status: running (launcher pid {pid}), for {}", duration(elapsed as f64));
+        }
+        // The launcher runs on the allocation's first node.
+        None if submitted.is_some() => {
+            let elapsed = unix_now().saturating_sub(run.started_unix);
+            println!("status: running inside the Slurm allocation, for {}", duration(elapsed as f64));
         }
         None => {
             println!("status: ended without a summary: the launcher died; `warden stop {}` cleans up", dir.display())
@@ -305,8 +319,64 @@ fn is_certificate_request(line: &str) -> bool {
     line.starts_with("[event] {\"event\":\"csr\",")
 }
 
+/// How a Slurm job state reads.
+fn slurm_state(state: &str) -> String {
+    match state {
+        "PENDING" => "waiting for its allocation (PENDING)".to_string(),
+        "RUNNING" => "running".to_string(),
+        "TIMEOUT" => "ended by Slurm's time limit (TIMEOUT): the launcher was told to stop and kept the model".into(),
+        "CANCELLED" => "cancelled (CANCELLED)".to_string(),
+        "COMPLETED" => "completed".to_string(),
+        other => other.to_lowercase(),
+    }
+}
+
+/// `stop` of a run submitted with `sbatch`: the launcher inside the
+/// allocation gets SIGTERM (through Slurm, wherever it runs) and stops the
+/// job in order; a job still waiting for its allocation is cancelled.
+fn stop_submitted(dir: &Path, sub: &crate::slurm::Submitted) -> Result<u8, CliError> {
+    let id = &sub.job_id;
+    match crate::slurm::job_state(id).map_err(CliError::failed)?.as_deref() {
+        Some("PENDING") => {
+            crate::slurm::scancel(id, false).map_err(CliError::failed)?;
+            println!("cancelled: Slurm job {id} had not started");
+            Ok(EXIT_OK)
+        }
+        Some("RUNNING") => {
+            crate::slurm::scancel(id, true).map_err(CliError::failed)?;
+            println!("stopping: the launcher in Slurm job {id} saves the model and tears the job down");
+            let until = std::time::Instant::now() + STOP_PATIENCE;
+            while std::time::Instant::now() < until {
+                let state = crate::slurm::job_state(id).map_err(CliError::failed)?;
+                if state.as_deref() != Some("RUNNING") {
+                    match crate::rundir::Summary::load(dir).and_then(|s| s.model.zip(s.model_step)) {
+                        Some((model, step)) => {
+                            println!("stopped: model saved to {} (weights after step {step})", model.display())
+                        }
+                        None => println!("stopped: Slurm job {id} ended; no model was saved"),
+                    }
+                    return Ok(EXIT_OK);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(CliError::failed(format!(
+                "Slurm job {id} did not end within {}s; `scancel {id}` ends it at once",
+                STOP_PATIENCE.as_secs()
+            )))
+        }
+        state => {
+            let state = state.map_or_else(|| "finished".to_string(), slurm_state);
+            println!("nothing to stop: Slurm job {id} is {state}");
+            Ok(EXIT_OK)
+        }
+    }
+}
+
 /// Stops a running job, or cleans up after one whose launcher died.
 pub fn exec_stop(dir: &Path) -> Result<u8, CliError> {
+    if let Some(sub) = crate::slurm::Submitted::load(dir) {
+        return stop_submitted(dir, &sub);
+    }
     let run = load(dir)?;
     if let Some(pid) = live_launcher(&run) {
         // The launcher's orderly stop: worker 0 saves the model, then every

@@ -699,7 +699,10 @@ async fn start_processes(
             job_toml: ctx.text.to_string(),
             job_file: ctx.job.display().to_string(),
             base_dir: ctx.base_dir.clone(),
-            hosts: spec.cluster.hosts_from.as_ref().map(|_| spec.cluster.hosts.clone()),
+            // Hosts the launcher read (a list, a Slurm allocation) go with
+            // the job: agents never resolve names or ask Slurm.
+            hosts: (spec.cluster.hosts_from.is_some() || spec.cluster.slurm.is_some())
+                .then(|| spec.cluster.hosts.clone()),
             seed: ctx.seed,
             local: plan.local,
             role: p.role,

@@ -41,6 +41,8 @@ pub struct ClusterSpec {
     pub remote_dir: PathBuf,
     /// How remote commands become root.
     pub become_: Become,
+    /// `[cluster.slurm]`: the hosts are a Slurm allocation's nodes.
+    pub slurm: Option<crate::job::slurm::SlurmSpec>,
 }
 
 /// `[cluster] become`.
@@ -101,7 +103,8 @@ pub(super) fn convert_cluster(
     let user = convert_user(src, &cl.user)?;
     let uids = convert_uids(src, cl.uids.as_ref())?;
     let (port_start, port_end, scheduler_port) = convert_ports(src, cl)?;
-    let listed = convert_hosts(src, cluster, base_dir, given)?;
+    let slurm = cl.slurm.as_ref().map(|s| convert_slurm(src, s)).transpose()?;
+    let listed = convert_hosts(src, cluster, base_dir, given, slurm.as_ref())?;
     let ssh_config = cl.ssh_config.as_ref().map(|p| base_dir.join(p.get_ref()));
     let remote_dir = match &cl.remote_dir {
         Some(d) if !Path::new(d.get_ref()).is_absolute() => {
@@ -126,6 +129,7 @@ pub(super) fn convert_cluster(
         ssh_config,
         remote_dir,
         become_,
+        slurm,
     };
     check_roles(src, &cluster, &listed.span, &listed.spans)?;
     Ok(cluster)
@@ -220,15 +224,16 @@ fn convert_hosts(
     cluster: &Spanned<raw::Cluster>,
     base_dir: &Path,
     given: Option<&[HostSpec]>,
+    slurm: Option<&crate::job::slurm::SlurmSpec>,
 ) -> Result<Hosts, SpecError> {
     let cl = cluster.get_ref();
-    let sources = [cl.hosts.is_some(), cl.hostfile.is_some(), cl.inventory.is_some()];
+    let sources = [cl.hosts.is_some(), cl.hostfile.is_some(), cl.inventory.is_some(), cl.slurm.is_some()];
     match sources.iter().filter(|x| **x).count() {
         0 => {
             return Err(src.err(
                 cluster.span(),
                 "the cluster has no hosts",
-                "add [[cluster.hosts]] tables, or name a hostfile (hostfile = \"hosts\") or an Ansible inventory (inventory = \"inventory.ini\")",
+                "add [[cluster.hosts]] tables, or name a hostfile (hostfile = \"hosts\"), an Ansible inventory (inventory = \"inventory.ini\") or a Slurm allocation ([cluster.slurm] nodes = 2)",
             ));
         }
         1 => {}
@@ -236,9 +241,19 @@ fn convert_hosts(
             return Err(src.err(
                 cluster.span(),
                 "the hosts are listed more than one way",
-                "keep one of [[cluster.hosts]], hostfile and inventory",
+                "keep one of [[cluster.hosts]], hostfile, inventory and [cluster.slurm]",
             ));
         }
+    }
+    if let (Some(spec), Some(raw)) = (slurm, &cl.slurm) {
+        if let Some(s) = &cl.servers_per_host {
+            return Err(src.err(
+                s.span(),
+                "servers_per_host applies to hosts from a hostfile or inventory",
+                "set servers_per_node in [cluster.slurm] instead",
+            ));
+        }
+        return hosts_from_slurm(src, raw, spec, given);
     }
     if let (Some(g), None) = (&cl.inventory_group, &cl.inventory) {
         return Err(src.err(
@@ -351,30 +366,100 @@ fn hosts_from_file(
     };
     let path = base_dir.join(key.get_ref());
     let hosts = match given {
-        Some(h) => {
-            // The launcher read these; an agent still refuses what the
-            // list itself would have been refused for.
-            let names: BTreeSet<&str> = h.iter().map(|x| x.name.as_str()).collect();
-            let addresses: BTreeSet<IpAddr> = h.iter().map(|x| x.address).collect();
-            if h.is_empty() {
-                return Err(src.err(
-                    key.span(),
-                    "no hosts were sent with the job, and agents do not read host lists",
-                    "",
-                ));
-            }
-            if names.len() != h.len() || addresses.len() != h.len() {
-                return Err(src.err(key.span(), "the hosts sent with the job repeat a name or address", ""));
-            }
-            if let Some(bad) = h.iter().find(|x| !is_host_name(&x.name)) {
-                return Err(src.err(key.span(), format!("`{}` cannot name a host", bad.name), HOST_NAME_HELP));
-            }
-            h.to_vec()
-        }
+        Some(h) => check_given(src, key.span(), h)?,
         None => hosts_from_list(src, key, &path, kind, servers_per_host)?,
     };
     let spans = vec![key.span(); hosts.len()];
     Ok(Hosts { hosts, spans, from: Some(path), span: key.span() })
+}
+
+/// Hosts the launcher read (from a list or an allocation) and sent with the
+/// job: an agent still refuses what the list itself would have been
+/// refused for.
+fn check_given(src: &Src<'_>, span: Range<usize>, h: &[HostSpec]) -> Result<Vec<HostSpec>, SpecError> {
+    let names: BTreeSet<&str> = h.iter().map(|x| x.name.as_str()).collect();
+    let addresses: BTreeSet<IpAddr> = h.iter().map(|x| x.address).collect();
+    if h.is_empty() {
+        return Err(src.err(span, "no hosts were sent with the job, and agents do not read host lists", ""));
+    }
+    if names.len() != h.len() || addresses.len() != h.len() {
+        return Err(src.err(span, "the hosts sent with the job repeat a name or address", ""));
+    }
+    if let Some(bad) = h.iter().find(|x| !is_host_name(&x.name)) {
+        return Err(src.err(span, format!("`{}` cannot name a host", bad.name), HOST_NAME_HELP));
+    }
+    Ok(h.to_vec())
+}
+
+/// `[cluster.slurm]`: the hosts the launcher sent, else the nodes of the
+/// allocation this process runs in, else stand-ins for the nodes `sbatch`
+/// will allocate (see [`crate::job::slurm`]).
+fn hosts_from_slurm(
+    src: &Src<'_>,
+    raw: &Spanned<raw::Slurm>,
+    spec: &crate::job::slurm::SlurmSpec,
+    given: Option<&[HostSpec]>,
+) -> Result<Hosts, SpecError> {
+    use crate::job::slurm;
+    let span = raw.span();
+    let hosts = match given {
+        Some(h) => check_given(src, span.clone(), h)?,
+        None => {
+            let nodes = match slurm::allocation() {
+                Ok(Some(a)) => a.nodes,
+                Ok(None) => slurm::stand_ins(spec),
+                Err(e) => return Err(src.err(span, e.to_string(), "")),
+            };
+            slurm::hosts(spec, &nodes).map_err(|e| {
+                src.err(span.clone(), e.to_string(), "allocate at least that many nodes (salloc -N), or lower nodes")
+            })?
+        }
+    };
+    if let Some(bad) = hosts.iter().find(|h| !is_host_name(&h.name)) {
+        return Err(src.err(span, format!("Slurm node `{}` cannot name a host", bad.name), HOST_NAME_HELP));
+    }
+    let spans = vec![span.clone(); hosts.len()];
+    Ok(Hosts { hosts, spans, from: None, span })
+}
+
+/// `[cluster.slurm]` on its own.
+fn convert_slurm(src: &Src<'_>, raw: &Spanned<raw::Slurm>) -> Result<crate::job::slurm::SlurmSpec, SpecError> {
+    let r = raw.get_ref();
+    let count = |v: &Option<Spanned<i64>>, what: &str, lo: i64, hi: i64, default: u32| match v {
+        Some(v) => int_in(src, v, what, lo, hi, "processes of that role on each allocated node"),
+        None => Ok(default),
+    };
+    // Passed to sbatch as arguments (never through a shell or a script),
+    // but a line break or a NUL there is a mistake worth naming.
+    let word = |v: &Option<Spanned<String>>, what: &str, help: &str| -> Result<Option<String>, SpecError> {
+        match v {
+            None => Ok(None),
+            Some(v) if v.get_ref().trim().is_empty() || v.get_ref().chars().any(|c| c.is_control() || c == ' ') => {
+                Err(src.err(v.span(), format!("{what} must be one word"), help))
+            }
+            Some(v) => Ok(Some(v.get_ref().clone())),
+        }
+    };
+    let mut sbatch_options = Vec::new();
+    for o in r.sbatch_options.iter().flat_map(|l| l.get_ref()) {
+        if !o.get_ref().starts_with("--") || o.get_ref().chars().any(char::is_control) {
+            return Err(src.err(
+                o.span(),
+                format!("`{}` is not an sbatch option", o.get_ref()),
+                "give each option as one string in its long form, for example sbatch_options = [\"--exclusive\", \"--qos=high\"]",
+            ));
+        }
+        sbatch_options.push(o.get_ref().clone());
+    }
+    Ok(crate::job::slurm::SlurmSpec {
+        nodes: int_in(src, &r.nodes, "nodes", 1, 4096, "the number of nodes to run on, for example nodes = 2")?,
+        workers_per_node: count(&r.workers_per_node, "workers_per_node", 0, 1024, 1)?,
+        servers_per_node: count(&r.servers_per_node, "servers_per_node", 0, 256, 1)?,
+        partition: word(&r.partition, "partition", "for example partition = \"gpu\"")?,
+        time: word(&r.time, "time", "a Slurm time limit, for example time = \"02:00:00\"")?,
+        account: word(&r.account, "account", "for example account = \"mylab\"")?,
+        sbatch_options,
+    })
 }
 
 /// Exactly one scheduler, at least one server and one worker, and on each

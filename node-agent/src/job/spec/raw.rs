@@ -49,6 +49,19 @@ pub struct Cluster {
     pub inventory: Option<Spanned<String>>,
     pub inventory_group: Option<Spanned<String>>,
     pub servers_per_host: Option<Spanned<i64>>,
+    pub slurm: Option<Spanned<Slurm>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slurm {
+    pub nodes: Spanned<i64>,
+    pub workers_per_node: Option<Spanned<i64>>,
+    pub servers_per_node: Option<Spanned<i64>>,
+    pub partition: Option<Spanned<String>>,
+    pub time: Option<Spanned<String>>,
+    pub account: Option<Spanned<String>>,
+    pub sbatch_options: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,184 @@
+//! Jobs on a real Slurm cluster of network-namespace nodes
+//! ([`warden_tests::slurm::SlurmCluster`]), submitted by an unprivileged
+//! user as on a lab's cluster.
+//!
+//! These tests need root to build the cluster (CI runs as root) and
+//! Debian's Slurm and munge packages (`./scripts/test-all` installs them).
+//! Without them they fail, unless `WARDEN_ALLOW_UNPRIVILEGED_TESTS=1` says
+//! the run knowingly skips them.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use warden_tests::slurm::SlurmCluster;
+use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, spawn_launch, wait_for};
+
+fn require_root() -> bool {
+    if warden_agent::host::harden::started_as_root() {
+        return true;
+    }
+    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
+        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): this test needs root");
+        return false;
+    }
+    panic!("this test needs root (CI runs as root); set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
+}
+
+/// The account the tests submit as: a lab user, not root.
+const USER: &str = "wardenslurm";
+
+fn test_user() -> nix::unistd::User {
+    if let Some(u) = nix::unistd::User::from_name(USER).unwrap() {
+        return u;
+    }
+    let made = Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "useradd: {}", String::from_utf8_lossy(&made.stderr));
+    nix::unistd::User::from_name(USER).unwrap().unwrap()
+}
+
+/// The binaries and the data copied into `dir/u`, owned by the test user
+/// (the checkout may sit where nobody else can enter, a clone in /root);
+/// `configs/local.toml` there with `hosts` in place of its host table;
+/// the job file's path.
+fn stage(dir: &Path, user: &nix::unistd::User, ports: (u16, u16), hosts: &str, epochs: u32) -> PathBuf {
+    let u = dir.join("u");
+    std::fs::create_dir_all(u.join("bin")).unwrap();
+    for name in ["warden", "warden-agent"] {
+        std::fs::copy(bin(name), u.join("bin").join(name)).unwrap();
+    }
+    let data = repo_root().join("data/fashion-mnist-small");
+    std::fs::create_dir_all(u.join("data")).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), u.join("data").join(entry.file_name())).unwrap();
+    }
+    let table =
+        "[[cluster.hosts]]\nname = \"localhost\"\naddress = \"127.0.0.1\"\nscheduler = 1\nservers = 2\nworkers = 2";
+    let job = job_in(&u, ports, &[(table, hosts), ("epochs = 5", &format!("epochs = {epochs}"))]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(data.to_str().unwrap(), u.join("data").to_str().unwrap());
+    std::fs::write(&job, text).unwrap();
+    let chown = format!("{}:{}", user.uid, user.gid);
+    assert!(Command::new("chown").args(["-R", &chown, u.to_str().unwrap()]).status().unwrap().success());
+    job
+}
+
+/// `warden ARGS` as the test user, with Slurm's configuration.
+fn warden_as(user: &nix::unistd::User, dir: &Path, cluster: &SlurmCluster, args: &[&str]) -> std::process::Output {
+    Command::new(dir.join("u/bin/warden"))
+        .args(args)
+        .current_dir(dir.join("u"))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .envs(cluster.env())
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .output()
+        .unwrap()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Waits (`secs`) for `path` to appear while Slurm job `id` runs; on
+/// timeout, or once Slurm holds the job, panics with what the run and
+/// Slurm say.
+fn wait_for_file(path: &Path, secs: u64, run: &Path, cluster: &SlurmCluster, id: &str) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !path.exists() {
+        let held = cluster.job(id).is_some_and(|s| s.contains("held") || s.contains("failed"));
+        if held || Instant::now() > end {
+            let log = std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default();
+            panic!(
+                "no {} (after at most {secs}s)\nlauncher.log:\n{log}\nqueue:\n{}\nslurm logs:\n{}",
+                path.display(),
+                cluster.queue(),
+                cluster.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for Slurm to list no job and no step.
+fn wait_queue_empty(cluster: &SlurmCluster) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = cluster.queue();
+        if q.trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "Slurm still lists:\n{q}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A lab user submits the shipped job with `[cluster.slurm] nodes = 2`
+/// from outside an allocation: `warden launch` returns at once with the
+/// Slurm job id, the launcher runs inside the allocation with the
+/// submitting shell long gone, every process is a step on the node the
+/// planner put it on, and training reaches exactly the accuracy of the same
+/// job on one machine; then nothing of it is left in Slurm's queue and
+/// `warden status` says how the Slurm job ended.
+#[test]
+fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("slurm-train");
+    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
+    let user = test_user();
+    let slurm_hosts = "[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
+    let job = stage(&dir, &user, (32290, 32299), slurm_hosts, 2);
+
+    let plan = warden_as(&user, &dir, &cluster, &["plan", job.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "{said}{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(said.contains("node-1") && said.contains("node-2"), "the plan shows stand-ins before sbatch: {said}");
+
+    let run = dir.join("u/run");
+    let submitted =
+        warden_as(&user, &dir, &cluster, &["launch", job.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&submitted.stderr);
+    assert_eq!(submitted.status.code(), Some(0), "{err}");
+    let id = err
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no Slurm job id in: {err}"))
+        .to_string();
+    assert!(id.bytes().all(|b| b.is_ascii_digit()), "{err}");
+    let listed = cluster.client("squeue", &["-h", "-j", &id, "-o", "%u %j"]).unwrap();
+    assert!(listed.trim().is_empty() || listed.contains(USER), "squeue lists the job as the user's: {listed}");
+
+    wait_for_file(&run.join("summary.json"), 300, &run, &cluster, &id);
+    let summary = json(&run.join("summary.json"));
+    let log = std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default();
+    assert_eq!(summary["status"], "succeeded", "{summary}\n{log}");
+    assert!(log.contains(&format!("inside Slurm job {id}")), "{log}");
+    let plan = json(&run.join("plan.json"));
+    let hosts: Vec<&str> = plan["hosts"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap()).collect();
+    let nodes: Vec<&str> = cluster.net.hosts.iter().map(|h| h.ns.as_str()).collect();
+    assert_eq!(hosts, nodes, "the allocation's nodes are the job's hosts");
+
+    // The same job on one machine (two servers, two workers) reaches the
+    // very same accuracy: placement changes nothing of the arithmetic.
+    let local_dir = scratch("slurm-reference");
+    let reference = job_in(&local_dir, (32300, 32309), &[("epochs = 5", "epochs = 2")]);
+    let local_run = local_dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &reference, &local_run), &local_run, 180);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let local = json(&local_run.join("summary.json"));
+    assert_eq!(summary["test_accuracy"], local["test_accuracy"], "slurm {summary}\nlocal {local}");
+
+    wait_queue_empty(&cluster);
+    let status = warden_as(&user, &dir, &cluster, &["status", run.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains(&format!("slurm job {id}")) && said.contains("succeeded"), "{said}");
+}
