@@ -79,10 +79,12 @@ pub enum Command {
     },
     /// Run a job: certificates, processes, training, model, summary.
     #[command(after_help = "Examples:\n  warden launch configs/local.toml --local --run-dir runs/try1\n  \
-        warden launch configs/two-hosts.toml          # over SSH, hosts from the job file\n\n\
+        warden launch configs/two-hosts.toml          # over SSH, hosts from the job file\n  \
+        warden launch job.toml --run-dir ~/runs/a     # [cluster.slurm]: sbatch, or the allocation it runs in\n\n\
         The run directory gets summary.json, metrics.csv, logs/ (one file per process) and \
         model/model.safetensors. Exit status: 0 when training finished; 1 when the job failed \
-        (summary.json says why); 2 for an invalid job file or bad flags.\n\nDocs: docs/guide.md, docs/job-file.md")]
+        (summary.json says why); 2 for an invalid job file or bad flags. A job submitted with sbatch \
+        returns 0 at once with its Slurm job id.\n\nDocs: docs/guide.md, docs/job-file.md, docs/slurm.md")]
     Launch {
         /// The job file.
         job: PathBuf,

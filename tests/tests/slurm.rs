@@ -67,13 +67,20 @@ fn stage(dir: &Path, user: &nix::unistd::User, ports: (u16, u16), hosts: &str, e
     job
 }
 
-/// `warden ARGS` as the test user, with Slurm's configuration.
+/// The tag of the test whose scratch directory is `dir`.
+fn tag_of(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().rsplit('-').next().unwrap().to_string()
+}
+
+/// `warden ARGS` as the test user, with Slurm's configuration (and the
+/// test's tag, which sbatch and srun pass on to the launcher and agents).
 fn warden_as(user: &nix::unistd::User, dir: &Path, cluster: &SlurmCluster, args: &[&str]) -> std::process::Output {
     Command::new(dir.join("u/bin/warden"))
         .args(args)
         .current_dir(dir.join("u"))
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("WARDEN_TEST_TAG", tag_of(dir))
         .envs(cluster.env())
         .uid(user.uid.as_raw())
         .gid(user.gid.as_raw())
@@ -101,6 +108,29 @@ fn wait_for_file(path: &Path, secs: u64, run: &Path, cluster: &SlurmCluster, id:
                 cluster.logs()
             );
         }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Submits `job` into `run` as the test user; the Slurm job id.
+fn submit(user: &nix::unistd::User, dir: &Path, cluster: &SlurmCluster, job: &Path, run: &Path) -> String {
+    let out = warden_as(user, dir, cluster, &["launch", job.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let id = err.split_whitespace().skip_while(|w| *w != "job").nth(1).unwrap_or_else(|| panic!("no job id: {err}"));
+    assert!(id.bytes().all(|b| b.is_ascii_digit()), "{err}");
+    id.to_string()
+}
+
+/// Waits until no process of `uid` is left on the machine (every node).
+fn wait_no_processes_of(uid: u32) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = warden_tests::Procs::all().uid(uid).pids();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "processes of uid {uid} are left: {left:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -143,17 +173,7 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     assert!(said.contains("node-1") && said.contains("node-2"), "the plan shows stand-ins before sbatch: {said}");
 
     let run = dir.join("u/run");
-    let submitted =
-        warden_as(&user, &dir, &cluster, &["launch", job.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&submitted.stderr);
-    assert_eq!(submitted.status.code(), Some(0), "{err}");
-    let id = err
-        .split_whitespace()
-        .skip_while(|w| *w != "job")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no Slurm job id in: {err}"))
-        .to_string();
-    assert!(id.bytes().all(|b| b.is_ascii_digit()), "{err}");
+    let id = submit(&user, &dir, &cluster, &job, &run);
     let listed = cluster.client("squeue", &["-h", "-j", &id, "-o", "%u %j"]).unwrap();
     assert!(listed.trim().is_empty() || listed.contains(USER), "squeue lists the job as the user's: {listed}");
 
@@ -181,4 +201,54 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     let status = warden_as(&user, &dir, &cluster, &["status", run.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&status.stdout);
     assert!(said.contains(&format!("slurm job {id}")) && said.contains("succeeded"), "{said}");
+}
+
+/// `warden stop` of a submitted job that is training: the launcher inside
+/// the allocation saves the model and ends every step; a worker killed on
+/// its node fails the next job, named. Either way Slurm lists no job and
+/// no step after, and no process of the user is left on any node.
+#[test]
+fn warden_stop_and_a_killed_worker_leave_no_step_and_no_process() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("slurm-stop");
+    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
+    let user = test_user();
+    let slurm_hosts = "[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
+    let job = stage(&dir, &user, (32310, 32319), slurm_hosts, 3000);
+    let first_epoch = |run: &Path, id: &str| {
+        let end = Instant::now() + Duration::from_secs(120);
+        while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+            let held = cluster.job(id).is_some_and(|s| s.contains("held") || s.contains("failed"));
+            assert!(!held && Instant::now() < end, "no epoch finished: {}\n{}", cluster.queue(), cluster.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let run = dir.join("u/run");
+    let id = submit(&user, &dir, &cluster, &job, &run);
+    first_epoch(&run, &id);
+    let stopped = warden_as(&user, &dir, &cluster, &["stop", run.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    assert!(stopped.status.success(), "{said}{}", String::from_utf8_lossy(&stopped.stderr));
+    assert!(said.contains("stopped: model saved"), "{said}");
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["status"], "stopped", "{summary}");
+    assert!(run.join("model/model.safetensors").is_file());
+    wait_queue_empty(&cluster);
+    wait_no_processes_of(user.uid.as_raw());
+
+    let run = dir.join("u/run2");
+    let id = submit(&user, &dir, &cluster, &job, &run);
+    first_epoch(&run, &id);
+    let victim = warden_tests::Procs::agents(&tag_of(&dir)).comm("wd-worker-1").first().expect("worker 1 runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for_file(&run.join("summary.json"), 120, &run, &cluster, &id);
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["status"], "failed", "{summary}");
+    assert!(summary["failure"].as_str().unwrap_or_default().contains("worker[1]"), "{summary}");
+    wait_queue_empty(&cluster);
+    wait_no_processes_of(user.uid.as_raw());
 }

@@ -324,7 +324,11 @@ fn slurm_state(state: &str) -> String {
     match state {
         "PENDING" => "waiting for its allocation (PENDING)".to_string(),
         "RUNNING" => "running".to_string(),
-        "TIMEOUT" => "ended by Slurm's time limit (TIMEOUT): the launcher was told to stop and kept the model".into(),
+        "TIMEOUT" => {
+            "ended by Slurm's time limit (TIMEOUT): Slurm told the launcher to stop, which saves the model if the \
+             cluster's KillWait leaves it time"
+                .into()
+        }
         "CANCELLED" => "cancelled (CANCELLED)".to_string(),
         "COMPLETED" => "completed".to_string(),
         other => other.to_lowercase(),
