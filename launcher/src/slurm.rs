@@ -261,15 +261,22 @@ pub enum SubmitError {
     NoJobId(String),
 }
 
-/// The `sbatch` arguments for a job of `spec` named `name`, its output
-/// appended to `log`.
-pub fn sbatch_args(spec: &warden_agent::job::slurm::SlurmSpec, name: &str, log: &Path) -> Vec<String> {
+/// The `sbatch` arguments for a job of `spec` named `name` on `ports`, its
+/// output appended to `log`. The comment names the ports for warden's Slurm
+/// prolog, which installs the job's firewall table on every node.
+pub fn sbatch_args(
+    spec: &warden_agent::job::slurm::SlurmSpec,
+    ports: (u16, u16),
+    name: &str,
+    log: &Path,
+) -> Vec<String> {
     let mut args = vec![
         "--parsable".to_string(),
         format!("--job-name=warden-{name}"),
         format!("--nodes={}", spec.nodes),
         format!("--output={}", log.display()),
         "--open-mode=append".to_string(),
+        format!("--comment={}", warden_agent::host::slurm::comment(ports)),
     ];
     let named = [("--partition", &spec.partition), ("--time", &spec.time), ("--account", &spec.account)];
     args.extend(named.iter().filter_map(|(flag, v)| v.as_ref().map(|v| format!("{flag}={v}"))));
@@ -280,12 +287,13 @@ pub fn sbatch_args(spec: &warden_agent::job::slurm::SlurmSpec, name: &str, log: 
 /// Submits `script`; the Slurm job id.
 pub fn sbatch(
     spec: &warden_agent::job::slurm::SlurmSpec,
+    ports: (u16, u16),
     name: &str,
     log: &Path,
     script: &Path,
 ) -> Result<String, SubmitError> {
     let out = std::process::Command::new("sbatch")
-        .args(sbatch_args(spec, name, log))
+        .args(sbatch_args(spec, ports, name, log))
         .arg(script)
         .stdin(Stdio::null())
         .output()
@@ -361,7 +369,7 @@ mod tests {
             account: None,
             sbatch_options: vec!["--exclusive".into()],
         };
-        let args = sbatch_args(&spec, "mlp", Path::new("/runs/a/launcher.log"));
+        let args = sbatch_args(&spec, (29500, 29599), "mlp", Path::new("/runs/a/launcher.log"));
         assert_eq!(
             args,
             [
@@ -370,6 +378,7 @@ mod tests {
                 "--nodes=2",
                 "--output=/runs/a/launcher.log",
                 "--open-mode=append",
+                "--comment=warden:ports=29500-29599",
                 "--partition=gpu",
                 "--time=01:00:00",
                 "--exclusive"

@@ -38,6 +38,10 @@ enum Cmd {
     /// these as root before the agents start and after they end).
     #[command(subcommand)]
     Host(HostCmd),
+    /// slurmd's Prolog and Epilog: the per-job firewall of warden jobs on a
+    /// Slurm cluster (docs/slurm.md says how to install them).
+    #[command(subcommand)]
+    Slurm(SlurmCmd),
     /// End an agent's process group: SIGTERM, GRACE_MS, then SIGKILL (the
     /// launcher runs this when an agent does not stop on request).
     StopGroup {
@@ -96,6 +100,44 @@ enum HostCmd {
         #[arg(long)]
         max_bytes: u64,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum SlurmCmd {
+    /// Run as slurmd's Prolog (root, every node, `PrologFlags=Alloc`): for a
+    /// job `warden launch` submitted (comment `warden:ports=A-B`), install
+    /// the table admitting only the allocation's nodes to those ports.
+    Prolog {
+        /// The ports warden jobs may claim on this cluster, `FIRST-LAST`.
+        #[arg(long, value_name = "FIRST-LAST")]
+        ports: String,
+    },
+    /// Run as slurmd's Epilog: remove the job's table, if there is one.
+    Epilog,
+}
+
+fn slurm(cmd: SlurmCmd) -> ExitCode {
+    use warden_agent::host::slurm;
+    let result = match cmd {
+        SlurmCmd::Prolog { ports } => match slurm::parse_range(&ports) {
+            Some(allowed) => slurm::JobEnv::from_env().and_then(|env| slurm::prolog(&env, allowed)),
+            None => {
+                eprintln!("error: --ports must be FIRST-LAST, for example --ports 29500-29999");
+                return ExitCode::from(2);
+            }
+        },
+        SlurmCmd::Epilog => slurm::JobEnv::from_env().and_then(|env| slurm::epilog(&env.id)),
+    };
+    match result {
+        Ok(said) => {
+            println!("warden: {said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: warden: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Why a `warden-agent host` command failed.
@@ -236,6 +278,7 @@ fn main() -> ExitCode {
         Cmd::Firewall(cmd) => return firewall(cmd),
         Cmd::StopGroup { pgid, start, grace_ms, uid } => return stop_group(pgid, start, grace_ms, uid),
         Cmd::Host(cmd) => return host(cmd),
+        Cmd::Slurm(cmd) => return slurm(cmd),
         Cmd::Run => {}
     }
     tracing_subscriber::fmt()

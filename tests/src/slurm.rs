@@ -60,6 +60,17 @@ impl SlurmCluster {
     /// of its own (`/tmp/wsl-TAG`: slurmstepd's socket paths must stay under
     /// 108 bytes), removed on drop.
     pub fn start(tag: &str, hosts: usize) -> Result<SlurmCluster, String> {
+        SlurmCluster::start_with(tag, hosts, None)
+    }
+
+    /// [`SlurmCluster::start`] with warden's prolog and epilog installed as
+    /// an admin would (`PrologFlags=Alloc`): `agent slurm prolog --ports
+    /// FIRST-LAST` and `agent slurm epilog`.
+    pub fn with_prolog(tag: &str, hosts: usize, agent: &Path, ports: (u16, u16)) -> Result<SlurmCluster, String> {
+        SlurmCluster::start_with(tag, hosts, Some((agent, ports)))
+    }
+
+    fn start_with(tag: &str, hosts: usize, prolog: Option<(&Path, (u16, u16))>) -> Result<SlurmCluster, String> {
         let dir = &std::env::temp_dir().join(format!("wsl-{tag}"));
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -134,6 +145,19 @@ impl SlurmCluster {
             state = d("state").display(),
             dir = dir.display(),
         );
+        if let Some((agent, (first, last))) = prolog {
+            let script = |name: &str, body: String| -> Result<PathBuf, String> {
+                use std::os::unix::fs::PermissionsExt;
+                let path = d(name);
+                std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+                Ok(path)
+            };
+            let a = agent.display();
+            let p = script("prolog.sh", format!("exec {a} slurm prolog --ports {first}-{last}"))?;
+            let e = script("epilog.sh", format!("exec {a} slurm epilog"))?;
+            text += &format!("Prolog={}\nEpilog={}\nPrologFlags=Alloc\n", p.display(), e.display());
+        }
         for h in &cluster.net.hosts {
             text += &format!("NodeName={} NodeAddr={} CPUs=2 State=UNKNOWN\n", h.ns, h.addr);
             std::fs::create_dir_all(d(&format!("spool-{}", h.ns))).map_err(|e| e.to_string())?;

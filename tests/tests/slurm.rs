@@ -171,6 +171,7 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     let said = String::from_utf8_lossy(&plan.stdout);
     assert!(plan.status.success(), "{said}{}", String::from_utf8_lossy(&plan.stderr));
     assert!(said.contains("node-1") && said.contains("node-2"), "the plan shows stand-ins before sbatch: {said}");
+    assert!(said.contains("the job gets no uid of its own"), "the plan names what is missing: {said}");
 
     let run = dir.join("u/run");
     let id = submit(&user, &dir, &cluster, &job, &run);
@@ -182,6 +183,7 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     let log = std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default();
     assert_eq!(summary["status"], "succeeded", "{summary}\n{log}");
     assert!(log.contains(&format!("inside Slurm job {id}")), "{log}");
+    assert!(log.contains("no firewall table and no uid of its own"), "without the prolog, the launch says so: {log}");
     let plan = json(&run.join("plan.json"));
     let hosts: Vec<&str> = plan["hosts"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap()).collect();
     let nodes: Vec<&str> = cluster.net.hosts.iter().map(|h| h.ns.as_str()).collect();
@@ -203,21 +205,34 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     assert!(said.contains(&format!("slurm job {id}")) && said.contains("succeeded"), "{said}");
 }
 
-/// `warden stop` of a submitted job that is training: the launcher inside
-/// the allocation saves the model and ends every step; a worker killed on
-/// its node fails the next job, named. Either way Slurm lists no job and
-/// no step after, and no process of the user is left on any node.
+/// With warden's prolog and epilog installed: while a submitted job
+/// trains, every node has the job's table (a host outside the allocation
+/// cannot reach the scheduler's port, a node of it can) and the launch says
+/// where the firewall came from. `warden stop` makes the launcher inside the
+/// allocation save the model and end every step; a worker killed on its
+/// node fails the next job, named. Either way Slurm lists no job and no
+/// step after, no process of the user is left on any node, and no table.
 #[test]
-fn warden_stop_and_a_killed_worker_leave_no_step_and_no_process() {
+fn warden_stop_and_a_killed_worker_leave_no_step_no_process_and_no_table() {
     if !require_root() {
         return;
     }
     let tag = fresh_tag();
     let dir = scratch("slurm-stop");
-    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
     let user = test_user();
     let slurm_hosts = "[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
     let job = stage(&dir, &user, (32310, 32319), slurm_hosts, 3000);
+    let agent = dir.join("u/bin/warden-agent");
+    let cluster = SlurmCluster::with_prolog(&tag[..6], 2, &agent, (32300, 32399)).unwrap();
+    let tables_gone = |id: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        for h in &cluster.net.hosts {
+            while warden_tests::netns::NetnsCluster::tables(h).contains(&format!("warden_slurm_{id}")) {
+                assert!(Instant::now() < end, "the epilog left the table on {}", h.ns);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
     let first_epoch = |run: &Path, id: &str| {
         let end = Instant::now() + Duration::from_secs(120);
         while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
@@ -230,6 +245,19 @@ fn warden_stop_and_a_killed_worker_leave_no_step_and_no_process() {
     let run = dir.join("u/run");
     let id = submit(&user, &dir, &cluster, &job, &run);
     first_epoch(&run, &id);
+    for h in &cluster.net.hosts {
+        let tables = warden_tests::netns::NetnsCluster::tables(h);
+        assert!(tables.contains(&format!("warden_slurm_{id}")), "no table on {}: {tables}", h.ns);
+    }
+    let plan = json(&run.join("plan.json"));
+    let scheduler = plan["processes"].as_array().unwrap().iter().find(|p| p["role"] == "scheduler").unwrap();
+    let port = scheduler["port"].as_u64().unwrap() as u16;
+    let at: std::net::Ipv4Addr = scheduler["address"].as_str().unwrap().parse().unwrap();
+    use warden_tests::netns::NetnsCluster;
+    assert!(!NetnsCluster::can_connect(&cluster.net.outsider, at, port), "an outsider reached the scheduler");
+    assert!(NetnsCluster::can_connect(&cluster.net.hosts[1], at, port), "a node of the job cannot reach the scheduler");
+    let log = std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default();
+    assert!(log.contains(&format!("firewall from the Slurm prolog: warden_slurm_{id} ports 32310-32319")), "{log}");
     let stopped = warden_as(&user, &dir, &cluster, &["stop", run.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&stopped.stdout);
     assert!(stopped.status.success(), "{said}{}", String::from_utf8_lossy(&stopped.stderr));
@@ -239,6 +267,7 @@ fn warden_stop_and_a_killed_worker_leave_no_step_and_no_process() {
     assert!(run.join("model/model.safetensors").is_file());
     wait_queue_empty(&cluster);
     wait_no_processes_of(user.uid.as_raw());
+    tables_gone(&id);
 
     let run = dir.join("u/run2");
     let id = submit(&user, &dir, &cluster, &job, &run);
@@ -251,4 +280,51 @@ fn warden_stop_and_a_killed_worker_leave_no_step_and_no_process() {
     assert!(summary["failure"].as_str().unwrap_or_default().contains("worker[1]"), "{summary}");
     wait_queue_empty(&cluster);
     wait_no_processes_of(user.uid.as_raw());
+    tables_gone(&id);
+}
+
+/// Submitted as root, the agents on the nodes drop to a uid of the job's
+/// own and each node gets the job's per-process table, as over SSH: the
+/// launch warns of nothing missing, and the job trains.
+#[test]
+fn submitted_as_root_the_job_gets_its_own_uid_and_tables() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("slurm-root");
+    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
+    let slurm_hosts = "[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
+    let table =
+        "[[cluster.hosts]]\nname = \"localhost\"\naddress = \"127.0.0.1\"\nscheduler = 1\nservers = 2\nworkers = 2";
+    let job = job_in(&dir, (32320, 32329), &[(table, slurm_hosts), ("epochs = 5", "epochs = 1")]);
+    let run = dir.join("run");
+    let out = Command::new(bin("warden"))
+        .args(["launch", job.to_str().unwrap(), "--run-dir", run.to_str().unwrap()])
+        .env("WARDEN_TEST_TAG", &tag)
+        .envs(cluster.env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let id = err.split_whitespace().skip_while(|w| *w != "job").nth(1).unwrap().to_string();
+    wait_for_file(&run.join("summary.json"), 300, &run, &cluster, &id);
+    let summary = json(&run.join("summary.json"));
+    let log = std::fs::read_to_string(run.join("launcher.log")).unwrap_or_default();
+    assert_eq!(summary["status"], "succeeded", "{summary}\n{log}");
+    assert!(!log.contains("not running as root"), "{log}");
+    assert!(log.contains("firewall table and a uid of the job's own on 2 host(s)"), "{log}");
+    let logs = std::fs::read_to_string(run.join(format!("logs/{}-worker-1.log", cluster.net.hosts[1].ns))).unwrap();
+    let uid: u32 = logs
+        .split("running as uid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no uid in the worker's log: {logs}"));
+    assert!(uid >= 2_000_000_000, "the worker runs under a leased job uid, not {uid}");
+    wait_queue_empty(&cluster);
+    for h in &cluster.net.hosts {
+        let tables = warden_tests::netns::NetnsCluster::tables(h);
+        assert!(!tables.contains("warden_"), "a table is left on {}: {tables}", h.ns);
+    }
 }

@@ -66,7 +66,7 @@ pub fn exec(args: &LaunchArgs) -> Result<u8, CliError> {
     let slurm_job = match (&spec.cluster.slurm, local) {
         (Some(s), false) => match warden_agent::job::slurm::job_id().map_err(CliError::usage)? {
             Some(id) => Some(id),
-            None => return submit(args, &spec.name, s),
+            None => return submit(args, &spec, s),
         },
         _ => None,
     };
@@ -210,7 +210,12 @@ fn relaunch_args(args: &LaunchArgs, dir: &Path) -> Vec<std::ffi::OsString> {
 /// node, its output in `RUN_DIR/launcher.log`), so the job survives logout
 /// and shows in `squeue`; prints the Slurm job id and returns at once. The
 /// run directory must be on a filesystem the nodes share.
-fn submit(args: &LaunchArgs, name: &str, slurm: &warden_agent::job::slurm::SlurmSpec) -> Result<u8, CliError> {
+fn submit(
+    args: &LaunchArgs,
+    spec: &warden_agent::job::spec::JobSpec,
+    slurm: &warden_agent::job::slurm::SlurmSpec,
+) -> Result<u8, CliError> {
+    let name = &spec.name;
     let (dir, log_path, log) = fresh_run_dir(args, name)?;
     drop(log);
     let exe = std::env::current_exe().map_err(|e| CliError::failed(Context::new("cannot find this program", e)))?;
@@ -226,7 +231,8 @@ fn submit(args: &LaunchArgs, name: &str, slurm: &warden_agent::job::slurm::Slurm
         .open(&script_path)
         .and_then(|mut f| std::io::Write::write_all(&mut f, script.as_bytes()))
         .map_err(written)?;
-    let id = crate::slurm::sbatch(slurm, name, &log_path, &script_path).map_err(CliError::failed)?;
+    let ports = (spec.cluster.port_start, spec.cluster.port_end);
+    let id = crate::slurm::sbatch(slurm, ports, name, &log_path, &script_path).map_err(CliError::failed)?;
     crate::slurm::Submitted { job_id: id.clone() }.save(&dir).map_err(CliError::failed)?;
     let d = dir.display();
     eprintln!("submitted: Slurm job {id} runs the launcher inside its allocation (squeue -j {id})");

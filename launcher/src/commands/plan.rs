@@ -53,8 +53,10 @@ pub fn render(spec: &JobSpec, plan: &Plan) -> String {
                 slurm.nodes
             ),
         };
-        s += "Slurm steps run as the submitting user: unless that is root, the nodes get no firewall table and \
-              no uid of the job's own (the agents keep no capabilities, no_new_privs and seccomp)\n\n";
+        s += "Slurm steps run as the submitting user: unless that is root, the job gets no uid of its own on \
+              the nodes, and a firewall table only from warden's Slurm prolog where the admin installed it \
+              (docs/slurm.md; the launch says per node); the agents keep no capabilities, no_new_privs and \
+              seccomp either way\n\n";
     }
     if let Some(list) = &spec.cluster.hosts_from {
         s += &format!("hosts from {} (reached over SSH as):\n", list.display());

@@ -31,8 +31,15 @@ pub enum FirewallError {
     },
 }
 
+/// The `nft` program: the system's, found where Debian and others install
+/// it before any PATH lookup (slurmd runs a prolog with a minimal PATH
+/// that lacks /usr/sbin, and root is better off not searching PATH at all).
+fn nft_program() -> &'static str {
+    ["/usr/sbin/nft", "/sbin/nft"].into_iter().find(|p| std::path::Path::new(p).is_file()).unwrap_or("nft")
+}
+
 fn nft(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String, FirewallError> {
-    let mut child = Command::new("nft")
+    let mut child = Command::new(nft_program())
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

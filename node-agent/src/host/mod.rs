@@ -19,6 +19,7 @@ pub mod harden;
 pub mod jobuid;
 pub mod privfs;
 pub mod reap;
+pub mod slurm;
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsFd;
@@ -80,12 +81,18 @@ pub struct Setup {
 /// root, does neither and says so.
 pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result<Setup, HostError> {
     if !crate::host::harden::started_as_root() {
-        return Ok(Setup {
-            uid: None,
-            warning: Some(format!(
+        // A Slurm step: the prolog (root) may have installed the job's table.
+        let prolog = std::env::var("SLURM_JOB_ID").ok().and_then(|id| crate::host::slurm::noted(&id));
+        let warning = match prolog {
+            Some(note) => format!(
+                "{host} runs the job as the submitting user (a Slurm step): no uid of its own for this job there; \
+                 firewall from the Slurm prolog: {note}"
+            ),
+            None => format!(
                 "not running as root on {host}: no firewall table and no uid of its own for this job there (run as root to get them)"
-            )),
-        });
+            ),
+        };
+        return Ok(Setup { uid: None, warning: Some(warning) });
     }
     let uid = crate::host::jobuid::lease(job, host, uids)?;
     let table = crate::job::plan::firewall_table(job);

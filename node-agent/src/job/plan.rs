@@ -207,7 +207,11 @@ pub const JOB_UID_VAR: &str = "job_uid";
 /// each host filters its own users). Other local users are refused with a
 /// reset, so they cannot hold the job's connection slots.
 fn firewall_rules(job: &JobId, ports: &[u16], peers: &[IpAddr], job_ports: &BTreeSet<u16>) -> String {
-    let table = firewall_table(job);
+    firewall_ruleset(&firewall_table(job), ports, peers, job_ports)
+}
+
+/// [`firewall_rules`] for a table of any name (the Slurm prolog's).
+pub fn firewall_ruleset(table: &str, ports: &[u16], peers: &[IpAddr], job_ports: &BTreeSet<u16>) -> String {
     let list = |ports: &mut dyn Iterator<Item = &u16>| ports.map(u16::to_string).collect::<Vec<_>>().join(", ");
     let v4: Vec<String> = peers.iter().filter(|a| a.is_ipv4()).map(IpAddr::to_string).collect();
     let v6: Vec<String> = peers.iter().filter(|a| a.is_ipv6()).map(IpAddr::to_string).collect();

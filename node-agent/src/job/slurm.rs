@@ -101,7 +101,12 @@ pub fn allocation() -> Result<Option<Allocation>, SlurmError> {
     let list = std::env::var("SLURM_JOB_NODELIST")
         .or_else(|_| std::env::var("SLURM_NODELIST"))
         .map_err(|_| SlurmError::NoNodeList)?;
-    let names = scontrol(&["show", "hostnames", &list])?;
+    Ok(Some(Allocation { job_id, nodes: nodes(&list)? }))
+}
+
+/// The nodes of a Slurm node list (`wb[0-3]`), with their addresses.
+pub fn nodes(list: &str) -> Result<Vec<(String, IpAddr)>, SlurmError> {
+    let names = scontrol(&["show", "hostnames", list])?;
     let mut nodes = Vec::new();
     for name in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
         let shown = scontrol(&["-o", "show", "node", name])?;
@@ -115,7 +120,7 @@ pub fn allocation() -> Result<Option<Allocation>, SlurmError> {
         };
         nodes.push((name.to_string(), ip));
     }
-    Ok(Some(Allocation { job_id, nodes }))
+    Ok(nodes)
 }
 
 /// The `NodeAddr=` of a `scontrol -o show node` line.
