@@ -202,6 +202,13 @@ impl Transport for SlurmTransport {
     }
 }
 
+/// Seconds before the allocation's time limit at which Slurm sends the
+/// launcher SIGUSR1 (`sbatch --signal=B:USR1@90`): it then stops the job in
+/// order, worker 0 saving the model, while the steps still run. (Slurm may
+/// send it up to a minute earlier; at the limit itself it kills every step
+/// after `KillWait`, too late to save anything.)
+pub const STOP_AHEAD_S: u32 = 90;
+
 /// The batch script `warden launch` submits, in the run directory.
 pub const BATCH_SCRIPT: &str = "sbatch.sh";
 
@@ -277,6 +284,7 @@ pub fn sbatch_args(
         format!("--output={}", log.display()),
         "--open-mode=append".to_string(),
         format!("--comment={}", warden_agent::host::slurm::comment(ports)),
+        format!("--signal=B:USR1@{STOP_AHEAD_S}"),
     ];
     let named = [("--partition", &spec.partition), ("--time", &spec.time), ("--account", &spec.account)];
     args.extend(named.iter().filter_map(|(flag, v)| v.as_ref().map(|v| format!("{flag}={v}"))));
@@ -379,6 +387,7 @@ mod tests {
                 "--output=/runs/a/launcher.log",
                 "--open-mode=append",
                 "--comment=warden:ports=29500-29599",
+                "--signal=B:USR1@90",
                 "--partition=gpu",
                 "--time=01:00:00",
                 "--exclusive"

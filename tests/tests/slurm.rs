@@ -328,3 +328,29 @@ fn submitted_as_root_the_job_gets_its_own_uid_and_tables() {
         assert!(!tables.contains("warden_"), "a table is left on {}: {tables}", h.ns);
     }
 }
+
+/// A job whose allocation is about to reach its time limit is stopped in
+/// order by its launcher (Slurm's SIGUSR1 ahead of the limit, as warden
+/// submits it), says why, and leaves nothing in the queue.
+#[test]
+fn the_launcher_stops_in_order_ahead_of_slurms_time_limit() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("slurm-limit");
+    let user = test_user();
+    let slurm_hosts = "[cluster.slurm]\nnodes = 2\ntime = \"1\"";
+    let job = stage(&dir, &user, (32330, 32339), slurm_hosts, 3000);
+    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
+    let run = dir.join("u/run");
+    let id = submit(&user, &dir, &cluster, &job, &run);
+    let limit = cluster.client("squeue", &["-h", "-j", &id, "-o", "%l"]).unwrap();
+    assert_eq!(limit.trim(), "1:00", "the job file's time limit reached sbatch");
+    wait_for_file(&run.join("summary.json"), 150, &run, &cluster, &id);
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["status"], "stopped", "{summary}");
+    assert!(summary["stopped"].as_str().unwrap_or_default().contains("Slurm's time limit"), "{summary}");
+    wait_queue_empty(&cluster);
+    wait_no_processes_of(user.uid.as_raw());
+}

@@ -548,14 +548,17 @@ impl Signals {
     }
 }
 
-/// SIGINT (Ctrl-C), SIGTERM (`warden stop`, a service manager) and SIGHUP
-/// (the terminal closed). Each leads to the same orderly stop; the handlers
-/// are installed at once, so that none of these signals kills the launcher
-/// with its job's processes, firewall and directories left behind.
+/// SIGINT (Ctrl-C), SIGTERM (`warden stop`, a service manager), SIGHUP
+/// (the terminal closed) and SIGUSR1 (Slurm's warning that the allocation's
+/// time limit is near, see [`crate::slurm::STOP_AHEAD_S`]). Each leads to the
+/// same orderly stop; the handlers are installed at once, so that none of
+/// these signals kills the launcher with its job's processes, firewall and
+/// directories left behind.
 struct StopSignals {
     int: Option<tokio::signal::unix::Signal>,
     term: Option<tokio::signal::unix::Signal>,
     hup: Option<tokio::signal::unix::Signal>,
+    usr1: Option<tokio::signal::unix::Signal>,
 }
 
 impl StopSignals {
@@ -568,6 +571,7 @@ impl StopSignals {
             int: installed(SignalKind::interrupt()),
             term: installed(SignalKind::terminate()),
             hup: installed(SignalKind::hangup()),
+            usr1: installed(SignalKind::user_defined1()),
         }
     }
 
@@ -586,6 +590,7 @@ impl StopSignals {
             () = arrives(&mut self.int) => "interrupted (Ctrl-C)",
             () = arrives(&mut self.term) => "stopped by SIGTERM (as `warden stop` sends)",
             () = arrives(&mut self.hup) => "stopped by SIGHUP (the terminal closed)",
+            () = arrives(&mut self.usr1) => "stopped ahead of Slurm's time limit (SIGUSR1 from sbatch --signal)",
         }
     }
 }
