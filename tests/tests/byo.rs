@@ -651,3 +651,64 @@ if rank == 0:
     assert!(values.iter().all(|v| *v == -1.0), "{values:?}");
     wait_gone(&tag);
 }
+
+/// Tensors that cross chunk and server boundaries (4 KiB chunks, two
+/// servers, over a thousand chunks per server) arrive whole through every
+/// path a program can push by: copied from its memory, sent on the socket,
+/// as float16 either way; each step's values are exactly SGD's.
+const CHUNKED: &str = r#"
+import json, os
+import numpy as np
+from warden import kv
+rank = int(os.environ["WARDEN_RANK"])
+store = kv.connect()
+os.environ["WARDEN_KV_DIRECT"] = "0"
+plain = kv.connect()
+del os.environ["WARDEN_KV_DIRECT"]
+na, nb = 2100000, 3001
+a0 = (np.arange(na) % 1000).astype(np.float32)
+b0 = (np.arange(nb) % 11).astype(np.float32)
+store.init("a", a0)
+store.init("b", b0)
+ga = np.full(na, 1.0 + rank, dtype=np.float32)
+gb = ((np.arange(nb) % 7) * (rank + 1)).astype(np.float32)
+out = {"direct": [store.direct, plain.direct], "steps": []}
+for k, (client, dtype) in enumerate([(store, np.float32), (plain, np.float32), (store, np.float16), (plain, np.float16)], 1):
+    client.push("b", gb.astype(dtype))
+    a = client.pushpull("a", ga.astype(dtype))
+    b = client.pull("b")
+    # lr 0.5, mean gradients 1.5 and 1.5 * (i % 7): exact in float32.
+    want_a = a0 - np.float32(0.75 * k)
+    want_b = b0 - np.float32(0.75 * k) * (np.arange(nb) % 7).astype(np.float32)
+    out["steps"].append([bool((a == want_a).all()), bool((b == want_b).all())])
+print("RESULT " + json.dumps(out), flush=True)
+"#;
+
+#[test]
+fn tensors_across_chunks_and_servers_arrive_whole_by_every_path() {
+    let tag = fresh_tag();
+    let dir = scratch("byo-chunked");
+    let script = dir.join("chunked.py");
+    std::fs::write(&script, CHUNKED).unwrap();
+    let job = script_job(&dir, (32340, 32349), &script, "sync");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("x = [6]\ny = [2, 3]", "a = [2100000]\nb = [3001]")
+        .replace("mode = \"sync\"", "mode = \"sync\"\nchunk_kib = 4");
+    std::fs::write(&job, text).unwrap();
+    let run = dir.join("run");
+    let (status, stderr) = wait_for(spawn_launch(&tag, &job, &run), &run, 120);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    for rank in 0..2 {
+        let log = std::fs::read_to_string(run.join(format!("logs/localhost-worker-{rank}.log"))).unwrap();
+        let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
+        let out: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(out["direct"], serde_json::json!([true, false]), "rank {rank}");
+        assert_eq!(
+            out["steps"],
+            serde_json::json!([[true, true], [true, true], [true, true], [true, true]]),
+            "rank {rank}: {out}"
+        );
+    }
+    wait_gone(&tag);
+}

@@ -356,6 +356,45 @@ impl Source<'_> {
     }
 }
 
+impl Source<'_> {
+    /// The values, as the wire's f32 (little-endian, as the program's own
+    /// floats are on the targets warden builds for), into `pieces`: each
+    /// the offset of its first value in the tensor and the bytes to fill;
+    /// together they cover the tensor (whose length the caller checked
+    /// against the payload's). `scratch` holds 16-bit values on the way.
+    fn fill(self, dtype: Dtype, pieces: Vec<(usize, &mut [u8])>, scratch: &mut Vec<u8>) -> Result<(), KvError> {
+        let bytes: &[u8] = match self {
+            Source::Program { pid, addr, .. } if dtype == Dtype::F32 => {
+                let remote = pieces.into_iter().map(|(at, b)| (addr.saturating_add(at as u64 * 4), b)).collect();
+                return read_pieces(pid, remote);
+            }
+            Source::Program { pid, addr, len } => {
+                scratch.resize(len, 0);
+                read_program(pid, addr, scratch)?;
+                scratch
+            }
+            Source::Socket(bytes) => bytes,
+        };
+        let size = dtype.size();
+        for (at, piece) in pieces {
+            let from = &bytes[at * size..at * size + piece.len() / 4 * size];
+            match dtype {
+                Dtype::F32 => piece.copy_from_slice(from),
+                Dtype::F16 | Dtype::Bf16 => {
+                    for (out, c) in piece.chunks_exact_mut(4).zip(from.chunks_exact(2)) {
+                        let v = match dtype {
+                            Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                            _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                        };
+                        out.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where an answer's tensor bytes go: after its header on the socket
 /// (`out`), or into the program's memory (`into`).
 struct Sink<'a> {
@@ -369,23 +408,51 @@ const SPLIT_COPY: usize = 1 << 20;
 
 /// Copies `buf.len()` bytes at `addr` of process `pid` into `buf`.
 fn read_program(pid: nix::unistd::Pid, addr: u64, buf: &mut [u8]) -> Result<(), KvError> {
-    let len = buf.len();
-    in_halves(
-        addr,
-        len,
-        buf,
-        |b, at| b.split_at_mut(at),
-        |addr, buf: &mut [u8]| {
-            let len = buf.len();
-            let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
-            copied(
-                "read",
-                addr,
-                len,
-                nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(buf)], &remote),
-            )
-        },
-    )
+    read_pieces(pid, vec![(addr, buf)])
+}
+
+/// Copies into each buffer of `pieces` the bytes at its address of process
+/// `pid`; large copies in two halves at once.
+fn read_pieces(pid: nix::unistd::Pid, mut pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
+    let total: usize = pieces.iter().map(|(_, b)| b.len()).sum();
+    if total < SPLIT_COPY {
+        return read_group(pid, pieces);
+    }
+    if pieces.len() == 1 {
+        let (addr, buf) = pieces.remove(0);
+        let (a, b) = buf.split_at_mut(buf.len() / 2);
+        let second = addr.saturating_add(a.len() as u64);
+        pieces = vec![(addr, a), (second, b)];
+    }
+    let mut seen = 0;
+    let cut = pieces.iter().position(|(_, b)| {
+        seen += b.len();
+        seen >= total / 2
+    });
+    let second = pieces.split_off(cut.map_or(1, |c| c + 1).clamp(1, pieces.len() - 1));
+    std::thread::scope(|s| {
+        let other = std::thread::Builder::new().spawn_scoped(s, || read_group(pid, second))?;
+        let mine = read_group(pid, pieces);
+        let theirs = other.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked").into()));
+        mine.and(theirs)
+    })
+}
+
+/// One thread's part of [`read_pieces`], at most `IOV_MAX` buffers a call.
+fn read_group(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
+    const IOV_MAX: usize = 1024;
+    let mut pieces = pieces.into_iter().peekable();
+    while pieces.peek().is_some() {
+        let batch: Vec<(u64, &mut [u8])> = pieces.by_ref().take(IOV_MAX).collect();
+        let first = batch[0].0;
+        let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
+        let remote: Vec<nix::sys::uio::RemoteIoVec> =
+            batch.iter().map(|(a, b)| nix::sys::uio::RemoteIoVec { base: *a as usize, len: b.len() }).collect();
+        let mut local: Vec<std::io::IoSliceMut<'_>> =
+            batch.into_iter().map(|(_, b)| std::io::IoSliceMut::new(b)).collect();
+        copied("read", first, len, nix::sys::uio::process_vm_readv(pid, &mut local, &remote))?;
+    }
+    Ok(())
 }
 
 /// Copies `buf` to `addr` of process `pid`.
@@ -452,8 +519,8 @@ pub struct Kv {
     /// One per server, as the built-in worker has: a step's chunks go out
     /// and come back at once.
     links: Vec<Link>,
-    /// This step's gradients, and which tensors are in.
-    grad: Vec<f32>,
+    /// Which tensors this step has (their values are in the links' staged
+    /// frames).
     pushed: Vec<bool>,
     /// Complete steps this worker pushed.
     step: u64,
@@ -497,7 +564,6 @@ impl Kv {
             tensors,
             index,
             links,
-            grad: vec![0.0; n],
             step: 0,
             params: vec![0.0; n],
             fetched_at: None,
@@ -567,16 +633,27 @@ impl Kv {
         if self.pushed[i] {
             return Err(KvError::PushedTwice { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
+        // The values go straight into the frames the links send (the copy
+        // the built-in worker makes from its gradient). Those of a step the
+        // program never pulled come back with its answer: collect it first.
+        if link::staged_out(&self.links) {
+            self.collect().await?;
+        }
+        let range = self.tensors[i].range.clone();
+        let mut pieces = Vec::new();
+        for l in &mut self.links {
+            pieces.extend(l.staged_pieces(range.clone()).ok_or_else(|| {
+                KvError::ServerLink(RoleError::new("a server link still holds the previous step's frames"))
+            })?);
+        }
         // A failed copy leaves the tensor not pushed: the next push
         // overwrites whatever part arrived.
-        payload.decode(dtype, &mut self.grad[self.tensors[i].range.clone()], &mut self.scratch)?;
+        payload.fill(dtype, pieces, &mut self.scratch)?;
         self.pushed[i] = true;
         if self.pushed.iter().all(|p| *p) {
-            // A step the program never pulled is collected first.
-            self.collect().await?;
             // The step goes out now; its chunks come back while the
             // program goes on, and the next pull takes them.
-            link::send_step(&mut self.links, Some(&self.grad), self.mode, F32).await.map_err(KvError::ServerLink)?;
+            link::send_staged(&mut self.links, self.mode).await.map_err(KvError::ServerLink)?;
             self.pushed.fill(false);
             self.step += 1;
         }

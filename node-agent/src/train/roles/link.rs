@@ -65,6 +65,14 @@ pub struct Link {
     bodies: Vec<Vec<u8>>,
     /// 2-bit error feedback: what was not yet sent.
     residual: Vec<f32>,
+    /// A step's frames laid out for f32 values written in place (the KV
+    /// endpoint's, see [`Link::staged_pieces`]); empty while in flight.
+    staged: Vec<u8>,
+    /// Per chunk: where its push frame, its values and its pull frame start
+    /// in `staged`.
+    staged_at: Vec<(usize, usize, usize)>,
+    /// The command in flight carries `staged`, which its reply returns.
+    staged_out: bool,
     due: Due,
     /// The task that owns the connection.
     task: tokio::task::JoinHandle<()>,
@@ -105,6 +113,9 @@ impl Link {
             frames: Vec::new(),
             bodies: Vec::new(),
             residual: Vec::new(),
+            staged: Vec::new(),
+            staged_at: Vec::new(),
+            staged_out: false,
             due: Due::Nothing,
             task,
         }
@@ -133,6 +144,55 @@ impl Link {
         let reply = self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?;
         self.due = Due::Nothing;
         reply
+    }
+
+    /// Where the f32 values of `global` (a range of the flat vector) go in
+    /// this link's staged frames: for each chunk they touch, the offset of
+    /// the first value within `global` and the bytes to fill, in order. The
+    /// frames are laid out on first use and reused for every step (only
+    /// their headers change); [`send_staged`] sends them. `None` while the
+    /// staged frames are out with a step that was not collected yet.
+    pub fn staged_pieces(&mut self, global: Range<usize>) -> Option<Vec<(usize, &mut [u8])>> {
+        if self.staged_out {
+            return None;
+        }
+        if self.staged.is_empty() {
+            self.lay_out();
+        }
+        let base = self.range.start;
+        let mut pieces = Vec::new();
+        let mut rest: &mut [u8] = &mut self.staged;
+        let mut consumed = 0;
+        for (r, &(_, values, _)) in self.chunks.iter().zip(&self.staged_at) {
+            let (lo, hi) = (base + r.start, base + r.end);
+            let (a, b) = (lo.max(global.start), hi.min(global.end));
+            if a >= b {
+                continue;
+            }
+            let at = values + (a - lo) * 4;
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - consumed);
+            let (piece, tail) = tail.split_at_mut((b - a) * 4);
+            pieces.push((a - global.start, piece));
+            rest = tail;
+            consumed = at + (b - a) * 4;
+        }
+        Some(pieces)
+    }
+
+    /// Lays out `staged`: per chunk an f32 push_chunk frame (zeros, version
+    /// 0) and a pull_chunk frame.
+    fn lay_out(&mut self) {
+        self.staged.clear();
+        self.staged_at.clear();
+        for (c, r) in self.chunks.iter().enumerate() {
+            let push = self.staged.len();
+            let zeros = vec![0.0f32; r.len()];
+            crate::net::wire::encode_push_chunk(0, c as u32, &zeros, Encoding::F32, 0.0, &mut [], &mut self.staged);
+            let values = self.staged.len() - r.len() * 4;
+            let pull = self.staged.len();
+            Message::PullChunk { chunk: c as u32, min_version: 0 }.encode_frame(&mut self.staged);
+            self.staged_at.push((push, values, pull));
+        }
     }
 
     /// Sends worker 0's initial values of this server's shard and waits for
@@ -225,6 +285,40 @@ fn encode_step(
     Ok((link.chunks.len(), Due::Chunks))
 }
 
+/// Byte offsets in a push_chunk frame of its version, and in a pull_chunk
+/// frame of its min_version (length prefix, tag, then the fields in order).
+const PUSH_CHUNK_VERSION_AT: usize = crate::net::wire::HEADER_LEN + 1;
+const PULL_CHUNK_MIN_VERSION_AT: usize = crate::net::wire::HEADER_LEN + 1 + 4;
+
+/// Starts a step on every server at once from the values written into the
+/// staged frames ([`Link::staged_pieces`]): the frames' versions are set
+/// and they go out as they are, no copy. [`finish_step`] collects it.
+pub async fn send_staged(links: &mut [Link], mode: SyncMode) -> Result<(), RoleError> {
+    for link in links.iter_mut() {
+        if link.staged.is_empty() {
+            link.lay_out();
+        }
+        let min_version = match mode {
+            SyncMode::Sync => link.version.checked_add(1).ok_or_else(|| {
+                RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
+            })?,
+            SyncMode::Async => 0,
+        };
+        for &(push, _, pull) in &link.staged_at {
+            let at = push + PUSH_CHUNK_VERSION_AT;
+            link.staged[at..at + 8].copy_from_slice(&link.version.to_le_bytes());
+            let at = pull + PULL_CHUNK_MIN_VERSION_AT;
+            link.staged[at..at + 8].copy_from_slice(&min_version.to_le_bytes());
+        }
+        let staged = std::mem::take(&mut link.staged);
+        let spare = std::mem::replace(&mut link.frames, staged);
+        link.send(None, link.chunks.len(), Due::Chunks).await?;
+        link.frames = spare;
+        link.staged_out = true;
+    }
+    Ok(())
+}
+
 /// Starts a step on every server at once: pushes `grad` (the whole flat
 /// vector; if any) and asks for the result. [`finish_step`] collects it.
 pub async fn send_step(
@@ -265,10 +359,19 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         t.pushed += reply.bytes_out;
         t.pulled +=
             reply.bodies.iter().take(replies).map(|b| (b.len() + crate::net::wire::HEADER_LEN) as u64).sum::<u64>();
-        link.frames = reply.frames;
+        if std::mem::take(&mut link.staged_out) {
+            link.staged = reply.frames;
+        } else {
+            link.frames = reply.frames;
+        }
         link.bodies = reply.bodies;
     }
     Ok(())
+}
+
+/// Whether a link's staged frames are out with a step not yet collected.
+pub fn staged_out(links: &[Link]) -> bool {
+    links.iter().any(|l| l.staged_out)
 }
 
 /// Whether a step sent with [`send_step`] still waits for [`finish_step`].
