@@ -164,7 +164,7 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
     let dir = scratch("slurm-train");
     let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
     let user = test_user();
-    let slurm_hosts = "[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
+    let slurm_hosts = "backend = \"slurm\"\n[cluster.slurm]\nnodes = 2\nservers_per_node = 1\nworkers_per_node = 1";
     let job = stage(&dir, &user, (32290, 32299), slurm_hosts, 2);
 
     let plan = warden_as(&user, &dir, &cluster, &["plan", job.to_str().unwrap()]);

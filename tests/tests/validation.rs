@@ -71,6 +71,22 @@ fn location(text: &str, at: &str) -> (usize, usize) {
 
 const CASES: &[Case] = &[
     Case {
+        name: "slurm backend without its table",
+        from: "ports = [29500, 29599]",
+        to: "ports = [29500, 29599]\nbackend = \"slurm\"",
+        at: "\"slurm\"",
+        message: "backend = \"slurm\" needs a [cluster.slurm] table",
+        help: Some("add [cluster.slurm] with nodes = N (docs/slurm.md), in place of the host list"),
+    },
+    Case {
+        name: "unknown backend",
+        from: "ports = [29500, 29599]",
+        to: "ports = [29500, 29599]\nbackend = \"k8s\"",
+        at: "\"k8s\"",
+        message: "unknown backend `k8s`",
+        help: Some("use \"ssh\" or \"slurm\""),
+    },
+    Case {
         name: "slurm nodes out of range",
         from: "[[cluster.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = 1\nservers = 1\nworkers = 1\n\n[[cluster.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\nworkers = 1\n",
         to: "[cluster.slurm]\nnodes = 0\n",

@@ -103,6 +103,7 @@ pub(super) fn convert_cluster(
     let user = convert_user(src, &cl.user)?;
     let uids = convert_uids(src, cl.uids.as_ref())?;
     let (port_start, port_end, scheduler_port) = convert_ports(src, cl)?;
+    check_backend(src, cluster)?;
     let slurm = cl.slurm.as_ref().map(|s| convert_slurm(src, s)).transpose()?;
     let listed = convert_hosts(src, cluster, base_dir, given, slurm.as_ref())?;
     let ssh_config = cl.ssh_config.as_ref().map(|p| base_dir.join(p.get_ref()));
@@ -420,6 +421,27 @@ fn hosts_from_slurm(
     }
     let spans = vec![span.clone(); hosts.len()];
     Ok(Hosts { hosts, spans, from: None, span })
+}
+
+/// `[cluster] backend`: how processes start, `"ssh"` (the default) or
+/// `"slurm"` (the default with `[cluster.slurm]`, which it needs).
+fn check_backend(src: &Src<'_>, cluster: &Spanned<raw::Cluster>) -> Result<(), SpecError> {
+    let cl = cluster.get_ref();
+    let Some(b) = &cl.backend else { return Ok(()) };
+    match (b.get_ref().as_str(), cl.slurm.is_some()) {
+        ("slurm", true) | ("ssh", false) => Ok(()),
+        ("slurm", false) => Err(src.err(
+            b.span(),
+            "backend = \"slurm\" needs a [cluster.slurm] table",
+            "add [cluster.slurm] with nodes = N (docs/slurm.md), in place of the host list",
+        )),
+        ("ssh", true) => Err(src.err(
+            b.span(),
+            "backend = \"ssh\" with a [cluster.slurm] table",
+            "remove [cluster.slurm] and list the hosts, or set backend = \"slurm\"",
+        )),
+        (other, _) => Err(src.err(b.span(), format!("unknown backend `{other}`"), "use \"ssh\" or \"slurm\"")),
+    }
 }
 
 /// `[cluster.slurm]` on its own.

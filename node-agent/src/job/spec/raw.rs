@@ -42,6 +42,7 @@ pub struct Cluster {
     pub remote_dir: Option<Spanned<String>>,
     #[serde(rename = "become")]
     pub become_: Option<Spanned<String>>,
+    pub backend: Option<Spanned<String>>,
     pub ports: Spanned<Vec<Spanned<i64>>>,
     pub scheduler_port: Option<Spanned<i64>>,
     pub hosts: Option<Spanned<Vec<Spanned<Host>>>>,
