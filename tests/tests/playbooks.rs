@@ -3,7 +3,8 @@
 //! (connection local, into a scratch directory): node-prep twice (the
 //! second changes nothing), then teardown removing a crashed job's firewall
 //! table, job directory and checkpoint steps past retention (and again,
-//! changing nothing). Ansible comes from `WARDEN_ANSIBLE` (a venv's bin
+//! changing nothing), with the Slurm prolog and epilog installed and run.
+//! Ansible comes from `WARDEN_ANSIBLE` (a venv's bin
 //! directory, made by `./scripts/test-all`).
 
 use std::path::PathBuf;
@@ -69,6 +70,8 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
         // `sshd -t` all the same), and this machine's sshd is not reloaded.
         format!("warden_sshd_dropin={}", dir.join("50-warden.conf").display()),
         "warden_reload_sshd=false".to_string(),
+        "warden_slurm_prolog=true".to_string(),
+        format!("warden_slurm_dir={}", dir.join("slurm").display()),
     ];
     let play = |name: &str| {
         let mut c = Command::new(ansible("ansible-playbook"));
@@ -82,6 +85,20 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
     assert!(changed > 0 && failed == 0);
     assert_eq!(play("node-prep.yml"), (0, 0), "a second node-prep run changed something");
     assert!(remote.join("bin/warden-agent").is_file());
+    // The Slurm prolog as installed runs the agent: a job warden did not
+    // submit is left alone, one claiming ports past the allowed range is refused.
+    let prolog = dir.join("slurm/prolog");
+    let text = std::fs::read_to_string(&prolog).unwrap();
+    assert!(text.contains("bin/warden-agent slurm prolog --ports 29500-29999"), "{text}");
+    let slurm_env = [("SLURM_JOB_ID", "42"), ("SLURM_JOB_UID", "1000"), ("SLURM_NODELIST", "n1")];
+    let said = run(Command::new(&prolog).envs(slurm_env).env("SLURM_JOB_COMMENT", "my run"));
+    assert!(said.contains("job 42: not a warden job"), "{said}");
+    let refused = Command::new(&prolog).envs(slurm_env).env("SLURM_JOB_COMMENT", "warden:ports=1024-2000").output();
+    let refused = refused.unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("outside the allowed 29500-29999"));
+    let epilog = std::fs::read_to_string(dir.join("slurm/epilog")).unwrap();
+    assert!(epilog.contains("bin/warden-agent slurm epilog"), "{epilog}");
     let dropin = std::fs::read_to_string(dir.join("50-warden.conf")).unwrap();
     for line in ["PasswordAuthentication no", "PermitRootLogin prohibit-password", "MaxSessions 64"] {
         assert!(dropin.contains(line), "{dropin}");
