@@ -328,11 +328,32 @@ pub fn job_state(id: &str) -> Result<Option<String>, SubmitError> {
         .output()
         .map_err(|source| SubmitError::Missing { cmd: "scontrol", source })?;
     if !out.status.success() {
-        // "Invalid job id specified": finished long enough ago to be gone.
-        return Ok(None);
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // Finished long enough ago to be forgotten; anything else (a
+        // controller that does not answer) is not an answer.
+        if stderr.contains("Invalid job id") {
+            return Ok(None);
+        }
+        return Err(SubmitError::Refused { cmd: "scontrol", stderr });
     }
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text.split_whitespace().find_map(|t| t.strip_prefix("JobState=")).map(str::to_string))
+}
+
+/// Whether a job in Slurm state `state` is over (nothing of it runs or will).
+pub fn finished(state: &str) -> bool {
+    matches!(
+        state,
+        "COMPLETED"
+            | "CANCELLED"
+            | "FAILED"
+            | "TIMEOUT"
+            | "NODE_FAIL"
+            | "PREEMPTED"
+            | "OUT_OF_MEMORY"
+            | "BOOT_FAIL"
+            | "DEADLINE"
+    )
 }
 
 /// Asks Slurm to end job `id`: a running job's batch step (the launcher)

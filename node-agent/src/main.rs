@@ -126,7 +126,11 @@ fn slurm(cmd: SlurmCmd) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        SlurmCmd::Epilog => slurm::JobEnv::from_env().and_then(|env| slurm::epilog(&env.id)),
+        // The epilog needs only the job id: it runs after every job.
+        SlurmCmd::Epilog => match std::env::var("SLURM_JOB_ID") {
+            Ok(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => slurm::epilog(&id),
+            _ => Err(slurm::PrologError::Env("SLURM_JOB_ID")),
+        },
     };
     match result {
         Ok(said) => {
@@ -280,6 +284,12 @@ fn main() -> ExitCode {
         Cmd::Host(cmd) => return host(cmd),
         Cmd::Slurm(cmd) => return slurm(cmd),
         Cmd::Run => {}
+    }
+    // Before the key exists: no process of this uid may trace the agent or
+    // read its memory (see harden::drop_identity, which says it again).
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("error: cannot clear the dumpable flag: {e}");
+        return ExitCode::FAILURE;
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -93,12 +93,19 @@ fn node_prep_and_teardown_run_for_real_and_twice_change_nothing() {
     let slurm_env = [("SLURM_JOB_ID", "42"), ("SLURM_JOB_UID", "1000"), ("SLURM_NODELIST", "n1")];
     let said = run(Command::new(&prolog).envs(slurm_env).env("SLURM_JOB_COMMENT", "my run"));
     assert!(said.contains("job 42: not a warden job"), "{said}");
-    let refused = Command::new(&prolog).envs(slurm_env).env("SLURM_JOB_COMMENT", "warden:ports=1024-2000").output();
-    let refused = refused.unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("outside the allowed 29500-29999"));
-    let epilog = std::fs::read_to_string(dir.join("slurm/epilog")).unwrap();
-    assert!(epilog.contains("bin/warden-agent slurm epilog"), "{epilog}");
+    // Refused without failing (a failed prolog drains the node), with a note
+    // the job's agents report; the epilog removes the note.
+    let comment = ("SLURM_JOB_COMMENT", "warden:ports=1024-2000");
+    let said = run(Command::new(&prolog).envs(slurm_env).env(comment.0, comment.1));
+    assert!(said.contains("no table: ports 1024-2000 are outside the allowed 29500-29999"), "{said}");
+    let note = std::path::Path::new(warden_agent::host::slurm::NOTES).join("42");
+    assert!(std::fs::read_to_string(&note).unwrap().starts_with("refused: "));
+    let epilog = dir.join("slurm/epilog");
+    assert!(std::fs::read_to_string(&epilog).unwrap().contains("bin/warden-agent slurm epilog"));
+    run(Command::new(&epilog).envs(slurm_env).env(comment.0, comment.1));
+    assert!(!note.exists(), "the epilog removes the note");
+    let said = run(Command::new(&epilog).env("SLURM_JOB_ID", "43"));
+    assert!(said.contains("job 43: not a warden job"), "{said}");
     let dropin = std::fs::read_to_string(dir.join("50-warden.conf")).unwrap();
     for line in ["PasswordAuthentication no", "PermitRootLogin prohibit-password", "MaxSessions 64"] {
         assert!(dropin.contains(line), "{dropin}");

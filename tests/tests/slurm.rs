@@ -232,6 +232,11 @@ fn warden_stop_and_a_killed_worker_leave_no_step_no_process_and_no_table() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        let note = Path::new(warden_agent::host::slurm::NOTES).join(id);
+        while note.exists() {
+            assert!(Instant::now() < end, "the epilog left {}", note.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     let first_epoch = |run: &Path, id: &str| {
         let end = Instant::now() + Duration::from_secs(120);

@@ -25,8 +25,10 @@ fn load(dir: &Path) -> Result<RunRecord, CliError> {
 /// estimate of the time left while it runs, and how it ended.
 pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
     let submitted = crate::slurm::Submitted::load(dir);
+    let mut slurm_running = false;
     if let Some(sub) = &submitted {
         let state = crate::slurm::job_state(&sub.job_id).map_err(CliError::failed)?;
+        slurm_running = state.as_deref() == Some("RUNNING");
         let state = state.as_deref().map_or_else(|| "finished (Slurm no longer lists it)".to_string(), slurm_state);
         println!("slurm job {}: {state}", sub.job_id);
         if !dir.join(crate::rundir::RUN_RECORD).exists() {
@@ -60,7 +62,7 @@ pub fn exec_status(dir: &Path) -> Result<u8, CliError> {
             println!("status: running (launcher pid {pid}), for {}", duration(elapsed as f64));
         }
         // The launcher runs on the allocation's first node.
-        None if submitted.is_some() => {
+        None if slurm_running => {
             let elapsed = unix_now().saturating_sub(run.started_unix);
             println!("status: running inside the Slurm allocation, for {}", duration(elapsed as f64));
         }
@@ -346,7 +348,7 @@ fn stop_submitted(dir: &Path, sub: &crate::slurm::Submitted) -> Result<u8, CliEr
             println!("cancelled: Slurm job {id} had not started");
             Ok(EXIT_OK)
         }
-        Some("RUNNING") => {
+        Some("RUNNING" | "COMPLETING") => {
             crate::slurm::scancel(id, true).map_err(CliError::failed)?;
             println!("stopping: the launcher in Slurm job {id} saves the model and tears the job down");
             let until = std::time::Instant::now() + STOP_PATIENCE;
@@ -367,6 +369,12 @@ fn stop_submitted(dir: &Path, sub: &crate::slurm::Submitted) -> Result<u8, CliEr
                 "Slurm job {id} did not end within {}s; `scancel {id}` ends it at once",
                 STOP_PATIENCE.as_secs()
             )))
+        }
+        Some(state) if !crate::slurm::finished(state) => {
+            // Configuring, suspended, requeued...: no launcher to ask yet.
+            crate::slurm::scancel(id, false).map_err(CliError::failed)?;
+            println!("cancelled: Slurm job {id} was {}", slurm_state(state));
+            Ok(EXIT_OK)
         }
         state => {
             let state = state.map_or_else(|| "finished".to_string(), slurm_state);

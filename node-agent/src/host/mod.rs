@@ -84,6 +84,10 @@ pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result
         // A Slurm step: the prolog (root) may have installed the job's table.
         let prolog = std::env::var("SLURM_JOB_ID").ok().and_then(|id| crate::host::slurm::noted(&id));
         let warning = match prolog {
+            Some(note) if note.starts_with("refused") => format!(
+                "{host} runs the job as the submitting user (a Slurm step): no uid of its own and no firewall \
+                 table for this job there; the Slurm prolog {note}"
+            ),
             Some(note) => format!(
                 "{host} runs the job as the submitting user (a Slurm step): no uid of its own for this job there; \
                  firewall from the Slurm prolog: {note}"

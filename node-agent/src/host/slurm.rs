@@ -11,11 +11,16 @@
 //! makes per process. It also leaves a note in [`NOTES`] that the job's
 //! (unprivileged) agents read to report the protection. Jobs without the
 //! comment are left alone. The admin bounds the ports a job may claim
-//! (`--ports` of the prolog), so no job can take other ports of a shared node.
+//! (`--ports` of the prolog), and a job whose ports overlap those of another
+//! warden job on the node gets no table, so no job can fence off ports
+//! another job uses.
 //!
-//! A failure for a warden job fails the prolog (Slurm then drains the node
-//! and requeues the job): the job never runs without the firewall it asked
-//! for.
+//! What a job supplied never fails the prolog (a failed prolog drains the
+//! node): a claim outside the range, too wide or overlapping is refused with
+//! a note, and the job's agents report that it has no table. A failure of the
+//! node itself (nft, scontrol) fails the prolog, and Slurm drains the node
+//! and requeues the job, which so never runs without the firewall it asked
+//! for on a node that could not give it.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -77,20 +82,6 @@ pub enum PrologError {
     /// A variable slurmd sets is missing or malformed.
     #[error("{0} is missing or malformed: run this as slurmd's Prolog/Epilog")]
     Env(&'static str),
-    /// The job claims ports outside the admin's range.
-    #[error("job {id} claims ports {first}-{last}, outside the allowed {lo}-{hi} (or more than {MAX_PORTS})")]
-    Ports {
-        /// The job.
-        id: String,
-        /// Claimed.
-        first: u16,
-        /// Claimed.
-        last: u16,
-        /// Allowed.
-        lo: u16,
-        /// Allowed.
-        hi: u16,
-    },
     /// The allocation's nodes could not be listed.
     #[error(transparent)]
     Slurm(#[from] crate::job::slurm::SlurmError),
@@ -114,14 +105,26 @@ impl JobEnv {
     }
 }
 
-/// The prolog: for a warden job (its comment names ports inside `allowed`),
-/// installs its table and note; what it did, for slurmd's log.
+/// The prolog: for a warden job (its comment names ports inside `allowed`,
+/// not used by another warden job here), installs its table and note;
+/// what it did, for slurmd's log.
 pub fn prolog(env: &JobEnv, allowed: (u16, u16)) -> Result<String, PrologError> {
     let Some((first, last)) = env.comment.as_deref().and_then(ports_of) else {
         return Ok(format!("job {}: not a warden job, nothing to do", env.id));
     };
-    if first < allowed.0 || last > allowed.1 || u32::from(last - first) >= MAX_PORTS {
-        return Err(PrologError::Ports { id: env.id.clone(), first, last, lo: allowed.0, hi: allowed.1 });
+    let refused = if first < allowed.0 || last > allowed.1 || u32::from(last - first) >= MAX_PORTS {
+        Some(format!(
+            "ports {first}-{last} are outside the allowed {}-{} (or more than {MAX_PORTS})",
+            allowed.0, allowed.1
+        ))
+    } else {
+        overlapping(&env.id, (first, last)).map(|other| format!("ports {first}-{last} overlap those of job {other}"))
+    };
+    if let Some(why) = refused {
+        std::fs::create_dir_all(NOTES)
+            .and_then(|_| std::fs::write(note_path(&env.id), format!("refused: {why}\n")))
+            .map_err(|e| PrologError::Host(HostError::Io(e)))?;
+        return Ok(format!("job {}: no table: {why}", env.id));
     }
     let peers: Vec<IpAddr> = crate::job::slurm::nodes(&env.nodes)?.into_iter().map(|(_, a)| a).collect();
     let ports: Vec<u16> = (first..=last).collect();
@@ -144,8 +147,25 @@ pub fn prolog(env: &JobEnv, allowed: (u16, u16)) -> Result<String, PrologError> 
     Ok(format!("job {}: table {table} admits only the job's {} node(s) to ports {first}-{last}", env.id, peers.len()))
 }
 
-/// The epilog: removes the job's table and note (nothing if there are none).
+/// Another warden job's note on this node whose ports overlap `ports`.
+fn overlapping(id: &str, ports: (u16, u16)) -> Option<String> {
+    let dir = std::fs::read_dir(NOTES).ok()?;
+    dir.flatten().find_map(|e| {
+        let other = e.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(e.path()).ok().filter(|t| !t.starts_with("refused"))?;
+        let (a, b) = text.split_whitespace().skip_while(|w| *w != "ports").nth(1).and_then(parse_range)?;
+        (other != id && a <= ports.1 && ports.0 <= b).then_some(other)
+    })
+}
+
+/// The epilog: removes the job's table and note; nothing for a job that is
+/// not a warden job (no comment of one, no note), so that it cannot fail
+/// (and drain the node) after every other job.
 pub fn epilog(env_id: &str) -> Result<String, PrologError> {
+    let warden = std::env::var("SLURM_JOB_COMMENT").ok().is_some_and(|c| ports_of(&c).is_some());
+    if !warden && !note_path(env_id).exists() {
+        return Ok(format!("job {env_id}: not a warden job, nothing to do"));
+    }
     let table = table(env_id);
     crate::host::firewall::remove(&table).map_err(HostError::from)?;
     match std::fs::remove_file(note_path(env_id)) {
@@ -184,11 +204,8 @@ mod tests {
     }
 
     #[test]
-    fn a_job_claiming_ports_outside_the_admins_range_is_refused_before_anything() {
-        let env = JobEnv { id: "7".into(), uid: 1000, nodes: "n1".into(), comment: Some(comment((1024, 2000))) };
-        let e = prolog(&env, (29000, 29999)).unwrap_err();
-        assert!(e.to_string().contains("outside the allowed 29000-29999"), "{e}");
-        let other = JobEnv { comment: Some("a run of mine".into()), ..env };
-        assert!(prolog(&other, (29000, 29999)).unwrap().contains("not a warden job"));
+    fn a_job_that_is_not_a_warden_job_is_left_alone() {
+        let env = JobEnv { id: "7".into(), uid: 1000, nodes: "n1".into(), comment: Some("a run of mine".into()) };
+        assert!(prolog(&env, (29000, 29999)).unwrap().contains("not a warden job"));
     }
 }

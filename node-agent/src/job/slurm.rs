@@ -104,13 +104,23 @@ pub fn allocation() -> Result<Option<Allocation>, SlurmError> {
     Ok(Some(Allocation { job_id, nodes: nodes(&list)? }))
 }
 
-/// The nodes of a Slurm node list (`wb[0-3]`), with their addresses.
+/// The nodes of a Slurm node list (`wb[0-3]`), with their addresses: two
+/// calls of `scontrol` whatever the number of nodes (a prolog runs this on
+/// every node of an allocation at once; one query per node would flood
+/// slurmctld).
 pub fn nodes(list: &str) -> Result<Vec<(String, IpAddr)>, SlurmError> {
     let names = scontrol(&["show", "hostnames", list])?;
+    let shown = scontrol(&["-o", "show", "node"])?;
+    let addrs: std::collections::HashMap<&str, &str> = shown
+        .lines()
+        .filter_map(|l| {
+            let name = l.split_whitespace().find_map(|t| t.strip_prefix("NodeName="))?;
+            Some((name, node_addr(l)?))
+        })
+        .collect();
     let mut nodes = Vec::new();
     for name in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
-        let shown = scontrol(&["-o", "show", "node", name])?;
-        let addr = node_addr(&shown).ok_or_else(|| SlurmError::NoAddress {
+        let addr = addrs.get(name).ok_or_else(|| SlurmError::NoAddress {
             node: name.to_string(),
             why: "scontrol shows no NodeAddr".into(),
         })?;

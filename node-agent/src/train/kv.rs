@@ -531,6 +531,9 @@ pub struct Kv {
     init: Vec<f32>,
     /// 16-bit tensors copied from the program, before conversion.
     scratch: Vec<u8>,
+    /// Why a server link broke because another process stopped or failed,
+    /// as the program was told: its failure follows from that one.
+    lost: Option<String>,
     inited: bool,
     /// The start barrier has been passed.
     started: bool,
@@ -569,6 +572,7 @@ impl Kv {
             fetched_at: None,
             init: vec![0.0; n],
             scratch: Vec::new(),
+            lost: None,
             inited: false,
             started: false,
             barrier: 1 << 32,
@@ -768,8 +772,13 @@ impl Kv {
             && dtype == Dtype::F32
             && room == values.len() * 4
         {
-            write_program(pid, addr, bytemuck::cast_slice(values))?;
-            return Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": 0, "written": room}));
+            // A push may already be counted (pushpull): an `into` that
+            // cannot be written gets the values on the socket instead of
+            // an error the program might answer by pushing again.
+            match write_program(pid, addr, bytemuck::cast_slice(values)) {
+                Ok(()) => return Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": 0, "written": room})),
+                Err(e) => tracing::warn!("answering on the socket: {e}"),
+            }
         }
         dtype.encode(values, sink.out);
         Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": sink.out.len()}))
@@ -891,6 +900,11 @@ async fn serve_conn(
             let sink = Sink { out: &mut out, program: program_sink };
             kv.handle(req, source, ctx, &mut sched, sink).await
         };
+        if let Err(KvError::ServerLink(e) | KvError::Scheduler(e)) = &answer
+            && e.follows
+        {
+            kv.lost.get_or_insert_with(|| e.message.clone());
+        }
         drop((sched, kv));
         match answer {
             Ok(h) => reply(&mut s, &h, &out).await?,
@@ -999,7 +1013,13 @@ pub async fn run(
     let status = serve_until_exit(listener, &kv, &ctx, &sched, program, exit).await?;
     let command = ctx.spec.worker.as_ref().map(|w| w.command.join(" ")).unwrap_or_default();
     if !status.success() {
-        return Err(RoleError::new(format!("the program `{command}` ended with {status}; its output is in this log")));
+        let said = format!("the program `{command}` ended with {status}; its output is in this log");
+        // After the agent told it that another process stopped or failed,
+        // the program's exit is not the cause: the launcher names that one.
+        return Err(match kv.lock().await.lost.take() {
+            Some(why) => RoleError::follows(format!("{said} (after: {why})")),
+            None => RoleError::new(said),
+        });
     }
     tracing::info!("the program `{command}` finished");
     if ctx.me().rank == 0 {

@@ -343,7 +343,11 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
             // Answered already (an earlier call was cancelled after it).
             continue;
         }
-        let reply = link.reply().await?;
+        let mut reply = link.reply().await?;
+        // The staged frames come back first, whatever the answer holds.
+        if std::mem::take(&mut link.staged_out) {
+            link.staged = std::mem::take(&mut reply.frames);
+        }
         let shard = &mut params[link.range.clone()];
         let replies = match due {
             Due::Chunks => {
@@ -359,9 +363,7 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         t.pushed += reply.bytes_out;
         t.pulled +=
             reply.bodies.iter().take(replies).map(|b| (b.len() + crate::net::wire::HEADER_LEN) as u64).sum::<u64>();
-        if std::mem::take(&mut link.staged_out) {
-            link.staged = reply.frames;
-        } else {
+        if !reply.frames.is_empty() || link.frames.is_empty() {
             link.frames = reply.frames;
         }
         link.bodies = reply.bodies;
