@@ -189,6 +189,10 @@ pub struct RunRecord {
     /// `[training] epochs` (0 in run directories of versions that did not record it).
     #[serde(default)]
     pub epochs: u32,
+    /// The Slurm job the launcher ran inside (`[cluster.slurm]`), if any:
+    /// `stop` reaches it through Slurm wherever it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
 }
 
 impl Summary {
@@ -389,6 +393,7 @@ impl RunDir {
             checkpoint_series: lineage.checkpoint_series.cloned(),
             resumed_from: lineage.resumed_from.map(Path::to_path_buf),
             epochs: spec.training.epochs,
+            slurm_job: spec.cluster.slurm.as_ref().and_then(|_| warden_agent::job::slurm::job_id().ok().flatten()),
         };
         write_json(&self.path.join(RUN_RECORD), &run)?;
         std::fs::write(self.path.join("metrics.csv"), METRICS_HEADER)

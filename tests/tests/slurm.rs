@@ -359,3 +359,57 @@ fn the_launcher_stops_in_order_ahead_of_slurms_time_limit() {
     wait_queue_empty(&cluster);
     wait_no_processes_of(user.uid.as_raw());
 }
+
+/// The user's own batch script calling `warden launch` inside its
+/// allocation: the launcher uses it directly (no second submission), and
+/// `warden stop` reaches that launcher through Slurm.
+#[test]
+fn a_batch_script_of_the_users_own_runs_the_job_inside_its_allocation() {
+    if !require_root() {
+        return;
+    }
+    let tag = fresh_tag();
+    let dir = scratch("slurm-own");
+    let user = test_user();
+    let slurm_hosts = "[cluster.slurm]\nnodes = 2";
+    let job = stage(&dir, &user, (32350, 32359), slurm_hosts, 3000);
+    let cluster = SlurmCluster::start(&tag[..6], 2).unwrap();
+    let run = dir.join("u/run");
+    let script = dir.join("u/job.sh");
+    let warden = dir.join("u/bin/warden");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nexec {} launch {} --run-dir {}\n", warden.display(), job.display(), run.display()),
+    )
+    .unwrap();
+    assert!(
+        Command::new("chown").args([&format!("{}", user.uid), script.to_str().unwrap()]).status().unwrap().success()
+    );
+    let out = Command::new("sbatch")
+        .args(["--parsable", "-N2", "--output", dir.join("u/out.log").to_str().unwrap(), script.to_str().unwrap()])
+        .current_dir(dir.join("u"))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("WARDEN_TEST_TAG", tag_of(&dir))
+        .envs(cluster.env())
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let end = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default().lines().count() < 2 {
+        let log = std::fs::read_to_string(dir.join("u/out.log")).unwrap_or_default();
+        assert!(Instant::now() < end, "no epoch: {log}\n{}\n{}", cluster.queue(), cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!run.join("slurm.json").exists(), "inside an allocation nothing is submitted again");
+    assert_eq!(json(&run.join("run.json"))["slurm_job"], id.as_str());
+    let stopped = warden_as(&user, &dir, &cluster, &["stop", run.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    assert!(stopped.status.success() && said.contains("stopped: model saved"), "{said}");
+    assert_eq!(json(&run.join("summary.json"))["status"], "stopped");
+    wait_queue_empty(&cluster);
+    wait_no_processes_of(user.uid.as_raw());
+}

@@ -390,6 +390,11 @@ pub fn exec_stop(dir: &Path) -> Result<u8, CliError> {
         return stop_submitted(dir, &sub);
     }
     let run = load(dir)?;
+    // A launcher started inside an allocation by the user's own sbatch or
+    // salloc, running on another node: through Slurm.
+    if let (None, Some(job_id)) = (live_launcher(&run), &run.slurm_job) {
+        return stop_submitted(dir, &crate::slurm::Submitted { job_id: job_id.clone() });
+    }
     if let Some(pid) = live_launcher(&run) {
         // The launcher's orderly stop: worker 0 saves the model, then every
         // process stops, tables and job directories go, the summary is written.

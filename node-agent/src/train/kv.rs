@@ -438,12 +438,35 @@ fn read_pieces(pid: nix::unistd::Pid, mut pieces: Vec<(u64, &mut [u8])>) -> Resu
     })
 }
 
-/// One thread's part of [`read_pieces`], at most `IOV_MAX` buffers a call.
+/// The most bytes one `process_vm_*` call is asked to copy: the kernel
+/// copies at most about 2 GiB a call (MAX_RW_COUNT) and reports the rest as
+/// a short count.
+const MAX_COPY: usize = 1 << 30;
+
+/// One thread's part of [`read_pieces`], at most `IOV_MAX` buffers and
+/// [`MAX_COPY`] bytes a call.
 fn read_group(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
     const IOV_MAX: usize = 1024;
-    let mut pieces = pieces.into_iter().peekable();
+    let mut small = Vec::with_capacity(pieces.len());
+    for (addr, buf) in pieces {
+        let mut at = addr;
+        for part in buf.chunks_mut(MAX_COPY) {
+            let n = part.len() as u64;
+            small.push((at, part));
+            at = at.saturating_add(n);
+        }
+    }
+    let mut pieces = small.into_iter().peekable();
     while pieces.peek().is_some() {
-        let batch: Vec<(u64, &mut [u8])> = pieces.by_ref().take(IOV_MAX).collect();
+        let mut batch: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, b)) = pieces.peek() {
+            if batch.len() == IOV_MAX || (!batch.is_empty() && bytes + b.len() > MAX_COPY) {
+                break;
+            }
+            bytes += b.len();
+            batch.extend(pieces.next());
+        }
         let first = batch[0].0;
         let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
         let remote: Vec<nix::sys::uio::RemoteIoVec> =
@@ -463,9 +486,15 @@ fn write_program(pid: nix::unistd::Pid, addr: u64, buf: &[u8]) -> Result<(), KvE
         buf,
         |b, at| b.split_at(at),
         |addr, buf: &[u8]| {
-            let len = buf.len();
-            let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
-            copied("write", addr, len, nix::sys::uio::process_vm_writev(pid, &[std::io::IoSlice::new(buf)], &remote))
+            let mut at = addr;
+            for part in buf.chunks(MAX_COPY) {
+                let len = part.len();
+                let remote = [nix::sys::uio::RemoteIoVec { base: at as usize, len }];
+                let done = nix::sys::uio::process_vm_writev(pid, &[std::io::IoSlice::new(part)], &remote);
+                copied("write", at, len, done)?;
+                at = at.saturating_add(len as u64);
+            }
+            Ok(())
         },
     )
 }
