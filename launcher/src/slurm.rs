@@ -35,10 +35,10 @@ pub struct SlurmTransport {
 impl SlurmTransport {
     /// Agents from `agent` (a path every node sees: a shared filesystem)
     /// for warden job `job`, as steps of Slurm job `job_id`. Job
-    /// directories are where [`crate::transport::LocalTransport::for_job`]
-    /// puts them: with root, `[cluster] remote_dir/jobs/JOB` on each node;
-    /// without, `nodes/` of the run directory, which is on the shared
-    /// filesystem the nodes see too.
+    /// directories are as [`crate::transport::job_dirs`] says: with root,
+    /// `[cluster] remote_dir/jobs/JOB` on each node; without, `nodes/` of
+    /// the run directory, which is on the shared filesystem the nodes see
+    /// too.
     pub fn for_job(
         agent: PathBuf,
         spec: &warden_agent::job::spec::JobSpec,
@@ -46,11 +46,7 @@ impl SlurmTransport {
         run_nodes: PathBuf,
         job_id: String,
     ) -> Self {
-        let nodes_dir = match warden_agent::host::harden::started_as_root() {
-            true => spec.cluster.remote_dir.join("jobs").join(job.as_str()),
-            false => run_nodes,
-        };
-        SlurmTransport { agent, nodes_dir, job_id }
+        SlurmTransport { agent, nodes_dir: crate::transport::job_dirs(spec, job, run_nodes), job_id }
     }
 
     /// `srun` and its arguments for one task on `node`.
@@ -102,7 +98,7 @@ impl Transport for SlurmTransport {
     fn spawn_agent<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<Spawned>> {
         Box::pin(async move {
             let srun = self.srun(&p.host);
-            let mut child = tokio::process::Command::new(&srun[0])
+            let child = tokio::process::Command::new(&srun[0])
                 .args(&srun[1..])
                 .arg(&self.agent)
                 .arg("run")
@@ -120,21 +116,12 @@ impl Transport for SlurmTransport {
                         format!("cannot run srun ({e}): is Slurm's client installed (Debian: slurm-client)?"),
                     )
                 })?;
-            let piped = || io::Error::other("srun started without piped stdio");
-            let stdin = child.stdin.take().ok_or_else(piped)?;
-            let stdout = child.stdout.take().ok_or_else(piped)?;
-            let stderr = child.stderr.take().ok_or_else(piped)?;
-            Ok(Spawned {
-                stdin: Box::pin(stdin),
-                stdout: Box::pin(stdout),
-                stderr: Box::pin(stderr),
-                handle: Box::new(SrunChild { child }),
-            })
+            Spawned::piped(child, |child| Box::new(SrunChild { child }))
         })
     }
 
     fn workdir(&self, p: &PlannedProcess) -> PathBuf {
-        self.nodes_dir.join(format!("{}-{}-{}", p.host, p.role, p.rank))
+        crate::transport::workdir_in(&self.nodes_dir, p)
     }
 
     fn fetch_dir<'a>(

@@ -777,7 +777,7 @@ impl Transport for SshTransport {
     }
 
     fn workdir(&self, p: &PlannedProcess) -> PathBuf {
-        self.remote_dir.join("jobs").join(self.job.as_str()).join(format!("{}-{}-{}", p.host, p.role, p.rank))
+        crate::transport::workdir_in(&self.remote_dir.join("jobs").join(self.job.as_str()), p)
     }
 
     fn fetch_dir<'a>(

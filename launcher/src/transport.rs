@@ -37,7 +37,17 @@ pub struct Spawned {
 impl Spawned {
     /// From a child process of the launcher started with all three streams
     /// piped; `agent` is the `warden-agent` binary that ends its group.
-    pub fn from_child(mut child: tokio::process::Child, agent: &Path) -> io::Result<Spawned> {
+    pub fn from_child(child: tokio::process::Child, agent: &Path) -> io::Result<Spawned> {
+        let agent = agent.to_path_buf();
+        Spawned::piped(child, |child| Box::new(LocalChild { child, agent }))
+    }
+
+    /// From a child process started with all three streams piped, ended
+    /// through the handle `handle` makes of it.
+    pub fn piped(
+        mut child: tokio::process::Child,
+        handle: impl FnOnce(tokio::process::Child) -> Box<dyn ProcessHandle>,
+    ) -> io::Result<Spawned> {
         let piped = || io::Error::other("agent started without piped stdio");
         let stdin = child.stdin.take().ok_or_else(piped)?;
         let stdout = child.stdout.take().ok_or_else(piped)?;
@@ -46,7 +56,7 @@ impl Spawned {
             stdin: Box::pin(stdin),
             stdout: Box::pin(stdout),
             stderr: Box::pin(stderr),
-            handle: Box::new(LocalChild { child, agent: agent.to_path_buf() }),
+            handle: handle(child),
         })
     }
 }
@@ -122,12 +132,24 @@ impl LocalTransport {
     /// can stay private to the user who launched (0700); without root, the
     /// job runs as that user, in `nodes/` of the run directory.
     pub fn for_job(agent: PathBuf, spec: &warden_agent::job::spec::JobSpec, job: &JobId, run_nodes: PathBuf) -> Self {
-        let nodes_dir = match warden_agent::host::harden::started_as_root() {
-            true => spec.cluster.remote_dir.join("jobs").join(job.as_str()),
-            false => run_nodes,
-        };
-        LocalTransport { agent, nodes_dir }
+        LocalTransport { agent, nodes_dir: job_dirs(spec, job, run_nodes) }
     }
+}
+
+/// Where a job's directories are when its agents start on hosts that see
+/// this machine's files (`--local`, Slurm nodes on a shared filesystem): as
+/// root, where an SSH host keeps them (`[cluster] remote_dir/jobs/JOB`);
+/// without root, `run_nodes` (`nodes/` of the run directory).
+pub fn job_dirs(spec: &warden_agent::job::spec::JobSpec, job: &JobId, run_nodes: PathBuf) -> PathBuf {
+    match warden_agent::host::harden::started_as_root() {
+        true => spec.cluster.remote_dir.join("jobs").join(job.as_str()),
+        false => run_nodes,
+    }
+}
+
+/// Process `p`'s job directory in the job's directory `dir`.
+pub fn workdir_in(dir: &Path, p: &PlannedProcess) -> PathBuf {
+    dir.join(format!("{}-{}-{}", p.host, p.role, p.rank))
 }
 
 /// A [`ProcessHandle`] for a child process of the launcher.
@@ -381,7 +403,7 @@ impl Transport for LocalTransport {
     }
 
     fn workdir(&self, p: &PlannedProcess) -> PathBuf {
-        self.nodes_dir.join(format!("{}-{}-{}", p.host, p.role, p.rank))
+        workdir_in(&self.nodes_dir, p)
     }
 
     fn fetch_dir<'a>(

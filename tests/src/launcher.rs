@@ -190,3 +190,22 @@ pub fn interop_python(module: &str) -> Option<PathBuf> {
     }
     panic!("{} with {module} is missing: run ./scripts/test-all (WARDEN_SKIP_INTEROP=1 skips this test)", py.display());
 }
+
+/// Whether a test that needs what `why` names can run (`ok`): when it
+/// cannot, it fails, unless `WARDEN_ALLOW_UNPRIVILEGED_TESTS` says the run
+/// knowingly skips such tests (CI runs as root and installs what they need).
+pub fn require(ok: bool, why: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
+        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): {why}");
+        return false;
+    }
+    panic!("{why}; set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
+}
+
+/// [`require`] root.
+pub fn require_root() -> bool {
+    require(warden_agent::host::harden::started_as_root(), "this test needs root (CI runs as root)")
+}

@@ -34,7 +34,8 @@ pub mod slurm;
 pub use cluster::{RoleCluster, bind_at, bind_two, honest_sgd_step};
 pub use jobs::{JobFile, Raw, TomlValue, job_in};
 pub use launcher::{
-    Launcher, bin, interop_python, job_table, repo_root, spawn_launch, start_long, start_long_job, wait_for,
+    Launcher, bin, interop_python, job_table, repo_root, require, require_root, spawn_launch, start_long,
+    start_long_job, wait_for,
 };
 pub use pki::TestPki;
 pub use procs::{Procs, fresh_tag, wait_gone};

@@ -25,12 +25,7 @@ fn require_cluster_tools() -> bool {
     if root && missing.is_empty() {
         return true;
     }
-    let why = format!("needs root and {missing:?} (root: {root}); scripts/test-all installs them");
-    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
-        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): {why}");
-        return false;
-    }
-    panic!("{why}; set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
+    warden_tests::require(false, &format!("needs root and {missing:?} (root: {root}); scripts/test-all installs them"))
 }
 
 fn job_text(epochs: u32) -> String {

@@ -7,18 +7,9 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use warden_agent::host::harden::parse_status;
-use warden_tests::{Procs, bin, fresh_tag, job_in, job_table, repo_root, scratch, start_long_job, wait_gone};
-
-fn require_root() -> bool {
-    if warden_agent::host::harden::started_as_root() {
-        return true;
-    }
-    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
-        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): this test needs root");
-        return false;
-    }
-    panic!("this test needs root (CI runs as root); set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
-}
+use warden_tests::{
+    Procs, bin, fresh_tag, job_in, job_table, repo_root, require_root, scratch, start_long_job, wait_gone,
+};
 
 #[test]
 fn every_training_process_runs_with_nothing() {

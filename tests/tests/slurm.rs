@@ -13,18 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use warden_tests::slurm::SlurmCluster;
-use warden_tests::{bin, fresh_tag, job_in, repo_root, scratch, spawn_launch, wait_for};
-
-fn require_root() -> bool {
-    if warden_agent::host::harden::started_as_root() {
-        return true;
-    }
-    if std::env::var_os("WARDEN_ALLOW_UNPRIVILEGED_TESTS").is_some() {
-        eprintln!("SKIPPED (WARDEN_ALLOW_UNPRIVILEGED_TESTS is set): this test needs root");
-        return false;
-    }
-    panic!("this test needs root (CI runs as root); set WARDEN_ALLOW_UNPRIVILEGED_TESTS=1 to skip it knowingly");
-}
+use warden_tests::{bin, fresh_tag, job_in, repo_root, require_root, scratch, spawn_launch, wait_for};
 
 /// The account the tests submit as: a lab user, not root.
 const USER: &str = "wardenslurm";
@@ -75,7 +64,19 @@ fn tag_of(dir: &Path) -> String {
 /// `warden ARGS` as the test user, with Slurm's configuration (and the
 /// test's tag, which sbatch and srun pass on to the launcher and agents).
 fn warden_as(user: &nix::unistd::User, dir: &Path, cluster: &SlurmCluster, args: &[&str]) -> std::process::Output {
-    Command::new(dir.join("u/bin/warden"))
+    run_as(user, dir, cluster, &dir.join("u/bin/warden"), args)
+}
+
+/// `program ARGS` as the test user in `dir/u`, with a clean environment:
+/// PATH, Slurm's configuration and the test's tag.
+fn run_as(
+    user: &nix::unistd::User,
+    dir: &Path,
+    cluster: &SlurmCluster,
+    program: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(program)
         .args(args)
         .current_dir(dir.join("u"))
         .env_clear()
@@ -175,8 +176,8 @@ fn a_job_submitted_with_sbatch_trains_on_two_nodes_as_on_one_machine() {
 
     let run = dir.join("u/run");
     let id = submit(&user, &dir, &cluster, &job, &run);
-    let listed = cluster.client("squeue", &["-h", "-j", &id, "-o", "%u %j"]).unwrap();
-    assert!(listed.trim().is_empty() || listed.contains(USER), "squeue lists the job as the user's: {listed}");
+    let shown = cluster.client("scontrol", &["-o", "show", "job", &id]).unwrap();
+    assert!(shown.contains(&format!("UserId={USER}(")), "Slurm has the job as the user's: {shown}");
 
     wait_for_file(&run.join("summary.json"), 300, &run, &cluster, &id);
     let summary = json(&run.join("summary.json"));
@@ -385,17 +386,9 @@ fn a_batch_script_of_the_users_own_runs_the_job_inside_its_allocation() {
     assert!(
         Command::new("chown").args([&format!("{}", user.uid), script.to_str().unwrap()]).status().unwrap().success()
     );
-    let out = Command::new("sbatch")
-        .args(["--parsable", "-N2", "--output", dir.join("u/out.log").to_str().unwrap(), script.to_str().unwrap()])
-        .current_dir(dir.join("u"))
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-        .env("WARDEN_TEST_TAG", tag_of(&dir))
-        .envs(cluster.env())
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .output()
-        .unwrap();
+    let log = dir.join("u/out.log");
+    let args = ["--parsable", "-N2", "--output", log.to_str().unwrap(), script.to_str().unwrap()];
+    let out = run_as(&user, &dir, &cluster, Path::new("sbatch"), &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let end = Instant::now() + Duration::from_secs(120);

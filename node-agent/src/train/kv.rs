@@ -30,8 +30,10 @@
 //! could change under the agent. The kernel checks that the agent may trace
 //! the program, and the agent's seccomp filter allows the two calls only on
 //! that one process. `{"op": "hello", "probe": ADDR}` (8 readable bytes at
-//! ADDR) answers `"direct": true` when such copies work on this connection. Headers are at most 64 KiB; a payload is
-//! at most the named tensor's size in the given dtype. A malformed frame
+//! ADDR) answers `"direct": true` when such copies work on this connection.
+//!
+//! Headers are at most 64 KiB; a payload is at most the named tensor's size
+//! in the given dtype. A malformed frame
 //! gets an error and the connection is closed; a refused operation gets an
 //! error and the connection stays usable. Other connections are unaffected.
 //! At most [`MAX_CONNECTIONS`] are served at once; one more is answered
@@ -174,7 +176,8 @@ pub enum KvError {
     /// A direct copy from a process other than the program itself.
     #[error(
         "direct copies (`from`/`into`) are only for the program the agent started (pid {program}), \
-         not pid {peer}; send the payload on the socket"
+         not pid {peer}: start the program as the [worker] command itself (or `exec` it from a wrapper \
+         script), or send the payload on the socket"
     )]
     NotDirect {
         /// The program's pid.
@@ -303,21 +306,6 @@ impl Dtype {
     fn size(self) -> usize {
         if self == Dtype::F32 { 4 } else { 2 }
     }
-    fn decode(self, bytes: &[u8], out: &mut [f32]) {
-        match self {
-            Dtype::F32 => warden_kernels::convert::copy_f32_le(out, bytes),
-            Dtype::F16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            Dtype::Bf16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-        }
-    }
     fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         match self {
             Dtype::F32 => warden_kernels::convert::extend_f32_le(out, values),
@@ -334,26 +322,6 @@ enum Source<'a> {
     Socket(&'a [u8]),
     /// In the program's memory (`from`).
     Program { pid: nix::unistd::Pid, addr: u64, len: usize },
-}
-
-impl Source<'_> {
-    /// The values, as f32, into `out` (whose length the caller checked
-    /// against the payload's); `scratch` holds 16-bit values on the way.
-    fn decode(self, dtype: Dtype, out: &mut [f32], scratch: &mut Vec<u8>) -> Result<(), KvError> {
-        match self {
-            Source::Socket(bytes) => dtype.decode(bytes, out),
-            // The program's memory holds its native floats: no conversion.
-            Source::Program { pid, addr, .. } if dtype == Dtype::F32 => {
-                read_program(pid, addr, bytemuck::cast_slice_mut(out))?;
-            }
-            Source::Program { pid, addr, len } => {
-                scratch.resize(len, 0);
-                read_program(pid, addr, scratch)?;
-                dtype.decode(scratch, out);
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Source<'_> {
@@ -406,23 +374,82 @@ struct Sink<'a> {
 /// program waits for them, and so, at that point of a step, do the servers.
 const SPLIT_COPY: usize = 1 << 20;
 
+/// The most bytes one `process_vm_*` call is asked to copy: the kernel
+/// copies at most about 2 GiB a call (MAX_RW_COUNT) and reports the rest as
+/// a short count.
+const MAX_COPY: usize = 1 << 30;
+
+/// The most buffers one `process_vm_*` call takes (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// The agent's side of a direct copy: a buffer read into or written from.
+trait Piece: Sized + Send {
+    fn len(&self) -> usize;
+    fn split_at(self, at: usize) -> (Self, Self);
+}
+
+impl Piece for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
+impl Piece for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        <[u8]>::split_at(self, at)
+    }
+}
+
 /// Copies `buf.len()` bytes at `addr` of process `pid` into `buf`.
 fn read_program(pid: nix::unistd::Pid, addr: u64, buf: &mut [u8]) -> Result<(), KvError> {
     read_pieces(pid, vec![(addr, buf)])
 }
 
-/// Copies into each buffer of `pieces` the bytes at its address of process
-/// `pid`; large copies in two halves at once.
-fn read_pieces(pid: nix::unistd::Pid, mut pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
+/// Copies into each buffer of `pieces` the bytes at its address of process `pid`.
+fn read_pieces(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
+    copy_pieces(pieces, |batch: Vec<(u64, &mut [u8])>| {
+        let (first, len) = (batch[0].0, batch.iter().map(|(_, b)| b.len()).sum());
+        let remote: Vec<_> =
+            batch.iter().map(|(a, b)| nix::sys::uio::RemoteIoVec { base: *a as usize, len: b.len() }).collect();
+        let mut local: Vec<_> = batch.into_iter().map(|(_, b)| std::io::IoSliceMut::new(b)).collect();
+        copied("read", first, len, nix::sys::uio::process_vm_readv(pid, &mut local, &remote))
+    })
+}
+
+/// Copies `buf` to `addr` of process `pid`.
+fn write_program(pid: nix::unistd::Pid, addr: u64, buf: &[u8]) -> Result<(), KvError> {
+    copy_pieces(vec![(addr, buf)], |batch: Vec<(u64, &[u8])>| {
+        let (first, len) = (batch[0].0, batch.iter().map(|(_, b)| b.len()).sum());
+        let remote: Vec<_> =
+            batch.iter().map(|(a, b)| nix::sys::uio::RemoteIoVec { base: *a as usize, len: b.len() }).collect();
+        let local: Vec<_> = batch.into_iter().map(|(_, b)| std::io::IoSlice::new(b)).collect();
+        copied("write", first, len, nix::sys::uio::process_vm_writev(pid, &local, &remote))
+    })
+}
+
+/// Runs `call` over `pieces` (each an address in the program and the
+/// agent's buffer for it) in batches of at most [`IOV_MAX`] buffers and
+/// [`MAX_COPY`] bytes; large copies in two halves at once.
+fn copy_pieces<P: Piece>(
+    mut pieces: Vec<(u64, P)>,
+    call: impl Fn(Vec<(u64, P)>) -> Result<(), KvError> + Sync,
+) -> Result<(), KvError> {
     let total: usize = pieces.iter().map(|(_, b)| b.len()).sum();
     if total < SPLIT_COPY {
-        return read_group(pid, pieces);
+        return in_batches(pieces, &call);
     }
     if pieces.len() == 1 {
         let (addr, buf) = pieces.remove(0);
-        let (a, b) = buf.split_at_mut(buf.len() / 2);
-        let second = addr.saturating_add(a.len() as u64);
-        pieces = vec![(addr, a), (second, b)];
+        let half = buf.len() / 2;
+        let (a, b) = buf.split_at(half);
+        // A hostile address wraps nowhere: the kernel refuses the saturated one.
+        pieces = vec![(addr, a), (addr.saturating_add(half as u64), b)];
     }
     let mut seen = 0;
     let cut = pieces.iter().position(|(_, b)| {
@@ -431,34 +458,30 @@ fn read_pieces(pid: nix::unistd::Pid, mut pieces: Vec<(u64, &mut [u8])>) -> Resu
     });
     let second = pieces.split_off(cut.map_or(1, |c| c + 1).clamp(1, pieces.len() - 1));
     std::thread::scope(|s| {
-        let other = std::thread::Builder::new().spawn_scoped(s, || read_group(pid, second))?;
-        let mine = read_group(pid, pieces);
+        let other = std::thread::Builder::new().spawn_scoped(s, || in_batches(second, &call))?;
+        let mine = in_batches(pieces, &call);
         let theirs = other.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked").into()));
         mine.and(theirs)
     })
 }
 
-/// The most bytes one `process_vm_*` call is asked to copy: the kernel
-/// copies at most about 2 GiB a call (MAX_RW_COUNT) and reports the rest as
-/// a short count.
-const MAX_COPY: usize = 1 << 30;
-
-/// One thread's part of [`read_pieces`], at most `IOV_MAX` buffers and
-/// [`MAX_COPY`] bytes a call.
-fn read_group(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<(), KvError> {
-    const IOV_MAX: usize = 1024;
+/// One thread's part of [`copy_pieces`].
+fn in_batches<P: Piece>(
+    pieces: Vec<(u64, P)>,
+    call: &impl Fn(Vec<(u64, P)>) -> Result<(), KvError>,
+) -> Result<(), KvError> {
     let mut small = Vec::with_capacity(pieces.len());
-    for (addr, buf) in pieces {
-        let mut at = addr;
-        for part in buf.chunks_mut(MAX_COPY) {
-            let n = part.len() as u64;
-            small.push((at, part));
-            at = at.saturating_add(n);
+    for (mut addr, mut buf) in pieces {
+        while buf.len() > MAX_COPY {
+            let (part, rest) = buf.split_at(MAX_COPY);
+            small.push((addr, part));
+            (addr, buf) = (addr.saturating_add(MAX_COPY as u64), rest);
         }
+        small.push((addr, buf));
     }
     let mut pieces = small.into_iter().peekable();
     while pieces.peek().is_some() {
-        let mut batch: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some((_, b)) = pieces.peek() {
             if batch.len() == IOV_MAX || (!batch.is_empty() && bytes + b.len() > MAX_COPY) {
@@ -467,59 +490,9 @@ fn read_group(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<()
             bytes += b.len();
             batch.extend(pieces.next());
         }
-        let first = batch[0].0;
-        let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
-        let remote: Vec<nix::sys::uio::RemoteIoVec> =
-            batch.iter().map(|(a, b)| nix::sys::uio::RemoteIoVec { base: *a as usize, len: b.len() }).collect();
-        let mut local: Vec<std::io::IoSliceMut<'_>> =
-            batch.into_iter().map(|(_, b)| std::io::IoSliceMut::new(b)).collect();
-        copied("read", first, len, nix::sys::uio::process_vm_readv(pid, &mut local, &remote))?;
+        call(batch)?;
     }
     Ok(())
-}
-
-/// Copies `buf` to `addr` of process `pid`.
-fn write_program(pid: nix::unistd::Pid, addr: u64, buf: &[u8]) -> Result<(), KvError> {
-    in_halves(
-        addr,
-        buf.len(),
-        buf,
-        |b, at| b.split_at(at),
-        |addr, buf: &[u8]| {
-            let mut at = addr;
-            for part in buf.chunks(MAX_COPY) {
-                let len = part.len();
-                let remote = [nix::sys::uio::RemoteIoVec { base: at as usize, len }];
-                let done = nix::sys::uio::process_vm_writev(pid, &[std::io::IoSlice::new(part)], &remote);
-                copied("write", at, len, done)?;
-                at = at.saturating_add(len as u64);
-            }
-            Ok(())
-        },
-    )
-}
-
-/// `copy(addr, buf)`, done as two halves at once when `buf` (of `len`
-/// bytes) is large.
-fn in_halves<T: Send>(
-    addr: u64,
-    len: usize,
-    buf: T,
-    split: impl FnOnce(T, usize) -> (T, T),
-    copy: impl Fn(u64, T) -> Result<(), KvError> + Sync,
-) -> Result<(), KvError> {
-    if len < SPLIT_COPY {
-        return copy(addr, buf);
-    }
-    let (first, second) = split(buf, len / 2);
-    // A hostile address wraps nowhere: the kernel refuses the saturated one.
-    let second_addr = addr.saturating_add((len / 2) as u64);
-    std::thread::scope(|s| {
-        let other = std::thread::Builder::new().spawn_scoped(s, || copy(second_addr, second))?;
-        let mine = copy(addr, first);
-        let theirs = other.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked").into()));
-        mine.and(theirs)
-    })
 }
 
 /// A direct copy's result: all `len` bytes, or why not.
@@ -669,9 +642,7 @@ impl Kv {
         // The values go straight into the frames the links send (the copy
         // the built-in worker makes from its gradient). Those of a step the
         // program never pulled come back with its answer: collect it first.
-        if link::staged_out(&self.links) {
-            self.collect().await?;
-        }
+        self.collect().await?;
         let range = self.tensors[i].range.clone();
         let mut pieces = Vec::new();
         for l in &mut self.links {
@@ -762,8 +733,8 @@ impl Kv {
                     // The servers start from the verified weights, which no worker may replace.
                     return Ok(json!({"ok": true, "ignored": INIT_IGNORED}));
                 }
-                let range = self.tensors[i].range.clone();
-                payload.decode(dtype, &mut self.init[range], &mut self.scratch)?;
+                let init = bytemuck::cast_slice_mut(&mut self.init[self.tensors[i].range.clone()]);
+                payload.fill(dtype, vec![(0, init)], &mut self.scratch)?;
                 self.inited = true;
                 Ok(json!({"ok": true}))
             }
@@ -867,8 +838,6 @@ async fn serve_conn(
     // Direct copies only with the program itself: the seccomp filter allows
     // them on no other process (a child of the program, say).
     let direct = peer.pid().filter(|p| u32::try_from(*p) == Ok(program)).map(nix::unistd::Pid::from_raw);
-    let not_direct =
-        || KvError::NotDirect { program, peer: peer.pid().map_or_else(|| "unknown".to_string(), |p| p.to_string()) };
     let mut payload = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -907,7 +876,7 @@ async fn serve_conn(
             (Some(addr), Some(pid)) => Source::Program { pid, addr, len: req.nbytes },
             // Nothing follows the header: the connection stays usable.
             (Some(_), None) => {
-                reply(&mut s, &refusal(&not_direct()), &[]).await?;
+                reply(&mut s, &refusal(&not_direct(program, &peer)), &[]).await?;
                 continue;
             }
         };
@@ -915,7 +884,7 @@ async fn serve_conn(
             (None, _) => None,
             (Some(addr), Some(pid)) => Some((pid, addr, req.into_nbytes)),
             (Some(_), None) => {
-                reply(&mut s, &refusal(&not_direct()), &[]).await?;
+                reply(&mut s, &refusal(&not_direct(program, &peer)), &[]).await?;
                 continue;
             }
         };
@@ -942,6 +911,11 @@ async fn serve_conn(
     }
 }
 
+/// Why `peer` gets no direct copies.
+fn not_direct(program: u32, peer: &tokio::net::unix::UCred) -> KvError {
+    KvError::NotDirect { program, peer: peer.pid().map_or_else(|| "unknown".to_string(), |p| p.to_string()) }
+}
+
 /// `hello`: whether direct copies work on this connection, tried on the
 /// program's probe bytes (the kernel may still refuse: a Yama ptrace policy
 /// that forbids it, say).
@@ -954,11 +928,7 @@ fn hello(
     let tried = match (direct, probe) {
         (Some(pid), Some(addr)) => read_program(pid, addr, &mut [0u8; 8]).map_err(|e| e.to_string()),
         (Some(_), None) => Err("no probe address given".to_string()),
-        (None, _) => Err(format!(
-            "pid {} is not the program the agent started (pid {program}); start the program as the \
-             [worker] command itself (or `exec` it from a wrapper script) for direct copies",
-            peer.pid().map_or_else(|| "unknown".to_string(), |p| p.to_string())
-        )),
+        (None, _) => Err(not_direct(program, peer).to_string()),
     };
     match tried {
         Ok(()) => serde_json::json!({"ok": true, "direct": true}),

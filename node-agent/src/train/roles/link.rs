@@ -179,15 +179,27 @@ impl Link {
         Some(pieces)
     }
 
+    /// The version a step's pulls wait for. Sync: this step's aggregate;
+    /// async: whatever is there.
+    fn min_version(&self, mode: SyncMode) -> Result<u64, RoleError> {
+        match mode {
+            SyncMode::Sync => self.version.checked_add(1).ok_or_else(|| {
+                RoleError::new(format!("a server reported version {}, after which none can follow", self.version))
+            }),
+            SyncMode::Async => Ok(0),
+        }
+    }
+
     /// Lays out `staged`: per chunk an f32 push_chunk frame (zeros, version
     /// 0) and a pull_chunk frame.
     fn lay_out(&mut self) {
         self.staged.clear();
         self.staged_at.clear();
+        let zeros = vec![0.0f32; self.chunks.iter().map(Range::len).max().unwrap_or(0)];
         for (c, r) in self.chunks.iter().enumerate() {
             let push = self.staged.len();
-            let zeros = vec![0.0f32; r.len()];
-            crate::net::wire::encode_push_chunk(0, c as u32, &zeros, Encoding::F32, 0.0, &mut [], &mut self.staged);
+            let zeros = &zeros[..r.len()];
+            crate::net::wire::encode_push_chunk(0, c as u32, zeros, Encoding::F32, 0.0, &mut [], &mut self.staged);
             let values = self.staged.len() - r.len() * 4;
             let pull = self.staged.len();
             Message::PullChunk { chunk: c as u32, min_version: 0 }.encode_frame(&mut self.staged);
@@ -259,19 +271,13 @@ fn encode_step(
     mode: SyncMode,
     compression: Compression,
 ) -> Result<(usize, Due), RoleError> {
-    let frames = &mut link.frames;
-    frames.clear();
+    link.frames.clear();
     let Some(g) = grad else {
-        Message::Pull { min_version: 0 }.encode_frame(frames);
+        Message::Pull { min_version: 0 }.encode_frame(&mut link.frames);
         return Ok((1, Due::Whole));
     };
-    // Sync: wait for this step's aggregate. Async: take what is there.
-    let min_version = match mode {
-        SyncMode::Sync => link.version.checked_add(1).ok_or_else(|| {
-            RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
-        })?,
-        SyncMode::Async => 0,
-    };
+    let min_version = link.min_version(mode)?;
+    let frames = &mut link.frames;
     if link.residual.len() != link.range.len() && compression.encoding == Encoding::TwoBit {
         link.residual = vec![0.0; link.range.len()];
     }
@@ -298,12 +304,7 @@ pub async fn send_staged(links: &mut [Link], mode: SyncMode) -> Result<(), RoleE
         if link.staged.is_empty() {
             link.lay_out();
         }
-        let min_version = match mode {
-            SyncMode::Sync => link.version.checked_add(1).ok_or_else(|| {
-                RoleError::new(format!("a server reported version {}, after which none can follow", link.version))
-            })?,
-            SyncMode::Async => 0,
-        };
+        let min_version = link.min_version(mode)?;
         for &(push, _, pull) in &link.staged_at {
             let at = push + PUSH_CHUNK_VERSION_AT;
             link.staged[at..at + 8].copy_from_slice(&link.version.to_le_bytes());
@@ -344,9 +345,13 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
             continue;
         }
         let mut reply = link.reply().await?;
-        // The staged frames come back first, whatever the answer holds.
+        // The frames come back first (to `staged` if they were the staged
+        // ones), whatever the answer holds.
+        let frames = std::mem::take(&mut reply.frames);
         if std::mem::take(&mut link.staged_out) {
-            link.staged = std::mem::take(&mut reply.frames);
+            link.staged = frames;
+        } else {
+            link.frames = frames;
         }
         let shard = &mut params[link.range.clone()];
         let replies = match due {
@@ -363,17 +368,9 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         t.pushed += reply.bytes_out;
         t.pulled +=
             reply.bodies.iter().take(replies).map(|b| (b.len() + crate::net::wire::HEADER_LEN) as u64).sum::<u64>();
-        if !reply.frames.is_empty() || link.frames.is_empty() {
-            link.frames = reply.frames;
-        }
         link.bodies = reply.bodies;
     }
     Ok(())
-}
-
-/// Whether a link's staged frames are out with a step not yet collected.
-pub fn staged_out(links: &[Link]) -> bool {
-    links.iter().any(|l| l.staged_out)
 }
 
 /// Whether a step sent with [`send_step`] still waits for [`finish_step`].
