@@ -212,7 +212,7 @@ pub struct Conn<S> {
     peer: Identity,
     max_frame: u32,
     stall: Duration,
-    rbuf: Vec<u8>,
+    rbuf: FrameBuf,
     wbuf: Vec<u8>,
     /// On an accepted connection: its peer's identity at the listener,
     /// held as long as the connection (or its receiving half) lives.
@@ -222,16 +222,55 @@ pub struct Conn<S> {
 /// Reads one frame body into `buf`, refusing lengths above `max` before
 /// allocating. `Ok(false)` is a clean end of stream between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec<u8>) -> Result<bool, ConnError> {
-    read_frame_within(r, max, buf, None).await
+    let mut frame = FrameBuf { bytes: std::mem::take(buf), len: 0 };
+    let got = read_frame_within(r, max, &mut frame, None).await;
+    frame.bytes.truncate(frame.len);
+    *buf = frame.bytes;
+    got
+}
+
+/// The buffer a connection receives frames into: the frame is
+/// `bytes[..len]`. `bytes` never shrinks, so when a connection's frames
+/// alternate between sizes (a 2 MiB push, a 20-byte pull request) each is
+/// read into memory that is already initialized instead of zeroing the
+/// difference again at every large frame.
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl FrameBuf {
+    /// The last frame received.
+    fn frame(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Room for a frame of `len` bytes.
+    fn prepare(&mut self, len: usize) -> &mut [u8] {
+        if self.bytes.len() < len {
+            self.bytes.resize(len, 0);
+        }
+        self.len = len;
+        &mut self.bytes[..len]
+    }
+
+    /// Gives the last frame away as exactly its bytes, taking `other`'s
+    /// allocation (all of it initialized) for the next one.
+    fn swap(&mut self, other: &mut Vec<u8>) {
+        std::mem::swap(&mut self.bytes, other);
+        other.truncate(self.len);
+        self.len = 0;
+    }
 }
 
 /// [`read_frame`] that waits for the next frame as long as it takes, but
 /// once a frame has begun drops a peer that sends nothing more for `stall`
 /// (a slow-drip sender holds no buffer and no task for long).
-pub async fn read_frame_within<R: AsyncRead + Unpin>(
+async fn read_frame_within<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
-    buf: &mut Vec<u8>,
+    buf: &mut FrameBuf,
     stall: Option<Duration>,
 ) -> Result<bool, ConnError> {
     let mut header = [0u8; HEADER_LEN];
@@ -251,23 +290,17 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
     if len > max {
         return Err(ConnError::FrameTooLarge { len: len.into(), max });
     }
-    // Reuse the buffer without zeroing what it already holds: every byte of
-    // the frame is overwritten by the reads below before anyone looks at it,
-    // and frames of one connection tend to have one size (a push, a pull),
-    // so after the first the 16 MB memset per frame is gone.
-    let len = len as usize;
-    if buf.len() >= len {
-        buf.truncate(len);
-    } else {
-        buf.resize(len, 0);
-    }
+    // Every byte of the frame is overwritten by the reads below before
+    // anyone looks at it.
+    let frame = buf.prepare(len as usize);
     let Some(stall) = stall else {
-        r.read_exact(buf).await?;
+        r.read_exact(frame).await?;
         return Ok(true);
     };
     let mut filled = 0;
-    while filled < buf.len() {
-        let n = timeout(stall, r.read(&mut buf[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
+    while filled < frame.len() {
+        let n =
+            timeout(stall, r.read(&mut frame[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
         if n == 0 {
             return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
@@ -281,13 +314,24 @@ const STALLED_READING: &str = "waiting for the peer to read (it stopped reading)
 
 /// Writes all of `bytes` and flushes, dropping a peer that takes nothing
 /// for `stall` (a peer that stops reading never pins a task or a buffer).
-async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, mut bytes: &[u8], stall: Duration) -> Result<(), ConnError> {
-    while !bytes.is_empty() {
-        let n = timeout(stall, w.write(bytes)).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
-        if n == 0 {
-            return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8], stall: Duration) -> Result<(), ConnError> {
+    write_pieces_within(w, [bytes], stall).await
+}
+
+/// [`write_within`] of several pieces one after the other, flushed once.
+async fn write_pieces_within<'a, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    stall: Duration,
+) -> Result<(), ConnError> {
+    for mut bytes in pieces {
+        while !bytes.is_empty() {
+            let n = timeout(stall, w.write(bytes)).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
+            if n == 0 {
+                return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            bytes = &bytes[n..];
         }
-        bytes = &bytes[n..];
     }
     timeout(stall, w.flush()).await.map_err(|_| ConnError::Timeout(STALLED_READING))??;
     Ok(())
@@ -324,7 +368,7 @@ fn check_raw(body: &[u8], peer: &Identity) -> Result<(), ConnError> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(stream: S, peer: Identity, max_frame: u32) -> Self {
-        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: Vec::new(), wbuf: Vec::new(), held: None }
+        Conn { stream, peer, max_frame, stall: DEFAULT_STALL, rbuf: FrameBuf::default(), wbuf: Vec::new(), held: None }
     }
 
     /// The authenticated peer.
@@ -337,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        match decode_from(&self.rbuf, self.peer.role)? {
+        match decode_from(self.rbuf.frame(), self.peer.role)? {
             Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
             m => Ok(m),
         }
@@ -350,15 +394,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !read_frame_within(&mut self.stream, self.max_frame, &mut self.rbuf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        check_raw(&self.rbuf, &self.peer)?;
-        Ok(&self.rbuf)
+        check_raw(self.rbuf.frame(), &self.peer)?;
+        Ok(self.rbuf.frame())
     }
 
     /// Exchanges the frame [`Conn::recv_raw`] returned last with `other`,
     /// whose allocation the next receive reuses: a large frame leaves the
     /// connection without a copy.
     pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
-        std::mem::swap(&mut self.rbuf, other);
+        self.rbuf.swap(other);
     }
 
     /// Sends an already encoded frame.
@@ -428,7 +472,7 @@ pub struct RecvHalf<R> {
     peer: Identity,
     max_frame: u32,
     stall: Duration,
-    buf: Vec<u8>,
+    buf: FrameBuf,
     _held: Option<HeldIdentity>,
 }
 
@@ -438,7 +482,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        match decode_from(&self.buf, self.peer.role)? {
+        match decode_from(self.buf.frame(), self.peer.role)? {
             Message::Error { message } => Err(ConnError::Refused { peer: self.peer.to_string(), message }),
             m => Ok(m),
         }
@@ -453,13 +497,13 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
-        check_raw(&self.buf, &self.peer)?;
-        Ok(&self.buf)
+        check_raw(self.buf.frame(), &self.peer)?;
+        Ok(self.buf.frame())
     }
 
     /// As [`Conn::swap_frame`].
     pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
-        std::mem::swap(&mut self.buf, other);
+        self.buf.swap(other);
     }
 }
 
@@ -489,6 +533,12 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
     /// As [`Conn::send_frame`] (any number of whole frames).
     pub async fn send_frame(&mut self, frames: &[u8]) -> Result<(), ConnError> {
         write_within(&mut self.w, frames, self.stall).await
+    }
+
+    /// Sends frames given in pieces, in order (frames whose values are
+    /// written from where they are, not copied into the frame first).
+    pub async fn send_pieces<'a>(&mut self, pieces: impl IntoIterator<Item = &'a [u8]>) -> Result<(), ConnError> {
+        write_pieces_within(&mut self.w, pieces, self.stall).await
     }
 
     /// Closes the sending side cleanly (TLS close_notify), best effort,

@@ -12,9 +12,11 @@
 //! plaintext queue, out to the caller), and its unbuffered API in this
 //! version still queues decrypted records in freshly allocated vectors. The
 //! parameter server moves gigabytes a minute through these connections, so
-//! here the socket is read up to [`READ_AHEAD`] bytes at a time, records are
-//! decrypted in place and copied once into the caller's buffer, and records
-//! are sealed in place in the send buffer, written out many at a time. This
+//! here the socket is read up to [`READ_AHEAD`] bytes at a time, a record is
+//! decrypted straight from the receive buffer into the caller's buffer when
+//! its plaintext fits there (and in place, then copied, when it does not),
+//! and records are sealed straight from the caller's bytes into the send
+//! buffer, written out many at a time: the AES pass is the copy. This
 //! is the split rustls' kernel connection API exists for (kTLS does the same
 //! in the kernel; this machine class's kernels do not all offer it).
 //!
@@ -33,7 +35,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, Nonce, TlsProtocolId, TlsRecordOpeningKey, TlsRecordSealingKey};
+use aws_lc_rs::aead::{
+    AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, TlsProtocolId, TlsRecordSealingKey, UnboundKey,
+};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
@@ -287,11 +291,14 @@ impl Keys<TlsRecordSealingKey> {
     }
 }
 
-impl Keys<TlsRecordOpeningKey> {
+impl Keys<LessSafeKey> {
+    /// Opening needs no TLS-specific key (aws-lc's only checks the nonce
+    /// order when sealing); the plain AES-GCM key can also open a record
+    /// from one buffer into another.
     fn opening((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Self> {
         let (alg, key, iv) = key_parts(&secrets)?;
-        let key = TlsRecordOpeningKey::new(alg, TlsProtocolId::TLS13, key).map_err(|_| invalid("bad receiving key"))?;
-        Ok(Keys { key, iv, seq })
+        let key = UnboundKey::new(alg, key).map_err(|_| invalid("bad receiving key"))?;
+        Ok(Keys { key: LessSafeKey::new(key), iv, seq })
     }
 }
 
@@ -299,6 +306,8 @@ impl Keys<TlsRecordOpeningKey> {
 enum Opened {
     /// Application data at this range of the receive buffer.
     Data(std::ops::Range<usize>),
+    /// Application data, opened straight into the caller's buffer.
+    Given,
     /// Nothing for the reader (an empty record, a ticket, a key update).
     Nothing,
     /// The peer's close_notify.
@@ -311,7 +320,7 @@ pub struct TlsStream {
     kernel: Kernel,
     /// Records sent per sending key before it is turned over.
     rekey_after: u64,
-    rx: Keys<TlsRecordOpeningKey>,
+    rx: Keys<LessSafeKey>,
     /// Received bytes; `rx_start..rx_end` not yet looked at.
     rx_buf: Vec<u8>,
     rx_start: usize,
@@ -321,8 +330,10 @@ pub struct TlsStream {
     /// The peer sent close_notify.
     rx_closed: bool,
     tx: Keys<TlsRecordSealingKey>,
-    /// Sealed records; `tx_sent..` not yet written to the socket.
+    /// Sealed records in `..tx_end` (the rest is room, allocated once);
+    /// `tx_sent..tx_end` not yet written to the socket.
     tx_buf: Vec<u8>,
+    tx_end: usize,
     tx_sent: usize,
     /// The peer asked for our sending key to be turned over.
     update_requested: bool,
@@ -358,7 +369,9 @@ impl TlsStream {
             plain: 0..0,
             rx_closed: false,
             tx: Keys::sealing(secrets.tx)?,
-            tx_buf: Vec::with_capacity(WRITE_BEHIND + HEADER + MAX_PLAINTEXT + 1 + TAG),
+            // Room for a key update and a full record past WRITE_BEHIND.
+            tx_buf: vec![0; WRITE_BEHIND + 2 * (HEADER + MAX_PLAINTEXT + 1 + TAG)],
+            tx_end: 0,
             tx_sent: 0,
             update_requested: false,
             tx_closed: false,
@@ -382,8 +395,9 @@ impl TlsStream {
         &self.tcp
     }
 
-    /// Decrypts the complete record at `rx_start`, if there is one.
-    fn open_next(&mut self) -> io::Result<Option<Opened>> {
+    /// The complete record at `rx_start`, if there is one: its header and
+    /// the range of its body (ciphertext and tag) in the receive buffer.
+    fn next_record(&self) -> io::Result<Option<([u8; HEADER], std::ops::Range<usize>)>> {
         let avail = &self.rx_buf[self.rx_start..self.rx_end];
         if avail.len() < HEADER {
             return Ok(None);
@@ -402,35 +416,73 @@ impl TlsStream {
         if avail.len() < HEADER + len {
             return Ok(None);
         }
-        let body = self.rx_start + HEADER..self.rx_start + HEADER + len;
+        Ok(Some((header, self.rx_start + HEADER..self.rx_start + HEADER + len)))
+    }
+
+    /// Opens the complete record at `rx_start`, if there is one: straight
+    /// into `out` when its whole inner plaintext fits there, else in place
+    /// in the receive buffer.
+    fn open_next(&mut self, out: &mut ReadBuf<'_>) -> io::Result<Option<Opened>> {
+        let Some((header, body)) = self.next_record()? else {
+            return Ok(None);
+        };
         self.rx_start = body.end;
         let nonce = self.rx.nonce();
         self.rx.seq += 1;
+        let inner_len = body.len() - TAG;
+        if out.remaining() >= inner_len {
+            // Zeroes only what the caller left uninitialized (frame
+            // buffers are initialized: nothing).
+            let dst = &mut out.initialize_unfilled_to(inner_len)[..inner_len];
+            let (ciphertext, tag) = self.rx_buf[body].split_at(inner_len);
+            if self.rx.key.open_separate_gather(nonce, Aad::from(header), ciphertext, tag, dst).is_err() {
+                // Unauthenticated plaintext never stays in the caller's
+                // buffer (aws-lc clears it too; this does not rely on that).
+                dst.fill(0);
+                return Err(bad_record_mac());
+            }
+            let (typ, content) = inner(dst)?;
+            return match typ {
+                CONTENT_APPLICATION_DATA => {
+                    out.advance(content);
+                    Ok(Some(if content == 0 { Opened::Nothing } else { Opened::Given }))
+                }
+                _ => {
+                    let content = dst[..content].to_vec();
+                    self.on_control(typ, &content).map(Some)
+                }
+            };
+        }
         let plain = self
             .rx
             .key
             .open_in_place(nonce, Aad::from(header), &mut self.rx_buf[body.clone()])
-            .map_err(|_| invalid("TLS record failed authentication (bad_record_mac)"))?;
-        // Inner plaintext: content, content type, zero padding.
-        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(invalid("TLS record without a content type"));
-        };
-        if at > MAX_PLAINTEXT {
-            return Err(invalid("TLS record plaintext over 2^14 bytes"));
-        }
-        let content = body.start..body.start + at;
-        match plain[at] {
+            .map_err(|_| bad_record_mac())?;
+        let (typ, content) = inner(plain)?;
+        let content = body.start..body.start + content;
+        match typ {
             CONTENT_APPLICATION_DATA => {
                 Ok(Some(if content.is_empty() { Opened::Nothing } else { Opened::Data(content) }))
             }
-            CONTENT_ALERT => self.on_alert(content).map(Some),
-            CONTENT_HANDSHAKE => self.on_handshake(content).map(|()| Some(Opened::Nothing)),
+            _ => {
+                let content = self.rx_buf[content].to_vec();
+                self.on_control(typ, &content).map(Some)
+            }
+        }
+    }
+
+    /// A record that is not application data: an alert or a post-handshake
+    /// message (both rare and short).
+    fn on_control(&mut self, typ: u8, content: &[u8]) -> io::Result<Opened> {
+        match typ {
+            CONTENT_ALERT => self.on_alert(content),
+            CONTENT_HANDSHAKE => self.on_handshake(content).map(|()| Opened::Nothing),
             t => Err(invalid(format!("unexpected TLS content type {t} after the handshake"))),
         }
     }
 
-    fn on_alert(&mut self, content: std::ops::Range<usize>) -> io::Result<Opened> {
-        let &[_level, desc] = &self.rx_buf[content] else {
+    fn on_alert(&mut self, content: &[u8]) -> io::Result<Opened> {
+        let &[_level, desc] = content else {
             return Err(invalid("malformed TLS alert"));
         };
         match desc {
@@ -444,8 +496,7 @@ impl TlsStream {
     }
 
     /// Post-handshake messages: a key update or a session ticket.
-    fn on_handshake(&mut self, content: std::ops::Range<usize>) -> io::Result<()> {
-        let mut msg = &self.rx_buf[content];
+    fn on_handshake(&mut self, mut msg: &[u8]) -> io::Result<()> {
         let mut key_update = None;
         while !msg.is_empty() {
             let &[typ, a, b, c, ref rest @ ..] = msg else {
@@ -472,23 +523,26 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Seals one record of `content` with inner type `typ` into `tx_buf`.
+    /// Seals one record of `content` with inner type `typ` into `tx_buf`,
+    /// encrypting straight from `content` (no copy before the cipher).
     fn seal(&mut self, typ: u8, content: &[u8]) -> io::Result<()> {
         debug_assert!(content.len() <= MAX_PLAINTEXT);
         let len = content.len() + 1 + TAG;
+        let end = self.tx_end + HEADER + len;
+        if self.tx_buf.len() < end {
+            self.tx_buf.resize(end, 0);
+        }
         let header = [CONTENT_APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        self.tx_buf.extend_from_slice(&header);
-        let start = self.tx_buf.len();
-        self.tx_buf.extend_from_slice(content);
-        self.tx_buf.push(typ);
+        let record = &mut self.tx_buf[self.tx_end..end];
+        record[..HEADER].copy_from_slice(&header);
+        let (body, type_and_tag) = record[HEADER..].split_at_mut(content.len());
         let nonce = self.tx.nonce();
-        let tag = self
-            .tx
+        self.tx
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.tx_buf[start..])
+            .seal_out_of_place_scatter(nonce, Aad::from(header), content, body, &[typ], type_and_tag)
             .map_err(|_| invalid("TLS record sealing failed"))?;
-        self.tx_buf.extend_from_slice(tag.as_ref());
         self.tx.seq += 1;
+        self.tx_end = end;
         Ok(())
     }
 
@@ -506,17 +560,33 @@ impl TlsStream {
 
     /// Writes sealed bytes to the socket until all are out or it would block.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.tx_sent < self.tx_buf.len() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tx_buf[self.tx_sent..]))?;
+        while self.tx_sent < self.tx_end {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tx_buf[self.tx_sent..self.tx_end]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.tx_sent += n;
         }
-        self.tx_buf.clear();
+        self.tx_end = 0;
         self.tx_sent = 0;
         Poll::Ready(Ok(()))
     }
+}
+
+fn bad_record_mac() -> io::Error {
+    invalid("TLS record failed authentication (bad_record_mac)")
+}
+
+/// The content type and content length of a record's inner plaintext
+/// (content, content type, zero padding).
+fn inner(plain: &[u8]) -> io::Result<(u8, usize)> {
+    let Some(at) = plain.iter().rposition(|&b| b != 0) else {
+        return Err(invalid("TLS record without a content type"));
+    };
+    if at > MAX_PLAINTEXT {
+        return Err(invalid("TLS record plaintext over 2^14 bytes"));
+    }
+    Ok((plain[at], at))
 }
 
 impl AsyncRead for TlsStream {
@@ -539,9 +609,10 @@ impl AsyncRead for TlsStream {
             if me.rx_closed {
                 return Poll::Ready(Ok(()));
             }
-            match me.open_next()? {
+            match me.open_next(out)? {
                 Some(Opened::Data(range)) => me.plain = range,
-                Some(Opened::Nothing) => {}
+                Some(Opened::Given) if out.remaining() == 0 => return Poll::Ready(Ok(())),
+                Some(Opened::Given | Opened::Nothing) => {}
                 Some(Opened::Closed) => return Poll::Ready(Ok(())),
                 None => {
                     // Need more bytes: keep the partial record, read after it.
@@ -585,19 +656,22 @@ impl AsyncWrite for TlsStream {
         if me.tx_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        if me.tx_buf.len() >= WRITE_BEHIND {
+        if me.tx_end >= WRITE_BEHIND {
             ready!(me.poll_drain(cx))?;
         }
         let mut taken = 0;
-        while taken < data.len() && me.tx_buf.len() < WRITE_BEHIND {
+        while taken < data.len() && me.tx_end < WRITE_BEHIND {
             me.maybe_rekey()?;
             let n = (data.len() - taken).min(MAX_PLAINTEXT);
             me.seal(CONTENT_APPLICATION_DATA, &data[taken..taken + n])?;
             taken += n;
         }
-        // Start the socket on it; what it cannot take now goes at the next
-        // write or flush.
-        if let Poll::Ready(Err(e)) = me.poll_drain(cx) {
+        // Start the socket on a record's worth or more; what it cannot take
+        // now goes at the next write or flush (a short write, such as a
+        // frame's head before its values, waits for what follows it).
+        if me.tx_end - me.tx_sent >= MAX_PLAINTEXT
+            && let Poll::Ready(Err(e)) = me.poll_drain(cx)
+        {
             return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(taken))

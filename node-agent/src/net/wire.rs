@@ -337,6 +337,21 @@ pub fn encode_push_chunk(
     encode_any_push(step, Some(chunk), data, enc, threshold, residual, out)
 }
 
+/// The head of an f32 [`encode_push_chunk`] frame of `count` values: the
+/// frame is this followed by the values as little-endian f32 bytes, which
+/// the caller sends from where they are.
+pub fn encode_push_chunk_f32_head(step: u64, chunk: u32, count: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    out.push(TAG_PUSH_CHUNK);
+    out.extend_from_slice(&step.to_le_bytes());
+    out.extend_from_slice(&chunk.to_le_bytes());
+    out.push(Encoding::F32 as u8);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    let body = (out.len() - start - HEADER_LEN + 4 * count) as u32;
+    out[start..start + HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+}
+
 fn encode_any_push(
     step: u64,
     chunk: Option<u32>,
@@ -807,6 +822,19 @@ mod tests {
         let mut longer = out[4..].to_vec();
         longer.push(0);
         assert!(Message::decode(&longer).is_err());
+    }
+
+    /// A head from `encode_push_chunk_f32_head` followed by the values'
+    /// bytes is the frame `encode_push_chunk` makes of them.
+    #[test]
+    fn an_f32_push_head_and_its_values_are_the_whole_frame() {
+        let values = [1.5f32, -0.0, f32::MAX, 3e-9, 7.0];
+        let mut whole = Vec::new();
+        encode_push_chunk(41, 3, &values, Encoding::F32, 0.0, &mut [], &mut whole);
+        let mut spliced = Vec::new();
+        encode_push_chunk_f32_head(41, 3, values.len(), &mut spliced);
+        warden_kernels::convert::extend_f32_le(&mut spliced, &values);
+        assert_eq!(spliced, whole);
     }
 
     #[test]

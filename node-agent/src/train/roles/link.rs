@@ -9,6 +9,7 @@
 //! allocates nothing.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -22,6 +23,12 @@ struct LinkCmd {
     checkpoint: Option<u64>,
     /// Encoded frames to send: pushes and pull requests.
     frames: Vec<u8>,
+    /// The gradient the f32 pushes' values are sent from, if any: no copy
+    /// into `frames`. The task lets go of it before it replies.
+    grad: Option<Arc<Vec<f32>>>,
+    /// Where in `frames` each such push's values go, and their range of
+    /// `grad`, in order.
+    splice: Vec<(usize, Range<usize>)>,
     /// Frames the server answers with (params or params_chunk).
     replies: usize,
     /// Receive the replies' bodies; handed back in the reply.
@@ -30,6 +37,7 @@ struct LinkCmd {
 
 struct LinkReply {
     frames: Vec<u8>,
+    splice: Vec<(usize, Range<usize>)>,
     bodies: Vec<Vec<u8>>,
     bytes_out: u64,
 }
@@ -62,6 +70,9 @@ pub struct Link {
     /// follows from another process's failure (the server closed it).
     rx: mpsc::Receiver<Result<LinkReply, RoleError>>,
     frames: Vec<u8>,
+    /// The next command's [`LinkCmd::grad`] and [`LinkCmd::splice`].
+    grad: Option<Arc<Vec<f32>>>,
+    splice: Vec<(usize, Range<usize>)>,
     bodies: Vec<Vec<u8>>,
     /// 2-bit error feedback: what was not yet sent.
     residual: Vec<f32>,
@@ -111,6 +122,8 @@ impl Link {
             tx,
             rx,
             frames: Vec::new(),
+            grad: None,
+            splice: Vec::new(),
             bodies: Vec::new(),
             residual: Vec::new(),
             staged: Vec::new(),
@@ -129,8 +142,9 @@ impl Link {
     async fn send(&mut self, checkpoint: Option<u64>, replies: usize, due: Due) -> Result<(), RoleError> {
         let frames = std::mem::take(&mut self.frames);
         let bodies = std::mem::take(&mut self.bodies);
+        let (grad, splice) = (self.grad.take(), std::mem::take(&mut self.splice));
         self.tx
-            .send(LinkCmd { checkpoint, frames, replies, bodies })
+            .send(LinkCmd { checkpoint, frames, grad, splice, replies, bodies })
             .await
             .map_err(|_| RoleError::follows("lost a server link"))?;
         self.due = due;
@@ -216,6 +230,7 @@ impl Link {
         let reply = self.reply().await?;
         let answer = reply.bodies.first().map(|b| b.first().copied());
         self.frames = reply.frames;
+        self.splice = reply.splice;
         self.bodies = reply.bodies;
         match answer {
             Some(Some(TAG_PARAMS)) => Ok(()),
@@ -231,9 +246,10 @@ async fn drive(
     reply_tx: mpsc::Sender<Result<LinkReply, RoleError>>,
 ) {
     let (mut recv, mut send) = conn.into_split();
-    while let Some(LinkCmd { checkpoint, frames, replies, mut bodies }) = cmd_rx.recv().await {
+    while let Some(LinkCmd { checkpoint, frames, grad, mut splice, replies, mut bodies }) = cmd_rx.recv().await {
         let result = async {
-            let mut bytes_out = frames.len() as u64;
+            let values: u64 = splice.iter().map(|(_, r)| 4 * r.len() as u64).sum();
+            let mut bytes_out = frames.len() as u64 + values;
             if let Some(step) = checkpoint {
                 let mut f = Vec::new();
                 Message::Checkpoint { step }.encode_frame(&mut f);
@@ -241,7 +257,12 @@ async fn drive(
                 bytes_out += f.len() as u64;
             }
             bodies.resize_with(bodies.len().max(replies), Vec::new);
-            let sending = async { send.send_frame(&frames).await };
+            let sending = async {
+                match &grad {
+                    None => send.send_frame(&frames).await,
+                    Some(g) => send.send_pieces(spliced(&frames, &splice, g)).await,
+                }
+            };
             let receiving = async {
                 for body in bodies.iter_mut().take(replies) {
                     recv.recv_raw().await?;
@@ -250,9 +271,12 @@ async fn drive(
                 Ok(())
             };
             tokio::try_join!(sending, receiving)?;
-            Ok::<_, RoleError>(LinkReply { frames, bodies, bytes_out })
+            splice.clear();
+            Ok::<_, RoleError>(LinkReply { frames, splice, bodies, bytes_out })
         }
         .await;
+        // The worker may write its next gradient once every link let go.
+        drop(grad);
         let failed = result.is_err();
         if reply_tx.send(result).await.is_err() || failed {
             return;
@@ -267,21 +291,34 @@ async fn drive(
 /// it is in); without, one pull of the whole shard. Returns the replies due.
 fn encode_step(
     link: &mut Link,
-    grad: Option<&[f32]>,
+    grad: Option<&Arc<Vec<f32>>>,
     mode: SyncMode,
     compression: Compression,
 ) -> Result<(usize, Due), RoleError> {
     link.frames.clear();
-    let Some(g) = grad else {
+    link.splice.clear();
+    let Some(grad) = grad else {
         Message::Pull { min_version: 0 }.encode_frame(&mut link.frames);
         return Ok((1, Due::Whole));
     };
     let min_version = link.min_version(mode)?;
     let frames = &mut link.frames;
+    if compression.encoding == Encoding::F32 && cfg!(target_endian = "little") {
+        // The values go out from the gradient itself (see `spliced`).
+        for (c, r) in link.chunks.iter().enumerate() {
+            let chunk = c as u32;
+            crate::net::wire::encode_push_chunk_f32_head(link.version, chunk, r.len(), frames);
+            let base = link.range.start;
+            link.splice.push((frames.len(), base + r.start..base + r.end));
+            Message::PullChunk { chunk, min_version }.encode_frame(frames);
+        }
+        link.grad = Some(grad.clone());
+        return Ok((link.chunks.len(), Due::Chunks));
+    }
     if link.residual.len() != link.range.len() && compression.encoding == Encoding::TwoBit {
         link.residual = vec![0.0; link.range.len()];
     }
-    let g = &g[link.range.clone()];
+    let g = &grad[link.range.clone()];
     for (c, r) in link.chunks.iter().enumerate() {
         let residual = link.residual.get_mut(r.clone()).unwrap_or_default();
         let (chunk, (data, enc)) = (c as u32, (&g[r.clone()], compression.encoding));
@@ -289,6 +326,20 @@ fn encode_step(
         Message::PullChunk { chunk, min_version }.encode_frame(frames);
     }
     Ok((link.chunks.len(), Due::Chunks))
+}
+
+/// `frames` with the values of `grad` spliced in where `splice` says: the
+/// pieces a step's frames are sent in.
+fn spliced<'a>(
+    frames: &'a [u8],
+    splice: &'a [(usize, Range<usize>)],
+    grad: &'a [f32],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let values: &[u8] = bytemuck::cast_slice(grad);
+    let starts = std::iter::once(0).chain(splice.iter().map(|(at, _)| *at));
+    let ends = splice.iter().map(|(at, _)| *at).chain(std::iter::once(frames.len()));
+    let values = splice.iter().map(|(_, r)| &values[4 * r.start..4 * r.end]).map(Some).chain(std::iter::once(None));
+    starts.zip(ends).zip(values).flat_map(move |((a, b), v)| std::iter::once(&frames[a..b]).chain(v))
 }
 
 /// Byte offsets in a push_chunk frame of its version, and in a pull_chunk
@@ -324,7 +375,7 @@ pub async fn send_staged(links: &mut [Link], mode: SyncMode) -> Result<(), RoleE
 /// vector; if any) and asks for the result. [`finish_step`] collects it.
 pub async fn send_step(
     links: &mut [Link],
-    grad: Option<&[f32]>,
+    grad: Option<&Arc<Vec<f32>>>,
     mode: SyncMode,
     compression: Compression,
 ) -> Result<(), RoleError> {
@@ -348,6 +399,7 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         // The frames come back first (to `staged` if they were the staged
         // ones), whatever the answer holds.
         let frames = std::mem::take(&mut reply.frames);
+        link.splice = std::mem::take(&mut reply.splice);
         if std::mem::take(&mut link.staged_out) {
             link.staged = frames;
         } else {
@@ -382,7 +434,7 @@ pub fn step_outstanding(links: &[Link]) -> bool {
 pub async fn exchange(
     links: &mut [Link],
     params: &mut [f32],
-    grad: Option<&[f32]>,
+    grad: Option<&Arc<Vec<f32>>>,
     mode: SyncMode,
     compression: Compression,
     t: &mut Traffic,
@@ -434,6 +486,7 @@ pub async fn request_checkpoint(links: &mut [Link], sched: &mut super::SchedLink
     for link in links.iter_mut() {
         let reply = link.reply().await?;
         link.frames = reply.frames;
+        link.splice = reply.splice;
         link.bodies = reply.bodies;
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! A worker: reads its shard of the data, computes gradients, pushes them to
 //! every server and pulls the updated parameters, all servers concurrently.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::link::{Link, Traffic, close_links, exchange, request_checkpoint};
@@ -106,7 +107,8 @@ impl CheckpointClock {
 /// One step's local work: a batch of this worker's shard, its loss and
 /// gradient, in buffers reused from step to step.
 struct LocalStep {
-    grad: Vec<f32>,
+    /// Shared with the server links while a step's pushes go out from it.
+    grad: Arc<Vec<f32>>,
     xb: Vec<f32>,
     yb: Vec<u8>,
     ws: Workspace,
@@ -116,7 +118,7 @@ impl LocalStep {
     fn new(ctx: &RoleCtx, train: &Dataset, num_params: usize) -> LocalStep {
         let batch = ctx.spec.training.batch_size;
         LocalStep {
-            grad: vec![0.0; num_params],
+            grad: Arc::new(vec![0.0; num_params]),
             xb: vec![0.0; batch * train.features],
             yb: vec![0; batch],
             ws: Workspace::default(),
@@ -135,16 +137,19 @@ impl LocalStep {
         (epoch, step): (u32, usize),
     ) -> Result<f32, RoleError> {
         let (spec, rank, batch) = (&ctx.spec, ctx.me().rank, ctx.spec.training.batch_size);
+        // The links let go of the last step's gradient before answering it.
+        let grad = Arc::get_mut(&mut self.grad)
+            .ok_or_else(|| RoleError::new("a server link still holds the last step's gradient"))?;
         let loss = if spec.model.kind == crate::job::spec::ModelKind::Synthetic {
             // A small constant gradient: the parameters drift, nothing else.
-            self.grad.fill(1e-6);
+            grad.fill(1e-6);
             0.0
         } else {
             fill_batch(train, &order[step * batch..(step + 1) * batch], &mut self.xb, &mut self.yb);
             // Dropout masks from a stream per step, so a resumed run draws the same ones.
             let mut dropout = rng(ctx.seed, Stream::Dropout { rank, epoch, step: step as u64 });
             let b = Batch { x: &self.xb, y: &self.yb };
-            self.ws.loss_and_grad(&spec.model, params, &b, &mut self.grad, Some(&mut dropout))
+            self.ws.loss_and_grad(&spec.model, params, &b, grad, Some(&mut dropout))
         };
         if !loss.is_finite() {
             return Err(RoleError::new(format!(
