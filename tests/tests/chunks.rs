@@ -4,10 +4,23 @@
 //! cut in the middle of a chunk leaves nothing half applied: the chunks
 //! pushed whole are updated once, the cut one not at all, and the step can
 //! be finished from a new connection with exactly one update per chunk.
+//! On the worker's side, a step's pushes go out whole from its gradient and
+//! every chunk of the answer lands in its place in the parameters; a wrong
+//! chunk, a short one, a refusal or a cut connection fail the step.
 
-use warden_agent::net::conn::{ClientConn, ConnError};
-use warden_agent::net::wire::{Message, chunk_ranges};
-use warden_tests::{RoleCluster, bind_two};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use warden_agent::job::spec::{Compression, SyncMode};
+use warden_agent::net::conn::{ClientConn, ConnError, connect, read_frame};
+use warden_agent::net::identity::Role;
+use warden_agent::net::wire::{
+    CHUNK_ALIGN, Encoding, HEADER_LEN, Message, PARAMS_CHUNK_HEAD, chunk_ranges, encode_params_chunk,
+};
+use warden_agent::net::{record, tls};
+use warden_agent::train::roles::link::{Link, Traffic, close_links, exchange};
+use warden_tests::{RoleCluster, TestPki, bind_two};
 
 /// Parameters of the test job: a softmax of 3000 inputs and 2 classes.
 const LEN: usize = 3000 * 2 + 2;
@@ -143,4 +156,130 @@ async fn a_connection_cut_mid_chunk_leaves_no_half_applied_update() {
         assert_eq!((b - 0.5).to_bits(), a.to_bits(), "value {i}: one SGD step");
     }
     warden_tests::honest_sgd_step(&mut w, 1).await;
+}
+
+/// How the stand-in server of [`worker_step_against`] answers a step.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// Every chunk, in order.
+    Honest,
+    /// Chunk 1 where chunk 0 is due.
+    WrongChunk,
+    /// Chunk 0 one value short.
+    Short,
+    /// A refusal.
+    Refuse,
+    /// Half of chunk 0, then the connection ends.
+    Cut,
+}
+
+/// Floats of the stand-in shard, in chunks of [`CHUNK_ALIGN`]: 4 whole and
+/// a shorter last one.
+const SHARD: usize = 4 * CHUNK_ALIGN + 44;
+
+/// The value the stand-in server sends for parameter `i`.
+fn served(i: usize) -> f32 {
+    i as f32 * 0.25 - 7.0
+}
+
+/// A worker's step (the built-in worker's path: pushes from its gradient,
+/// every chunk's answer read straight into its parameters) against a
+/// stand-in server speaking the real protocol over real TLS, answering as
+/// `answer` says. Returns what the step gave, the parameters, and the
+/// gradient values the server received.
+async fn worker_step_against(answer: Answer) -> (Result<(), String>, Vec<f32>, Vec<f32>) {
+    let pki = TestPki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_cfg = tls::server_config(&pki.issue(Role::Server, 0), &[Role::Worker]).unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (mut s, _) = record::accept(tcp, server_cfg).await.unwrap();
+        let mut out = Vec::new();
+        Message::Welcome.encode_frame(&mut out);
+        s.write_all(&out).await.unwrap();
+        s.flush().await.unwrap();
+        // A push and a pull request per chunk.
+        let chunks = chunk_ranges(SHARD, CHUNK_ALIGN);
+        let (mut pushed, mut buf) = (vec![f32::NAN; SHARD], Vec::new());
+        for _ in 0..2 * chunks.len() {
+            assert!(read_frame(&mut s, 1 << 20, &mut buf).await.unwrap());
+            if let Message::PushChunk { chunk, data, .. } = Message::decode(&buf).unwrap() {
+                pushed[chunks[chunk as usize].clone()].copy_from_slice(&data);
+            }
+        }
+        let chunk_frame = |c: usize, len: usize, out: &mut Vec<u8>| {
+            let r = chunks[c].start..chunks[c].start + len;
+            encode_params_chunk(1, c as u32, &r.map(served).collect::<Vec<_>>(), out)
+        };
+        out.clear();
+        match answer {
+            Answer::Honest => chunks.iter().enumerate().for_each(|(c, r)| chunk_frame(c, r.len(), &mut out)),
+            Answer::WrongChunk => chunk_frame(1, CHUNK_ALIGN, &mut out),
+            Answer::Short => chunk_frame(0, CHUNK_ALIGN - 1, &mut out),
+            Answer::Refuse => Message::Error { message: "not now".into() }.encode_frame(&mut out),
+            Answer::Cut => {
+                chunk_frame(0, CHUNK_ALIGN, &mut out);
+                out.truncate(out.len() / 2);
+            }
+        }
+        s.write_all(&out).await.unwrap();
+        s.flush().await.unwrap();
+        if matches!(answer, Answer::Cut) {
+            // Gone without close_notify, mid-frame.
+            drop(s);
+        } else {
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, 1 << 20, &mut rest)).await;
+        }
+        pushed
+    });
+    let conn = connect(&pki.issue(Role::Worker, 0), pki.id(Role::Server, 0), addr, 1 << 20, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut links = vec![Link::spawn(conn, 0..SHARD, CHUNK_ALIGN)];
+    let mut params = vec![0.0f32; SHARD];
+    let grad = Arc::new((0..SHARD).map(|i| 1.0 / (i as f32 + 1.0)).collect::<Vec<_>>());
+    let f32s = Compression { encoding: Encoding::F32, threshold: 0.0 };
+    let mut traffic = Traffic::default();
+    let step = tokio::time::timeout(
+        Duration::from_secs(30),
+        exchange(&mut links, &mut params, Some(&grad), SyncMode::Sync, f32s, &mut traffic),
+    )
+    .await
+    .expect("the step ends, one way or the other")
+    .map_err(|e| e.message);
+    if step.is_ok() {
+        let per_chunk = (HEADER_LEN + PARAMS_CHUNK_HEAD) as u64;
+        assert_eq!(traffic.pulled, 5 * per_chunk + 4 * SHARD as u64, "bytes pulled, as received");
+    }
+    close_links(links).await;
+    let pushed = server.await.unwrap();
+    assert!(pushed.iter().zip(grad.iter()).all(|(p, g)| p == g), "the server received the gradient, exactly");
+    (step, params, pushed)
+}
+
+#[tokio::test]
+async fn a_worker_reads_each_chunk_into_its_parameters_and_refuses_wrong_answers() {
+    let (step, params, _) = worker_step_against(Answer::Honest).await;
+    step.unwrap();
+    assert!(params.iter().enumerate().all(|(i, &p)| p == served(i)), "every chunk landed in its place");
+
+    let (step, params, _) = worker_step_against(Answer::WrongChunk).await;
+    let why = step.unwrap_err();
+    assert!(why.contains("server sent chunk 1 of 64 values where chunk 0 of 64 was due"), "{why}");
+    assert!(params.iter().all(|&p| p == 0.0), "a wrong chunk is not taken: {:?}", &params[..4]);
+
+    let (step, params, _) = worker_step_against(Answer::Short).await;
+    let why = step.unwrap_err();
+    assert!(why.contains("server sent chunk 0 of 63 values where chunk 0 of 64 was due"), "{why}");
+    assert!(params.iter().all(|&p| p == 0.0), "a short chunk is not taken");
+
+    let (step, _, _) = worker_step_against(Answer::Refuse).await;
+    let why = step.unwrap_err();
+    assert!(why.contains("not now"), "the server's refusal reaches the worker: {why}");
+
+    let (step, _, _) = worker_step_against(Answer::Cut).await;
+    let why = step.unwrap_err();
+    assert!(why.contains("close_notify") || why.contains("closed") || why.contains("eof"), "{why}");
 }

@@ -273,6 +273,21 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
     buf: &mut FrameBuf,
     stall: Option<Duration>,
 ) -> Result<bool, ConnError> {
+    let Some(len) = read_len(r, max, stall).await? else {
+        return Ok(false);
+    };
+    // Every byte of the frame is overwritten before anyone looks at it.
+    read_full(r, buf.prepare(len), stall).await?;
+    Ok(true)
+}
+
+/// The length of the next frame, checked against `max` before anything is
+/// allocated for it; `None` at a clean end of stream between frames.
+async fn read_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    stall: Option<Duration>,
+) -> Result<Option<usize>, ConnError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -282,7 +297,7 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
             (_, Some(d)) => timeout(d, read).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??,
         };
         if n == 0 {
-            return if got == 0 { Ok(false) } else { Err(ConnError::Decode(DecodeError::TruncatedHeader)) };
+            return if got == 0 { Ok(None) } else { Err(ConnError::Decode(DecodeError::TruncatedHeader)) };
         }
         got += n;
     }
@@ -290,23 +305,34 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
     if len > max {
         return Err(ConnError::FrameTooLarge { len: len.into(), max });
     }
-    // Every byte of the frame is overwritten by the reads below before
-    // anyone looks at it.
-    let frame = buf.prepare(len as usize);
+    Ok(Some(len as usize))
+}
+
+/// Fills `dst` from `r` (part of a frame that has begun).
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8], stall: Option<Duration>) -> Result<(), ConnError> {
     let Some(stall) = stall else {
-        r.read_exact(frame).await?;
-        return Ok(true);
+        r.read_exact(dst).await?;
+        return Ok(());
     };
     let mut filled = 0;
-    while filled < frame.len() {
-        let n =
-            timeout(stall, r.read(&mut frame[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
+    while filled < dst.len() {
+        let n = timeout(stall, r.read(&mut dst[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
         if n == 0 {
             return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         filled += n;
     }
-    Ok(true)
+    Ok(())
+}
+
+/// What [`RecvHalf::recv_head`] received.
+#[derive(Debug)]
+pub enum Split<'a> {
+    /// The frame's head; the rest of it is in the destination.
+    Head(&'a [u8]),
+    /// A frame of another kind or size, whole (nothing went to the
+    /// destination).
+    Whole(&'a [u8]),
 }
 
 const STALLED_SENDING: &str = "waiting for the rest of a frame (the peer stopped sending mid-frame)";
@@ -457,6 +483,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 max_frame: self.max_frame,
                 stall: self.stall,
                 buf: self.rbuf,
+                rest: 0,
                 _held: self.held,
             },
             SendHalf { w, stall: self.stall, buf: self.wbuf },
@@ -473,6 +500,8 @@ pub struct RecvHalf<R> {
     max_frame: u32,
     stall: Duration,
     buf: FrameBuf,
+    /// Bytes of the frame [`RecvHalf::recv_head`] began still to be read.
+    rest: usize,
     _held: Option<HeldIdentity>,
 }
 
@@ -504,6 +533,43 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// As [`Conn::swap_frame`].
     pub fn swap_frame(&mut self, other: &mut Vec<u8>) {
         self.buf.swap(other);
+    }
+
+    /// Receives the head of a frame of tag `tag`: `head` bytes followed by
+    /// exactly `rest` more, which [`RecvHalf::recv_rest`] then reads straight
+    /// to where the caller keeps them (values never copied out of a frame),
+    /// once the caller has checked the head. The head is authorized as
+    /// [`RecvHalf::recv_raw`] authorizes frames; a frame with another tag or
+    /// length is received whole instead.
+    pub async fn recv_head(&mut self, tag: u8, head: usize, rest: usize) -> Result<Split<'_>, ConnError> {
+        let stall = Some(self.stall);
+        let Some(len) = read_len(&mut self.r, self.max_frame, stall).await? else {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        };
+        let split = head > 0 && len == head + rest;
+        read_full(&mut self.r, self.buf.prepare(if split { head } else { len }), stall).await?;
+        if split && self.buf.frame()[0] != tag {
+            // Not the frame expected (a refusal, say): the rest of it too.
+            read_full(&mut self.r, &mut self.buf.prepare(len)[head..], stall).await?;
+        }
+        check_raw(self.buf.frame(), &self.peer)?;
+        if self.buf.len < len {
+            self.rest = len - self.buf.len;
+            return Ok(Split::Head(self.buf.frame()));
+        }
+        Ok(Split::Whole(self.buf.frame()))
+    }
+
+    /// Reads the rest of the frame whose head [`RecvHalf::recv_head`] gave,
+    /// into `dst` (exactly that long).
+    pub async fn recv_rest(&mut self, dst: &mut [u8]) -> Result<(), ConnError> {
+        if dst.len() != std::mem::take(&mut self.rest) {
+            return Err(ConnError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the rest of a frame read into a place of another size",
+            )));
+        }
+        read_full(&mut self.r, dst, Some(self.stall)).await
     }
 }
 

@@ -445,6 +445,26 @@ pub fn encode_params_chunk(version: u64, chunk: u32, data: &[f32], out: &mut Vec
 /// The version, chunk and raw little-endian values of a params_chunk body,
 /// the count checked against the bytes present; no allocation.
 pub fn params_chunk_view(body: &[u8]) -> Result<(u64, u32, &[u8]), DecodeError> {
+    let (mut r, v, chunk, n) = params_chunk_fields(body)?;
+    let bytes = r.take(n.checked_mul(4).ok_or(DecodeError::CountOverflows)?)?;
+    r.finish()?;
+    Ok((v, chunk, bytes))
+}
+
+/// Bytes of a params_chunk body before its values.
+pub const PARAMS_CHUNK_HEAD: usize = 1 + 8 + 4 + 4;
+
+/// The version, chunk and value count of a params_chunk body's head (its
+/// first [`PARAMS_CHUNK_HEAD`] bytes; the values follow elsewhere).
+pub fn params_chunk_head(head: &[u8]) -> Result<(u64, u32, usize), DecodeError> {
+    let (r, v, chunk, n) = params_chunk_fields(head)?;
+    r.finish()?;
+    Ok((v, chunk, n))
+}
+
+/// A params_chunk body's tag, version, chunk and count, and a reader at
+/// its values.
+fn params_chunk_fields(body: &[u8]) -> Result<(Reader<'_>, u64, u32, usize), DecodeError> {
     let mut r = Reader { buf: body, pos: 0 };
     let tag = r.u8()?;
     if tag != TAG_PARAMS_CHUNK {
@@ -453,9 +473,7 @@ pub fn params_chunk_view(body: &[u8]) -> Result<(u64, u32, &[u8]), DecodeError> 
     let v = r.u64()?;
     let chunk = r.u32()?;
     let n = r.u32()? as usize;
-    let bytes = r.take(n.checked_mul(4).ok_or(DecodeError::CountOverflows)?)?;
-    r.finish()?;
-    Ok((v, chunk, bytes))
+    Ok((r, v, chunk, n))
 }
 
 /// Splits a push or params body into its number and its raw little-endian
@@ -826,6 +844,19 @@ mod tests {
 
     /// A head from `encode_push_chunk_f32_head` followed by the values'
     /// bytes is the frame `encode_push_chunk` makes of them.
+    #[test]
+    fn a_params_chunk_head_is_the_body_before_its_values() {
+        let mut frame = Vec::new();
+        encode_params_chunk(9, 2, &[1.0, 2.0, 3.0], &mut frame);
+        let body = &frame[HEADER_LEN..];
+        assert_eq!(params_chunk_head(&body[..PARAMS_CHUNK_HEAD]).unwrap(), (9, 2, 3));
+        assert_eq!(body.len(), PARAMS_CHUNK_HEAD + 12);
+        assert!(params_chunk_head(&body[..PARAMS_CHUNK_HEAD - 1]).is_err(), "a short head");
+        let mut other = body[..PARAMS_CHUNK_HEAD].to_vec();
+        other[0] = TAG_PARAMS;
+        assert!(params_chunk_head(&other).is_err(), "another tag");
+    }
+
     #[test]
     fn an_f32_push_head_and_its_values_are_the_whole_frame() {
         let values = [1.5f32, -0.0, f32::MAX, 3e-9, 7.0];

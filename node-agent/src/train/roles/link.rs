@@ -7,6 +7,12 @@
 //! back ([`finish_step`] collects them into the parameters). Buffers travel
 //! with the commands and come back with the replies, so the steady state
 //! allocates nothing.
+//!
+//! The built-in worker's step ([`exchange`] with a gradient) copies no
+//! value in user space: the f32 pushes are sealed straight from the
+//! gradient (shared with the tasks for the step), and the worker reads
+//! every server's answer itself, each chunk decrypted straight into its
+//! place in the parameters, while the tasks send.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,8 +21,15 @@ use tokio::sync::mpsc;
 
 use super::RoleError;
 use crate::job::spec::{Compression, SyncMode};
-use crate::net::conn::ClientConn;
-use crate::net::wire::{Encoding, Message, TAG_PARAMS, params_chunk_view, vector_view};
+use crate::net::conn::{ClientConn, RecvHalf, SendHalf, Split};
+use crate::net::record::TlsStream;
+use crate::net::wire::{
+    Encoding, Message, PARAMS_CHUNK_HEAD, TAG_PARAMS, TAG_PARAMS_CHUNK, params_chunk_head, params_chunk_view,
+    vector_view,
+};
+
+/// The receiving side of a server connection.
+type Recv = RecvHalf<tokio::io::ReadHalf<TlsStream>>;
 
 struct LinkCmd {
     /// Ask the server for a checkpoint of this step first (worker 0).
@@ -33,9 +46,14 @@ struct LinkCmd {
     replies: usize,
     /// Receive the replies' bodies; handed back in the reply.
     bodies: Vec<Vec<u8>>,
+    /// The connection's receiving side when the task is to read the
+    /// replies (handed back in the reply); `None` when the caller reads
+    /// them itself (see [`exchange_into`]).
+    recv: Option<Recv>,
 }
 
 struct LinkReply {
+    recv: Option<Recv>,
     frames: Vec<u8>,
     splice: Vec<(usize, Range<usize>)>,
     bodies: Vec<Vec<u8>>,
@@ -84,6 +102,12 @@ pub struct Link {
     staged_at: Vec<(usize, usize, usize)>,
     /// The command in flight carries `staged`, which its reply returns.
     staged_out: bool,
+    /// The connection's receiving side, here unless a command in flight
+    /// carries it.
+    recv: Option<Recv>,
+    /// A caller reading replies itself was cancelled mid-frame: the
+    /// connection cannot be read from any more.
+    torn: bool,
     due: Due,
     /// The task that owns the connection.
     task: tokio::task::JoinHandle<()>,
@@ -114,7 +138,8 @@ impl Link {
         let (tx, cmd_rx) = mpsc::channel::<LinkCmd>(1);
         let (reply_tx, rx) = mpsc::channel(1);
         let chunks = crate::net::wire::chunk_ranges(range.len(), chunk_floats);
-        let task = tokio::spawn(drive(conn, cmd_rx, reply_tx));
+        let (recv, send) = conn.into_split();
+        let task = tokio::spawn(drive(send, cmd_rx, reply_tx));
         Link {
             range,
             chunks,
@@ -129,6 +154,8 @@ impl Link {
             staged: Vec::new(),
             staged_at: Vec::new(),
             staged_out: false,
+            recv: Some(recv),
+            torn: false,
             due: Due::Nothing,
             task,
         }
@@ -139,12 +166,33 @@ impl Link {
         self.range.clone()
     }
 
+    /// Hands the next command to the task, which reads its `replies`
+    /// itself (the receiving side goes with the command).
     async fn send(&mut self, checkpoint: Option<u64>, replies: usize, due: Due) -> Result<(), RoleError> {
+        let recv = Some(self.take_recv()?);
+        self.send_with(checkpoint, replies, recv, due).await
+    }
+
+    /// The receiving side, unless a cancelled reader left it mid-frame.
+    fn take_recv(&mut self) -> Result<Recv, RoleError> {
+        match self.recv.take() {
+            Some(recv) if !self.torn => Ok(recv),
+            _ => Err(RoleError::new("a server link was left mid-frame by a cancelled step")),
+        }
+    }
+
+    async fn send_with(
+        &mut self,
+        checkpoint: Option<u64>,
+        replies: usize,
+        recv: Option<Recv>,
+        due: Due,
+    ) -> Result<(), RoleError> {
         let frames = std::mem::take(&mut self.frames);
         let bodies = std::mem::take(&mut self.bodies);
         let (grad, splice) = (self.grad.take(), std::mem::take(&mut self.splice));
         self.tx
-            .send(LinkCmd { checkpoint, frames, grad, splice, replies, bodies })
+            .send(LinkCmd { checkpoint, frames, grad, splice, replies, bodies, recv })
             .await
             .map_err(|_| RoleError::follows("lost a server link"))?;
         self.due = due;
@@ -155,8 +203,11 @@ impl Link {
     /// is in: a caller cancelled while waiting (a KV connection ended, say)
     /// leaves the link still owed its answer.
     async fn reply(&mut self) -> Result<LinkReply, RoleError> {
-        let reply = self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?;
+        let mut reply = self.rx.recv().await.ok_or_else(|| RoleError::follows("lost a server link"))?;
         self.due = Due::Nothing;
+        if let Ok(LinkReply { recv: recv @ Some(_), .. }) = &mut reply {
+            self.recv = recv.take();
+        }
         reply
     }
 
@@ -239,14 +290,16 @@ impl Link {
     }
 }
 
-/// The link's task: sends each command's frames while reading its replies.
+/// The link's task: sends each command's frames while reading its replies
+/// (when the command brings the receiving side).
 async fn drive(
-    conn: ClientConn,
+    mut send: SendHalf<tokio::io::WriteHalf<TlsStream>>,
     mut cmd_rx: mpsc::Receiver<LinkCmd>,
     reply_tx: mpsc::Sender<Result<LinkReply, RoleError>>,
 ) {
-    let (mut recv, mut send) = conn.into_split();
-    while let Some(LinkCmd { checkpoint, frames, grad, mut splice, replies, mut bodies }) = cmd_rx.recv().await {
+    while let Some(LinkCmd { checkpoint, frames, grad, mut splice, replies, mut bodies, mut recv }) =
+        cmd_rx.recv().await
+    {
         let result = async {
             let values: u64 = splice.iter().map(|(_, r)| 4 * r.len() as u64).sum();
             let mut bytes_out = frames.len() as u64 + values;
@@ -264,15 +317,17 @@ async fn drive(
                 }
             };
             let receiving = async {
-                for body in bodies.iter_mut().take(replies) {
-                    recv.recv_raw().await?;
-                    recv.swap_frame(body);
+                if let Some(recv) = recv.as_mut() {
+                    for body in bodies.iter_mut().take(replies) {
+                        recv.recv_raw().await?;
+                        recv.swap_frame(body);
+                    }
                 }
                 Ok(())
             };
             tokio::try_join!(sending, receiving)?;
             splice.clear();
-            Ok::<_, RoleError>(LinkReply { frames, splice, bodies, bytes_out })
+            Ok::<_, RoleError>(LinkReply { recv, frames, splice, bodies, bytes_out })
         }
         .await;
         // The worker may write its next gradient once every link let go.
@@ -439,8 +494,92 @@ pub async fn exchange(
     compression: Compression,
     t: &mut Traffic,
 ) -> Result<(), RoleError> {
-    send_step(links, grad, mode, compression).await?;
-    finish_step(links, params, t).await
+    let Some(grad) = grad else {
+        send_step(links, None, mode, compression).await?;
+        return finish_step(links, params, t).await;
+    };
+    // The tasks send; this reads every server's chunks at once, each
+    // straight into its place in `params` (no copy out of a frame).
+    for link in links.iter_mut() {
+        let (_, due) = encode_step(link, Some(grad), mode, compression)?;
+        if due != Due::Chunks || link.torn || link.recv.is_none() {
+            return Err(RoleError::new("a server link cannot take a step now"));
+        }
+        link.send_with(None, 0, None, Due::Ack).await?;
+    }
+    let reads = shards_of(links, params)?.into_iter().map(|(link, shard)| link.read_chunks(shard));
+    let pulled: u64 = futures_util::future::try_join_all(reads).await?.into_iter().sum();
+    t.pulled += pulled;
+    for link in links.iter_mut() {
+        let reply = link.reply().await?;
+        t.pushed += reply.bytes_out;
+        link.frames = reply.frames;
+        link.splice = reply.splice;
+        link.bodies = reply.bodies;
+    }
+    Ok(())
+}
+
+/// Each link with its shard of `params` (the links' ranges are disjoint).
+fn shards_of<'a>(
+    links: &'a mut [Link],
+    params: &'a mut [f32],
+) -> Result<Vec<(&'a mut Link, &'a mut [f32])>, RoleError> {
+    let mut order: Vec<&mut Link> = links.iter_mut().collect();
+    order.sort_by_key(|l| l.range.start);
+    let (mut rest, mut at) = (params, 0);
+    let mut shards = Vec::with_capacity(order.len());
+    for link in order {
+        let r = link.range.clone();
+        if r.start < at || r.end > at + rest.len() {
+            return Err(RoleError::new(format!("server shards overlap or exceed the {} parameters", at + rest.len())));
+        }
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - at);
+        let (shard, tail) = tail.split_at_mut(r.len());
+        (rest, at) = (tail, r.end);
+        shards.push((link, shard));
+    }
+    Ok(shards)
+}
+
+impl Link {
+    /// Reads the server's answer to a step's pulls, every chunk's values
+    /// straight into `shard` (its place in the parameters); returns the
+    /// bytes received. A cancelled read leaves the link torn.
+    async fn read_chunks(&mut self, shard: &mut [f32]) -> Result<u64, RoleError> {
+        let recv = self.recv.as_mut().ok_or_else(|| RoleError::new("a server link cannot take a step now"))?;
+        self.torn = true;
+        let (mut version, mut bytes) = (u64::MAX, 0);
+        for (c, r) in self.chunks.iter().enumerate() {
+            let values = &mut shard[r.clone()];
+            let got = match recv.recv_head(TAG_PARAMS_CHUNK, PARAMS_CHUNK_HEAD, 4 * r.len()).await? {
+                Split::Head(head) => params_chunk_head(head),
+                Split::Whole(body) => params_chunk_view(body).map(|(v, chunk, values)| (v, chunk, values.len() / 4)),
+            };
+            let (v, chunk, n) = got.map_err(|e| RoleError::new(format!("from a server: {e}")))?;
+            // A frame of another kind or length cannot pass this check.
+            check_chunk((chunk, n), (c, r.len()))?;
+            recv.recv_rest(bytemuck::cast_slice_mut(values)).await?;
+            if cfg!(target_endian = "big") {
+                values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            }
+            version = version.min(v);
+            bytes += (crate::net::wire::HEADER_LEN + PARAMS_CHUNK_HEAD + 4 * r.len()) as u64;
+        }
+        self.torn = false;
+        self.version = version;
+        Ok(bytes)
+    }
+}
+
+/// A chunk `(chunk, values)` the server sent where `(c, len)` was due.
+fn check_chunk((chunk, n): (u32, usize), (c, len): (usize, usize)) -> Result<(), RoleError> {
+    if chunk as usize != c || n != len {
+        return Err(RoleError::new(format!(
+            "server sent chunk {chunk} of {n} values where chunk {c} of {len} was due"
+        )));
+    }
+    Ok(())
 }
 
 /// Copies a whole-shard params body into `shard`; returns its version.
@@ -459,13 +598,7 @@ fn take_chunks(chunks: &[Range<usize>], bodies: &[Vec<u8>], shard: &mut [f32]) -
     let mut version = u64::MAX;
     for (c, (r, body)) in chunks.iter().zip(bodies).enumerate() {
         let (v, chunk, values) = params_chunk_view(body).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
-        if chunk as usize != c || values.len() != r.len() * 4 {
-            return Err(RoleError::new(format!(
-                "server sent chunk {chunk} of {} values where chunk {c} of {} was due",
-                values.len() / 4,
-                r.len()
-            )));
-        }
+        check_chunk((chunk, values.len() / 4), (c, r.len()))?;
         warden_kernels::convert::copy_f32_le(&mut shard[r.clone()], values);
         version = version.min(v);
     }
