@@ -422,9 +422,9 @@ fn read_pieces(pid: nix::unistd::Pid, pieces: Vec<(u64, &mut [u8])>) -> Result<(
     })
 }
 
-/// Copies `buf` to `addr` of process `pid`.
-fn write_program(pid: nix::unistd::Pid, addr: u64, buf: &[u8]) -> Result<(), KvError> {
-    copy_pieces(vec![(addr, buf)], |batch: Vec<(u64, &[u8])>| {
+/// Copies each buffer of `pieces` to its address of process `pid`.
+fn write_pieces(pid: nix::unistd::Pid, pieces: Vec<(u64, &[u8])>) -> Result<(), KvError> {
+    copy_pieces(pieces, |batch: Vec<(u64, &[u8])>| {
         let (first, len) = (batch[0].0, batch.iter().map(|(_, b)| b.len()).sum());
         let remote: Vec<_> =
             batch.iter().map(|(a, b)| nix::sys::uio::RemoteIoVec { base: *a as usize, len: b.len() }).collect();
@@ -528,6 +528,9 @@ pub struct Kv {
     step: u64,
     /// Newest values pulled, and at which local step.
     params: Vec<f32>,
+    /// The newest values are the answers the links keep
+    /// ([`link::finish_step_kept`]), not yet copied into `params`.
+    kept: bool,
     fetched_at: Option<u64>,
     /// Worker 0's `init` values (zeros where none was given).
     init: Vec<f32>,
@@ -571,6 +574,7 @@ impl Kv {
             links,
             step: 0,
             params: vec![0.0; n],
+            kept: false,
             fetched_at: None,
             init: vec![0.0; n],
             scratch: Vec::new(),
@@ -664,7 +668,9 @@ impl Kv {
         Ok(())
     }
 
-    async fn pull(&mut self, i: usize) -> Result<&[f32], KvError> {
+    /// Brings tensor `i`'s newest values in (to the links' kept answers or
+    /// to `params`); [`Kv::answer`] gives them.
+    async fn pull(&mut self, i: usize) -> Result<(), KvError> {
         if self.pushed.iter().any(|p| *p) {
             return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
@@ -675,9 +681,10 @@ impl Kv {
             link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
                 .await
                 .map_err(KvError::ServerLink)?;
+            self.kept = false;
             self.fetched_at = Some(self.step);
         }
-        Ok(&self.params[self.tensors[i].range.clone()])
+        Ok(())
     }
 
     /// Takes the answer to the step sent last, if it is still out; whether
@@ -686,7 +693,10 @@ impl Kv {
         if !link::step_outstanding(&self.links) {
             return Ok(false);
         }
-        link::finish_step(&mut self.links, &mut self.params, &mut self.traffic).await.map_err(KvError::ServerLink)?;
+        // The chunks stay where they were received: a pull into the
+        // program's memory copies each tensor once, from there.
+        link::finish_step_kept(&mut self.links, &mut self.traffic).await.map_err(KvError::ServerLink)?;
+        self.kept = true;
         self.fetched_at = Some(self.step);
         Ok(true)
     }
@@ -698,7 +708,19 @@ impl Kv {
         }
         self.pushed.fill(false);
         self.pull(0).await?;
+        self.take_kept()?;
         Ok(self.params.clone())
+    }
+
+    /// Copies the answers the links keep into `params`, if they hold the
+    /// newest values.
+    fn take_kept(&mut self) -> Result<(), KvError> {
+        if std::mem::take(&mut self.kept)
+            && !link::copy_kept(&self.links, &mut self.params).map_err(KvError::ServerLink)?
+        {
+            return Err(KvError::ServerLink(RoleError::new("the last step's answer is no longer there")));
+        }
+        Ok(())
     }
 
     /// Closes the server connections cleanly at the end.
@@ -767,19 +789,26 @@ impl Kv {
     /// The values of tensor `i` just pulled, in `dtype`, to where the
     /// program wants them.
     fn answer(&mut self, i: usize, dtype: Dtype, sink: Sink<'_>) -> Result<serde_json::Value, KvError> {
-        let values = &self.params[self.tensors[i].range.clone()];
+        let range = self.tensors[i].range.clone();
         if let Some((pid, addr, room)) = sink.program
             && dtype == Dtype::F32
-            && room == values.len() * 4
+            && room == range.len() * 4
         {
+            // Straight from the received chunks when they are kept there.
+            let pieces = match link::kept_pieces(&self.links, range.clone()).filter(|_| self.kept) {
+                Some(pieces) => pieces.into_iter().map(|(at, b)| (addr + 4 * at as u64, b)).collect(),
+                None => vec![(addr, bytemuck::cast_slice(&self.params[range.clone()]))],
+            };
             // A push may already be counted (pushpull): an `into` that
             // cannot be written gets the values on the socket instead of
             // an error the program might answer by pushing again.
-            match write_program(pid, addr, bytemuck::cast_slice(values)) {
+            match write_pieces(pid, pieces) {
                 Ok(()) => return Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": 0, "written": room})),
                 Err(e) => tracing::warn!("answering on the socket: {e}"),
             }
         }
+        self.take_kept()?;
+        let values = &self.params[range];
         dtype.encode(values, sink.out);
         Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": sink.out.len()}))
     }

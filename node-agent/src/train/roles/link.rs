@@ -108,6 +108,9 @@ pub struct Link {
     /// A caller reading replies itself was cancelled mid-frame: the
     /// connection cannot be read from any more.
     torn: bool,
+    /// `bodies` hold the last step's chunks, not copied anywhere
+    /// ([`finish_step_kept`]).
+    kept: bool,
     due: Due,
     /// The task that owns the connection.
     task: tokio::task::JoinHandle<()>,
@@ -156,6 +159,7 @@ impl Link {
             staged_out: false,
             recv: Some(recv),
             torn: false,
+            kept: false,
             due: Due::Nothing,
             task,
         }
@@ -190,6 +194,7 @@ impl Link {
     ) -> Result<(), RoleError> {
         let frames = std::mem::take(&mut self.frames);
         let bodies = std::mem::take(&mut self.bodies);
+        self.kept = false;
         let (grad, splice) = (self.grad.take(), std::mem::take(&mut self.splice));
         self.tx
             .send(LinkCmd { checkpoint, frames, grad, splice, replies, bodies, recv })
@@ -444,6 +449,19 @@ pub async fn send_step(
 /// Waits for every server's answer to [`send_step`] and copies it into
 /// `params` (the whole flat vector).
 pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic) -> Result<(), RoleError> {
+    finish(links, Some(params), t).await
+}
+
+/// [`finish_step`] of a step whose answers are all chunks, which stay in
+/// the links instead of being copied into a parameter vector: a program's
+/// pull takes each tensor straight from them ([`kept_pieces`]), and
+/// [`copy_kept`] makes the flat vector when one is wanted. They are kept
+/// until the links send again.
+pub async fn finish_step_kept(links: &mut [Link], t: &mut Traffic) -> Result<(), RoleError> {
+    finish(links, None, t).await
+}
+
+async fn finish(links: &mut [Link], mut params: Option<&mut [f32]>, t: &mut Traffic) -> Result<(), RoleError> {
     for link in links.iter_mut() {
         let due = link.due;
         if due == Due::Nothing {
@@ -460,17 +478,19 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         } else {
             link.frames = frames;
         }
-        let shard = &mut params[link.range.clone()];
-        let replies = match due {
-            Due::Chunks => {
+        let shard = params.as_deref_mut().map(|p| &mut p[link.range.clone()]);
+        let replies = match (due, shard) {
+            (Due::Chunks, shard) => {
+                link.kept = shard.is_none();
                 link.version = take_chunks(&link.chunks, &reply.bodies, shard)?;
                 link.chunks.len()
             }
-            Due::Whole => {
+            (Due::Whole, Some(shard)) => {
                 link.version = take_whole(&reply.bodies[0], shard)?;
                 1
             }
-            Due::Nothing | Due::Ack => 0,
+            (Due::Whole, None) => return Err(RoleError::new("a whole shard's answer needs the parameter vector")),
+            (Due::Nothing | Due::Ack, _) => 0,
         };
         t.pushed += reply.bytes_out;
         t.pulled +=
@@ -478,6 +498,40 @@ pub async fn finish_step(links: &mut [Link], params: &mut [f32], t: &mut Traffic
         link.bodies = reply.bodies;
     }
     Ok(())
+}
+
+/// Where the values of `global` (a range of the flat vector) are in the
+/// answers [`finish_step_kept`] kept: for each chunk it touches, the offset
+/// of its first value within `global` and its bytes (little-endian f32).
+/// `None` unless every link keeps its answer.
+pub fn kept_pieces(links: &[Link], global: Range<usize>) -> Option<Vec<(usize, &[u8])>> {
+    let mut pieces = Vec::new();
+    for link in links {
+        if !link.kept {
+            return None;
+        }
+        for (r, body) in link.chunks.iter().zip(&link.bodies) {
+            let (lo, hi) = (link.range.start + r.start, link.range.start + r.end);
+            let (a, b) = (lo.max(global.start), hi.min(global.end));
+            if a < b {
+                let (_, _, values) = params_chunk_view(body).ok()?;
+                pieces.push((a - global.start, &values[4 * (a - lo)..4 * (b - lo)]));
+            }
+        }
+    }
+    Some(pieces)
+}
+
+/// Copies the answers [`finish_step_kept`] kept into `params`; whether
+/// every link had one.
+pub fn copy_kept(links: &[Link], params: &mut [f32]) -> Result<bool, RoleError> {
+    for link in links {
+        if !link.kept {
+            return Ok(false);
+        }
+        take_chunks(&link.chunks, &link.bodies, Some(&mut params[link.range.clone()]))?;
+    }
+    Ok(true)
 }
 
 /// Whether a step sent with [`send_step`] still waits for [`finish_step`].
@@ -594,12 +648,14 @@ fn take_whole(body: &[u8], shard: &mut [f32]) -> Result<u64, RoleError> {
 
 /// Copies the params_chunk bodies of every chunk into `shard`; returns
 /// the oldest chunk's version. Each body must be its chunk's, in order.
-fn take_chunks(chunks: &[Range<usize>], bodies: &[Vec<u8>], shard: &mut [f32]) -> Result<u64, RoleError> {
+fn take_chunks(chunks: &[Range<usize>], bodies: &[Vec<u8>], mut shard: Option<&mut [f32]>) -> Result<u64, RoleError> {
     let mut version = u64::MAX;
     for (c, (r, body)) in chunks.iter().zip(bodies).enumerate() {
         let (v, chunk, values) = params_chunk_view(body).map_err(|e| RoleError::new(format!("from a server: {e}")))?;
         check_chunk((chunk, values.len() / 4), (c, r.len()))?;
-        warden_kernels::convert::copy_f32_le(&mut shard[r.clone()], values);
+        if let Some(shard) = shard.as_deref_mut() {
+            warden_kernels::convert::copy_f32_le(&mut shard[r.clone()], values);
+        }
         version = version.min(v);
     }
     Ok(version)
