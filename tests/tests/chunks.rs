@@ -6,7 +6,8 @@
 //! be finished from a new connection with exactly one update per chunk.
 //! On the worker's side, a step's pushes go out whole from its gradient and
 //! every chunk of the answer lands in its place in the parameters; a wrong
-//! chunk, a short one, a refusal or a cut connection fail the step.
+//! chunk, a short one, a refusal or a cut connection fail the step, and so
+//! does a server that stops reading (the step does not wait for an answer).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +159,32 @@ async fn a_connection_cut_mid_chunk_leaves_no_half_applied_update() {
     warden_tests::honest_sgd_step(&mut w, 1).await;
 }
 
+/// A stand-in server on loopback: its listener and TLS configuration.
+struct StandIn(tokio::net::TcpListener, Arc<rustls::ServerConfig>);
+
+/// A PKI, a stand-in server of it and its address.
+async fn stand_in() -> (TestPki, StandIn, std::net::SocketAddr) {
+    let pki = TestPki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = tls::server_config(&pki.issue(Role::Server, 0), &[Role::Worker]).unwrap();
+    (pki, StandIn(listener, cfg), addr)
+}
+
+impl StandIn {
+    /// The stand-in's end of a worker's connection: TLS with the server's
+    /// certificate and the welcome a real server sends.
+    async fn welcome(self) -> record::TlsStream {
+        let (tcp, _) = self.0.accept().await.unwrap();
+        let (mut s, _) = record::accept(tcp, self.1).await.unwrap();
+        let mut out = Vec::new();
+        Message::Welcome.encode_frame(&mut out);
+        s.write_all(&out).await.unwrap();
+        s.flush().await.unwrap();
+        s
+    }
+}
+
 /// How the stand-in server of [`worker_step_against`] answers a step.
 #[derive(Clone, Copy, Debug)]
 enum Answer {
@@ -188,17 +215,10 @@ fn served(i: usize) -> f32 {
 /// `answer` says. Returns what the step gave, the parameters, and the
 /// gradient values the server received.
 async fn worker_step_against(answer: Answer) -> (Result<(), String>, Vec<f32>, Vec<f32>) {
-    let pki = TestPki::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server_cfg = tls::server_config(&pki.issue(Role::Server, 0), &[Role::Worker]).unwrap();
+    let (pki, stand_in, addr) = stand_in().await;
     let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (mut s, _) = record::accept(tcp, server_cfg).await.unwrap();
+        let mut s = stand_in.welcome().await;
         let mut out = Vec::new();
-        Message::Welcome.encode_frame(&mut out);
-        s.write_all(&out).await.unwrap();
-        s.flush().await.unwrap();
         // A push and a pull request per chunk.
         let chunks = chunk_ranges(SHARD, CHUNK_ALIGN);
         let (mut pushed, mut buf) = (vec![f32::NAN; SHARD], Vec::new());
@@ -282,4 +302,40 @@ async fn a_worker_reads_each_chunk_into_its_parameters_and_refuses_wrong_answers
     let (step, _, _) = worker_step_against(Answer::Cut).await;
     let why = step.unwrap_err();
     assert!(why.contains("close_notify") || why.contains("closed") || why.contains("eof"), "{why}");
+}
+
+/// A server that takes the connection and then neither reads nor answers:
+/// the worker's sending stalls, and the step fails once the stall timeout
+/// passes instead of waiting forever for an answer.
+#[tokio::test]
+async fn a_step_fails_when_the_server_stops_reading() {
+    let (pki, stand_in, addr) = stand_in().await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _s = stand_in.welcome().await;
+        // Holds the connection open, reading nothing, until the test ends.
+        let _ = done_rx.await;
+    });
+    let mut conn =
+        connect(&pki.issue(Role::Worker, 0), pki.id(Role::Server, 0), addr, 1 << 20, Duration::from_secs(10))
+            .await
+            .unwrap();
+    conn.set_stall(Duration::from_millis(500));
+    // 64 MB of pushes: far more than the sockets' buffers hold.
+    let len = 16 << 20;
+    let mut links = vec![Link::spawn(conn, 0..len, 1 << 20)];
+    let mut params = vec![0.0f32; len];
+    let grad = Arc::new(vec![1e-3f32; len]);
+    let f32s = Compression { encoding: Encoding::F32, threshold: 0.0 };
+    let step = tokio::time::timeout(
+        Duration::from_secs(20),
+        exchange(&mut links, &mut params, Some(&grad), SyncMode::Sync, f32s, &mut Traffic::default()),
+    )
+    .await
+    .expect("the step ends once sending stalls, not waiting for an answer forever");
+    let why = step.unwrap_err().message;
+    assert!(why.contains("stopped reading"), "{why}");
+    let _ = done_tx.send(());
+    drop(links);
+    server.await.unwrap();
 }

@@ -325,6 +325,10 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8], stall: Optio
     Ok(())
 }
 
+fn half_read() -> ConnError {
+    ConnError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a frame was left half read"))
+}
+
 /// What [`RecvHalf::recv_head`] received.
 #[derive(Debug)]
 pub enum Split<'a> {
@@ -508,6 +512,7 @@ pub struct RecvHalf<R> {
 impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// As [`Conn::recv`].
     pub async fn recv(&mut self) -> Result<Message, ConnError> {
+        self.between_frames()?;
         if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
@@ -523,6 +528,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
 
     /// As [`Conn::recv_raw`].
     pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
+        self.between_frames()?;
         if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
@@ -542,6 +548,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// [`RecvHalf::recv_raw`] authorizes frames; a frame with another tag or
     /// length is received whole instead.
     pub async fn recv_head(&mut self, tag: u8, head: usize, rest: usize) -> Result<Split<'_>, ConnError> {
+        self.between_frames()?;
         let stall = Some(self.stall);
         let Some(len) = read_len(&mut self.r, self.max_frame, stall).await? else {
             return Err(ConnError::Closed(self.peer.to_string()));
@@ -563,13 +570,18 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// Reads the rest of the frame whose head [`RecvHalf::recv_head`] gave,
     /// into `dst` (exactly that long).
     pub async fn recv_rest(&mut self, dst: &mut [u8]) -> Result<(), ConnError> {
-        if dst.len() != std::mem::take(&mut self.rest) {
-            return Err(ConnError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the rest of a frame read into a place of another size",
-            )));
+        if dst.len() != self.rest {
+            // The stream stays mid-frame: every later read refuses.
+            return Err(half_read());
         }
-        read_full(&mut self.r, dst, Some(self.stall)).await
+        read_full(&mut self.r, dst, Some(self.stall)).await?;
+        self.rest = 0;
+        Ok(())
+    }
+
+    /// Refuses to read a new frame while one is half read.
+    fn between_frames(&self) -> Result<(), ConnError> {
+        if self.rest == 0 { Ok(()) } else { Err(half_read()) }
     }
 }
 

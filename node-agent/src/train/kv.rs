@@ -693,6 +693,15 @@ impl Kv {
         if !link::step_outstanding(&self.links) {
             return Ok(false);
         }
+        if link::owes_whole(&self.links) {
+            // A pull whose caller went away is still owed: into `params`.
+            self.take_kept()?;
+            link::finish_step(&mut self.links, &mut self.params, &mut self.traffic)
+                .await
+                .map_err(KvError::ServerLink)?;
+            self.fetched_at = Some(self.step);
+            return Ok(true);
+        }
         // The chunks stay where they were received: a pull into the
         // program's memory copies each tensor once, from there.
         link::finish_step_kept(&mut self.links, &mut self.traffic).await.map_err(KvError::ServerLink)?;
@@ -795,8 +804,13 @@ impl Kv {
             && room == range.len() * 4
         {
             // Straight from the received chunks when they are kept there.
-            let pieces = match link::kept_pieces(&self.links, range.clone()).filter(|_| self.kept) {
-                Some(pieces) => pieces.into_iter().map(|(at, b)| (addr + 4 * at as u64, b)).collect(),
+            if !(self.kept && link::kept_pieces(&self.links, range.clone()).is_some()) {
+                // From `params`, brought up to the newest values first.
+                self.take_kept()?;
+            }
+            let kept = if self.kept { link::kept_pieces(&self.links, range.clone()) } else { None };
+            let pieces = match kept {
+                Some(pieces) => pieces.into_iter().map(|(at, b)| (addr.saturating_add(4 * at as u64), b)).collect(),
                 None => vec![(addr, bytemuck::cast_slice(&self.params[range.clone()]))],
             };
             // A push may already be counted (pushpull): an `into` that

@@ -6,7 +6,7 @@
 //! waiting, while the link's task reads the chunks' updates as they come
 //! back ([`finish_step`] collects them into the parameters). Buffers travel
 //! with the commands and come back with the replies, so the steady state
-//! allocates nothing.
+//! reuses them.
 //!
 //! The built-in worker's step ([`exchange`] with a gradient) copies no
 //! value in user space: the f32 pushes are sealed straight from the
@@ -48,7 +48,7 @@ struct LinkCmd {
     bodies: Vec<Vec<u8>>,
     /// The connection's receiving side when the task is to read the
     /// replies (handed back in the reply); `None` when the caller reads
-    /// them itself (see [`exchange_into`]).
+    /// them itself (see [`exchange`]).
     recv: Option<Recv>,
 }
 
@@ -481,8 +481,9 @@ async fn finish(links: &mut [Link], mut params: Option<&mut [f32]>, t: &mut Traf
         let shard = params.as_deref_mut().map(|p| &mut p[link.range.clone()]);
         let replies = match (due, shard) {
             (Due::Chunks, shard) => {
-                link.kept = shard.is_none();
+                let keep = shard.is_none();
                 link.version = take_chunks(&link.chunks, &reply.bodies, shard)?;
+                link.kept = keep;
                 link.chunks.len()
             }
             (Due::Whole, Some(shard)) => {
@@ -507,7 +508,7 @@ async fn finish(links: &mut [Link], mut params: Option<&mut [f32]>, t: &mut Traf
 pub fn kept_pieces(links: &[Link], global: Range<usize>) -> Option<Vec<(usize, &[u8])>> {
     let mut pieces = Vec::new();
     for link in links {
-        if !link.kept {
+        if !link.kept || link.bodies.len() < link.chunks.len() {
             return None;
         }
         for (r, body) in link.chunks.iter().zip(&link.bodies) {
@@ -534,6 +535,12 @@ pub fn copy_kept(links: &[Link], params: &mut [f32]) -> Result<bool, RoleError> 
     Ok(true)
 }
 
+/// Whether a link is owed a whole shard (a pull without a push whose
+/// caller went away before the answer): [`finish_step`] must take it.
+pub fn owes_whole(links: &[Link]) -> bool {
+    links.iter().any(|l| l.due == Due::Whole)
+}
+
 /// Whether a step sent with [`send_step`] still waits for [`finish_step`].
 pub fn step_outstanding(links: &[Link]) -> bool {
     links.iter().any(|l| matches!(l.due, Due::Whole | Due::Chunks))
@@ -554,22 +561,19 @@ pub async fn exchange(
     };
     // The tasks send; this reads every server's chunks at once, each
     // straight into its place in `params` (no copy out of a frame).
+    if links.iter().any(|l| l.torn || l.recv.is_none() || l.due != Due::Nothing) {
+        return Err(RoleError::new("a server link cannot take a step now"));
+    }
     for link in links.iter_mut() {
-        let (_, due) = encode_step(link, Some(grad), mode, compression)?;
-        if due != Due::Chunks || link.torn || link.recv.is_none() {
-            return Err(RoleError::new("a server link cannot take a step now"));
-        }
+        encode_step(link, Some(grad), mode, compression)?;
+        // Owed this step's chunks from here until they are all read.
+        link.torn = true;
         link.send_with(None, 0, None, Due::Ack).await?;
     }
-    let reads = shards_of(links, params)?.into_iter().map(|(link, shard)| link.read_chunks(shard));
-    let pulled: u64 = futures_util::future::try_join_all(reads).await?.into_iter().sum();
-    t.pulled += pulled;
-    for link in links.iter_mut() {
-        let reply = link.reply().await?;
-        t.pushed += reply.bytes_out;
-        link.frames = reply.frames;
-        link.splice = reply.splice;
-        link.bodies = reply.bodies;
+    let steps = shards_of(links, params)?.into_iter().map(|(link, shard)| link.take_step(shard));
+    for (pushed, pulled) in futures_util::future::try_join_all(steps).await? {
+        t.pushed += pushed;
+        t.pulled += pulled;
     }
     Ok(())
 }
@@ -597,33 +601,53 @@ fn shards_of<'a>(
 }
 
 impl Link {
-    /// Reads the server's answer to a step's pulls, every chunk's values
-    /// straight into `shard` (its place in the parameters); returns the
-    /// bytes received. A cancelled read leaves the link torn.
-    async fn read_chunks(&mut self, shard: &mut [f32]) -> Result<u64, RoleError> {
-        let recv = self.recv.as_mut().ok_or_else(|| RoleError::new("a server link cannot take a step now"))?;
-        self.torn = true;
-        let (mut version, mut bytes) = (u64::MAX, 0);
-        for (c, r) in self.chunks.iter().enumerate() {
-            let values = &mut shard[r.clone()];
-            let got = match recv.recv_head(TAG_PARAMS_CHUNK, PARAMS_CHUNK_HEAD, 4 * r.len()).await? {
-                Split::Head(head) => params_chunk_head(head),
-                Split::Whole(body) => params_chunk_view(body).map(|(v, chunk, values)| (v, chunk, values.len() / 4)),
-            };
-            let (v, chunk, n) = got.map_err(|e| RoleError::new(format!("from a server: {e}")))?;
-            // A frame of another kind or length cannot pass this check.
-            check_chunk((chunk, n), (c, r.len()))?;
-            recv.recv_rest(bytemuck::cast_slice_mut(values)).await?;
-            if cfg!(target_endian = "big") {
-                values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+    /// The rest of a step [`exchange`] sent: reads the server's answer,
+    /// every chunk's values straight into `shard` (its place in the
+    /// parameters), while the task's sending finishes; a failed send ends
+    /// the step at once. Returns the bytes pushed and pulled. The link stays
+    /// torn unless both complete.
+    async fn take_step(&mut self, shard: &mut [f32]) -> Result<(u64, u64), RoleError> {
+        let Link { recv, chunks, rx, .. } = self;
+        let recv = recv.as_mut().ok_or_else(|| RoleError::new("a server link cannot take a step now"))?;
+        let sent = async {
+            match rx.recv().await {
+                Some(reply) => reply,
+                None => Err(RoleError::follows("lost a server link")),
             }
-            version = version.min(v);
-            bytes += (crate::net::wire::HEADER_LEN + PARAMS_CHUNK_HEAD + 4 * r.len()) as u64;
-        }
-        self.torn = false;
+        };
+        let ((version, pulled), reply) = tokio::try_join!(read_chunks(recv, chunks, shard), sent)?;
+        self.due = Due::Nothing;
         self.version = version;
-        Ok(bytes)
+        self.frames = reply.frames;
+        self.splice = reply.splice;
+        self.bodies = reply.bodies;
+        self.torn = false;
+        Ok((reply.bytes_out, pulled))
     }
+}
+
+/// Reads a step's answer of `chunks` from `recv`, each chunk's head checked
+/// before its values are decrypted into their place in `shard`. Returns
+/// the lowest version and the bytes received.
+async fn read_chunks(recv: &mut Recv, chunks: &[Range<usize>], shard: &mut [f32]) -> Result<(u64, u64), RoleError> {
+    let (mut version, mut bytes) = (u64::MAX, 0);
+    for (c, r) in chunks.iter().enumerate() {
+        let values = &mut shard[r.clone()];
+        let got = match recv.recv_head(TAG_PARAMS_CHUNK, PARAMS_CHUNK_HEAD, 4 * r.len()).await? {
+            Split::Head(head) => params_chunk_head(head),
+            Split::Whole(body) => params_chunk_view(body).map(|(v, chunk, values)| (v, chunk, values.len() / 4)),
+        };
+        let (v, chunk, n) = got.map_err(|e| RoleError::new(format!("from a server: {e}")))?;
+        // A frame of another kind or length cannot pass this check.
+        check_chunk((chunk, n), (c, r.len()))?;
+        recv.recv_rest(bytemuck::cast_slice_mut(values)).await?;
+        if cfg!(target_endian = "big") {
+            values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+        }
+        version = version.min(v);
+        bytes += (crate::net::wire::HEADER_LEN + PARAMS_CHUNK_HEAD + 4 * r.len()) as u64;
+    }
+    Ok((version, bytes))
 }
 
 /// A chunk `(chunk, values)` the server sent where `(c, len)` was due.
