@@ -614,6 +614,12 @@ impl AsyncRead for TlsStream {
                 Some(Opened::Given) if out.remaining() == 0 => return Poll::Ready(Ok(())),
                 Some(Opened::Given | Opened::Nothing) => {}
                 Some(Opened::Closed) => return Poll::Ready(Ok(())),
+                None if wanted - out.remaining() >= READ_AHEAD => {
+                    // A read's worth is decrypted: hand it over before the
+                    // next socket read (a split stream's other half waits
+                    // while this one is polled).
+                    return Poll::Ready(Ok(()));
+                }
                 None => {
                     // Need more bytes: keep the partial record, read after it.
                     if me.rx_start == me.rx_end {
