@@ -235,7 +235,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32, buf: &mut Vec
 /// read into memory that is already initialized instead of zeroing the
 /// difference again at every large frame.
 #[derive(Debug, Default)]
-pub struct FrameBuf {
+struct FrameBuf {
     bytes: Vec<u8>,
     len: usize,
 }

@@ -803,15 +803,14 @@ impl Kv {
             && dtype == Dtype::F32
             && room == range.len() * 4
         {
-            // Straight from the received chunks when they are kept there.
-            if !(self.kept && link::kept_pieces(&self.links, range.clone()).is_some()) {
-                // From `params`, brought up to the newest values first.
-                self.take_kept()?;
-            }
-            let kept = if self.kept { link::kept_pieces(&self.links, range.clone()) } else { None };
-            let pieces = match kept {
+            // Straight from the received chunks when they are kept there,
+            // else from `params`, brought up to the newest values first.
+            let pieces = match self.kept.then(|| link::kept_pieces(&self.links, range.clone())).flatten() {
                 Some(pieces) => pieces.into_iter().map(|(at, b)| (addr.saturating_add(4 * at as u64), b)).collect(),
-                None => vec![(addr, bytemuck::cast_slice(&self.params[range.clone()]))],
+                None => {
+                    self.take_kept()?;
+                    vec![(addr, bytemuck::cast_slice(&self.params[range.clone()]))]
+                }
             };
             // A push may already be counted (pushpull): an `into` that
             // cannot be written gets the values on the socket instead of

@@ -105,8 +105,9 @@ pub struct Link {
     /// The connection's receiving side, here unless a command in flight
     /// carries it.
     recv: Option<Recv>,
-    /// A caller reading replies itself was cancelled mid-frame: the
-    /// connection cannot be read from any more.
+    /// A step whose answer the caller reads itself ([`exchange`]) was sent
+    /// and is not read whole yet: if that caller went away mid-way, the
+    /// connection is mid-frame and cannot be read from any more.
     torn: bool,
     /// `bodies` hold the last step's chunks, not copied anywhere
     /// ([`finish_step_kept`]).
@@ -234,17 +235,15 @@ impl Link {
         let mut rest: &mut [u8] = &mut self.staged;
         let mut consumed = 0;
         for (r, &(_, values, _)) in self.chunks.iter().zip(&self.staged_at) {
-            let (lo, hi) = (base + r.start, base + r.end);
-            let (a, b) = (lo.max(global.start), hi.min(global.end));
-            if a >= b {
+            let Some((within, offset)) = overlap(base, r, &global) else {
                 continue;
-            }
-            let at = values + (a - lo) * 4;
+            };
+            let at = values + within.start * 4;
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - consumed);
-            let (piece, tail) = tail.split_at_mut((b - a) * 4);
-            pieces.push((a - global.start, piece));
+            let (piece, tail) = tail.split_at_mut(within.len() * 4);
+            pieces.push((offset, piece));
             rest = tail;
-            consumed = at + (b - a) * 4;
+            consumed = at + within.len() * 4;
         }
         Some(pieces)
     }
@@ -512,15 +511,22 @@ pub fn kept_pieces(links: &[Link], global: Range<usize>) -> Option<Vec<(usize, &
             return None;
         }
         for (r, body) in link.chunks.iter().zip(&link.bodies) {
-            let (lo, hi) = (link.range.start + r.start, link.range.start + r.end);
-            let (a, b) = (lo.max(global.start), hi.min(global.end));
-            if a < b {
+            if let Some((within, offset)) = overlap(link.range.start, r, &global) {
                 let (_, _, values) = params_chunk_view(body).ok()?;
-                pieces.push((a - global.start, &values[4 * (a - lo)..4 * (b - lo)]));
+                pieces.push((offset, &values[4 * within.start..4 * within.end]));
             }
         }
     }
     Some(pieces)
+}
+
+/// Where chunk `chunk` of a shard starting at `base` of the flat vector and
+/// `global` (a range of it) meet: the values' range within the chunk and
+/// the offset of the first within `global`; `None` if they do not.
+fn overlap(base: usize, chunk: &Range<usize>, global: &Range<usize>) -> Option<(Range<usize>, usize)> {
+    let (lo, hi) = (base + chunk.start, base + chunk.end);
+    let (a, b) = (lo.max(global.start), hi.min(global.end));
+    (a < b).then(|| (a - lo..b - lo, a - global.start))
 }
 
 /// Copies the answers [`finish_step_kept`] kept into `params`; whether
