@@ -25,6 +25,13 @@ pub(super) enum Cause {
     Stopped,
 }
 
+/// Whether an exit status says the process was killed by a signal, and
+/// which if known: a transport that runs the agent under another process
+/// (srun, a remote shell) reports its death by signal N as 128 + N.
+pub(super) fn killed_by(code: Option<i32>) -> Option<Option<i32>> {
+    code.map_or(Some(None), |c| (129..=192).contains(&c).then_some(Some(c - 128)))
+}
+
 /// The failures of one attempt, gathered for a moment after the first.
 #[derive(Default)]
 pub(super) struct Failures {
@@ -83,7 +90,7 @@ impl Failures {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cause, Failures};
+    use super::{Cause, Failures, killed_by};
 
     fn root(reports: &[(Cause, &str)]) -> (Option<String>, bool) {
         let mut f = Failures::default();
@@ -105,6 +112,16 @@ mod tests {
         ]);
         assert_eq!(message.as_deref(), Some("scheduler[0]: server[1] sent nothing for 4 s: declared dead"));
         assert!(restartable);
+    }
+
+    #[test]
+    fn signal_deaths_are_told_from_exit_statuses() {
+        assert_eq!(killed_by(None), Some(None), "killed here");
+        assert_eq!(killed_by(Some(137)), Some(Some(9)), "SIGKILL through srun or ssh");
+        assert_eq!(killed_by(Some(143)), Some(Some(15)));
+        assert_eq!(killed_by(Some(1)), None);
+        assert_eq!(killed_by(Some(128)), None);
+        assert_eq!(killed_by(Some(255)), None, "ssh's own failure");
     }
 
     #[test]

@@ -267,14 +267,16 @@ impl<'w, 'a> Watch<'w, 'a> {
         if code != Some(0) && !procs[i].failed {
             let label = procs[i].planned.label();
             let log = self.logs.join(log_name(&procs[i].planned));
-            let what = match code {
-                Some(c) => format!("{label} exited with status {c}"),
-                None => format!("{label} was killed by a signal"),
+            let signal = killed_by(code);
+            let what = match (code, signal) {
+                (_, Some(Some(n))) => format!("{label} was killed by a signal ({n})"),
+                (Some(c), None) => format!("{label} exited with status {c}"),
+                (None, _) | (_, Some(None)) => format!("{label} was killed by a signal"),
             };
             // A signal is news even while stopping (the launcher sends
             // none in the grace period); a plain non-zero exit after
             // the stop is just the process obeying it.
-            let cause = if code.is_none() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
+            let cause = if signal.is_some() || failure.is_none() { Cause::Crashed } else { Cause::Stopping };
             failure.add_with_log(cause, what, Some(log));
             self.stop_all(procs).await;
         }
