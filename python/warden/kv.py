@@ -19,9 +19,16 @@ straight from and into this process's memory (it can for the program it
 started; not for a child process of it, nor when the system forbids it):
 then a push or pull costs one memory copy, done by the kernel. Set
 `WARDEN_KV_DIRECT=0` to send them on the socket regardless.
+
+Fastest of all, `share()` maps memory the agent shares with this process:
+arrays of every tensor's gradient and parameters that the agent sends from
+and receives into directly. Compute the gradient into `shared.grads[name]`,
+push it, and the new values appear in `shared.params[name]`: no copy on
+either side. This works in child processes of the program too.
 """
 
 import json
+import mmap
 import os
 import socket
 import struct
@@ -30,7 +37,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["KVError", "KV", "connect"]
+__all__ = ["KVError", "KV", "Shared", "connect"]
 
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 
@@ -49,6 +56,34 @@ def _recv_exact(sock, n, into=None):
             raise KVError("the warden agent closed the KV connection (the job stopped?)")
         got += k
     return buf
+
+
+class Shared:
+    """Memory shared with the agent (`KV.share()`): `grads` and `params`,
+    {name: float32 array of the tensor's shape}, views of one mapping.
+
+    Write a step's gradient into `grads[name]` (compute into it, or
+    `np.copyto`) and push that very array: the agent sends it from there.
+    The push that completes a step returns once the new values are in
+    `params`; pulling into `params[name]` costs nothing. The agent writes
+    `params` only during a push or pull of this job's; treat `params` as
+    read-only (what you write there is overwritten by the next step)."""
+
+    def __init__(self, grads, params, mapping):
+        self.grads = grads
+        self.params = params
+        self._mapping = mapping
+
+    def holds(self, region, name, arr):
+        """Whether `arr` is this memory's `region` array of `name` itself."""
+        view = getattr(self, region).get(name)
+        return (
+            view is not None
+            and isinstance(arr, np.ndarray)
+            and arr.dtype == np.float32
+            and arr.ctypes.data == view.ctypes.data
+            and arr.nbytes == view.nbytes
+        )
 
 
 class KV:
@@ -71,6 +106,7 @@ class KV:
                     raise KVError(f"no warden agent listens on {path}")
                 time.sleep(0.05)
         self._shapes = None
+        self._shared = None
         self._direct = False
         if os.environ.get("WARDEN_KV_DIRECT", "1") != "0":
             probe = np.zeros(1, dtype=np.uint64)
@@ -107,7 +143,7 @@ class KV:
         direct = self._direct
         if direct and nbytes:
             header["from"] = payload.ctypes.data
-        if direct and into is not None:
+        if direct and into is not None and not header.get("into_shared"):
             header.update(into=into.ctypes.data, into_nbytes=into.nbytes)
         h = json.dumps(header).encode()
         self._sock.sendall(struct.pack("<I", len(h)) + h)
@@ -152,6 +188,40 @@ class KV:
             raise KVError(f"`{name}` has shape {shape}; got an array of {arr.size} values")
         return dtype, arr
 
+    def share(self):
+        """Maps the memory the agent shares with this process (made the
+        first time any connection asks; the same for every connection) and
+        returns it as a `Shared`. Call it between steps."""
+        if self._shared is not None:
+            return self._shared
+        h = json.dumps({"op": "share", "nbytes": 0}).encode()
+        self._sock.sendall(struct.pack("<I", len(h)) + h)
+        # The agent's descriptor of the memory rides with the answer's first bytes.
+        head, fds, _, _ = socket.recv_fds(self._sock, 4, 1)
+        try:
+            if not head:
+                raise KVError("the warden agent closed the KV connection (the job stopped?)")
+            head += bytes(_recv_exact(self._sock, 4 - len(head)))
+            (n,) = struct.unpack("<I", head)
+            answer = json.loads(bytes(_recv_exact(self._sock, n)))
+            if not answer.get("ok"):
+                raise KVError(answer.get("error", "the agent refused to share memory"))
+            if len(fds) != 1:
+                raise KVError("the agent's answer to share came without its memory")
+            offset = answer["params_offset"]
+            mapping = mmap.mmap(fds[0], 2 * offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        grads, params = {}, {}
+        for t in answer["tensors"]:
+            shape, at = tuple(t["shape"]), 4 * t["offset"]
+            count = int(np.prod(shape, dtype=np.int64))
+            grads[t["name"]] = np.frombuffer(mapping, np.float32, count, at).reshape(shape)
+            params[t["name"]] = np.frombuffer(mapping, np.float32, count, offset + at).reshape(shape)
+        self._shared = Shared(grads, params, mapping)
+        return self._shared
+
     # -- the kvstore -----------------------------------------------------
     def init(self, name, value):
         """Declares the starting value of `name` (worker 0's is used). In a
@@ -165,21 +235,36 @@ class KV:
 
     def push(self, name, grad):
         """Pushes this step's gradient of `name`."""
+        if self._shared is not None and self._shared.holds("grads", name, grad):
+            self._call({"op": "push", "name": name, "shared": True})
+            return
         dtype, data = self._bytes(name, grad)
         self._call({"op": "push", "name": name, "dtype": dtype}, data)
 
     def pull(self, name, out=None):
         """The current value of `name` (into `out` if given)."""
         into = self._into(name, out)
-        _, data = self._call({"op": "pull", "name": name, "dtype": "f32"}, into=into)
+        header = dict({"op": "pull", "name": name, "dtype": "f32"}, **self._into_shared(name, into))
+        _, data = self._call(header, into=into)
         return self._unpack(name, data, out, into)
 
     def pushpull(self, name, grad, out=None):
         """push, then pull (the pull needs the step complete: use it for the last tensor)."""
-        dtype, payload = self._bytes(name, grad)
         into = self._into(name, out)
-        _, data = self._call({"op": "pushpull", "name": name, "dtype": dtype}, payload, into=into)
+        header = dict({"op": "pushpull", "name": name}, **self._into_shared(name, into))
+        if self._shared is not None and self._shared.holds("grads", name, grad):
+            _, data = self._call(dict(header, shared=True), into=into)
+        else:
+            dtype, payload = self._bytes(name, grad)
+            _, data = self._call(dict(header, dtype=dtype), payload, into=into)
         return self._unpack(name, data, out, into)
+
+    def _into_shared(self, name, into):
+        """The header field that leaves the answer in the shared parameters
+        when `into` is their array of `name`."""
+        if self._shared is not None and self._shared.holds("params", name, into):
+            return {"into_shared": True}
+        return {}
 
     def _into(self, name, out):
         """Where the answer can land as it is: `out` itself when it is a

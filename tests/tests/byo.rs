@@ -655,9 +655,12 @@ if rank == 0:
 /// Tensors that cross chunk and server boundaries (4 KiB chunks, two
 /// servers, over a thousand chunks per server) arrive whole through every
 /// path a program can push by: copied from its memory, sent on the socket,
-/// as float16 either way; each step's values are exactly SGD's.
+/// as float16 either way, and from memory shared with the agent (alone and
+/// mixed with the others, also for a child of the program); each step's
+/// values are exactly SGD's. The shared memory is refused mid-step and
+/// before it exists, and the program cannot resize it.
 const CHUNKED: &str = r#"
-import json, os
+import json, os, socket, struct, subprocess, sys
 import numpy as np
 from warden import kv
 rank = int(os.environ["WARDEN_RANK"])
@@ -681,6 +684,53 @@ for k, (client, dtype) in enumerate([(store, np.float32), (plain, np.float32), (
     want_a = a0 - np.float32(0.75 * k)
     want_b = b0 - np.float32(0.75 * k) * (np.arange(nb) % 7).astype(np.float32)
     out["steps"].append([bool((a == want_a).all()), bool((b == want_b).all())])
+def want(k):
+    return a0 - np.float32(0.75 * k), b0 - np.float32(0.75 * k) * (np.arange(nb) % 7).astype(np.float32)
+def raw(header):
+    s = socket.socket(socket.AF_UNIX); s.connect(os.environ["WARDEN_KV"])
+    h = json.dumps(header).encode(); s.sendall(struct.pack("<I", len(h)) + h)
+    head, fds, _, _ = socket.recv_fds(s, 4, 1)
+    n = struct.unpack("<I", head + s.recv(4 - len(head)))[0]
+    return json.loads(s.recv(n, socket.MSG_WAITALL)), fds
+out["not_shared"] = raw({"op": "pull", "name": "a", "into_shared": True})[0]
+plain.push("b", gb)
+try:
+    plain.share()
+    out["mid_step"] = "shared"
+except kv.KVError as e:
+    out["mid_step"] = str(e)
+a = plain.pushpull("a", ga)  # step 5, through the socket
+sh = store.share()
+for k in (6, 7, 8):
+    if k == 7:
+        plain.push("b", gb)  # copied into the shared gradient
+    else:
+        np.copyto(sh.grads["b"], gb)
+        store.push("b", sh.grads["b"])
+    np.copyto(sh.grads["a"], ga)
+    a = store.pushpull("a", sh.grads["a"], out=sh.params["a"])
+    want_a, want_b = want(k)
+    out["steps"].append([a is sh.params["a"] and bool((a == want_a).all()), bool((sh.params["b"] == want_b).all())])
+    if k == 8:
+        out["steps"][-1].append(bool((plain.pull("b") == want_b).all()))
+CHILD = """
+import json, sys
+import numpy as np
+from warden import kv
+s = kv.connect()
+sh = s.share()
+print(json.dumps([s.direct, sh.params["b"][:20].tolist()]))
+"""
+child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
+out["child"] = json.loads(child.stdout) if child.returncode == 0 else child.stderr
+out["child_sees"] = out["child"][1] == sh.params["b"][:20].tolist() if isinstance(out["child"], list) else False
+# The memory is sealed: the program cannot shrink it under its agent.
+answer, fds = raw({"op": "share", "nbytes": 0})
+try:
+    os.ftruncate(fds[0], 0)
+    out["shrink"] = "shrunk"
+except OSError as e:
+    out["shrink"] = e.errno
 print("RESULT " + json.dumps(out), flush=True)
 "#;
 
@@ -704,11 +754,16 @@ fn tensors_across_chunks_and_servers_arrive_whole_by_every_path() {
         let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
         let out: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(out["direct"], serde_json::json!([true, false]), "rank {rank}");
-        assert_eq!(
-            out["steps"],
-            serde_json::json!([[true, true], [true, true], [true, true], [true, true]]),
-            "rank {rank}: {out}"
-        );
+        let steps = [[true, true], [true, true], [true, true], [true, true]];
+        let shared = serde_json::json!([[true, true], [true, true], [true, true, true]]);
+        let mut want = serde_json::json!(steps);
+        want.as_array_mut().unwrap().extend(shared.as_array().unwrap().iter().cloned());
+        assert_eq!(out["steps"], want, "rank {rank}: {out}");
+        assert!(out["not_shared"]["error"].as_str().unwrap().contains("call `share` first"), "{out}");
+        assert!(out["mid_step"].as_str().unwrap().contains("share between steps"), "{out}");
+        assert_eq!(out["child"][0], serde_json::json!(false), "a child gets no direct copies: {out}");
+        assert_eq!(out["child_sees"], serde_json::json!(true), "{out}");
+        assert_eq!(out["shrink"], serde_json::json!(nix::errno::Errno::EPERM as i32), "{out}");
     }
     wait_gone(&tag);
 }

@@ -20,7 +20,7 @@ use warden_agent::net::wire::{
     CHUNK_ALIGN, Encoding, HEADER_LEN, Message, PARAMS_CHUNK_HEAD, chunk_ranges, encode_params_chunk,
 };
 use warden_agent::net::{record, tls};
-use warden_agent::train::roles::link::{Link, Traffic, close_links, exchange};
+use warden_agent::train::roles::link::{Gradient, Link, Traffic, close_links, exchange};
 use warden_tests::{RoleCluster, TestPki, bind_two};
 
 /// Parameters of the test job: a softmax of 3000 inputs and 2 classes.
@@ -259,7 +259,7 @@ async fn worker_step_against(answer: Answer) -> (Result<(), String>, Vec<f32>, V
         .unwrap();
     let mut links = vec![Link::spawn(conn, 0..SHARD, CHUNK_ALIGN)];
     let mut params = vec![0.0f32; SHARD];
-    let grad = Arc::new((0..SHARD).map(|i| 1.0 / (i as f32 + 1.0)).collect::<Vec<_>>());
+    let grad: Gradient = Arc::new((0..SHARD).map(|i| 1.0 / (i as f32 + 1.0)).collect::<Vec<_>>());
     let f32s = Compression { encoding: Encoding::F32, threshold: 0.0 };
     let mut traffic = Traffic::default();
     let step = tokio::time::timeout(
@@ -275,7 +275,10 @@ async fn worker_step_against(answer: Answer) -> (Result<(), String>, Vec<f32>, V
     }
     close_links(links).await;
     let pushed = server.await.unwrap();
-    assert!(pushed.iter().zip(grad.iter()).all(|(p, g)| p == g), "the server received the gradient, exactly");
+    assert!(
+        pushed.iter().zip((*grad).as_ref().iter()).all(|(p, g)| p == g),
+        "the server received the gradient, exactly"
+    );
     (step, params, pushed)
 }
 
@@ -325,7 +328,7 @@ async fn a_step_fails_when_the_server_stops_reading() {
     let len = 16 << 20;
     let mut links = vec![Link::spawn(conn, 0..len, 1 << 20)];
     let mut params = vec![0.0f32; len];
-    let grad = Arc::new(vec![1e-3f32; len]);
+    let grad: Gradient = Arc::new(vec![1e-3f32; len]);
     let f32s = Compression { encoding: Encoding::F32, threshold: 0.0 };
     let step = tokio::time::timeout(
         Duration::from_secs(20),

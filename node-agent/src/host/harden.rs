@@ -24,7 +24,9 @@
 //!    only for stream and datagram sockets of IPv4, IPv6 and Unix (no raw or
 //!    packet sockets), `setsockopt` only at the socket, TCP, IPv4 and IPv6
 //!    levels, `process_vm_readv`/`process_vm_writev` only on the program the
-//!    agent started itself (the KV endpoint's tensor copies). `clone3` fails with ENOSYS: its flags live in memory a filter
+//!    agent started itself (the KV endpoint's tensor copies) and
+//!    `memfd_create` only in an agent that started one (the memory it
+//!    shares with it), with the flags that code uses. `clone3` fails with ENOSYS: its flags live in memory a filter
 //!    cannot read, and glibc answers ENOSYS by falling back to `clone`,
 //!    whose flags the filter checks.
 //!
@@ -284,7 +286,7 @@ pub fn filter() -> Result<Vec<seccompiler::BpfProgram>, HardenError> {
 }
 
 /// [`filter`], plus waiting for, killing, and copying memory from and to
-/// (only) the process `child`.
+/// (only) the process `child`, and making a sealable memfd to share with it.
 pub fn filter_with_child(child: Option<u32>) -> Result<Vec<seccompiler::BpfProgram>, HardenError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
     if let Some(pid) = child {
@@ -295,6 +297,10 @@ pub fn filter_with_child(child: Option<u32>) -> Result<Vec<seccompiler::BpfProgr
         // trace it): only that process, not another of the job user's.
         rules.insert(libc::SYS_process_vm_readv, arg_in(0, &[u64::from(pid)])?);
         rules.insert(libc::SYS_process_vm_writev, arg_in(0, &[u64::from(pid)])?);
+        // ...and shares memory with it on request: a sealable memfd
+        // (train::shared), with exactly the flags that code passes.
+        let memfd = (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64;
+        rules.insert(libc::SYS_memfd_create, arg_in(1, &[memfd])?);
     }
     rules.insert(libc::SYS_clone, vec![rule(vec![condition(0, SeccompCmpOp::MaskedEq(CLONE_NEW_FLAGS), 0)?])?]);
     rules.insert(libc::SYS_socket, socket_rules()?);
@@ -563,6 +569,9 @@ mod seccomp_tests {
         let remote = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 1 };
         let vm = unsafe { libc::process_vm_readv(1, &local, 1, &remote, 1, 0) };
         check("process_vm_readv", failed_with(vm as libc::c_long, libc::EPERM));
+        // Nor memory to share with one.
+        let memfd = unsafe { libc::memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        check("memfd_create", failed_with(memfd as libc::c_long, libc::EPERM));
         if wrong.is_empty() {
             std::process::exit(0);
         }

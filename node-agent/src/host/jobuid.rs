@@ -324,7 +324,7 @@ fn threads() -> usize {
 /// groups, not dumpable) and returns its exit code; 2 means the switch
 /// failed. A job process may kill that child (it has the job's uid), which
 /// reads as a failure: callers check `/proc` and go again.
-#[allow(unsafe_code)] // fork: see SAFETY below; the only unsafe block of this crate outside tests
+#[allow(unsafe_code)] // fork: see SAFETY below; the crate's other unsafe code is train::shared (mmap)
 fn as_uid(uid: u32, work: impl FnOnce() -> i32) -> Result<i32, JobUidError> {
     use nix::sys::wait::{WaitStatus, waitpid};
     use nix::unistd::{ForkResult, Gid, Uid};

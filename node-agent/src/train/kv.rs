@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Request headers: `{"op": OP, "name": TENSOR, "dtype": "f32"|"f16"|"bf16", "nbytes": N}`
-//! with OP one of `hello`, `init`, `push`, `pull`, `pushpull`, `barrier`,
+//! with OP one of `hello`, `share`, `init`, `push`, `pull`, `pushpull`, `barrier`,
 //! `rank`, `num_workers`, `tensors`, `report`. `dtype` is the payload's (a
 //! pull's answer is in the dtype asked for; a pushpull's answer is f32).
 //! Responses: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
@@ -26,11 +26,28 @@
 //! when it is exactly M bytes of f32; otherwise it comes on the socket as
 //! usual, and `"written"` in the answer says which). The kernel copies
 //! (`process_vm_readv`/`process_vm_writev`): one copy each way, no trip
-//! through socket buffers, and no memory shared with the program that it
-//! could change under the agent. The kernel checks that the agent may trace
+//! through socket buffers. The kernel checks that the agent may trace
 //! the program, and the agent's seccomp filter allows the two calls only on
 //! that one process. `{"op": "hello", "probe": ADDR}` (8 readable bytes at
 //! ADDR) answers `"direct": true` when such copies work on this connection.
+//!
+//! # Shared memory
+//!
+//! `{"op": "share"}` gives the connection a file descriptor (with the
+//! answer, `SCM_RIGHTS`) of a sealed memfd holding two regions of the flat
+//! vector: the gradient at offset 0 and the parameters at `params_offset`
+//! bytes; the answer lists each tensor's `offset` (in values) and shape. A
+//! program that maps it and computes its gradient in the gradient region
+//! pushes with `"shared": true` and no payload: the agent seals the step
+//! straight from that memory and decrypts the servers' answers straight
+//! into the parameter region, as the built-in worker does with its own
+//! vectors; no value is copied in user space. Once shared, every push lands
+//! in the gradient region (a push with a payload or `from` is copied there)
+//! and the push that completes a step returns when its answer is in the
+//! parameter region; a pull with `"into_shared": true` is answered at once,
+//! others get copies from that region. Every connection of the job user's
+//! may ask (a child of the program too); all get the same memory. See
+//! [`crate::train::shared`] for what the program can and cannot do to it.
 //!
 //! Headers are at most 64 KiB; a payload is at most the named tensor's size
 //! in the given dtype. A malformed frame
@@ -54,6 +71,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -66,8 +84,9 @@ use crate::net::conn::{ClientConn, ConnError};
 use crate::net::control::Event;
 use crate::net::identity::Role;
 use crate::net::wire::{Encoding, Message};
-use crate::train::roles::link::{self, Link, Traffic};
+use crate::train::roles::link::{self, Gradient, Link, Traffic};
 use crate::train::roles::{RoleCtx, RoleError, SchedLink};
+use crate::train::shared::{Region, Shared};
 
 /// Pushes of a program of the user's travel as f32 (it chose the precision
 /// of what it hands over).
@@ -197,6 +216,18 @@ pub enum KvError {
         /// The kernel's answer.
         why: String,
     },
+    /// `shared`/`into_shared` before `share`.
+    #[error("`{0}` names the shared memory, which this job's agent has not shared yet: call `share` first")]
+    NotShared(&'static str),
+    /// `share` while a step is half pushed.
+    #[error("share between steps, not in the middle of one (still missing: {0})")]
+    ShareMidStep(String),
+    /// The shared memory could not be made.
+    #[error("cannot make the memory to share with the program: {0}")]
+    Share(std::io::Error),
+    /// A 16-bit answer into the shared (f32) parameters.
+    #[error("the shared parameters are float32: pull with dtype f32 into them")]
+    SharedDtype,
     /// A request header that is not a request.
     #[error("malformed request header: {0}")]
     BadHeader(#[source] serde_json::Error),
@@ -285,6 +316,12 @@ struct Request {
     /// `hello`: 8 readable bytes of the program's, to try a direct copy.
     #[serde(default)]
     probe: Option<u64>,
+    /// A push whose gradient is in the shared memory already.
+    #[serde(default)]
+    shared: bool,
+    /// An answer to leave in the shared memory's parameters.
+    #[serde(default)]
+    into_shared: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -368,6 +405,8 @@ impl Source<'_> {
 struct Sink<'a> {
     out: &'a mut Vec<u8>,
     program: Option<(nix::unistd::Pid, u64, usize)>,
+    /// The program reads the answer from the shared parameters.
+    shared: bool,
 }
 
 /// Copies of at least this many bytes are split between two threads: the
@@ -511,6 +550,16 @@ struct Tensor {
     range: Range<usize>,
 }
 
+/// The memory shared with the program, once it asked for it.
+struct Sharing {
+    /// Handed to each connection that asks.
+    fd: std::os::fd::OwnedFd,
+    params_offset: usize,
+    /// Shared with the link tasks while a step goes out.
+    grads: Arc<Region>,
+    params: Region,
+}
+
 /// What the agent keeps for the program.
 pub struct Kv {
     rank: u32,
@@ -526,8 +575,13 @@ pub struct Kv {
     pushed: Vec<bool>,
     /// Complete steps this worker pushed.
     step: u64,
-    /// Newest values pulled, and at which local step.
+    /// Newest values pulled, and at which local step (in `sharing`'s
+    /// parameters instead once there is one: [`Kv::params`]).
     params: Vec<f32>,
+    sharing: Option<Sharing>,
+    /// The newest values came with this worker's own step, not yet pulled
+    /// (an async pull right after takes them rather than asking again).
+    fresh: bool,
     /// The newest values are the answers the links keep
     /// ([`link::finish_step_kept`]), not yet copied into `params`.
     kept: bool,
@@ -574,6 +628,8 @@ impl Kv {
             links,
             step: 0,
             params: vec![0.0; n],
+            sharing: None,
+            fresh: false,
             kept: false,
             fetched_at: None,
             init: vec![0.0; n],
@@ -611,7 +667,8 @@ impl Kv {
         self.barrier(sched).await?;
         // Where the servers are (a resumed job's are past step 0): the
         // links learn the version their first push is for.
-        link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
+        let params = params_mut(&mut self.sharing, &mut self.params);
+        link::exchange(&mut self.links, params, None, self.mode, F32, &mut self.traffic)
             .await
             .map_err(KvError::ServerLink)?;
         self.fetched_at = Some(self.step);
@@ -639,9 +696,15 @@ impl Kv {
 
     /// Takes this step's gradient of tensor `i` straight from the request
     /// bytes (or the program's memory).
-    async fn push(&mut self, i: usize, dtype: Dtype, payload: Source<'_>) -> Result<(), KvError> {
+    async fn push(&mut self, i: usize, dtype: Dtype, payload: Source<'_>, shared: bool) -> Result<(), KvError> {
         if self.pushed[i] {
             return Err(KvError::PushedTwice { name: self.tensors[i].name.clone(), missing: self.missing() });
+        }
+        if self.sharing.is_some() {
+            return self.push_shared(i, dtype, payload, shared).await;
+        }
+        if shared {
+            return Err(KvError::NotShared("shared"));
         }
         // The values go straight into the frames the links send (the copy
         // the built-in worker makes from its gradient). Those of a step the
@@ -668,17 +731,80 @@ impl Kv {
         Ok(())
     }
 
+    /// [`Kv::push`] once the memory is shared: the gradient is in its
+    /// region (copied there unless `shared` says it is already), and a
+    /// step goes out from there, its answer read into the shared
+    /// parameters before this returns.
+    async fn push_shared(&mut self, i: usize, dtype: Dtype, payload: Source<'_>, shared: bool) -> Result<(), KvError> {
+        let Some(sharing) = self.sharing.as_mut() else { return Err(KvError::NotShared("shared")) };
+        if !shared {
+            let grads = Arc::get_mut(&mut sharing.grads).ok_or_else(|| {
+                KvError::ServerLink(RoleError::new("a server link still holds the last step's gradient"))
+            })?;
+            let values = bytemuck::cast_slice_mut(&mut grads.values_mut()[self.tensors[i].range.clone()]);
+            payload.fill(dtype, vec![(0, values)], &mut self.scratch)?;
+        }
+        self.pushed[i] = true;
+        if self.pushed.iter().all(|p| *p) {
+            let grad: Gradient = sharing.grads.clone();
+            let params = sharing.params.values_mut();
+            link::exchange(&mut self.links, params, Some(&grad), self.mode, F32, &mut self.traffic)
+                .await
+                .map_err(KvError::ServerLink)?;
+            self.pushed.fill(false);
+            self.step += 1;
+            self.fetched_at = Some(self.step);
+            self.fresh = true;
+        }
+        Ok(())
+    }
+
+    /// Shares the gradient and the parameters with the program (`share`):
+    /// the memory, made the first time, and the answer that describes it.
+    async fn share(&mut self) -> Result<(serde_json::Value, BorrowedFd<'_>), KvError> {
+        if self.sharing.is_none() {
+            if self.pushed.iter().any(|p| *p) {
+                return Err(KvError::ShareMidStep(self.missing()));
+            }
+            // The answer to the step pushed last, if still out, and any
+            // kept answer go into the values the shared memory starts with.
+            self.collect().await?;
+            self.take_kept()?;
+            let mut shared = Shared::new(self.params.len()).map_err(KvError::Share)?;
+            shared.params.values_mut().copy_from_slice(&self.params);
+            let params_offset = shared.params_offset();
+            let Shared { fd, grads, params } = shared;
+            self.sharing = Some(Sharing { fd, params_offset, grads: Arc::new(grads), params });
+            // The values now live in the shared memory.
+            self.params = Vec::new();
+        }
+        let Some(sharing) = self.sharing.as_ref() else { return Err(KvError::NotShared("share")) };
+        let tensors: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "shape": t.shape, "offset": t.range.start}))
+            .collect();
+        let answer = serde_json::json!({
+            "ok": true,
+            "floats": sharing.params.values().len(),
+            "params_offset": sharing.params_offset,
+            "tensors": tensors,
+        });
+        Ok((answer, sharing.fd.as_fd()))
+    }
+
     /// Brings tensor `i`'s newest values in (to the links' kept answers or
     /// to `params`); [`Kv::answer`] gives them.
     async fn pull(&mut self, i: usize) -> Result<(), KvError> {
         if self.pushed.iter().any(|p| *p) {
             return Err(KvError::PullMidStep { name: self.tensors[i].name.clone(), missing: self.missing() });
         }
-        let collected = self.collect().await?;
+        let collected = self.collect().await? || std::mem::take(&mut self.fresh);
         // Async values move with every worker's push: ask, unless the
         // answer to this worker's own push just came in.
         if self.fetched_at != Some(self.step) || (self.mode == SyncMode::Async && !collected) {
-            link::exchange(&mut self.links, &mut self.params, None, self.mode, F32, &mut self.traffic)
+            let params = params_mut(&mut self.sharing, &mut self.params);
+            link::exchange(&mut self.links, params, None, self.mode, F32, &mut self.traffic)
                 .await
                 .map_err(KvError::ServerLink)?;
             self.kept = false;
@@ -696,9 +822,8 @@ impl Kv {
         if link::owes_whole(&self.links) {
             // A pull whose caller went away is still owed: into `params`.
             self.take_kept()?;
-            link::finish_step(&mut self.links, &mut self.params, &mut self.traffic)
-                .await
-                .map_err(KvError::ServerLink)?;
+            let params = params_mut(&mut self.sharing, &mut self.params);
+            link::finish_step(&mut self.links, params, &mut self.traffic).await.map_err(KvError::ServerLink)?;
             self.fetched_at = Some(self.step);
             return Ok(true);
         }
@@ -718,14 +843,23 @@ impl Kv {
         self.pushed.fill(false);
         self.pull(0).await?;
         self.take_kept()?;
-        Ok(self.params.clone())
+        Ok(self.params().to_vec())
+    }
+
+    /// The newest values pulled (once [`Kv::take_kept`] brought them in).
+    fn params(&self) -> &[f32] {
+        match &self.sharing {
+            Some(s) => s.params.values(),
+            None => &self.params,
+        }
     }
 
     /// Copies the answers the links keep into `params`, if they hold the
     /// newest values.
     fn take_kept(&mut self) -> Result<(), KvError> {
         if std::mem::take(&mut self.kept)
-            && !link::copy_kept(&self.links, &mut self.params).map_err(KvError::ServerLink)?
+            && !link::copy_kept(&self.links, params_mut(&mut self.sharing, &mut self.params))
+                .map_err(KvError::ServerLink)?
         {
             return Err(KvError::ServerLink(RoleError::new("the last step's answer is no longer there")));
         }
@@ -771,8 +905,16 @@ impl Kv {
             }
             "push" | "pushpull" => {
                 let i = self.tensor(req.name.as_deref())?;
+                if sink.shared && (self.sharing.is_none() || dtype != Dtype::F32) {
+                    // Refused before the push counts.
+                    return Err(if self.sharing.is_none() {
+                        KvError::NotShared("into_shared")
+                    } else {
+                        KvError::SharedDtype
+                    });
+                }
                 self.start(sched).await?;
-                self.push(i, dtype, payload).await?;
+                self.push(i, dtype, payload, req.shared).await?;
                 if req.op == "push" {
                     return Ok(json!({"ok": true, "step": self.step}));
                 }
@@ -799,6 +941,16 @@ impl Kv {
     /// program wants them.
     fn answer(&mut self, i: usize, dtype: Dtype, sink: Sink<'_>) -> Result<serde_json::Value, KvError> {
         let range = self.tensors[i].range.clone();
+        if sink.shared {
+            return match (&self.sharing, dtype) {
+                (None, _) => Err(KvError::NotShared("into_shared")),
+                (Some(_), Dtype::F32) => {
+                    let written = range.len() * 4;
+                    Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": 0, "written": written}))
+                }
+                (Some(_), _) => Err(KvError::SharedDtype),
+            };
+        }
         if let Some((pid, addr, room)) = sink.program
             && dtype == Dtype::F32
             && room == range.len() * 4
@@ -809,7 +961,7 @@ impl Kv {
                 Some(pieces) => pieces.into_iter().map(|(at, b)| (addr.saturating_add(4 * at as u64), b)).collect(),
                 None => {
                     self.take_kept()?;
-                    vec![(addr, bytemuck::cast_slice(&self.params[range.clone()]))]
+                    vec![(addr, bytemuck::cast_slice(&self.params()[range.clone()]))]
                 }
             };
             // A push may already be counted (pushpull): an `into` that
@@ -821,8 +973,7 @@ impl Kv {
             }
         }
         self.take_kept()?;
-        let values = &self.params[range];
-        dtype.encode(values, sink.out);
+        dtype.encode(&self.params()[range], sink.out);
         Ok(serde_json::json!({"ok": true, "step": self.step, "nbytes": sink.out.len()}))
     }
 
@@ -909,6 +1060,14 @@ async fn serve_conn(
             reply(&mut s, &answer, &[]).await?;
             continue;
         }
+        if req.op == "share" {
+            let mut kv = kv.lock().await;
+            match kv.share().await {
+                Ok((answer, fd)) => reply_with_fd(&mut s, &answer, fd).await?,
+                Err(why) => reply(&mut s, &refusal(&why), &[]).await?,
+            }
+            continue;
+        }
         let source = match (req.from, direct) {
             (None, _) => {
                 payload.resize(req.nbytes, 0);
@@ -930,14 +1089,15 @@ async fn serve_conn(
                 continue;
             }
         };
-        let expected = if matches!(req.op.as_str(), "init" | "push" | "pushpull") { max } else { 0 };
+        let carries = matches!(req.op.as_str(), "init" | "push" | "pushpull") && !req.shared;
+        let expected = if carries { max } else { 0 };
         out.clear();
         let mut kv = kv.lock().await;
         let mut sched = sched.lock().await;
         let answer = if req.nbytes != expected {
             Err(KvError::PayloadSize { op: req.op, expected, got: req.nbytes })
         } else {
-            let sink = Sink { out: &mut out, program: program_sink };
+            let sink = Sink { out: &mut out, program: program_sink, shared: req.into_shared };
             kv.handle(req, source, ctx, &mut sched, sink).await
         };
         if let Err(KvError::ServerLink(e) | KvError::Scheduler(e)) = &answer
@@ -1000,6 +1160,39 @@ async fn reply(s: &mut UnixStream, header: &serde_json::Value, payload: &[u8]) -
     s.write_all(&head).await?;
     // The tensor bytes go as they are: no copy into one buffer.
     s.write_all(payload).await
+}
+
+/// [`reply`] with a file descriptor passed along (`SCM_RIGHTS`, with the
+/// first bytes): the program's copy of the shared memory.
+async fn reply_with_fd(s: &mut UnixStream, header: &serde_json::Value, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    let mut msg = Vec::with_capacity(4 + h.len());
+    msg.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&h);
+    let (sock, fds) = (s.as_raw_fd(), [fd.as_raw_fd()]);
+    let sent = loop {
+        s.writable().await?;
+        let once = s.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(&msg)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(std::io::Error::from)
+        });
+        match once {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    s.write_all(&msg[sent..]).await
+}
+
+/// The parameters' values: the shared memory's once there is one.
+fn params_mut<'a>(sharing: &'a mut Option<Sharing>, own: &'a mut [f32]) -> &'a mut [f32] {
+    match sharing {
+        Some(s) => s.params.values_mut(),
+        None => own,
+    }
 }
 
 /// Binds the socket in `dir` (mode 0600; the directory is the job user's, 0700).

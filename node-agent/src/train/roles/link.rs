@@ -38,7 +38,7 @@ struct LinkCmd {
     frames: Vec<u8>,
     /// The gradient the f32 pushes' values are sent from, if any: no copy
     /// into `frames`. The task lets go of it before it replies.
-    grad: Option<Arc<Vec<f32>>>,
+    grad: Option<Gradient>,
     /// Where in `frames` each such push's values go, and their range of
     /// `grad`, in order.
     splice: Vec<(usize, Range<usize>)>,
@@ -89,7 +89,7 @@ pub struct Link {
     rx: mpsc::Receiver<Result<LinkReply, RoleError>>,
     frames: Vec<u8>,
     /// The next command's [`LinkCmd::grad`] and [`LinkCmd::splice`].
-    grad: Option<Arc<Vec<f32>>>,
+    grad: Option<Gradient>,
     splice: Vec<(usize, Range<usize>)>,
     bodies: Vec<Vec<u8>>,
     /// 2-bit error feedback: what was not yet sent.
@@ -116,6 +116,11 @@ pub struct Link {
     /// The task that owns the connection.
     task: tokio::task::JoinHandle<()>,
 }
+
+/// A step's gradient, the whole flat vector, shared with the link tasks
+/// that send it: the built-in worker's vector, or the region a program
+/// shares with its agent ([`crate::train::shared`]).
+pub type Gradient = Arc<dyn AsRef<[f32]> + Send + Sync>;
 
 /// Running totals for the metrics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -317,7 +322,7 @@ async fn drive(
             let sending = async {
                 match &grad {
                     None => send.send_frame(&frames).await,
-                    Some(g) => send.send_pieces(spliced(&frames, &splice, g)).await,
+                    Some(g) => send.send_pieces(spliced(&frames, &splice, (**g).as_ref())).await,
                 }
             };
             let receiving = async {
@@ -350,7 +355,7 @@ async fn drive(
 /// it is in); without, one pull of the whole shard. Returns the replies due.
 fn encode_step(
     link: &mut Link,
-    grad: Option<&Arc<Vec<f32>>>,
+    grad: Option<&Gradient>,
     mode: SyncMode,
     compression: Compression,
 ) -> Result<(usize, Due), RoleError> {
@@ -377,7 +382,7 @@ fn encode_step(
     if link.residual.len() != link.range.len() && compression.encoding == Encoding::TwoBit {
         link.residual = vec![0.0; link.range.len()];
     }
-    let g = &grad[link.range.clone()];
+    let g = &(**grad).as_ref()[link.range.clone()];
     for (c, r) in link.chunks.iter().enumerate() {
         let residual = link.residual.get_mut(r.clone()).unwrap_or_default();
         let (chunk, (data, enc)) = (c as u32, (&g[r.clone()], compression.encoding));
@@ -434,7 +439,7 @@ pub async fn send_staged(links: &mut [Link], mode: SyncMode) -> Result<(), RoleE
 /// vector; if any) and asks for the result. [`finish_step`] collects it.
 pub async fn send_step(
     links: &mut [Link],
-    grad: Option<&Arc<Vec<f32>>>,
+    grad: Option<&Gradient>,
     mode: SyncMode,
     compression: Compression,
 ) -> Result<(), RoleError> {
@@ -556,7 +561,7 @@ pub fn step_outstanding(links: &[Link]) -> bool {
 pub async fn exchange(
     links: &mut [Link],
     params: &mut [f32],
-    grad: Option<&Arc<Vec<f32>>>,
+    grad: Option<&Gradient>,
     mode: SyncMode,
     compression: Compression,
     t: &mut Traffic,

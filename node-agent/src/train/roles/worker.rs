@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::link::{Link, Traffic, close_links, exchange, request_checkpoint};
+use super::link::{Gradient, Link, Traffic, close_links, exchange, request_checkpoint};
 use super::{RoleCtx, RoleError};
 use crate::net::control::{Event, StepScalars};
 use crate::net::identity::Role;
@@ -246,7 +246,8 @@ pub async fn run(ctx: RoleCtx, data: WorkerData) -> Result<(), RoleError> {
         for step in first_step..steps {
             let loss = f64::from(local.gradient(&ctx, &train, &params, &order, (epoch, step))?);
             loss_sum += loss;
-            exchange(&mut links, &mut params, Some(&local.grad), mode, compression, &mut traffic).await?;
+            let grad: Gradient = local.grad.clone();
+            exchange(&mut links, &mut params, Some(&grad), mode, compression, &mut traffic).await?;
             let global = u64::from(epoch - 1) * steps as u64 + step as u64 + 1;
             if let Some(clock) = clock.as_mut()
                 && clock.due(global)
