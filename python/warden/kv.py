@@ -23,8 +23,8 @@ then a push or pull costs one memory copy, done by the kernel. Set
 Fastest of all, `share()` maps memory the agent shares with this process:
 arrays of every tensor's gradient and parameters that the agent sends from
 and receives into directly. Compute the gradient into `shared.grads[name]`,
-push it, and the new values appear in `shared.params[name]`: no copy on
-either side. This works in child processes of the program too.
+push it, and the new values appear in `shared.params[name]`: nothing is
+copied on this side. This works in child processes of the program too.
 """
 
 import json
@@ -197,7 +197,7 @@ class KV:
         h = json.dumps({"op": "share", "nbytes": 0}).encode()
         self._sock.sendall(struct.pack("<I", len(h)) + h)
         # The agent's descriptor of the memory rides with the answer's first bytes.
-        head, fds, _, _ = socket.recv_fds(self._sock, 4, 1)
+        head, fds, _, _ = socket.recv_fds(self._sock, 4, 1, socket.MSG_CMSG_CLOEXEC)
         try:
             if not head:
                 raise KVError("the warden agent closed the KV connection (the job stopped?)")

@@ -377,7 +377,21 @@ for _ in range(200):
     if x == want:
         break
     time.sleep(0.01)
-print("RESULT " + json.dumps(x), flush=True)
+# Through shared memory: this worker's push is in when its last push
+# returns; the other's arrives in a later pull (into the same memory).
+store.barrier()  # both saw the first round's result
+sh = store.share()
+np.copyto(sh.grads["x"], np.full(6, 2.0 if rank == 0 else 4.0, dtype=np.float32))
+store.push("y", np.zeros((2, 3), dtype=np.float32))
+store.push("x", sh.grads["x"])
+mine = (sh.params["x"] <= np.array(x, dtype=np.float32) - (1 if rank == 0 else 2)).all()
+store.barrier()
+want = (np.arange(1, 7, dtype=np.float32) - 6).tolist()
+for _ in range(200):
+    if store.pull("x", out=sh.params["x"]).tolist() == want:
+        break
+    time.sleep(0.01)
+print("RESULT " + json.dumps([x, bool(mine), sh.params["x"].tolist()]), flush=True)
 "#;
 
 #[test]
@@ -386,8 +400,10 @@ fn in_async_mode_every_push_is_applied_on_arrival() {
     for rank in 0..2 {
         let log = std::fs::read_to_string(run.join(format!("logs/localhost-worker-{rank}.log"))).unwrap();
         let line = log.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string())).expect("a result");
-        // Each push applied alone (lr 0.5): x0 - 0.5 * 2 - 0.5 * 4.
-        assert_eq!(line, "[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]", "rank {rank}");
+        // Each push applied alone (lr 0.5): x0 - 0.5 * 2 - 0.5 * 4, then as
+        // much again through shared memory.
+        let want = "[[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0], true, [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0]]";
+        assert_eq!(line, want, "rank {rank}");
         // torchrun's variables, for programs written against it: both workers on one host.
         assert!(log.contains(&format!("TORCHRUN {rank} 2 {rank} 2")), "rank {rank}: {log}");
     }
@@ -660,7 +676,7 @@ if rank == 0:
 /// values are exactly SGD's. The shared memory is refused mid-step and
 /// before it exists, and the program cannot resize it.
 const CHUNKED: &str = r#"
-import json, os, socket, struct, subprocess, sys
+import json, os, socket, struct, subprocess, sys, threading
 import numpy as np
 from warden import kv
 rank = int(os.environ["WARDEN_RANK"])
@@ -689,7 +705,7 @@ def want(k):
 def raw(header):
     s = socket.socket(socket.AF_UNIX); s.connect(os.environ["WARDEN_KV"])
     h = json.dumps(header).encode(); s.sendall(struct.pack("<I", len(h)) + h)
-    head, fds, _, _ = socket.recv_fds(s, 4, 1)
+    head, fds, _, _ = socket.recv_fds(s, 4, 1, socket.MSG_CMSG_CLOEXEC)
     n = struct.unpack("<I", head + s.recv(4 - len(head)))[0]
     return json.loads(s.recv(n, socket.MSG_WAITALL)), fds
 out["not_shared"] = raw({"op": "pull", "name": "a", "into_shared": True})[0]
@@ -701,15 +717,36 @@ except kv.KVError as e:
     out["mid_step"] = str(e)
 a = plain.pushpull("a", ga)  # step 5, through the socket
 sh = store.share()
-for k in (6, 7, 8):
+total = 5
+def scribble(stop):
+    # Byte patterns of TLS content types and padding, over and over.
+    pats = [np.frombuffer(bytes([b]) * 4, np.float32)[0] for b in (0x16, 0, 0x15, 0x17)]
+    i = 0
+    while not stop.is_set():
+        sh.params["a"].fill(pats[i % 4])
+        sh.params["b"].fill(pats[i % 4])
+        i += 1
+for k in (6, 7, 8, 9, 10):
+    scale = np.float32(k - 5)  # a gradient of its own each step
+    total += k - 5
     if k == 7:
-        plain.push("b", gb)  # copied into the shared gradient
+        plain.push("b", gb * scale)  # copied into the shared gradient
     else:
-        np.copyto(sh.grads["b"], gb)
+        np.copyto(sh.grads["b"], gb * scale)
         store.push("b", sh.grads["b"])
-    np.copyto(sh.grads["a"], ga)
+    np.copyto(sh.grads["a"], ga * scale)
+    if k == 9:
+        # The program writes its parameters while the answer arrives: the
+        # agent must not care.
+        stop = threading.Event()
+        writer = threading.Thread(target=scribble, args=(stop,))
+        writer.start()
     a = store.pushpull("a", sh.grads["a"], out=sh.params["a"])
-    want_a, want_b = want(k)
+    if k == 9:
+        stop.set()
+        writer.join()
+        continue
+    want_a, want_b = want(total)
     out["steps"].append([a is sh.params["a"] and bool((a == want_a).all()), bool((sh.params["b"] == want_b).all())])
     if k == 8:
         out["steps"][-1].append(bool((plain.pull("b") == want_b).all()))
@@ -719,11 +756,13 @@ import numpy as np
 from warden import kv
 s = kv.connect()
 sh = s.share()
+sh.grads["b"][0] = 12345.0
 print(json.dumps([s.direct, sh.params["b"][:20].tolist()]))
 """
 child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
 out["child"] = json.loads(child.stdout) if child.returncode == 0 else child.stderr
-out["child_sees"] = out["child"][1] == sh.params["b"][:20].tolist() if isinstance(out["child"], list) else False
+same = isinstance(out["child"], list) and out["child"][1] == sh.params["b"][:20].tolist()
+out["child_sees"] = same and float(sh.grads["b"][0]) == 12345.0
 # The memory is sealed: the program cannot shrink it under its agent.
 answer, fds = raw({"op": "share", "nbytes": 0})
 try:
@@ -732,6 +771,8 @@ try:
 except OSError as e:
     out["shrink"] = e.errno
 print("RESULT " + json.dumps(out), flush=True)
+# The model file holds the servers' values, not what the program leaves here.
+sh.params["a"].fill(np.nan)
 "#;
 
 #[test]
@@ -755,7 +796,7 @@ fn tensors_across_chunks_and_servers_arrive_whole_by_every_path() {
         let out: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(out["direct"], serde_json::json!([true, false]), "rank {rank}");
         let steps = [[true, true], [true, true], [true, true], [true, true]];
-        let shared = serde_json::json!([[true, true], [true, true], [true, true, true]]);
+        let shared = serde_json::json!([[true, true], [true, true], [true, true, true], [true, true]]);
         let mut want = serde_json::json!(steps);
         want.as_array_mut().unwrap().extend(shared.as_array().unwrap().iter().cloned());
         assert_eq!(out["steps"], want, "rank {rank}: {out}");
@@ -764,6 +805,18 @@ fn tensors_across_chunks_and_servers_arrive_whole_by_every_path() {
         assert_eq!(out["child"][0], serde_json::json!(false), "a child gets no direct copies: {out}");
         assert_eq!(out["child_sees"], serde_json::json!(true), "{out}");
         assert_eq!(out["shrink"], serde_json::json!(nix::errno::Errno::EPERM as i32), "{out}");
+    }
+    // Ten steps of SGD (lr 0.5, mean gradient 1.5 times each step's scale;
+    // the scales add up to 20) from `a`'s start, whatever worker 0's
+    // program wrote into its shared copy before it exited.
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = header["a"]["data_offsets"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize);
+    let (start, end) = (at.clone().min().unwrap(), at.max().unwrap());
+    let a = &bytes[8 + n + start..8 + n + end];
+    for (i, v) in a.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).enumerate() {
+        assert_eq!(v, (i % 1000) as f32 - 15.0, "model value {i}");
     }
     wait_gone(&tag);
 }

@@ -8,6 +8,8 @@
 //! every chunk of the answer lands in its place in the parameters; a wrong
 //! chunk, a short one, a refusal or a cut connection fail the step, and so
 //! does a server that stops reading (the step does not wait for an answer).
+//! A step read into memory shared with a program is unharmed by what the
+//! program writes there meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,4 +343,105 @@ async fn a_step_fails_when_the_server_stops_reading() {
     let _ = done_tx.send(());
     drop(links);
     server.await.unwrap();
+}
+
+/// Floats per chunk of [`scribbled_step`]'s shard (1 MiB), and its chunks.
+const BIG_CHUNK: usize = 1 << 18;
+const BIG_CHUNKS: usize = 4;
+
+/// Plaintext bytes per TLS record (2^14), as the record layer sends them.
+const RECORD: usize = 1 << 14;
+
+/// A step read into memory shared with a program (the KV endpoint's
+/// `share`), while another thread, standing in for the program, keeps
+/// writing a TLS content type (handshake, 0x16) at every byte where a
+/// record's inner content type lands when a record of the answer is opened
+/// straight into the destination (each chunk frame sent on its own, so its
+/// records start with it), through
+/// [`warden_agent::train::roles::link::exchange_into_shared`]. (The same
+/// step through the plain [`exchange`] into that memory fails: "truncated
+/// TLS handshake message".) Returns what the step gave, and whether every
+/// value the thread did not write is the server's.
+#[allow(unsafe_code)] // a second mapping of the shared file, written as the program would
+async fn scribbled_step() -> (Result<(), String>, bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use warden_agent::train::roles::link::exchange_into_shared;
+    use warden_agent::train::shared::Shared;
+    let len = BIG_CHUNK * BIG_CHUNKS;
+    let (pki, stand_in, addr) = stand_in().await;
+    let server = tokio::spawn(async move {
+        let mut s = stand_in.welcome().await;
+        let mut buf = Vec::new();
+        for _ in 0..2 * BIG_CHUNKS {
+            assert!(read_frame(&mut s, 8 << 20, &mut buf).await.unwrap());
+        }
+        let mut out = Vec::new();
+        for (c, r) in chunk_ranges(len, BIG_CHUNK).into_iter().enumerate() {
+            out.clear();
+            encode_params_chunk(1, c as u32, &r.map(served).collect::<Vec<_>>(), &mut out);
+            s.write_all(&out).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, 1 << 20, &mut rest)).await;
+    });
+    let conn = connect(&pki.issue(Role::Worker, 0), pki.id(Role::Server, 0), addr, 8 << 20, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut links = vec![Link::spawn(conn, 0..len, BIG_CHUNK)];
+    let mut shared = Shared::new(len).unwrap();
+    let head = HEADER_LEN + PARAMS_CHUNK_HEAD;
+    // Byte offsets in the parameters where record k >= 1 of a chunk frame
+    // ends (the frame's head rides in its first record).
+    let marks: Vec<usize> = (0..BIG_CHUNKS)
+        .flat_map(|c| (2..).map(move |k| (c, k * RECORD - head)).take_while(|(_, at)| *at < 4 * BIG_CHUNK))
+        .map(|(c, at)| 4 * BIG_CHUNK * c + at)
+        .collect();
+    let total = 2 * shared.params_offset();
+    let map = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            std::num::NonZeroUsize::new(total).unwrap(),
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &shared.fd,
+            0,
+        )
+    }
+    .unwrap();
+    let params_at = map.as_ptr() as usize + shared.params_offset();
+    let stop = Arc::new(AtomicBool::new(false));
+    let scribbler = {
+        let (stop, marks) = (stop.clone(), marks.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for at in &marks {
+                    // SAFETY: `at` is inside the parameter region, mapped above.
+                    unsafe { std::ptr::write_volatile((params_at + at) as *mut u8, 0x16) };
+                }
+            }
+        })
+    };
+    let grad: Gradient = Arc::new(vec![1e-3f32; len]);
+    let mut traffic = Traffic::default();
+    let step = exchange_into_shared(&mut links, &mut shared.params, Some(&grad), SyncMode::Sync, &mut traffic);
+    let step = tokio::time::timeout(Duration::from_secs(30), step)
+        .await
+        .expect("the step ends, one way or the other")
+        .map_err(|e| e.message);
+    stop.store(true, Ordering::Relaxed);
+    scribbler.join().unwrap();
+    let written: std::collections::HashSet<usize> = marks.iter().map(|at| at / 4).collect();
+    let intact = shared.params.values().iter().enumerate().all(|(i, &v)| written.contains(&i) || v == served(i));
+    close_links(links).await;
+    let _ = server.await;
+    unsafe { nix::sys::mman::munmap(map, total) }.unwrap();
+    (step, intact)
+}
+
+#[tokio::test]
+async fn a_step_into_shared_memory_ignores_what_the_program_writes_there() {
+    let (step, intact) = scribbled_step().await;
+    step.unwrap();
+    assert!(intact, "every value the program did not overwrite is the server's");
 }

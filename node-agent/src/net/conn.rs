@@ -567,15 +567,16 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         Ok(Split::Whole(self.buf.frame()))
     }
 
-    /// Reads the rest of the frame whose head [`RecvHalf::recv_head`] gave,
-    /// into `dst` (exactly that long).
+    /// Reads the next `dst.len()` bytes of the frame whose head
+    /// [`RecvHalf::recv_head`] gave into `dst`: all of its rest at once,
+    /// or in parts, in order (at most what is left).
     pub async fn recv_rest(&mut self, dst: &mut [u8]) -> Result<(), ConnError> {
-        if dst.len() != self.rest {
+        if dst.len() > self.rest {
             // The stream stays mid-frame: every later read refuses.
             return Err(half_read());
         }
         read_full(&mut self.r, dst, Some(self.stall)).await?;
-        self.rest = 0;
+        self.rest -= dst.len();
         Ok(())
     }
 

@@ -39,9 +39,10 @@
 //! bytes; the answer lists each tensor's `offset` (in values) and shape. A
 //! program that maps it and computes its gradient in the gradient region
 //! pushes with `"shared": true` and no payload: the agent seals the step
-//! straight from that memory and decrypts the servers' answers straight
-//! into the parameter region, as the built-in worker does with its own
-//! vectors; no value is copied in user space. Once shared, every push lands
+//! straight from that memory, as the built-in worker does from its own
+//! gradient, and opens the servers' answers in a buffer of its own (never
+//! in memory the program can write), each record's values then copied into
+//! the parameter region while in cache. Once shared, every push lands
 //! in the gradient region (a push with a payload or `from` is copied there)
 //! and the push that completes a step returns when its answer is in the
 //! parameter region; a pull with `"into_shared": true` is answered at once,
@@ -747,11 +748,12 @@ impl Kv {
         self.pushed[i] = true;
         if self.pushed.iter().all(|p| *p) {
             let grad: Gradient = sharing.grads.clone();
-            let params = sharing.params.values_mut();
-            link::exchange(&mut self.links, params, Some(&grad), self.mode, F32, &mut self.traffic)
-                .await
-                .map_err(KvError::ServerLink)?;
+            let (params, mode) = (&mut sharing.params, self.mode);
+            let sent = link::exchange_into_shared(&mut self.links, params, Some(&grad), mode, &mut self.traffic).await;
+            // A failed step is not half pushed: the program is told why,
+            // and the next step starts afresh (if the links still can).
             self.pushed.fill(false);
+            sent.map_err(KvError::ServerLink)?;
             self.step += 1;
             self.fetched_at = Some(self.step);
             self.fresh = true;
@@ -761,7 +763,7 @@ impl Kv {
 
     /// Shares the gradient and the parameters with the program (`share`):
     /// the memory, made the first time, and the answer that describes it.
-    async fn share(&mut self) -> Result<(serde_json::Value, BorrowedFd<'_>), KvError> {
+    async fn share(&mut self) -> Result<(serde_json::Value, std::os::fd::OwnedFd), KvError> {
         if self.sharing.is_none() {
             if self.pushed.iter().any(|p| *p) {
                 return Err(KvError::ShareMidStep(self.missing()));
@@ -790,7 +792,7 @@ impl Kv {
             "params_offset": sharing.params_offset,
             "tensors": tensors,
         });
-        Ok((answer, sharing.fd.as_fd()))
+        Ok((answer, sharing.fd.as_fd().try_clone_to_owned().map_err(KvError::Share)?))
     }
 
     /// Brings tensor `i`'s newest values in (to the links' kept answers or
@@ -841,6 +843,16 @@ impl Kv {
             return Ok(Vec::new());
         }
         self.pushed.fill(false);
+        if self.sharing.is_some() {
+            // Not the shared copy, which the program may have written:
+            // the servers' values, into memory of the agent's own.
+            self.collect().await?;
+            let mut params = vec![0.0; self.sharing.as_ref().map_or(0, |s| s.params.values().len())];
+            link::exchange(&mut self.links, &mut params, None, self.mode, F32, &mut self.traffic)
+                .await
+                .map_err(KvError::ServerLink)?;
+            return Ok(params);
+        }
         self.pull(0).await?;
         self.take_kept()?;
         Ok(self.params().to_vec())
@@ -1061,9 +1073,11 @@ async fn serve_conn(
             continue;
         }
         if req.op == "share" {
-            let mut kv = kv.lock().await;
-            match kv.share().await {
-                Ok((answer, fd)) => reply_with_fd(&mut s, &answer, fd).await?,
+            // Sent once the lock is let go: a client that stops reading
+            // holds up nobody else.
+            let shared = kv.lock().await.share().await;
+            match shared {
+                Ok((answer, fd)) => reply_with_fd(&mut s, &answer, fd.as_fd()).await?,
                 Err(why) => reply(&mut s, &refusal(&why), &[]).await?,
             }
             continue;
@@ -1180,14 +1194,17 @@ async fn reply_with_fd(s: &mut UnixStream, header: &serde_json::Value, fd: Borro
         });
         match once {
             Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => continue,
             Err(e) => return Err(e),
         }
     };
     s.write_all(&msg[sent..]).await
 }
 
-/// The parameters' values: the shared memory's once there is one.
+/// The parameters' values: the shared memory's once there is one. Only
+/// for copies (from the links' own frames, as `exchange` without a
+/// gradient and `finish_step` make them): a step read into the shared
+/// memory goes through [`link::exchange_into_shared`].
 fn params_mut<'a>(sharing: &'a mut Option<Sharing>, own: &'a mut [f32]) -> &'a mut [f32] {
     match sharing {
         Some(s) => s.params.values_mut(),

@@ -8,11 +8,17 @@
 //!
 //! What the program can do to this memory, and why each is harmless:
 //! - *write it at any time*, also while the agent encrypts from it or
-//!   decrypts into it. The agent never interprets these bytes: the gradient
-//!   goes to the cipher as it is (a program that changes it mid-push sends
-//!   a gradient of its own making, which it could anyway; the servers check
-//!   every value), and nothing the agent decides depends on the parameter
-//!   region's contents.
+//!   copies into it. The agent never decides anything from these bytes: it
+//!   only moves them. The gradient goes to the cipher as it is (a program
+//!   that changes it mid-push sends a gradient of its own making, which it
+//!   could anyway; the servers check every value, and the record's tag is
+//!   computed over the agent's private ciphertext). Answers are opened in
+//!   a buffer of the agent's own and then copied here
+//!   ([`crate::train::roles::link::exchange_into_shared`]):
+//!   the record layer reads a record's content type and length from its
+//!   plaintext, which must not be memory the program can change. The model
+//!   file is pulled from the servers into private memory, not taken from
+//!   here.
 //! - *shrink or grow the file* (which would make the agent's accesses fault
 //!   with SIGBUS): refused by the kernel, the memfd is sealed against both
 //!   (and against removing the seals) before the program gets it.
@@ -42,26 +48,31 @@ pub struct Region {
     mapped: usize,
 }
 
-// SAFETY: the region is plain memory owned by this value; the agent's
-// accesses go through `&self`/`&mut self` as for a `Vec<f32>`. (The
-// program's concurrent writes are the subject of the module's notes.)
+// SAFETY: the mapping belongs to this value (unmapped on drop) and the
+// agent's accesses go through `&self`/`&mut self` as for a `Vec<f32>`.
+// Another process may write the same pages at any time; see `values`.
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// The values.
+    /// The values. The program may change them while the slice lives (a
+    /// race Rust's model does not describe): callers only move them (the
+    /// cipher, copies, conversions) and never branch on them, so such a
+    /// write changes values, never the agent's course.
     pub fn values(&self) -> &[f32] {
         // SAFETY: `ptr` maps `mapped >= 4 * floats` bytes, readable and
         // writable, page-aligned, for as long as `self` lives; the file's
-        // seals keep every page of it backed.
+        // seals keep every page of it backed (no SIGBUS). Every bit pattern
+        // is an f32. Concurrent writes by the program: see above.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.floats) }
     }
 
-    /// The values, to write.
+    /// The values, to write (the agent's only access while it lasts; the
+    /// program's writes are as in [`Region::values`]).
     pub fn values_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as in `values`, and `&mut self` makes this the agent's
-        // only access.
+        // SAFETY: as in `values`; `&mut self` excludes the agent's other
+        // accesses.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.floats) }
     }
 }

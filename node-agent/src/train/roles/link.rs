@@ -27,6 +27,7 @@ use crate::net::wire::{
     Encoding, Message, PARAMS_CHUNK_HEAD, TAG_PARAMS, TAG_PARAMS_CHUNK, params_chunk_head, params_chunk_view,
     vector_view,
 };
+use crate::train::shared::Region;
 
 /// The receiving side of a server connection.
 type Recv = RecvHalf<tokio::io::ReadHalf<TlsStream>>;
@@ -112,6 +113,9 @@ pub struct Link {
     /// `bodies` hold the last step's chunks, not copied anywhere
     /// ([`finish_step_kept`]).
     kept: bool,
+    /// Where [`exchange_into_shared`] opens records before their values go
+    /// on to the parameters (made on first use).
+    bounce: Vec<u8>,
     due: Due,
     /// The task that owns the connection.
     task: tokio::task::JoinHandle<()>,
@@ -166,6 +170,7 @@ impl Link {
             recv: Some(recv),
             torn: false,
             kept: false,
+            bounce: Vec::new(),
             due: Due::Nothing,
             task,
         }
@@ -566,7 +571,40 @@ pub async fn exchange(
     compression: Compression,
     t: &mut Traffic,
 ) -> Result<(), RoleError> {
+    exchange_with(links, params, grad, (mode, compression), t, false).await
+}
+
+/// [`exchange`] of f32 pushes into parameters in memory another process may
+/// write (shared with a program, [`crate::train::shared`]): each record of
+/// the answer is opened in a buffer of the link's own and its values copied
+/// on from there. The record layer reads a record's content type and
+/// length back from the plaintext it decrypted, which must not be memory
+/// the program can change under it.
+pub async fn exchange_into_shared(
+    links: &mut [Link],
+    params: &mut Region,
+    grad: Option<&Gradient>,
+    mode: SyncMode,
+    t: &mut Traffic,
+) -> Result<(), RoleError> {
+    for link in links.iter_mut().filter(|l| l.bounce.is_empty()) {
+        link.bounce = vec![0; crate::net::record::READ_AHEAD];
+    }
+    let f32s = Compression { encoding: Encoding::F32, threshold: 0.0 };
+    exchange_with(links, params.values_mut(), grad, (mode, f32s), t, true).await
+}
+
+/// [`exchange`], opening records in the links' own buffers if `private`.
+async fn exchange_with(
+    links: &mut [Link],
+    params: &mut [f32],
+    grad: Option<&Gradient>,
+    (mode, compression): (SyncMode, Compression),
+    t: &mut Traffic,
+    private: bool,
+) -> Result<(), RoleError> {
     let Some(grad) = grad else {
+        // The answer is read into the links' own frames and copied from there.
         send_step(links, None, mode, compression).await?;
         return finish_step(links, params, t).await;
     };
@@ -581,7 +619,7 @@ pub async fn exchange(
         link.torn = true;
         link.send_with(None, 0, None, Due::Ack).await?;
     }
-    let steps = shards_of(links, params)?.into_iter().map(|(link, shard)| link.take_step(shard));
+    let steps = shards_of(links, params)?.into_iter().map(|(link, shard)| link.take_step(shard, private));
     for (pushed, pulled) in futures_util::future::try_join_all(steps).await? {
         t.pushed += pushed;
         t.pulled += pulled;
@@ -614,11 +652,12 @@ fn shards_of<'a>(
 impl Link {
     /// The rest of a step [`exchange`] sent: reads the server's answer,
     /// every chunk's values straight into `shard` (its place in the
-    /// parameters), while the task's sending finishes; a failed send ends
-    /// the step at once. Returns the bytes pushed and pulled. The link stays
+    /// parameters; through the link's own buffer if `private`), while the
+    /// task's sending finishes; a failed send ends the step at once. Returns the bytes pushed and pulled. The link stays
     /// torn unless both complete.
-    async fn take_step(&mut self, shard: &mut [f32]) -> Result<(u64, u64), RoleError> {
-        let Link { recv, chunks, rx, .. } = self;
+    async fn take_step(&mut self, shard: &mut [f32], private: bool) -> Result<(u64, u64), RoleError> {
+        let Link { recv, chunks, rx, bounce, .. } = self;
+        let bounce = if private { bounce.as_mut_slice() } else { &mut [] };
         let recv = recv.as_mut().ok_or_else(|| RoleError::new("a server link cannot take a step now"))?;
         let sent = async {
             match rx.recv().await {
@@ -626,7 +665,7 @@ impl Link {
                 None => Err(RoleError::follows("lost a server link")),
             }
         };
-        let ((version, pulled), reply) = tokio::try_join!(read_chunks(recv, chunks, shard), sent)?;
+        let ((version, pulled), reply) = tokio::try_join!(read_chunks(recv, chunks, shard, bounce), sent)?;
         self.due = Due::Nothing;
         self.version = version;
         self.frames = reply.frames;
@@ -638,9 +677,15 @@ impl Link {
 }
 
 /// Reads a step's answer of `chunks` from `recv`, each chunk's head checked
-/// before its values are decrypted into their place in `shard`. Returns
-/// the lowest version and the bytes received.
-async fn read_chunks(recv: &mut Recv, chunks: &[Range<usize>], shard: &mut [f32]) -> Result<(u64, u64), RoleError> {
+/// before its values are decrypted into their place in `shard` (through
+/// `bounce` unless it is empty). Returns the lowest version and the bytes
+/// received.
+async fn read_chunks(
+    recv: &mut Recv,
+    chunks: &[Range<usize>],
+    shard: &mut [f32],
+    bounce: &mut [u8],
+) -> Result<(u64, u64), RoleError> {
     let (mut version, mut bytes) = (u64::MAX, 0);
     for (c, r) in chunks.iter().enumerate() {
         let values = &mut shard[r.clone()];
@@ -651,7 +696,16 @@ async fn read_chunks(recv: &mut Recv, chunks: &[Range<usize>], shard: &mut [f32]
         let (v, chunk, n) = got.map_err(|e| RoleError::new(format!("from a server: {e}")))?;
         // A frame of another kind or length cannot pass this check.
         check_chunk((chunk, n), (c, r.len()))?;
-        recv.recv_rest(bytemuck::cast_slice_mut(values)).await?;
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(values);
+        if bounce.is_empty() {
+            recv.recv_rest(dst).await?;
+        } else {
+            for part in dst.chunks_mut(bounce.len()) {
+                let private = &mut bounce[..part.len()];
+                recv.recv_rest(private).await?;
+                part.copy_from_slice(private);
+            }
+        }
         if cfg!(target_endian = "big") {
             values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
         }
