@@ -3,8 +3,10 @@
 Run by `warden launch configs/byo-numpy.toml --local`, once per worker rank:
 each rank reads its share of the Fashion-MNIST images, computes gradients
 of softmax regression with numpy, pushes them to the servers (which apply
-the job's optimizer to the sum over workers) and pulls the new weights.
-The data directory is the first argument.
+the job's optimizer to the sum over workers) and gets the new weights.
+The gradients are computed straight into memory shared with the warden
+agent, and the weights arrive in it: no copies. The data directory is the
+first argument.
 """
 
 import os
@@ -23,7 +25,8 @@ def load(data_dir, split):
     return x, y
 
 
-def loss_and_grads(w, b, x, y):
+def loss_and_grads(w, b, x, y, gw=None, gb=None):
+    """The mean loss and its gradients (written into `gw` and `gb` if given)."""
     logits = x @ w + b
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
@@ -31,7 +34,7 @@ def loss_and_grads(w, b, x, y):
     loss = -np.log(p[np.arange(len(y)), y] + 1e-12).mean()
     p[np.arange(len(y)), y] -= 1.0
     p /= len(y)
-    return loss, x.T @ p, p.sum(axis=0)
+    return loss, np.matmul(x.T, p, out=gw), p.sum(axis=0, out=gb)
 
 
 def main():
@@ -51,18 +54,22 @@ def main():
     b = np.zeros(10, dtype=np.float32)
     store.init("w", w)
     store.init("b", b)
-    w, b = store.pull("w"), store.pull("b")  # worker 0's values, on every rank
+    # Arrays in memory shared with the agent: gradients go out from
+    # `grads`, the servers' new weights arrive in `params`.
+    shared = store.share()
+    w, b = shared.params["w"], shared.params["b"]
+    gw, gb = shared.grads["w"], shared.grads["b"]
+    store.pull("w", out=w)  # worker 0's values, on every rank
+    store.pull("b", out=b)
     for epoch in range(1, epochs + 1):
         order = np.random.default_rng([seed, rank, epoch]).permutation(len(x))
         started, losses = time.time(), []
         for s in range(steps):
             i = order[s * batch : (s + 1) * batch]
-            loss, gw, gb = loss_and_grads(w, b, x[i], y[i])
+            loss, _, _ = loss_and_grads(w, b, x[i], y[i], gw, gb)
             losses.append(loss)
             store.push("w", gw)
-            store.push("b", gb)
-            store.pull("w", out=w)
-            store.pull("b", out=b)
+            store.push("b", gb)  # the step's last push: w and b now hold the new weights
         report = {"samples": steps * batch}
         if rank == 0:
             test_loss, _, _ = loss_and_grads(w, b, tx, ty)
