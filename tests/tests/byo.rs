@@ -495,25 +495,33 @@ import numpy as np
 sys.path.insert(0, {dir:?})
 import train_numpy as t
 behaviour = {behaviour:?}
+def deliver(loss, vw, vb, gw, gb):
+    # As the program's own function does: into `gw` and `gb` when given
+    # (its arrays in memory shared with the agent).
+    if gw is None:
+        return loss, vw, vb
+    np.copyto(gw, vw)
+    np.copyto(gb, vb)
+    return loss, gw, gb
 if behaviour.endswith("+momentum"):
     # Every rank pushes its momentum (beta 0.9) instead of its gradient,
     # as centered clipping assumes.
     plain, state = t.loss_and_grads, {{}}
-    def with_momentum(*a):
-        loss, gw, gb = plain(*a)
-        mw, mb = state.get("m", (0 * gw, 0 * gb))
-        state["m"] = (0.9 * mw + gw, 0.9 * mb + gb)
-        return (loss, *state["m"])
+    def with_momentum(w, b, x, y, gw=None, gb=None):
+        loss, vw, vb = plain(w, b, x, y)
+        mw, mb = state.get("m", (0 * vw, 0 * vb))
+        state["m"] = (0.9 * mw + vw, 0.9 * mb + vb)
+        return deliver(loss, *state["m"], gw, gb)
     t.loss_and_grads = with_momentum
 if os.environ["WARDEN_RANK"] == "4" and behaviour != "honest":
     honest = t.loss_and_grads
-    def hostile(*a):
-        loss, gw, gb = honest(*a)
+    def hostile(w, b, x, y, gw=None, gb=None):
+        loss, vw, vb = honest(w, b, x, y)
         if behaviour == "nan":
-            gw = gw.copy()
-            gw[3, 3] = np.nan
-            return loss, gw, gb
-        return loss, -100 * gw, -100 * gb
+            vw = vw.copy()
+            vw[3, 3] = np.nan
+            return deliver(loss, vw, vb, gw, gb)
+        return deliver(loss, -100 * vw, -100 * vb, gw, gb)
     t.loss_and_grads = hostile
 t.main()
 "#,
@@ -620,10 +628,10 @@ fn a_hostile_worker_ruins_the_mean_and_not_the_trimmed_mean_or_the_median() {
 }
 
 /// A program whose worker 0 asks for a pull and exits without reading the
-/// answer, while worker 1 has not pushed yet: the agent's pull is cut off
-/// mid-wait when the program's connection ends, and the model must still
-/// hold the step's full result (every server's shard of it), not hang or
-/// keep a shard from before the step.
+/// answer, while worker 1 has not pushed yet: the agent's pull, left under
+/// way, runs to its end once worker 1 pushes, and the model must hold the
+/// step's full result (every server's shard of it), not hang or keep a
+/// shard from before the step.
 #[test]
 fn a_program_that_exits_with_a_pull_outstanding_still_gets_the_whole_model() {
     use std::os::unix::fs::PermissionsExt;

@@ -1353,9 +1353,24 @@ async fn serve_until_exit(
             }
         }
     };
+    // A request the program left under way (a step whose answer it did
+    // not wait for, say) runs to its end first: a request holds both locks
+    // while it works on the server links, and stopping it there would leave
+    // a link mid-frame. Connections waiting for their next request hold
+    // neither and end at once. One that never ends (a barrier no other
+    // worker reaches) is stopped after a while all the same.
+    let locks = async { (kv.lock().await, sched.lock().await) };
+    let held = tokio::time::timeout(LEFT_UNDER_WAY, locks).await;
+    if held.is_err() {
+        tracing::warn!("a request of the program's was still under way {LEFT_UNDER_WAY:?} after it exited; stopped");
+    }
     tasks.abort_all();
+    drop(held);
     Ok(status)
 }
+
+/// How long a request the program left under way when it exited may go on.
+const LEFT_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Tells a connection beyond [`MAX_CONNECTIONS`] why it is closed (within a second).
 async fn turn_away(mut s: UnixStream) {
