@@ -83,20 +83,8 @@ pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result
     if !crate::host::harden::started_as_root() {
         // A Slurm step: the prolog (root) may have installed the job's table.
         let prolog = std::env::var("SLURM_JOB_ID").ok().and_then(|id| crate::host::slurm::noted(&id));
-        let warning = match prolog {
-            Some(note) if note.starts_with("refused") => format!(
-                "{host} runs the job as the submitting user (a Slurm step): no uid of its own and no firewall \
-                 table for this job there; the Slurm prolog {note}"
-            ),
-            Some(note) => format!(
-                "{host} runs the job as the submitting user (a Slurm step): no uid of its own for this job there; \
-                 firewall from the Slurm prolog: {note}"
-            ),
-            None => format!(
-                "not running as root on {host}: no firewall table and no uid of its own for this job there (run as root to get them)"
-            ),
-        };
-        return Ok(Setup { uid: None, warning: Some(warning) });
+        let ports = crate::job::plan::ruleset_ports(ruleset);
+        return Ok(Setup { uid: None, warning: Some(unprivileged_warning(host, prolog.as_deref(), &ports)) });
     }
     let uid = crate::host::jobuid::lease(job, host, uids)?;
     let table = crate::job::plan::firewall_table(job);
@@ -106,6 +94,34 @@ pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result
         return Err(e.into());
     }
     Ok(Setup { uid: Some(uid), warning: None })
+}
+
+/// What a host without root says about its job's protection: `note` is
+/// the Slurm prolog's note for the job, if there is one; `ports` the ones
+/// this host's processes listen on. A prolog table that leaves some of
+/// them out is named as such, not as the job's firewall.
+fn unprivileged_warning(host: &str, note: Option<&str>, ports: &[u16]) -> String {
+    let step = format!("{host} runs the job as the submitting user (a Slurm step)");
+    let Some(note) = note else {
+        return format!(
+            "not running as root on {host}: no firewall table and no uid of its own for this job there (run as root to get them)"
+        );
+    };
+    if note.starts_with("refused") {
+        return format!("{step}: no uid of its own and no firewall table for this job there; the Slurm prolog {note}");
+    }
+    let covered = crate::host::slurm::noted_ports(note);
+    let outside: Vec<String> =
+        ports.iter().filter(|p| covered.is_none_or(|(a, b)| **p < a || **p > b)).map(u16::to_string).collect();
+    if outside.is_empty() {
+        return format!("{step}: no uid of its own for this job there; firewall from the Slurm prolog: {note}");
+    }
+    format!(
+        "{step}: no uid of its own for this job there, and the Slurm prolog's table ({note}) does not cover \
+         port(s) {} that the job listens on there: nothing limits who connects to them (the job's Slurm comment \
+         must name its [cluster] ports, as `warden launch` sets it)",
+        outside.join(", ")
+    )
 }
 
 /// Ends every process of the job's `uid` on this host, removes the job's
@@ -266,6 +282,19 @@ pub fn receive_files(input: &mut impl BufRead, dest: &Path, max_bytes: u64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prolog_table_that_misses_the_jobs_ports_is_not_called_its_firewall() {
+        let note = "warden_slurm_7 ports 29500-29509 peers 2";
+        let fine = unprivileged_warning("n1", Some(note), &[29500, 29509]);
+        assert!(fine.contains("firewall from the Slurm prolog: warden_slurm_7"), "{fine}");
+        let missed = unprivileged_warning("n1", Some(note), &[29500, 29510, 31000]);
+        assert!(missed.contains("does not cover port(s) 29510, 31000"), "{missed}");
+        assert!(!missed.contains("firewall from the Slurm prolog"), "{missed}");
+        let refused = unprivileged_warning("n1", Some("refused: ports 1-2 overlap those of job 3"), &[1]);
+        assert!(refused.contains("no firewall table for this job there; the Slurm prolog refused"), "{refused}");
+        assert!(unprivileged_warning("n1", None, &[1]).contains("not running as root on n1"));
+    }
 
     #[test]
     fn files_go_through_and_links_and_oversize_are_refused() {

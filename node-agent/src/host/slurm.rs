@@ -152,10 +152,17 @@ fn overlapping(id: &str, ports: (u16, u16)) -> Option<String> {
     let dir = std::fs::read_dir(NOTES).ok()?;
     dir.flatten().find_map(|e| {
         let other = e.file_name().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(e.path()).ok().filter(|t| !t.starts_with("refused"))?;
-        let (a, b) = text.split_whitespace().skip_while(|w| *w != "ports").nth(1).and_then(parse_range)?;
+        let (a, b) = std::fs::read_to_string(e.path()).ok().and_then(|t| noted_ports(&t))?;
         (other != id && a <= ports.1 && ports.0 <= b).then_some(other)
     })
+}
+
+/// The port range a note names, unless the prolog refused the job.
+pub fn noted_ports(note: &str) -> Option<(u16, u16)> {
+    if note.starts_with("refused") {
+        return None;
+    }
+    note.split_whitespace().skip_while(|w| *w != "ports").nth(1).and_then(parse_range)
 }
 
 /// The epilog: removes the job's table and note; nothing for a job that is

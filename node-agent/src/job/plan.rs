@@ -241,9 +241,26 @@ pub fn firewall_ruleset(table: &str, ports: &[u16], peers: &[IpAddr], job_ports:
     s
 }
 
+/// The ports a ruleset of [`firewall_ruleset`] admits only the job's peers
+/// to (its input chain's), in order.
+pub fn ruleset_ports(ruleset: &str) -> Vec<u16> {
+    let list = ruleset.lines().map(str::trim).find_map(|l| l.strip_prefix("tcp dport { ")?.strip_suffix(" } drop"));
+    list.map(|l| l.split(", ").filter_map(|p| p.parse().ok()).collect()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rulesets_ports_read_back() {
+        let peers = ["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        let all = BTreeSet::from([29500, 29501, 29510]);
+        let ruleset = firewall_ruleset("t", &[29500, 29510], &peers, &all);
+        assert_eq!(ruleset_ports(&ruleset), vec![29500, 29510]);
+        assert_eq!(ruleset_ports(&firewall_ruleset("t", &[], &peers, &all)), Vec::<u16>::new());
+        assert_eq!(ruleset_ports("garbage"), Vec::<u16>::new());
+    }
 
     const JOB: &str = r#"
 [job]
