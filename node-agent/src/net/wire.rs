@@ -432,14 +432,21 @@ pub fn encode_params(version: u64, parts: &[&[f32]], out: &mut Vec<u8>) {
 
 /// Encodes a params_chunk frame straight from a chunk's parameters.
 pub fn encode_params_chunk(version: u64, chunk: u32, data: &[f32], out: &mut Vec<u8>) {
-    let body = 1 + 8 + 4 + 4 + data.len() * 4;
-    out.reserve(HEADER_LEN + body);
+    out.reserve(HEADER_LEN + PARAMS_CHUNK_HEAD + data.len() * 4);
+    encode_params_chunk_head(version, chunk, data.len(), out);
+    warden_kernels::convert::extend_f32_le(out, data);
+}
+
+/// The first [`HEADER_LEN`] + [`PARAMS_CHUNK_HEAD`] bytes of a params_chunk
+/// frame of `count` values, which follow it as little-endian f32 (sent
+/// from where they are, not copied into the frame).
+pub fn encode_params_chunk_head(version: u64, chunk: u32, count: usize, out: &mut Vec<u8>) {
+    let body = PARAMS_CHUNK_HEAD + count * 4;
     out.extend_from_slice(&(body as u32).to_le_bytes());
     out.push(TAG_PARAMS_CHUNK);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&chunk.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    warden_kernels::convert::extend_f32_le(out, data);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
 }
 
 /// The version, chunk and raw little-endian values of a params_chunk body,

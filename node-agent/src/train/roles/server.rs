@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::shard::{Refusal, Shard, ShardStart, Suspect};
+use super::shard::{ChunkAnswer, Refusal, Shard, ShardStart, Suspect};
 use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
 use crate::net::conn::{Acceptor, ConnError, RecvHalf, SendHalf, ServerConn};
 use crate::net::identity::Role;
@@ -606,7 +606,10 @@ async fn write_answers(
         };
         match ready {
             None => return Ok(()),
-            Some(Ok(frame)) => send.send_frame(&frame).await?,
+            Some(Ok(Ready::Frame(frame))) => send.send_frame(&frame).await?,
+            // Sealed from the chunk's values, which the answer holds until
+            // they are.
+            Some(Ok(Ready::Chunk(answer))) => send.send_pieces(answer.pieces()).await?,
             Some(Err(why)) => {
                 send.refuse(&why.to_string()).await;
                 return Err(why.into());
@@ -615,15 +618,23 @@ async fn write_answers(
     }
 }
 
+/// A frame ready to send.
+enum Ready {
+    /// Encoded whole (and shared by every puller).
+    Frame(Arc<Vec<u8>>),
+    /// A chunk's head and values.
+    Chunk(ChunkAnswer),
+}
+
 /// The frame answering `answer`, once the shard can give it.
-async fn ready_frame(shard: &Shard, answer: Answer) -> Result<Arc<Vec<u8>>, Refusal> {
+async fn ready_frame(shard: &Shard, answer: Answer) -> Result<Ready, Refusal> {
     match answer {
-        Answer::Pull(min_version) => shard.reach(min_version).await.map(|()| shard.params_frame()),
+        Answer::Pull(min_version) => shard.reach(min_version).await.map(|()| Ready::Frame(shard.params_frame())),
         Answer::Chunk(chunk, min_version) => {
             shard.reach_chunk(chunk, min_version).await?;
-            shard.chunk_frame(chunk)
+            shard.chunk_answer(chunk).map(Ready::Chunk)
         }
-        Answer::Params => Ok(shard.params_frame()),
+        Answer::Params => Ok(Ready::Frame(shard.params_frame())),
     }
 }
 

@@ -158,7 +158,11 @@ enum Pending {
 
 /// One chunk: its parameters, optimizer state and the step under way.
 struct ChunkState {
-    params: Vec<f32>,
+    /// Shared with the writers sending them ([`Shard::chunk_answer`]); an
+    /// update writes them in place when no writer holds them any more (in
+    /// sync mode the rule: a worker pushes the next step only after it read
+    /// this one's answer whole) and copies them otherwise.
+    params: Arc<Vec<f32>>,
     /// Centered clipping: the previous step's combined gradient (zeros at
     /// the start and after a resume); empty for the other rules.
     center: Vec<f32>,
@@ -173,9 +177,24 @@ struct Chunk {
     range: Range<usize>,
     state: Mutex<ChunkState>,
     version: watch::Sender<u64>,
-    /// The encoded params_chunk frame of the newest version: encoded once,
-    /// sent to every puller.
-    frame: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+/// A chunk's answer to a pull: its frame's head, and the values that
+/// follow it (sent from the chunk's own vector, no copy), or, on a
+/// big-endian target, the whole frame in `head`.
+pub(super) struct ChunkAnswer {
+    /// The frame's first bytes.
+    pub head: Vec<u8>,
+    /// The values, as they were at the head's version.
+    pub values: Option<Arc<Vec<f32>>>,
+}
+
+impl ChunkAnswer {
+    /// The frame's bytes, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        let values = self.values.as_deref().map(|v| bytemuck::cast_slice::<f32, u8>(v));
+        std::iter::once(self.head.as_slice()).chain(values)
+    }
 }
 
 /// Counters of the whole shard.
@@ -334,19 +353,14 @@ impl Shard {
                 None => ShardOptimizer::new(spec, range.len()),
             };
             let state = ChunkState {
-                params: params[range.clone()].to_vec(),
+                params: Arc::new(params[range.clone()].to_vec()),
                 center: if centered.is_some() { vec![0.0; range.len()] } else { Vec::new() },
                 opt,
                 pending: (0..workers).map(|_| Pending::None).collect(),
                 count: 0,
                 version,
             };
-            chunks.push(Chunk {
-                range,
-                state: Mutex::new(state),
-                version: watch::Sender::new(version),
-                frame: Mutex::new(None),
-            });
+            chunks.push(Chunk { range, state: Mutex::new(state), version: watch::Sender::new(version) });
         }
         Ok(Shard {
             chunks,
@@ -471,7 +485,7 @@ impl Shard {
             SyncMode::Async => {
                 let ChunkState { params, opt, .. } = &mut *st;
                 if let Some(g) = view(&incoming, &ch.range) {
-                    opt.apply(params, &[g], 1);
+                    opt.apply(Arc::make_mut(params).as_mut_slice(), &[g], 1);
                 }
                 match incoming {
                     Pending::Own(v) => Some(v),
@@ -490,6 +504,7 @@ impl Shard {
                     return Ok(spare);
                 }
                 let ChunkState { params, pending, opt, center, .. } = &mut *st;
+                let params = Arc::make_mut(params);
                 // Validated on arrival; the views cannot fail now. Worker order.
                 let grads: Vec<_> = pending.iter().filter_map(|p| view(p, &ch.range)).collect();
                 match self.centered {
@@ -544,12 +559,11 @@ impl Shard {
             return Err(Refusal::InitAfterUpdates(st.version));
         }
         for (st, ch) in states.iter_mut().zip(&self.chunks) {
-            st.params.copy_from_slice(&data[ch.range.clone()]);
+            Arc::make_mut(&mut st.params).copy_from_slice(&data[ch.range.clone()]);
         }
         drop(states);
-        // The cached frames of version 0 are stale now.
+        // The cached frame of version 0 is stale now.
         *lock(&self.frame) = None;
-        self.chunks.iter().for_each(|c| *lock(&c.frame) = None);
         Ok(())
     }
 
@@ -636,22 +650,20 @@ impl Shard {
         frame
     }
 
-    /// The encoded params_chunk frame of chunk `chunk` at its current version.
-    pub fn chunk_frame(&self, chunk: u32) -> Result<Arc<Vec<u8>>, Refusal> {
+    /// Chunk `chunk`'s params_chunk frame at its current version: its
+    /// head, and its values as they are now (the chunk's next update leaves
+    /// them be while the answer holds them).
+    pub fn chunk_answer(&self, chunk: u32) -> Result<ChunkAnswer, Refusal> {
         let ch = self.chunk(chunk)?;
-        let mut cache = lock(&ch.frame);
         let st = lock(&ch.state);
-        if let Some((v, frame)) = cache.as_ref()
-            && *v == st.version
-        {
-            return Ok(frame.clone());
+        let mut head = Vec::with_capacity(crate::net::wire::HEADER_LEN + crate::net::wire::PARAMS_CHUNK_HEAD);
+        if cfg!(target_endian = "big") {
+            // The wire's values are little-endian: the whole frame, encoded.
+            crate::net::wire::encode_params_chunk(st.version, chunk, &st.params, &mut head);
+            return Ok(ChunkAnswer { head, values: None });
         }
-        let mut buf = cache.take().and_then(|(_, f)| Arc::try_unwrap(f).ok()).unwrap_or_default();
-        buf.clear();
-        crate::net::wire::encode_params_chunk(st.version, chunk, &st.params, &mut buf);
-        let frame = Arc::new(buf);
-        *cache = Some((st.version, frame.clone()));
-        Ok(frame)
+        crate::net::wire::encode_params_chunk_head(st.version, chunk, st.params.len(), &mut head);
+        Ok(ChunkAnswer { head, values: Some(st.params.clone()) })
     }
 }
 
@@ -690,7 +702,7 @@ mod tests {
     impl Shard {
         /// Every parameter, in order.
         fn params_values(&self) -> Vec<f32> {
-            self.chunks.iter().flat_map(|c| lock(&c.state).params.clone()).collect()
+            self.chunks.iter().flat_map(|c| lock(&c.state).params.to_vec()).collect()
         }
     }
 
@@ -885,12 +897,43 @@ mod tests {
         push_all(&s, 0, 0, &g[0], Encoding::F32, &mut [0.0; 256], &[0, 1, 2, 3]);
         push_all(&s, 1, 0, &g[1], Encoding::F32, &mut [0.0; 256], &[1]);
         tokio::time::timeout(std::time::Duration::from_secs(5), s.reach_chunk(1, 1)).await.unwrap().unwrap();
-        let frame = s.chunk_frame(1).unwrap();
-        let (v, c, _) = crate::net::wire::params_chunk_view(&frame[HEADER_LEN..]).unwrap();
-        assert_eq!((v, c), (1, 1));
+        let frame: Vec<u8> = s.chunk_answer(1).unwrap().pieces().flatten().copied().collect();
+        let (v, c, values) = crate::net::wire::params_chunk_view(&frame[HEADER_LEN..]).unwrap();
+        assert_eq!((v, c, values.len()), (1, 1, 4 * 64));
         assert_eq!(s.version(), 0, "the other chunks are not in yet");
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), s.reach(1)).await.is_err());
         assert!(s.reach_chunk(9, 1).await.unwrap_err().to_string().contains("has 4 chunks"));
+    }
+
+    /// A chunk's answer keeps the values of its version while the next
+    /// update goes on (which then writes a copy); once no answer holds
+    /// them, an update writes them in place.
+    #[test]
+    fn a_chunk_answer_keeps_its_version_and_updates_copy_only_while_one_is_held() {
+        let s = shard(SyncMode::Sync, 2, 0, 256, 64, OptimizerSpec::sgd(0.5));
+        let step = |t: u64| {
+            let g = grads(2, t, 256);
+            for (w, g) in g.iter().enumerate() {
+                push_all(&s, w as u32, t, g, Encoding::F32, &mut [0.0; 256], &[0, 1, 2, 3]);
+            }
+        };
+        let at = |a: &ChunkAnswer| crate::net::wire::params_chunk_head(&a.head[HEADER_LEN..]).unwrap().0;
+        step(0);
+        let held = s.chunk_answer(2).unwrap();
+        let before = held.values.clone().unwrap();
+        let kept = before.to_vec();
+        step(1);
+        assert_eq!((at(&held), held.values.as_deref().unwrap()), (1, &kept), "the held answer is version 1's");
+        let fresh = s.chunk_answer(2).unwrap();
+        assert_eq!(at(&fresh), 2);
+        assert_ne!(fresh.values.as_deref().unwrap(), &kept, "version 2's values differ");
+        assert!(!Arc::ptr_eq(fresh.values.as_ref().unwrap(), &before), "written to a copy");
+        let where_now = Arc::as_ptr(fresh.values.as_ref().unwrap());
+        drop((held, before, fresh));
+        step(2);
+        let third = s.chunk_answer(2).unwrap();
+        assert_eq!(at(&third), 3);
+        assert_eq!(Arc::as_ptr(third.values.as_ref().unwrap()), where_now, "nobody held them: written in place");
     }
 
     /// A worker whose connection drops mid-step leaves some chunks updated
