@@ -245,3 +245,82 @@ fn add_squares(lanes: &mut [f32; LANES], ok: &mut bool, v: &[f32]) {
 }
 
 crate::isa::multiversion!(fn sum_squares_isa(g: &Grad<'_>) -> (bool, f64) => sum_squares_body);
+
+/// [`Grad::finite_sum_squares`] of little-endian f32 bytes that arrive a
+/// piece at a time (each piece read while it is in cache): the same
+/// result, bit for bit, as the whole at once, whatever the pieces.
+#[derive(Debug, Clone)]
+pub struct SquaresLe {
+    lanes: [f32; LANES],
+    ok: bool,
+    /// Bytes of a value group not yet added (so that each value meets the
+    /// lane it meets in the whole at once).
+    held: [u8; 4 * LANES],
+    held_len: usize,
+}
+
+impl Default for SquaresLe {
+    fn default() -> Self {
+        SquaresLe { lanes: [0.0; LANES], ok: true, held: [0; 4 * LANES], held_len: 0 }
+    }
+}
+
+impl SquaresLe {
+    /// Adds the next bytes, in order.
+    pub fn add(&mut self, mut bytes: &[u8]) {
+        let isa = crate::isa::Isa::best();
+        if self.held_len > 0 {
+            let take = (self.held.len() - self.held_len).min(bytes.len());
+            self.held[self.held_len..self.held_len + take].copy_from_slice(&bytes[..take]);
+            self.held_len += take;
+            bytes = &bytes[take..];
+            if self.held_len < self.held.len() {
+                return;
+            }
+            let held = self.held;
+            self.ok &= squares_more_isa(isa, &mut self.lanes, &held);
+            self.held_len = 0;
+        }
+        let whole = bytes.len() / self.held.len() * self.held.len();
+        self.ok &= squares_more_isa(isa, &mut self.lanes, &bytes[..whole]);
+        let rest = &bytes[whole..];
+        self.held[..rest.len()].copy_from_slice(rest);
+        self.held_len = rest.len();
+    }
+
+    /// The sum of squares of every value added, or `None` if one is not
+    /// finite (or the bytes do not end on a whole value).
+    pub fn finish(mut self) -> Option<f64> {
+        if !self.held_len.is_multiple_of(4) {
+            return None;
+        }
+        let held = self.held;
+        self.ok &= squares_more_isa(crate::isa::Isa::best(), &mut self.lanes, &held[..self.held_len]);
+        self.ok.then(|| self.lanes.iter().map(|&l| f64::from(l)).sum())
+    }
+}
+
+/// Adds the squares of little-endian f32 `bytes` (starting at a value
+/// whose index is a multiple of [`LANES`]) into `lanes`; whether all are
+/// finite. Read where they are (unaligned), each value into the lane and
+/// in the order [`sum_squares_body`] gives it.
+#[inline(always)]
+fn squares_more_body(lanes: &mut [f32; LANES], bytes: &[u8]) -> bool {
+    let mut ok = true;
+    let (groups, rest) = bytes.as_chunks::<{ 4 * LANES }>();
+    for g in groups {
+        for (l, x) in lanes.iter_mut().zip(g.as_chunks::<4>().0) {
+            let x = f32::from_le_bytes(*x);
+            ok &= x.is_finite();
+            *l += x * x;
+        }
+    }
+    for (l, x) in lanes.iter_mut().zip(rest.as_chunks::<4>().0) {
+        let x = f32::from_le_bytes(*x);
+        ok &= x.is_finite();
+        *l += x * x;
+    }
+    ok
+}
+
+crate::isa::multiversion!(fn squares_more_isa(lanes: &mut [f32; LANES], bytes: &[u8]) -> bool => squares_more_body);

@@ -30,7 +30,7 @@ pub mod robust;
 pub mod twobit;
 pub mod update;
 
-pub use grad::Grad;
+pub use grad::{Grad, SquaresLe};
 pub use isa::Isa;
 pub use packed::{PackedB, sgemm_packed};
 pub use robust::Combine;

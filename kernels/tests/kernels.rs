@@ -563,6 +563,35 @@ fn sum_of_squares_matches_the_reference_and_refuses_what_is_not_finite() {
     }
 }
 
+/// Squares of little-endian f32 bytes added a piece at a time, cut
+/// anywhere (mid-value too), equal the whole at once to the bit; a NaN in
+/// any piece, or bytes that end mid-value, give `None`.
+#[test]
+fn sums_of_squares_in_pieces_equal_the_whole_at_once() {
+    let v = values(70_001, 3);
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let whole = warden_kernels::Grad::F32Le(&bytes).finite_sum_squares().unwrap();
+    for cuts in [vec![1usize], vec![64, 4096], vec![3, 5, 7, 262_144], vec![65_537, 13]] {
+        let mut acc = warden_kernels::SquaresLe::default();
+        let (mut at, mut i) = (0, 0);
+        while at < bytes.len() {
+            let end = (at + cuts[i % cuts.len()]).min(bytes.len());
+            acc.add(&bytes[at..end]);
+            (at, i) = (end, i + 1);
+        }
+        assert_eq!(acc.finish().map(f64::to_bits), Some(whole.to_bits()), "cut every {cuts:?}");
+    }
+    let mut bad = v.clone();
+    bad[40_000] = f32::NAN;
+    let bad: Vec<u8> = bad.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut acc = warden_kernels::SquaresLe::default();
+    bad.chunks(1000).for_each(|c| acc.add(c));
+    assert_eq!(acc.finish(), None);
+    let mut acc = warden_kernels::SquaresLe::default();
+    acc.add(&bytes[..4001]);
+    assert_eq!(acc.finish(), None, "bytes that end mid-value");
+}
+
 /// Centered clipping on every instruction-set path and thread count equals
 /// its plain reference to the bit (then one update with that gradient), and
 /// a gradient far from the center moves the result by at most radius / N.

@@ -308,18 +308,45 @@ async fn read_len<R: AsyncRead + Unpin>(
     Ok(Some(len as usize))
 }
 
+/// [`read_frame_within`] of a frame that has begun, showing `seen` each
+/// read's bytes as they arrive (while they are in cache), in order.
+async fn read_frame_seen<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    buf: &mut FrameBuf,
+    stall: Duration,
+    seen: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<bool, ConnError> {
+    let Some(len) = read_len(r, max, Some(stall)).await? else {
+        return Ok(false);
+    };
+    fill_seen(r, buf.prepare(len), stall, seen).await?;
+    Ok(true)
+}
+
 /// Fills `dst` from `r` (part of a frame that has begun).
 async fn read_full<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8], stall: Option<Duration>) -> Result<(), ConnError> {
-    let Some(stall) = stall else {
-        r.read_exact(dst).await?;
-        return Ok(());
-    };
+    match stall {
+        None => Ok(r.read_exact(dst).await.map(drop)?),
+        Some(stall) => fill_seen(r, dst, stall, &mut |_| {}).await,
+    }
+}
+
+/// Fills `dst` from `r`, showing `seen` each read's bytes; a peer that
+/// sends nothing for `stall` is given up on.
+async fn fill_seen<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dst: &mut [u8],
+    stall: Duration,
+    seen: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<(), ConnError> {
     let mut filled = 0;
     while filled < dst.len() {
         let n = timeout(stall, r.read(&mut dst[filled..])).await.map_err(|_| ConnError::Timeout(STALLED_SENDING))??;
         if n == 0 {
             return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
+        seen(&dst[filled..filled + n]);
         filled += n;
     }
     Ok(())
@@ -530,6 +557,18 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
         self.between_frames()?;
         if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
+            return Err(ConnError::Closed(self.peer.to_string()));
+        }
+        check_raw(self.buf.frame(), &self.peer)?;
+        Ok(self.buf.frame())
+    }
+
+    /// [`RecvHalf::recv_raw`] that shows `seen` the frame's bytes in
+    /// order as they arrive, each read's while it is in cache (a server
+    /// checks a push's values then instead of reading them all again).
+    pub async fn recv_raw_seen(&mut self, seen: &mut (dyn FnMut(&[u8]) + Send)) -> Result<&[u8], ConnError> {
+        self.between_frames()?;
+        if !read_frame_seen(&mut self.r, self.max_frame, &mut self.buf, self.stall, seen).await? {
             return Err(ConnError::Closed(self.peer.to_string()));
         }
         check_raw(self.buf.frame(), &self.peer)?;

@@ -337,6 +337,18 @@ pub fn encode_push_chunk(
     encode_any_push(step, Some(chunk), data, enc, threshold, residual, out)
 }
 
+/// Bytes of a push_chunk body of f32 values before its values: tag, step,
+/// chunk, encoding and count.
+pub const PUSH_CHUNK_F32_HEAD: usize = 1 + 8 + 4 + 1 + 4;
+
+/// Whether a frame body beginning with `head` (at least
+/// [`PUSH_CHUNK_F32_HEAD`] bytes) is a push_chunk of f32 values, whose
+/// values then start at [`PUSH_CHUNK_F32_HEAD`]. The rest of the frame
+/// is checked when it is decoded.
+pub fn is_push_chunk_f32(head: &[u8]) -> bool {
+    head.len() >= PUSH_CHUNK_F32_HEAD && head[0] == TAG_PUSH_CHUNK && head[1 + 8 + 4] == Encoding::F32 as u8
+}
+
 /// The head of an f32 [`encode_push_chunk`] frame of `count` values: the
 /// frame is this followed by the values as little-endian f32 bytes, which
 /// the caller sends from where they are.

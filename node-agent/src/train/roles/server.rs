@@ -638,6 +638,44 @@ async fn ready_frame(shard: &Shard, answer: Answer) -> Result<Ready, Refusal> {
     }
 }
 
+/// The finite check and squared norm of an f32 push_chunk's values, taken
+/// as its bytes arrive (each read's while in cache) rather than in a pass
+/// over the whole frame afterwards; the same figure to the bit.
+#[derive(Default)]
+struct SeenValues {
+    /// The frame's first bytes, until they say what it is.
+    head: Vec<u8>,
+    /// Some once the head showed an f32 push_chunk.
+    squares: Option<warden_kernels::SquaresLe>,
+}
+
+impl SeenValues {
+    fn see(&mut self, mut bytes: &[u8]) {
+        use crate::net::wire::{PUSH_CHUNK_F32_HEAD, is_push_chunk_f32};
+        if self.squares.is_none() {
+            if self.head.len() >= PUSH_CHUNK_F32_HEAD {
+                return; // not an f32 push_chunk
+            }
+            let take = (PUSH_CHUNK_F32_HEAD - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.head.len() < PUSH_CHUNK_F32_HEAD || !is_push_chunk_f32(&self.head) {
+                return;
+            }
+            self.squares = Some(warden_kernels::SquaresLe::default());
+        }
+        if let Some(s) = self.squares.as_mut() {
+            s.add(bytes);
+        }
+    }
+
+    /// The values' sum of squares (`Some(None)`: one is not finite), if
+    /// the frame was an f32 push_chunk.
+    fn checked(self) -> Option<Option<f64>> {
+        self.squares.map(warden_kernels::SquaresLe::finish)
+    }
+}
+
 /// The worker's next request, `None` once it closed the connection, or why
 /// it could not be received (the caller tells the worker). A push
 /// is applied here, straight from the received bytes, which change places
@@ -648,10 +686,11 @@ async fn receive(
     rank: u32,
     spare: &mut Vec<u8>,
 ) -> Result<Option<Action>, ConnError> {
-    match recv.recv_raw().await {
+    let mut values = SeenValues::default();
+    match recv.recv_raw_seen(&mut |bytes| values.see(bytes)).await {
         Ok(body) if body[0] == TAG_PUSH || body[0] == TAG_PUSH_CHUNK => {
             recv.swap_frame(spare);
-            let pushed = shard.push(rank, spare);
+            let pushed = shard.push_checked(rank, spare, values.checked());
             recv.swap_frame(spare);
             Ok(Some(pushed.map_or_else(Action::Refuse, Action::Pushed)))
         }
@@ -752,6 +791,34 @@ impl Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A push's values checked as they arrive, in pieces cut anywhere, give
+    /// what checking the whole body gives; other frames are left alone.
+    #[test]
+    fn values_seen_in_pieces_are_checked_as_the_whole_body_would_be() {
+        use crate::net::wire::{Encoding, HEADER_LEN, encode_push_chunk, push_view};
+        let frame = |values: &[f32], enc: Encoding| {
+            let mut out = Vec::new();
+            encode_push_chunk(3, 1, values, enc, 0.5, &mut vec![0.0; values.len()], &mut out);
+            out.split_off(HEADER_LEN)
+        };
+        let seen = |body: &[u8], cut: usize| {
+            let mut v = SeenValues::default();
+            body.chunks(cut).for_each(|p| v.see(p));
+            v.checked()
+        };
+        let values: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let body = frame(&values, Encoding::F32);
+        let whole = push_view(&body).unwrap().2.finite_sum_squares();
+        for cut in [1, 7, 18, 64, 1000, body.len()] {
+            assert_eq!(seen(&body, cut).map(|n| n.map(f64::to_bits)), Some(whole.map(f64::to_bits)), "cut {cut}");
+        }
+        let mut bad = values.clone();
+        bad[4321] = f32::INFINITY;
+        assert_eq!(seen(&frame(&bad, Encoding::F32), 333), Some(None));
+        assert_eq!(seen(&frame(&values, Encoding::Bf16), 333), None, "not f32: checked when decoded");
+        assert_eq!(seen(&[TAG_PUSH, 0, 0], 1), None);
+    }
 
     /// A checkpoint step at the last number there is is refused, not
     /// wrapped, and nothing is written for it.

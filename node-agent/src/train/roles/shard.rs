@@ -398,8 +398,19 @@ impl Shard {
     /// Returns the workers this push's step found suspect (see
     /// [`SuspectRule`]), if it completed a step.
     pub fn push(&self, rank: u32, body: &mut Vec<u8>) -> Result<Vec<Suspect>, Refusal> {
+        self.push_checked(rank, body, None)
+    }
+
+    /// [`Shard::push`] of a body whose values' [`warden_kernels::Grad::finite_sum_squares`]
+    /// is `checked` already (computed as they arrived), if it is given.
+    pub fn push_checked(
+        &self,
+        rank: u32,
+        body: &mut Vec<u8>,
+        checked: Option<Option<f64>>,
+    ) -> Result<Vec<Suspect>, Refusal> {
         let (step, chunk, grad) = push_view(body)?;
-        let norm2 = grad.finite_sum_squares().ok_or(Refusal::NotFinite { rank })?;
+        let norm2 = checked.unwrap_or_else(|| grad.finite_sum_squares()).ok_or(Refusal::NotFinite { rank })?;
         let mut found = Vec::new();
         let Some(c) = chunk else {
             self.push_whole(rank, step, grad.len(), body, norm2, &mut found)?;
