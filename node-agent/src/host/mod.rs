@@ -84,7 +84,8 @@ pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result
         // A Slurm step: the prolog (root) may have installed the job's table.
         let prolog = std::env::var("SLURM_JOB_ID").ok().and_then(|id| crate::host::slurm::noted(&id));
         let ports = crate::job::plan::ruleset_ports(ruleset);
-        return Ok(Setup { uid: None, warning: Some(unprivileged_warning(host, prolog.as_deref(), &ports)) });
+        let warning = unprivileged_warning(host, prolog.as_deref(), ports.as_deref());
+        return Ok(Setup { uid: None, warning: Some(warning) });
     }
     let uid = crate::host::jobuid::lease(job, host, uids)?;
     let table = crate::job::plan::firewall_table(job);
@@ -98,9 +99,10 @@ pub fn setup(job: &JobId, host: &str, uids: (u32, u32), ruleset: &str) -> Result
 
 /// What a host without root says about its job's protection: `note` is
 /// the Slurm prolog's note for the job, if there is one; `ports` the ones
-/// this host's processes listen on. A prolog table that leaves some of
-/// them out is named as such, not as the job's firewall.
-fn unprivileged_warning(host: &str, note: Option<&str>, ports: &[u16]) -> String {
+/// this host's processes listen on (`None`: unknown). A prolog table that
+/// leaves some of them out, or may, is named as such, not as the job's
+/// firewall.
+fn unprivileged_warning(host: &str, note: Option<&str>, ports: Option<&[u16]>) -> String {
     let step = format!("{host} runs the job as the submitting user (a Slurm step)");
     let Some(note) = note else {
         return format!(
@@ -111,6 +113,12 @@ fn unprivileged_warning(host: &str, note: Option<&str>, ports: &[u16]) -> String
         return format!("{step}: no uid of its own and no firewall table for this job there; the Slurm prolog {note}");
     }
     let covered = crate::host::slurm::noted_ports(note);
+    let Some(ports) = ports else {
+        return format!(
+            "{step}: no uid of its own for this job there, and it cannot tell which ports the job listens on \
+             there, so not whether the Slurm prolog's table ({note}) covers them"
+        );
+    };
     let outside: Vec<String> =
         ports.iter().filter(|p| covered.is_none_or(|(a, b)| **p < a || **p > b)).map(u16::to_string).collect();
     if outside.is_empty() {
@@ -286,14 +294,24 @@ mod tests {
     #[test]
     fn a_prolog_table_that_misses_the_jobs_ports_is_not_called_its_firewall() {
         let note = "warden_slurm_7 ports 29500-29509 peers 2";
-        let fine = unprivileged_warning("n1", Some(note), &[29500, 29509]);
+        let fine = unprivileged_warning("n1", Some(note), Some(&[29500, 29509]));
         assert!(fine.contains("firewall from the Slurm prolog: warden_slurm_7"), "{fine}");
-        let missed = unprivileged_warning("n1", Some(note), &[29500, 29510, 31000]);
+        let missed = unprivileged_warning("n1", Some(note), Some(&[29500, 29510, 31000]));
         assert!(missed.contains("does not cover port(s) 29510, 31000"), "{missed}");
         assert!(!missed.contains("firewall from the Slurm prolog"), "{missed}");
-        let refused = unprivileged_warning("n1", Some("refused: ports 1-2 overlap those of job 3"), &[1]);
+        let unknown = unprivileged_warning("n1", Some(note), None);
+        assert!(unknown.contains("cannot tell which ports"), "{unknown}");
+        assert!(!unknown.contains("firewall from the Slurm prolog"), "{unknown}");
+        let refused = unprivileged_warning("n1", Some("refused: ports 1-2 overlap those of job 3"), Some(&[1]));
         assert!(refused.contains("no firewall table for this job there; the Slurm prolog refused"), "{refused}");
-        assert!(unprivileged_warning("n1", None, &[1]).contains("not running as root on n1"));
+        assert!(unprivileged_warning("n1", None, Some(&[1])).contains("not running as root on n1"));
+        // The whole way: the ruleset a plan makes, read back.
+        let peers = ["10.0.0.1".parse().unwrap()];
+        let all = std::collections::BTreeSet::from([29500, 29512]);
+        let ruleset = crate::job::plan::firewall_ruleset("t", &[29500, 29512], &peers, &all);
+        let ports = crate::job::plan::ruleset_ports(&ruleset);
+        let said = unprivileged_warning("n1", Some(note), ports.as_deref());
+        assert!(said.contains("does not cover port(s) 29512"), "{said}");
     }
 
     #[test]

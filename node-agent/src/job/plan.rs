@@ -242,10 +242,15 @@ pub fn firewall_ruleset(table: &str, ports: &[u16], peers: &[IpAddr], job_ports:
 }
 
 /// The ports a ruleset of [`firewall_ruleset`] admits only the job's peers
-/// to (its input chain's), in order.
-pub fn ruleset_ports(ruleset: &str) -> Vec<u16> {
-    let list = ruleset.lines().map(str::trim).find_map(|l| l.strip_prefix("tcp dport { ")?.strip_suffix(" } drop"));
-    list.map(|l| l.split(", ").filter_map(|p| p.parse().ok()).collect()).unwrap_or_default()
+/// to (its input chain's), in order; none without an input chain. `None`
+/// when the text has an input chain whose ports cannot be read: the caller
+/// must not take that for a job listening nowhere.
+pub fn ruleset_ports(ruleset: &str) -> Option<Vec<u16>> {
+    if !ruleset.lines().any(|l| l.trim() == "chain input {") {
+        return Some(Vec::new());
+    }
+    let list = ruleset.lines().map(str::trim).find_map(|l| l.strip_prefix("tcp dport { ")?.strip_suffix(" } drop"))?;
+    list.split(", ").map(|p| p.parse().ok()).collect()
 }
 
 #[cfg(test)]
@@ -257,9 +262,14 @@ mod tests {
         let peers = ["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
         let all = BTreeSet::from([29500, 29501, 29510]);
         let ruleset = firewall_ruleset("t", &[29500, 29510], &peers, &all);
-        assert_eq!(ruleset_ports(&ruleset), vec![29500, 29510]);
-        assert_eq!(ruleset_ports(&firewall_ruleset("t", &[], &peers, &all)), Vec::<u16>::new());
-        assert_eq!(ruleset_ports("garbage"), Vec::<u16>::new());
+        assert_eq!(ruleset_ports(&ruleset), Some(vec![29500, 29510]));
+        let v6 = firewall_ruleset("t", &[29500], &peers[1..], &all);
+        assert_eq!(ruleset_ports(&v6), Some(vec![29500]));
+        assert_eq!(ruleset_ports(&firewall_ruleset("t", &[29500], &[], &all)), Some(vec![29500]));
+        assert_eq!(ruleset_ports(&firewall_ruleset("t", &[], &peers, &all)), Some(Vec::new()));
+        // An input chain whose ports cannot be read is not "no ports".
+        assert_eq!(ruleset_ports(&ruleset.replace("29510", "29510-29519")), None);
+        assert_eq!(ruleset_ports("table inet t {\n  chain input {\n  }\n}\n"), None);
     }
 
     const JOB: &str = r#"

@@ -841,3 +841,32 @@ async fn connect_once(
         Err(_) => Err(ConnError::Timeout("waiting for the welcome")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A frame arriving a few bytes at a time is shown to `seen` in order,
+    /// every byte of its body once, and lands whole in the buffer.
+    #[tokio::test]
+    async fn the_bytes_seen_are_the_frames_body_in_order() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&(sent.len() as u32).to_le_bytes()).await.unwrap();
+            w.write_all(&sent).await.unwrap();
+        });
+        let (mut buf, mut seen, mut reads) = (FrameBuf::default(), Vec::new(), 0);
+        let mut see = |b: &[u8]| {
+            seen.extend_from_slice(b);
+            reads += 1;
+        };
+        assert!(read_frame_seen(&mut r, 1 << 20, &mut buf, Duration::from_secs(10), &mut see).await.unwrap());
+        writer.await.unwrap();
+        assert_eq!(seen, body);
+        assert_eq!(buf.frame(), &body[..]);
+        assert!(reads > 1000, "read in small pieces ({reads})");
+    }
+}

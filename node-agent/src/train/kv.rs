@@ -1358,10 +1358,12 @@ async fn serve_until_exit(
     // while it works on the server links, and stopping it there would leave
     // a link mid-frame. Connections waiting for their next request hold
     // neither and end at once. One that never ends (a barrier no other
-    // worker reaches) is stopped after a while all the same.
+    // worker reaches) is stopped after a while all the same. A program that
+    // failed gets no model and no wait.
+    let grace = if status.success() { LEFT_UNDER_WAY } else { std::time::Duration::ZERO };
     let locks = async { (kv.lock().await, sched.lock().await) };
-    let held = tokio::time::timeout(LEFT_UNDER_WAY, locks).await;
-    if held.is_err() {
+    let held = tokio::time::timeout(grace, locks).await;
+    if held.is_err() && status.success() {
         tracing::warn!("a request of the program's was still under way {LEFT_UNDER_WAY:?} after it exited; stopped");
     }
     tasks.abort_all();

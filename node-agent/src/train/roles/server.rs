@@ -644,7 +644,8 @@ async fn ready_frame(shard: &Shard, answer: Answer) -> Result<Ready, Refusal> {
 #[derive(Default)]
 struct SeenValues {
     /// The frame's first bytes, until they say what it is.
-    head: Vec<u8>,
+    head: [u8; crate::net::wire::PUSH_CHUNK_F32_HEAD],
+    head_len: usize,
     /// Some once the head showed an f32 push_chunk.
     squares: Option<warden_kernels::SquaresLe>,
 }
@@ -653,13 +654,14 @@ impl SeenValues {
     fn see(&mut self, mut bytes: &[u8]) {
         use crate::net::wire::{PUSH_CHUNK_F32_HEAD, is_push_chunk_f32};
         if self.squares.is_none() {
-            if self.head.len() >= PUSH_CHUNK_F32_HEAD {
+            if self.head_len >= PUSH_CHUNK_F32_HEAD {
                 return; // not an f32 push_chunk
             }
-            let take = (PUSH_CHUNK_F32_HEAD - self.head.len()).min(bytes.len());
-            self.head.extend_from_slice(&bytes[..take]);
+            let take = (PUSH_CHUNK_F32_HEAD - self.head_len).min(bytes.len());
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&bytes[..take]);
+            self.head_len += take;
             bytes = &bytes[take..];
-            if self.head.len() < PUSH_CHUNK_F32_HEAD || !is_push_chunk_f32(&self.head) {
+            if self.head_len < PUSH_CHUNK_F32_HEAD || !is_push_chunk_f32(&self.head) {
                 return;
             }
             self.squares = Some(warden_kernels::SquaresLe::default());

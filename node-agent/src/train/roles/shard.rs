@@ -929,22 +929,26 @@ mod tests {
             }
         };
         let at = |a: &ChunkAnswer| crate::net::wire::params_chunk_head(&a.head[HEADER_LEN..]).unwrap().0;
+        // Where the chunk's own values are now.
+        let own = || Arc::as_ptr(&lock(&s.chunks[2].state).params);
         step(0);
         let held = s.chunk_answer(2).unwrap();
-        let before = held.values.clone().unwrap();
-        let kept = before.to_vec();
+        let again = s.chunk_answer(2).unwrap();
+        let values = |a: &ChunkAnswer| Arc::as_ptr(a.values.as_ref().unwrap());
+        assert_eq!((values(&held), values(&again)), (own(), own()), "answers share the chunk's values");
+        drop(again);
+        let kept = held.values.as_deref().unwrap().clone();
         step(1);
         assert_eq!((at(&held), held.values.as_deref().unwrap()), (1, &kept), "the held answer is version 1's");
+        assert_ne!(own(), values(&held), "the update wrote to a copy");
         let fresh = s.chunk_answer(2).unwrap();
         assert_eq!(at(&fresh), 2);
         assert_ne!(fresh.values.as_deref().unwrap(), &kept, "version 2's values differ");
-        assert!(!Arc::ptr_eq(fresh.values.as_ref().unwrap(), &before), "written to a copy");
-        let where_now = Arc::as_ptr(fresh.values.as_ref().unwrap());
-        drop((held, before, fresh));
+        drop((held, fresh));
+        let before = own();
         step(2);
-        let third = s.chunk_answer(2).unwrap();
-        assert_eq!(at(&third), 3);
-        assert_eq!(Arc::as_ptr(third.values.as_ref().unwrap()), where_now, "nobody held them: written in place");
+        assert_eq!(own(), before, "nobody held them: written in place");
+        assert_eq!(at(&s.chunk_answer(2).unwrap()), 3);
     }
 
     /// A worker whose connection drops mid-step leaves some chunks updated
