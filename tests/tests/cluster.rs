@@ -612,6 +612,10 @@ fn node_prep_over_ssh_prepares_the_hosts_a_job_then_runs_on() {
     let play = || {
         let out = std::process::Command::new(std::path::Path::new(&ansible).join("ansible-playbook"))
             .args(["-i".as_ref(), dir.join("inventory.ini").as_os_str()])
+            // The three hosts are namespaces of one machine and share its apt
+            // lock and lists: updating them from three hosts at once would
+            // fail on the lock (it does under load), so one host at a time.
+            .args(["--forks", "1"])
             .arg(repo_root().join("playbooks/node-prep.yml"))
             .args(["-e", &format!("warden_remote_dir={}", remote.display())])
             .args(["-e", &format!("warden_checkpoint_dir={}", remote.join("checkpoints").display())])
