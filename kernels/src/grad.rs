@@ -209,6 +209,8 @@ fn sum_squares_body(g: &Grad<'_>) -> (bool, f64) {
     let mut ok = true;
     match *g {
         Grad::F32(s) => add_squares(&mut lanes, &mut ok, s),
+        // Read where they are, as [`SquaresLe`] reads them a piece at a time.
+        Grad::F32Le(b) => ok = squares_more_body(&mut lanes, b),
         _ => {
             // Other encodings are decoded a block at a time first.
             let mut buf = [0f32; 1024];
@@ -302,8 +304,8 @@ impl SquaresLe {
 
 /// Adds the squares of little-endian f32 `bytes` (starting at a value
 /// whose index is a multiple of [`LANES`]) into `lanes`; whether all are
-/// finite. Read where they are (unaligned), each value into the lane and
-/// in the order [`sum_squares_body`] gives it.
+/// finite. Read where they are (unaligned): [`sum_squares_body`] of the
+/// whole adds them the same way, so the figures agree to the bit.
 #[inline(always)]
 fn squares_more_body(lanes: &mut [f32; LANES], bytes: &[u8]) -> bool {
     let mut ok = true;

@@ -555,12 +555,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
 
     /// As [`Conn::recv_raw`].
     pub async fn recv_raw(&mut self) -> Result<&[u8], ConnError> {
-        self.between_frames()?;
-        if !read_frame_within(&mut self.r, self.max_frame, &mut self.buf, Some(self.stall)).await? {
-            return Err(ConnError::Closed(self.peer.to_string()));
-        }
-        check_raw(self.buf.frame(), &self.peer)?;
-        Ok(self.buf.frame())
+        self.recv_raw_seen(&mut |_| {}).await
     }
 
     /// [`RecvHalf::recv_raw`] that shows `seen` the frame's bytes in

@@ -87,7 +87,7 @@ use crate::net::identity::Role;
 use crate::net::wire::{Encoding, Message};
 use crate::train::roles::link::{self, Gradient, Link, Traffic};
 use crate::train::roles::{RoleCtx, RoleError, SchedLink};
-use crate::train::shared::{Region, Shared};
+use crate::train::shared::Shared;
 
 /// Pushes of a program of the user's travel as f32 (it chose the precision
 /// of what it hands over).
@@ -551,16 +551,6 @@ struct Tensor {
     range: Range<usize>,
 }
 
-/// The memory shared with the program, once it asked for it.
-struct Sharing {
-    /// Handed to each connection that asks.
-    fd: std::os::fd::OwnedFd,
-    params_offset: usize,
-    /// Shared with the link tasks while a step goes out.
-    grads: Arc<Region>,
-    params: Region,
-}
-
 /// What the agent keeps for the program.
 pub struct Kv {
     rank: u32,
@@ -579,7 +569,8 @@ pub struct Kv {
     /// Newest values pulled, and at which local step (in `sharing`'s
     /// parameters instead once there is one: [`Kv::params`]).
     params: Vec<f32>,
-    sharing: Option<Sharing>,
+    /// The memory shared with the program, once it asked for it.
+    sharing: Option<Shared>,
     /// The newest values came with this worker's own step, not yet pulled
     /// (an async pull right after takes them rather than asking again).
     fresh: bool,
@@ -774,9 +765,7 @@ impl Kv {
             self.take_kept()?;
             let mut shared = Shared::new(self.params.len()).map_err(KvError::Share)?;
             shared.params.values_mut().copy_from_slice(&self.params);
-            let params_offset = shared.params_offset();
-            let Shared { fd, grads, params } = shared;
-            self.sharing = Some(Sharing { fd, params_offset, grads: Arc::new(grads), params });
+            self.sharing = Some(shared);
             // The values now live in the shared memory.
             self.params = Vec::new();
         }
@@ -789,7 +778,7 @@ impl Kv {
         let answer = serde_json::json!({
             "ok": true,
             "floats": sharing.params.values().len(),
-            "params_offset": sharing.params_offset,
+            "params_offset": sharing.params_offset(),
             "tensors": tensors,
         });
         Ok((answer, sharing.fd.as_fd().try_clone_to_owned().map_err(KvError::Share)?))
@@ -1205,7 +1194,7 @@ async fn reply_with_fd(s: &mut UnixStream, header: &serde_json::Value, fd: Borro
 /// for copies (from the links' own frames, as `exchange` without a
 /// gradient and `finish_step` make them): a step read into the shared
 /// memory goes through [`link::exchange_into_shared`].
-fn params_mut<'a>(sharing: &'a mut Option<Sharing>, own: &'a mut [f32]) -> &'a mut [f32] {
+fn params_mut<'a>(sharing: &'a mut Option<Shared>, own: &'a mut [f32]) -> &'a mut [f32] {
     match sharing {
         Some(s) => s.params.values_mut(),
         None => own,

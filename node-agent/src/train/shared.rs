@@ -34,6 +34,7 @@
 use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -97,8 +98,9 @@ impl Drop for Region {
 pub struct Shared {
     /// What the program gets (a file descriptor passed over the KV socket).
     pub fd: OwnedFd,
-    /// The gradient region, at offset 0.
-    pub grads: Region,
+    /// The gradient region, at offset 0 (shared with the link tasks while
+    /// a step goes out).
+    pub grads: Arc<Region>,
     /// The parameter region, at offset [`Shared::params_offset`].
     pub params: Region,
 }
@@ -130,7 +132,7 @@ impl Shared {
         };
         let grads = map(0)?;
         let params = map(region)?;
-        Ok(Shared { fd, grads, params })
+        Ok(Shared { fd, grads: Arc::new(grads), params })
     }
 
     /// Where the parameter region starts in the file, in bytes.
@@ -158,7 +160,7 @@ mod tests {
     fn the_regions_are_separate_zeroed_and_sealed() {
         let mut s = Shared::new(3000).unwrap();
         assert!(s.grads.values().iter().chain(s.params.values()).all(|v| *v == 0.0));
-        s.grads.values_mut()[2999] = 1.5;
+        Arc::get_mut(&mut s.grads).unwrap().values_mut()[2999] = 1.5;
         s.params.values_mut()[0] = -2.0;
         assert_eq!((s.grads.values()[2999], s.grads.values()[0]), (1.5, 0.0));
         assert_eq!((s.params.values()[0], s.params.values()[2999]), (-2.0, 0.0));

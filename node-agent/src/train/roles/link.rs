@@ -653,8 +653,9 @@ impl Link {
     /// The rest of a step [`exchange`] sent: reads the server's answer,
     /// every chunk's values straight into `shard` (its place in the
     /// parameters; through the link's own buffer if `private`), while the
-    /// task's sending finishes; a failed send ends the step at once. Returns the bytes pushed and pulled. The link stays
-    /// torn unless both complete.
+    /// task's sending finishes; a failed send ends the step at once.
+    /// Returns the bytes pushed and pulled. The link stays torn unless both
+    /// complete.
     async fn take_step(&mut self, shard: &mut [f32], private: bool) -> Result<(u64, u64), RoleError> {
         let Link { recv, chunks, rx, bounce, .. } = self;
         let bounce = if private { bounce.as_mut_slice() } else { &mut [] };
