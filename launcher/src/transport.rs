@@ -149,7 +149,7 @@ pub fn job_dirs(spec: &warden_agent::job::spec::JobSpec, job: &JobId, run_nodes:
 
 /// Process `p`'s job directory in the job's directory `dir`.
 pub fn workdir_in(dir: &Path, p: &PlannedProcess) -> PathBuf {
-    dir.join(format!("{}-{}-{}", p.host, p.role, p.rank))
+    dir.join(p.dir_name())
 }
 
 /// A [`ProcessHandle`] for a child process of the launcher.

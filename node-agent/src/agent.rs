@@ -118,6 +118,18 @@ pub enum PrepareError {
         #[source]
         source: std::io::Error,
     },
+    /// A server's Unix-domain socket could not be bound.
+    #[error(
+        "cannot bind the server's socket {path} for the workers of its host: {source}; \
+         [cluster] same_host = \"tcp\" has them use its port instead"
+    )]
+    LocalSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The listening socket could not be made non-blocking.
     #[error("{0}")]
     Nonblocking(#[source] std::io::Error),
@@ -174,6 +186,8 @@ pub struct Prepared {
     worker_data: Option<roles::worker::WorkerData>,
     /// An external worker's KV socket and program.
     external: Option<(std::os::unix::net::UnixListener, std::process::Child)>,
+    /// A server's Unix-domain socket for the workers of its own host.
+    local: Option<(std::os::unix::net::UnixListener, PathBuf)>,
 }
 
 impl Prepared {
@@ -219,7 +233,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
-    let external = drop_privileges(&spec, &plan, &bundle, &me, user)?;
+    let Dropped { external, local } = drop_privileges(&spec, &plan, &bundle, &me, user)?;
     let status = crate::host::harden::verify(root)?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
@@ -246,7 +260,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
         Role::Worker if external.is_none() => Some(roles::worker::load_data(&ctx).map_err(PrepareError::WorkerData)?),
         _ => None,
     };
-    Ok(Prepared { ctx, listener, worker_data, external })
+    Ok(Prepared { ctx, listener, worker_data, external, local })
 }
 
 /// The first control message, which must be the bundle.
@@ -307,7 +321,7 @@ fn drop_privileges(
     bundle: &Bundle,
     me: &Identity,
     user: Option<crate::host::harden::JobUser>,
-) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, PrepareError> {
+) -> Result<Dropped, PrepareError> {
     match (me.role, &spec.worker) {
         (Role::Worker, Some(_)) => {
             crate::host::harden::drop_identity(user)?;
@@ -315,13 +329,38 @@ fn drop_privileges(
             let ranks = crate::train::kv::WorkerRanks::of(plan, me.rank);
             let child = crate::train::kv::spawn_program(spec, ranks, &bundle.workdir, bundle.seed)?;
             crate::host::harden::install_seccomp_with_child(Some(child.id()))?;
-            Ok(Some((socket, child)))
+            Ok(Dropped { external: Some((socket, child)), local: None })
+        }
+        (Role::Server, _) if serves_own_host(spec, plan, me) => {
+            // Bound as the job user (so its workers may connect) and before
+            // the filter, which has no chmod.
+            crate::host::harden::drop_identity(user)?;
+            let path = bundle.workdir.join(roles::server::SOCKET);
+            let socket = crate::net::conn::bind_unix(&path)
+                .map_err(|source| PrepareError::LocalSocket { path: path.clone(), source })?;
+            crate::host::harden::install_seccomp()?;
+            Ok(Dropped { external: None, local: Some((socket, path)) })
         }
         _ => {
             crate::host::harden::drop_privileges(user)?;
-            Ok(None)
+            Ok(Dropped { external: None, local: None })
         }
     }
+}
+
+/// What [`drop_privileges`] opened in passing: an external worker's KV
+/// socket and program, a server's Unix-domain socket and its path.
+struct Dropped {
+    external: Option<(std::os::unix::net::UnixListener, std::process::Child)>,
+    local: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+}
+
+/// Whether server `me` has workers on its own host that reach it through
+/// its Unix-domain socket (`[cluster] same_host = "unix"`).
+fn serves_own_host(spec: &JobSpec, plan: &Plan, me: &Identity) -> bool {
+    let Some(mine) = plan.get(me.role, me.rank) else { return false };
+    spec.cluster.same_host == crate::job::spec::SameHost::Unix
+        && plan.of_role(Role::Worker).iter().any(|w| w.host == mine.host)
 }
 
 /// Binds the process's listening socket, if its role has one, and tells the
@@ -409,7 +448,12 @@ pub async fn run(p: Prepared) -> Result<(), RoleError> {
         p.listener.map(tokio::net::TcpListener::from_std).transpose().map_err(|e| RoleError::new(e.to_string()))?;
     match p.ctx.me().role {
         Role::Scheduler => roles::scheduler::run(p.ctx, listener.expect("the scheduler listens")).await,
-        Role::Server => roles::server::run(p.ctx, listener.expect("servers listen")).await,
+        Role::Server => {
+            let local =
+                p.local.map(|(l, path)| tokio::net::UnixListener::from_std(l).map(|l| roles::Listener::Unix(l, path)));
+            let local = local.transpose().map_err(|e| RoleError::new(e.to_string()))?;
+            roles::server::run(p.ctx, listener.expect("servers listen"), local).await
+        }
         Role::Worker => match p.external {
             Some((socket, child)) => crate::train::kv::run(p.ctx, socket, child).await,
             None => roles::worker::run(p.ctx, p.worker_data.expect("loaded in prepare")).await,

@@ -53,10 +53,14 @@ pub struct RoleCluster {
     pub spec: JobSpec,
     pub plan: Plan,
     pub server_addr: SocketAddr,
+    /// The server's Unix-domain socket, which it serves beside its port
+    /// as it does for workers of its own host.
+    pub server_socket: std::path::PathBuf,
     pub events: Arc<Mutex<Vec<Event>>>,
     /// The legitimate worker's scheduler connection (kept open).
     pub worker_sched: warden_agent::net::conn::ClientConn,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: crate::Scratch,
 }
 
 impl RoleCluster {
@@ -100,15 +104,23 @@ impl RoleCluster {
             initial: warden_agent::train::roles::initial_weights(&spec, role, false).unwrap(),
             finish: Default::default(),
         };
+        let dir = crate::scratch("role-cluster");
+        let server_socket = dir.join(warden_agent::train::roles::server::SOCKET);
+        let local = warden_agent::net::conn::bind_unix(&server_socket).unwrap();
+        let mut local = Some(warden_agent::train::roles::Listener::Unix(
+            tokio::net::UnixListener::from_std(local).unwrap(),
+            server_socket.clone(),
+        ));
         let mut tasks = Vec::new();
         for (l, c, is_sched) in [(l_sched, ctx(Role::Scheduler, 0), true), (l_server, ctx(Role::Server, 0), false)] {
             l.set_nonblocking(true).unwrap();
             let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let local = if is_sched { None } else { local.take() };
             tasks.push(tokio::spawn(async move {
                 let r = if is_sched {
                     warden_agent::train::roles::scheduler::run(c, l).await
                 } else {
-                    warden_agent::train::roles::server::run(c, l).await
+                    warden_agent::train::roles::server::run(c, l, local).await
                 };
                 if let Err(e) = r {
                     eprintln!("role ended: {e}");
@@ -128,7 +140,7 @@ impl RoleCluster {
         worker_sched.send(&Message::Register).await.unwrap();
         assert_eq!(worker_sched.recv().await.unwrap(), Message::Start);
         let server_addr = plan.get(Role::Server, 0).unwrap().socket().unwrap();
-        RoleCluster { pki, spec, plan, server_addr, events, worker_sched, tasks }
+        RoleCluster { pki, spec, plan, server_addr, server_socket, events, worker_sched, tasks, _dir: dir }
     }
 
     /// Connects to the server as the legitimate worker 0. A server holds
@@ -162,15 +174,20 @@ impl RoleCluster {
         rank: u32,
         to: Role,
     ) -> Result<warden_agent::net::conn::ClientConn, warden_agent::net::conn::ConnError> {
+        self.try_conn_with(&self.pki.issue(role, rank), to, false).await
+    }
+
+    /// One attempt to connect with credentials `me` to the scheduler or
+    /// the server, to the server through its Unix-domain socket if `local`.
+    pub async fn try_conn_with(
+        &self,
+        me: &warden_agent::net::tls::TlsIdentity,
+        to: Role,
+        local: bool,
+    ) -> Result<warden_agent::net::conn::ClientConn, warden_agent::net::conn::ConnError> {
         let addr = if to == Role::Server { self.server_addr } else { self.plan.scheduler().socket().unwrap() };
-        warden_agent::net::conn::connect(
-            &self.pki.issue(role, rank),
-            self.pki.id(to, 0),
-            addr,
-            1 << 20,
-            Duration::from_secs(10),
-        )
-        .await
+        let path = (local && to == Role::Server).then_some(self.server_socket.as_path());
+        warden_agent::net::conn::connect_to(me, self.pki.id(to, 0), addr, path, 1 << 20, Duration::from_secs(10)).await
     }
 }
 
@@ -196,5 +213,19 @@ pub async fn honest_sgd_step(w: &mut warden_agent::net::conn::ClientConn, step: 
     assert_eq!(version, step + 1);
     for (b, a) in before.iter().zip(&after) {
         assert!((b - 0.5 - a).abs() < 1e-5, "step {step}: expected SGD with lr 0.5: {b} -> {a}");
+    }
+}
+
+/// Asserts that `r`, a connection attempt under an identity that already
+/// has a connection open, was refused for that reason.
+pub fn assert_already_connected(
+    what: &str,
+    r: Result<warden_agent::net::conn::ClientConn, warden_agent::net::conn::ConnError>,
+) {
+    match r {
+        Err(warden_agent::net::conn::ConnError::Refused { message, .. }) => {
+            assert!(message.contains("already connected"), "{what}: {message}")
+        }
+        other => panic!("{what}: a second connection under one identity was not refused: {other:?}"),
     }
 }

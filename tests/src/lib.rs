@@ -31,7 +31,7 @@ pub mod procs;
 pub mod scratch;
 pub mod slurm;
 
-pub use cluster::{RoleCluster, bind_at, bind_two, honest_sgd_step};
+pub use cluster::{RoleCluster, assert_already_connected, bind_at, bind_two, honest_sgd_step};
 pub use jobs::{JobFile, Raw, TomlValue, job_in};
 pub use launcher::{
     Launcher, bin, interop_python, job_table, repo_root, require, require_root, spawn_launch, start_long,

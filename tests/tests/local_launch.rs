@@ -283,17 +283,20 @@ fn bench_commands_print_their_figures() {
     // and leave nothing there.
     let tmp = scratch("bench-tmp");
     std::fs::set_permissions(&*tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(bin("warden"))
-        .env("TMPDIR", tmp.path())
-        .args(["bench", "ps", "--workers", "2", "--servers", "2", "--params", "1e4", "--iters", "3"])
-        .args(["--compression", "2bit", "--chunk-kib", "4"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("warden ps: W=2 S=2 P=10000 compression=2bit steps_per_s="), "{stdout}");
-    let gbps: f64 = stdout.trim().rsplit("worker_GBps=").next().unwrap().parse().unwrap();
-    assert!(gbps > 0.0);
+    for same_host in ["unix", "tcp"] {
+        let out = Command::new(bin("warden"))
+            .env("TMPDIR", tmp.path())
+            .args(["bench", "ps", "--workers", "2", "--servers", "2", "--params", "1e4", "--iters", "3"])
+            .args(["--compression", "2bit", "--chunk-kib", "4", "--same-host", same_host])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let head = format!("warden ps: W=2 S=2 P=10000 compression=2bit same_host={same_host} steps_per_s=");
+        assert!(stdout.starts_with(&head), "{stdout}");
+        let gbps: f64 = stdout.trim().rsplit("worker_GBps=").next().unwrap().parse().unwrap();
+        assert!(gbps > 0.0);
+    }
 
     let out = Command::new(bin("warden"))
         .current_dir(repo_root())

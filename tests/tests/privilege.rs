@@ -50,11 +50,35 @@ fn every_training_process_runs_with_nothing() {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
     let nodes = std::path::Path::new("/var/lib/warden/jobs").join(plan["job_id"].as_str().unwrap());
-    for entry in std::fs::read_dir(nodes).unwrap() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let meta = entry.unwrap().metadata().unwrap();
+    let mut sockets = Vec::new();
+    for entry in std::fs::read_dir(&nodes).unwrap() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
         assert_ne!(meta.uid(), 0);
+        // A server's Unix-domain socket, for the workers of its host, is
+        // the job uid's alone too.
+        let sock = entry.path().join(warden_agent::train::roles::server::SOCKET);
+        if let Ok(s) = std::fs::symlink_metadata(&sock) {
+            assert!(s.file_type().is_socket(), "{sock:?}");
+            assert_eq!(s.permissions().mode() & 0o777, 0o600, "{sock:?}");
+            assert_eq!(s.uid(), meta.uid(), "{sock:?}");
+            sockets.push(sock);
+        }
+    }
+    assert_eq!(sockets.len(), 2, "both servers serve their host's workers on a socket");
+    // Another uid cannot connect to them (root could; the job's uid does).
+    for sock in &sockets {
+        let out = Command::new("python3")
+            .args(["-c", "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"])
+            .arg(sock)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("PermissionError"), "uid 65534 reached {sock:?}: {err}");
     }
     // The job's firewall table admits only the job's peers to its ports.
     let table = job_table(&run);

@@ -44,7 +44,8 @@ fn launch(job: &Path, run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
 
-/// Also: pipelined chunks change nothing. The same job with shards cut into
+/// Also: pipelined chunks, and the transport between workers and servers
+/// on one host, change nothing. The same job with shards cut into
 /// 4 KiB chunks (13 per server, each updated on its own as soon as every
 /// worker's copy is in) ends with the very same bits as with one chunk per
 /// shard.
@@ -103,12 +104,23 @@ chunk_kib = CHUNK
         ei.display(),
         el.display()
     );
-    std::fs::write(&job, text.replace("CHUNK", "1048576")).unwrap();
+    // The whole-shard run reaches its servers over TCP, the chunked one
+    // through their Unix-domain sockets (the default on one host).
+    let whole = text.replace("CHUNK", "1048576").replace("user = \"warden\"", "user = \"warden\"\nsame_host = \"tcp\"");
+    std::fs::write(&job, whole).unwrap();
     let summary = launch(&job, &dir.join("whole"));
     assert_eq!(summary["steps"], 10);
     std::fs::write(&job, text.replace("CHUNK", "4")).unwrap();
     let summary = launch(&job, &dir.join("run"));
     assert_eq!(summary["steps"], 10);
+    for (run, from) in [("whole", "127.0.0.1:"), ("run", "/ps.sock")] {
+        for server in 0..2 {
+            let log = std::fs::read_to_string(dir.join(format!("{run}/logs/localhost-server-{server}.log"))).unwrap();
+            let connected = log.lines().filter(|l| l.contains("connected from")).collect::<Vec<_>>();
+            assert_eq!(connected.len(), 4, "{run}: each worker connects once: {log}");
+            assert!(connected.iter().all(|l| l.contains(from)), "{run}: workers connect from {from}: {log}");
+        }
+    }
 
     // The same computation in one process: every step, the four workers'
     // batches (as each worker chose them) form one batch of 64.

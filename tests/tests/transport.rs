@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use warden_agent::net::identity::Role;
 use warden_agent::net::wire::Message;
 use warden_agent::train::optimizer::{OptimizerKind, OptimizerSpec};
-use warden_tests::{RoleCluster, TestPki};
+use warden_tests::{RoleCluster, TestPki, assert_already_connected};
 
 fn roots(ca_pem: &str) -> RootCertStore {
     let mut r = RootCertStore::empty();
@@ -57,8 +57,21 @@ fn cert_for(pki: &TestPki, role: Role, rank: u32) -> (String, Vec<u8>) {
 /// if the server sent a frame, `Err(text)` otherwise.
 async fn try_peer(cluster: &RoleCluster, connector: TlsConnector) -> Result<Message, String> {
     let tcp = TcpStream::connect(cluster.server_addr).await.map_err(|e| e.to_string())?;
+    try_peer_on(cluster, connector, tcp).await
+}
+
+/// [`try_peer`] through the server's Unix-domain socket.
+async fn try_peer_local(cluster: &RoleCluster, connector: TlsConnector) -> Result<Message, String> {
+    let sock = tokio::net::UnixStream::connect(&cluster.server_socket).await.map_err(|e| e.to_string())?;
+    try_peer_on(cluster, connector, sock).await
+}
+
+async fn try_peer_on<S>(cluster: &RoleCluster, connector: TlsConnector, sock: S) -> Result<Message, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let name = ServerName::IpAddress(cluster.server_addr.ip().into());
-    let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+    let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, sock))
         .await
         .map_err(|_| "handshake hung".to_string())?
         .map_err(|e| format!("handshake: {e}"))?;
@@ -230,6 +243,57 @@ async fn plaintext_and_garbage_get_nothing() {
         assert!(got.is_empty() || got[0] == 21, "plaintext peer received {got:?}");
     }
     assert_serves_with_original_optimizer(&cluster, 0).await;
+}
+
+/// A server's Unix-domain socket, through which the workers of its own host
+/// reach it, is the same door as its port: the same handshake turns away
+/// garbage, peers without the job's worker certificate and TLS 1.2; an
+/// honest worker trains through it; and one acceptor behind both holds one
+/// connection per identity across them.
+#[tokio::test]
+async fn a_servers_unix_socket_admits_exactly_what_its_port_does() {
+    let cluster = RoleCluster::start("").await;
+    let ca = cluster.pki.ca.cert_pem().to_string();
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0u8; 64][..]] {
+        let mut sock = tokio::net::UnixStream::connect(&cluster.server_socket).await.unwrap();
+        sock.write_all(junk).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut got))
+            .await
+            .expect("the server closes the connection instead of waiting");
+        assert!(got.is_empty() || got[0] == 21, "plaintext peer received {got:?}");
+    }
+    assert_refused("no certificate", try_peer_local(&cluster, rogue(&ca, None, tls13)).await, "CertificateRequired");
+    let other_job = TestPki::new();
+    assert_refused(
+        "a certificate from another job's CA",
+        try_peer_local(&cluster, rogue(&ca, Some(cert_for(&other_job, Role::Worker, 0)), tls13)).await,
+        "UnknownCA",
+    );
+    assert_refused(
+        "a server certificate",
+        try_peer_local(&cluster, rogue(&ca, Some(cert_for(&cluster.pki, Role::Server, 0)), tls13)).await,
+        "CertificateUnknown",
+    );
+    let tls12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    assert_refused(
+        "a TLS 1.2-only client",
+        try_peer_local(&cluster, rogue(&ca, Some(cert_for(&cluster.pki, Role::Worker, 0)), tls12)).await,
+        "handshake",
+    );
+
+    let worker = cluster.pki.issue(Role::Worker, 0);
+    let mut local = cluster.try_conn_with(&worker, Role::Server, true).await.expect("a worker of this host connects");
+    warden_tests::honest_sgd_step(&mut local, 0).await;
+    let through_port = cluster.try_conn_with(&worker, Role::Server, false).await;
+    assert_already_connected("the port while connected through the socket", through_port);
+    drop(local);
+    let mut remote = cluster.worker_conn().await;
+    let through_socket = cluster.try_conn_with(&worker, Role::Server, true).await;
+    assert_already_connected("the socket while connected through the port", through_socket);
+    warden_tests::honest_sgd_step(&mut remote, 1).await;
 }
 
 #[tokio::test]

@@ -497,6 +497,16 @@ const CASES: &[Case] = &[
         help: Some("set it near the norm of a typical gradient on a server's chunk, for example clip_radius = 1.0"),
     },
     Case {
+        name: "unknown same_host",
+        from: "user = \"warden\"\n",
+        to: "user = \"warden\"\nsame_host = \"pipe\"\n",
+        at: "same_host = ^\"pipe\"",
+        message: "unknown same_host `pipe`",
+        help: Some(
+            "use \"unix\" (a worker reaches a server on its own host through the server's Unix-domain socket) or \"tcp\"",
+        ),
+    },
+    Case {
         name: "unknown on_suspect",
         from: "batch_size = 32\n",
         to: "batch_size = 32\non_suspect = \"ignore\"\n",

@@ -43,6 +43,11 @@ pub struct PsArgs {
     /// default when not given.
     #[arg(long)]
     pub chunk_kib: Option<u32>,
+    /// How workers reach the servers (`[cluster] same_host`): `unix`, the
+    /// servers' Unix-domain sockets (every process of the benchmark runs on
+    /// this host), or `tcp`, their ports on 127.0.0.1, as from another host.
+    #[arg(long, default_value = "unix", value_parser = ["unix", "tcp"])]
+    pub same_host: String,
 }
 
 /// A `--params` that is not a count of floats.
@@ -93,11 +98,12 @@ pub fn exec_ps(a: &PsArgs) -> Result<u8, CliError> {
     let dir = tmp.path().to_path_buf();
     let job = dir.join("bench.toml");
     let text = format!(
-        "[job]\nname = \"bench-ps\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [{base}, {}]\n\n\
+        "[job]\nname = \"bench-ps\"\nseed = 1\n\n[cluster]\nuser = \"warden\"\nports = [{base}, {}]\nsame_host = \"{}\"\n\n\
          [[cluster.hosts]]\nname = \"localhost\"\naddress = \"127.0.0.1\"\nscheduler = 1\nservers = {}\nworkers = {}\n\n\
          [model]\nkind = \"synthetic\"\nparams = {}\n\n[optimizer]\nkind = \"sgd\"\nlr = 0.001\n\n\
          [training]\nepochs = 2\nbatch_size = 1\nsteps = {}\nmode = \"{}\"\ncompression = \"{}\"\n{}\n[limits]\nmax_frame_mib = {}\n",
         base + a.servers as u16,
+        a.same_host,
         a.servers,
         a.workers,
         a.params,
@@ -137,11 +143,12 @@ fn run(job: &Path, run_dir: PathBuf, a: &PsArgs) -> Result<u8, CliError> {
     let secs = timed.steps as f64 / steps_per_s.max(1e-9);
     let per_worker = (timed.bytes_pushed + timed.bytes_pulled) as f64 / f64::from(a.workers);
     println!(
-        "warden ps: W={} S={} P={} compression={} steps_per_s={:.2} worker_GBps={:.3}",
+        "warden ps: W={} S={} P={} compression={} same_host={} steps_per_s={:.2} worker_GBps={:.3}",
         a.workers,
         a.servers,
         a.params,
         a.compression,
+        a.same_host,
         steps_per_s,
         per_worker / secs / 1e9
     );

@@ -6,7 +6,7 @@ use super::*;
 
 /// The log file name of a process in `DIR/logs/`.
 pub fn log_name(p: &PlannedProcess) -> String {
-    format!("{}-{}-{}.log", p.host, p.role, p.rank)
+    format!("{}.log", p.dir_name())
 }
 
 /// The last `n` lines of a log, indented, for failure reports.

@@ -42,6 +42,12 @@ impl PlannedProcess {
     pub fn label(&self) -> String {
         format!("{}/{}[{}]", self.host, self.role, self.rank)
     }
+
+    /// The name of its job directory inside the job's directory on its host,
+    /// and of its log in the run directory (`node1-worker-0`).
+    pub fn dir_name(&self) -> String {
+        format!("{}-{}-{}", self.host, self.role, self.rank)
+    }
 }
 
 /// What one host gets.

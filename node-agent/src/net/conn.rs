@@ -10,14 +10,15 @@
 //! already connected is refused before its welcome.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::net::identity::{Identity, Role};
-use crate::net::record::{self, TlsStream};
+use crate::net::record::{self, Socket, TlsStream};
 use crate::net::tls::{self, TlsIdentity};
 use crate::net::wire::{DecodeError, HEADER_LEN, Message};
 
@@ -31,8 +32,8 @@ pub enum ConnError {
     /// The TLS handshake failed (bad or missing certificate, wrong role, TLS 1.2, not TLS at all).
     #[error("TLS handshake with {peer} failed: {source}")]
     Handshake {
-        /// Remote address.
-        peer: SocketAddr,
+        /// Where the peer is.
+        peer: Endpoint,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -99,7 +100,7 @@ pub enum ConnError {
         /// Who was dialled.
         peer: Identity,
         /// Where.
-        addr: SocketAddr,
+        addr: Endpoint,
         /// The last attempt's error.
         #[source]
         source: std::io::Error,
@@ -125,13 +126,49 @@ pub enum AdmitError {
         open: usize,
     },
     /// As many connections from this address as one source may have.
-    #[error("{open} connections open from {ip}, the limit per source")]
+    #[error("{open} connections open from {from}, the limit per source")]
     PerSource {
-        /// Connections open from `ip`.
+        /// Connections open from `from`.
         open: usize,
-        /// The source address.
-        ip: std::net::IpAddr,
+        /// The source: an IP address, or this host's Unix-domain socket.
+        from: String,
     },
+}
+
+/// Where a connection comes from or goes to: a TCP address, or the path of
+/// a listener's Unix-domain socket on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix-domain socket of this host.
+    Local(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => a.fmt(f),
+            Endpoint::Local(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Endpoint {
+        Endpoint::Tcp(a)
+    }
+}
+
+impl Endpoint {
+    /// The key connection caps count under: the IP address, or none for
+    /// this host's own socket.
+    fn source(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Endpoint::Tcp(a) => Some(a.ip()),
+            Endpoint::Local(_) => None,
+        }
+    }
 }
 
 impl ConnError {
@@ -169,7 +206,7 @@ pub struct ConnLimits {
 /// authenticated connection also holds its peer's identity until it closes.
 #[derive(Debug, Default)]
 struct Slots {
-    by_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    by_source: std::sync::Mutex<std::collections::HashMap<Option<std::net::IpAddr>, usize>>,
     peers: std::sync::Mutex<std::collections::HashSet<Identity>>,
 }
 
@@ -190,7 +227,7 @@ impl Drop for HeldIdentity {
 #[derive(Debug)]
 pub struct Slot {
     slots: std::sync::Arc<Slots>,
-    source: std::net::IpAddr,
+    source: Option<std::net::IpAddr>,
 }
 
 impl Drop for Slot {
@@ -698,18 +735,20 @@ impl Acceptor {
 
     /// Takes a slot for a connection from `from`, or says which cap is full;
     /// the caller closes the connection at once then.
-    pub fn admit(&self, from: SocketAddr) -> Result<Slot, AdmitError> {
+    pub fn admit(&self, from: impl Into<Endpoint>) -> Result<Slot, AdmitError> {
+        let source = from.into().source();
         let mut map = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = map.values().sum();
         if total >= self.limits.max_connections {
             return Err(AdmitError::Total { open: total });
         }
-        let n = map.entry(from.ip()).or_insert(0);
+        let n = map.entry(source).or_insert(0);
         if *n >= self.limits.max_per_source {
-            return Err(AdmitError::PerSource { open: *n, ip: from.ip() });
+            let from = source.map_or_else(|| "this host's socket".to_string(), |ip| ip.to_string());
+            return Err(AdmitError::PerSource { open: *n, from });
         }
         *n += 1;
-        Ok(Slot { slots: self.slots.clone(), source: from.ip() })
+        Ok(Slot { slots: self.slots.clone(), source })
     }
 
     /// Holds `peer`'s identity for one connection, unless another holds it.
@@ -723,11 +762,19 @@ impl Acceptor {
     /// given back once the peer has authenticated: the caps bound what
     /// strangers can hold, and an authenticated peer is one of the job's
     /// processes (each of which a listener serves once).
-    pub async fn accept(&self, tcp: TcpStream, slot: Slot) -> Result<(ServerConn, Message), ConnError> {
+    pub async fn accept(&self, sock: impl Into<Socket>, slot: Slot) -> Result<(ServerConn, Message), ConnError> {
         let deadline = Instant::now() + self.limits.first_message;
-        let peer_addr = tcp.peer_addr()?;
-        let _ = tcp.set_nodelay(true);
-        let (stream, certs) = timeout_at(deadline, record::accept(tcp, self.tls.clone()))
+        let sock = sock.into();
+        let peer_addr = match &sock {
+            Socket::Tcp(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                Endpoint::Tcp(tcp.peer_addr()?)
+            }
+            Socket::Unix(unix) => {
+                Endpoint::Local(unix.local_addr()?.as_pathname().map(Path::to_path_buf).unwrap_or_default())
+            }
+        };
+        let (stream, certs) = timeout_at(deadline, record::accept(sock, self.tls.clone()))
             .await
             .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
             .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
@@ -781,17 +828,33 @@ pub async fn connect(
     max_frame: u32,
     patience: Duration,
 ) -> Result<ClientConn, ConnError> {
+    connect_to(me, expect, addr, None, max_frame, patience).await
+}
+
+/// As [`connect`], through the listener's Unix-domain socket at `path` on
+/// this host when one is given. The handshake is the same as over TCP: the
+/// listener's certificate is checked for `addr`'s IP address and its
+/// identity, and ours is checked by it.
+pub async fn connect_to(
+    me: &TlsIdentity,
+    expect: Identity,
+    addr: SocketAddr,
+    path: Option<&Path>,
+    max_frame: u32,
+    patience: Duration,
+) -> Result<ClientConn, ConnError> {
     let config = tls::client_config(me, expect.clone())?;
     let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(20);
+    let to = path.map_or(Endpoint::Tcp(addr), |p| Endpoint::Local(p.to_path_buf()));
     loop {
-        match connect_once(&config, &expect, addr, max_frame, deadline).await {
+        match connect_once(&config, &expect, addr, &to, max_frame, deadline).await {
             Err(e) if transient(&e) && Instant::now() + backoff < deadline => {
-                tracing::debug!("connect to {expect} at {addr}: {e}; retrying");
+                tracing::debug!("connect to {expect} at {to}: {e}; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            Err(ConnError::Io(source)) => return Err(ConnError::Unreachable { peer: expect, addr, source }),
+            Err(ConnError::Io(source)) => return Err(ConnError::Unreachable { peer: expect, addr: to, source }),
             other => return other,
         }
     }
@@ -807,25 +870,39 @@ fn transient(e: &ConnError) -> bool {
         ConnError::Closed(_) => return true,
         _ => return false,
     };
-    matches!(kind, ConnectionRefused | ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe | NotConnected)
+    // NotFound: a Unix-domain listener that has not bound its socket yet.
+    matches!(
+        kind,
+        ConnectionRefused | ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe | NotConnected | NotFound
+    )
 }
 
 async fn connect_once(
     config: &std::sync::Arc<rustls::ClientConfig>,
     expect: &Identity,
     addr: SocketAddr,
+    to: &Endpoint,
     max_frame: u32,
     deadline: Instant,
 ) -> Result<ClientConn, ConnError> {
-    let tcp = timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| ConnError::Timeout("connecting"))??;
-    let _ = tcp.set_nodelay(true);
+    let sock: Socket = match to {
+        Endpoint::Tcp(a) => {
+            let tcp =
+                timeout_at(deadline, TcpStream::connect(a)).await.map_err(|_| ConnError::Timeout("connecting"))??;
+            let _ = tcp.set_nodelay(true);
+            tcp.into()
+        }
+        Endpoint::Local(path) => {
+            timeout_at(deadline, connect_unix(path)).await.map_err(|_| ConnError::Timeout("connecting"))??.into()
+        }
+    };
     let stream = timeout_at(
         deadline.max(Instant::now() + Duration::from_secs(10)),
-        record::connect(tcp, config.clone(), tls::server_name(addr.ip())),
+        record::connect(sock, config.clone(), tls::server_name(addr.ip())),
     )
     .await
     .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
-    .map_err(|source| ConnError::Handshake { peer: addr, source })?;
+    .map_err(|source| ConnError::Handshake { peer: to.clone(), source })?;
     let mut conn = Conn::new(stream, expect.clone(), max_frame);
     // TLS 1.3 lets a refused client believe its first write succeeded; the
     // welcome proves the server accepted our certificate.
@@ -837,10 +914,88 @@ async fn connect_once(
     }
 }
 
+/// Longest path a Unix-domain socket address holds (`sun_path`, with its
+/// terminating zero).
+const SUN_PATH: usize = 107;
+
+/// Connects to the Unix-domain socket at `path`. A path longer than a
+/// socket address holds is reached through its directory, opened first and
+/// named by `/proc/self/fd` (the kernel resolves that name to the directory
+/// itself, so the socket reached is the one at `path`).
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().as_bytes().len() <= SUN_PATH {
+        return UnixStream::connect(path).await;
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket path"));
+    };
+    let dir = std::fs::File::open(dir)?;
+    use std::os::fd::AsRawFd;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    UnixStream::connect(short).await
+}
+
+/// Binds a Unix-domain listener at `path` (mode 0600: only the job's own
+/// uid, and root, may connect), replacing a socket left there by an earlier
+/// run of the same process; a path longer than a socket address holds is
+/// bound through its directory, as [`connect_unix`] does.
+pub fn bind_unix(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => std::fs::remove_file(path)?,
+        _ => {}
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket path"));
+    };
+    let dir_file;
+    let at = if path.as_os_str().as_bytes().len() <= SUN_PATH {
+        path.to_path_buf()
+    } else {
+        dir_file = std::fs::File::open(dir)?;
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", dir_file.as_raw_fd())).join(name)
+    };
+    let l = std::os::unix::net::UnixListener::bind(&at)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// A socket path longer than a socket address holds is bound and
+    /// reached through its directory; the socket is 0600 either way, and
+    /// binding again replaces a socket but never another kind of file.
+    #[tokio::test]
+    async fn unix_sockets_bind_and_connect_at_any_path_length() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("d".repeat(100));
+        std::fs::create_dir(&deep).unwrap();
+        for path in [tmp.path().join("s.sock"), deep.join("s.sock")] {
+            let long = path.as_os_str().len() > SUN_PATH;
+            let l = tokio::net::UnixListener::from_std(bind_unix(&path).unwrap()).unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{long}");
+            let (c, a) = tokio::join!(connect_unix(&path), l.accept());
+            let (mut c, (mut a, _)) = (c.unwrap(), a.unwrap());
+            c.write_all(b"hi").await.unwrap();
+            let mut got = [0u8; 2];
+            tokio::io::AsyncReadExt::read_exact(&mut a, &mut got).await.unwrap();
+            assert_eq!(&got, b"hi", "{long}");
+            drop(l);
+            bind_unix(&path).expect("a socket left behind is replaced");
+        }
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(bind_unix(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
 
     /// A frame arriving a few bytes at a time is shown to `seen` in order,
     /// every byte of its body once, and lands whole in the buffer.

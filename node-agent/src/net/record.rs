@@ -43,7 +43,7 @@ use rustls::server::ServerConnectionData;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// Largest plaintext of one record.
 const MAX_PLAINTEXT: usize = 1 << 14;
@@ -133,9 +133,9 @@ impl Kernel {
     }
 }
 
-/// Runs the handshake of `conn` over `tcp`. Returns the bytes read past the
+/// Runs the handshake of `conn` over `sock`. Returns the bytes read past the
 /// handshake (records the peer sent right after it).
-async fn handshake<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C) -> io::Result<Vec<u8>> {
+async fn handshake<C: Handshaking>(sock: &mut Socket, conn: &mut C) -> io::Result<Vec<u8>> {
     let mut incoming = vec![0u8; 16 * 1024];
     let mut used = 0;
     let mut outgoing = vec![0u8; 16 * 1024];
@@ -161,7 +161,7 @@ async fn handshake<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C) -> io::Res
                 }
             },
             Ok(ConnectionState::TransmitTlsData(data)) => {
-                tcp.write_all(&outgoing[..out_len]).await?;
+                sock.write_all(&outgoing[..out_len]).await?;
                 out_len = 0;
                 data.done();
                 Next::Process
@@ -179,7 +179,7 @@ async fn handshake<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C) -> io::Res
             Next::Process => {}
             Next::Failed(e) => {
                 // rustls queued an alert for the peer; send it, best effort.
-                flush_alerts(tcp, conn, &mut incoming[..used]).await;
+                flush_alerts(sock, conn, &mut incoming[..used]).await;
                 return Err(invalid(e));
             }
             Next::Done => {
@@ -193,7 +193,7 @@ async fn handshake<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C) -> io::Res
                     }
                     incoming.resize(incoming.len() * 2, 0);
                 }
-                let n = tcp.read(&mut incoming[used..]).await?;
+                let n = sock.read(&mut incoming[used..]).await?;
                 if n == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
@@ -204,7 +204,7 @@ async fn handshake<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C) -> io::Res
 }
 
 /// Sends what rustls queued after a failed handshake (its alert).
-async fn flush_alerts<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C, incoming: &mut [u8]) {
+async fn flush_alerts<C: Handshaking>(sock: &mut Socket, conn: &mut C, incoming: &mut [u8]) {
     let mut out = vec![0u8; 1024];
     let mut len = 0;
     for _ in 0..4 {
@@ -223,32 +223,34 @@ async fn flush_alerts<C: Handshaking>(tcp: &mut TcpStream, conn: &mut C, incomin
         }
     }
     if len > 0 {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tcp.write_all(&out[..len])).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sock.write_all(&out[..len])).await;
     }
 }
 
-/// Completes a server handshake on `tcp`. Returns the stream and the peer's
+/// Completes a server handshake on `sock`. Returns the stream and the peer's
 /// certificate chain (checked by the config's verifier).
 pub async fn accept(
-    mut tcp: TcpStream,
+    sock: impl Into<Socket>,
     config: std::sync::Arc<rustls::ServerConfig>,
 ) -> io::Result<(TlsStream, Vec<rustls::pki_types::CertificateDer<'static>>)> {
+    let mut sock = sock.into();
     let mut conn = rustls::server::UnbufferedServerConnection::new(config).map_err(invalid)?;
-    let rest = handshake(&mut tcp, &mut conn).await?;
+    let rest = handshake(&mut sock, &mut conn).await?;
     let certs = conn.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
-    let stream = TlsStream::after(tcp, conn, rest)?;
+    let stream = TlsStream::after(sock, conn, rest)?;
     Ok((stream, certs))
 }
 
-/// Completes a client handshake with `name` on `tcp`.
+/// Completes a client handshake with `name` on `sock`.
 pub async fn connect(
-    mut tcp: TcpStream,
+    sock: impl Into<Socket>,
     config: std::sync::Arc<rustls::ClientConfig>,
     name: rustls::pki_types::ServerName<'static>,
 ) -> io::Result<TlsStream> {
+    let mut sock = sock.into();
     let mut conn = rustls::client::UnbufferedClientConnection::new(config, name).map_err(invalid)?;
-    let rest = handshake(&mut tcp, &mut conn).await?;
-    TlsStream::after(tcp, conn, rest)
+    let rest = handshake(&mut sock, &mut conn).await?;
+    TlsStream::after(sock, conn, rest)
 }
 
 /// The record protection of one direction: key and sequence number.
@@ -314,9 +316,61 @@ enum Opened {
     Closed,
 }
 
-/// An established TLS 1.3 connection over TCP; see the module docs.
+/// The socket under a [`TlsStream`]: TCP, or a Unix-domain stream between
+/// two processes of one host (the same records either way).
+#[derive(Debug)]
+pub enum Socket {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix-domain stream socket.
+    Unix(UnixStream),
+}
+
+impl From<TcpStream> for Socket {
+    fn from(s: TcpStream) -> Socket {
+        Socket::Tcp(s)
+    }
+}
+
+impl From<UnixStream> for Socket {
+    fn from(s: UnixStream) -> Socket {
+        Socket::Unix(s)
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An established TLS 1.3 connection; see the module docs.
 pub struct TlsStream {
-    tcp: TcpStream,
+    sock: Socket,
     kernel: Kernel,
     /// Records sent per sending key before it is turned over.
     rekey_after: u64,
@@ -345,12 +399,12 @@ pub struct TlsStream {
 
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("tcp", &self.tcp).finish_non_exhaustive()
+        f.debug_struct("TlsStream").field("sock", &self.sock).finish_non_exhaustive()
     }
 }
 
 impl TlsStream {
-    fn after<C: Handshaking>(tcp: TcpStream, conn: C, rest: Vec<u8>) -> io::Result<TlsStream> {
+    fn after<C: Handshaking>(sock: Socket, conn: C, rest: Vec<u8>) -> io::Result<TlsStream> {
         let (secrets, kernel) = conn.into_kernel().map_err(invalid)?;
         // Turn the sending key over well before the suite's limit (2^24
         // records for AES-GCM, about 270 GB at full records).
@@ -359,7 +413,7 @@ impl TlsStream {
         let rx_end = rx_buf.len();
         rx_buf.resize(rx_end.max(READ_AHEAD + HEADER + MAX_CIPHERTEXT), 0);
         Ok(TlsStream {
-            tcp,
+            sock,
             kernel,
             rekey_after,
             rx: Keys::opening(secrets.rx)?,
@@ -391,8 +445,8 @@ impl TlsStream {
     }
 
     /// The underlying socket.
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    pub fn socket(&self) -> &Socket {
+        &self.sock
     }
 
     /// The complete record at `rx_start`, if there is one: its header and
@@ -561,7 +615,7 @@ impl TlsStream {
     /// Writes sealed bytes to the socket until all are out or it would block.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.tx_sent < self.tx_end {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tx_buf[self.tx_sent..self.tx_end]))?;
+            let n = ready!(Pin::new(&mut self.sock).poll_write(cx, &self.tx_buf[self.tx_sent..self.tx_end]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -632,7 +686,7 @@ impl AsyncRead for TlsStream {
                     }
                     let end = me.rx_end;
                     let mut buf = ReadBuf::new(&mut me.rx_buf[end..]);
-                    match Pin::new(&mut me.tcp).poll_read(cx, &mut buf) {
+                    match Pin::new(&mut me.sock).poll_read(cx, &mut buf) {
                         Poll::Pending if out.remaining() < wanted => return Poll::Ready(Ok(())),
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -686,7 +740,7 @@ impl AsyncWrite for TlsStream {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
         ready!(me.poll_drain(cx))?;
-        Pin::new(&mut me.tcp).poll_flush(cx)
+        Pin::new(&mut me.sock).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -696,6 +750,6 @@ impl AsyncWrite for TlsStream {
             me.tx_closed = true;
         }
         ready!(me.poll_drain(cx))?;
-        Pin::new(&mut me.tcp).poll_shutdown(cx)
+        Pin::new(&mut me.sock).poll_shutdown(cx)
     }
 }

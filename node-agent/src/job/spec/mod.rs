@@ -57,7 +57,7 @@ mod training;
 mod worker;
 
 pub use checkpoint::CheckpointSpec;
-pub use cluster::{Become, ClusterSpec, HostSpec};
+pub use cluster::{Become, ClusterSpec, HostSpec, SameHost};
 pub use data::{DataFiles, DataFormat, DataSpec};
 pub use limits::LimitsSpec;
 pub use model::{InitSpec, ModelKind, ModelSpec};
@@ -139,6 +139,22 @@ impl Src<'_> {
             col,
             message: message.into(),
             help: (!help.is_empty()).then_some(help),
+        }
+    }
+
+    /// The value a string key names among `choices`, the first when the key
+    /// is absent; any other string is an error at the key, with `help`.
+    fn choice<T: Copy>(
+        &self,
+        key: Option<&toml::Spanned<String>>,
+        what: &str,
+        choices: &[(&str, T)],
+        help: &str,
+    ) -> Result<T, SpecError> {
+        let Some(key) = key else { return Ok(choices[0].1) };
+        match choices.iter().find(|(name, _)| *name == key.get_ref()) {
+            Some(&(_, v)) => Ok(v),
+            None => Err(self.err(key.span(), format!("unknown {what} `{}`", key.get_ref()), help)),
         }
     }
 }

@@ -43,6 +43,7 @@ pub struct Cluster {
     #[serde(rename = "become")]
     pub become_: Option<Spanned<String>>,
     pub backend: Option<Spanned<String>>,
+    pub same_host: Option<Spanned<String>>,
     pub ports: Spanned<Vec<Spanned<i64>>>,
     pub scheduler_port: Option<Spanned<i64>>,
     pub hosts: Option<Spanned<Vec<Spanned<Host>>>>,

@@ -164,14 +164,12 @@ pub(super) fn convert_training(
         1 << 20,
         "samples per step on each worker, for example batch_size = 64",
     )?;
-    let mode = match t.mode.as_ref().map(|m| m.get_ref().as_str()) {
-        None | Some("sync") => SyncMode::Sync,
-        Some("async") => SyncMode::Async,
-        Some(other) => {
-            let span = t.mode.as_ref().map(|m| m.span()).unwrap_or_default();
-            return Err(src.err(span, format!("unknown training mode `{other}`"), "use \"sync\" or \"async\""));
-        }
-    };
+    let mode = src.choice(
+        t.mode.as_ref(),
+        "training mode",
+        &[("sync", SyncMode::Sync), ("async", SyncMode::Async)],
+        "use \"sync\" or \"async\"",
+    )?;
     let synthetic_steps = match (&t.steps, kind == ModelKind::Synthetic) {
         (Some(v), true) => int_in(src, v, "steps", 1, 1_000_000, "timed steps per epoch, such as 100")?,
         (None, true) => {
@@ -252,14 +250,12 @@ fn convert_suspect(src: &Src<'_>, t: &raw::Training) -> Result<SuspectRule, Spec
         }
         None => 5,
     };
-    let fail = match t.on_suspect.as_ref().map(|o| o.get_ref().as_str()) {
-        None | Some("warn") => false,
-        Some("fail") => true,
-        Some(other) => {
-            let span = t.on_suspect.as_ref().map(|o| o.span()).unwrap_or_default();
-            return Err(src.err(span, format!("unknown on_suspect `{other}`"), "use \"warn\" or \"fail\""));
-        }
-    };
+    let fail = src.choice(
+        t.on_suspect.as_ref(),
+        "on_suspect",
+        &[("warn", false), ("fail", true)],
+        "use \"warn\" or \"fail\"",
+    )?;
     Ok(SuspectRule { ratio, steps, fail })
 }
 
@@ -348,20 +344,12 @@ fn convert_aggregation(
 
 /// `compression` and `compression_threshold` (2-bit only).
 fn convert_compression(src: &Src<'_>, t: &raw::Training) -> Result<Compression, SpecError> {
-    let encoding = match t.compression.as_ref().map(|c| c.get_ref().as_str()) {
-        None | Some("none") => Encoding::F32,
-        Some("fp16") => Encoding::F16,
-        Some("bf16") => Encoding::Bf16,
-        Some("2bit") => Encoding::TwoBit,
-        Some(other) => {
-            let span = t.compression.as_ref().map(|c| c.span()).unwrap_or_default();
-            return Err(src.err(
-                span,
-                format!("unknown compression `{other}`"),
-                "use \"none\", \"fp16\", \"bf16\" or \"2bit\"",
-            ));
-        }
-    };
+    let encoding = src.choice(
+        t.compression.as_ref(),
+        "compression",
+        &[("none", Encoding::F32), ("fp16", Encoding::F16), ("bf16", Encoding::Bf16), ("2bit", Encoding::TwoBit)],
+        "use \"none\", \"fp16\", \"bf16\" or \"2bit\"",
+    )?;
     let threshold = match (&t.compression_threshold, encoding) {
         (Some(v), Encoding::TwoBit) => {
             let x = *v.get_ref();

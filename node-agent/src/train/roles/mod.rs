@@ -205,10 +205,12 @@ impl RoleCtx {
     ) -> Result<Vec<(crate::net::conn::ClientConn, std::ops::Range<usize>)>, RoleError> {
         let mut out = Vec::new();
         for p in self.plan.of_role(Role::Server) {
-            let mut conn = crate::net::conn::connect(
+            let local = self.same_host_socket(p);
+            let mut conn = crate::net::conn::connect_to(
                 &self.tls,
                 self.plan.identity(Role::Server, p.rank),
                 p.socket().expect("servers listen"),
+                local.as_deref(),
                 self.spec.limits.max_frame_bytes,
                 self.patience(),
             )
@@ -218,6 +220,18 @@ impl RoleCtx {
             out.push((conn, self.plan.shard(p.rank)));
         }
         Ok(out)
+    }
+
+    /// The Unix-domain socket through which this process reaches `server`:
+    /// the server's socket in its job directory when it runs on this
+    /// process's host (the job directories of one host are siblings) and
+    /// `[cluster] same_host` is `"unix"`; none otherwise (its TCP port).
+    pub fn same_host_socket(&self, server: &crate::job::plan::PlannedProcess) -> Option<std::path::PathBuf> {
+        let me = self.me();
+        let mine = self.plan.get(me.role, me.rank)?;
+        let unix = self.spec.cluster.same_host == crate::job::spec::SameHost::Unix;
+        let jobs = self.workdir.parent()?;
+        (unix && mine.host == server.host).then(|| jobs.join(server.dir_name()).join(server::SOCKET))
     }
 
     /// Connects to the scheduler and registers.
@@ -238,6 +252,8 @@ impl RoleCtx {
         Ok(conn)
     }
 }
+
+use crate::net::conn::Endpoint;
 
 type ClientTls = crate::net::record::TlsStream;
 
@@ -357,20 +373,17 @@ impl RateLimitedLog {
 /// a bounded number of sockets and tasks), then completes its handshake and
 /// first message on a task of its own, which hands both to `serve`.
 pub async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     acceptor: crate::net::conn::Acceptor,
     log: Arc<RateLimitedLog>,
     serve: F,
 ) where
-    F: Fn(crate::net::conn::ServerConn, crate::net::wire::Message, std::net::SocketAddr) -> Fut
-        + Clone
-        + Send
-        + 'static,
+    F: Fn(crate::net::conn::ServerConn, crate::net::wire::Message, Endpoint) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     loop {
         let (tcp, from) = accept_next(&listener, &log).await;
-        let slot = match acceptor.admit(from) {
+        let slot = match acceptor.admit(from.clone()) {
             Ok(slot) => slot,
             Err(why) => {
                 log.warn(&format!("closed a connection from {from} at once: {why}"));
@@ -387,12 +400,28 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Accepts the next TCP connection; on errors (out of descriptors, memory)
-/// it logs at a bounded rate and backs off instead of spinning.
-pub async fn accept_next(
-    listener: &tokio::net::TcpListener,
-    log: &RateLimitedLog,
-) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+/// A listening socket of a role: its TCP port, or (servers) its Unix-domain
+/// socket for the processes of its own host.
+#[derive(Debug)]
+pub enum Listener {
+    /// The role's port.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix-domain socket, and its path.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(crate::net::record::Socket, Endpoint)> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, from)| (s.into(), Endpoint::Tcp(from))),
+            Listener::Unix(l, path) => l.accept().await.map(|(s, _)| (s.into(), Endpoint::Local(path.clone()))),
+        }
+    }
+}
+
+/// Accepts the next connection; on errors (out of descriptors, memory) it
+/// logs at a bounded rate and backs off instead of spinning.
+pub async fn accept_next(listener: &Listener, log: &RateLimitedLog) -> (crate::net::record::Socket, Endpoint) {
     loop {
         match listener.accept().await {
             Ok(x) => return x,

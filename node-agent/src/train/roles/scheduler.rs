@@ -13,7 +13,6 @@
 //! connection that did not register (refused, or not in the plan) are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,7 +169,8 @@ pub async fn run(ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
         let log = log.clone();
         move |conn, first, from| serve_peer(conn, first, from, tx.clone(), log.clone())
     };
-    let _accept = AbortOnDrop(tokio::spawn(super::accept_loop(listener, acceptor, log.clone(), serve)));
+    let _accept =
+        AbortOnDrop(tokio::spawn(super::accept_loop(super::Listener::Tcp(listener), acceptor, log.clone(), serve)));
     let _ticker = AbortOnDrop(ticker);
     let mut s = Scheduler {
         timeout: ctx.heartbeat_timeout(),
@@ -573,7 +573,7 @@ async fn abort(writers: &mut BTreeMap<(Role, u32), Writer>, reason: &str) {
 async fn serve_peer(
     conn: ServerConn,
     first: Message,
-    from: SocketAddr,
+    from: crate::net::conn::Endpoint,
     tx: mpsc::Sender<Input>,
     log: Arc<RateLimitedLog>,
 ) {

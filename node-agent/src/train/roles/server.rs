@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::shard::{ChunkAnswer, Refusal, Shard, ShardStart, Suspect};
-use super::{CheckpointCtx, RateLimitedLog, RoleCtx, RoleError};
+use super::{CheckpointCtx, Listener, RateLimitedLog, RoleCtx, RoleError};
 use crate::net::conn::{Acceptor, ConnError, RecvHalf, SendHalf, ServerConn};
 use crate::net::identity::Role;
 use crate::net::wire::{Message, ShardDigest, TAG_PULL_CHUNK, TAG_PUSH, TAG_PUSH_CHUNK};
@@ -87,8 +87,13 @@ enum ServeError {
     Refused(#[from] Refusal),
 }
 
-/// Runs server `ctx.me().rank` on an already bound listener until the job ends.
-pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleError> {
+/// The name of a server's Unix-domain socket in its job directory, bound
+/// when a worker of the job runs on its host (`[cluster] same_host`).
+pub const SOCKET: &str = "ps.sock";
+
+/// Runs server `ctx.me().rank` on already bound listeners (its port and,
+/// for workers on its own host, its Unix-domain socket) until the job ends.
+pub async fn run(mut ctx: RoleCtx, listener: TcpListener, local: Option<Listener>) -> Result<(), RoleError> {
     // Signed initial weights are verified before this server joins the job.
     let initial = ctx.initial.take();
     let mut sched = ctx.scheduler_link().await?;
@@ -112,11 +117,11 @@ pub async fn run(mut ctx: RoleCtx, listener: TcpListener) -> Result<(), RoleErro
         server: place.rank,
         fail: ctx.spec.training.suspect.fail.then(|| suspect_tx.clone()),
     };
-    let accept = accept_workers(&ctx, listener, shard, snapshots, report)?;
+    let accept = accept_workers(&ctx, listener, local, shard, snapshots, report)?;
     let mut watch = Watch { saved: &mut saved_rx, suspects: &mut suspect_rx };
     let result = follow_scheduler(&ctx, &sched, &mut from_sched, &mut watch, silence, place.shards).await;
     drop(suspect_tx);
-    accept.abort();
+    accept.iter().for_each(|a| a.abort());
     if let Some(w) = writer {
         // The scheduler waits for every requested checkpoint to commit
         // before the shutdown: a write still going on means the job failed,
@@ -180,15 +185,18 @@ fn start_writer(ctx: &RoleCtx, place: ShardPlace) -> (Option<tokio::task::JoinHa
     (writer, snapshots, saved_rx)
 }
 
-/// Serves the workers on `listener`, each connection on a task of its own;
-/// one that fails is logged (at a bounded rate) and dropped.
+/// Serves the workers on `listener` (and `local`), each connection on a
+/// task of its own; one that fails is logged (at a bounded rate) and
+/// dropped. Both listeners admit through one acceptor: its caps and the
+/// one connection per identity hold across them.
 fn accept_workers(
     ctx: &RoleCtx,
     listener: TcpListener,
+    local: Option<Listener>,
     shard: Arc<Shard>,
     snapshots: Snapshots,
     report: SuspectReport,
-) -> Result<tokio::task::JoinHandle<()>, RoleError> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RoleError> {
     let acceptor = Acceptor::new(&ctx.tls, &[Role::Worker], ctx.limits())?;
     let log = Arc::new(RateLimitedLog::default());
     let serve = {
@@ -197,13 +205,15 @@ fn accept_workers(
             let (shard, snapshots, log, report) = (shard.clone(), snapshots.clone(), log.clone(), report.clone());
             async move {
                 let peer = conn.peer().clone();
+                tracing::info!("{peer} connected from {from}");
                 if let Err(e) = serve_worker(conn, first, &shard, snapshots, &report).await {
                     log.warn(&format!("dropped {peer} from {from}: {e}"));
                 }
             }
         }
     };
-    Ok(tokio::spawn(super::accept_loop(listener, acceptor, log, serve)))
+    let listeners = std::iter::once(Listener::Tcp(listener)).chain(local);
+    Ok(listeners.map(|l| tokio::spawn(super::accept_loop(l, acceptor.clone(), log.clone(), serve.clone()))).collect())
 }
 
 /// Until the scheduler ends the job: commits the checkpoints it announces
