@@ -355,7 +355,7 @@ pub enum BenchCommand {
     /// Parameter-server throughput: W workers push and pull P floats through S servers over mutual TLS.
     #[command(after_help = "Examples:\n  warden bench ps --workers 2 --servers 1 --params 4e6 --iters 50\n  \
         warden bench ps --params 16e6 --compression 2bit --chunk-kib 1024\n\n\
-        Prints: warden ps: W=2 S=1 P=4000000 compression=none steps_per_s=.. worker_GBps=..\n\
+        Prints: warden ps: W=2 S=1 P=4000000 compression=none same_host=unix steps_per_s=.. worker_GBps=..\n\
         worker_GBps counts the bytes one worker pushed plus pulled per second (as sent: compressed pushes count \
         their compressed size); steps/s are the slowest worker's. ./scripts/bench-mxnet compares it with MXNet; \
         docs/benchmarks.md has reference figures.")]

@@ -923,6 +923,24 @@ const SUN_PATH: usize = 107;
 /// named by `/proc/self/fd` (the kernel resolves that name to the directory
 /// itself, so the socket reached is the one at `path`).
 async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    let s = connect_unix_at(path).await?;
+    widen(&s);
+    Ok(s)
+}
+
+/// Gives a Unix-domain stream a send buffer of [`UNIX_SNDBUF`], as far as
+/// `net.core.wmem_max` allows. A Unix stream queues what its sender's
+/// buffer holds (the default, 208 KiB, is less than one write of the record
+/// layer), and unlike TCP's it does not grow by itself; a failure leaves
+/// the default, which is slower but correct.
+pub fn widen(s: &impl std::os::fd::AsFd) {
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SNDBUF);
+}
+
+/// Send buffer of a Unix-domain stream between a worker and a server.
+const UNIX_SNDBUF: usize = 4 << 20;
+
+async fn connect_unix_at(path: &Path) -> std::io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     if path.as_os_str().as_bytes().len() <= SUN_PATH {
         return UnixStream::connect(path).await;

@@ -55,8 +55,10 @@ const TAG: usize = 16;
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// Socket bytes asked for per read once a frame is under way.
 pub const READ_AHEAD: usize = 256 * 1024;
-/// Sealed bytes gathered before they are written to the socket.
-const WRITE_BEHIND: usize = 16 * (HEADER + MAX_PLAINTEXT + 1 + TAG);
+/// Sealed bytes gathered before they are written to the socket: 32 full
+/// records, half a MiB (against 16, fewer writes and fewer wake-ups of the
+/// reader gave 5% more steps/s on one host, over TCP and Unix sockets).
+const WRITE_BEHIND: usize = 32 * (HEADER + MAX_PLAINTEXT + 1 + TAG);
 /// Largest handshake flight buffered (rustls allows 64 KiB messages).
 const MAX_HANDSHAKE_BUFFER: usize = 96 * 1024;
 

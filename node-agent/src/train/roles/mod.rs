@@ -414,7 +414,10 @@ impl Listener {
     async fn accept(&self) -> std::io::Result<(crate::net::record::Socket, Endpoint)> {
         match self {
             Listener::Tcp(l) => l.accept().await.map(|(s, from)| (s.into(), Endpoint::Tcp(from))),
-            Listener::Unix(l, path) => l.accept().await.map(|(s, _)| (s.into(), Endpoint::Local(path.clone()))),
+            Listener::Unix(l, path) => l.accept().await.map(|(s, _)| {
+                crate::net::conn::widen(&s);
+                (s.into(), Endpoint::Local(path.clone()))
+            }),
         }
     }
 }
