@@ -143,6 +143,7 @@ impl Transport for SlurmTransport {
                 .args(&srun[1..])
                 .args(["rm", "-rf", "--"])
                 .arg(&dir)
+                .arg(dir.with_file_name(p.socket_name()))
                 .env_clear()
                 .envs(crate::transport::clean_env())
                 .stdin(Stdio::null())

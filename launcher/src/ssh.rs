@@ -796,8 +796,11 @@ impl Transport for SshTransport {
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let host = self.host(&p.host)?;
-            let dir = self.workdir(p).display().to_string();
-            run(host, &format!("rm -rf {}", sh_quote(&dir)), None).await.map(|_| ()).map_err(io::Error::other)
+            let dir = self.workdir(p);
+            let sock = dir.with_file_name(p.socket_name());
+            let cmd =
+                format!("rm -rf {} {}", sh_quote(&dir.display().to_string()), sh_quote(&sock.display().to_string()));
+            run(host, &cmd, None).await.map(|_| ()).map_err(io::Error::other)
         })
     }
 

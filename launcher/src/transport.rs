@@ -147,7 +147,10 @@ pub fn job_dirs(spec: &warden_agent::job::spec::JobSpec, job: &JobId, run_nodes:
     }
 }
 
-/// Process `p`'s job directory in the job's directory `dir`.
+/// Process `p`'s job directory in the job's directory `dir`. Every
+/// transport puts the job directories of one host side by side in one
+/// directory: a worker finds a server's Unix-domain socket beside them
+/// (`roles::server::local_socket`), and cleaning up a server removes it.
 pub fn workdir_in(dir: &Path, p: &PlannedProcess) -> PathBuf {
     dir.join(p.dir_name())
 }
@@ -419,7 +422,12 @@ impl Transport for LocalTransport {
 
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(async move {
-            match tokio::fs::remove_dir_all(self.workdir(p)).await {
+            let dir = self.workdir(p);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            match tokio::fs::remove_file(dir.with_file_name(p.socket_name())).await {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             }

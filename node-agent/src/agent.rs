@@ -120,16 +120,10 @@ pub enum PrepareError {
     },
     /// A server's Unix-domain socket could not be bound.
     #[error(
-        "cannot bind the server's socket {path} for the workers of its host: {source}; \
+        "cannot bind the server's socket for the workers of its host: {0}; \
          [cluster] same_host = \"tcp\" has them use its port instead"
     )]
-    LocalSocket {
-        /// The socket's path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    LocalSocket(#[source] crate::host::privfs::PrivFsError),
     /// The listening socket could not be made non-blocking.
     #[error("{0}")]
     Nonblocking(#[source] std::io::Error),
@@ -220,6 +214,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
     let owner = user.map(|u| crate::host::privfs::Owner { uid: u.uid, gid: u.gid });
     crate::host::privfs::ensure_dir(&bundle.workdir, 0o700, owner).map_err(PrepareError::JobDir)?;
     let checkpoint = checkpoint_ctx(&spec, &bundle, user)?;
+    let local = local_socket(&spec, &plan, &planned, &bundle.workdir, owner)?;
     // Starting weights are read (and verified) before the drop: they are the
     // launching user's, for example in a private run directory.
     let initial = roles::initial_weights(&spec, me.role, bundle.resume)?;
@@ -233,7 +228,7 @@ pub fn prepare<R: BufRead>(input: &mut R, events: EventSink) -> Result<Prepared,
 
     // The point of no return: nothing below runs with privileges, and no
     // thread exists yet, so every thread started later inherits the drop.
-    let Dropped { external, local } = drop_privileges(&spec, &plan, &bundle, &me, user)?;
+    let external = drop_privileges(&spec, &plan, &bundle, &me, user)?;
     let status = crate::host::harden::verify(root)?;
     tracing::info!(
         "running as uid {} gid {}, no capabilities, no_new_privs, seccomp filter",
@@ -321,7 +316,7 @@ fn drop_privileges(
     bundle: &Bundle,
     me: &Identity,
     user: Option<crate::host::harden::JobUser>,
-) -> Result<Dropped, PrepareError> {
+) -> Result<Option<(std::os::unix::net::UnixListener, std::process::Child)>, PrepareError> {
     match (me.role, &spec.worker) {
         (Role::Worker, Some(_)) => {
             crate::host::harden::drop_identity(user)?;
@@ -329,38 +324,32 @@ fn drop_privileges(
             let ranks = crate::train::kv::WorkerRanks::of(plan, me.rank);
             let child = crate::train::kv::spawn_program(spec, ranks, &bundle.workdir, bundle.seed)?;
             crate::host::harden::install_seccomp_with_child(Some(child.id()))?;
-            Ok(Dropped { external: Some((socket, child)), local: None })
-        }
-        (Role::Server, _) if serves_own_host(spec, plan, me) => {
-            // Bound as the job user (so its workers may connect) and before
-            // the filter, which has no chmod.
-            crate::host::harden::drop_identity(user)?;
-            let path = bundle.workdir.join(roles::server::SOCKET);
-            let socket = crate::net::conn::bind_unix(&path)
-                .map_err(|source| PrepareError::LocalSocket { path: path.clone(), source })?;
-            crate::host::harden::install_seccomp()?;
-            Ok(Dropped { external: None, local: Some((socket, path)) })
+            Ok(Some((socket, child)))
         }
         _ => {
             crate::host::harden::drop_privileges(user)?;
-            Ok(Dropped { external: None, local: None })
+            Ok(None)
         }
     }
 }
 
-/// What [`drop_privileges`] opened in passing: an external worker's KV
-/// socket and program, a server's Unix-domain socket and its path.
-struct Dropped {
-    external: Option<(std::os::unix::net::UnixListener, std::process::Child)>,
-    local: Option<(std::os::unix::net::UnixListener, PathBuf)>,
-}
-
-/// Whether server `me` has workers on its own host that reach it through
-/// its Unix-domain socket (`[cluster] same_host = "unix"`).
-fn serves_own_host(spec: &JobSpec, plan: &Plan, me: &Identity) -> bool {
-    let Some(mine) = plan.get(me.role, me.rank) else { return false };
-    spec.cluster.same_host == crate::job::spec::SameHost::Unix
-        && plan.of_role(Role::Worker).iter().any(|w| w.host == mine.host)
+/// A server's Unix-domain socket for the workers of its own host
+/// (`[cluster] same_host = "unix"`), bound before the drop: root makes it
+/// in the job's directory, which is root's, so the job's uid (its owner,
+/// whose workers connect) cannot remove or replace it.
+fn local_socket(
+    spec: &JobSpec,
+    plan: &Plan,
+    me: &PlannedProcess,
+    workdir: &Path,
+    owner: Option<crate::host::privfs::Owner>,
+) -> Result<Option<(std::os::unix::net::UnixListener, PathBuf)>, PrepareError> {
+    let serves_own_host = me.role == Role::Server
+        && spec.cluster.same_host == crate::job::spec::SameHost::Unix
+        && plan.of_role(Role::Worker).iter().any(|w| w.host == me.host);
+    let Some(path) = roles::server::local_socket(workdir, me).filter(|_| serves_own_host) else { return Ok(None) };
+    let socket = crate::host::privfs::bind_socket(&path, owner).map_err(PrepareError::LocalSocket)?;
+    Ok(Some((socket, path)))
 }
 
 /// Binds the process's listening socket, if its role has one, and tells the

@@ -105,8 +105,8 @@ impl RoleCluster {
             finish: Default::default(),
         };
         let dir = crate::scratch("role-cluster");
-        let server_socket = dir.join(warden_agent::train::roles::server::SOCKET);
-        let local = warden_agent::net::conn::bind_unix(&server_socket).unwrap();
+        let server_socket = dir.join("server.sock");
+        let local = warden_agent::host::privfs::bind_socket(&server_socket, None).unwrap();
         let mut local = Some(warden_agent::train::roles::Listener::Unix(
             tokio::net::UnixListener::from_std(local).unwrap(),
             server_socket.clone(),

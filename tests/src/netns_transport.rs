@@ -58,7 +58,7 @@ impl Transport for NetnsTransport {
     }
 
     fn workdir(&self, p: &PlannedProcess) -> PathBuf {
-        self.nodes_dir.join(format!("{}-{}-{}", p.host, p.role, p.rank))
+        self.nodes_dir.join(p.dir_name())
     }
 
     fn fetch_dir<'a>(
@@ -78,6 +78,7 @@ impl Transport for NetnsTransport {
     fn cleanup<'a>(&'a self, p: &'a PlannedProcess) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let _ = std::fs::remove_dir_all(self.workdir(p));
+            let _ = std::fs::remove_file(self.workdir(p).with_file_name(p.socket_name()));
             Ok(())
         })
     }

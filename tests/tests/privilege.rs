@@ -50,35 +50,50 @@ fn every_training_process_runs_with_nothing() {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
     let nodes = std::path::Path::new("/var/lib/warden/jobs").join(plan["job_id"].as_str().unwrap());
-    let mut sockets = Vec::new();
+    let (mut sockets, mut job) = (Vec::new(), None);
     for entry in std::fs::read_dir(&nodes).unwrap() {
         use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
         let entry = entry.unwrap();
         let meta = entry.metadata().unwrap();
+        if meta.file_type().is_socket() {
+            sockets.push((entry.path(), meta));
+            continue;
+        }
+        assert!(meta.is_dir(), "{:?}", entry.path());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
         assert_ne!(meta.uid(), 0);
-        // A server's Unix-domain socket, for the workers of its host, is
-        // the job uid's alone too.
-        let sock = entry.path().join(warden_agent::train::roles::server::SOCKET);
-        if let Ok(s) = std::fs::symlink_metadata(&sock) {
-            assert!(s.file_type().is_socket(), "{sock:?}");
-            assert_eq!(s.permissions().mode() & 0o777, 0o600, "{sock:?}");
-            assert_eq!(s.uid(), meta.uid(), "{sock:?}");
-            sockets.push(sock);
+        job = Some((meta.uid(), meta.gid()));
+    }
+    // Beside them, each server's Unix-domain socket for the workers of its
+    // host: the job uid's and 0600, in a directory of root's, so another
+    // uid cannot connect and the job's own uid (its programs included) can
+    // connect but not remove or replace it.
+    let (uid, gid) = job.unwrap();
+    assert_eq!(sockets.len(), 2, "both servers serve their host's workers on a socket: {sockets:?}");
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::fs::metadata(&nodes).unwrap();
+        assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (0, 0o711));
+        for (sock, meta) in &sockets {
+            assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (uid, 0o600), "{sock:?}");
         }
     }
-    assert_eq!(sockets.len(), 2, "both servers serve their host's workers on a socket");
-    // Another uid cannot connect to them (root could; the job's uid does).
-    for sock in &sockets {
-        let out = Command::new("python3")
-            .args(["-c", "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"])
-            .arg(sock)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("PermissionError"), "uid 65534 reached {sock:?}: {err}");
+    let python_as = |uid: u32, gid: u32, code: &str, sock: &std::path::Path| {
+        let out = Command::new("python3").args(["-c", code]).arg(sock).uid(uid).gid(gid).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])";
+    for (sock, _) in &sockets {
+        let (ok, err) = python_as(65534, 65534, connect, sock);
+        assert!(!ok && err.contains("PermissionError"), "uid 65534 reached {sock:?}: {err}");
+        let (ok, err) = python_as(uid, gid, connect, sock);
+        assert!(ok, "the job's uid connects to {sock:?}: {err}");
+        for replace in
+            ["import os, sys; os.unlink(sys.argv[1])", "import os, sys; os.rename(sys.argv[1], sys.argv[1] + '.x')"]
+        {
+            let (ok, err) = python_as(uid, gid, replace, sock);
+            assert!(!ok && err.contains("PermissionError"), "the job's uid moved {sock:?}: {err}");
+        }
     }
     // The job's firewall table admits only the job's peers to its ports.
     let table = job_table(&run);

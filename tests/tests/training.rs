@@ -113,7 +113,7 @@ chunk_kib = CHUNK
     std::fs::write(&job, text.replace("CHUNK", "4")).unwrap();
     let summary = launch(&job, &dir.join("run"));
     assert_eq!(summary["steps"], 10);
-    for (run, from) in [("whole", "127.0.0.1:"), ("run", "/ps.sock")] {
+    for (run, from) in [("whole", "127.0.0.1:"), ("run", ".sock (pid ")] {
         for server in 0..2 {
             let log = std::fs::read_to_string(dir.join(format!("{run}/logs/localhost-server-{server}.log"))).unwrap();
             let connected = log.lines().filter(|l| l.contains("connected from")).collect::<Vec<_>>();

@@ -445,7 +445,7 @@ async fn a_client_tries_again_after_a_full_cap_cut_its_handshake_short() {
         }
         let (tcp, from) = listener.accept().await.unwrap();
         let slot = acceptor.admit(from).unwrap();
-        acceptor.accept(tcp, slot).await.map(|_| ())
+        acceptor.accept(tcp, from.into(), slot).await.map(|_| ())
     });
     let worker = pki.issue(Role::Worker, 0);
     let conn = connect(&worker, pki.id(Role::Server, 0), addr, 1 << 20, Duration::from_secs(20)).await;
@@ -468,7 +468,7 @@ async fn authenticated_connections_do_not_count_against_the_caps() {
         for _ in 0..4 {
             let (tcp, from) = listener.accept().await.unwrap();
             let slot = acceptor.admit(from).expect("a slot: authenticated peers gave theirs back");
-            let (conn, _first) = acceptor.accept(tcp, slot).await.unwrap();
+            let (conn, _first) = acceptor.accept(tcp, from.into(), slot).await.unwrap();
             held.push(conn);
         }
         held.len()

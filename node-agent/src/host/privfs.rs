@@ -61,6 +61,11 @@ pub enum PrivFsError {
         /// What it is.
         kind: &'static str,
     },
+    /// A socket a running process still listens on.
+    #[error(
+        "{0} is the socket of a process that is still running (another agent for this job's process?); stop it first"
+    )]
+    Live(PathBuf),
     /// Nested deeper than [`MAX_DEPTH`].
     #[error("{0} is nested deeper than warden nests its files; remove it")]
     TooDeep(PathBuf),
@@ -79,6 +84,10 @@ pub enum PrivFsError {
 
 fn sys<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> PrivFsError + 'a {
     move |errno| PrivFsError::Sys { what, path: path.to_path_buf(), errno }
+}
+
+fn sys_io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PrivFsError + 'a {
+    move |e| sys(what, path)(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 /// Who should own what is made or handed over.
@@ -286,6 +295,47 @@ fn hand_over_entries(dir: OwnedFd, path: &Path, owner: Owner, depth: u32) -> Res
         }
     }
     Ok(())
+}
+
+/// Binds a Unix-domain stream listener at `path`, 0600 and `owner`'s (when
+/// given), so that only the owner (and root) may connect. Its directory is
+/// made as [`ensure_dir`] makes parents when missing (root's, 0711), and
+/// named through its descriptor (`/proc/self/fd/N/NAME`), which also lifts
+/// the 108-byte limit of a socket address. Made by root in a directory of
+/// root's, the socket cannot be removed or replaced by its owner. A socket
+/// already at `path` is replaced if nothing listens on it any more (an
+/// earlier run's), refused if something does; any other kind of file is
+/// refused and left as it is.
+///
+/// The owner is given with `fchownat` by name: a socket has no descriptor
+/// of its inode to `fchown`. That is safe where only root makes entries,
+/// and where another user may, the socket belongs to that user anyway.
+pub fn bind_socket(path: &Path, owner: Option<Owner>) -> Result<std::os::unix::net::UnixListener, PrivFsError> {
+    use nix::unistd::{UnlinkatFlags, fchownat, unlinkat};
+    use std::os::fd::AsRawFd;
+    let (dir, name) = parent_and_name(path)?;
+    let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    match fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => {}
+        Ok(st) if is(st.st_mode, SFlag::S_IFSOCK) => match std::os::unix::net::UnixStream::connect(&at) {
+            Ok(_) => return Err(PrivFsError::Live(path.to_path_buf())),
+            Err(_) => unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(sys("removing", path))?,
+        },
+        Ok(st) if is(st.st_mode, SFlag::S_IFLNK) => return Err(PrivFsError::Link(path.to_path_buf())),
+        Ok(st) => return Err(PrivFsError::Unexpected { path: path.to_path_buf(), kind: kind_of(st.st_mode) }),
+        Err(e) => return Err(sys("examining", path)(e)),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&at).map_err(sys_io("binding", path))?;
+    // Until these two calls the socket is root's (or ours) with the umask's
+    // mode: nobody else may connect in between.
+    nix::sys::stat::fchmodat(&dir, name, Mode::from_bits_truncate(0o600), nix::sys::stat::FchmodatFlags::FollowSymlink)
+        .map_err(sys("changing the mode of", path))?;
+    if let Some(o) = owner {
+        let (u, g) = o.ids();
+        fchownat(&dir, name, u, g, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(sys("changing the owner of", path))?;
+    }
+    listener.set_nonblocking(true).map_err(sys_io("configuring", path))?;
+    Ok(listener)
 }
 
 #[cfg(test)]

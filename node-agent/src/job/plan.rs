@@ -48,6 +48,12 @@ impl PlannedProcess {
     pub fn dir_name(&self) -> String {
         format!("{}-{}-{}", self.host, self.role, self.rank)
     }
+
+    /// The name of a server's Unix-domain socket for the workers of its
+    /// host, beside its job directory (`node1-server-0.sock`).
+    pub fn socket_name(&self) -> String {
+        format!("{}.sock", self.dir_name())
+    }
 }
 
 /// What one host gets.

@@ -95,7 +95,7 @@ pub enum ConnError {
         source: std::io::Error,
     },
     /// The peer could not be reached before the patience ran out.
-    #[error("cannot reach {peer} at {addr}: {source}")]
+    #[error("cannot reach {peer} at {addr}: {source}{}", .addr.hint())]
     Unreachable {
         /// Who was dialled.
         peer: Identity,
@@ -141,15 +141,22 @@ pub enum AdmitError {
 pub enum Endpoint {
     /// A TCP address.
     Tcp(SocketAddr),
-    /// A Unix-domain socket of this host.
-    Local(PathBuf),
+    /// A Unix-domain socket of this host, and the process at the other end
+    /// when known (an accepted connection's peer).
+    Local {
+        /// The socket's path.
+        path: PathBuf,
+        /// The peer's process id.
+        pid: Option<i32>,
+    },
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Tcp(a) => a.fmt(f),
-            Endpoint::Local(p) => write!(f, "{}", p.display()),
+            Endpoint::Local { path, pid: None } => write!(f, "{}", path.display()),
+            Endpoint::Local { path, pid: Some(pid) } => write!(f, "{} (pid {pid})", path.display()),
         }
     }
 }
@@ -166,7 +173,20 @@ impl Endpoint {
     fn source(&self) -> Option<std::net::IpAddr> {
         match self {
             Endpoint::Tcp(a) => Some(a.ip()),
-            Endpoint::Local(_) => None,
+            Endpoint::Local { .. } => None,
+        }
+    }
+
+    /// What to do when it cannot be reached, after the cause.
+    fn hint(&self) -> &'static str {
+        match self {
+            Endpoint::Tcp(_) => "",
+            // A server binds its socket before it registers, and workers
+            // connect after every server has: a missing one is not late.
+            Endpoint::Local { .. } => {
+                "; a server binds its socket before the job starts, so it was removed or is not where this host's \
+                 job directories are; [cluster] same_host = \"tcp\" has workers use the server's port"
+            }
         }
     }
 }
@@ -762,22 +782,21 @@ impl Acceptor {
     /// given back once the peer has authenticated: the caps bound what
     /// strangers can hold, and an authenticated peer is one of the job's
     /// processes (each of which a listener serves once).
-    pub async fn accept(&self, sock: impl Into<Socket>, slot: Slot) -> Result<(ServerConn, Message), ConnError> {
+    pub async fn accept(
+        &self,
+        sock: impl Into<Socket>,
+        from: Endpoint,
+        slot: Slot,
+    ) -> Result<(ServerConn, Message), ConnError> {
         let deadline = Instant::now() + self.limits.first_message;
         let sock = sock.into();
-        let peer_addr = match &sock {
-            Socket::Tcp(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                Endpoint::Tcp(tcp.peer_addr()?)
-            }
-            Socket::Unix(unix) => {
-                Endpoint::Local(unix.local_addr()?.as_pathname().map(Path::to_path_buf).unwrap_or_default())
-            }
-        };
+        if let Socket::Tcp(tcp) = &sock {
+            let _ = tcp.set_nodelay(true);
+        }
         let (stream, certs) = timeout_at(deadline, record::accept(sock, self.tls.clone()))
             .await
             .map_err(|_| ConnError::Timeout("waiting for the TLS handshake"))?
-            .map_err(|source| ConnError::Handshake { peer: peer_addr, source })?;
+            .map_err(|source| ConnError::Handshake { peer: from, source })?;
         let peer = tls::peer_identity(&certs)?;
         drop(slot);
         let held = self.hold(&peer);
@@ -846,7 +865,7 @@ pub async fn connect_to(
     let config = tls::client_config(me, expect.clone())?;
     let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(20);
-    let to = path.map_or(Endpoint::Tcp(addr), |p| Endpoint::Local(p.to_path_buf()));
+    let to = path.map_or(Endpoint::Tcp(addr), |p| Endpoint::Local { path: p.to_path_buf(), pid: None });
     loop {
         match connect_once(&config, &expect, addr, &to, max_frame, deadline).await {
             Err(e) if transient(&e) && Instant::now() + backoff < deadline => {
@@ -870,10 +889,17 @@ fn transient(e: &ConnError) -> bool {
         ConnError::Closed(_) => return true,
         _ => return false,
     };
-    // NotFound: a Unix-domain listener that has not bound its socket yet.
+    // WouldBlock: a Unix-domain listener's backlog is full (where TCP's
+    // connect waits). NotFound is not here: see `Endpoint::hint`.
     matches!(
         kind,
-        ConnectionRefused | ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe | NotConnected | NotFound
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | UnexpectedEof
+            | BrokenPipe
+            | NotConnected
+            | WouldBlock
     )
 }
 
@@ -892,7 +918,7 @@ async fn connect_once(
             let _ = tcp.set_nodelay(true);
             tcp.into()
         }
-        Endpoint::Local(path) => {
+        Endpoint::Local { path, .. } => {
             timeout_at(deadline, connect_unix(path)).await.map_err(|_| ConnError::Timeout("connecting"))??.into()
         }
     };
@@ -929,7 +955,8 @@ async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
 }
 
 /// Gives a Unix-domain stream a send buffer of [`UNIX_SNDBUF`], as far as
-/// `net.core.wmem_max` allows. A Unix stream queues what its sender's
+/// `net.core.wmem_max` allows (208 KiB on a stock host, which the kernel
+/// doubles: as fast here as 4 MiB). A Unix stream queues what its sender's
 /// buffer holds (the default, 208 KiB, is less than one write of the record
 /// layer), and unlike TCP's it does not grow by itself; a failure leaves
 /// the default, which is slower but correct.
@@ -954,51 +981,24 @@ async fn connect_unix_at(path: &Path) -> std::io::Result<UnixStream> {
     UnixStream::connect(short).await
 }
 
-/// Binds a Unix-domain listener at `path` (mode 0600: only the job's own
-/// uid, and root, may connect), replacing a socket left there by an earlier
-/// run of the same process; a path longer than a socket address holds is
-/// bound through its directory, as [`connect_unix`] does.
-pub fn bind_unix(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => std::fs::remove_file(path)?,
-        _ => {}
-    }
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket path"));
-    };
-    let dir_file;
-    let at = if path.as_os_str().as_bytes().len() <= SUN_PATH {
-        path.to_path_buf()
-    } else {
-        dir_file = std::fs::File::open(dir)?;
-        use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", dir_file.as_raw_fd())).join(name)
-    };
-    let l = std::os::unix::net::UnixListener::bind(&at)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
     /// A socket path longer than a socket address holds is bound and
-    /// reached through its directory; the socket is 0600 either way, and
-    /// binding again replaces a socket but never another kind of file.
+    /// reached through its directory; the socket is 0600 either way; a
+    /// stale socket is replaced, a live one, a link or a file refused.
     #[tokio::test]
     async fn unix_sockets_bind_and_connect_at_any_path_length() {
+        use crate::host::privfs::{PrivFsError, bind_socket};
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let deep = tmp.path().join("d".repeat(100));
         std::fs::create_dir(&deep).unwrap();
         for path in [tmp.path().join("s.sock"), deep.join("s.sock")] {
             let long = path.as_os_str().len() > SUN_PATH;
-            let l = tokio::net::UnixListener::from_std(bind_unix(&path).unwrap()).unwrap();
+            let l = tokio::net::UnixListener::from_std(bind_socket(&path, None).unwrap()).unwrap();
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{long}");
             let (c, a) = tokio::join!(connect_unix(&path), l.accept());
             let (mut c, (mut a, _)) = (c.unwrap(), a.unwrap());
@@ -1006,13 +1006,48 @@ mod tests {
             let mut got = [0u8; 2];
             tokio::io::AsyncReadExt::read_exact(&mut a, &mut got).await.unwrap();
             assert_eq!(&got, b"hi", "{long}");
+            assert!(matches!(bind_socket(&path, None), Err(PrivFsError::Live(_))), "{long}");
+            let (c, a) = tokio::join!(connect_unix(&path), l.accept());
+            assert!(c.is_ok() && a.is_ok(), "a refused second bind leaves the live socket serving");
             drop(l);
-            bind_unix(&path).expect("a socket left behind is replaced");
+            bind_socket(&path, None).expect("a socket nothing listens on is replaced");
         }
         let file = tmp.path().join("file");
         std::fs::write(&file, b"keep").unwrap();
-        assert!(bind_unix(&file).is_err());
+        assert!(matches!(bind_socket(&file, None), Err(PrivFsError::Unexpected { .. })));
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(bind_socket(&link, None), Err(PrivFsError::Link(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
+
+    /// A server's socket that is not there fails a worker's connection at
+    /// once, saying what to do, instead of being waited for: servers bind
+    /// theirs before the job starts.
+    #[tokio::test]
+    async fn a_missing_server_socket_fails_at_once_with_a_hint() {
+        let job = crate::net::identity::JobId::generate();
+        let ca = crate::net::pki::JobCa::new(&job, Duration::from_secs(60)).unwrap();
+        let who = Identity { job, role: Role::Worker, rank: 0 };
+        let key = crate::net::pki::NodeKey::generate().unwrap();
+        let cert = ca.sign_csr(&key.csr_pem(&who).unwrap(), &who, None).unwrap();
+        let me = TlsIdentity::new(who.clone(), &cert, key.pkcs8_der(), ca.cert_pem()).unwrap();
+        let expect = Identity { role: Role::Server, ..who };
+        let tmp = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let missing = tmp.path().join("h-server-0.sock");
+        // A patience no test run waits out: only a failure that does not
+        // retry returns.
+        let r = timeout(
+            Duration::from_secs(120),
+            connect_to(&me, expect, addr, Some(&missing), 1 << 20, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("a missing socket is not retried");
+        let Err(e) = r else { panic!("nothing listens there") };
+        assert!(matches!(e, ConnError::Unreachable { .. }), "{e}");
+        assert!(e.to_string().contains("same_host = \"tcp\""), "{e}");
     }
 
     /// A frame arriving a few bytes at a time is shown to `seen` in order,

@@ -66,8 +66,8 @@ pub enum Become {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SameHost {
-    /// The server's Unix-domain socket in its job directory (mode 0600 in
-    /// a 0700 directory of the job's own uid).
+    /// The server's Unix-domain socket beside the job directories (the job
+    /// uid's, 0600, in a directory of root's: `privfs::bind_socket`).
     Unix,
     /// The server's TCP port, as from another host.
     Tcp,

@@ -222,16 +222,18 @@ impl RoleCtx {
         Ok(out)
     }
 
-    /// The Unix-domain socket through which this process reaches `server`:
-    /// the server's socket in its job directory when it runs on this
-    /// process's host (the job directories of one host are siblings) and
-    /// `[cluster] same_host` is `"unix"`; none otherwise (its TCP port).
+    /// The Unix-domain socket through which this process reaches `server`
+    /// ([`server::local_socket`]) when the server runs on this process's
+    /// host and `[cluster] same_host` is `"unix"`; none otherwise (its TCP
+    /// port).
     pub fn same_host_socket(&self, server: &crate::job::plan::PlannedProcess) -> Option<std::path::PathBuf> {
         let me = self.me();
         let mine = self.plan.get(me.role, me.rank)?;
         let unix = self.spec.cluster.same_host == crate::job::spec::SameHost::Unix;
-        let jobs = self.workdir.parent()?;
-        (unix && mine.host == server.host).then(|| jobs.join(server.dir_name()).join(server::SOCKET))
+        if !unix || mine.host != server.host {
+            return None;
+        }
+        server::local_socket(&self.workdir, server)
     }
 
     /// Connects to the scheduler and registers.
@@ -382,7 +384,7 @@ pub async fn accept_loop<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send,
 {
     loop {
-        let (tcp, from) = accept_next(&listener, &log).await;
+        let (sock, from) = accept_next(&listener, &log).await;
         let slot = match acceptor.admit(from.clone()) {
             Ok(slot) => slot,
             Err(why) => {
@@ -392,7 +394,7 @@ pub async fn accept_loop<F, Fut>(
         };
         let (acceptor, log, serve) = (acceptor.clone(), log.clone(), serve.clone());
         tokio::spawn(async move {
-            match acceptor.accept(tcp, slot).await {
+            match acceptor.accept(sock, from.clone(), slot).await {
                 Ok((conn, first)) => serve(conn, first, from).await,
                 Err(e) => log.warn(&format!("refused a connection from {from}: {e}")),
             }
@@ -416,7 +418,8 @@ impl Listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, from)| (s.into(), Endpoint::Tcp(from))),
             Listener::Unix(l, path) => l.accept().await.map(|(s, _)| {
                 crate::net::conn::widen(&s);
-                (s.into(), Endpoint::Local(path.clone()))
+                let pid = s.peer_cred().ok().and_then(|c| c.pid());
+                (s.into(), Endpoint::Local { path: path.clone(), pid })
             }),
         }
     }

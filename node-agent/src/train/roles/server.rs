@@ -87,9 +87,15 @@ enum ServeError {
     Refused(#[from] Refusal),
 }
 
-/// The name of a server's Unix-domain socket in its job directory, bound
-/// when a worker of the job runs on its host (`[cluster] same_host`).
-pub const SOCKET: &str = "ps.sock";
+/// Where server `server` listens for the workers of its host
+/// (`[cluster] same_host`), given the job directory `workdir` of any process
+/// of the job on that host: beside the job directories, which are siblings
+/// on every transport (`transport::workdir_in`), named after the server's.
+/// Their parent is root's when the agents run as root, so the job's uid may
+/// connect to the socket but not remove or replace it.
+pub fn local_socket(workdir: &std::path::Path, server: &crate::job::plan::PlannedProcess) -> Option<PathBuf> {
+    Some(workdir.parent()?.join(server.socket_name()))
+}
 
 /// Runs server `ctx.me().rank` on already bound listeners (its port and,
 /// for workers on its own host, its Unix-domain socket) until the job ends.
