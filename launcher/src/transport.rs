@@ -480,3 +480,37 @@ pub fn find_agent() -> io::Result<PathBuf> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_agent::net::identity::Role;
+    use warden_agent::train::roles::server::local_socket;
+
+    fn process(role: Role, rank: u32) -> PlannedProcess {
+        let address = "10.0.0.1".parse().unwrap();
+        PlannedProcess {
+            host: "node1.lab".into(),
+            host_index: 0,
+            role,
+            rank,
+            address,
+            port: None,
+            identity: String::new(),
+        }
+    }
+
+    /// A worker looks for the socket of a server on its host where that
+    /// server's agent binds it and where cleanup removes it: beside the job
+    /// directories, which every transport lays out side by side.
+    #[test]
+    fn a_servers_socket_is_looked_for_bound_and_removed_at_one_path() {
+        let dir = Path::new("/var/lib/warden/jobs/0123");
+        let (server, worker) = (process(Role::Server, 3), process(Role::Worker, 7));
+        let server_dir = workdir_in(dir, &server);
+        let looked_for = local_socket(&workdir_in(dir, &worker), &server).unwrap();
+        assert_eq!(looked_for, local_socket(&server_dir, &server).unwrap());
+        assert_eq!(looked_for, server_dir.with_file_name(server.socket_name()));
+        assert_eq!(looked_for, dir.join("node1.lab-server-3.sock"));
+    }
+}
