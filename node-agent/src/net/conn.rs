@@ -975,7 +975,10 @@ async fn connect_unix_at(path: &Path) -> std::io::Result<UnixStream> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket path"));
     };
-    let dir = std::fs::File::open(dir)?;
+    // O_PATH: the job's directory may be one it can pass through but not
+    // read (root's, 0711).
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(dir)?;
     use std::os::fd::AsRawFd;
     let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
     UnixStream::connect(short).await
