@@ -58,7 +58,7 @@ impl Transport for NetnsTransport {
     }
 
     fn workdir(&self, p: &PlannedProcess) -> PathBuf {
-        self.nodes_dir.join(p.dir_name())
+        warden::transport::workdir_in(&self.nodes_dir, p)
     }
 
     fn fetch_dir<'a>(
